@@ -1,0 +1,172 @@
+"""Artifacts: the contract between stages.
+
+Every stage writes one output directory holding a `meta.json` (schema name, format version,
+lmloop version, UTC creation time, resolved config, content hashes of its inputs). Readers call
+`read_meta` which checks schema and version and fails with a hint naming the command that
+rebuilds it. Outputs are built in a temporary sibling and renamed into place only when complete
+(`atomic_dir`, `atomic_write`), so a crash or Ctrl-C never leaves a half-written artifact that
+looks whole. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmloop import __version__
+from lmloop.errors import UserError
+
+META = "meta.json"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: str | Path) -> str:
+    """Hash of a file, or of a directory's files (relative names + contents, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a file through a temporary sibling and an atomic rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `final`; rename it to `final` only on success.
+
+    An existing `final` is replaced (when `overwrite`) only after the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise UserError(f"output exists: {final}", hint="choose another --out or remove it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_meta(
+    schema: str,
+    version: int,
+    config: Any = None,
+    inputs: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    from lmloop.config import to_dict
+
+    return {
+        "schema": schema,
+        "format_version": version,
+        "lmloop_version": __version__,
+        "created": utc_now(),
+        "config": to_dict(config) if config is not None else None,
+        "inputs": dict(inputs or {}),
+        **extra,
+    }
+
+
+def write_meta(directory: str | Path, meta: dict[str, Any]) -> None:
+    write_json(Path(directory) / META, meta)
+
+
+def read_meta(
+    directory: str | Path,
+    schema: str | tuple[str, ...],
+    versions: tuple[int, ...] = (1,),
+    rebuild: str = "",
+) -> dict[str, Any]:
+    """Read and check `DIR/meta.json`; raise a UserError with a rebuild hint when it's wrong."""
+    d = Path(directory)
+    schemas = (schema,) if isinstance(schema, str) else schema
+    hint = f"rebuild it with `{rebuild}`" if rebuild else None
+    if not d.exists():
+        raise UserError(f"not found: {d} (expected a {schemas[0]} artifact)", hint=hint)
+    path = d / META
+    if not path.is_file():
+        raise UserError(f"{d} is not an lmloop {schemas[0]} artifact (no {META})", hint=hint)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable: {e}", hint=hint) from None
+    if meta.get("schema") not in schemas:
+        raise UserError(
+            f"{d} is a '{meta.get('schema')}' artifact, expected '{schemas[0]}'", hint=hint
+        )
+    if meta.get("format_version") not in versions:
+        raise UserError(
+            f"{d}: {meta.get('schema')} format {meta.get('format_version')}, "
+            f"expected {' or '.join(map(str, versions))}",
+            hint=hint,
+        )
+    return meta
+
+
+def peek_schema(directory: str | Path) -> str | None:
+    """The schema name of an artifact directory, or None when it isn't one."""
+    path = Path(directory) / META
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("schema")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None

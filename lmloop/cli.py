@@ -1,0 +1,146 @@
+"""The `lmloop` command: a static table of stages, each imported only when it runs.
+
+`lmloop --help` must not import torch and must answer fast, so the table below names modules
+as strings. Each entry points at a stage module holding a frozen config dataclass and a
+`run(cfg)` function. User mistakes (`UserError`) print one line and exit with status 2;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from lmloop import __version__
+from lmloop.errors import UserError, did_you_mean
+
+# command -> (module, config class, run function, one-line description).
+# Order is the order of the loop; `lmloop --help` prints it as is.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "data": ("lmloop.stages.data", "DataConfig", "run", "collect and preprocess text into token shards"),
+    "tokenizer train": ("lmloop.stages.tokenizer", "TokenizerConfig", "run", "train a byte-level BPE tokenizer"),
+    "train": ("lmloop.stages.train", "TrainConfig", "run", "train a Transformer from scratch or fine-tune one"),
+    "eval": ("lmloop.stages.evaluate", "EvalConfig", "run", "measure perplexity (token, word, byte) under a stated protocol"),
+    "eval compare": ("lmloop.stages.evaluate", "CompareConfig", "run_compare", "compare eval reports, refusing mismatched protocols"),
+    "generate": ("lmloop.stages.generate", "GenerateConfig", "run", "generate text from a prompt or a JSONL of prompts"),
+    "chat": ("lmloop.stages.generate", "ChatConfig", "run_chat", "interactive terminal chat with a model"),
+    "serve": ("lmloop.stages.serve", "ServeConfig", "run", "OpenAI-compatible API and chat page, recording feedback"),
+    "feedback export": ("lmloop.stages.feedback", "ExportConfig", "run_export", "export conversations and ratings as training data"),
+    "feedback stats": ("lmloop.stages.feedback", "StatsConfig", "run_stats", "counts and ratings per model version"),
+    "models list": ("lmloop.stages.models", "ListConfig", "run_list", "list registered model versions"),
+    "models show": ("lmloop.stages.models", "ShowConfig", "run_show", "show one model version and its lineage"),
+    "models promote": ("lmloop.stages.models", "PromoteConfig", "run_promote", "make a version the current one"),
+    "models rollback": ("lmloop.stages.models", "RollbackConfig", "run_rollback", "go back to the previous current version"),
+    "loop": ("lmloop.stages.loop", "LoopConfig", "run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
+    "export": ("lmloop.stages.export", "ExportConfig", "run", "export a model as a Hugging Face folder or a GGUF file"),
+    "quickstart": ("lmloop.stages.quickstart", "QuickstartConfig", "run", "the whole loop on the embedded default, end to end"),
+}  # fmt: skip
+
+
+def _groups() -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in COMMANDS:
+        head, _, sub = name.partition(" ")
+        if sub:
+            groups.setdefault(head, []).append(sub)
+    return groups
+
+
+def main_help() -> str:
+    lines = [
+        f"lmloop {__version__}: the whole life of a language model as one loop",
+        "",
+        "usage: lmloop <command> [CONFIG.yaml] [key=value ...] [--key value ...]",
+        "",
+        "commands:",
+    ]
+    width = max(len(n) for n in COMMANDS) + 2
+    for name, (_, _, _, desc) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}{desc}")
+    lines += [
+        "",
+        "`lmloop <command> --help` lists that command's options.",
+        "global flags: --debug (show tracebacks), --version",
+    ]
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[str, list[str]]:
+    """Split argv into (command name, remaining args), or raise UserError."""
+    head = argv[0]
+    groups = _groups()
+    if head in groups:
+        if len(argv) > 1 and f"{head} {argv[1]}" in COMMANDS:
+            return f"{head} {argv[1]}", argv[2:]
+        if head in COMMANDS:
+            return head, argv[1:]
+        given = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else ""
+        subs = groups[head]
+        if not given:
+            raise UserError(f"'lmloop {head}' needs a subcommand: one of {', '.join(subs)}")
+        raise UserError(
+            f"unknown subcommand 'lmloop {head} {given}'{did_you_mean(given, subs)}; "
+            f"expected one of {', '.join(subs)}"
+        )
+    if head in COMMANDS:
+        return head, argv[1:]
+    heads = sorted({n.split()[0] for n in COMMANDS})
+    raise UserError(
+        f"unknown command '{head}'{did_you_mean(head, heads)}", hint="see `lmloop --help`"
+    )
+
+
+def load_command(name: str):
+    module_name, cfg_name, run_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, cfg_name), getattr(module, run_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LMLOOP_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"lmloop {__version__}")
+        return 0
+    from lmloop.log import setup_logging
+
+    setup_logging(debug)
+    try:
+        name, rest = resolve(argv)
+        cfg_cls, run = load_command(name)
+        if "-h" in rest or "--help" in rest:
+            from lmloop.config import format_help
+
+            print(format_help(cfg_cls, name, COMMANDS[name][3]))
+            return 0
+        print_config = "--print-config" in rest
+        rest = [a for a in rest if a != "--print-config"]
+        from lmloop.config import parse_args, to_yaml
+
+        cfg = parse_args(cfg_cls, rest)
+        if print_config:
+            sys.stdout.write(to_yaml(cfg))
+            return 0
+        result = run(cfg)
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"lmloop: error: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmloop: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

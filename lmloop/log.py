@@ -1,0 +1,79 @@
+"""One logging setup, progress bars, and machine-readable metrics (JSONL).
+
+`setup_logging` is called once by the CLI. Modules use `logging.getLogger(__name__)`.
+`MetricsWriter` appends one JSON object per line and flushes, so a killed run keeps every line it
+logged. `progress` wraps tqdm (rate and ETA; quiet when stderr isn't a terminal unless asked).
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def setup_logging(debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    root = logging.getLogger("lmloop")
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+class MetricsWriter:
+    """Append-only JSONL metrics: `w.write({"step": 1, "loss": 3.2})`."""
+
+    def __init__(self, path: str | Path, *, truncate: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed run
+    return out
+
+
+def progress(
+    it: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it", **kw: Any
+) -> Iterator[T]:
+    """A progress bar with rate and ETA; disabled under LMLOOP_NO_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
+    return iter(
+        tqdm(it, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kw)
+    )

@@ -1,0 +1,49 @@
+"""Model families: one readable file each (`llama.py`, `gpt.py`) and the registry below.
+
+Every model exposes the same surface: `config` (its frozen dataclass), `forward(input_ids,
+positions=None, cache=None, token_mask=None) -> logits`, `new_cache(batch, max_len)` and
+`max_seq_len`. Training, the engine, evaluation and export rely on nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmloop.errors import UserError
+from lmloop.models.gpt import GPT, GPTConfig
+from lmloop.models.llama import Llama, LlamaConfig
+
+FAMILIES: dict[str, tuple[type, type]] = {"llama": (LlamaConfig, Llama), "gpt": (GPTConfig, GPT)}
+
+
+def config_from_dict(family: str, values: dict[str, Any]):
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family '{family}'; expected one of {', '.join(FAMILIES)}")
+    cls = FAMILIES[family][0]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown {family} model config keys: {', '.join(unknown)}")
+    return cls(**values)
+
+
+def build_model(config) -> Any:
+    """A freshly initialized model for a family config (LlamaConfig or GPTConfig)."""
+    return FAMILIES[config.family][1](config)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return {"family": config.family, **dataclasses.asdict(config)}
+
+
+def num_params(model, *, non_embedding: bool = False) -> int:
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if non_embedding and ("embed_" in name or "lm_head" in name):
+            continue
+        n += p.numel()
+    return n

@@ -1,0 +1,67 @@
+"""The inference KV cache shared by every model family.
+
+Slots are absolute positions: the token at position p of row b writes its keys and values to
+slot p of row b. A per-row `valid` mask says which slots hold real tokens, so left padding,
+right padding and continuous batching (rows joining and leaving between steps) all reduce to
+one rule: a query at position p attends to the valid slots <= p of its own row, and always to
+itself (so a padded query never sees an empty row and never produces NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)  # (L, B, S, H, D)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self._span = 0  # slots [0, span) may be read by the current step
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def reset_rows(self, rows: list[int] | torch.Tensor) -> None:
+        """Forget rows (a finished sequence leaves; a new one may join in its place)."""
+        self.valid[rows] = False
+
+    def begin(self, positions: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mark this step's tokens and return the attention mask (B, 1, T, span)."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} beyond cache length {self.max_len}")
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        real = (
+            torch.ones_like(positions, dtype=torch.bool) if token_mask is None else token_mask
+        )
+        self.valid[rows, positions] = self.valid[rows, positions] | real
+        self._rows, self._pos = rows, positions
+        span = int(positions.max()) + 1
+        self._span = span
+        slots = torch.arange(span, device=positions.device)
+        causal = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        own = slots[None, None, :] == positions[:, :, None]
+        allowed = (self.valid[:, None, :span] & causal) | own
+        return allowed[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's (B, T, H, D) keys/values; return all (B, H, span, D) for attention."""
+        self.k[layer][self._rows, self._pos] = k.to(self.k.dtype)
+        self.v[layer][self._rows, self._pos] = v.to(self.v.dtype)
+        ks = self.k[layer, :, : self._span].transpose(1, 2)
+        vs = self.v[layer, :, : self._span].transpose(1, 2)
+        return ks, vs
