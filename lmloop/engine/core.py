@@ -1,0 +1,438 @@
+"""The engine: one streaming decode path with continuous batching on a worker thread.
+
+    engine = Engine(model, tokenizer).start()
+    for out in engine.generate(prompt_ids, SamplingParams(max_tokens=64)):
+        print(out.text, end="", flush=True)
+
+Every caller (the CLI, batch jobs, the HTTP server, non-streaming completions) goes through
+`submit`, which queues a request and returns a `RequestHandle` to iterate (blocking) or
+`async for` over (asyncio). The worker thread loops: admit waiting requests into free cache rows
+(prefill each, sample its first token), then decode all running rows in one batched forward and
+sample each row with its own sampler. Sequences join and leave between steps; a finished or
+cancelled one gives its cache row back at once (the idea of Orca's iteration-level scheduling,
+Yu et al., OSDI 2022).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import torch
+
+from lmloop.engine.params import (
+    Completion,
+    QueueFull,
+    SamplingParams,
+    StepOutput,
+    TokenLogprob,
+)
+from lmloop.engine.sampling import Sampler, top_logprobs
+from lmloop.engine.text import TextStream
+from lmloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LEN = 2048  # cache length when the model's context is longer (memory: B x S x layers)
+STALL_AFTER_S = 120.0  # a worker with work that has not stepped for this long is not alive
+
+
+class RequestHandle:
+    """One submitted request: iterate it for `StepOutput`s until one has `finished` set."""
+
+    def __init__(self, engine: Engine, request_id: int, prompt_tokens: int):
+        self.id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._engine = engine
+        self._q: queue.Queue[StepOutput] = queue.Queue()
+        self._lock = threading.Lock()
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue[StepOutput] | None = None
+        self.cancel_requested = False
+        self.finished = False
+
+    def _push(self, out: StepOutput) -> None:
+        with self._lock:
+            self.finished = self.finished or out.finished
+            if self._aloop is not None and self._aq is not None:
+                try:
+                    self._aloop.call_soon_threadsafe(self._aq.put_nowait, out)
+                    return
+                except RuntimeError:  # the consumer's event loop is gone
+                    pass
+            self._q.put(out)
+
+    def cancel(self) -> None:
+        """Stop generating; the stream ends with finish_reason 'cancelled' (if not done yet)."""
+        self.cancel_requested = True
+        self._engine._wake()
+
+    def __iter__(self) -> Iterator[StepOutput]:
+        while True:
+            out = self._q.get()
+            yield out
+            if out.finished:
+                return
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]:
+        return self._agen()
+
+    async def _agen(self) -> AsyncIterator[StepOutput]:
+        aq: asyncio.Queue[StepOutput] = asyncio.Queue()
+        with self._lock:
+            self._aloop, self._aq = asyncio.get_running_loop(), aq
+            while not self._q.empty():
+                aq.put_nowait(self._q.get_nowait())
+        try:
+            while True:
+                out = await aq.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not self.finished:  # the consumer went away (client disconnected)
+                self.cancel()
+
+    def result(self) -> Completion:
+        """Block until finished; the aggregated completion."""
+        return Completion.from_steps(self)
+
+
+class _Seq:
+    __slots__ = (
+        "handle", "prompt", "params", "sampler", "stream", "stop_ids", "pos", "last", "n_gen",
+        "row", "started",
+    )  # fmt: skip
+
+    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams):
+        self.handle, self.prompt, self.params = handle, prompt, params
+        self.pos = len(prompt)  # where the next fed token goes
+        self.last = -1  # the token to feed next
+        self.n_gen = 0
+        self.row = -1
+        self.started = 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch: int = 16,
+        max_waiting: int = 64,
+        max_len: int | None = None,
+        fast: bool = True,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        ctx = int(model.max_seq_len)
+        self._ctx = min(ctx, max_len or min(ctx, DEFAULT_MAX_LEN))
+        self.vocab = _vocab_of(model)
+        self._stop_ids = set(tokenizer.stop_ids)
+        self.runner = _make_runner(model, max_batch, self._ctx, fast)
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.last_step_at = time.monotonic()
+        self._busy = False
+        self._backend = getattr(tokenizer, "backend", None)
+        self.steps = 0  # decode steps taken (tests, metrics)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmloop-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self._ctx
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        t = self._thread
+        if t is None or not t.is_alive():
+            return False
+        return not self._busy or time.monotonic() - self.last_step_at < STALL_AFTER_S
+
+    # ---- requests ------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise UserError when a request cannot fit the context (both numbers in the message)."""
+        params.validate()
+        ctx = self._ctx
+        if prompt_tokens == 0:
+            raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
+        if prompt_tokens >= ctx:
+            raise UserError(
+                f"the prompt is {prompt_tokens} tokens, longer than the context of {ctx} tokens",
+                hint="shorten the prompt",
+            )
+        if prompt_tokens + params.max_tokens > ctx:
+            raise UserError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) "
+                f"is {prompt_tokens + params.max_tokens} tokens, more than the context of "
+                f"{ctx} tokens",
+                hint=f"lower max_tokens to at most {ctx - prompt_tokens} or shorten the prompt",
+            )
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request (thread-safe). Raises QueueFull, or UserError for a bad request."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        self.check(len(prompt), params)
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})")
+        handle = RequestHandle(self, next(self._ids), len(prompt))
+        seq = _Seq(handle, prompt, params)
+        with self._cv:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests already waiting")
+            seq.started = time.monotonic()
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        return handle
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams | None = None
+    ) -> Iterator[StepOutput]:
+        """Stream one request (starts the worker if needed); closing the iterator cancels it."""
+        self.start()
+        handle = self.submit(prompt_ids, params)
+        return self._follow(handle)
+
+    @staticmethod
+    def _follow(handle: RequestHandle) -> Iterator[StepOutput]:
+        try:
+            yield from handle
+        finally:
+            if not handle.finished:
+                handle.cancel()
+
+    def complete(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Completion:
+        return Completion.from_steps(self.generate(prompt_ids, params))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain prompt's ids, with the special tokens the model's tokenizer adds (HF's way)."""
+        hf = getattr(self.tokenizer, "hf", None)
+        if hf is not None:
+            return list(hf.encode(text, add_special_tokens=True))
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation rendered with the model's chat template, ready for an answer."""
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+
+    def generate_text(self, prompt: str, params: SamplingParams | None = None) -> str:
+        return self.complete(self.encode_prompt(prompt), params).text
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ---- the worker ----------------------------------------------------------------------
+    def _decode_ids(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._waiting or self._running):
+                        self._busy = False
+                        self._cv.wait(timeout=1.0)
+                        self.last_step_at = time.monotonic()
+                    if self._stopping:
+                        break
+                    self._busy = True
+                    admit = []
+                    while self._waiting and len(self._running) + len(admit) < self.max_batch:
+                        admit.append(self._waiting.popleft())
+                for seq in admit:
+                    if seq.handle.cancel_requested:
+                        self._finish(seq, "cancelled")
+                    else:
+                        self._prefill(seq)
+                self._drop_cancelled()
+                if self._running:
+                    self._step()
+                self.last_step_at = time.monotonic()
+        # stopping: nobody waits forever
+        with self._cv:
+            pending = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for seq in pending:
+            if seq.row >= 0:
+                self._release(seq)
+            self._finish(seq, "cancelled")
+
+    def _prefill(self, seq: _Seq) -> None:
+        p = seq.params
+        seq.sampler = Sampler(p, seq.prompt, self.vocab)
+        seq.stream = TextStream(self._decode_ids, seq.prompt, p.stop)
+        seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
+        seq.row = len(self._running)
+        self._running.append(seq)
+        try:
+            logits = self.runner.prefill(seq.row, seq.prompt)
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+            log.exception("prefill failed")
+            self._release(seq)
+            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            return
+        token = seq.sampler.pick(logits)
+        if self._accept(seq, token, logits):
+            self._release(seq)
+
+    def _step(self) -> None:
+        running = self._running
+        try:
+            logits = self.runner.decode([s.last for s in running], [s.pos for s in running])
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step failed")
+            for seq in list(reversed(running)):
+                self._release(seq)
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            return
+        self.steps += 1
+        for s in running:
+            s.pos += 1
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        done = []
+        for i, seq in enumerate(running):
+            token = greedy[i] if seq.sampler.plain_greedy else seq.sampler.pick(logits[i])
+            if self._accept(seq, token, logits[i]):
+                done.append(seq)
+        for seq in sorted(done, key=lambda s: -s.row):
+            self._release(seq)
+
+    def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> bool:
+        """Record one sampled token, emit its output; True when the sequence is finished."""
+        p = seq.params
+        seq.n_gen += 1
+        seq.last = token
+        seq.sampler.observe(token)
+        lps = None
+        if p.logprobs is not None:
+            chosen, top = top_logprobs(logits, token, p.logprobs)
+            d = self._decode_ids
+            lps = [TokenLogprob(d([token]), token, chosen, [(d([i]), i, v) for i, v in top])]
+        reason = None
+        if token in seq.stop_ids:
+            text, reason = seq.stream.flush(), "stop"
+        else:
+            text, hit = seq.stream.push(token)
+            if hit:
+                reason = "stop"
+            elif seq.n_gen >= p.max_tokens or seq.pos >= self._ctx:
+                text += seq.stream.flush()
+                reason = "length"
+        finished = reason is not None
+        seq.handle._push(
+            StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
+        )
+        return finished
+
+    def _release(self, seq: _Seq) -> None:
+        """Take a sequence out of the running rows, moving the last row into its place."""
+        running = self._running
+        r, last = seq.row, len(running) - 1
+        if r < 0 or r > last or running[r] is not seq:
+            return
+        if r != last:
+            moved = running[last]
+            self.runner.move(last, r, moved.pos)
+            moved.row = r
+            running[r] = moved
+        else:
+            self.runner.cache.reset_rows([r])
+        running.pop()
+        seq.row = -1
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [s for s in self._waiting if s.handle.cancel_requested]
+            for s in gone:
+                self._waiting.remove(s)
+        for s in gone:
+            self._finish(s, "cancelled")
+        for s in sorted(
+            (s for s in self._running if s.handle.cancel_requested), key=lambda s: -s.row
+        ):
+            self._release(s)
+            self._finish(s, "cancelled")
+
+    @staticmethod
+    def _finish(seq: _Seq, reason: str, error: str | None = None) -> None:
+        seq.handle._push(
+            StepOutput("", [], None, True, reason, len(seq.prompt), seq.n_gen, error=error)
+        )
+
+
+def _vocab_of(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return int(cfg.vocab_size)
+
+
+def _make_runner(model: torch.nn.Module, batch: int, max_len: int, fast: bool):
+    if fast:
+        from lmloop.engine.fast import fast_runner
+
+        runner = fast_runner(model, batch, max_len)
+        if runner is not None:
+            return runner
+    from lmloop.engine.runner import ModelRunner
+
+    return ModelRunner(model, batch, max_len)
+
+
+def load_engine(spec: str, *, int8: bool = False, **kw: Any) -> tuple[Engine, Any]:
+    """Load a model (`lmloop.modelio.load_model`) and build an engine over it."""
+    from lmloop.modelio import load_model
+
+    loaded = load_model(spec)
+    if int8:
+        from lmloop.engine.quant import quantize_int8
+
+        quantize_int8(loaded.model)
+    return Engine(loaded.model, loaded.tokenizer, **kw), loaded

@@ -1,0 +1,58 @@
+"""Running the model over the engine's KV cache: prefill one row, decode many rows at once.
+
+The engine keeps its running sequences in rows [0, n) of one cache (`compact`: a sequence that
+leaves is replaced by the last row), so a decode step works on a plain slice of the cache, a
+view with no copy. `ModelRunner` drives any lmloop model through its public `forward`;
+`lmloop.engine.fast.FastLlamaRunner` is the hand-tuned decode path for the Llama family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmloop.models.cache import KVCache
+
+
+class CacheRows(KVCache):
+    """Rows [start, stop) of a KVCache, sharing its storage (writes land in the base cache)."""
+
+    def __init__(self, base: KVCache, start: int, stop: int):  # noqa: D107 - no allocation
+        self.k = base.k[:, start:stop]
+        self.v = base.v[:, start:stop]
+        self.valid = base.valid[start:stop]
+        self.max_len = base.max_len
+        self._span = 0
+
+
+class ModelRunner:
+    """Any model with the lmloop surface (`forward(ids, positions, cache)`, `new_cache`)."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+        self.model = model
+        self.cache = model.new_cache(batch, max_len)
+        self.max_len = max_len
+
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        """Write a prompt into `row` (positions 0..len-1); logits of its last token (V,)."""
+        self.cache.reset_rows([row])
+        x = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(len(ids))[None]
+        return self.model(x, pos, CacheRows(self.cache, row, row + 1))[0, -1]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 at its own position; logits (n, V)."""
+        n = len(tokens)
+        x = torch.tensor(tokens, dtype=torch.long)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long)[:, None]
+        return self.model(x, pos, CacheRows(self.cache, 0, n))[:, -1]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src` (its first `length` slots) into row `dst` and free `src`."""
+        move_row(self.cache, src, dst, length)
+
+
+def move_row(cache: KVCache, src: int, dst: int, length: int) -> None:
+    cache.k[:, dst, :length] = cache.k[:, src, :length]
+    cache.v[:, dst, :length] = cache.v[:, src, :length]
+    cache.valid[dst] = cache.valid[src]
+    cache.valid[src] = False
