@@ -1,0 +1,229 @@
+"""Preprocessing steps, each a function over a batch of documents with its state passed in.
+
+The data stage chains them: `clean_batch` (Unicode NFC, control characters, whitespace, length
+limits) -> `scrub_pii` (optional) -> `exact_dedup` (hash of normalized text) -> `NearDedup.filter`
+(MinHash LSH) -> `assign_split` (deterministic, by document hash) -> `is_contaminated` (long
+n-gram overlap with the evaluation split, as in GPT-3, Brown et al. 2020, appendix C).
+No step keeps hidden global state: whatever a step remembers (the hashes seen, the LSH index)
+is an object the caller owns, so the same steps could run per partition on Ray Data or Spark.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+
+# C0/C1 control characters except tab and newline; zero-width and BOM characters too.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_UNICODE_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_WORDS = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """NFC, line endings to \\n, control characters out, odd spaces to ' ', tidy blank lines."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub("", text)
+    text = _UNICODE_SPACE.sub(" ", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def clean_batch(
+    texts: Iterable[str], *, min_chars: int = 1, max_chars: int = 0
+) -> tuple[list[str], dict[str, int]]:
+    """Normalize each text; drop empty, too-short and (when max_chars > 0) too-long ones."""
+    kept: list[str] = []
+    counts = {"empty": 0, "too_short": 0, "too_long": 0}
+    for raw in texts:
+        text = normalize_text(raw)
+        if not text:
+            counts["empty"] += 1
+        elif len(text) < min_chars:
+            counts["too_short"] += 1
+        elif max_chars and len(text) > max_chars:
+            counts["too_long"] += 1
+        else:
+            kept.append(text)
+    return kept, counts
+
+
+# ---- PII -------------------------------------------------------------------------------------
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+)
+_IPV4 = re.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]\d)"
+)
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
+# An optional country code, an optional area code, then a 3-4 digit + 4 digit local number with
+# separators: matches 555-123-4567, (555) 123 4567, +44 20 7946 0958; not years or verse numbers.
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])?\d{3,4}[ .-]\d{4}(?!\w)"
+)
+PII_PLACEHOLDERS = {"email": "[EMAIL]", "ip": "[IP]", "phone": "[PHONE]"}
+
+
+def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
+    """Replace e-mail addresses, IP addresses and phone numbers with placeholders; count each."""
+    counts = {"email": 0, "phone": 0, "ip": 0}
+    # e-mails first (they may hold digits), then IPs (dotted digits a phone pattern could eat)
+    text, counts["email"] = _EMAIL.subn(PII_PLACEHOLDERS["email"], text)
+    text, n4 = _IPV4.subn(PII_PLACEHOLDERS["ip"], text)
+    text, n6 = _IPV6.subn(PII_PLACEHOLDERS["ip"], text)
+    counts["ip"] = n4 + n6
+    text, counts["phone"] = _PHONE.subn(PII_PLACEHOLDERS["phone"], text)
+    return text, counts
+
+
+def scrub_batch(texts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    out: list[str] = []
+    total = {"email": 0, "phone": 0, "ip": 0}
+    for t in texts:
+        t, c = scrub_pii(t)
+        out.append(t)
+        for k, v in c.items():
+            total[k] += v
+    return out, total
+
+
+# ---- exact and near duplicates ---------------------------------------------------------------
+def doc_key(text: str) -> bytes:
+    """16-byte hash of the text with case and whitespace runs normalized (the dedup identity)."""
+    return hashlib.blake2b(_SPACES.sub(" ", text.lower()).encode(), digest_size=16).digest()
+
+
+def exact_dedup(texts: list[str], keys: list[bytes], seen: set[bytes]) -> tuple[list[int], int]:
+    """Indices of first occurrences (updating `seen`), and how many duplicates were dropped."""
+    kept = []
+    for i, k in enumerate(keys):
+        if k not in seen:
+            seen.add(k)
+            kept.append(i)
+    return kept, len(keys) - len(kept)
+
+
+class WordHashes(dict):
+    """word -> crc32, filled on first use (crc32: the same in every process, unlike `hash()`)."""
+
+    def __missing__(self, word: str) -> int:
+        if len(self) > 2_000_000:  # bound the memory; values are a pure function of the word
+            self.clear()
+        value = self[word] = zlib.crc32(word.encode())
+        return value
+
+
+def shingle_hashes(text: str, n: int = 5, cache: WordHashes | None = None) -> np.ndarray:
+    """Unique 32-bit hashes of the word n-grams of the lowercased text (uint64 array).
+
+    Each word is hashed once (through `cache`), then each n-gram's hash is a fixed linear mix
+    of its words' hashes, computed with numpy.
+    """
+    words = _WORDS.findall(text.lower()) or [""]
+    cache = WordHashes() if cache is None else cache
+    wh = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+    if len(wh) < n:  # a short text is one shingle
+        wh = np.concatenate([wh, np.zeros(n - len(wh), dtype=np.uint64)])
+    m = len(wh) - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    for k in range(n):  # uint64 arithmetic wraps mod 2**64 on purpose
+        h = h * np.uint64(0x9E3779B97F4A7C15) + wh[k : k + m]
+    h >>= np.uint64(32)
+    h.sort()  # then drop repeats; np.unique is ~15x slower here (numpy 2.4, hash-based path)
+    return h[np.concatenate(([True], h[1:] != h[:-1]))]
+
+
+class NearDedup:
+    """MinHash LSH near-duplicate filter. The LSH index (datasketch) is this object's state.
+
+    A document is dropped when its estimated Jaccard similarity of word 5-gram sets with an
+    earlier kept document is at least `threshold` (Broder 1997; the recipe of Lee et al. 2022).
+    Signatures are computed here with numpy in bounded chunks (datasketch's `update_batch`
+    builds one shingles x permutations matrix, gigabytes for a book-sized document).
+    """
+
+    _CHUNK = 8192
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 1):
+        from datasketch import MinHashLSH
+
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.num_perm, self.ngram = num_perm, ngram
+        rng = np.random.RandomState(seed)
+        # multiply-shift hashing (Dietzfelbinger et al. 1997): h -> high 32 bits of (a*h + b)
+        # mod 2**64 with odd a; no modulo, so a signature costs 4 cheap numpy passes
+        self._a = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+        self._b = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64)
+        self._words = WordHashes()
+        self._count = 0
+
+    def signature(self, text: str) -> np.ndarray:
+        """The MinHash signature: per permutation, the minimum permuted shingle hash."""
+        hv = shingle_hashes(text, self.ngram, self._words)
+        sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for i in range(0, len(hv), self._CHUNK):
+            perm = hv[i : i + self._CHUNK, None] * self._a  # (n, num_perm), wraps mod 2**64
+            perm += self._b
+            perm >>= np.uint64(32)
+            np.minimum(sig, perm.min(axis=0), out=sig)
+        return sig
+
+    def filter(self, texts: list[str]) -> tuple[list[int], int]:
+        """Indices of texts kept (each kept one joins the index) and the number dropped."""
+        from datasketch import MinHash
+
+        kept = []
+        for i, text in enumerate(texts):
+            sig = MinHash(self.num_perm, hashvalues=self.signature(text), scheme="affine32")
+            if self.lsh.query(sig):
+                continue
+            self.lsh.insert(str(self._count), sig)
+            self._count += 1
+            kept.append(i)
+        return kept, len(texts) - len(kept)
+
+
+# ---- split, mixing, decontamination ----------------------------------------------------------
+def _unit(key: bytes, start: int) -> float:
+    return int.from_bytes(key[start : start + 7], "little") / float(1 << 56)
+
+
+def assign_split(key: bytes, val_fraction: float, test_fraction: float) -> str:
+    """'train', 'val' or 'test' from the document hash: stable across runs and re-collections."""
+    u = _unit(key, 0)
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def copies(key: bytes, weight: float) -> int:
+    """How many times a training document is used under a source weight (deterministic)."""
+    whole = int(weight)
+    return whole + (1 if _unit(key, 8) < weight - whole else 0)
+
+
+def ngram_hashes(text: str, n: int = 13) -> set[int]:
+    """Hashes of the word n-grams of the lowercased text (punctuation ignored)."""
+    words = _WORDS.findall(text.lower())
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def is_contaminated(text: str, eval_ngrams: set[int] | frozenset[int], n: int = 13) -> bool:
+    """True when the text shares any word n-gram with the evaluation data."""
+    if not eval_ngrams:
+        return False
+    words = _WORDS.findall(text.lower())
+    return any(hash(" ".join(words[i : i + n])) in eval_ngrams for i in range(len(words) - n + 1))

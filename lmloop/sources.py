@@ -1,0 +1,545 @@
+"""Where text comes from: every input lmloop can read, as one stream of document strings.
+
+`iter_documents(source)` yields raw document texts, one at a time (never the whole corpus), from:
+
+- local files, folders and globs: `.txt`/`.md` (one document per file, or split on blank lines,
+  on each line, or on a regex), `.jsonl`/`.json` (a named field), `.csv`/`.parquet` (a named
+  column); any of them may be gzip-compressed (`.gz`);
+- WikiText raw files (`wiki.train.raw` ...), split into articles at the level-1 ` = Title = `
+  headings, the unit lm-eval-harness's document-level WikiText uses;
+- Hugging Face datasets, by name (`hf:wikitext/wikitext-103-raw-v1`, needs the hub or its cache)
+  or from a local `save_to_disk` folder (offline);
+- feedback exports (`lmloop feedback export`): SFT `{"messages": [...]}` records rendered as
+  ChatML, `{"text": ...}`, `{"prompt", "completion"}` and `{"prompt", "chosen", ...}` records.
+
+A `SourceSpec` names one input plus how to read it; `SourceSpec.from_string` parses the
+command-line form `PATH[::key=value,key=value]`, e.g. `data/*.jsonl::field=body,weight=2`.
+Invalid UTF-8 is replaced and counted in `stats["invalid_utf8"]`, or fails with the file and
+byte offset under `strict_utf8=True`. This module never imports torch.
+
+    python -c "from lmloop.sources import iter_documents; print(next(iter_documents('a.txt')))"
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from lmloop.config import param
+from lmloop.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+Kind = Literal[
+    "auto", "text", "jsonl", "json", "csv", "parquet", "wikitext", "hf", "hf_disk", "feedback"
+]
+KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
+_WIKI_TITLE = re.compile(r"^ = [^=].* = $")  # level-1 heading; ` = = Sub = = ` is level 2
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One input of the data stage: a path (or `hf:NAME`) and how to read it."""
+
+    path: str = param("", "file, folder, glob, `hf:NAME[/CONFIG]`, or a save_to_disk folder")
+    kind: Kind = param("auto", "how to read it; auto guesses from the suffix or folder")
+    field: str = param("text", "JSON field / CSV or parquet column / dataset column to read")
+    split: Literal["file", "blank", "line", "regex"] = param(
+        "file",
+        "text files: one document per file, per blank-line paragraph, per line, or per regex",
+    )
+    pattern: str = param("", "the separator regex when split=regex (e.g. '<\\|endoftext\\|>')")
+    hf_config: str = param("", "Hugging Face dataset config (e.g. wikitext-103-raw-v1)")
+    hf_split: str = param("train", "Hugging Face dataset split")
+    weight: float = param(1.0, "times each training document of this source is used (mixing)")
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise UserError("a source needs a path", hint="e.g. --source data/*.txt")
+        if not (self.weight >= 0):
+            raise UserError(f"source weight must be >= 0, got {self.weight} for {self.path}")
+        if self.split == "regex":
+            if not self.pattern:
+                raise UserError(f"source {self.path}: split=regex needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise UserError(f"source {self.path}: bad regex '{self.pattern}': {e}") from None
+
+    @classmethod
+    def from_string(cls, s: str) -> SourceSpec:
+        """`PATH[::key=value,key=value]` -> SourceSpec (`hf:NAME/CONFIG` selects kind=hf)."""
+        path, _, opts = str(s).partition("::")
+        kw: dict[str, Any] = {}
+        names = [f.name for f in fields(cls)]
+        for item in filter(None, (o.strip() for o in opts.split(","))):
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in names:
+                raise UserError(
+                    f"bad source option '{item}' in '{s}'{did_you_mean(key, names)}",
+                    hint=f"use PATH::key=value,... with keys {', '.join(names[1:])}",
+                )
+            kw[key] = value.strip()
+        from lmloop.config import build
+
+        spec = build(cls, {"path": path.strip(), **kw})
+        if spec.path.startswith("hf:") and spec.kind == "auto":
+            name, _, config = spec.path[3:].partition("/")
+            spec = replace(spec, kind="hf", hf_config=spec.hf_config or config)
+        elif spec.path.startswith("feedback:") and spec.kind == "auto":
+            spec = replace(spec, path=spec.path[len("feedback:") :], kind="feedback")
+        return spec
+
+    @property
+    def hf_name(self) -> str:
+        return self.path[3:].partition("/")[0] if self.path.startswith("hf:") else self.path
+
+
+def as_spec(source: str | SourceSpec) -> SourceSpec:
+    return source if isinstance(source, SourceSpec) else SourceSpec.from_string(source)
+
+
+# ---- resolving paths ------------------------------------------------------------------------
+def _base_suffix(p: Path) -> str:
+    name = p.name[:-3] if p.name.endswith(".gz") else p.name
+    return Path(name).suffix.lower()
+
+
+def is_hf_disk(p: Path) -> bool:
+    """A `datasets` `save_to_disk` folder (a Dataset or a DatasetDict)."""
+    return p.is_dir() and (
+        (p / "dataset_dict.json").is_file()
+        or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
+    )
+
+
+def resolve_files(spec: SourceSpec) -> list[Path]:
+    """The files a local source covers, sorted (so every run reads them in the same order)."""
+    raw = spec.path
+    p = Path(raw).expanduser()
+    if any(ch in raw for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise UserError(f"source glob matched no files: {raw}", hint="check the pattern")
+        return files
+    if not p.exists():
+        raise UserError(
+            f"source not found: {raw}", hint="pass an existing file, folder or glob, or hf:NAME"
+        )
+    if p.is_file():
+        return [p]
+    wanted = TEXT_SUFFIXES + DATA_SUFFIXES
+    files = sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        and _base_suffix(f) in wanted
+    )
+    if not files:
+        raise UserError(
+            f"source folder {raw} holds no readable files",
+            hint=f"expected files ending in {', '.join(wanted)} (optionally .gz)",
+        )
+    return files
+
+
+def file_kind(spec: SourceSpec, f: Path) -> str:
+    if spec.kind not in ("auto", "hf_disk", "hf"):
+        return spec.kind
+    suffix = _base_suffix(f)
+    if suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        return suffix[1:]
+    if suffix == ".tsv":
+        return "csv"
+    if suffix == ".raw" or f.name.startswith("wiki."):
+        return "wikitext"
+    return "text"
+
+
+def source_kind(spec: SourceSpec) -> str:
+    """`hf`, `hf_disk` or `files` (a local path whose files each get their own kind)."""
+    if spec.kind in ("hf", "hf_disk"):
+        return spec.kind
+    if spec.kind == "auto" and is_hf_disk(Path(spec.path).expanduser()):
+        return "hf_disk"
+    return "files"
+
+
+def fingerprint(spec: SourceSpec) -> str:
+    """A content hash of what the source would yield (for reuse checks and lineage)."""
+    from lmloop.artifacts import sha256_file, sha256_json, sha256_tree
+
+    kind = source_kind(spec)
+    if kind == "hf":
+        return sha256_json(["hf", spec.hf_name, spec.hf_config, spec.hf_split, spec.field])
+    if kind == "hf_disk":
+        return sha256_json([sha256_tree(Path(spec.path).expanduser()), spec.hf_split, spec.field])
+    files = resolve_files(spec)
+    return sha256_json([[f.name, sha256_file(f)] for f in files])
+
+
+# ---- decoding -------------------------------------------------------------------------------
+def _open_binary(f: Path) -> BinaryIO:
+    try:
+        if f.name.endswith(".gz"):
+            fh: BinaryIO = gzip.open(f, "rb")  # type: ignore[assignment]
+            fh.peek(1)  # type: ignore[attr-defined]  # fail now on a file that isn't gzip
+            return fh
+        return open(f, "rb")  # noqa: SIM115
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read source file {f}: {e.strerror or e}") from None
+
+
+def decode_bytes(
+    data: bytes, *, where: str, offset: int = 0, strict: bool, stats: dict[str, int] | None
+) -> str:
+    """UTF-8 decode; invalid bytes become U+FFFD (counted) or, when strict, a UserError."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if strict:
+            raise UserError(
+                f"invalid UTF-8 in {where} at byte offset {offset + e.start}",
+                hint="fix the file, or drop strict_utf8 to replace bad bytes (counted)",
+            ) from None
+        text = data.decode("utf-8", errors="replace")
+        if stats is not None:
+            # replacements = U+FFFD in the output that weren't already valid U+FFFD in the input
+            bad = text.count("\ufffd") - data.count("\ufffd".encode())
+            stats["invalid_utf8"] = stats.get("invalid_utf8", 0) + bad
+        return text
+
+
+def _iter_lines(
+    f: Path, *, strict: bool, stats: dict[str, int] | None
+) -> Iterator[tuple[str, int]]:
+    """(decoded line with its newline, byte offset of the line) for one file, streamed."""
+    offset = 0
+    with _open_binary(f) as fh:
+        try:
+            for raw in fh:
+                yield (
+                    decode_bytes(raw, where=str(f), offset=offset, strict=strict, stats=stats),
+                    (offset),
+                )
+                offset += len(raw)
+        except (OSError, EOFError) as e:  # e.g. a truncated .gz
+            raise UserError(f"cannot read source file {f}: {e}") from None
+
+
+def _read_all(f: Path, *, strict: bool, stats: dict[str, int] | None) -> str:
+    with _open_binary(f) as fh:
+        try:
+            data = fh.read()
+        except (OSError, EOFError) as e:
+            raise UserError(f"cannot read source file {f}: {e}") from None
+    return decode_bytes(data, where=str(f), strict=strict, stats=stats)
+
+
+# ---- readers (one per kind) ------------------------------------------------------------------
+def _text_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    if spec.split == "file":
+        yield _read_all(f, strict=strict, stats=stats)
+    elif spec.split == "regex":
+        text = _read_all(f, strict=strict, stats=stats)
+        yield from re.split(spec.pattern, text)
+    elif spec.split == "line":
+        for line, _ in _iter_lines(f, strict=strict, stats=stats):
+            yield line
+    else:  # blank: paragraphs separated by empty lines, streamed line by line
+        buf: list[str] = []
+        for line, _ in _iter_lines(f, strict=strict, stats=stats):
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield "".join(buf)
+                buf = []
+        if buf:
+            yield "".join(buf)
+
+
+def wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
+    """Group WikiText lines into articles: a new one starts at each ` = Title = ` heading."""
+    buf: list[str] = []
+    for line in lines:
+        if _WIKI_TITLE.match(line.rstrip("\n")) and any(s.strip() for s in buf):
+            yield "".join(buf)
+            buf = []
+        buf.append(line if line.endswith("\n") else line + "\n")
+    if any(s.strip() for s in buf):
+        yield "".join(buf)
+
+
+def _missing_field(where: str, field: str, record: Any) -> UserError:
+    if isinstance(record, dict):
+        have = ", ".join(map(str, record)) or "none"
+        return UserError(
+            f"{where}: field '{field}' not found{did_you_mean(field, list(map(str, record)))}; "
+            f"fields present: {have}",
+            hint=f"pass the right field, e.g. --source '{where.split(':')[0]}::field=NAME'",
+        )
+    return UserError(
+        f"{where}: expected a JSON object with field '{field}', got {type(record).__name__}"
+    )
+
+
+def _field_text(record: Any, field: str, where: str) -> str | None:
+    if isinstance(record, str) and field == "text":
+        return record
+    if not isinstance(record, dict) or field not in record:
+        raise _missing_field(where, field, record)
+    value = record[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: field '{field}' holds a {type(value).__name__}, expected a string"
+        )
+    return value
+
+
+def _jsonl_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    for lineno, (line, _) in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{f}:{lineno}: not valid JSON ({e.msg})", hint="one JSON object per line"
+            ) from None
+        text = _field_text(record, spec.field, f"{f}:{lineno}")
+        if text is not None:
+            yield text
+
+
+def _json_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    text = _read_all(f, strict=strict, stats=stats)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # a .json file that is really JSON Lines
+        if text.lstrip().startswith("{") and "\n" in text.strip():
+            yield from _jsonl_docs(f, spec, strict, None)
+            return
+        raise UserError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if spec.field in data and not isinstance(data[spec.field], list):
+            data = [data]
+        elif len(lists) == 1:
+            data = lists[0]
+        else:
+            data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{f}: expected a JSON list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        value = _field_text(record, spec.field, f"{f}[{i}]")
+        if value is not None:
+            yield value
+
+
+def _csv_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    csv.field_size_limit(1 << 30)  # documents are long; the default 128 KB limit is for tables
+    text = _read_all(f, strict=strict, stats=stats)
+    delimiter = "\t" if _base_suffix(f) == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    if spec.field not in columns:
+        raise UserError(
+            f"{f}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
+            f"columns present: {', '.join(columns) or 'none'}",
+            hint=f"pass the right column, e.g. --source '{f}::field=NAME'",
+        )
+    for row in reader:
+        value = row.get(spec.field)
+        if value:
+            yield value
+
+
+def _parquet_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
+        raise UserError(f"cannot read parquet file {f}: {e}") from None
+    columns = pf.schema_arrow.names
+    if spec.field not in columns:
+        raise UserError(
+            f"{f}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
+            f"columns present: {', '.join(columns)}",
+            hint=f"pass the right column, e.g. --source '{f}::field=NAME'",
+        )
+    for batch in pf.iter_batches(batch_size=1024, columns=[spec.field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value:
+                yield value
+
+
+def _render_messages(messages: Any, where: str) -> str:
+    """Chat turns joined as ChatML text: the markup lmloop's chat template and SmolLM2 speak."""
+    from lmloop.tokenizer import IM_END, IM_START
+
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: each message needs 'role' and 'content', got {m!r:.80}")
+        content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+        parts.append(f"{IM_START}{m['role']}\n{content}{IM_END}\n")
+    return "".join(parts)
+
+
+def feedback_text(record: Any, where: str) -> str | None:
+    """One feedback-export record as training text (None when it should not be trained on)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return _render_messages(record["messages"], where)
+    if "text" in record:
+        return record["text"] if isinstance(record["text"], str) else None
+    if "prompt" in record and ("completion" in record or "chosen" in record):
+        if record.get("label") is False:  # KTO: a disliked answer is not training text
+            return None
+        answer = record["completion"] if "completion" in record else record["chosen"]
+        prompt = record["prompt"]
+        if isinstance(prompt, list):  # conversational TRL records
+            answer_msgs = (
+                answer
+                if isinstance(answer, list)
+                else [{"role": "assistant", "content": str(answer)}]
+            )
+            return _render_messages(prompt + answer_msgs, where)
+        return f"{prompt}{answer}"
+    raise UserError(
+        f"{where}: not a feedback export record; keys present: {', '.join(map(str, record))}",
+        hint="expected {messages}, {text}, {prompt, completion} or {prompt, chosen} records "
+        "from `lmloop feedback export`",
+    )
+
+
+def _feedback_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    for lineno, (line, _) in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+        text = feedback_text(record, f"{f}:{lineno}")
+        if text:
+            yield text
+
+
+def _wikitext_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    yield from wikitext_articles(line for line, _ in _iter_lines(f, strict=strict, stats=stats))
+
+
+_READERS = {
+    "text": _text_docs,
+    "jsonl": _jsonl_docs,
+    "json": _json_docs,
+    "csv": _csv_docs,
+    "parquet": _parquet_docs,
+    "feedback": _feedback_docs,
+    "wikitext": _wikitext_docs,
+}
+
+
+def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
+    columns = list(ds.column_names)
+    if spec.field not in columns:
+        raise UserError(
+            f"{where}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
+            f"columns present: {', '.join(columns)}",
+            hint=f"pass the right column, e.g. --source '{spec.path}::field=NAME'",
+        )
+    ds = ds.select_columns([spec.field])
+    texts = (
+        value
+        for batch in ds.iter(batch_size=1024)
+        for value in batch[spec.field]
+        if isinstance(value, str)
+    )
+    if "wikitext" in spec.path.lower():
+        # WikiText on the hub is one record per line: regroup the lines into articles
+        yield from wikitext_articles(texts)
+    else:
+        yield from (t for t in texts if t)
+
+
+def _hf_docs(spec: SourceSpec) -> Iterator[str]:
+    import datasets
+
+    where = spec.path
+    if source_kind(spec) == "hf_disk":
+        try:
+            ds = datasets.load_from_disk(str(Path(spec.path).expanduser()))
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot load the saved dataset at {spec.path}: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if spec.hf_split not in ds:
+                raise UserError(
+                    f"{spec.path}: split '{spec.hf_split}' not found; splits: {', '.join(ds)}",
+                    hint=f"pass --source '{spec.path}::hf_split=NAME'",
+                )
+            ds = ds[spec.hf_split]
+    else:
+        try:
+            ds = datasets.load_dataset(
+                spec.hf_name, spec.hf_config or None, split=spec.hf_split, streaming=True
+            )
+        except Exception as e:  # noqa: BLE001 - no network, unknown name, bad config ...
+            raise UserError(
+                f"cannot load Hugging Face dataset {spec.hf_name} "
+                f"(config {spec.hf_config or 'default'}, split {spec.hf_split}): "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                hint="check the name, or save it with datasets' save_to_disk and pass that folder",
+            ) from None
+        ds = ds if hasattr(ds, "column_names") and ds.column_names else ds._resolve_features()
+    yield from _hf_column(ds, spec, where)
+
+
+def iter_documents(
+    source: str | SourceSpec,
+    *,
+    strict_utf8: bool = False,
+    stats: dict[str, int] | None = None,
+) -> Iterator[str]:
+    """Raw document texts from one source, streamed in a fixed order (see the module doc)."""
+    spec = as_spec(source)
+    kind = source_kind(spec)
+    if kind in ("hf", "hf_disk"):
+        yield from _hf_docs(spec)
+        return
+    for f in resolve_files(spec):
+        yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)
