@@ -15,7 +15,8 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -124,24 +125,37 @@ class WordHashes(dict):
         return value
 
 
-def shingle_hashes(text: str, n: int = 5, cache: WordHashes | None = None) -> np.ndarray:
-    """Unique 32-bit hashes of the word n-grams of the lowercased text (uint64 array).
+def ngram_hashes(text: str, n: int = 13, cache: WordHashes | None = None) -> np.ndarray:
+    """Sorted unique 64-bit hashes of the word n-grams of the lowercased text (uint64 array).
 
-    Each word is hashed once (through `cache`), then each n-gram's hash is a fixed linear mix
-    of its words' hashes, computed with numpy.
+    Each word is hashed once (through `cache`), then each n-gram's hash is a fixed polynomial
+    mix of its words' hashes, computed with numpy. A text shorter than n words has none.
     """
-    words = _WORDS.findall(text.lower()) or [""]
+    words = _WORDS.findall(text.lower())
+    if len(words) < n:
+        return np.zeros(0, dtype=np.uint64)
     cache = WordHashes() if cache is None else cache
     wh = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
-    if len(wh) < n:  # a short text is one shingle
-        wh = np.concatenate([wh, np.zeros(n - len(wh), dtype=np.uint64)])
     m = len(wh) - n + 1
     h = np.zeros(m, dtype=np.uint64)
     for k in range(n):  # uint64 arithmetic wraps mod 2**64 on purpose
         h = h * np.uint64(0x9E3779B97F4A7C15) + wh[k : k + m]
-    h >>= np.uint64(32)
-    h.sort()  # then drop repeats; np.unique is ~15x slower here (numpy 2.4, hash-based path)
-    return h[np.concatenate(([True], h[1:] != h[:-1]))]
+    return sorted_unique(h)
+
+
+def sorted_unique(h: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (np.unique's hash-based path is ~15x slower here, numpy 2.4)."""
+    h = np.sort(h)
+    return h[np.concatenate(([True], h[1:] != h[:-1]))] if len(h) else h
+
+
+def shingle_hashes(text: str, n: int = 5, cache: WordHashes | None = None) -> np.ndarray:
+    """32-bit hashes of the word n-grams (the text itself is one shingle when shorter)."""
+    h = ngram_hashes(text, n, cache)
+    if not len(h):
+        h = np.array([zlib.crc32(" ".join(_WORDS.findall(text.lower())).encode())], np.uint64)
+        return h
+    return sorted_unique(h >> np.uint64(32))
 
 
 class NearDedup:
@@ -215,15 +229,56 @@ def copies(key: bytes, weight: float) -> int:
     return whole + (1 if _unit(key, 8) < weight - whole else 0)
 
 
-def ngram_hashes(text: str, n: int = 13) -> set[int]:
-    """Hashes of the word n-grams of the lowercased text (punctuation ignored)."""
-    words = _WORDS.findall(text.lower())
-    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+def is_contaminated(
+    text: str, eval_ngrams: np.ndarray, n: int = 13, cache: WordHashes | None = None
+) -> bool:
+    """True when the text shares any word n-gram with the evaluation data.
 
-
-def is_contaminated(text: str, eval_ngrams: set[int] | frozenset[int], n: int = 13) -> bool:
-    """True when the text shares any word n-gram with the evaluation data."""
-    if not eval_ngrams:
+    `eval_ngrams` is the sorted unique array `ngram_hashes` gives for the evaluation texts
+    (8 bytes per n-gram, far less than a Python set).
+    """
+    if not len(eval_ngrams):
         return False
-    words = _WORDS.findall(text.lower())
-    return any(hash(" ".join(words[i : i + n])) in eval_ngrams for i in range(len(words) - n + 1))
+    h = ngram_hashes(text, n, cache)
+    if not len(h):
+        return False
+    pos = np.searchsorted(eval_ngrams, h)
+    pos[pos == len(eval_ngrams)] = 0
+    return bool((eval_ngrams[pos] == h).any())
+
+
+# ---- tokenizer training ----------------------------------------------------------------------
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
+    """A byte-level BPE (GPT-2 style) trained on `texts`, with lmloop's special tokens.
+
+    Returns an `lmloop.tokenizer.Tokenizer`. The texts are streamed to the trainer in batches.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for t in texts:
+            batch.append(t)
+            if len(batch) >= 256:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    backend.train_from_iterator(batches(), trainer=trainer)
+    return Tokenizer.from_backend(backend, source="trained byte-level BPE")

@@ -1,0 +1,619 @@
+"""`lmloop data`: collect text from any source and turn it into versioned token shards.
+
+    lmloop data --source corpus/ --out data/mine
+    lmloop data configs/data/tinystories.yaml --tokenizer smollm2-135m-instruct
+
+Pipeline (each step is a function over a batch in `lmloop.preprocess`):
+read (`lmloop.sources`) -> clean (NFC, control characters, whitespace, length) -> PII scrub
+(optional) -> exact dedup -> near dedup (MinHash LSH) -> deterministic split by document hash
+-> source weights (mixing) -> decontaminate train against the eval split (13-gram overlap)
+-> tokenize (the `tokenizers` library's batch encoder, on both cores, overlapped with the Python
+work) -> pack into binary shards (`lmloop.shards`), EOS between documents.
+
+When decontamination against our own val/test split or tokenizer training needs the whole
+split first, cleaned documents go to a spill file inside the temporary output folder and are
+read back; otherwise everything streams in one pass. Memory stays flat either way (hash sets
+and the LSH index grow with the number of documents, by ~100 bytes each, never with text).
+The output (`meta.json`, `tokenizer/`, shards, `report.md`, `lengths.png`) is built in a
+temporary sibling and renamed into place; the same config on the same inputs is reused.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmloop import __version__
+from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
+from lmloop.config import param, to_dict
+from lmloop.errors import UserError
+from lmloop.log import progress
+from lmloop.preprocess import (
+    NearDedup,
+    WordHashes,
+    assign_split,
+    clean_batch,
+    copies,
+    doc_key,
+    exact_dedup,
+    is_contaminated,
+    ngram_hashes,
+    normalize_text,
+    scrub_batch,
+    sorted_unique,
+    train_bpe,
+)
+from lmloop.shards import FORMAT_VERSION, SCHEMA, SPLITS, ShardWriter, dtype_for_vocab
+from lmloop.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.tokenizer import ENDOFTEXT, SPECIAL_TOKENS, Tokenizer
+
+log = logging.getLogger(__name__)
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus lmloop's special tokens
+MAX_VOCAB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Sources, filters, split and tokenizer of one prepared data folder."""
+
+    source: list[SourceSpec] = param(
+        [], "inputs (repeatable): PATH[::key=value,...], hf:NAME/CONFIG, or mappings in YAML"
+    )
+    out: str = param("", "output folder (meta.json, tokenizer/, token shards, report.md)")
+    tokenizer: str = param(
+        "",
+        "tokenizer.json, tokenizer/model folder, .gguf file, train run or installed model name; "
+        "empty: train a byte-level BPE on the train split",
+    )
+    vocab_size: int = param(8192, "vocabulary size of the BPE trained when no tokenizer is given")
+    min_chars: int = param(10, "drop documents shorter than this many characters after cleaning")
+    max_chars: int = param(0, "drop documents longer than this many characters (0: no limit)")
+    strict_utf8: bool = param(
+        False, "fail on invalid UTF-8 (file, byte offset) instead of replacing"
+    )
+    dedup: bool = param(True, "drop exact duplicates (hash of case- and space-normalized text)")
+    near_dedup: bool = param(True, "drop near duplicates (MinHash LSH over word 5-grams)")
+    near_dedup_threshold: float = param(
+        0.8, "estimated Jaccard similarity that counts as duplicate"
+    )
+    scrub_pii: bool = param(False, "replace e-mail addresses, phone numbers and IPs (counted)")
+    decontaminate: bool = param(True, "drop train documents sharing an n-gram with val/test")
+    decontaminate_with: list[SourceSpec] = param(
+        [], "extra evaluation sets train documents must not overlap (e.g. a benchmark's test set)"
+    )
+    ngram: int = param(13, "n-gram length (words) for decontamination, as GPT-3")
+    val_fraction: float = param(0.05, "fraction of documents in the val split (by document hash)")
+    test_fraction: float = param(0.05, "fraction of documents in the test split (by document hash)")
+    shard_tokens: int = param(100_000_000, "tokens per shard file at most")
+    batch_chars: int = param(1 << 20, "characters per tokenization batch")
+    force: bool = param(False, "rebuild even when the output is up to date")
+
+
+@dataclass
+class _Doc:
+    text: str
+    key: bytes
+    split: str
+    copies: int
+    source: int
+
+
+@dataclass
+class _Stats:
+    removed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            [
+                "empty",
+                "too_short",
+                "too_long",
+                "exact_duplicates",
+                "near_duplicates",
+                "contaminated",
+                "sampled_out",
+            ],
+            0,
+        )
+    )
+    replaced: dict[str, int] = field(default_factory=lambda: {"invalid_utf8": 0})
+    pii: dict[str, int] = field(default_factory=lambda: {"email": 0, "phone": 0, "ip": 0})
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    splits: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in SPLITS}
+    )
+    # document lengths in tokens, log2 bins (bin b holds lengths in [2**b, 2**(b+1)))
+    lengths: dict[str, np.ndarray] = field(
+        default_factory=lambda: {s: np.zeros(40, dtype=np.int64) for s in SPLITS}
+    )
+
+
+# ---- validation and reuse ---------------------------------------------------------------------
+def _validate(cfg: DataConfig) -> None:
+    if not cfg.source:
+        raise UserError("no source given", hint="pass --source PATH (repeatable) or a config file")
+    if not cfg.out:
+        raise UserError("no output folder given", hint="pass --out DIR")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {v}")
+    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+        raise UserError(
+            f"val_fraction + test_fraction must be < 1, got "
+            f"{cfg.val_fraction} + {cfg.test_fraction}",
+            hint="leave documents for the train split",
+        )
+    if not cfg.tokenizer:
+        check_vocab_size(cfg.vocab_size)
+    if not 0.0 < cfg.near_dedup_threshold <= 1.0:
+        raise UserError(f"near_dedup_threshold must be in (0, 1], got {cfg.near_dedup_threshold}")
+    if cfg.ngram < 1 or cfg.min_chars < 0 or cfg.max_chars < 0:
+        raise UserError("ngram must be >= 1 and min_chars, max_chars >= 0")
+    if cfg.max_chars and cfg.max_chars < cfg.min_chars:
+        raise UserError(f"max_chars {cfg.max_chars} is below min_chars {cfg.min_chars}")
+    if cfg.shard_tokens < 1 or cfg.batch_chars < 1:
+        raise UserError("shard_tokens and batch_chars must be >= 1")
+
+
+def check_vocab_size(n: int) -> None:
+    if not MIN_VOCAB <= n <= MAX_VOCAB:
+        raise UserError(
+            f"vocab_size {n} is out of range: expected {MIN_VOCAB}..{MAX_VOCAB:,}",
+            hint=f"a byte-level BPE needs 256 bytes + {len(SPECIAL_TOKENS)} special tokens",
+        )
+
+
+def check_output(out: Path, schema: str) -> None:
+    """Refuse to replace something that isn't an artifact of the same kind."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"output {out} exists and is a file", hint="choose another --out")
+    if not any(out.iterdir()):
+        return
+    found = peek_schema(out)
+    if found != schema:
+        what = f"a '{found}' artifact" if found else "a folder that isn't an lmloop artifact"
+        raise UserError(
+            f"output {out} already exists and holds {what}, expected '{schema}'",
+            hint="choose another --out, or remove it",
+        )
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer from a path (json, folder, .gguf, train run) or an installed model name."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir() and peek_schema(p) == "lmloop.run":
+            import json
+
+            meta = json.loads((p / "meta.json").read_text())
+            ckpt = meta.get("best") or meta.get("latest")
+            if not ckpt:
+                raise UserError(f"train run {p} has no checkpoint yet")
+            p = p / "checkpoints" / ckpt if (p / "checkpoints" / ckpt).exists() else p / ckpt
+        return Tokenizer.load(p)
+    try:
+        from lmloop.modelio import installed_models
+    except ImportError:
+        installed: dict[str, Path] = {}
+    else:
+        installed = dict(installed_models())
+    if spec in installed:
+        return Tokenizer.load(installed[spec])
+    names = ", ".join(sorted(installed)) or "none"
+    raise UserError(
+        f"tokenizer not found: {spec} (not a path; installed model names: {names})",
+        hint="pass a tokenizer.json, a tokenizer or model folder, a .gguf file or a model name",
+    )
+
+
+def eos_of(tok: Tokenizer) -> int:
+    """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    if ENDOFTEXT in vocab:
+        return int(vocab[ENDOFTEXT])
+    if tok.eos_id is not None:
+        return int(tok.eos_id)
+    raise UserError(f"tokenizer {tok.source} has no end-of-text token to separate documents")
+
+
+# ---- pass 1: read, clean, filter, split --------------------------------------------------------
+def _doc_batches(docs: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for d in docs:
+        batch.append(d)
+        size += len(d)
+        if len(batch) >= max_docs or size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
+    """Cleaned, deduplicated, split and weighted documents, batch by batch, in source order."""
+    seen: set[bytes] = set()
+    near = NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
+    for si, spec in enumerate(cfg.source):
+        utf8: dict[str, int] = {}
+        info = {"path": spec.path, "kind": spec.kind, "weight": spec.weight, "documents_read": 0}
+        info.update({"documents_kept": 0, "train_tokens": 0})
+        stats.sources.append(info)
+        raw = iter_documents(spec, strict_utf8=cfg.strict_utf8, stats=utf8)
+        for batch in _doc_batches(raw, 1024, cfg.batch_chars):
+            info["documents_read"] += len(batch)
+            texts, counts = clean_batch(batch, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
+            for k, v in counts.items():
+                stats.removed[k] += v
+            if cfg.scrub_pii:
+                texts, pii = scrub_batch(texts)
+                for k, v in pii.items():
+                    stats.pii[k] += v
+            keys = [doc_key(t) for t in texts]
+            if cfg.dedup:
+                idx, dropped = exact_dedup(texts, keys, seen)
+                stats.removed["exact_duplicates"] += dropped
+                texts, keys = [texts[i] for i in idx], [keys[i] for i in idx]
+            if near is not None:
+                idx, dropped = near.filter(texts)
+                stats.removed["near_duplicates"] += dropped
+                texts, keys = [texts[i] for i in idx], [keys[i] for i in idx]
+            out = []
+            for text, key in zip(texts, keys):
+                split = assign_split(key, cfg.val_fraction, cfg.test_fraction)
+                n = copies(key, spec.weight) if split == "train" else 1
+                if n == 0:
+                    stats.removed["sampled_out"] += 1
+                    continue
+                info["documents_kept"] += 1
+                out.append(_Doc(text, key, split, n, si))
+            yield out
+        stats.replaced["invalid_utf8"] += utf8.get("invalid_utf8", 0)
+
+
+# ---- spill files: cleaned documents kept on disk between passes --------------------------------
+_SPILL = struct.Struct("<IHH")  # utf-8 bytes, copies, source index
+
+
+class _Spill:
+    def __init__(self, directory: Path):
+        self.paths = {s: directory / f".spill-{s}.bin" for s in SPLITS}
+        self.files = {s: open(p, "wb") for s, p in self.paths.items()}  # noqa: SIM115
+
+    def write(self, doc: _Doc) -> None:
+        data = doc.text.encode("utf-8")
+        self.files[doc.split].write(_SPILL.pack(len(data), min(doc.copies, 65535), doc.source))
+        self.files[doc.split].write(data)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def read(self, split: str) -> Iterator[_Doc]:
+        with open(self.paths[split], "rb", buffering=1 << 20) as f:
+            while head := f.read(_SPILL.size):
+                n, c, si = _SPILL.unpack(head)
+                yield _Doc(f.read(n).decode("utf-8"), b"", split, c, si)
+
+    def remove(self) -> None:
+        for p in self.paths.values():
+            p.unlink(missing_ok=True)
+
+
+# ---- tokenize and pack -------------------------------------------------------------------------
+# Long documents are cut into pieces so both cores get work; a cut is only made at a newline
+# between two non-space characters, where byte-level BPE pre-tokenization (GPT-2's regex) has a
+# boundary anyway, so the ids equal those of the whole document.
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+PIECE_CHARS = 1 << 15
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    if len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > size:
+        m = _CUT.search(text, start + size)
+        if m is None:
+            break
+        out.append(text[start : m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return out
+
+
+class _Packer:
+    """Encodes batches on a worker thread (the Rust encoder releases the GIL and uses both
+    cores) while the caller prepares the next batch; writes ids + EOS to per-split shards."""
+
+    def __init__(self, tok: Tokenizer, eos: int, tmp: Path, cfg: DataConfig, stats: _Stats):
+        backend = tok.backend
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.dtype = dtype_for_vocab(max(vocab_size, eos + 1))
+        self.eos = eos
+        self.stats = stats
+        self.writers = {s: ShardWriter(tmp, s, self.dtype, cfg.shard_tokens) for s in SPLITS}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmloop-encode")
+        self._pending: tuple[list[_Doc], list[int], Future] | None = None
+
+    def submit(self, docs: list[_Doc]) -> None:
+        if not docs:
+            return
+        texts: list[str] = []
+        counts: list[int] = []
+        for d in docs:
+            ps = pieces(d.text)
+            texts.extend(ps)
+            counts.append(len(ps))
+        fut = self._pool.submit(self._encode, texts, add_special_tokens=False)
+        self._finish()
+        self._pending = (docs, counts, fut)
+
+    def _finish(self) -> None:
+        if self._pending is None:
+            return
+        docs, counts, fut = self._pending
+        self._pending = None
+        encodings = fut.result()
+        per_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        eos = [self.eos]
+        i = 0
+        for d, c in zip(docs, counts):
+            parts = [encodings[j].ids for j in range(i, i + c)]
+            i += c
+            n = sum(map(len, parts)) + 1
+            ids = np.fromiter(chain(*parts, eos), dtype=self.dtype, count=n)
+            split = self.stats.splits[d.split]
+            split["documents"] += d.copies
+            split["bytes"] += len(d.text.encode("utf-8")) * d.copies
+            split["tokens"] += n * d.copies
+            self.stats.lengths[d.split][min(39, n.bit_length() - 1)] += 1
+            if d.split == "train":
+                self.stats.sources[d.source]["train_tokens"] += n * d.copies
+            per_split[d.split].extend([ids] * d.copies)
+        for s, arrays in per_split.items():
+            if arrays:
+                self.writers[s].write(np.concatenate(arrays))
+
+    def close(self) -> dict[str, list[dict[str, Any]]]:
+        self._finish()
+        self._pool.shutdown()
+        return {s: w.close() for s, w in self.writers.items()}
+
+
+def _rebatch(docs: Iterable[_Doc], max_chars: int) -> Iterator[list[_Doc]]:
+    batch: list[_Doc] = []
+    size = 0
+    for d in docs:
+        batch.append(d)
+        size += len(d.text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ---- report --------------------------------------------------------------------------------
+def _report(meta: dict[str, Any], lengths: dict[str, np.ndarray]) -> str:
+    lines = [f"# Data report: {meta['out_name']}", ""]
+    lines += ["| split | documents | bytes | tokens | bytes/token |", "|---|---:|---:|---:|---:|"]
+    for s, v in meta["splits"].items():
+        bpt = f"{v['bytes'] / v['tokens']:.2f}" if v["tokens"] else "-"
+        lines.append(f"| {s} | {v['documents']:,} | {v['bytes']:,} | {v['tokens']:,} | {bpt} |")
+    lines += ["", "Removed (documents):", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v:,}" for k, v in meta["removed"].items()]
+    lines += [f"- invalid UTF-8 sequences replaced: {meta['replaced']['invalid_utf8']:,}"]
+    if meta["config"]["scrub_pii"]:
+        pii = meta["pii"]
+        lines += [f"- PII replaced: {pii['email']} e-mail, {pii['phone']} phone, {pii['ip']} IP"]
+    lines += ["", "| source | weight | read | kept | train tokens |", "|---|---:|---:|---:|---:|"]
+    for s in meta["sources"]:
+        lines.append(
+            f"| `{s['path']}` | {s['weight']:g} | {s['documents_read']:,} | "
+            f"{s['documents_kept']:,} | {s['train_tokens']:,} |"
+        )
+    tok = meta["tokenizer"]
+    lines += [
+        "",
+        f"Tokenizer: {tok['source']} (vocab {tok['vocab_size']:,}, EOS id {tok['eos_id']}, "
+        f"sha256 {tok['sha256'][:12]}); shards: {meta['dtype']}.",
+        "",
+        "![document lengths](lengths.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(path: Path, lengths: dict[str, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    top = max((int(np.nonzero(v)[0].max()) for v in lengths.values() if v.any()), default=0)
+    bins = np.arange(top + 1)
+    width = 0.8 / len(SPLITS)
+    for i, s in enumerate(SPLITS):
+        ax.bar(bins + i * width, lengths[s][: top + 1], width=width, label=s)
+    ax.set_xticks(bins + 0.4 - width / 2, [f"{1 << b}" for b in bins], rotation=45, fontsize=7)
+    ax.set_xlabel("document length in tokens (log2 bins, lower edge)")
+    ax.set_ylabel("documents")
+    ax.set_yscale("symlog")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # no Software/date metadata, so the same data gives the same bytes
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+
+
+# ---- the stage -----------------------------------------------------------------------------
+def _fingerprint(cfg: DataConfig, tok: Tokenizer | None) -> tuple[str, dict[str, str]]:
+    inputs = {}
+    for i, spec in enumerate(cfg.source):
+        inputs[f"source{i}:{spec.path}"] = fingerprint(spec)
+    for i, spec in enumerate(cfg.decontaminate_with):
+        inputs[f"eval{i}:{spec.path}"] = fingerprint(spec)
+    inputs["tokenizer"] = tok.sha256 if tok is not None else f"train-bpe-{cfg.vocab_size}"
+    conf = to_dict(cfg)
+    conf.pop("out")
+    conf.pop("force")
+    return sha256_json([FORMAT_VERSION, __version__, conf, inputs]), inputs
+
+
+def _eval_ngrams(cfg: DataConfig, cache: WordHashes) -> list[np.ndarray]:
+    arrays = []
+    for spec in cfg.decontaminate_with:
+        for text in iter_documents(spec, strict_utf8=cfg.strict_utf8):
+            arrays.append(ngram_hashes(normalize_text(text), cfg.ngram, cache))
+    return arrays
+
+
+def run(cfg: DataConfig) -> int:
+    _validate(cfg)
+    out = Path(cfg.out).expanduser()
+    check_output(out, SCHEMA)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    key, inputs = _fingerprint(cfg, tok)
+    if not cfg.force and peek_schema(out) == SCHEMA:
+        import json
+
+        old = json.loads((out / "meta.json").read_text())
+        if old.get("fingerprint") == key and old.get("format_version") == FORMAT_VERSION:
+            log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
+            _print_summary(old, out, reused=True)
+            return 0
+
+    stats = _Stats()
+    cache = WordHashes()
+    with atomic_dir(out) as tmp:
+        eval_parts = _eval_ngrams(cfg, cache) if cfg.decontaminate else []
+        own_eval = cfg.decontaminate and (cfg.val_fraction + cfg.test_fraction) > 0
+        batches = progress(_collect(cfg, stats), desc="prepare", unit="batch")
+        if tok is None or own_eval:
+            # two passes: the whole eval split (or the train split, for the tokenizer) first
+            spill = _Spill(tmp)
+            for docs in batches:
+                for d in docs:
+                    spill.write(d)
+                    if own_eval and d.split != "train":
+                        eval_parts.append(ngram_hashes(d.text, cfg.ngram, cache))
+            spill.close()
+            eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
+            flags = bytearray()  # per train document: 1 when contaminated (computed once)
+
+            def train_docs() -> Iterator[_Doc]:
+                known = len(flags)
+                for i, d in enumerate(spill.read("train")):
+                    if i < known:
+                        bad = flags[i]
+                    else:
+                        bad = eval_ngrams is not None and is_contaminated(
+                            d.text, eval_ngrams, cfg.ngram, cache
+                        )
+                        flags.append(bad)
+                    if not bad:
+                        yield d
+
+            if tok is None:
+                _require_train(stats, spill_docs=train_docs(), cfg=cfg)
+                tok = train_bpe((d.text for d in train_docs()), cfg.vocab_size)
+                inputs["tokenizer"] = tok.sha256
+            eos = eos_of(tok)
+            packer = _Packer(tok, eos, tmp, cfg, stats)
+            for split in SPLITS:
+                docs = train_docs() if split == "train" else spill.read(split)
+                for batch in _rebatch(docs, cfg.batch_chars):
+                    packer.submit(batch)
+            stats.removed["contaminated"] = sum(flags)
+            spill.remove()
+        else:
+            eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
+            eos = eos_of(tok)
+            packer = _Packer(tok, eos, tmp, cfg, stats)
+
+            def filtered() -> Iterator[_Doc]:
+                for docs in batches:
+                    for d in docs:
+                        if (
+                            d.split == "train"
+                            and eval_ngrams is not None
+                            and is_contaminated(d.text, eval_ngrams, cfg.ngram, cache)
+                        ):
+                            stats.removed["contaminated"] += 1
+                            continue
+                        yield d
+
+            for batch in _rebatch(filtered(), cfg.batch_chars):
+                packer.submit(batch)
+        shards = packer.close()
+        if stats.splits["train"]["documents"] == 0:
+            raise _empty_error(stats, cfg)
+        tok.save(tmp / "tokenizer")
+        meta = make_meta(
+            SCHEMA,
+            FORMAT_VERSION,
+            cfg,
+            inputs,
+            fingerprint=key,
+            splits={s: {**stats.splits[s], "shards": shards[s]} for s in SPLITS},
+            removed=stats.removed,
+            replaced=stats.replaced,
+            pii=stats.pii,
+            sources=stats.sources,
+            tokenizer={
+                "sha256": tok.sha256,
+                "vocab_size": tok.backend.get_vocab_size(with_added_tokens=True),
+                "eos_id": eos,
+                "source": tok.source or "trained byte-level BPE",
+            },
+            dtype=str(packer.dtype.name),
+            lengths_log2={s: stats.lengths[s].tolist() for s in SPLITS},
+        )
+        write_meta(tmp, meta)
+        _plot(tmp / "lengths.png", stats.lengths)
+        (tmp / "report.md").write_text(_report({**meta, "out_name": out.name}, stats.lengths))
+    _print_summary(meta, out, reused=False)
+    return 0
+
+
+def _empty_error(stats: _Stats, cfg: DataConfig) -> UserError:
+    read = sum(s["documents_read"] for s in stats.sources)
+    removed = ", ".join(f"{k} {v}" for k, v in stats.removed.items() if v) or "none"
+    return UserError(
+        f"the corpus is empty after filtering: {read} documents read, train split empty "
+        f"(removed: {removed})",
+        hint="check the sources, lower min_chars, or change the split fractions",
+    )
+
+
+def _require_train(stats: _Stats, spill_docs: Iterator[_Doc], cfg: DataConfig) -> None:
+    """Fail before training a tokenizer on nothing."""
+    if next(spill_docs, None) is None:
+        raise _empty_error(stats, cfg)
+
+
+def _print_summary(meta: dict[str, Any], out: Path, *, reused: bool) -> None:
+    sp = meta["splits"]
+    parts = [f"{s} {sp[s]['documents']:,} docs / {sp[s]['tokens']:,} tokens" for s in SPLITS]
+    removed = ", ".join(f"{k} {v:,}" for k, v in meta["removed"].items() if v) or "nothing"
+    state = "up to date" if reused else "prepared"
+    print(f"{out}: {state}: {'; '.join(parts)}; removed {removed}")
+    sys.stdout.flush()
