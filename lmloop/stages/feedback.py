@@ -1,0 +1,437 @@
+"""`lmloop feedback export|stats`: what users said, as training data TRL reads unchanged.
+
+    lmloop feedback export --db feedback.db --format dpo --out data/fb.jsonl --heldout-fraction 0.1
+    -> data/fb.jsonl (train), data/fb.heldout.jsonl (held-out), data/fb.meta.json (counts, hashes)
+    lmloop feedback stats --db feedback.db
+
+Formats (one JSON object per line; conversational TRL records):
+- `sft`:  {"messages": [...prefix, {"role": "assistant", "content": answer}]} for every liked
+  answer (latest thumb up, or latest rating >= 4, and not flagged) and every corrected answer
+  (the correction replaces the answer).
+- `dpo`:  {"prompt": [...prefix], "chosen": [answer], "rejected": [answer]}: a correction beats the
+  original; an answer a user preferred (`preferred_over`) beats that sibling; a liked sibling
+  beats a disliked (or flagged) one.
+- `kto`:  {"prompt": [...prefix], "completion": [answer], "label": bool} for every thumbed answer
+  (label: latest thumb is up and the answer is not flagged).
+- `text`: {"text": ...} for continued pretraining: the same answers as `sft`, as plain text (the
+  non-system messages joined by blank lines; a plain completion is prompt + completion).
+
+`sft`, `dpo` and `kto` use chat exchanges only (their records are conversational); `text` also
+uses plain completions. Every record carries `"model_version"`: the version that produced the
+answer (for a DPO pair, the rejected one). Filters: `--since` uses only feedback given at or
+after that time; `--model-version` (repeatable) only answers from those versions;
+`--min-rating N` only answers whose latest rating is N or more (unrated answers are dropped).
+Text is PII-scrubbed with `lmloop.preprocess.scrub_pii`, records are deduplicated, and each
+conversation (keyed by its opening messages) goes wholly to train or to held-out, chosen by a
+hash of the conversation so the split is the same on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmloop.artifacts import atomic_write, make_meta, sha256_file, write_json
+from lmloop.config import param
+from lmloop.errors import UserError
+from lmloop.preprocess import scrub_pii
+from lmloop.store import FeedbackStore, parse_time
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("sft", "dpo", "kto", "text")
+EXPORT_SCHEMA = "lmloop.feedback_export"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    db: str = param(help="the feedback database (SQLite) `lmloop serve` records into")
+    out: str = param(
+        help="train JSONL to write (must end in .jsonl); the held-out records go to the sibling "
+        "NAME.heldout.jsonl and counts/hashes to NAME.meta.json"
+    )
+    format: Literal["sft", "dpo", "kto", "text"] = param("sft", "record format (TRL's)")
+    since: str | None = param(None, "use only feedback given at or after this ISO time/date")
+    model_version: list[str] = param([], "only answers from these model versions (repeatable)")
+    min_rating: int | None = param(None, "only answers whose latest rating is at least this")
+    heldout_fraction: float = param(0.1, "share of conversations held out (by conversation hash)")
+    scrub_pii: bool = param(True, "replace e-mails, phone numbers and IPs with placeholders")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.min_rating is not None and not 1 <= self.min_rating <= 5:
+            raise ValueError(f"min_rating must be 1-5, got {self.min_rating}")
+        if not str(self.out).endswith(".jsonl"):
+            raise ValueError(f"out must be a .jsonl file, got '{self.out}'")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    db: str = param(help="the feedback database (SQLite)")
+    json: bool = param(False, "print JSON instead of a table")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    train_path: Path
+    heldout_path: Path
+    meta_path: Path
+    train_records: int
+    heldout_records: int
+    train_sha256: str
+    heldout_sha256: str
+    duplicates: int
+    pii: dict[str, int]
+    model_versions: list[str]
+
+
+def heldout_path(out: str | Path) -> Path:
+    """`x.jsonl` -> `x.heldout.jsonl`."""
+    p = Path(out)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".heldout.jsonl")
+
+
+def meta_path(out: str | Path) -> Path:
+    """`x.jsonl` -> `x.meta.json`."""
+    p = Path(out)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def is_heldout(conversation_id: str, fraction: float) -> bool:
+    """Deterministic held-out choice for a conversation: a hash mapped to [0, 1)."""
+    if fraction <= 0:
+        return False
+    h = hashlib.sha256(b"lmloop-heldout\0" + conversation_id.encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Answer:
+    """One response with its conversation and the latest value of each kind of feedback."""
+
+    id: str
+    seq: int
+    conversation_id: str
+    prompt_message_id: str | None
+    kind: str
+    model_version: str
+    prefix: list[dict[str, str]]
+    text: str
+    thumb: str | None = None
+    rating: int | None = None
+    flagged: bool = False
+    correction: str | None = None
+    verdict: str | None = None  # "good" | "bad" | None: the latest thumb or decisive rating
+
+    @property
+    def liked(self) -> bool:
+        return self.verdict == "good" and not self.flagged
+
+    @property
+    def disliked(self) -> bool:
+        return self.verdict == "bad" or self.flagged
+
+
+def _collect(
+    store: FeedbackStore,
+    *,
+    since: str | None,
+    model_versions: list[str] | None,
+    min_rating: int | None,
+) -> tuple[list[_Answer], list[tuple[str, str]]]:
+    """Answers that have (filtered) feedback, oldest first, and explicit preferences."""
+    since_iso = parse_time(since) if since else None
+    rows = store.all_feedback()
+    if since_iso:
+        rows = [r for r in rows if r["created_at"] >= since_iso]
+    by_response: dict[str, list[dict]] = {}
+    for r in rows:
+        by_response.setdefault(r["response_id"], []).append(r)
+        if r["preferred_over"]:
+            by_response.setdefault(r["preferred_over"], [])
+    threads: dict[str | None, list[dict[str, str]]] = {}
+    answers: list[_Answer] = []
+    for resp in store.responses(model_versions=model_versions or None):
+        if resp["id"] not in by_response:
+            continue
+        pid = resp["prompt_message_id"]
+        if pid not in threads:
+            threads[pid] = store.thread(pid)
+        a = _Answer(
+            id=resp["id"],
+            seq=resp["seq"],
+            conversation_id=resp["conversation_id"],
+            prompt_message_id=pid,
+            kind=resp["kind"],
+            model_version=resp["model_version"],
+            prefix=threads[pid],
+            text=store.message_text(resp["message_id"]) or "",
+        )
+        for f in by_response[resp["id"]]:  # oldest first: the latest value wins
+            if f["thumb"] is not None:
+                a.thumb = f["thumb"]
+                a.verdict = "good" if f["thumb"] == "up" else "bad"
+            if f["rating"] is not None:
+                a.rating = f["rating"]
+                if f["rating"] != 3:
+                    a.verdict = "good" if f["rating"] >= 4 else "bad"
+            if f["flag"] is not None:
+                a.flagged = bool(f["flag"])
+            if f["correction"] is not None:
+                a.correction = f["correction"]
+        if min_rating is not None and (a.rating is None or a.rating < min_rating):
+            continue
+        answers.append(a)
+    kept = {a.id for a in answers}
+    prefs = [
+        (r["response_id"], r["preferred_over"])
+        for r in rows
+        if r["preferred_over"] and r["response_id"] in kept and r["preferred_over"] in kept
+    ]
+    return answers, prefs
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _plain_text(a: _Answer, answer: str) -> str:
+    if a.kind == "completion":
+        return "".join(m["content"] for m in a.prefix) + answer
+    parts = [m["content"] for m in a.prefix if m["role"] != "system"] + [answer]
+    return "\n\n".join(p for p in parts if p)
+
+
+def build_records(
+    answers: list[_Answer], prefs: list[tuple[str, str]], fmt: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """(conversation id, record) pairs for one format, in a deterministic order."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if fmt in ("sft", "text"):
+        for a in answers:
+            if a.kind != "chat" and fmt == "sft":
+                continue
+            answer = a.correction if a.correction is not None else (a.text if a.liked else None)
+            if answer is None:
+                continue
+            if fmt == "sft":
+                rec: dict[str, Any] = {"messages": a.prefix + _assistant(answer)}
+            else:
+                rec = {"text": _plain_text(a, answer)}
+            out.append((a.conversation_id, {**rec, "model_version": a.model_version}))
+    elif fmt == "kto":
+        for a in answers:
+            if a.kind == "chat" and a.thumb is not None:
+                rec = {
+                    "prompt": a.prefix,
+                    "completion": _assistant(a.text),
+                    "label": a.thumb == "up" and not a.flagged,
+                }
+                out.append((a.conversation_id, {**rec, "model_version": a.model_version}))
+    elif fmt == "dpo":
+        chat = [a for a in answers if a.kind == "chat"]
+        by_id = {a.id: a for a in chat}
+
+        def pair(chosen_text: str, rejected: _Answer) -> None:
+            if chosen_text == rejected.text:
+                return
+            rec = {
+                "prompt": rejected.prefix,
+                "chosen": _assistant(chosen_text),
+                "rejected": _assistant(rejected.text),
+                "model_version": rejected.model_version,
+            }
+            out.append((rejected.conversation_id, rec))
+
+        for a in chat:  # a correction beats the original
+            if a.correction is not None:
+                pair(a.correction, a)
+        for winner, loser in prefs:  # an explicit preference between siblings
+            if winner in by_id and loser in by_id and not by_id[winner].flagged:
+                pair(by_id[winner].text, by_id[loser])
+        siblings: dict[str | None, list[_Answer]] = {}
+        for a in chat:
+            siblings.setdefault(a.prompt_message_id, []).append(a)
+        for group in siblings.values():  # a liked sibling beats a disliked one
+            for good in (g for g in group if g.liked):
+                for bad in (b for b in group if b.disliked):
+                    pair(good.text, bad)
+    else:
+        raise UserError(f"unknown export format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    return out
+
+
+def _scrub(value: Any, counts: dict[str, int]) -> Any:
+    if isinstance(value, str):
+        text, c = scrub_pii(value)
+        for k, n in c.items():
+            counts[k] = counts.get(k, 0) + n
+        return text
+    if isinstance(value, list):
+        return [_scrub(v, counts) for v in value]
+    if isinstance(value, dict):
+        return {
+            k: (v if k in ("role", "model_version") else _scrub(v, counts))
+            for k, v in value.items()
+        }
+    return value
+
+
+def export_feedback(
+    db: str | Path | FeedbackStore,
+    fmt: str,
+    out: str | Path,
+    *,
+    since: str | None = None,
+    model_versions: list[str] | tuple[str, ...] = (),
+    min_rating: int | None = None,
+    heldout_fraction: float = 0.1,
+    scrub: bool = True,
+    config: Any = None,
+) -> ExportResult:
+    """Write `out` (train), its `.heldout.jsonl` and `.meta.json` siblings; see the module doc."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    if not str(out).endswith(".jsonl"):
+        raise UserError(f"--out must name a .jsonl file, got '{out}'")
+    own = not isinstance(db, FeedbackStore)
+    store = FeedbackStore(db, create=False) if own else db
+    try:
+        answers, prefs = _collect(
+            store, since=since, model_versions=list(model_versions), min_rating=min_rating
+        )
+        records = build_records(answers, prefs, fmt)
+        counts_db = store.counts()
+    finally:
+        if own:
+            store.close()
+    pii: dict[str, int] = {"email": 0, "phone": 0, "ip": 0}
+    seen: set[str] = set()
+    train: list[str] = []
+    heldout: list[str] = []
+    duplicates = 0
+    versions: set[str] = set()
+    for conv, rec in records:
+        found: dict[str, int] = {}
+        if scrub:
+            rec = _scrub(rec, found)
+        key = json.dumps({k: v for k, v in rec.items() if k != "model_version"}, sort_keys=True)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        for k, n in found.items():  # count only what is written
+            pii[k] = pii.get(k, 0) + n
+        versions.add(rec["model_version"])
+        line = json.dumps(rec, ensure_ascii=False)
+        (heldout if is_heldout(conv, heldout_fraction) else train).append(line)
+    out = Path(out)
+    hpath, mpath = heldout_path(out), meta_path(out)
+    # Held-out first and train last: the train file appearing means the export is complete.
+    atomic_write(hpath, "".join(x + "\n" for x in heldout))
+    atomic_write(out, "".join(x + "\n" for x in train))
+    result = ExportResult(
+        format=fmt,
+        train_path=out,
+        heldout_path=hpath,
+        meta_path=mpath,
+        train_records=len(train),
+        heldout_records=len(heldout),
+        train_sha256=sha256_file(out),
+        heldout_sha256=sha256_file(hpath),
+        duplicates=duplicates,
+        pii=pii,
+        model_versions=sorted(versions),
+    )
+    meta = make_meta(
+        EXPORT_SCHEMA,
+        1,
+        config=config,
+        inputs={"db": str(Path(store.path).resolve())},
+        format=fmt,
+        filters={
+            "since": since,
+            "model_versions": list(model_versions),
+            "min_rating": min_rating,
+            "heldout_fraction": heldout_fraction,
+            "scrub_pii": scrub,
+        },
+        db_counts=counts_db,
+        files={
+            "train": {"path": out.name, "records": len(train), "sha256": result.train_sha256},
+            "heldout": {
+                "path": hpath.name, "records": len(heldout), "sha256": result.heldout_sha256
+            },
+        },
+        duplicates=duplicates,
+        pii=pii,
+        model_versions=result.model_versions,
+    )  # fmt: skip
+    write_json(mpath, meta)
+    return result
+
+
+def run_export(cfg: ExportConfig) -> ExportResult:
+    result = export_feedback(
+        cfg.db,
+        cfg.format,
+        cfg.out,
+        since=cfg.since,
+        model_versions=cfg.model_version,
+        min_rating=cfg.min_rating,
+        heldout_fraction=cfg.heldout_fraction,
+        scrub=cfg.scrub_pii,
+        config=cfg,
+    )
+    pii = ", ".join(f"{k} {v}" for k, v in result.pii.items() if v) or "none"
+    print(
+        f"{result.format}: {result.train_records} train records -> {result.train_path}, "
+        f"{result.heldout_records} held-out -> {result.heldout_path} "
+        f"({result.duplicates} duplicates dropped; PII replaced: {pii})"
+    )
+    return result
+
+
+def run_stats(cfg: StatsConfig) -> list[dict[str, Any]]:
+    """Print counts and ratings per model version; return them."""
+    with FeedbackStore(cfg.db, create=False) as store:
+        rows = store.stats_by_version()
+        totals = store.counts()
+    if cfg.json:
+        print(json.dumps({"versions": rows, "totals": totals}, indent=2))
+        return rows
+    head = ["model", "version", "responses", "feedback", "up", "down", "ratings", "mean",
+            "flags", "corrections", "prefs"]  # fmt: skip
+    table = [head] + [
+        [
+            r["model_name"], r["model_version"], r["responses"], r["feedback"], r["thumbs_up"],
+            r["thumbs_down"], r["ratings"],
+            "-" if r["mean_rating"] is None else f"{r['mean_rating']:.2f}",
+            r["flags"], r["corrections"], r["preferences"],
+        ]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
+                        for i, (v, w) in enumerate(zip(row, widths))))  # fmt: skip
+    print(
+        f"total: {totals['conversations']} conversations, {totals['responses']} responses, "
+        f"{totals['feedback']} feedback"
+    )
+    return rows
+
+
+__all__ = [
+    "ExportConfig", "ExportResult", "StatsConfig", "build_records", "export_feedback",
+    "heldout_path", "is_heldout", "meta_path", "run_export", "run_stats",
+]  # fmt: skip

@@ -1,0 +1,160 @@
+"""`lmloop models list|show|promote|rollback|register`: the model registry from the command line.
+
+    lmloop models register tiny runs/ft --parent v1 --lineage lineage.json
+    lmloop models list                 # names, their current version and how many versions
+    lmloop models list tiny            # the versions of one name
+    lmloop models show tiny@v2         # lineage of one version (default: the current one), JSON
+    lmloop models promote tiny v2      # or tiny@v2
+    lmloop models rollback tiny        # back to the version that was current before
+
+Every command takes `--registry PATH` (default `$LMLOOP_HOME/registry`, i.e.
+`~/.lmloop/registry`). The registry itself lives in `lmloop/registry.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmloop.config import param
+from lmloop.errors import UserError
+from lmloop.registry import Registry, split_spec
+
+_REGISTRY_HELP = "registry folder (default: $LMLOOP_HOME/registry, i.e. ~/.lmloop/registry)"
+
+
+@dataclass(frozen=True)
+class ListConfig:
+    __positional__ = ("name",)
+    name: str | None = param(None, "list the versions of this model (default: list the names)")
+    registry: str | None = param(None, _REGISTRY_HELP)
+    json: bool = param(False, "print JSON instead of a table")
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    __positional__ = ("name", "version")
+    name: str = param(help="model name, or NAME@VERSION")
+    version: str | None = param(None, "version to show (default: the current one)")
+    registry: str | None = param(None, _REGISTRY_HELP)
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    __positional__ = ("name", "version")
+    name: str = param(help="model name, or NAME@VERSION")
+    version: str | None = param(None, "the version to make current (e.g. v2)")
+    registry: str | None = param(None, _REGISTRY_HELP)
+
+
+@dataclass(frozen=True)
+class RollbackConfig:
+    __positional__ = ("name",)
+    name: str = param(help="model name")
+    registry: str | None = param(None, _REGISTRY_HELP)
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    __positional__ = ("name", "model")
+    name: str = param(help="model name to register under (letters, digits, . _ -)")
+    model: str = param(help="the model folder (or file) to copy into the registry")
+    parent: str | None = param(None, "the version this one was derived from (e.g. v1)")
+    lineage: str | None = param(None, "a JSON file of lineage (data hashes, config, eval)")
+    promote: bool = param(False, "make the new version current")
+    registry: str | None = param(None, _REGISTRY_HELP)
+
+
+def _name_version(name: str, version: str | None) -> tuple[str, str | None]:
+    base, at = split_spec(name)
+    if at is not None and version is not None and at != version:
+        raise UserError(f"two versions given: '{name}' and '{version}'")
+    return base, at or version
+
+
+def _table(rows: list[list[Any]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def run_list(cfg: ListConfig) -> list[dict]:
+    reg = Registry(cfg.registry)
+    if cfg.name is None:
+        out = []
+        for name in reg.names():
+            cur = reg.current(name)
+            out.append(
+                {
+                    "name": name,
+                    "current": cur[0] if cur else None,
+                    "versions": len(reg.versions(name)),
+                }
+            )
+        if cfg.json:
+            print(json.dumps(out, indent=2))
+        elif not out:
+            print(f"no models registered in {reg.root}")
+        else:
+            _table([["name", "current", "versions"]] + [
+                [o["name"], o["current"] or "-", o["versions"]] for o in out
+            ])  # fmt: skip
+        return out
+    versions = reg.versions(cfg.name)
+    if cfg.json:
+        print(json.dumps(versions, indent=2))
+    else:
+        _table([["", "version", "created", "parent", "sha256"]] + [
+            ["*" if v["current"] else "", v["version"], v["created"], v["parent"] or "-",
+             v["sha256"][:12]]
+            for v in versions
+        ])  # fmt: skip
+    return versions
+
+
+def run_show(cfg: ShowConfig) -> dict:
+    name, version = _name_version(cfg.name, cfg.version)
+    info = Registry(cfg.registry).show(name, version)
+    print(json.dumps(info, indent=2))
+    return info
+
+
+def run_promote(cfg: PromoteConfig) -> str:
+    name, version = _name_version(cfg.name, cfg.version)
+    if version is None:
+        raise UserError(
+            f"which version of '{name}' to promote?", hint=f"`lmloop models promote {name} v2`"
+        )
+    reg = Registry(cfg.registry)
+    before = reg.current(name)
+    reg.promote(name, version)
+    print(f"{name}: current is now {version} (was {before[0] if before else 'none'})")
+    return version
+
+
+def run_rollback(cfg: RollbackConfig) -> str:
+    reg = Registry(cfg.registry)
+    before = reg.current(cfg.name)
+    version = reg.rollback(cfg.name)
+    print(f"{cfg.name}: rolled back to {version} (from {before[0] if before else 'none'})")
+    return version
+
+
+def run_register(cfg: RegisterConfig) -> str:
+    lineage: dict = {}
+    if cfg.lineage:
+        p = Path(cfg.lineage)
+        try:
+            lineage = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read lineage JSON {p}: {e}") from None
+        if not isinstance(lineage, dict):
+            raise UserError(f"lineage file {p} must hold a JSON object")
+    reg = Registry(cfg.registry)
+    version = reg.register(cfg.name, cfg.model, parent=cfg.parent, lineage=lineage)
+    if cfg.promote:
+        reg.promote(cfg.name, version)
+    print(f"{cfg.name}: registered {version}" + (" (current)" if cfg.promote else ""))
+    return version
