@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "models show": ("lmloop.stages.models", "ShowConfig", "run_show", "show one model version and its lineage"),
     "models promote": ("lmloop.stages.models", "PromoteConfig", "run_promote", "make a version the current one"),
     "models rollback": ("lmloop.stages.models", "RollbackConfig", "run_rollback", "go back to the previous current version"),
+    "models register": ("lmloop.stages.models", "RegisterConfig", "run_register", "copy a model folder into the registry as a new version"),
     "loop": ("lmloop.stages.loop", "LoopConfig", "run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
     "export": ("lmloop.stages.export", "ExportConfig", "run", "export a model as a Hugging Face folder or a GGUF file"),
     "quickstart": ("lmloop.stages.quickstart", "QuickstartConfig", "run", "the whole loop on the embedded default, end to end"),
