@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from lmloop.errors import UserError
+from lmloop.tokenizer import SPECIAL_TOKENS
+
 # C0/C1 control characters except tab and newline; zero-width and BOM characters too.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 _UNICODE_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
@@ -248,6 +251,20 @@ def is_contaminated(
 
 
 # ---- tokenizer training ----------------------------------------------------------------------
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus lmloop's special tokens
+MAX_VOCAB = 1 << 20
+
+
+def check_vocab_size(n: int) -> None:
+    """UserError unless a byte-level BPE of `n` tokens makes sense."""
+    if not MIN_VOCAB <= n <= MAX_VOCAB:
+        raise UserError(
+            f"vocab_size {n} is out of range: expected {MIN_VOCAB}..{MAX_VOCAB:,}",
+            hint=f"a byte-level BPE needs 256 bytes + {len(SPECIAL_TOKENS)} special tokens; "
+            "4096-65536 is usual",
+        )
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
     """A byte-level BPE (GPT-2 style) trained on `texts`, with lmloop's special tokens.
 
@@ -256,7 +273,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-    from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from lmloop.tokenizer import Tokenizer
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

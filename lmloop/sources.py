@@ -9,6 +9,7 @@
   headings, the unit lm-eval-harness's document-level WikiText uses;
 - Hugging Face datasets, by name (`hf:wikitext/wikitext-103-raw-v1`, needs the hub or its cache)
   or from a local `save_to_disk` folder (offline);
+- a folder `lmloop data` prepared: its train split decoded back to text (`hf_split=val` for val);
 - feedback exports (`lmloop feedback export`): SFT `{"messages": [...]}` records rendered as
   ChatML, `{"text": ...}`, `{"prompt", "completion"}` and `{"prompt", "chosen", ...}` records.
 
@@ -40,7 +41,17 @@ from lmloop.errors import UserError, did_you_mean
 log = logging.getLogger(__name__)
 
 Kind = Literal[
-    "auto", "text", "jsonl", "json", "csv", "parquet", "wikitext", "hf", "hf_disk", "feedback"
+    "auto",
+    "text",
+    "jsonl",
+    "json",
+    "csv",
+    "parquet",
+    "wikitext",
+    "hf",
+    "hf_disk",
+    "feedback",
+    "data",
 ]
 KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
@@ -169,12 +180,22 @@ def file_kind(spec: SourceSpec, f: Path) -> str:
     return "text"
 
 
+def is_data_dir(p: Path) -> bool:
+    """A folder `lmloop data` prepared (its train split can be read back as text)."""
+    from lmloop.artifacts import peek_schema
+
+    return p.is_dir() and peek_schema(p) == "lmloop.data"
+
+
 def source_kind(spec: SourceSpec) -> str:
-    """`hf`, `hf_disk` or `files` (a local path whose files each get their own kind)."""
-    if spec.kind in ("hf", "hf_disk"):
+    """`hf`, `hf_disk`, `data` or `files` (a local path whose files each get their own kind)."""
+    if spec.kind in ("hf", "hf_disk", "data"):
         return spec.kind
-    if spec.kind == "auto" and is_hf_disk(Path(spec.path).expanduser()):
+    p = Path(spec.path).expanduser()
+    if spec.kind == "auto" and is_hf_disk(p):
         return "hf_disk"
+    if spec.kind == "auto" and is_data_dir(p):
+        return "data"
     return "files"
 
 
@@ -185,7 +206,7 @@ def fingerprint(spec: SourceSpec) -> str:
     kind = source_kind(spec)
     if kind == "hf":
         return sha256_json(["hf", spec.hf_name, spec.hf_config, spec.hf_split, spec.field])
-    if kind == "hf_disk":
+    if kind in ("hf_disk", "data"):
         return sha256_json([sha256_tree(Path(spec.path).expanduser()), spec.hf_split, spec.field])
     files = resolve_files(spec)
     return sha256_json([[f.name, sha256_file(f)] for f in files])
@@ -529,6 +550,37 @@ def _hf_docs(spec: SourceSpec) -> Iterator[str]:
     yield from _hf_column(ds, spec, where)
 
 
+def _data_dir_docs(spec: SourceSpec) -> Iterator[str]:
+    """Documents of a prepared data folder's split, decoded from its token shards.
+
+    `hf_split` names the split (train when it isn't val or test).
+    """
+    import numpy as np
+
+    from lmloop.artifacts import read_meta
+    from lmloop.shards import open_split
+    from lmloop.tokenizer import Tokenizer
+
+    d = Path(spec.path).expanduser()
+    meta = read_meta(d, "lmloop.data", rebuild="lmloop data ...")
+    split = spec.hf_split if spec.hf_split in ("val", "test") else "train"
+    arr = open_split(d, split)
+    tok = Tokenizer.load(d)
+    eos = int(meta["tokenizer"]["eos_id"])
+    start, step = 0, 1 << 20
+    while start < len(arr):
+        block = np.asarray(arr[start : start + step])
+        ends = np.nonzero(block == eos)[0]
+        if not len(ends):  # one document longer than the block: read on
+            step *= 2
+            continue
+        prev = 0
+        for e in ends:
+            yield tok.decode(block[prev:e].tolist())
+            prev = int(e) + 1
+        start += prev
+
+
 def iter_documents(
     source: str | SourceSpec,
     *,
@@ -540,6 +592,9 @@ def iter_documents(
     kind = source_kind(spec)
     if kind in ("hf", "hf_disk"):
         yield from _hf_docs(spec)
+        return
+    if kind == "data":
+        yield from _data_dir_docs(spec)
         return
     for f in resolve_files(spec):
         yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)

@@ -43,6 +43,7 @@ from lmloop.preprocess import (
     NearDedup,
     WordHashes,
     assign_split,
+    check_vocab_size,
     clean_batch,
     copies,
     doc_key,
@@ -56,12 +57,9 @@ from lmloop.preprocess import (
 )
 from lmloop.shards import FORMAT_VERSION, SCHEMA, SPLITS, ShardWriter, dtype_for_vocab
 from lmloop.sources import SourceSpec, fingerprint, iter_documents
-from lmloop.tokenizer import ENDOFTEXT, SPECIAL_TOKENS, Tokenizer
+from lmloop.tokenizer import ENDOFTEXT, Tokenizer
 
 log = logging.getLogger(__name__)
-
-MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus lmloop's special tokens
-MAX_VOCAB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -164,14 +162,6 @@ def _validate(cfg: DataConfig) -> None:
         raise UserError(f"max_chars {cfg.max_chars} is below min_chars {cfg.min_chars}")
     if cfg.shard_tokens < 1 or cfg.batch_chars < 1:
         raise UserError("shard_tokens and batch_chars must be >= 1")
-
-
-def check_vocab_size(n: int) -> None:
-    if not MIN_VOCAB <= n <= MAX_VOCAB:
-        raise UserError(
-            f"vocab_size {n} is out of range: expected {MIN_VOCAB}..{MAX_VOCAB:,}",
-            hint=f"a byte-level BPE needs 256 bytes + {len(SPECIAL_TOKENS)} special tokens",
-        )
 
 
 def check_output(out: Path, schema: str) -> None:

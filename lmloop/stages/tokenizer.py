@@ -1,0 +1,129 @@
+"""`lmloop tokenizer train`: a byte-level BPE tokenizer trained with the `tokenizers` library.
+
+    lmloop tokenizer train --source corpus/ --vocab-size 8192 --out tok/
+    lmloop tokenizer train --source data/mine --vocab-size 4096 --out tok/   # a prepared split
+
+The source is anything `lmloop data` reads, or a prepared data folder (its train split is
+decoded back to text). Documents are cleaned the same way `lmloop data` cleans them (NFC,
+control characters, whitespace). The vocabulary holds the 256 byte symbols, lmloop's special
+tokens (`<|endoftext|>`, `<|pad|>`, `<|im_start|>`, `<|im_end|>`) and the learned merges.
+Output: `tokenizer.json`, `tokenizer_config.json` (loadable by `Tokenizer.load` and Hugging Face
+`AutoTokenizer`) and `meta.json` (schema "lmloop.tokenizer"). The same config on the same inputs
+is reused unless `force=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmloop import __version__
+from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
+from lmloop.config import param, to_dict
+from lmloop.errors import UserError
+from lmloop.preprocess import MAX_VOCAB, MIN_VOCAB, check_vocab_size, clean_batch, train_bpe
+from lmloop.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.tokenizer import SPECIAL_TOKENS
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "lmloop.tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What to train a byte-level BPE on, and how big."""
+
+    source: list[SourceSpec] = param(
+        [], "training text (repeatable): PATH[::key=value,...], hf:NAME, or a prepared data folder"
+    )
+    out: str = param("", "output folder (tokenizer.json, tokenizer_config.json, meta.json)")
+    vocab_size: int = param(8192, f"vocabulary size, {MIN_VOCAB}..{MAX_VOCAB}")
+    min_frequency: int = param(2, "a pair must occur this often to be merged")
+    min_chars: int = param(1, "skip documents shorter than this after cleaning")
+    strict_utf8: bool = param(
+        False, "fail on invalid UTF-8 (file, byte offset) instead of replacing"
+    )
+    force: bool = param(False, "retrain even when the output is up to date")
+
+
+def _check(cfg: TokenizerConfig) -> Path:
+    if not cfg.source:
+        raise UserError("no source given", hint="pass --source PATH (repeatable)")
+    if not cfg.out:
+        raise UserError("no output folder given", hint="pass --out DIR")
+    check_vocab_size(cfg.vocab_size)
+    if cfg.min_frequency < 1:
+        raise UserError(f"min_frequency must be >= 1, got {cfg.min_frequency}")
+    out = Path(cfg.out).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"output {out} exists and is a file", hint="choose another --out")
+        found = peek_schema(out)
+        if any(out.iterdir()) and found != SCHEMA:
+            what = f"a '{found}' artifact" if found else "a folder that isn't an lmloop artifact"
+            raise UserError(
+                f"output {out} already exists and holds {what}, expected '{SCHEMA}'",
+                hint="choose another --out, or remove it",
+            )
+    return out
+
+
+def run(cfg: TokenizerConfig) -> int:
+    out = _check(cfg)
+    inputs = {f"source{i}:{s.path}": fingerprint(s) for i, s in enumerate(cfg.source)}
+    conf = to_dict(cfg)
+    conf.pop("out")
+    conf.pop("force")
+    key = sha256_json([FORMAT_VERSION, __version__, conf, inputs])
+    if not cfg.force and peek_schema(out) == SCHEMA:
+        old = json.loads((out / "meta.json").read_text())
+        if old.get("fingerprint") == key:
+            log.info("%s is up to date (same config and inputs); force=true retrains", out)
+            print(f"{out}: up to date: vocab {old['vocab_size']:,}, sha256 {old['sha256'][:12]}")
+            return 0
+
+    counts = {"documents": 0, "bytes": 0}
+
+    def texts() -> Iterator[str]:
+        for spec in cfg.source:
+            for raw in iter_documents(spec, strict_utf8=cfg.strict_utf8):
+                kept, _ = clean_batch([raw], min_chars=cfg.min_chars)
+                for t in kept:
+                    counts["documents"] += 1
+                    counts["bytes"] += len(t.encode("utf-8"))
+                    yield t
+
+    with atomic_dir(out) as tmp:
+        tok = train_bpe(texts(), cfg.vocab_size, min_frequency=cfg.min_frequency)
+        if counts["documents"] == 0:
+            raise UserError(
+                "no text to train on: every document was empty after cleaning",
+                hint="check the sources, or lower min_chars",
+            )
+        tok.save(tmp)
+        vocab = tok.backend.get_vocab_size(with_added_tokens=True)
+        meta = make_meta(
+            SCHEMA,
+            FORMAT_VERSION,
+            cfg,
+            inputs,
+            fingerprint=key,
+            sha256=tok.sha256,
+            vocab_size=vocab,
+            special_tokens=list(SPECIAL_TOKENS),
+            eos_id=tok.eos_id,
+            trained_on=counts,
+        )
+        write_meta(tmp, meta)
+    if vocab < cfg.vocab_size:
+        log.info("the corpus only supports %d tokens (asked for %d)", vocab, cfg.vocab_size)
+    print(
+        f"{out}: trained byte-level BPE: vocab {vocab:,} on {counts['documents']:,} documents "
+        f"({counts['bytes']:,} bytes), sha256 {tok.sha256[:12]}"
+    )
+    return 0
