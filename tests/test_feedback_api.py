@@ -147,6 +147,7 @@ uvicorn.Server(config).run(sockets=[sock])
 CLIENTS, POSTS = 8, 1000
 
 
+@pytest.mark.timeout(240)
 def test_concurrent_posts_through_real_server_lose_nothing(tmp_path):
     db = tmp_path / "fb.db"
     with FeedbackStore(db) as store:
@@ -207,3 +208,16 @@ def test_concurrent_posts_through_real_server_lose_nothing(tmp_path):
             assert {r["id"] for r in rows} == ids[k] and len(rows) == POSTS
             assert [r["rating"] for r in rows] == [1 + j % 5 for j in range(POSTS)]
     print(f"{CLIENTS * POSTS} posts in {elapsed:.1f} s ({CLIENTS * POSTS / elapsed:.0f}/s)")
+
+
+def test_no_client_address_is_stored(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.db")
+    _record(store, "chatcmpl-a")
+    app = FastAPI()
+    app.include_router(feedback_router(lambda: store))
+    with TestClient(app, client=("203.0.113.77", 50000)) as c:
+        r = c.post("/v1/feedback", json={"response_id": "chatcmpl-a", "thumb": "up"})
+        assert r.status_code == 200
+    store.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("fb.db"))
+    assert b"203.0.113.77" not in blob and b"fb-" in blob
