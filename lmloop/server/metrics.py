@@ -1,0 +1,101 @@
+"""Prometheus metrics for one server: a private registry, exposed as text at `GET /metrics`.
+
+Each app owns its `CollectorRegistry` (several apps in one process, as in tests, never clash).
+Request gauges are read from the live engines at scrape time, so they cannot drift; histograms
+and counters are updated by the request handlers. Series carry the `model` and `version` labels
+of the model version that served them, so a hot reload shows as a new series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _EngineCollector(Collector):
+    """`lmloop_requests_running` / `_waiting` and `lmloop_model_info`, read when scraped."""
+
+    def __init__(self, snapshot: Callable[[], list[tuple[str, str, int, int, bool]]]):
+        self.snapshot = snapshot  # -> [(model, version, running, waiting, current)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model", "version"]
+        running = GaugeMetricFamily(
+            "lmloop_requests_running", "requests in the engine's running batch", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "lmloop_requests_waiting", "requests queued for a batch slot", labels=labels
+        )
+        info = GaugeMetricFamily(
+            "lmloop_model_info", "1 for the model version taking new requests", labels=labels
+        )
+        for model, version, n_run, n_wait, current in self.snapshot():
+            running.add_metric([model, version], n_run)
+            waiting.add_metric([model, version], n_wait)
+            info.add_metric([model, version], 1 if current else 0)
+        yield running
+        yield waiting
+        yield info
+
+
+class ServerMetrics:
+    def __init__(self, snapshot: Callable[[], list[tuple[str, str, int, int, bool]]]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model", "version"]
+        self.ttft = Histogram(
+            "lmloop_time_to_first_token_seconds",
+            "time from request arrival to the first generated token",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "lmloop_time_per_output_token_seconds",
+            "mean time between output tokens after the first, per request",
+            labels,
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "lmloop_prompt_tokens", "prompt tokens processed", labels, registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "lmloop_completion_tokens", "tokens generated", labels, registry=self.registry
+        )
+        self.requests = Counter(
+            "lmloop_http_requests",
+            "API requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(snapshot))
+
+    def observe_request(
+        self,
+        model: str,
+        version: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft: float | None,
+        total: float,
+    ) -> None:
+        self.prompt_tokens.labels(model, version).inc(prompt_tokens)
+        self.completion_tokens.labels(model, version).inc(completion_tokens)
+        if ttft is not None:
+            self.ttft.labels(model, version).observe(ttft)
+            if completion_tokens > 1:
+                self.tpot.labels(model, version).observe(
+                    max(0.0, total - ttft) / (completion_tokens - 1)
+                )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

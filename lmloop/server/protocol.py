@@ -1,0 +1,188 @@
+"""Request bodies of the OpenAI API: reading, size cap, JSON, and typed validation.
+
+`read_json_body` turns raw bytes into a dict or raises `APIError` (413 over the cap, 400 for a
+wrong content type, invalid UTF-8, invalid JSON, NaN/Infinity or a non-object body).
+`parse_chat` / `parse_completion` validate the dict with pydantic in strict mode (a string is
+not a number, a bool is not an integer) and range-check every sampling value the way OpenAI
+does, answering 400 with the offending field in `param`. Unknown fields are ignored, as OpenAI
+clients send fields this server does not implement (`user`, `metadata`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmloop.server.errors import APIError
+
+MAX_N = 8  # choices per request: each is a separate sequence in the batch
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object, enforcing content type, size cap and strict UTF-8."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            400,
+            f"expected Content-Type application/json, got '{ctype[:80] or 'none'}'",
+            code="invalid_content_type",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                raise _too_large(max_bytes)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:  # a lying or missing Content-Length (chunked upload)
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        msg = str(e) if isinstance(e, ValueError) else "nested too deeply"
+        raise APIError(400, f"the request body is not valid JSON: {msg[:200]}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+    try:  # a `\ud800` escape decodes to a lone surrogate: not text any tokenizer can take
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, "the request body holds an invalid \\u escape (lone surrogate)"
+        ) from None
+    return body
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(
+        413, f"request body too large: the limit is {max_bytes} bytes", code="request_too_large"
+    )
+
+
+def _kind(v: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number"
+    )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    # `developer` is OpenAI's newer name for `system`; tools are not supported.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+def _parse(cls: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ())]
+        # A union reports each branch in `loc`; keep the field path, drop the branch names.
+        path = [x for x in loc if not any(c in x for c in "[]'") and x not in ("str", "int")]
+        msg = err.get("msg", "invalid value")
+        where = ".".join(path)
+        if err.get("type") == "missing":
+            msg = f"'{where}' is required"
+        elif where:
+            msg = f"invalid value for '{where}': {msg}"
+        raise APIError(400, msg, param=where or None, code="invalid_value") from None
+
+
+def parse_chat(body: dict[str, Any]) -> ChatRequest:
+    if "messages" in body and isinstance(body["messages"], list) and not body["messages"]:
+        raise APIError(400, "'messages' must hold at least one message", param="messages")
+    req = _parse(ChatRequest, body)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    if not any(m.role == "user" for m in req.messages):
+        raise APIError(400, "'messages' must contain a user message", param="messages")
+    return req
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    req = _parse(CompletionRequest, body)
+    if isinstance(req.prompt, list) and not req.prompt:
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if req.echo:
+        raise APIError(400, "'echo' is not supported", param="echo", code="unsupported")
+    return req

@@ -1,0 +1,241 @@
+"""The served model: load in the background, hot-swap without dropping requests, drain, stop.
+
+A `ModelSlot` holds the `Served` model version that takes new requests. A request `acquire`s the
+current one and keeps it until it finishes, so a reload (admin call, or a registry promotion the
+slot follows) only changes where *new* requests go: the new engine starts taking requests, and
+the old one is stopped in the background once its last request is released. Loading and
+stopping run in worker threads, never on the event loop. This module imports torch only through
+`lmloop.engine`, lazily, when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_PREFIX = "registry:"
+
+
+@dataclass
+class Served:
+    """One loaded model version and its engine."""
+
+    engine: Any  # lmloop.engine.Engine
+    loaded: Any  # lmloop.modelio.LoadedModel
+    model_id: str  # the id the API reports and accepts
+    version: str
+    spec: str
+    inflight: int = 0
+    retired: bool = False
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return int(self.engine.context_length)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"lmloop-{self.version}"
+
+    def accepts(self, name: str) -> bool:
+        return name in {
+            self.model_id,
+            self.loaded.name,
+            self.version,
+            f"{self.model_id}@{self.version}",
+        }
+
+
+def _registry_name(spec: str) -> str | None:
+    if spec.startswith(REGISTRY_PREFIX):
+        return spec[len(REGISTRY_PREFIX) :].split("@", 1)[0]
+    return None
+
+
+def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str | None]:
+    """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
+
+    A `registry:NAME` spec is resolved here (not only inside modelio) so the version the API
+    reports is the registry's own version string, the one `lmloop models list` shows.
+    """
+    from lmloop.engine import Engine
+    from lmloop.modelio import load_model
+
+    version = None
+    name = _registry_name(spec)
+    if name is not None and "@" not in spec:
+        from lmloop.registry import Registry
+
+        cur = Registry().current(name)
+        if cur is None:
+            raise UserError(
+                f"registry model '{name}' has no current version",
+                hint=f"register and promote one first (`lmloop models list {name}`)",
+            )
+        version, path = cur
+        loaded = load_model(str(path))
+    else:
+        loaded = load_model(spec)
+    engine = Engine(loaded.model, loaded.tokenizer, **engine_kw)
+    engine.start()
+    return engine, loaded, version
+
+
+class ModelSlot:
+    def __init__(
+        self,
+        spec: str,
+        *,
+        model_id: str | None = None,
+        engine_kw: dict[str, Any] | None = None,
+        loader: Callable[[str, dict[str, Any]], tuple[Any, Any, str | None]] = default_loader,
+        drain_timeout: float = 30.0,
+    ):
+        self.spec = spec
+        self.model_id = model_id
+        self.engine_kw = dict(engine_kw or {})
+        self.loader = loader
+        self.drain_timeout = drain_timeout
+        self.current: Served | None = None
+        self.error: str | None = None  # why the first load failed
+        self._retired: list[Served] = []
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one load at a time
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def loading(self) -> bool:
+        return self.current is None and self.error is None
+
+    def all_served(self) -> list[Served]:
+        with self._lock:
+            cur = [self.current] if self.current is not None else []
+            return cur + [s for s in self._retired if s is not self.current]
+
+    # ---- load and swap ----------------------------------------------------------------------
+    def load(self, spec: str | None = None, *, model_id: str | None = None) -> Served:
+        """Load `spec` (default: the slot's spec) and make it current. Blocking; thread-safe."""
+        spec = spec or self.spec
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            engine, loaded, version = self.loader(spec, self.engine_kw)
+            reg = _registry_name(spec)
+            mid = model_id or (reg if reg else None) or self.model_id or spec
+            served = Served(
+                engine=engine,
+                loaded=loaded,
+                model_id=mid,
+                version=str(version or loaded.version),
+                spec=spec,
+            )
+            with self._lock:
+                old, self.current = self.current, served
+                self.spec = spec
+                self.model_id = mid
+                self.error = None
+                if old is not None:
+                    old.retired = True
+                    self._retired.append(old)
+            log.info(
+                "serving %s version %s (loaded in %.1fs)",
+                served.model_id,
+                served.version,
+                time.perf_counter() - t0,
+            )
+            if old is not None:
+                self._maybe_stop(old)
+            return served
+
+    def acquire(self) -> Served | None:
+        with self._lock:
+            served = self.current
+            if served is not None:
+                served.inflight += 1
+            return served
+
+    def release(self, served: Served) -> None:
+        with self._lock:
+            served.inflight -= 1
+        self._maybe_stop(served)
+
+    def _maybe_stop(self, served: Served) -> None:
+        with self._lock:
+            if not served.retired or served.inflight > 0 or served not in self._retired:
+                return
+            self._retired.remove(served)
+        log.info("stopping drained model version %s", served.version)
+        threading.Thread(
+            target=_stop_engine, args=(served.engine, self.drain_timeout), daemon=True
+        ).start()
+
+    # ---- registry following -----------------------------------------------------------------
+    def registry_version(self) -> str | None:
+        name = _registry_name(self.spec)
+        if name is None or "@" in self.spec:
+            return None
+        from lmloop.registry import Registry
+
+        cur = Registry().current(name)
+        return None if cur is None else str(cur[0])
+
+    async def follow_registry(self, interval: float) -> None:
+        """Poll the registry; when its current version changes, load it and swap."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                version = await asyncio.to_thread(self.registry_version)
+                cur = self.current
+                if version is not None and cur is not None and version != cur.version:
+                    log.info("registry moved to version %s; reloading", version)
+                    await asyncio.to_thread(self.load, self.spec)
+            except Exception as e:  # noqa: BLE001 - a bad version must not stop the server
+                log.error("registry reload failed, keeping the current version: %s", e)
+
+    # ---- shutdown ---------------------------------------------------------------------------
+    def shutdown(self, timeout: float) -> None:
+        """Stop every engine, letting running requests finish within `timeout` seconds."""
+        with self._lock:
+            everything = self.all_served_unlocked()
+            self.current = None
+            self._retired = []
+        for served in everything:
+            _stop_engine(served.engine, timeout)
+
+    def all_served_unlocked(self) -> list[Served]:
+        cur = [self.current] if self.current is not None else []
+        return cur + [s for s in self._retired if s is not self.current]
+
+
+def _stop_engine(engine: Any, timeout: float) -> None:
+    try:
+        engine.stop(timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - stopping is best effort
+        log.warning("engine stop failed: %s", e)
+
+
+async def outputs(handle: Any) -> AsyncIterator[Any]:
+    """Iterate a RequestHandle's StepOutputs without blocking the event loop."""
+    if hasattr(handle, "__aiter__"):
+        async for out in handle:
+            yield out
+        return
+    it = iter(handle)
+    sentinel = object()
+    while True:
+        out = await asyncio.to_thread(next, it, sentinel)
+        if out is sentinel:
+            return
+        yield out

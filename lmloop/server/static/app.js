@@ -1,0 +1,298 @@
+// lmloop chat page: plain JavaScript, no build step. Talks to the same server's OpenAI API
+// (/v1/chat/completions, streamed) and feedback API (/v1/feedback). The conversation lives in
+// sessionStorage (this tab only); so does the API key, which is sent as a Bearer token.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const STORE_MSGS = "lmloop.chat.messages";
+const STORE_KEY = "lmloop.chat.apiKey";
+
+let messages = load(); // [{role, content, id?, model?, version?, thumb?, corrected?, error?}]
+let controller = null; // AbortController of the generation in progress
+let modelId = null;
+
+function load() {
+  try { return JSON.parse(sessionStorage.getItem(STORE_MSGS)) || []; } catch { return []; }
+}
+function save() { sessionStorage.setItem(STORE_MSGS, JSON.stringify(messages)); }
+
+function headers() {
+  const h = { "content-type": "application/json" };
+  const key = $("#api-key").value.trim();
+  if (key) h.authorization = "Bearer " + key;
+  return h;
+}
+
+function showError(text) {
+  const box = $("#error");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    if (body && body.error) return `${resp.status}: ${body.error.message}`;
+  } catch { /* not JSON */ }
+  return `${resp.status} ${resp.statusText}`;
+}
+
+async function loadModel() {
+  try {
+    const resp = await fetch("/v1/models", { headers: headers() });
+    if (resp.status === 401) { $("#model").textContent = "API key needed"; return; }
+    if (!resp.ok) { $("#model").textContent = "model loading…"; setTimeout(loadModel, 2000); return; }
+    const card = (await resp.json()).data[0];
+    modelId = card.id;
+    $("#model").textContent = `${card.id} · ${card.model_version}`;
+  } catch {
+    $("#model").textContent = "server unreachable";
+  }
+}
+
+// ---- rendering ------------------------------------------------------------------------------
+function button(label, title, onClick, cls) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.title = title;
+  if (cls) b.className = cls;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function render() {
+  const log = $("#log");
+  log.querySelectorAll(".msg").forEach((n) => n.remove());
+  $("#empty").hidden = messages.length > 0;
+  messages.forEach((m, i) => log.appendChild(renderMessage(m, i)));
+  log.scrollTop = log.scrollHeight;
+}
+
+function renderMessage(m, i) {
+  const wrap = document.createElement("div");
+  wrap.className = `msg ${m.role}` + (m.streaming ? " streaming" : "");
+  wrap.dataset.index = i;
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  bubble.textContent = m.content;
+  wrap.appendChild(bubble);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const busy = controller !== null;
+  if (m.role === "user") {
+    const edit = button("Edit", "edit this message and answer again", () => startEdit(i), "edit-btn");
+    edit.disabled = busy;
+    meta.appendChild(edit);
+  } else if (m.role === "assistant") {
+    if (m.version) {
+      const v = document.createElement("span");
+      v.className = "version";
+      v.textContent = `${m.model} · ${m.version}`;
+      v.title = "the model version that wrote this answer";
+      meta.appendChild(v);
+    }
+    if (m.error) {
+      const e = document.createElement("span");
+      e.className = "note";
+      e.style.color = "var(--bad)";
+      e.textContent = m.error;
+      meta.appendChild(e);
+    }
+    if (m.id && !m.streaming) {
+      const up = button("👍", "good answer", () => rate(i, "up"), "thumb-up up");
+      const down = button("👎", "bad answer", () => rate(i, "down"), "thumb-down down");
+      if (m.thumb === "up") up.classList.add("active");
+      if (m.thumb === "down") down.classList.add("active");
+      meta.append(up, down, button("Correct", "write a better answer", () => startCorrection(i, wrap), "correct-btn"));
+      if (i === messages.length - 1) {
+        const regen = button("Regenerate", "answer again", regenerate, "regen-btn");
+        regen.disabled = busy;
+        meta.appendChild(regen);
+      }
+      if (m.corrected) {
+        const note = document.createElement("span");
+        note.className = "note";
+        note.textContent = "correction saved";
+        meta.appendChild(note);
+      }
+    }
+  }
+  wrap.appendChild(meta);
+  return wrap;
+}
+
+// ---- generation -----------------------------------------------------------------------------
+async function generate() {
+  showError("");
+  const history = messages.map((m) => ({ role: m.role, content: m.content }));
+  const answer = { role: "assistant", content: "", streaming: true };
+  messages.push(answer);
+  controller = new AbortController();
+  setBusy(true);
+  render();
+  const bubble = () => $("#log").lastElementChild.querySelector(".bubble");
+  const body = {
+    messages: history,
+    stream: true,
+    stream_options: { include_usage: true },
+    temperature: Number($("#temperature").value),
+    max_tokens: Number($("#max-tokens").value),
+  };
+  if (modelId) body.model = modelId;
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    });
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ")) continue;
+          const data = line.slice(6);
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new Error(chunk.error.message);
+          answer.id = chunk.id;
+          answer.model = chunk.model;
+          answer.version = chunk.model_version;
+          for (const c of chunk.choices || []) {
+            if (c.delta && c.delta.content) {
+              answer.content += c.delta.content;
+              bubble().textContent = answer.content;
+              $("#log").scrollTop = $("#log").scrollHeight;
+            }
+          }
+        }
+      }
+    }
+  } catch (err) {
+    if (err.name === "AbortError") answer.error = "stopped";
+    else { answer.error = "failed"; showError(String(err.message || err)); }
+    if (!answer.content && !answer.id) messages.pop();
+  } finally {
+    delete answer.streaming;
+    controller = null;
+    setBusy(false);
+    save();
+    render();
+  }
+}
+
+function setBusy(busy) {
+  $("#send").disabled = busy;
+  $("#stop").hidden = !busy;
+}
+
+function send(text) {
+  if (!text.trim() || controller) return;
+  messages.push({ role: "user", content: text });
+  $("#prompt").value = "";
+  generate();
+}
+
+function regenerate() {
+  if (controller) return;
+  if (messages.length && messages[messages.length - 1].role === "assistant") messages.pop();
+  generate();
+}
+
+function startEdit(i) {
+  if (controller) return;
+  const node = $(`#log .msg[data-index="${i}"]`);
+  const form = document.createElement("div");
+  form.className = "edit";
+  const area = document.createElement("textarea");
+  area.value = messages[i].content;
+  const row = document.createElement("div");
+  row.className = "row";
+  row.append(
+    button("Cancel", "keep the message", render),
+    button("Save & answer", "replace the message and answer again", () => {
+      if (!area.value.trim()) return;
+      messages = messages.slice(0, i);
+      messages.push({ role: "user", content: area.value });
+      generate();
+    }, "save-edit"),
+  );
+  form.append(area, row);
+  node.replaceChildren(form);
+  area.focus();
+}
+
+// ---- feedback -------------------------------------------------------------------------------
+async function postFeedback(body) {
+  const resp = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!resp.ok) throw new Error(await errorText(resp));
+  return resp.json();
+}
+
+async function rate(i, thumb) {
+  const m = messages[i];
+  try {
+    await postFeedback({ response_id: m.id, thumb });
+    m.thumb = thumb;
+    save();
+    render();
+  } catch (err) {
+    showError("feedback not saved: " + err.message);
+  }
+}
+
+function startCorrection(i, node) {
+  if (node.querySelector(".correction")) return;
+  const form = document.createElement("div");
+  form.className = "correction";
+  const area = document.createElement("textarea");
+  area.placeholder = "Write the answer the model should have given";
+  area.value = messages[i].content;
+  const row = document.createElement("div");
+  row.className = "row";
+  row.append(
+    button("Cancel", "discard", () => form.remove()),
+    button("Send correction", "record this as the better answer", async () => {
+      if (!area.value.trim()) return;
+      try {
+        await postFeedback({ response_id: messages[i].id, correction: area.value });
+        messages[i].corrected = true;
+        save();
+        render();
+      } catch (err) {
+        showError("correction not saved: " + err.message);
+      }
+    }, "send-correction"),
+  );
+  form.append(area, row);
+  node.appendChild(form);
+  area.focus();
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+$("#api-key").value = sessionStorage.getItem(STORE_KEY) || "";
+$("#api-key").addEventListener("change", () => {
+  sessionStorage.setItem(STORE_KEY, $("#api-key").value.trim());
+  loadModel();
+});
+$("#composer").addEventListener("submit", (e) => { e.preventDefault(); send($("#prompt").value); });
+$("#prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send($("#prompt").value); }
+});
+$("#stop").addEventListener("click", () => controller && controller.abort());
+$("#new-chat").addEventListener("click", () => {
+  if (controller) controller.abort();
+  messages = [];
+  save();
+  showError("");
+  render();
+});
+render();
+loadModel();
