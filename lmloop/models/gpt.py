@@ -137,6 +137,12 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def reset_buffers(self) -> None:
+        """(Re)compute the sinusoidal table; loaders that build on the meta device call this."""
+        if hasattr(self.model, "pe"):
+            c = self.config
+            self.model.pe = sinusoidal_table(c.n_positions, c.n_embd).to(self.model.pe.device)
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

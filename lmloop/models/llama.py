@@ -138,19 +138,25 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, cfg.hd, 2, dtype=torch.int64).float() / cfg.hd)
-        )
-        t = torch.arange(cfg.max_position_embeddings, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D), HF's non-interleaved layout
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self.apply(self._init)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the rotary tables; loaders that build on the meta device call this."""
+        cfg, device, hd = self.config, self.rope_cos.device, self.config.hd
+        # computed on the CPU as transformers does, so tables match bit for bit, then moved
+        arange = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float()
+        inv_freq = 1.0 / (cfg.rope_theta ** (arange / hd))
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.int64, device="cpu").float()
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, D), HF's non-interleaved layout
+        self.rope_cos, self.rope_sin = emb.cos().to(device), emb.sin().to(device)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
