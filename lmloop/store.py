@@ -241,12 +241,12 @@ def _content_text(content: Any, where: str) -> str:
     raise InvalidFeedback(f"{where}.content must be a string, got {type(content).__name__}")
 
 
-def _text(value: Any, name: str, *, empty_ok: bool = False) -> str:
+def _text(value: Any, name: str, *, empty_ok: bool = False, limit: bool = True) -> str:
     if not isinstance(value, str):
         raise InvalidFeedback(f"'{name}' must be a string, got {type(value).__name__}", param=name)
     if not empty_ok and not value.strip():
         raise InvalidFeedback(f"'{name}' must not be empty", param=name)
-    if len(value) > MAX_TEXT:
+    if limit and len(value) > MAX_TEXT:
         raise InvalidFeedback(
             f"'{name}' is {len(value)} characters, at most {MAX_TEXT} are accepted", param=name
         )
@@ -386,7 +386,7 @@ class FeedbackStore:
         completion pass `[{"role": "user", "content": prompt}]` with `kind="completion"`).
         """
         response_id = _text(response_id, "response_id")
-        response_text = _text(response_text, "response_text", empty_ok=True)
+        response_text = _text(response_text, "response_text", empty_ok=True, limit=False)
         if kind not in ("chat", "completion"):
             raise InvalidFeedback(f"kind must be 'chat' or 'completion', got '{kind}'")
         if not isinstance(messages, list):

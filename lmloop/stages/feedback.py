@@ -54,7 +54,11 @@ class ExportConfig:
         help="train JSONL to write (must end in .jsonl); the held-out records go to the sibling "
         "NAME.heldout.jsonl and counts/hashes to NAME.meta.json"
     )
-    format: Literal["sft", "dpo", "kto", "text"] = param("sft", "record format (TRL's)")
+    format: Literal["sft", "dpo", "kto", "text"] = param(
+        "sft",
+        "TRL record format: sft {messages}, dpo {prompt, chosen, rejected}, "
+        "kto {prompt, completion, label}, text {text}",
+    )
     since: str | None = param(None, "use only feedback given at or after this ISO time/date")
     model_version: list[str] = param([], "only answers from these model versions (repeatable)")
     min_rating: int | None = param(None, "only answers whose latest rating is at least this")
