@@ -151,7 +151,7 @@ class Registry:
 
     def _model_path(self, name: str, version: str) -> Path:
         d = self._version_dir(name, version) / "model"
-        info = json.loads((self._version_dir(name, version) / "version.json").read_text())
+        info = self._info(name, version)
         return d / info["model_file"] if info.get("model_file") else d
 
     # -- writing --
@@ -220,6 +220,7 @@ class Registry:
 
     def promote(self, name: str, version: str) -> None:
         """Make `version` the current version of `name` (remembering the one it replaces)."""
+        self._require_state(name)  # before locking: a typo must not create a folder
         with self._locked(name):
             state = self._require_state(name)
             self._require_version(name, state, version)
@@ -235,6 +236,7 @@ class Registry:
 
     def rollback(self, name: str) -> str:
         """Make the previously current version current again; return it."""
+        self._require_state(name)  # before locking: a typo must not create a folder
         with self._locked(name):
             state = self._require_state(name)
             if len(state["stack"]) < 2:

@@ -190,3 +190,16 @@ def test_models_cli(tmp_path, capsys):
         assert main([*argv, "--registry", r]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("lmloop: error:") and "\n" not in err and needle in err, err
+
+
+def test_typos_create_nothing_and_damage_is_a_user_error(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.register("tiny", _model(tmp_path / "a", "a"), parent=None, lineage={})
+    reg.promote("tiny", "v1")
+    for call in (lambda: reg.promote("tinny", "v1"), lambda: reg.rollback("tinny")):
+        with pytest.raises(UserError, match="did you mean 'tiny'"):
+            call()
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == ["tiny"]
+    shutil.rmtree(tmp_path / "reg" / "tiny" / "versions" / "v1")
+    with pytest.raises(UserError, match="unreadable"):
+        reg.current("tiny")
