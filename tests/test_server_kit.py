@@ -88,6 +88,7 @@ class Server:
         env.pop("LMLOOP_API_KEY", None)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.log_path = tmp / f"server-{self.port}.log"
+        self.health_seen: list[tuple[int, str]] = []  # /health answers while waiting
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -98,7 +99,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                self.health_seen.append((r.status_code, r.json().get("status")))
+                if r.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -100,8 +100,9 @@ function renderMessage(m, i) {
       meta.appendChild(e);
     }
     if (m.id && !m.streaming) {
-      const up = button("👍", "good answer", () => rate(i, "up"), "thumb-up up");
-      const down = button("👎", "bad answer", () => rate(i, "down"), "thumb-down down");
+      // text marks, not emoji: a machine without an emoji font shows empty boxes
+      const up = button("✓ Good", "thumbs up: a good answer", () => rate(i, "up"), "thumb-up up");
+      const down = button("✗ Bad", "thumbs down: a bad answer", () => rate(i, "down"), "thumb-down down");
       if (m.thumb === "up") up.classList.add("active");
       if (m.thumb === "down") down.classList.add("active");
       meta.append(up, down, button("Correct", "write a better answer", () => startCorrection(i, wrap), "correct-btn"));
