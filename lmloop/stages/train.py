@@ -1,0 +1,1078 @@
+"""`lmloop train`: train a Transformer from scratch or fine-tune one, with exact resume.
+
+    lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny
+    lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny --resume
+    lmloop train configs/train/smollm2-finetune.yaml --data chats.jsonl --out runs/ft
+    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R
+
+The loop is one `for` loop in `_fit`: schedule, gradient accumulation (loss normalized by the
+true number of target tokens across every micro-batch and process, the fix Hugging Face shipped
+in late 2024), clipping, step, log, evaluate, save. Everything that decides a step's numbers is
+either saved in the checkpoint (weights, optimizer state, RNG states) or a pure function of the
+step (learning rate, which samples form the batch), which is why a resumed run reproduces an
+uninterrupted one bit for bit on CPU, and why a run may resume under another world size.
+Under `torchrun` the same loop runs with DDP (gloo on CPU, NCCL on CUDA); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmloop.config import param
+from lmloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: Literal["llama", "gpt"] = param("llama", "model family for a run from scratch")
+    vocab_size: int | None = param(None, "vocabulary size; None: the tokenizer's")
+    hidden_size: int = param(256, "width of the residual stream")
+    num_layers: int = param(4, "number of Transformer blocks")
+    num_heads: int = param(4, "attention heads")
+    num_kv_heads: int | None = param(None, "key/value heads (llama, GQA); None: num_heads")
+    intermediate_size: int | None = param(
+        None, "MLP width; None: 8/3 x hidden rounded to 64 (llama), 4 x hidden (gpt)"
+    )
+    max_seq_len: int | None = param(None, "longest context the model accepts; None: batch.seq_len")
+    tie_word_embeddings: bool = param(True, "share the input embedding with the output layer")
+    positions: Literal["sinusoidal", "learned"] = param("sinusoidal", "gpt position encoding")
+    rope_theta: float = param(10000.0, "rotary base (llama)")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: Literal["adamw", "muon"] = param(
+        "adamw", "adamw, or muon (Muon for hidden matrices, AdamW for the rest)"
+    )
+    lr: float = param(6e-4, "peak learning rate (AdamW groups)")
+    muon_lr: float = param(0.02, "peak learning rate of the Muon group (RMS-matched to AdamW)")
+    muon_momentum: float = param(0.95, "Muon momentum")
+    weight_decay: float = param(
+        0.1, "decoupled weight decay on matrices (not norms/biases/embeddings)"
+    )
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.95, "AdamW beta2")
+    eps: float = param(1e-8, "AdamW epsilon")
+    grad_clip: float = param(1.0, "clip the global gradient norm to this; 0: no clipping")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr} muon_lr={self.muon_lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    kind: Literal["cosine", "linear", "constant", "wsd"] = param(
+        "cosine", "shape after warmup: cosine, linear, constant or wsd (warmup-stable-decay)"
+    )
+    warmup_steps: int = param(100, "linear warmup steps")
+    min_lr_ratio: float = param(0.1, "final LR as a fraction of the peak")
+    decay_fraction: float = param(0.2, "wsd: fraction of the run spent decaying")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    seq_len: int = param(256, "tokens per sequence")
+    micro_batch: int = param(8, "sequences per forward pass per process")
+    global_batch: int = param(
+        8, "sequences per optimizer step over all processes (accumulation fills the gap)"
+    )
+
+    def __post_init__(self) -> None:
+        if min(self.seq_len, self.micro_batch, self.global_batch) < 1:
+            raise ValueError("seq_len, micro_batch and global_batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    every: int = param(100, "validate every N steps (and at the end); 0: only at the end")
+    batches: int = param(20, "validation micro-batches per evaluation")
+    val_fraction: float = param(0.1, "SFT: fraction of records held out for validation")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = param(0, "LoRA rank; 0: full fine-tuning")
+    alpha: float = param(16.0, "LoRA alpha (scale alpha / r)")
+    dropout: float = param(0.0, "dropout on the LoRA input")
+    targets: list[str] = param(["q_proj", "v_proj"], "names of the linear layers to adapt")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = param("", "a prepared data dir (`lmloop data`) or an SFT .jsonl file")
+    out: str = param("", "the run dir: checkpoints/, metrics.jsonl, meta.json, curves.png")
+    task: Literal["auto", "pretrain", "sft"] = param(
+        "auto", "pretrain on token shards, or sft on chat records; auto: by --data"
+    )
+    init_from: str | None = param(
+        None, "start from a checkpoint / run dir / HF folder / .gguf / installed short name"
+    )
+    tokenizer: str | None = param(None, "SFT from scratch: the tokenizer (file or folder) to use")
+    resume: bool = param(False, "continue from the newest checkpoint in --out")
+    dry_run: bool = param(False, "print params, FLOPs/token, tokens/step and memory, then exit")
+    seed: int = param(1337, "seed of initialization and data order")
+    max_steps: int = param(1000, "optimizer steps in the whole run")
+    save_every: int = param(0, "checkpoint every N steps (and always at the end); 0: end only")
+    keep_last: int = param(3, "checkpoints kept besides the best by validation loss")
+    log_every: int = param(10, "log a line and a metrics.jsonl record every N steps")
+    device: str = param("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = param(False, "torch.compile the model (falls back to eager if it fails)")
+    peak_tflops: float | None = param(
+        None, "peak TFLOP/s per process for MFU; None: known GPUs only"
+    )
+    tensorboard: bool = param(False, "also write TensorBoard events to RUN_DIR/tb")
+    plot: bool = param(True, "write RUN_DIR/curves.png at the end")
+    model: ModelSpec = param(ModelSpec(), "architecture of a model trained from scratch")
+    optim: OptimSpec = param(OptimSpec(), "optimizer")
+    schedule: ScheduleSpec = param(ScheduleSpec(), "learning-rate schedule")
+    batch: BatchSpec = param(BatchSpec(), "batch shape")
+    eval: EvalSpec = param(EvalSpec(), "validation")
+    lora: LoraSpec = param(LoraSpec(), "LoRA fine-tuning")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.save_every < 0 or self.keep_last < 1:
+            raise ValueError("save_every must be >= 0 and keep_last >= 1")
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    latest: str | None
+    best: str | None
+
+
+class TrainingDiverged(UserError):
+    """A NaN or infinite loss or gradient: the run stops before the bad update is applied."""
+
+
+# ---- small helpers -------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s) of GPUs whose MFU we can state without being told.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(cfg: TrainConfig) -> _Dist:
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{cfg.device}' asked for, but no CUDA device is available")
+    if want == "cuda":
+        want = f"cuda:{local}" if world > 1 else "cuda"
+    device = torch.device(want)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, local, device)
+
+
+def _all_sum(x: Any, d: _Dist) -> Any:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def _barrier(d: _Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _round_up(x: float, m: int) -> int:
+    return int(math.ceil(x / m) * m)
+
+
+def _model_config(cfg: TrainConfig, vocab: int, eos: int | None, bos: int | None):
+    from lmloop.models import GPTConfig, LlamaConfig  # noqa: F401 - re-exported names
+
+    m = cfg.model
+    seq = m.max_seq_len or cfg.batch.seq_len
+    if m.hidden_size % m.num_heads:
+        raise UserError(
+            f"model.hidden_size {m.hidden_size} is not a multiple of model.num_heads {m.num_heads}"
+        )
+    if m.family == "llama":
+        kv = m.num_kv_heads or m.num_heads
+        if m.num_heads % kv:
+            raise UserError(f"model.num_heads {m.num_heads} is not a multiple of num_kv_heads {kv}")
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size or _round_up(8 * m.hidden_size / 3, 64),
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=seq,
+            rope_theta=m.rope_theta,
+            tie_word_embeddings=m.tie_word_embeddings,
+            bos_token_id=bos,
+            eos_token_id=eos,
+        )
+    return GPTConfig(
+        vocab_size=vocab,
+        n_embd=m.hidden_size,
+        n_layer=m.num_layers,
+        n_head=m.num_heads,
+        n_inner=m.intermediate_size,
+        n_positions=seq,
+        positions=m.positions,
+        tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+
+
+def _shape(model_cfg: Any) -> tuple[int, int, int, int]:
+    """(layers, heads * head_dim, vocab, width) of either family's config."""
+    if model_cfg.family == "llama":
+        c = model_cfg
+        return c.num_hidden_layers, c.num_attention_heads * c.hd, c.vocab_size, c.hidden_size
+    return model_cfg.n_layer, model_cfg.n_embd, model_cfg.vocab_size, model_cfg.n_embd
+
+
+def count_params(config: Any) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts of a family config, without building the model.
+
+    "Non-embedding" leaves out `embed_*` tables and `lm_head`, as `lmloop.models.num_params` does.
+    """
+    if config.family == "llama":
+        c = config
+        d, hd, inner = c.hidden_size, c.hd, c.intermediate_size
+        attn = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2
+        if c.attention_bias:
+            attn += c.num_attention_heads * hd + 2 * c.num_key_value_heads * hd + d
+        mlp = 3 * d * inner + (2 * inner + d if c.mlp_bias else 0)
+        body = c.num_hidden_layers * (attn + mlp + 2 * d) + d
+        embed = c.vocab_size * d
+    else:
+        c = config
+        d, inner = c.n_embd, c.inner
+        body = c.n_layer * (4 * (d * d + d) + 2 * d * inner + inner + d + 4 * d) + 2 * d
+        embed = c.vocab_size * d + (c.n_positions * d if c.positions == "learned" else 0)
+        d = c.n_embd
+    head = 0 if config.tie_word_embeddings else config.vocab_size * d
+    return body + embed + head, body
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul params, lm_head included) + attention.
+
+    The attention term 12 * layers * d_attn * seq_len is the PaLM paper's (Chowdhery et al.
+    2022, appendix B); embedding lookups are not matmuls and are left out.
+    """
+    layers, d_attn, vocab, width = _shape(config)
+    body = count_params(config)[1]
+    return 6.0 * (body + vocab * width) + 12.0 * layers * d_attn * seq_len
+
+
+def memory_estimate(config: Any, trainable: int, micro_batch: int, seq_len: int) -> dict[str, int]:
+    """Bytes for fp32 weights, gradients, AdamW moments and activations of one micro-batch.
+
+    Activations follow Korthikanti et al. 2022 (s·b·h·(34 + 5·a·s/h) bytes per layer at 16 bit,
+    doubled for fp32), plus the logits, their softmax and its gradient.
+    """
+    layers, _, vocab, width = _shape(config)
+    n = count_params(config)[0]
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    per_layer = seq_len * micro_batch * width * (34 + 5 * heads * seq_len / width) * 2
+    return {
+        "weights": 4 * n,
+        "grads": 4 * trainable,
+        "optimizer": 8 * trainable,
+        "activations": int(layers * per_layer + 3 * 4 * micro_batch * seq_len * vocab),
+    }
+
+
+def _available_memory(device: Any) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _vocab_fingerprint(tokenizer: Any) -> str:
+    """A hash of the token -> id map (robust to how the tokenizer file was serialized)."""
+    from lmloop.artifacts import sha256_json
+
+    return sha256_json(sorted(tokenizer.hf.get_vocab().items()))
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    task: str
+    train: Any  # PretrainData | SFTData: .batch(samples) -> (x, y)
+    val: list  # [(x, y)] micro-batches
+    val_bytes_per_token: float | None
+    inputs: dict[str, str]
+    tokenizer: Any = None  # the data dir's tokenizer (pretraining)
+
+
+def _task(cfg: TrainConfig) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    p = Path(cfg.data)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        return "sft"
+    return "pretrain"
+
+
+def _pretrain_source(cfg: TrainConfig) -> tuple[dict, Any, Any]:
+    """Check the data dir; return (meta, train tokens, val tokens or None)."""
+    from lmloop import shards
+
+    meta = shards.read_data_meta(cfg.data)
+    splits = meta.get("splits") or {}
+    if int((splits.get("train") or {}).get("tokens") or 0) < 2:
+        raise UserError(
+            f"{cfg.data} has no train split tokens", hint="re-run `lmloop data` with more text"
+        )
+    train = shards.open_split(cfg.data, "train")
+    val = None
+    if int((splits.get("val") or {}).get("tokens") or 0) >= 2:
+        val = shards.open_split(cfg.data, "val")
+    return meta, train, val
+
+
+def _val_batches_from_windows(windows, micro_batch: int, pad_id: int) -> list:
+    from lmloop.training.data import pad_rows
+
+    rows = [(w[:-1].tolist(), w[1:].tolist()) for w in windows]
+    return [pad_rows(rows[i : i + micro_batch], pad_id) for i in range(0, len(rows), micro_batch)]
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig) -> TrainResult | None:
+    if not cfg.data:
+        raise UserError("no training data given", hint="pass --data DIR (or an SFT .jsonl file)")
+    if not cfg.out and not cfg.dry_run:
+        raise UserError("no run dir given", hint="pass --out RUN_DIR")
+    d = _init_dist(cfg)
+    if not d.main:
+        logging.getLogger("lmloop").setLevel(logging.WARNING)
+    try:
+        return _fit(cfg, d)
+    finally:
+        if d.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lmloop.artifacts import sha256_file, sha256_json, write_json
+    from lmloop.log import MetricsWriter, read_metrics
+    from lmloop.modelio import load_model, save_model
+    from lmloop.models import build_model, num_params
+    from lmloop.tokenizer import Tokenizer
+    from lmloop.training import checkpoint as ck
+    from lmloop.training import data as td
+    from lmloop.training import lora as tl
+    from lmloop.training.optim import build_optimizers, lr_factor, set_lr
+
+    run_dir = Path(cfg.out) if cfg.out else None
+    task = _task(cfg)
+
+    # -- where the run starts: an existing run (--resume), a pretrained model, or scratch --
+    existing = ck.latest_checkpoint(run_dir) if run_dir and run_dir.is_dir() else None
+    state: dict[str, Any] | None = None
+    if cfg.resume:
+        if existing is None:
+            raise UserError(
+                f"--resume: {run_dir} holds no checkpoint to resume from",
+                hint="drop --resume to start a new run there",
+            )
+        state = ck.load_train_state(existing[0])
+    elif existing is not None and not cfg.dry_run:
+        raise UserError(
+            f"{run_dir} already holds a run (checkpoint {existing[0].name})",
+            hint="pass --resume to continue it, or choose another --out",
+        )
+    if cfg.lora.r > 0 and not cfg.init_from and not (state and state.get("lora")):
+        raise UserError("LoRA (lora.r > 0) needs a pretrained model", hint="pass --init-from MODEL")
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "tensorboard: true, but the tensorboard package is not installed",
+                hint="pip install tensorboard, or set tensorboard: false",
+            ) from None
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # -- data source and tokenizer --
+    sft_records = None
+    data_meta = None
+    if task == "pretrain":
+        if not Path(cfg.data).is_dir():
+            raise UserError(
+                f"--data {cfg.data} is not a prepared data dir",
+                hint="run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
+            )
+        data_meta, train_tokens, val_tokens = _pretrain_source(cfg)
+        data_tok = Tokenizer.load(cfg.data)
+        inputs = {"data": sha256_json(data_meta)}
+    else:
+        sft_records = td.read_sft_records(cfg.data)
+        data_tok = None
+        inputs = {"data": sha256_file(cfg.data)}
+
+    base_spec = None
+    base_sha = None
+    init = None
+    if state is not None and state.get("lora") is not None:
+        base_spec, base_sha = state["base"]["spec"], state["base"]["sha256"]
+        init = load_model(base_spec)
+        if init.sha256 != base_sha:
+            raise UserError(
+                f"cannot resume {run_dir}: its LoRA base {base_spec} changed "
+                f"(sha {init.sha256[:12]}, the run used {base_sha[:12]})",
+                hint="restore the original base model or start a new run",
+            )
+    elif state is not None:
+        init = load_model(existing[0])
+    elif cfg.init_from:
+        init = load_model(cfg.init_from)
+        base_spec, base_sha = cfg.init_from, init.sha256
+        inputs["init_from"] = init.sha256
+
+    if init is not None:
+        tokenizer = init.tokenizer
+    elif data_tok is not None:
+        tokenizer = data_tok
+    elif cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        raise UserError(
+            "SFT from scratch needs a tokenizer", hint="pass --init-from MODEL or --tokenizer PATH"
+        )
+
+    # -- the model --
+    if init is not None:
+        model = init.model
+    else:
+        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        mcfg = _model_config(cfg, vocab_size, tokenizer.eos_id, tokenizer.bos_id)
+        _check_memory(cfg, mcfg, count_params(mcfg)[0], d)  # before allocating anything
+        model = build_model(mcfg)
+
+    # -- bad input: vocabularies and lengths --
+    vocab = _shape(model.config)[2]
+    if tokenizer.vocab_size > vocab:
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}",
+            hint="use the model's own tokenizer, or a model.vocab_size >= the tokenizer's",
+        )
+    if data_tok is not None and data_tok is not tokenizer:
+        if _vocab_fingerprint(data_tok) != _vocab_fingerprint(tokenizer):
+            raise UserError(
+                f"the data in {cfg.data} was tokenized with a different tokenizer "
+                f"({data_tok.vocab_size} tokens) than the model's ({tokenizer.vocab_size} tokens)",
+                hint="re-run `lmloop data` with the model's tokenizer (--tokenizer MODEL)",
+            )
+    if data_meta is not None:
+        data_vocab = int((data_meta.get("tokenizer") or {}).get("vocab_size") or 0)
+        if data_vocab > vocab:
+            raise UserError(
+                f"the data's tokenizer has {data_vocab} tokens, the model only {vocab}",
+                hint="re-run `lmloop data` with the model's tokenizer",
+            )
+    if cfg.batch.seq_len > model.max_seq_len:
+        raise UserError(
+            f"batch.seq_len {cfg.batch.seq_len} is beyond the model's context {model.max_seq_len}",
+            hint=f"set batch.seq_len <= {model.max_seq_len}",
+        )
+    G, mb = cfg.batch.global_batch, cfg.batch.micro_batch
+    if G % (mb * d.world):
+        raise UserError(
+            f"batch.global_batch {G} is not a multiple of micro_batch {mb} x {d.world} processes",
+            hint="pick a global_batch divisible by micro_batch x world size",
+        )
+    accum = G // (mb * d.world)
+
+    # -- LoRA --
+    lora_on = cfg.lora.r > 0 or bool(state and state.get("lora") is not None)
+    if lora_on:
+        spec = cfg.lora
+        targets = [t.strip() for x in spec.targets for t in x.split(",") if t.strip()]
+        try:
+            model, wrapped = tl.apply_lora(model, spec.r, spec.alpha, spec.dropout, targets)
+        except ValueError:  # peft: "Target modules ... not found in the base model"
+            wrapped = 0
+        if wrapped == 0:
+            raise UserError(
+                f"lora.targets {spec.targets} match no linear layer of the model",
+                hint="use names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if init is not None:
+        _check_memory(cfg, model.config, trainable, d)
+
+    # -- resume compatibility: what must not change between a run and its continuation --
+    fingerprint = {
+        "task": task,
+        "model": json.loads(json.dumps(dataclasses.asdict(model.config))),
+        "vocab": _vocab_fingerprint(tokenizer),
+        "lora": [cfg.lora.r, cfg.lora.alpha, sorted(targets)] if lora_on else None,
+        "global_batch": G,
+        "seq_len": cfg.batch.seq_len,
+    }
+    if state is not None:
+        if init is not None and state.get("lora") is None and not cfg.init_from:
+            # a from-scratch run: the config's architecture must still describe the checkpoint
+            mine = _model_config(cfg, model.config.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
+            fingerprint["model"] = json.loads(json.dumps(dataclasses.asdict(mine)))
+        _check_resume(state["fingerprint"], fingerprint, run_dir)
+
+    # -- dry run --
+    fpt = flops_per_token(model.config, cfg.batch.seq_len)
+    if cfg.dry_run:
+        _print_dry_run(cfg, model, trainable, fpt, accum, d)
+        return None
+
+    # -- data in batches --
+    pad_id = td.pad_id_of(tokenizer)
+    if task == "pretrain":
+        train = td.PretrainData(train_tokens, cfg.batch.seq_len, cfg.seed)
+        windows = (
+            td.val_windows(val_tokens, cfg.batch.seq_len, cfg.eval.batches * mb)
+            if val_tokens is not None
+            else []
+        )
+        val = _val_batches_from_windows(windows, mb, pad_id)
+        v = (data_meta.get("splits") or {}).get("val") or {}
+        bpt = (v["bytes"] / v["tokens"]) if v.get("bytes") and v.get("tokens") else None
+    else:
+        tr_recs, val_recs = td.split_records(sft_records, cfg.eval.val_fraction, cfg.seed)
+        train = td.SFTData.from_records(tr_recs, tokenizer, cfg.batch.seq_len, cfg.seed)
+        val_ex = td.tokenize_records(val_recs, tokenizer, cfg.batch.seq_len)[
+            : cfg.eval.batches * mb
+        ]
+        val = [td.pad_rows(val_ex[i : i + mb], pad_id) for i in range(0, len(val_ex), mb)]
+        nbytes, ntok = td.completion_bytes(val_ex, tokenizer)
+        bpt = nbytes / ntok if ntok else None
+
+    # -- device, wrappers, optimizers --
+    model = model.to(d.device).train()
+    raw = model
+    if lora_on and state is not None:
+        tl.load_adapter_state(raw, state["lora"])
+    opts = build_optimizers(raw, cfg.optim)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    fwd = _Forward(model, cfg.compile)
+    cuda = d.device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    )
+
+    start = 0
+    checkpoints: list[dict[str, Any]] = []
+    if state is not None:
+        for opt, sd in zip(opts, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        start = int(state["step"])
+        checkpoints = [c for c in existing[1] if c["step"] <= start]
+        ck.set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", existing[0], start)
+
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+    if peak is None and cuda:
+        name = torch.cuda.get_device_name(d.device)
+        peak = next((v for k, v in _GPU_PEAKS.items() if k in name), None)
+    if peak is not None:
+        peak *= d.world
+
+    # -- outputs (rank 0) --
+    metrics = tb = None
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mpath = run_dir / "metrics.jsonl"
+        if state is not None:  # drop lines a killed run logged after its last checkpoint
+            kept = [r for r in read_metrics(mpath) if r.get("step", 0) <= start]
+            from lmloop.artifacts import atomic_write
+
+            atomic_write(mpath, "".join(json.dumps(r) + "\n" for r in kept))
+        metrics = MetricsWriter(mpath, truncate=state is None)
+        if cfg.tensorboard:
+            tb = SummaryWriter(str(run_dir / "tb"))
+        write_json(run_dir / "config.json", _config_dict(cfg))
+    run_extra = {"task": task, "world_size": d.world, "init_from": base_spec}
+
+    def train_state(step: int, val_loss: float | None) -> dict[str, Any]:
+        return {
+            "step": step,
+            "samples_seen": step * G,  # the data position: batches are a function of it
+            "optimizers": [o.state_dict() for o in opts],
+            "scheduler": {"kind": cfg.schedule.kind, "step": step, "max_steps": cfg.max_steps},
+            "rng": ck.rng_state(),
+            "fingerprint": fingerprint,
+            "lora": tl.adapter_state(raw) if lora_on else None,
+            "base": {"spec": base_spec, "sha256": base_sha} if lora_on else None,
+            "world_size": d.world,
+            "val_loss": val_loss,
+        }
+
+    def save(step: int, val_loss: float | None) -> None:
+        nonlocal checkpoints
+        if d.main:
+            st = train_state(step, val_loss)
+
+            def write_model(tmp: Path) -> None:
+                m = tl.merged_model(raw) if lora_on else raw
+                save_model(
+                    tmp,
+                    m,
+                    tokenizer,
+                    config=cfg,
+                    inputs=inputs,
+                    schema="lmloop.checkpoint",
+                    extra={"step": step, "val_loss": val_loss, "task": task},
+                )
+
+            name = ck.save_checkpoint(run_dir, step, write_model=write_model, train_state=st)
+            checkpoints = [c for c in checkpoints if c["name"] != name]
+            checkpoints.append({"name": name, "step": step, "val_loss": val_loss})
+            kept, dropped = ck.prune(run_dir, checkpoints, cfg.keep_last)
+            ck.write_run_meta(
+                run_dir,
+                config=cfg,
+                inputs=inputs,
+                checkpoints=kept,
+                status="running",
+                extra=run_extra,
+            )
+            ck.delete_checkpoints(run_dir, dropped)
+            checkpoints = kept
+            log.info("saved checkpoint %s", run_dir / "checkpoints" / name)
+        _barrier(d)
+
+    @torch.no_grad()
+    def evaluate() -> tuple[float, float, float | None] | None:
+        if not val:
+            return None
+        raw.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for i, (x, y) in enumerate(val):
+            if i % d.world != d.rank:
+                continue
+            x, y = x.to(d.device), y.to(d.device)
+            with autocast():
+                logits = raw(x)
+            ls = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), ignore_index=td.IGNORE, reduction="sum"
+            )
+            tot += torch.tensor([float(ls), float((y != td.IGNORE).sum())], dtype=torch.float64)
+        raw.train()
+        tot = _all_sum(tot, d)
+        loss = float(tot[0] / tot[1])
+        bpb = loss / math.log(2) / bpt if bpt else None
+        return loss, math.exp(min(loss, 50.0)), bpb
+
+    fpt_total = fpt
+    log.info(
+        "training %s: %s params (%s trainable), %s tokens/step, %d x %d micro-batches, %s",
+        task,
+        f"{num_params(raw):,}",
+        f"{trainable:,}",
+        f"{G * cfg.batch.seq_len:,}",
+        accum,
+        d.world,
+        d.device,
+    )
+
+    # -- the loop --
+    step = start
+    last_loss = last_val = last_bpb = None
+    t_first = None
+    steps_timed = 0
+    time_timed = 0.0
+    pause_at = int(os.environ.get("LMLOOP_TRAIN_PAUSE_AT", "0") or 0)
+    if start >= cfg.max_steps:
+        log.info("nothing to do: the run is at step %d of %d", start, cfg.max_steps)
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = set_lr(opts, lr_factor(step, cfg.schedule, cfg.max_steps))
+        per_rank = G // d.world
+        first = step * G + d.rank * per_rank
+        micro = [train.batch(range(first + j, first + j + mb)) for j in range(0, per_rank, mb)]
+        n_tok = torch.tensor(
+            [float(sum(int((y != td.IGNORE).sum()) for _, y in micro))], dtype=torch.float64
+        )
+        total = float(_all_sum(n_tok, d)[0])
+        scale = d.world / total  # DDP averages gradients over ranks; undo that, divide by tokens
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for k, (x, y) in enumerate(micro):
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if d.world > 1 and k < len(micro) - 1:
+                sync = model.no_sync()  # all-reduce only on the last micro-batch
+            with sync:
+                with autocast():
+                    logits = fwd(x)
+                ls = F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    y.flatten(),
+                    ignore_index=td.IGNORE,
+                    reduction="sum",
+                )
+                (ls * scale).backward()
+            loss_sum += ls.detach().double().cpu()
+        loss = float(_all_sum(loss_sum.reshape(1), d)[0]) / total
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            _diverged(cfg, run_dir, step + 1, loss, gnorm, checkpoints, inputs, run_extra, d)
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if t_first is None:
+            t_first = dt  # the first step pays for warm-up (and compilation): not in the ETA
+        else:
+            steps_timed += 1
+            time_timed += dt
+        last_loss = loss
+
+        last = step == cfg.max_steps
+        is_eval = last or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
+        is_save = last or (cfg.save_every > 0 and step % cfg.save_every == 0)
+        ev = evaluate() if is_eval else None
+        if ev is not None:
+            last_val, _, last_bpb = ev
+        if d.main and (is_eval or last or step % cfg.log_every == 0):
+            tok_s = total / dt
+            avg = time_timed / steps_timed if steps_timed else dt
+            rec = {
+                "step": step,
+                "loss": loss,
+                "ppl": math.exp(min(loss, 50.0)),
+                "lr": lr,
+                "grad_norm": gnorm,
+                "ms": dt * 1000,
+                "tok_s": tok_s,
+            }
+            if task == "pretrain":
+                rec["tokens"] = step * total
+            parts = [
+                f"step {step}/{cfg.max_steps}",
+                f"loss {loss:.4f}",
+                f"ppl {rec['ppl']:.1f}",
+                f"lr {lr:.1e}",
+                f"gnorm {gnorm:.2f}",
+                f"{dt * 1000:.0f} ms",
+                f"{tok_s:,.0f} tok/s",
+            ]
+            if peak:
+                rec["mfu"] = fpt_total * tok_s / peak
+                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+            parts.append(f"eta {_fmt_eta(avg * (cfg.max_steps - step))}")
+            if ev is not None:
+                rec.update(val_loss=ev[0], val_ppl=ev[1])
+                parts.append(f"val loss {ev[0]:.4f}")
+                if ev[2] is not None:
+                    rec["val_bpb"] = ev[2]
+                    parts.append(f"val bpb {ev[2]:.3f}")
+            log.info(" | ".join(parts))
+            metrics.write(rec)
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        tb.add_scalar(k, v, step)
+        if is_save:
+            save(step, ev[0] if ev is not None else None)
+        if pause_at == step:
+            # crash tests kill the process here, at a known point between two checkpoints
+            log.warning("LMLOOP_TRAIN_PAUSE_AT=%d: pausing", step)
+            while True:
+                time.sleep(60)
+
+    # -- the end --
+    result = TrainResult(
+        run_dir=str(run_dir),
+        step=step,
+        train_loss=last_loss,
+        val_loss=last_val,
+        val_bpb=last_bpb,
+        latest=checkpoints[-1]["name"] if checkpoints else None,
+        best=None,
+    )
+    if d.main:
+        metrics.close()
+        if tb is not None:
+            tb.close()
+        if checkpoints:
+            ck.write_run_meta(
+                run_dir, config=cfg, inputs=inputs, checkpoints=checkpoints, status="done",
+                extra=run_extra,
+            )  # fmt: skip
+        meta = ck.read_run(run_dir) or {}
+        result.best = meta.get("best")
+        if cfg.plot:
+            _plot(run_dir)
+        out = [f"run        {run_dir}", f"step       {step}"]
+        if last_loss is not None:
+            out.append(f"train loss {last_loss:.4f}")
+        if last_val is not None:
+            out.append(f"val loss   {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
+        if last_bpb is not None:
+            out.append(f"val bpb    {last_bpb:.4f}")
+        out.append(f"latest     {result.latest}")
+        out.append(f"best       {result.best}")
+        print("\n".join(out))
+    _barrier(d)
+    return result
+
+
+class _Forward:
+    """The model's forward, through torch.compile when asked; eager again if compiling fails."""
+
+    def __init__(self, model: Any, compile: bool):
+        self.model, self.fn, self.tested = model, model, not compile
+        if compile:
+            import torch
+
+            try:
+                self.fn = torch.compile(model)
+            except Exception as e:  # noqa: BLE001 - any backend failure means "run eager"
+                log.warning("torch.compile unavailable (%s); running eager", e)
+                self.fn, self.tested = model, True
+
+    def __call__(self, x: Any) -> Any:
+        if self.tested:
+            return self.fn(x)
+        try:
+            out = self.fn(x)
+        except Exception as e:  # noqa: BLE001 - compilation errors surface at the first call
+            log.warning("torch.compile failed (%s); running eager", str(e).splitlines()[0])
+            self.fn = self.model
+            out = self.fn(x)
+        self.tested = True
+        return out
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from lmloop.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _check_memory(cfg: TrainConfig, config: Any, trainable: int, d: _Dist) -> None:
+    est = memory_estimate(config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len)
+    need = sum(est.values())
+    avail = _available_memory(d.device) if d.device is not None else None
+    if avail is not None and need > avail:
+        parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.items())
+        raise UserError(
+            f"this config needs about {_fmt_bytes(need)} of memory ({parts}) but "
+            f"{_fmt_bytes(avail)} is available on {d.device}",
+            hint="lower batch.micro_batch (raise accumulation instead), batch.seq_len, "
+            "or the model size; or use LoRA",
+        )
+
+
+def _check_resume(saved: dict[str, Any], now: dict[str, Any], run_dir: Path | None) -> None:
+    diffs = []
+    for key in ("task", "vocab", "lora", "global_batch", "seq_len"):
+        if saved.get(key) != now.get(key):
+            a, b = saved.get(key), now.get(key)
+            if key == "vocab":
+                a, b = "(one tokenizer)", "(another)"
+            diffs.append(f"{key}: checkpoint {a}, now {b}")
+    for k in sorted(set(saved.get("model") or {}) | set(now.get("model") or {})):
+        a, b = (saved.get("model") or {}).get(k), (now.get("model") or {}).get(k)
+        if a != b:
+            diffs.append(f"model.{k}: checkpoint {a}, now {b}")
+    if diffs:
+        raise UserError(
+            f"cannot resume {run_dir}: the checkpoint is incompatible with this config ("
+            + "; ".join(diffs[:4])
+            + ")",
+            hint="resume with the run's own config (RUN_DIR/config.json) or start a new --out",
+        )
+
+
+def _diverged(cfg, run_dir, step, loss, gnorm, checkpoints, inputs, extra, d: _Dist):
+    from lmloop.training import checkpoint as ck
+
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+    good = checkpoints[-1]["name"] if checkpoints else None
+    if d.main and checkpoints:
+        ck.write_run_meta(
+            run_dir, config=cfg, inputs=inputs, checkpoints=checkpoints,
+            status=f"diverged at step {step}", extra=extra,
+        )  # fmt: skip
+    raise TrainingDiverged(
+        f"training diverged: {what} at step {step}; the update was not applied and the last good "
+        f"checkpoint is {good or 'none (no checkpoint was saved yet)'}",
+        hint="lower optim.lr or raise schedule.warmup_steps / optim.grad_clip, then --resume",
+    )
+
+
+def _print_dry_run(cfg: TrainConfig, model, trainable: int, fpt: float, accum: int, d) -> None:
+
+    n, ne = count_params(model.config)
+    G, T = cfg.batch.global_batch, cfg.batch.seq_len
+    est = memory_estimate(model.config, trainable, cfg.batch.micro_batch, T)
+    avail = _available_memory(d.device)
+    tokens = G * T
+    lines = [
+        f"model         {model.config.family}: {n:,} params ({ne:,} non-embedding, "
+        f"{trainable:,} trainable)",
+        f"FLOPs/token   {_fmt_count(fpt)} (6 x matmul params + attention)",
+        f"tokens/step   {tokens:,} ({G} sequences x {T} tokens; {accum} micro-batches of "
+        f"{cfg.batch.micro_batch} x {d.world} process(es))",
+        "memory        "
+        + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.items())
+        + f": about {_fmt_bytes(sum(est.values()))}"
+        + (f" ({_fmt_bytes(avail)} available)" if avail else ""),
+        f"run           {cfg.max_steps:,} steps = {_fmt_count(tokens * cfg.max_steps)} tokens "
+        f"= {_fmt_count(fpt * tokens * cfg.max_steps)} FLOPs",
+    ]
+    print("\n".join(lines))
+
+
+def _plot(run_dir: Path) -> None:
+    """RUN_DIR/curves.png: train and validation loss, and the learning rate, by step."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmloop.artifacts import atomic_write
+    from lmloop.log import read_metrics
+
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    if not recs:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train")
+    ev = [r for r in recs if "val_loss" in r]
+    if ev:
+        a.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val")
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    a.grid(alpha=0.3)
+    b.plot([r["step"] for r in recs], [r["lr"] for r in recs])
+    b.set_xlabel("step")
+    b.set_ylabel("learning rate")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(run_dir / "curves.png", buf.getvalue())

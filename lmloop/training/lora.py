@@ -1,0 +1,71 @@
+"""LoRA fine-tuning (Hu et al. 2021) on lmloop's own model files, through `peft`.
+
+`peft.inject_adapter_in_model` wraps the named linear layers (e.g. `q_proj`, `v_proj`) of our
+plain `nn.Module` in place and freezes everything else. For checkpoints and export the adapters
+are merged into a plain copy of the weights (W + B·A·alpha/r), so every checkpoint folder is an
+ordinary model that `load_model` reads; the adapter weights themselves ride in train_state.pt so a
+LoRA run resumes exactly from its base model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]):
+    import peft
+
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
+    )
+    model = peft.inject_adapter_in_model(config, model)
+    wrapped = sum(1 for _ in lora_layers(model))
+    return model, wrapped
+
+
+def lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            yield name, m
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing = set(adapter_state(model)) - set(state)
+    if missing:
+        raise KeyError(f"adapter weights missing: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The plain model's state dict with every adapter folded into its base weight."""
+    deltas = {f"{name}.weight": m.get_delta_weight("default") for name, m in lora_layers(model)}
+    out = {}
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            continue
+        plain = k.replace(".base_layer.", ".")
+        if plain in deltas:
+            v = v + deltas[plain].to(v.dtype)
+        out[plain] = v
+    return out
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain lmloop model (no peft modules) with the adapters merged in."""
+    from lmloop.models import build_model
+
+    with torch.random.fork_rng(devices=[]):  # building must not disturb the run's RNG stream
+        plain = build_model(model.config)
+    plain.load_state_dict(merged_state_dict(model))
+    p = next(model.parameters())
+    return plain.to(device=p.device, dtype=p.dtype).eval()
