@@ -31,7 +31,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -78,6 +78,14 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if not self.path:
             raise UserError("a source needs a path", hint="e.g. --source data/*.txt")
+        # `hf:NAME/CONFIG` and `feedback:PATH` select their kind, from YAML as from the CLI
+        if self.path.startswith("hf:") and self.kind == "auto":
+            object.__setattr__(self, "kind", "hf")
+            if not self.hf_config:
+                object.__setattr__(self, "hf_config", self.path[3:].partition("/")[2])
+        elif self.path.startswith("feedback:") and self.kind == "auto":
+            object.__setattr__(self, "path", self.path[len("feedback:") :])
+            object.__setattr__(self, "kind", "feedback")
         if not (self.weight >= 0):
             raise UserError(f"source weight must be >= 0, got {self.weight} for {self.path}")
         if self.split == "regex":
@@ -105,13 +113,7 @@ class SourceSpec:
             kw[key] = value.strip()
         from lmloop.config import build
 
-        spec = build(cls, {"path": path.strip(), **kw})
-        if spec.path.startswith("hf:") and spec.kind == "auto":
-            name, _, config = spec.path[3:].partition("/")
-            spec = replace(spec, kind="hf", hf_config=spec.hf_config or config)
-        elif spec.path.startswith("feedback:") and spec.kind == "auto":
-            spec = replace(spec, path=spec.path[len("feedback:") :], kind="feedback")
-        return spec
+        return build(cls, {"path": path.strip(), **kw})
 
     @property
     def hf_name(self) -> str:
@@ -244,21 +246,41 @@ def decode_bytes(
         return text
 
 
-def _iter_lines(
-    f: Path, *, strict: bool, stats: dict[str, int] | None
-) -> Iterator[tuple[str, int]]:
-    """(decoded line with its newline, byte offset of the line) for one file, streamed."""
-    offset = 0
+BLOCK_BYTES = 1 << 20
+
+
+def _iter_blocks(f: Path, *, strict: bool, stats: dict[str, int] | None) -> Iterator[str]:
+    """The file decoded in ~1 MB blocks, each ending at a newline: streamed, flat memory."""
+    offset, carry = 0, b""
     with _open_binary(f) as fh:
         try:
-            for raw in fh:
-                yield (
-                    decode_bytes(raw, where=str(f), offset=offset, strict=strict, stats=stats),
-                    (offset),
-                )
-                offset += len(raw)
+            while chunk := fh.read(BLOCK_BYTES):
+                data = carry + chunk
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than a block: keep reading
+                    carry = data
+                    continue
+                block, carry = data[:cut], data[cut:]
+                yield decode_bytes(block, where=str(f), offset=offset, strict=strict, stats=stats)
+                offset += len(block)
         except (OSError, EOFError) as e:  # e.g. a truncated .gz
             raise UserError(f"cannot read source file {f}: {e}") from None
+    if carry:
+        yield decode_bytes(carry, where=str(f), offset=offset, strict=strict, stats=stats)
+
+
+def _iter_lines(f: Path, *, strict: bool, stats: dict[str, int] | None) -> Iterator[str]:
+    """Lines with their \\n (only \\n ends a line: JSON strings may hold U+2028), streamed."""
+    for block in _iter_blocks(f, strict=strict, stats=stats):
+        lines = block.split("\n")
+        for line in lines[:-1]:
+            yield line + "\n"
+        if lines[-1]:
+            yield lines[-1]
+
+
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+_LEADING_BLANK = re.compile(r"\A(?:[ \t]*\n)+")  # blank lines a block boundary cut off
 
 
 def _read_all(f: Path, *, strict: bool, stats: dict[str, int] | None) -> str:
@@ -280,18 +302,15 @@ def _text_docs(
         text = _read_all(f, strict=strict, stats=stats)
         yield from re.split(spec.pattern, text)
     elif spec.split == "line":
-        for line, _ in _iter_lines(f, strict=strict, stats=stats):
-            yield line
-    else:  # blank: paragraphs separated by empty lines, streamed line by line
-        buf: list[str] = []
-        for line, _ in _iter_lines(f, strict=strict, stats=stats):
-            if line.strip():
-                buf.append(line)
-            elif buf:
-                yield "".join(buf)
-                buf = []
-        if buf:
-            yield "".join(buf)
+        yield from _iter_lines(f, strict=strict, stats=stats)
+    else:  # blank: paragraphs separated by empty lines, streamed block by block
+        carry = ""
+        for block in _iter_blocks(f, strict=strict, stats=stats):
+            parts = _BLANK_LINES.split(carry + block)
+            carry = parts.pop()  # may continue in the next block
+            yield from (_LEADING_BLANK.sub("", p, count=1) for p in parts if p.strip())
+        if carry.strip():
+            yield _LEADING_BLANK.sub("", carry, count=1).rstrip("\n")
 
 
 def wikitext_articles(lines: Iterable[str]) -> Iterator[str]:
@@ -337,7 +356,7 @@ def _field_text(record: Any, field: str, where: str) -> str | None:
 def _jsonl_docs(
     f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
 ) -> Iterator[str]:
-    for lineno, (line, _) in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+    for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
         if not line.strip():
             continue
         try:
@@ -467,7 +486,7 @@ def feedback_text(record: Any, where: str) -> str | None:
 def _feedback_docs(
     f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
 ) -> Iterator[str]:
-    for lineno, (line, _) in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+    for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
         if not line.strip():
             continue
         try:
@@ -482,7 +501,7 @@ def _feedback_docs(
 def _wikitext_docs(
     f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
 ) -> Iterator[str]:
-    yield from wikitext_articles(line for line, _ in _iter_lines(f, strict=strict, stats=stats))
+    yield from wikitext_articles(_iter_lines(f, strict=strict, stats=stats))
 
 
 _READERS = {
@@ -497,18 +516,19 @@ _READERS = {
 
 
 def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
-    columns = list(ds.column_names)
-    if spec.field not in columns:
+    columns = list(ds.column_names or [])  # a streamed hub dataset may not know them yet
+    if columns and spec.field not in columns:
         raise UserError(
             f"{where}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
             f"columns present: {', '.join(columns)}",
             hint=f"pass the right column, e.g. --source '{spec.path}::field=NAME'",
         )
-    ds = ds.select_columns([spec.field])
+    if columns:
+        ds = ds.select_columns([spec.field])
     texts = (
         value
         for batch in ds.iter(batch_size=1024)
-        for value in batch[spec.field]
+        for value in batch.get(spec.field, [])
         if isinstance(value, str)
     )
     if "wikitext" in spec.path.lower():

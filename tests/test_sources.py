@@ -15,7 +15,7 @@ def test_text_file_modes(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("one\ntwo\n\nthree\n<SEP>four\n")
     assert list(iter_documents(str(f))) == ["one\ntwo\n\nthree\n<SEP>four\n"]
-    assert list(iter_documents(f"{f}::split=blank")) == ["one\ntwo\n", "three\n<SEP>four\n"]
+    assert list(iter_documents(f"{f}::split=blank")) == ["one\ntwo", "three\n<SEP>four"]
     assert list(iter_documents(f"{f}::split=line"))[:2] == ["one\n", "two\n"]
     assert list(iter_documents(f"{f}::split=regex,pattern=<SEP>")) == [
         "one\ntwo\n\nthree\n",
@@ -145,3 +145,20 @@ def test_spec_parsing_and_bad_inputs(tmp_path):
     (tmp_path / "x.txt.gz").write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match="cannot read source file"):
         list(iter_documents(str(tmp_path / "x.txt.gz")))
+
+
+def test_streaming_blocks_give_the_same_documents(tmp_path, monkeypatch):
+    import lmloop.sources as sources
+
+    f = tmp_path / "p.txt"
+    paras = [f"para {i} line one\nline two of {i}" for i in range(30)]
+    f.write_bytes(("\n\n  \n".join(paras) + "\n").encode() + b"tail \xff end\n")
+    want_blank = list(iter_documents(f"{f}::split=blank"))
+    want_lines = list(iter_documents(f"{f}::split=line"))
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 7)  # blocks end mid-paragraph and mid-line
+    assert list(iter_documents(f"{f}::split=blank")) == want_blank
+    assert list(iter_documents(f"{f}::split=line")) == want_lines
+    assert want_blank[:2] == ["para 0 line one\nline two of 0", "para 1 line one\nline two of 1"]
+    offset = f.read_bytes().index(b"\xff")
+    with pytest.raises(UserError, match=f"byte offset {offset}"):
+        list(iter_documents(f"{f}::split=blank", strict_utf8=True))
