@@ -21,6 +21,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,6 @@ from typing import Any
 import torch
 
 from lmloop.artifacts import (
-    atomic_dir,
     make_meta,
     peek_schema,
     read_meta,
@@ -46,6 +47,9 @@ MODEL_SCHEMAS = ("lmloop.model", "lmloop.checkpoint")
 RUN_SCHEMA = "lmloop.run"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+# Cached GGUF conversions are keyed by the file's hash under this prefix; change the prefix
+# (e.g. "gguf2-") whenever the conversion itself changes, so stale entries are not reused.
+GGUF_CACHE_PREFIX = "gguf-"
 
 # short name -> (installed package that ships the file, file name inside it)
 SHORT_NAMES: dict[str, tuple[str, str]] = {
@@ -323,7 +327,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
 
 def _load_gguf(path: Path, *, name: str) -> LoadedModel:
     sha = sha256_file(path)
-    cached = cache_dir() / f"gguf-{sha[:32]}"
+    cached = cache_dir() / f"{GGUF_CACHE_PREFIX}{sha[:32]}"
     if peek_schema(cached) in MODEL_SCHEMAS:
         try:
             lm = _load_lmloop_dir(cached, name=name)
@@ -334,12 +338,29 @@ def _load_gguf(path: Path, *, name: str) -> LoadedModel:
     log.info("converting %s (dequantizing; cached for next time under %s)", path.name, cached)
     model = _gguf_to_lmloop(path)
     tokenizer = Tokenizer.load(path)
-    try:
-        with atomic_dir(cached) as tmp:
-            save_model(tmp, model, tokenizer, inputs={"gguf": sha}, extra={"source": str(path)})
-    except OSError as e:  # read-only home: still usable, just slow next time
-        log.warning("could not cache the converted model in %s: %s", cached, e)
+    _cache_conversion(cached, model, tokenizer, sha, path)
     return LoadedModel(model, tokenizer, name, sha[:12], sha, "gguf", str(path))
+
+
+def _cache_conversion(cached: Path, model, tokenizer: Tokenizer, sha: str, source: Path) -> None:
+    """Write the converted model once; safe when several processes convert at the same time.
+
+    Built in a temporary sibling and renamed into place; renaming onto a folder another process
+    already filled fails (ENOTEMPTY) and we keep theirs, so a reader never sees a folder vanish.
+    """
+    tmp: Path | None = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent))
+        save_model(tmp, model, tokenizer, inputs={"gguf": sha}, extra={"source": str(source)})
+        os.rename(tmp, cached)
+        tmp = None
+    except OSError as e:  # already cached by another process, or a read-only home
+        if peek_schema(cached) not in MODEL_SCHEMAS:
+            log.warning("could not cache the converted model in %s: %s", cached, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_to_lmloop(path: Path) -> torch.nn.Module:
