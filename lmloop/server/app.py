@@ -369,6 +369,13 @@ def _routes(app: FastAPI, state: _State) -> None:
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
+        if not settings.api_key:
+            # Loading any path (or a hub id) on request is only for a caller who proved a key.
+            raise APIError(
+                403,
+                "admin calls need a server started with --api-key (or LMLOOP_API_KEY)",
+                code="admin_disabled",
+            )
         body = await read_json_body(request, settings.max_body_bytes)
         spec = body.get("model", state.slot.spec)
         name = body.get("name")
@@ -829,6 +836,8 @@ class _Context:
             )
         try:
             async for i, out in self.job.events():
+                if self.finish[i] is not None:  # a timeout after this choice had finished
+                    continue
                 self._absorb(i, out)
                 new_lps = out.logprobs if out is not None and out.logprobs else []
                 text = out.text if out is not None else ""

@@ -1,0 +1,78 @@
+"""The app in-process (Starlette's TestClient, lifespan included) for what a subprocess makes
+slow to reach: the per-request timeout, admin calls without a key, CORS defaults."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from test_server_kit import make_tiny_model
+
+from lmloop.server import ServerSettings, create_app
+
+# greedy: this random model then repeats one token and never picks a stop token
+MSGS = [{"role": "user", "content": "Go on and on."}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("app") / "model")
+
+
+def _ready(client: TestClient) -> None:
+    deadline = time.time() + 60
+    while client.get("/health").status_code != 200:
+        assert time.time() < deadline, client.get("/health").json()
+        time.sleep(0.05)
+
+
+def test_request_timeout_cuts_generation(model, tmp_path):
+    settings = ServerSettings(model=str(model), db=tmp_path / "fb.db", request_timeout=0.5)
+    with TestClient(create_app(settings)) as client:
+        _ready(client)
+        t0 = time.time()
+        r = client.post(
+            "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1900, "temperature": 0}
+        )
+        assert r.status_code == 200
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] < 1900
+        assert time.time() - t0 < 10
+        # streamed: cut off the same way, and still a well-formed stream
+        lines = []
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": MSGS, "max_tokens": 1900, "stream": True, "temperature": 0},
+        ) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in lines[-2]
+        assert client.get("/health").json()["running"] == 0
+
+
+def test_admin_needs_a_configured_key_and_cors_is_off(tmp_path):
+    # no model is needed for these: a spec that fails to load at once keeps the test cheap
+    missing = str(tmp_path / "no-model")
+    with TestClient(create_app(ServerSettings(model=missing))) as client:
+        deadline = time.time() + 30
+        while client.get("/health").json()["status"] == "loading" and time.time() < deadline:
+            time.sleep(0.05)
+        health = client.get("/health")
+        assert health.status_code == 503 and "model not found" in health.json()["error"]
+        r = client.post("/admin/reload", json={"model": missing})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        pre = client.options(
+            "/v1/chat/completions",
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert "access-control-allow-origin" not in pre.headers
+    settings = ServerSettings(model=missing, cors_origins=["https://ok.example"])
+    with TestClient(create_app(settings)) as client:
+        pre = client.options(
+            "/v1/chat/completions",
+            headers={"origin": "https://ok.example", "access-control-request-method": "POST"},
+        )
+        assert pre.headers["access-control-allow-origin"] == "https://ok.example"
