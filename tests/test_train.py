@@ -495,5 +495,9 @@ def test_shipped_configs_parse_and_dry_run(tmp_path, data_dir, capsys):
     for path in sorted((ROOT / "configs" / "train").glob("*.yaml")):
         cfg = parse_args(TrainConfig, [str(path), "--data", str(data_dir), "--out", "x"])
         assert cfg.max_steps >= 1, path
+    small = str(ROOT / "configs" / "train" / "wikitext-small.yaml")
+    assert main(["train", small, "--data", str(data_dir), "--out", "x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/step   4,096" in out and "llama" in out
     assert main(["train", "--help"]) == 0
     assert "--init-from" in capsys.readouterr().out

@@ -530,10 +530,15 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             )
     elif state is not None:
         init = load_model(existing[0])
+        if state.get("base"):  # a full fine-tune: keep naming the model it started from
+            base_spec, base_sha = state["base"]["spec"], state["base"]["sha256"]
     elif cfg.init_from:
         init = load_model(cfg.init_from)
-        base_spec, base_sha = cfg.init_from, init.sha256
-        inputs["init_from"] = init.sha256
+        local = Path(cfg.init_from).expanduser()
+        base_spec = str(local.resolve()) if local.exists() else cfg.init_from  # resume elsewhere
+        base_sha = init.sha256
+    if base_sha:
+        inputs["init_from"] = base_sha
 
     if init is not None:
         tokenizer = init.tokenizer
@@ -552,7 +557,16 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     else:
         vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         mcfg = _model_config(cfg, vocab_size, tokenizer.eos_id, tokenizer.bos_id)
-        _check_memory(cfg, mcfg, count_params(mcfg)[0], d)  # before allocating anything
+        try:
+            _check_memory(cfg, mcfg, count_params(mcfg)[0], d)  # before allocating anything
+        except UserError as e:
+            if not cfg.dry_run:
+                raise
+            accum = max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * d.world))
+            fpt = flops_per_token(mcfg, cfg.batch.seq_len)
+            _print_dry_run(cfg, mcfg, count_params(mcfg)[0], fpt, accum, d)
+            print(f"does not fit: {e.line()}")
+            return None
         model = build_model(mcfg)
 
     # -- bad input: vocabularies and lengths --
@@ -590,7 +604,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     accum = G // (mb * d.world)
 
     # -- LoRA --
-    lora_on = cfg.lora.r > 0 or bool(state and state.get("lora") is not None)
+    lora_on = cfg.lora.r > 0  # resuming a LoRA run without it fails the fingerprint check
     if lora_on:
         spec = cfg.lora
         targets = [t.strip() for x in spec.targets for t in x.split(",") if t.strip()]
@@ -626,7 +640,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     # -- dry run --
     fpt = flops_per_token(model.config, cfg.batch.seq_len)
     if cfg.dry_run:
-        _print_dry_run(cfg, model, trainable, fpt, accum, d)
+        _print_dry_run(cfg, model.config, trainable, fpt, accum, d)
         return None
 
     # -- data in batches --
@@ -713,9 +727,10 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             "rng": ck.rng_state(),
             "fingerprint": fingerprint,
             "lora": tl.adapter_state(raw) if lora_on else None,
-            "base": {"spec": base_spec, "sha256": base_sha} if lora_on else None,
+            "base": {"spec": base_spec, "sha256": base_sha} if base_spec else None,
             "world_size": d.world,
             "val_loss": val_loss,
+            "elapsed_s": elapsed,
         }
 
     def save(step: int, val_loss: float | None) -> None:
@@ -790,6 +805,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     step = start
     last_loss = last_val = last_bpb = None
     t_first = None
+    elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
     steps_timed = 0
     time_timed = 0.0
     pause_at = int(os.environ.get("LMLOOP_TRAIN_PAUSE_AT", "0") or 0)
@@ -838,6 +854,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        elapsed += dt
         if t_first is None:
             t_first = dt  # the first step pays for warm-up (and compilation): not in the ETA
         else:
@@ -862,6 +879,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
                 "grad_norm": gnorm,
                 "ms": dt * 1000,
                 "tok_s": tok_s,
+                "elapsed_s": elapsed,  # training time (evaluation and saving left out)
             }
             if task == "pretrain":
                 rec["tokens"] = step * total
@@ -1020,15 +1038,17 @@ def _diverged(cfg, run_dir, step, loss, gnorm, checkpoints, inputs, extra, d: _D
     )
 
 
-def _print_dry_run(cfg: TrainConfig, model, trainable: int, fpt: float, accum: int, d) -> None:
+def _print_dry_run(
+    cfg: TrainConfig, config: Any, trainable: int, fpt: float, accum: int, d: _Dist
+) -> None:
 
-    n, ne = count_params(model.config)
+    n, ne = count_params(config)
     G, T = cfg.batch.global_batch, cfg.batch.seq_len
-    est = memory_estimate(model.config, trainable, cfg.batch.micro_batch, T)
+    est = memory_estimate(config, trainable, cfg.batch.micro_batch, T)
     avail = _available_memory(d.device)
     tokens = G * T
     lines = [
-        f"model         {model.config.family}: {n:,} params ({ne:,} non-embedding, "
+        f"model         {config.family}: {n:,} params ({ne:,} non-embedding, "
         f"{trainable:,} trainable)",
         f"FLOPs/token   {_fmt_count(fpt)} (6 x matmul params + attention)",
         f"tokens/step   {tokens:,} ({G} sequences x {T} tokens; {accum} micro-batches of "
