@@ -150,6 +150,28 @@ def test_registry_specs(tmp_path, tok, monkeypatch):
         load_model("registry:other")
 
 
+def test_real_registry_round_trip(tmp_path, tok, monkeypatch):
+    from lmloop.registry import Registry
+
+    monkeypatch.setenv("LMLOOP_HOME", str(tmp_path / "home"))
+    first = lmloop_llama(tok.vocab_size, seed=1)
+    second = lmloop_llama(tok.vocab_size, seed=2)
+    reg = Registry()
+    v1 = reg.register("tiny", _save(tmp_path / "a", first, tok))
+    v2 = reg.register("tiny", _save(tmp_path / "b", second, tok), parent=v1)
+    with pytest.raises(UserError, match="no current version"):
+        load_model("registry:tiny")
+    reg.promote("tiny", v2)
+    lm = load_model("registry:tiny")
+    assert (lm.name, lm.version) == ("tiny", v2)
+    assert _first(lm) == float(second.model.embed_tokens.weight[0, 0].detach())
+    old = load_model(f"tiny@{v1}")
+    assert old.version == v1
+    assert _first(old) == float(first.model.embed_tokens.weight[0, 0].detach())
+    with pytest.raises(UserError):
+        load_model("tiny@v9")
+
+
 @pytest.mark.slow
 def test_smollm2_short_name_matches_transformers_gguf():
     """Our Llama on SmolLM2's dequantized weights = transformers' own GGUF-loaded model.
