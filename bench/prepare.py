@@ -59,8 +59,8 @@ def _peak_mb() -> float:
 # ---- children ---------------------------------------------------------------------------------
 def child_ours(args: argparse.Namespace) -> dict:
     import matplotlib.pyplot  # noqa: F401 - imported before the clock, like the peer's imports
-    import transformers  # noqa: F401
 
+    import lmloop.stages.data  # noqa: F401
     from lmloop.cli import main
     from lmloop.shards import read_data_meta
 

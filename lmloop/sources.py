@@ -365,8 +365,17 @@ def _jsonl_docs(
             raise UserError(
                 f"{f}:{lineno}: not valid JSON ({e.msg})", hint="one JSON object per line"
             ) from None
-        text = _field_text(record, spec.field, f"{f}:{lineno}")
-        if text is not None:
+        if (
+            spec.kind == "auto"
+            and spec.field == "text"
+            and isinstance(record, dict)
+            and "text" not in record
+            and ("messages" in record or "prompt" in record)
+        ):  # a feedback export passed without the feedback: prefix
+            text = feedback_text(record, f"{f}:{lineno}")
+        else:
+            text = _field_text(record, spec.field, f"{f}:{lineno}")
+        if text:
             yield text
 
 

@@ -151,9 +151,9 @@ def test_long_documents_are_cut_where_tokenization_agrees(tmp_path):
     text = "\n".join(_story(rng, 30) for _ in range(200))
     parts = pieces(text, 500)
     assert len(parts) > 10 and "".join(parts) == text
-    tok = train_bpe([text], 400)
-    whole = tok.encode(text)
-    assert [i for p in parts for i in tok.encode(p)] == whole
+    backend = train_bpe([text], 400)
+    whole = backend.encode(text).ids
+    assert [i for p in parts for i in backend.encode(p).ids] == whole
 
 
 def _assert_fails(args: list[str], out: Path, capsys, match: str) -> None:
@@ -199,3 +199,20 @@ def test_bad_inputs_exit_2_without_output(corpus, tmp_path, capsys):
     (out / "marker").write_text("mine")
     _assert_fails(["data", "--source", src, "--out", str(out)], out, capsys,
                   "holds a 'lmloop.model' artifact")  # fmt: skip
+
+
+def test_tokenizer_by_installed_model_name(corpus, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    tok_dir = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--source", str(corpus["path"]), "--vocab-size", "300",
+                 "--out", str(tok_dir)]) == 0  # fmt: skip
+    fake = types.ModuleType("lmloop.modelio")
+    fake.installed_models = lambda: {"tiny-model": tok_dir / "tokenizer.json"}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lmloop.modelio", fake)
+    out = tmp_path / "d"
+    args = ["data", "--source", str(corpus["path"]), "--out", str(out), "--tokenizer", "tiny-model"]
+    assert main(args) == 0
+    assert read_data_meta(out)["tokenizer"]["sha256"] == Tokenizer.load(tok_dir).sha256
+    assert main([*args[:-1], "tiny-modle"]) == 2

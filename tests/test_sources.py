@@ -129,6 +129,7 @@ def test_feedback_export_records(tmp_path):
         "Q: 2+2? 4",
         "P good",
     ]
+    assert list(iter_documents(str(f))) == docs  # auto-detected without the prefix
 
 
 def test_spec_parsing_and_bad_inputs(tmp_path):

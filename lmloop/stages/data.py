@@ -43,6 +43,7 @@ from lmloop.preprocess import (
     NearDedup,
     WordHashes,
     assign_split,
+    backend_sha256,
     check_vocab_size,
     clean_batch,
     copies,
@@ -51,6 +52,7 @@ from lmloop.preprocess import (
     is_contaminated,
     ngram_hashes,
     normalize_text,
+    save_bpe,
     scrub_batch,
     sorted_unique,
     train_bpe,
@@ -181,7 +183,55 @@ def check_output(out: Path, schema: str) -> None:
         )
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
+
+
+class FileTokenizer:
+    """A `tokenizer.json` used through the `tokenizers` library alone.
+
+    Importing transformers (which imports torch) costs ~250 MB of memory a data job does not
+    need when the tokenizer is a plain tokenizer.json; it has the attributes of
+    `lmloop.tokenizer.Tokenizer` the stage uses, and the same `sha256`.
+    """
+
+    def __init__(self, backend: Any, source: str, files: list[Path] | None = None):
+        self.backend, self.source, self.files = backend, source, files
+        self.sha256 = backend_sha256(backend)
+        eos = ENDOFTEXT
+        config = next((f for f in files or [] if f.name == "tokenizer_config.json"), None)
+        if config is not None:
+            import json
+
+            try:
+                value = json.loads(config.read_text()).get("eos_token")
+            except (OSError, ValueError):
+                value = None
+            eos = value.get("content") if isinstance(value, dict) else value or ENDOFTEXT
+        self.eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
+
+    @classmethod
+    def trained(cls, backend: Any) -> FileTokenizer:
+        return cls(backend, "trained byte-level BPE", None)
+
+    def save(self, directory: str | Path) -> None:
+        import shutil
+
+        d = Path(directory)
+        if self.files is None:
+            save_bpe(self.backend, d)
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        for f in self.files:
+            shutil.copyfile(f, d / f.name)
+
+
+def load_tokenizer(spec: str) -> Tokenizer | FileTokenizer:
     """A tokenizer from a path (json, folder, .gguf, train run) or an installed model name."""
     p = Path(spec).expanduser()
     if p.exists():
@@ -193,7 +243,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
             if not ckpt:
                 raise UserError(f"train run {p} has no checkpoint yet")
             p = p / "checkpoints" / ckpt if (p / "checkpoints" / ckpt).exists() else p / ckpt
-        return Tokenizer.load(p)
+        folder = p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").is_file() else p
+        if folder.is_dir() and (folder / "tokenizer.json").is_file():
+            files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+            return FileTokenizer(_backend_from_file(folder / "tokenizer.json"), str(p), files)
+        if p.is_file() and p.name.endswith(".json"):
+            return FileTokenizer(_backend_from_file(p), str(p), [p])
+        return Tokenizer.load(p)  # GGUF files, slow-tokenizer folders: through transformers
     try:
         from lmloop.modelio import installed_models
     except ImportError:
@@ -201,7 +257,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     else:
         installed = dict(installed_models())
     if spec in installed:
-        return Tokenizer.load(installed[spec])
+        return load_tokenizer(str(installed[spec]))
     names = ", ".join(sorted(installed)) or "none"
     raise UserError(
         f"tokenizer not found: {spec} (not a path; installed model names: {names})",
@@ -209,7 +265,16 @@ def load_tokenizer(spec: str) -> Tokenizer:
     )
 
 
-def eos_of(tok: Tokenizer) -> int:
+def _backend_from_file(path: Path) -> Any:
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        return Backend.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file
+        raise UserError(f"{path} is not a valid tokenizer.json: {e}") from None
+
+
+def eos_of(tok: Tokenizer | FileTokenizer) -> int:
     """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     if ENDOFTEXT in vocab:
@@ -329,7 +394,7 @@ class _Packer:
     """Encodes batches on a worker thread (the Rust encoder releases the GIL and uses both
     cores) while the caller prepares the next batch; writes ids + EOS to per-split shards."""
 
-    def __init__(self, tok: Tokenizer, eos: int, tmp: Path, cfg: DataConfig, stats: _Stats):
+    def __init__(self, tok: Any, eos: int, tmp: Path, cfg: DataConfig, stats: _Stats):
         backend = tok.backend
         self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -455,7 +520,7 @@ def _plot(path: Path, lengths: dict[str, np.ndarray]) -> None:
 
 
 # ---- the stage -----------------------------------------------------------------------------
-def _fingerprint(cfg: DataConfig, tok: Tokenizer | None) -> tuple[str, dict[str, str]]:
+def _fingerprint(cfg: DataConfig, tok: Any) -> tuple[str, dict[str, str]]:
     inputs = {}
     for i, spec in enumerate(cfg.source):
         inputs[f"source{i}:{spec.path}"] = fingerprint(spec)
@@ -524,7 +589,9 @@ def run(cfg: DataConfig) -> int:
 
             if tok is None:
                 _require_train(stats, spill_docs=train_docs(), cfg=cfg)
-                tok = train_bpe((d.text for d in train_docs()), cfg.vocab_size)
+                tok = FileTokenizer.trained(
+                    train_bpe((d.text for d in train_docs()), cfg.vocab_size)
+                )
                 inputs["tokenizer"] = tok.sha256
             eos = eos_of(tok)
             packer = _Packer(tok, eos, tmp, cfg, stats)

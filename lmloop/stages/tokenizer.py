@@ -24,7 +24,15 @@ from lmloop import __version__
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
 from lmloop.config import param, to_dict
 from lmloop.errors import UserError
-from lmloop.preprocess import MAX_VOCAB, MIN_VOCAB, check_vocab_size, clean_batch, train_bpe
+from lmloop.preprocess import (
+    MAX_VOCAB,
+    MIN_VOCAB,
+    backend_sha256,
+    check_vocab_size,
+    clean_batch,
+    save_bpe,
+    train_bpe,
+)
 from lmloop.sources import SourceSpec, fingerprint, iter_documents
 from lmloop.tokenizer import SPECIAL_TOKENS
 
@@ -99,24 +107,25 @@ def run(cfg: TokenizerConfig) -> int:
                     yield t
 
     with atomic_dir(out) as tmp:
-        tok = train_bpe(texts(), cfg.vocab_size, min_frequency=cfg.min_frequency)
+        backend = train_bpe(texts(), cfg.vocab_size, min_frequency=cfg.min_frequency)
         if counts["documents"] == 0:
             raise UserError(
                 "no text to train on: every document was empty after cleaning",
                 hint="check the sources, or lower min_chars",
             )
-        tok.save(tmp)
-        vocab = tok.backend.get_vocab_size(with_added_tokens=True)
+        save_bpe(backend, tmp)
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+        sha = backend_sha256(backend)
         meta = make_meta(
             SCHEMA,
             FORMAT_VERSION,
             cfg,
             inputs,
             fingerprint=key,
-            sha256=tok.sha256,
+            sha256=sha,
             vocab_size=vocab,
             special_tokens=list(SPECIAL_TOKENS),
-            eos_id=tok.eos_id,
+            eos_id=backend.token_to_id(SPECIAL_TOKENS[0]),
             trained_on=counts,
         )
         write_meta(tmp, meta)
@@ -124,6 +133,6 @@ def run(cfg: TokenizerConfig) -> int:
         log.info("the corpus only supports %d tokens (asked for %d)", vocab, cfg.vocab_size)
     print(
         f"{out}: trained byte-level BPE: vocab {vocab:,} on {counts['documents']:,} documents "
-        f"({counts['bytes']:,} bytes), sha256 {tok.sha256[:12]}"
+        f"({counts['bytes']:,} bytes), sha256 {sha[:12]}"
     )
     return 0
