@@ -45,9 +45,7 @@ class KVCache:
             raise ValueError(f"position {int(positions.max())} beyond cache length {self.max_len}")
         B, T = positions.shape
         rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-        real = (
-            torch.ones_like(positions, dtype=torch.bool) if token_mask is None else token_mask
-        )
+        real = torch.ones_like(positions, dtype=torch.bool) if token_mask is None else token_mask
         self.valid[rows, positions] = self.valid[rows, positions] | real
         self._rows, self._pos = rows, positions
         span = int(positions.max()) + 1
