@@ -200,7 +200,8 @@ class Llama(nn.Module):
         elif token_mask is not None:
             slots = torch.arange(T, device=input_ids.device)
             causal = slots[None, None, :] <= slots[None, :, None]
-            mask = ((token_mask[:, None, :] & causal) | torch.eye(T, dtype=torch.bool))[:, None]
+            eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)  # on the input's device
+            mask = ((token_mask[:, None, :] & causal) | eye)[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         for block in self.model.layers:
