@@ -130,6 +130,8 @@ class Engine:
         max_waiting: int = 64,
         max_len: int | None = None,
         fast: bool = True,
+        int8: bool = False,
+        threads: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -139,7 +141,9 @@ class Engine:
         self._ctx = min(ctx, max_len or min(ctx, DEFAULT_MAX_LEN))
         self.vocab = _vocab_of(model)
         self._stop_ids = set(tokenizer.stop_ids)
-        self.runner = _make_runner(model, max_batch, self._ctx, fast)
+        self.runner = _make_runner(model, max_batch, self._ctx, fast=fast, int8=int8)
+        self.int8 = int8
+        self.threads = threads
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
         self._cv = threading.Condition()
@@ -275,6 +279,8 @@ class Engine:
         return self.tokenizer.decode(ids)
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -385,7 +391,7 @@ class Engine:
             moved.row = r
             running[r] = moved
         else:
-            self.runner.cache.reset_rows([r])
+            self.runner.reset(r)
         running.pop()
         seq.row = -1
 
@@ -414,16 +420,16 @@ def _vocab_of(model: torch.nn.Module) -> int:
     return int(cfg.vocab_size)
 
 
-def _make_runner(model: torch.nn.Module, batch: int, max_len: int, fast: bool):
+def _make_runner(model: torch.nn.Module, batch: int, max_len: int, *, fast: bool, int8: bool):
     if fast:
         from lmloop.engine.fast import fast_runner
 
-        runner = fast_runner(model, batch, max_len)
+        runner = fast_runner(model, batch, max_len, int8=int8)
         if runner is not None:
             return runner
     from lmloop.engine.runner import ModelRunner
 
-    return ModelRunner(model, batch, max_len)
+    return ModelRunner(model, batch, max_len, int8=int8)
 
 
 def load_engine(spec: str, *, int8: bool = False, **kw: Any) -> tuple[Engine, Any]:
@@ -431,8 +437,4 @@ def load_engine(spec: str, *, int8: bool = False, **kw: Any) -> tuple[Engine, An
     from lmloop.modelio import load_model
 
     loaded = load_model(spec)
-    if int8:
-        from lmloop.engine.quant import quantize_int8
-
-        quantize_int8(loaded.model)
-    return Engine(loaded.model, loaded.tokenizer, **kw), loaded
+    return Engine(loaded.model, loaded.tokenizer, int8=int8, **kw), loaded

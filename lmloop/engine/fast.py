@@ -1,7 +1,186 @@
-"""Hand-tuned decode for the Llama family (placeholder until measured: falls back)."""
+"""The hand-tuned path for the Llama family: fewer, bigger ops per decoded token.
+
+CPU decode at batch 1 is bound by reading the weights once per token plus a per-op overhead of
+a few microseconds times ~20 ops per layer. This runner reads the same weights as the model's own
+`forward` (numerically the same computation, tested to 1e-4) but:
+
+* fuses q/k/v into one matmul and gate/up into another (fewer, larger GEMMs),
+* applies rotary positions to queries and keys in one op (`roll` with a signed sine table),
+* keeps its KV cache as (layer, row, kv_head, slot, head_dim), so attention reads each head's
+  keys contiguously and grouped-query attention needs no `repeat_interleave` (SDPA's
+  `enable_gqa`),
+* computes one shared length mask per step instead of per layer, and no mask at batch 1,
+* computes the vocabulary projection for the last prompt position only during prefill,
+* optionally quantizes every projection, vocabulary head included, to int8 with per-channel
+  scales (PyTorch dynamic quantization, fbgemm/x86 kernels): decode reads 4x fewer weight bytes.
+
+Models that are not plain Llama (GPT-2 family, already-quantized modules) use `ModelRunner`.
+"""
 
 from __future__ import annotations
 
+import warnings
 
-def fast_runner(model, batch: int, max_len: int):
-    return None
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([m.weight.detach() for m in linears], 0)
+    bias = any(m.bias is not None for m in linears)
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if bias:
+        b = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]
+        out.bias = nn.Parameter(torch.cat([x.detach() for x in b]), requires_grad=False)
+    return out
+
+
+def _copy(m: nn.Linear) -> nn.Linear:
+    out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    out.weight = nn.Parameter(m.weight.detach(), requires_grad=False)
+    if m.bias is not None:
+        out.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+    return out
+
+
+def quantize_linears(mods: nn.Module) -> nn.Module:
+    """int8 weights (per output channel) for every nn.Linear inside `mods` (dynamic quantization:
+    activations are quantized per call, accumulation in int32, result in fp32)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the kernels still ship
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {nn.Linear: per_channel_dynamic_qconfig}
+        return quantize_dynamic(mods, spec, dtype=torch.qint8, inplace=True)
+
+
+def supports(model: nn.Module) -> bool:
+    from lmloop.models.llama import Llama
+
+    if not isinstance(model, Llama):
+        return False
+    for m in model.modules():
+        if type(m).__name__.startswith("DynamicQuantized") or (
+            isinstance(m, nn.Linear) and not isinstance(m.weight, torch.Tensor)
+        ):
+            return False
+    p = model.lm_head.weight
+    return p.device.type == "cpu" and p.dtype == torch.float32
+
+
+class FastLlamaRunner:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, *, int8: bool = False):
+        cfg = model.config
+        self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd
+        self.C, self.I, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
+        self.max_len = max_len
+        self.embed = model.model.embed_tokens.weight.detach()
+        half = self.D // 2
+        self.cos = model.rope_cos[:max_len].detach()
+        sin = model.rope_sin[:max_len].detach()
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        mods = nn.ModuleList()
+        self.norms = []
+        for blk in model.model.layers:
+            a, mlp = blk.self_attn, blk.mlp
+            mods.append(
+                nn.ModuleList(
+                    [
+                        _fuse([a.q_proj, a.k_proj, a.v_proj]),
+                        _copy(a.o_proj),
+                        _fuse([mlp.gate_proj, mlp.up_proj]),
+                        _copy(mlp.down_proj),
+                    ]
+                )
+            )
+            self.norms.append(
+                (blk.input_layernorm.weight.detach(), blk.post_attention_layernorm.weight.detach())
+            )
+        mods.append(nn.ModuleList([_copy(model.lm_head)]))
+        if int8:
+            quantize_linears(mods)
+        self.layers = [tuple(m) for m in mods[:-1]]
+        self.lm_head = mods[-1][0]
+        self._mods = mods  # keeps the (possibly quantized) modules alive
+        self.final_norm = model.model.norm.weight.detach()
+        L = cfg.num_hidden_layers
+        shape = (L, batch, self.Hkv, max_len, self.D)  # (layer, row, kv head, slot, dim)
+        self.k = torch.zeros(shape)
+        self.v = torch.zeros(shape)
+        self._slots = torch.arange(max_len)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + torch.roll(x, self.D // 2, dims=-1) * sin
+
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        T, H, Hkv, D, C, eps = len(ids), self.H, self.Hkv, self.D, self.C, self.eps
+        x = F.embedding(torch.tensor(ids), self.embed)  # (T, C)
+        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]  # (T, 1, D)
+        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
+            h = qkv(F.rms_norm(x, (C,), n1, eps))  # (T, (H + 2 Hkv) D)
+            qk = self._rope(h[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
+            self.k[i, row, :, :T] = qk[:, H:].transpose(0, 1)
+            self.v[i, row, :, :T] = h[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1)
+            q = qk[:, :H].transpose(0, 1)[None]  # (1, H, T, D)
+            y = F.scaled_dot_product_attention(
+                q,
+                self.k[i, row : row + 1, :, :T],
+                self.v[i, row : row + 1, :, :T],
+                is_causal=True,
+                enable_gqa=True,
+            )  # (1, H, T, D)
+            x = x + o(y[0].transpose(0, 1).reshape(T, H * D))
+            g = gu(F.rms_norm(x, (C,), n2, eps))
+            x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
+        return self.lm_head(F.rms_norm(x[-1:], (C,), self.final_norm, eps))[0]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        n, H, Hkv, D, C, eps = len(tokens), self.H, self.Hkv, self.D, self.C, self.eps
+        pos = torch.tensor(positions)
+        x = F.embedding(torch.tensor(tokens), self.embed)  # (n, C)
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, D)
+        span = max(positions) + 1
+        p0 = positions[0]
+        same = all(p == p0 for p in positions)
+        # One length mask for every layer: row r sees slots <= its own position.
+        mask = None if same else (self._slots[None, :span] <= pos[:, None])[:, None, None, :]
+        rows = torch.arange(n)
+        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
+            h = qkv(F.rms_norm(x, (C,), n1, eps))  # (n, (H + 2 Hkv) D)
+            qk = self._rope(h[:, : (H + Hkv) * D].view(n, H + Hkv, D), cos, sin)
+            v = h[:, (H + Hkv) * D :].view(n, Hkv, D)
+            kc, vc = self.k[i], self.v[i]
+            if same:
+                kc[:n, :, p0] = qk[:, H:]
+                vc[:n, :, p0] = v
+            else:
+                kc[rows, :, pos] = qk[:, H:]
+                vc[rows, :, pos] = v
+            y = F.scaled_dot_product_attention(
+                qk[:, :H, None, :],  # (n, H, 1, D)
+                kc[:n, :, :span],
+                vc[:n, :, :span],
+                attn_mask=mask,
+                enable_gqa=True,
+            )
+            x = x + o(y.reshape(n, H * D))
+            g = gu(F.rms_norm(x, (C,), n2, eps))
+            x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
+        return self.lm_head(F.rms_norm(x, (C,), self.final_norm, eps))
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def reset(self, row: int) -> None:
+        """Nothing to clear: a row's length mask comes from its positions."""
+
+
+def fast_runner(model: nn.Module, batch: int, max_len: int, *, int8: bool = False):
+    """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
+    if not supports(model):
+        return None
+    return FastLlamaRunner(model, batch, max_len, int8=int8)

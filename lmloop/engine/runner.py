@@ -27,7 +27,13 @@ class CacheRows(KVCache):
 class ModelRunner:
     """Any model with the lmloop surface (`forward(ids, positions, cache)`, `new_cache`)."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *, int8: bool = False):
+        if int8:  # quantize a copy: the caller's model stays as it was
+            import copy
+
+            from lmloop.engine.fast import quantize_linears
+
+            model = quantize_linears(copy.deepcopy(model))
         self.model = model
         self.cache = model.new_cache(batch, max_len)
         self.max_len = max_len
@@ -45,6 +51,9 @@ class ModelRunner:
         x = torch.tensor(tokens, dtype=torch.long)[:, None]
         pos = torch.tensor(positions, dtype=torch.long)[:, None]
         return self.model(x, pos, CacheRows(self.cache, 0, n))[:, -1]
+
+    def reset(self, row: int) -> None:
+        self.cache.reset_rows([row])
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row `src` (its first `length` slots) into row `dst` and free `src`."""
