@@ -196,14 +196,20 @@ class Scores:
 
 
 def _batches(windows: list[Window], batch_tokens: int, batch_size: int | None) -> list[list[int]]:
-    """Group window indices by similar length (longest first) under a token budget."""
+    """Group window indices by similar length (longest first) under a token budget.
+
+    A window shorter than 90% of its batch's widest starts a new batch: padding is computed
+    like real tokens, and on a CPU a longer batch buys little once a window has a few hundred
+    tokens, so wasted padding would cost more than the batching saves.
+    """
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         width = len(windows[cur[0]].inputs) if cur else len(windows[i].inputs)
         cap = batch_size or max(1, batch_tokens // max(width, 1))
-        if cur and len(cur) >= cap:
+        ragged = batch_size is None and len(windows[i].inputs) < 0.9 * width
+        if cur and (len(cur) >= cap or ragged):
             batches.append(cur)
             cur = []
         cur.append(i)

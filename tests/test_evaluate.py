@@ -98,3 +98,66 @@ def test_foreign_tokenizer_exits_2(tmp_path: Path, wiki: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2, err
     assert "does not belong to this model" in err or "vocab" in err.lower()
+
+
+def _prepared_dir(root: Path, tok, texts: list[str]) -> Path:
+    """A minimal `lmloop data` folder: tokenizer/, one test shard (EOS after each document)."""
+    import numpy as np
+
+    from lmloop.artifacts import make_meta, write_meta
+    from lmloop.shards import ShardWriter
+
+    root.mkdir(parents=True)
+    tok.save(root / "tokenizer")
+    w = ShardWriter(root, "test", np.dtype("<u2"))
+    for t in texts:
+        w.write(np.array([*tok.encode(t), tok.eos_id]))
+    shards = w.close()
+    splits = {"test": {"documents": len(texts), "tokens": w.tokens, "bytes": 0, "shards": shards}}
+    tinfo = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    write_meta(root, make_meta("lmloop.data", 1, None, splits=splits, tokenizer=tinfo))
+    return root
+
+
+def test_prepared_shards_score_like_their_text(hf_dir: Path, tmp_path: Path) -> None:
+    from lmloop.modelio import load_model
+    from lmloop.perplexity import evaluate_texts
+
+    loaded = load_model(str(hf_dir))
+    data = _prepared_dir(tmp_path / "data", loaded.tokenizer, CORPUS)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(hf_dir), "--text", str(data), "--documents",
+                 "--window", "32", "--max-new-tokens", "0", "--out", str(out)]) == 0  # fmt: skip
+    rep = json.loads((out / "report.json").read_text())
+    ref = evaluate_texts(loaded, CORPUS, window=32, documents=True, show_progress=False)
+    assert rep["counts"]["documents"] == len(CORPUS)
+    assert rep["counts"]["words"] == ref["counts"]["words"]
+    assert rep["counts"]["bytes"] == ref["counts"]["bytes"]
+    assert rep["token_perplexity"] == pytest.approx(ref["token_perplexity"], rel=1e-6)
+    assert rep["protocol"]["split"] == "test"
+
+
+def test_prepared_shards_with_another_tokenizer_exit_2(tmp_path: Path, capsys) -> None:
+    from lmloop.modelio import load_model
+
+    # Same model shape, but its tokenizer is trained on different text: another vocabulary.
+    other = make_hf_model(tmp_path / "other")
+    loaded = load_model(str(other))
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from lmloop.tokenizer import Tokenizer
+
+    b = Backend(models.BPE())
+    b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    b.train_from_iterator(
+        ["zebra quartz jumps"] * 50,
+        trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )  # fmt: skip
+    foreign = Tokenizer.from_backend(b)
+    data = _prepared_dir(tmp_path / "data", foreign, CORPUS)
+    assert loaded.tokenizer.vocab_size >= foreign.vocab_size  # ids fit; only the vocab differs
+    code = main(["eval", "--model", str(other), "--text", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not belong to this model" in err

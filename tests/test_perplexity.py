@@ -92,7 +92,7 @@ def loaded(hf_dir: Path):
 
 
 def _text() -> str:
-    return "".join(CORPUS) * 2
+    return "".join(CORPUS)
 
 
 # ---- the references ------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_detokenizer_and_counts_are_lm_evals() -> None:
 
 
 # ---- parity with transformers' model -------------------------------------------------------------
-@pytest.mark.parametrize("window,stride", [(64, 16), (32, 32), (20, 7)])
+@pytest.mark.parametrize("window,stride", [(64, 16), (32, 32), (24, 10)])
 def test_strided_token_perplexity_equals_hf_loop(loaded, hf_model, window, stride) -> None:
     text = _text()
     ids = loaded.tokenizer.encode(text)
@@ -219,10 +219,10 @@ def test_documents_mode_scores_each_document_from_the_prefix(loaded, hf_model) -
 
 def test_batching_does_not_change_the_figures(loaded) -> None:
     one = ppl.evaluate_texts(
-        loaded, CORPUS, window=16, stride=8, documents=True, batch_size=1, show_progress=False
+        loaded, CORPUS, window=32, stride=16, documents=True, batch_size=1, show_progress=False
     )
     many = ppl.evaluate_texts(
-        loaded, CORPUS, window=16, stride=8, documents=True, show_progress=False
+        loaded, CORPUS, window=32, stride=16, documents=True, show_progress=False
     )
     assert many["token_perplexity"] == pytest.approx(one["token_perplexity"], rel=1e-6)
     assert many["counts"] == one["counts"]

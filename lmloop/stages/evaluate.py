@@ -92,15 +92,22 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
     import numpy as np
 
     from lmloop.shards import open_split, read_data_meta
+    from lmloop.tokenizer import Tokenizer
 
     meta = read_data_meta(data_dir)
     data_tok = meta.get("tokenizer") or {}
-    if data_tok.get("sha256") and data_tok["sha256"] != tokenizer.sha256:
-        raise UserError(
-            f"{data_dir} was tokenized with tokenizer {data_tok['sha256'][:12]}, but the model's "
-            f"tokenizer is {tokenizer.sha256[:12]}: that tokenizer does not belong to this model",
-            hint="prepare the data with the model's tokenizer, or pass the raw text",
-        )
+    # Compare vocabularies, not file hashes: the same tokenizer saved by another code path may
+    # serialize differently, but a different vocabulary always means different token ids.
+    if data_tok.get("sha256") != tokenizer.sha256:
+        theirs = Tokenizer.load(data_dir).hf.get_vocab()
+        if theirs != tokenizer.hf.get_vocab():
+            raise UserError(
+                f"{data_dir} was tokenized with a different tokenizer ({len(theirs):,} tokens, "
+                f"sha256 {str(data_tok.get('sha256'))[:12]}) than the model's "
+                f"({tokenizer.vocab_size:,} tokens, sha256 {tokenizer.sha256[:12]}): that "
+                "tokenizer does not belong to this model",
+                hint="prepare the data with --tokenizer set to the model, or pass the raw text",
+            )
     arr = np.asarray(open_split(data_dir, split)[:])
     eos = data_tok.get("eos_id", tokenizer.eos_id)
     cuts = np.flatnonzero(arr == eos) if eos is not None else np.array([], dtype=np.int64)
