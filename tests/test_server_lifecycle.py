@@ -126,7 +126,7 @@ def test_admin_reload_and_queue_limit(setup):
     assert bad.status_code == 400 and _version(srv) == new_version  # the old one keeps serving
 
     # max_batch 2 + max_waiting 2: the fifth concurrent request is refused with 429
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=0.5)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=5)
     statuses: list = []
 
     def long_call():
@@ -143,19 +143,25 @@ def test_admin_reload_and_queue_limit(setup):
         th.start()
     for th in threads:
         th.join()
-    assert (429, "1") in statuses
-    assert statuses.count("timeout") >= 4
-    deadline = time.time() + 15
+    assert (429, "1") in statuses, statuses
+    assert all(s in (200, "timeout", (429, "1")) for s in statuses), statuses
+    assert statuses.count(200) + statuses.count("timeout") >= 4, statuses
+    _wait_idle(srv)
+
+
+def _wait_idle(srv: Server) -> None:
+    deadline = time.time() + 60
     while time.time() < deadline:
-        h = httpx.get(srv.url + "/health").json()
+        h = httpx.get(srv.url + "/health", timeout=30).json()
         if h["running"] + h["waiting"] == 0:
-            break
+            return
         time.sleep(0.2)
-    assert h["running"] + h["waiting"] == 0
+    raise AssertionError(f"server still busy: {h}")
 
 
 def test_sigterm_under_load_drains_and_exits_0(setup):
     srv, _, _ = setup
+    _wait_idle(srv)
     outs: list = []
     events = [threading.Event() for _ in range(4)]
     threads = [threading.Thread(target=_stream, args=(srv, 300, outs, e)) for e in events]
@@ -164,9 +170,17 @@ def test_sigterm_under_load_drains_and_exits_0(setup):
     for e in events:
         assert e.wait(60)
     srv.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-        httpx.get(srv.url + "/health", timeout=5)
+    refused = False  # no longer accepting connections (soon after the signal)
+    deadline = time.time() + 20
+    while not refused and time.time() < deadline:
+        try:
+            httpx.get(srv.url + "/health", timeout=5)
+            time.sleep(0.2)
+        except httpx.ConnectError:
+            refused = True
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert refused
     for th in threads:
         th.join(120)
     assert len(outs) == 4
