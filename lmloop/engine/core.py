@@ -327,8 +327,10 @@ class Engine:
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
         token = seq.sampler.pick(logits)
-        if self._accept(seq, token, logits):
-            self._release(seq)
+        out = self._accept(seq, token, logits)
+        if out.finished:
+            self._release(seq)  # before the caller hears of it: num_running is already right
+        seq.handle._push(out)
 
     def _step(self) -> None:
         running = self._running
@@ -344,16 +346,18 @@ class Engine:
         for s in running:
             s.pos += 1
         greedy = torch.argmax(logits, dim=-1).tolist()
-        done = []
+        outs = []
         for i, seq in enumerate(running):
             token = greedy[i] if seq.sampler.plain_greedy else seq.sampler.pick(logits[i])
-            if self._accept(seq, token, logits[i]):
-                done.append(seq)
-        for seq in sorted(done, key=lambda s: -s.row):
-            self._release(seq)
+            outs.append((seq, self._accept(seq, token, logits[i])))
+        for seq, out in sorted(outs, key=lambda so: -so[0].row):
+            if out.finished:
+                self._release(seq)
+        for seq, out in outs:
+            seq.handle._push(out)
 
-    def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> bool:
-        """Record one sampled token, emit its output; True when the sequence is finished."""
+    def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> StepOutput:
+        """Record one sampled token; its output (to push once rows are settled)."""
         p = seq.params
         seq.n_gen += 1
         seq.last = token
@@ -374,10 +378,7 @@ class Engine:
                 text += seq.stream.flush()
                 reason = "length"
         finished = reason is not None
-        seq.handle._push(
-            StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
-        )
-        return finished
+        return StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
 
     def _release(self, seq: _Seq) -> None:
         """Take a sequence out of the running rows, moving the last row into its place."""

@@ -35,7 +35,7 @@ class ModelRunner:
 
             model = quantize_linears(copy.deepcopy(model))
         self.model = model
-        self.cache = model.new_cache(batch, max_len)
+        self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")
         self.max_len = max_len
 
     def prefill(self, row: int, ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,341 @@
+"""The engine: exactness against transformers and full forwards, batching, sampling, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
+from torch import nn
+
+from lmloop.engine import Engine, QueueFull, SamplingParams
+from lmloop.engine.fast import FastLlamaRunner
+from lmloop.engine.runner import ModelRunner
+from lmloop.engine.sampling import Sampler
+from lmloop.engine.text import TextStream
+from lmloop.errors import UserError
+from lmloop.modelio import load_model
+from lmloop.models.cache import KVCache
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models(tok, tmp_path_factory):
+    """(HF model, the same weights loaded into lmloop) for a tiny Llama and a tiny GPT-2."""
+    out = {}
+    for name, hf in (
+        ("llama", hf_llama(tok.vocab_size, tied=False)),
+        ("gpt2", hf_gpt2(tok.vocab_size)),
+    ):
+        d = tmp_path_factory.mktemp(name)
+        save_hf(hf, tok, d)
+        out[name] = (hf, load_model(str(d)))
+    return out
+
+
+def _prompts(tok):
+    return [tok.encode(t) for t in ("Once upon a time", "The quick brown fox jumps", "12 apples")]
+
+
+# ---- exactness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_ids_equal_transformers_generate(models, tok, family):
+    hf, lm = models[family]
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    with Engine(lm.model, lm.tokenizer, max_batch=4) as engine:
+        for ids in _prompts(tok):
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+            ours = engine.complete(ids, GREEDY).token_ids
+            assert ours == ref[0, len(ids) :].tolist()
+
+
+def _runners(lm, batch=4, length=64):
+    model = lm.model
+    runners = [ModelRunner(model, batch, length)]
+    if type(model).__name__ == "Llama":
+        runners.append(FastLlamaRunner(model, batch, length))
+    return runners
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, family):
+    """Rows of different lengths decoded together (and moved when one leaves) give the logits
+    of a full forward over each sequence alone: padding and other rows never leak."""
+    model = models[family][1].model
+    for runner in _runners(models[family][1]):
+        seqs = [list(p) for p in _prompts(tok)]
+        with torch.inference_mode():
+            for r, s in enumerate(seqs):
+                last = runner.prefill(r, s)
+                torch.testing.assert_close(
+                    last, model(torch.tensor([s]))[0, -1], rtol=1e-4, atol=1e-4
+                )
+            nxt = [int(runner.prefill(r, s).argmax()) for r, s in enumerate(seqs)]
+            for step in range(5):
+                logits = runner.decode(nxt, [len(s) for s in seqs])
+                seqs = [s + [t] for s, t in zip(seqs, nxt)]
+                for i, s in enumerate(seqs):
+                    full = model(torch.tensor([s]))[0, -1]
+                    torch.testing.assert_close(logits[i], full, rtol=1e-4, atol=1e-4)
+                nxt = logits.argmax(-1).tolist()
+                if step == 1:  # row 0 leaves; the last row moves into its place
+                    runner.move(2, 0, len(seqs[2]))
+                    seqs, nxt = [seqs[2], seqs[1]], [nxt[2], nxt[1]]
+
+
+def test_fast_path_is_used_for_llama(models):
+    with Engine(models["llama"][1].model, models["llama"][1].tokenizer) as e:
+        assert isinstance(e.runner, FastLlamaRunner)
+    with Engine(models["gpt2"][1].model, models["gpt2"][1].tokenizer) as e:
+        assert isinstance(e.runner, ModelRunner)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_continuous_batching_equals_each_alone(models, tok, family):
+    lm = models[family][1]
+    prompts = _prompts(tok) + [tok.encode("Tiny models"), tok.encode("The lazy dog")]
+    lengths = [12, 5, 9, 3, 7]  # sequences leave at different steps, others join
+    with Engine(lm.model, lm.tokenizer, max_batch=3) as engine:
+        alone = [
+            engine.complete(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in zip(prompts, lengths)
+        ]
+        handles = [
+            engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in zip(prompts, lengths)
+        ]
+        together = [h.result() for h in handles]
+        assert engine.num_running == 0 and engine.num_waiting == 0
+    for a, b, n in zip(alone, together, lengths):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == n
+        assert a.text == b.text and b.finish_reason == "length"
+
+
+def test_logprobs_match_full_forward(models, tok):
+    lm = models["llama"][1]
+    ids = _prompts(tok)[0]
+    p = SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    with Engine(lm.model, lm.tokenizer) as engine:
+        done = engine.complete(ids, p)
+    seq = list(ids)
+    for lp in done.logprobs:
+        with torch.no_grad():
+            ref = torch.log_softmax(lm.model(torch.tensor([seq]))[0, -1], -1)
+        assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-4)
+        assert [t[1] for t in lp.top] == torch.topk(ref, 3).indices.tolist()
+        assert lp.top[0][1] == lp.token_id  # greedy picks the most likely
+        assert lp.token == lm.tokenizer.decode([lp.token_id])
+        seq.append(lp.token_id)
+
+
+def test_seed_gives_the_same_text_whatever_shares_the_batch(models, tok):
+    lm = models["llama"][1]
+    ids = _prompts(tok)[1]
+    p = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    with Engine(lm.model, lm.tokenizer, max_batch=4) as engine:
+        a = engine.complete(ids, p).token_ids
+        others = [
+            engine.submit(q, SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True))
+            for q in _prompts(tok)
+        ]
+        b = engine.complete(ids, p).token_ids
+        [h.result() for h in others]
+        c = engine.complete(ids, SamplingParams(**{**p.__dict__, "seed": 99})).token_ids
+    assert a == b
+    assert a != c  # a different seed samples differently (16 tokens from a near-flat model)
+
+
+def test_sampler_filters_and_penalties():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0, 2.9])
+    pick = lambda **kw: Sampler(SamplingParams(**kw), [], 5).pick(logits)  # noqa: E731
+    assert pick(temperature=0) == 1
+    assert all(pick(temperature=5.0, top_k=1, seed=s) == 1 for s in range(20))
+    assert all(pick(temperature=5.0, top_p=0.01, seed=s) == 1 for s in range(20))
+    assert all(pick(temperature=5.0, min_p=0.99, seed=s) == 1 for s in range(20))
+    assert {pick(temperature=1.0, top_k=2, seed=s) for s in range(60)} == {1, 4}
+    # repetition penalty over the prompt: token 1 (seen) is divided by 10 -> 4 wins
+    assert Sampler(SamplingParams(temperature=0, repetition_penalty=10), [1], 5).pick(logits) == 4
+    s = Sampler(SamplingParams(temperature=0, frequency_penalty=2.0), [], 5)
+    s.observe(1)
+    assert s.pick(logits) == 4  # 3.0 - 2.0 < 2.9
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=0.05), [], 5)
+    s.observe(1)
+    s.observe(1)
+    assert s.pick(logits) == 1  # presence counts once: 3.0 - 0.05 > 2.9
+
+
+# ---- streaming text --------------------------------------------------------------------------
+class Scripted(nn.Module):
+    """A fake model: the token at position p predicts script[p] (then `end`)."""
+
+    def __init__(self, script: list[int], vocab: int, end: int):
+        super().__init__()
+        self.script, self.end = script, end
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.max_seq_len = 64
+
+    def new_cache(self, batch: int, max_len: int | None = None, **kw) -> KVCache:
+        return KVCache(1, batch, max_len or 64, 1, 1)
+
+    def forward(self, ids, positions=None, cache=None, token_mask=None):
+        B, T = ids.shape
+        if positions is None:
+            positions = torch.arange(T)[None].expand(B, T)
+        if cache is not None:
+            cache.begin(positions, token_mask)
+        out = torch.full((B, T, self.config.vocab_size), -10.0)
+        for b in range(B):
+            for t in range(T):
+                p = int(positions[b, t])
+                out[b, t, self.script[p] if p < len(self.script) else self.end] = 10.0
+        return out
+
+
+def _scripted_engine(tok, text: str, **kw) -> Engine:
+    return Engine(Scripted(tok.encode(text), tok.vocab_size, tok.eos_id), tok, **kw)
+
+
+def test_utf8_split_characters_are_emitted_whole(tok):
+    text = "aé🙂b ça"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    with _scripted_engine(tok, text) as engine:
+        outs = list(engine.generate([5], SamplingParams(max_tokens=len(ids), temperature=0)))
+    pieces = [o.text for o in outs]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some tokens completed no character
+    assert sum(len(o.token_ids) for o in outs) == len(ids) == outs[-1].completion_tokens
+    # cut in the middle of the emoji: the partial character is dropped, never shown as U+FFFD
+    with _scripted_engine(tok, text) as engine:
+        cut = engine.complete([5], SamplingParams(max_tokens=4, temperature=0))
+    assert cut.text == "aé" and cut.finish_reason == "length"
+
+
+def test_stop_strings_across_tokens_are_never_emitted(tok):
+    text = "hello world. bye now"
+    with _scripted_engine(tok, text) as engine:
+        outs = list(
+            engine.generate([5], SamplingParams(max_tokens=30, temperature=0, stop=["ld. b"]))
+        )
+        assert "".join(o.text for o in outs) == "hello wor"
+        assert outs[-1].finish_reason == "stop"
+        # a held-back prefix that turns out not to be a stop is released
+        done = engine.complete([5], SamplingParams(max_tokens=30, temperature=0, stop=["worm"]))
+        assert done.text == text and done.finish_reason == "stop"  # ended by EOS
+        done = engine.complete([5], SamplingParams(max_tokens=30, temperature=0, stop=["now!"]))
+        assert done.text == text
+    s = TextStream(tok.decode, [], ["abc"])
+    got = [s.push(t)[0] for t in tok.encode("xxab")]
+    assert "".join(got) == "xx"  # "ab" is held: it may start "abc"
+    assert s.flush() == "ab"
+
+
+def test_stop_token_ids(tok):
+    text = "hello world"
+    stop_id = tok.encode(" world")[0]
+    with _scripted_engine(tok, text) as engine:
+        done = engine.complete(
+            [5], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[stop_id])
+        )
+    assert done.text == "hello" and done.finish_reason == "stop" and done.token_ids[-1] == stop_id
+
+
+# ---- lifecycle -------------------------------------------------------------------------------
+def test_cancel_and_async_iteration(models, tok):
+    lm = models["llama"][1]
+    ids = _prompts(tok)[0]
+    with Engine(lm.model, lm.tokenizer) as engine:
+        h = engine.submit(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        it = iter(h)
+        first = next(it)
+        assert not first.finished
+        h.cancel()
+        rest = list(it)
+        assert rest[-1].finished and rest[-1].finish_reason == "cancelled"
+        assert rest[-1].completion_tokens < 40
+
+        async def consume():
+            h2 = engine.submit(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+            return [o async for o in h2]
+
+        outs = asyncio.run(consume())
+        assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == 6
+        gen = engine.generate(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        next(gen)
+        gen.close()  # closing the stream cancels the request
+        for _ in range(200):
+            if engine.num_running == 0:
+                break
+            threading.Event().wait(0.01)
+        assert engine.num_running == 0 and engine.alive
+
+
+def test_queue_full_and_bad_requests(models, tok):
+    lm = models["llama"][1]
+    engine = Engine(lm.model, lm.tokenizer, max_waiting=2)  # not started: requests wait
+    ids = _prompts(tok)[0]
+    engine.submit(ids, GREEDY)
+    engine.submit(ids, GREEDY)
+    with pytest.raises(QueueFull):
+        engine.submit(ids, GREEDY)
+    ctx = engine.context_length
+    e = pytest.raises(UserError, engine.submit, [1] * (ctx + 5), GREEDY).value
+    assert str(ctx + 5) in str(e) and str(ctx) in str(e)
+    e = pytest.raises(UserError, engine.submit, [1] * 40, SamplingParams(max_tokens=30)).value
+    assert "40" in str(e) and "30" in str(e) and str(ctx) in str(e)
+    for bad in (
+        dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
+        dict(top_k=-1), dict(stop=[""]), dict(logprobs=99),
+    ):  # fmt: skip
+        with pytest.raises(UserError):
+            engine.submit(ids, SamplingParams(**bad))
+    engine.start()
+    assert engine.alive
+    engine.stop()
+    assert not engine.alive
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int8_weights_stay_close(models, tok, family):
+    lm = models[family][1]
+    ids = _prompts(tok)[0]
+    with Engine(lm.model, lm.tokenizer, int8=True) as engine:
+        with torch.inference_mode():
+            q = engine.runner.prefill(0, ids)
+        assert engine.complete(ids, GREEDY).completion_tokens == 12
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids]))[0, -1]
+    assert float((q - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-3
+    assert all(isinstance(p, torch.nn.Parameter) for p in lm.model.parameters())  # untouched
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers():
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    lm = load_model("smollm2-135m-instruct")
+    gguf = Path(lm.path)
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    ids = lm.tokenizer.encode(prompt)
+    want = ref.generate(
+        torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(ids) :].tolist()
+    with Engine(lm.model, lm.tokenizer, max_len=512) as engine:
+        got = engine.complete(ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert got.token_ids == want
