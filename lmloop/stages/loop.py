@@ -19,6 +19,8 @@ stage a user would run, called with the same options.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -143,7 +145,8 @@ def _eval(model: str, text: str, out: Path, *, split: str | None, cfg: LoopConfi
             args += ["--max-documents", str(cfg.max_eval_documents)]
         if not split:
             args += ["--documents"]
-        evaluate.run(parse_args(evaluate.EvalConfig, args))
+        with contextlib.redirect_stdout(io.StringIO()):  # the loop prints its own summary
+            evaluate.run(parse_args(evaluate.EvalConfig, args))
     report = json.loads((out / "report.json").read_text())
     return {k: report[k] for k in ("token_perplexity", "bits_per_byte") if k in report}
 
@@ -227,6 +230,9 @@ def run(cfg: LoopConfig) -> LoopResult:
         args = ["--data", str(data_dir), "--out", str(run_dir), "--init-from", cur_path,
                 "--max-steps", str(cfg.max_steps), f"optim.lr={cfg.lr}",
                 f"schedule.warmup_steps={max(1, cfg.max_steps // 10)}", *cfg.train_args]  # fmt: skip
+        ctx = _context_length(Path(cur_path))
+        if ctx and not any(a.startswith("batch.seq_len") for a in cfg.train_args):
+            args.insert(0, f"batch.seq_len={min(ctx, 256)}")
         if (run_dir / "meta.json").exists():
             args.append("--resume")
         train_stage.run(parse_args(train_stage.TrainConfig, args))
@@ -234,9 +240,10 @@ def run(cfg: LoopConfig) -> LoopResult:
 
     if "eval" not in state["done"]:
         heldout = f"{fb_heldout}::kind=feedback"
-        cb = _eval(cur_path, cfg.base_data, cycle / "eval" / "current-base", split="val", cfg=cfg)
+        split = _guard_split(base_meta, cfg.base_data)
+        cb = _eval(cur_path, cfg.base_data, cycle / "eval" / "current-base", split=split, cfg=cfg)
         nb = _eval(
-            str(run_dir), cfg.base_data, cycle / "eval" / "candidate-base", split="val", cfg=cfg
+            str(run_dir), cfg.base_data, cycle / "eval" / "candidate-base", split=split, cfg=cfg
         )
         cf = _eval(cur_path, heldout, cycle / "eval" / "current-feedback", split=None, cfg=cfg)
         nf = _eval(
@@ -303,6 +310,27 @@ def _base_sources(meta: dict[str, Any], base_data: str) -> list[str]:
     if not out:
         raise UserError(f"{base_data}: its meta.json names no sources to mix with the feedback")
     return out
+
+
+def _guard_split(meta: dict[str, Any], base_data: str) -> str:
+    """The base split that guards against regressions: val, or test when val is empty."""
+    splits = meta.get("splits") or {}
+    for name in ("val", "test"):
+        if (splits.get(name) or {}).get("documents", 0) > 0:
+            return name
+    raise UserError(
+        f"{base_data} has no val or test documents to guard against regressions",
+        hint="re-run `lmloop data` with a larger corpus or a larger val_fraction",
+    )
+
+
+def _context_length(model_dir: Path) -> int | None:
+    """The context of an lmloop model folder (its config.json), without loading weights."""
+    try:
+        c = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return c.get("max_position_embeddings") or c.get("n_positions")
 
 
 def _with_weight(source: str, weight: float) -> str:

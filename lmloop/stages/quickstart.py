@@ -135,14 +135,16 @@ class _Server:
             "temperature": 0,
         }
         r = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=600)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise UserError(f"{self.url} answered {r.status_code}: {r.text[:300]}")
         return r.json()
 
     def feedback(self, **body: Any) -> None:
         import httpx
 
         r = httpx.post(self.url + "/v1/feedback", json=body, timeout=60)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise UserError(f"{self.url}/v1/feedback answered {r.status_code}: {r.text[:300]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -183,9 +185,11 @@ def run(cfg: QuickstartConfig) -> int:
                 str(corpus),
                 "--out",
                 str(data_dir),
-                "tokenizer_vocab_size=" + str(cfg.vocab_size),
+                f"vocab_size={cfg.vocab_size}",
+                "val_fraction=0.1",
+                "test_fraction=0.1",
             ],
-        )  # fmt: skip
+        ),  # fmt: skip
     )
 
     # 2. train -------------------------------------------------------------------------------
@@ -250,7 +254,10 @@ def run(cfg: QuickstartConfig) -> int:
         if teacher:
             teacher.wait_ready()
         info = student.model_info()
-        print(f"   serving {info['id']} at {student.url} (chat page: {student.url}/)")
+        print(
+            f"   serving {info['id']} {info.get('model_version')} at {student.url} "
+            f"(chat page: {student.url}/)"
+        )
         for i, prompt in enumerate(CONVERSATIONS[: cfg.conversations], 1):
             s = student.chat(prompt, cfg.answer_tokens)
             s_text = s["choices"][0]["message"]["content"]
@@ -283,12 +290,14 @@ def run(cfg: QuickstartConfig) -> int:
         )
         if loop_result.promoted:
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and student.model_info().get("id") == info["id"]:
-                time.sleep(1)
+            while time.monotonic() < deadline:
+                if student.model_info().get("model_version") != info.get("model_version"):
+                    break
+                time.sleep(0.5)
             after = student.chat(CONVERSATIONS[0], 40)
             print(
-                f"   the running server now answers from {student.model_info()['id']}: "
-                f"{_short(after['choices'][0]['message']['content'])}"
+                f"   the running server hot-reloaded: {info['id']} {info.get('model_version')} -> "
+                f"{after.get('model_version')}: {_short(after['choices'][0]['message']['content'])}"
             )
         if cfg.serve:
             kept = True
@@ -312,7 +321,7 @@ def run(cfg: QuickstartConfig) -> int:
         "   lmloop serve --model registry:quickstart        # chat in the browser\n"
         "   lmloop data --source my_texts/ --out data/mine && "
         "lmloop train configs/train/tiny-cpu.yaml --data data/mine --out runs/mine\n"
-        "   lmloop train configs/train/wikitext103-gpt2-small.yaml   # the WikiText-103 recipe, on a GPU\n"
+        "   lmloop train configs/train/wikitext-103-gpu.yaml --data data/wikitext-103   # the GPU recipe\n"
     )
     if kept:
         print(f"Serving at {student.url}/ — press Ctrl-C to stop.", flush=True)
