@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     srv = Server(
         "registry:tiny",
         tmp,
-        "--registry-poll", "0.3", "--max-batch", "2", "--max-waiting", "2",
+        "--registry-poll", "0.3", "--max-batch", "2", "--max-waiting", "4",
         api_key=KEY,
     )  # fmt: skip
     try:
@@ -63,6 +63,8 @@ def _stream(srv: Server, max_tokens: int, out: list, started: threading.Event | 
     except Exception as e:  # noqa: BLE001 - reported through `out`
         last = f"error: {e!r}"
     out.append((versions, last))
+    if started is not None:
+        started.set()  # a failed request must not leave the test waiting
 
 
 def _version(srv: Server) -> str:
@@ -125,7 +127,7 @@ def test_admin_reload_and_queue_limit(setup):
     )
     assert bad.status_code == 400 and _version(srv) == new_version  # the old one keeps serving
 
-    # max_batch 2 + max_waiting 2: the fifth concurrent request is refused with 429
+    # max_batch 2 + max_waiting 4: of 10 concurrent long requests some are refused with 429
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=5)
     statuses: list = []
 
@@ -138,7 +140,7 @@ def test_admin_reload_and_queue_limit(setup):
         except openai.APITimeoutError:
             statuses.append("timeout")  # admitted, then abandoned (and cancelled)
 
-    threads = [threading.Thread(target=long_call) for _ in range(8)]
+    threads = [threading.Thread(target=long_call) for _ in range(10)]
     for th in threads:
         th.start()
     for th in threads:
