@@ -55,8 +55,9 @@ def story_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def cache_dir() -> Path:
-    home = Path(os.environ.get("LMLOOP_HOME", Path.home() / ".lmloop"))
-    return home / "cache" / "synthetic"
+    """`$LMLOOP_CACHE/synthetic` (default `$LMLOOP_HOME/cache/synthetic`)."""
+    home = Path(os.environ.get("LMLOOP_HOME") or "~/.lmloop").expanduser()
+    return Path(os.environ.get("LMLOOP_CACHE") or home / "cache").expanduser() / "synthetic"
 
 
 def synthetic_stories(
