@@ -13,7 +13,7 @@ request at a time (batch_size 1) at the model's full 8,192-token window.
 lmloop runs, in the same process:
 1. lm-eval's protocol (documents, disjoint rolling windows of 8,192, wikitext detokenizer): the
    figures must agree with lm-eval's; tokens/s is compared with lm-eval's;
-2. a faster protocol, labelled as such: documents, disjoint windows of `--fast-window` (1,024)
+2. a faster protocol, labelled as such: documents, disjoint windows of `--fast-window` (512)
    tokens, batched. Its figures are *not* lm-eval's (shorter context), so they are printed apart.
 
 tokens/s counts predicted tokens (the same count on both sides: same tokenizer, same windows)
@@ -78,7 +78,7 @@ def run_lm_eval(pages: list[str], work: Path) -> tuple[dict[str, float], float, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--articles", type=int, default=2, help="score the first N articles (62 = all)")
-    ap.add_argument("--fast-window", type=int, default=1024)
+    ap.add_argument("--fast-window", type=int, default=512)
     ap.add_argument("--skip-lm-eval", action="store_true")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()

@@ -23,8 +23,8 @@ Windowing (`window` = tokens fed to the model per forward pass, at most its cont
   lm-eval's `wikitext` protocol). `documents=False`: documents are joined by EOS into one stream.
 
 Windows of every document are batched (right-padded: a causal model's real positions never see
-the padding), and the loss is computed in row chunks so a 49k vocabulary at 8k tokens never
-needs a second full logits tensor.
+the padding), and the output head runs only on the scored positions, in row chunks, so a 49k
+vocabulary at 8k tokens never needs a full logits tensor (see `_HeadTap`).
 
     from lmloop.perplexity import evaluate_texts
     figures = evaluate_texts(loaded, ["some text", ...], window=1024, documents=True)
@@ -218,6 +218,53 @@ def _batches(windows: list[Window], batch_tokens: int, batch_size: int | None) -
     return batches
 
 
+class _HeadTap:
+    """Run the output head on the scored positions only, in chunks.
+
+    A forward pre-hook on `model.lm_head` (both families and every converted model have one)
+    takes the final hidden states, keeps the rows whose logits predict a target, and hands the
+    head an empty input; we then apply the head to those rows chunk by chunk. So an 8k window
+    over a 49k vocabulary never materializes its 1.6 GB logits tensor, and positions that only
+    serve as context (sliding windows, the right-aligned last window) cost no head compute.
+    The hook acts only in the thread that installed it, and only while `select` is armed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        import threading
+
+        head = getattr(model, "lm_head", None)
+        self.head = head if isinstance(head, torch.nn.Linear) else None
+        self.owner = threading.get_ident()
+        self.select: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hidden: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> _HeadTap:
+        if self.head is not None:
+            self._handle = self.head.register_forward_pre_hook(self._pre)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _pre(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
+        import threading
+
+        if self.select is None or threading.get_ident() != self.owner:
+            return None
+        rows, pos = self.select
+        self.select = None
+        self.hidden = args[0][rows, pos]  # (N, C)
+        return (args[0][:0, :0],)  # (0, C): the head computes nothing
+
+    def logits(self, out: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, sl: slice):
+        """Logits (n, V) of the selected positions `sl`, from the tap or the full output."""
+        if self.hidden is not None:
+            return F.linear(self.hidden[sl], self.head.weight, self.head.bias)
+        return out[rows[sl], pos[sl]]
+
+
 @torch.inference_mode()
 def score_windows(
     model: torch.nn.Module,
@@ -241,35 +288,39 @@ def score_windows(
         if show_progress
         else batches
     )
-    for batch in it:
-        rows = [windows[i] for i in batch]
-        width = max(len(w.inputs) for w in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, w in enumerate(rows):
-            ids[r, : len(w.inputs)] = torch.tensor(w.inputs, dtype=torch.long)
-        logits = model(ids.to(device))  # (B, T, V); right padding is invisible to real positions
-        # Gather, per row, the positions whose logits predict that row's targets.
-        row_idx, pos_idx, tgt = [], [], []
-        for r, w in enumerate(rows):
-            t, k = len(w.inputs), len(w.targets)
-            row_idx += [r] * k
-            pos_idx += range(t - k, t)
-            tgt += w.targets
-        row_t = torch.tensor(row_idx, device=device)
-        pos_t = torch.tensor(pos_idx, device=device)
-        tgt_t = torch.tensor(tgt, device=device)
-        nll = torch.empty(len(tgt), dtype=torch.float64)
-        for s in range(0, len(tgt), loss_chunk):
-            sl = slice(s, s + loss_chunk)
-            chunk = logits[row_t[sl], pos_t[sl]].float()  # (N, V)
-            nll[sl] = F.cross_entropy(chunk, tgt_t[sl], reduction="none").double().cpu()
-        del logits
-        start = 0
-        for w in rows:
-            k = len(w.targets)
-            loglik[w.doc] -= float(nll[start : start + k].sum())
-            counts[w.doc] += k
-            start += k
+    with _HeadTap(model) as tap:
+        for batch in it:
+            rows = [windows[i] for i in batch]
+            width = max(len(w.inputs) for w in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            # Per row, the positions whose logits predict that row's targets.
+            row_idx, pos_idx, tgt = [], [], []
+            for r, w in enumerate(rows):
+                ids[r, : len(w.inputs)] = torch.tensor(w.inputs, dtype=torch.long)
+                t, k = len(w.inputs), len(w.targets)
+                row_idx += [r] * k
+                pos_idx += range(t - k, t)
+                tgt += w.targets
+            row_t = torch.tensor(row_idx, device=device)
+            pos_t = torch.tensor(pos_idx, device=device)
+            tgt_t = torch.tensor(tgt, device=device)
+            tap.select, tap.hidden = (row_t, pos_t), None
+            # Right padding is invisible to the real positions of a causal model.
+            out = model(ids.to(device))
+            tap.select = None
+            nll = torch.empty(len(tgt), dtype=torch.float64)
+            for s in range(0, len(tgt), loss_chunk):
+                sl = slice(s, s + loss_chunk)
+                chunk = tap.logits(out, row_t, pos_t, sl).float()  # (n, V)
+                nll[sl] = F.cross_entropy(chunk, tgt_t[sl], reduction="none").double().cpu()
+            del out
+            tap.hidden = None
+            start = 0
+            for w in rows:
+                k = len(w.targets)
+                loglik[w.doc] -= float(nll[start : start + k].sum())
+                counts[w.doc] += k
+                start += k
     return Scores(loglik, counts, len(windows))
 
 

@@ -248,3 +248,15 @@ def test_greedy_generation_matches_hf_generate(loaded, hf_model) -> None:
         ref_ids.append(t)
     out = ppl.greedy_generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=8)
     assert out == loaded.tokenizer.decode(ref_ids, skip_special_tokens=True)
+
+
+def test_head_runs_only_on_scored_positions(loaded) -> None:
+    seen: list[tuple[int, ...]] = []
+    h = loaded.model.lm_head.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    try:
+        ppl.evaluate_texts(loaded, CORPUS, window=32, stride=8, show_progress=False)
+        loaded.model(torch.tensor([[1, 2, 3]]))  # outside an evaluation the head is untouched
+    finally:
+        h.remove()
+    assert seen[:-1] and all(s[0] == 0 for s in seen[:-1])
+    assert seen[-1] == (1, 3, loaded.model.config.vocab_size)

@@ -78,6 +78,18 @@ class EvalConfig:
     out: str | None = param(None, "write report.json, report.md and meta.json into this dir")
 
     def __post_init__(self) -> None:
+        # Checks that need no model fail here, before a model loads; the rest are in
+        # `lmloop.perplexity.check_protocol` (window vs the model's context, tokenizer vs vocab).
+        if self.window is not None and self.window < 2:
+            raise UserError(f"window {self.window} is too short: expected at least 2 tokens")
+        if self.stride is not None and self.stride < 1:
+            raise UserError(f"stride {self.stride} must be a positive number of tokens")
+        if self.stride is not None and self.window is not None and self.stride > self.window:
+            raise UserError(
+                f"stride {self.stride} is larger than the window {self.window}: tokens between "
+                "windows would never be scored",
+                hint=f"pass --stride {self.window} or less, or omit --stride for disjoint windows",
+            )
         if self.max_documents is not None and self.max_documents < 1:
             raise UserError(f"max_documents must be >= 1, got {self.max_documents}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -238,14 +250,14 @@ def run(cfg: EvalConfig) -> int:
     split: str | None = None
     if text_path.is_dir() and peek_schema(text_path) == "lmloop.data":
         split = cfg.split
-        docs, texts, digest = _read_prepared(
-            text_path, cfg.split, loaded.tokenizer, cfg.max_documents
-        )
         if cfg.detokenize != "none":
             raise UserError(
                 "--detokenize applies to raw text, not to a prepared data dir's token shards",
                 hint="pass the raw text file instead",
             )
+        docs, texts, digest = _read_prepared(
+            text_path, cfg.split, loaded.tokenizer, cfg.max_documents
+        )
         if not docs:
             raise UserError(f"nothing to evaluate: split '{cfg.split}' of {text_path} is empty")
         result = evaluate_tokens(
