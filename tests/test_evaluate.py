@@ -51,8 +51,13 @@ def test_compare_ranks_only_matching_protocols(
     hf_dir: Path, wiki: Path, tmp_path: Path, capsys
 ) -> None:
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for d, extra in ((a, []), (b, ["--batch-size", "1"]), (c, ["--stride", "8"])):
+    for d, extra in ((a, []), (b, ["--batch-size", "1"])):
         assert _eval(hf_dir, wiki, d, "--window", "16", "--max-new-tokens", "0", *extra) == 0
+    # c: the same run relabelled as a sliding-window one (a protocol field differs).
+    rep = json.loads((a / "report.json").read_text())
+    rep["protocol"] |= {"stride": 8, "mode": "sliding"}
+    c.mkdir()
+    (c / "report.json").write_text(json.dumps(rep))
     capsys.readouterr()
     assert main(["eval", "compare", str(a), str(b / "report.json")]) == 0
     out = capsys.readouterr().out
