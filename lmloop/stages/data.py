@@ -1,7 +1,7 @@
 """`lmloop data`: collect text from any source and turn it into versioned token shards.
 
     lmloop data --source corpus/ --out data/mine
-    lmloop data configs/data/tinystories.yaml --tokenizer smollm2-135m-instruct
+    lmloop data configs/data/shared-corpus.yaml --out data/shared --tokenizer smollm2-135m-instruct
 
 Pipeline (each step is a function over a batch in `lmloop.preprocess`):
 read (`lmloop.sources`) -> clean (NFC, control characters, whitespace, length) -> PII scrub
@@ -12,8 +12,9 @@ work) -> pack into binary shards (`lmloop.shards`), EOS between documents.
 
 When decontamination against our own val/test split or tokenizer training needs the whole
 split first, cleaned documents go to a spill file inside the temporary output folder and are
-read back; otherwise everything streams in one pass. Memory stays flat either way (hash sets
-and the LSH index grow with the number of documents, by ~100 bytes each, never with text).
+read back; otherwise everything streams in one pass. Memory stays flat in the amount of text;
+what grows is per-document state: ~50 bytes for exact dedup and ~1 KB for the near-dedup index
+(turn `near_dedup` off past ~10M documents), plus 8 bytes per eval n-gram for decontamination.
 The output (`meta.json`, `tokenizer/`, shards, `report.md`, `lengths.png`) is built in a
 temporary sibling and renamed into place; the same config on the same inputs is reused.
 """
