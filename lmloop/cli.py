@@ -98,12 +98,35 @@ def load_command(name: str):
     return getattr(module, cfg_name), getattr(module, run_name)
 
 
+def reference() -> str:
+    """The CLI reference (docs/cli.md), generated from the command table and the configs."""
+    from lmloop.config import format_help
+
+    parts = [
+        "# CLI reference",
+        "",
+        "Generated from the code by `python -m lmloop.cli --reference > docs/cli.md`;",
+        "`tests/test_cli.py` fails when this file is out of date.",
+        "",
+        "```text",
+        main_help(),
+        "```",
+    ]
+    for name, (_, _, _, desc) in COMMANDS.items():
+        cfg_cls, _ = load_command(name)
+        parts += ["", f"## lmloop {name}", "", "```text", format_help(cfg_cls, name, desc), "```"]
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LMLOOP_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(main_help())
+        return 0
+    if argv[0] == "--reference":
+        sys.stdout.write(reference())
         return 0
     if argv[0] == "--version":
         print(f"lmloop {__version__}")

@@ -100,3 +100,10 @@ def test_every_shipped_config_validates():
         command = stage_of[f.parent.name]
         cfg_cls, _ = load_command(command)
         parse_args(cfg_cls, [str(f)])  # raises UserError on any bad key or value
+
+
+def test_cli_reference_is_up_to_date():
+    from lmloop.cli import reference
+
+    committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert committed == reference(), "regenerate: python -m lmloop.cli --reference > docs/cli.md"
