@@ -125,15 +125,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="torch/llama.cpp threads (0: default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for every contender (0: the engine default, half the cores)",
+    )
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-
     from lmloop.engine import Engine
+    from lmloop.engine.core import default_threads
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)  # transformers runs in this thread
     from lmloop.modelio import load_model
 
     lm = load_model(args.model)
@@ -141,8 +146,9 @@ def main() -> None:
     n = args.new_tokens
     batches = [int(b) for b in args.batches.split(",") if b]
     results: dict = {"model": lm.name, "prompt_tokens": len(ids), "threads": threads}
-    fp32 = Engine(lm.model, lm.tokenizer, max_batch=max(batches), max_len=512)
-    int8 = Engine(lm.model, lm.tokenizer, max_batch=max(batches), max_len=512, int8=True)
+    kw = {"max_batch": max(batches), "max_len": 512, "threads": threads}
+    fp32 = Engine(lm.model, lm.tokenizer, **kw)
+    int8 = Engine(lm.model, lm.tokenizer, int8=True, **kw)
     with torch.inference_mode():
         ours(fp32, ids[:8], 4), ours(int8, ids[:8], 4)  # warm up
     results["lmloop_fp32"] = ours(fp32, ids, n)
