@@ -166,3 +166,16 @@ def test_prepared_shards_with_another_tokenizer_exit_2(tmp_path: Path, capsys) -
     code = main(["eval", "--model", str(other), "--text", str(data)])
     err = capsys.readouterr().err
     assert code == 2 and "does not belong to this model" in err
+
+
+def test_hf_dataset_folder_is_a_text_source(hf_dir: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    ds_dir = tmp_path / "ds"
+    Dataset.from_dict({"text": CORPUS}).save_to_disk(str(ds_dir))
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(hf_dir), "--text", str(ds_dir), "--documents",
+                 "--max-new-tokens", "0", "--out", str(out)]) == 0  # fmt: skip
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["counts"]["documents"] == len(CORPUS)
+    assert rep["counts"]["bytes"] == sum(len(t.encode()) for t in CORPUS)
