@@ -28,7 +28,6 @@ from lmloop.tokenizer import CHAT_TEMPLATE, ENDOFTEXT, PAD, SPECIAL_TOKENS
 # C0/C1 control characters except tab and newline; zero-width and BOM characters too.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
 _UNICODE_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _WORDS = re.compile(r"\w+")
 
 
@@ -45,8 +44,8 @@ def normalize_text(text: str) -> str:
         text = unicodedata.normalize("NFC", text)
         text = _UNICODE_SPACE.sub(" ", text)
     text = _CONTROL.sub("", text)
-    if " \n" in text or "\t\n" in text:
-        text = _TRAILING_SPACE.sub("\n", text)
+    if " \n" in text or "\t\n" in text:  # per-line rstrip: ~3x faster than a [ \t]+\n regex
+        text = "\n".join([line.rstrip(" \t") for line in text.split("\n")])
     while "\n\n\n" in text:  # str.replace is far faster than a \n{3,} regex here
         text = text.replace("\n\n\n", "\n\n")
     return text.strip()

@@ -29,7 +29,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -425,14 +424,20 @@ class _Packer:
         docs, counts, fut = self._pending
         self._pending = None
         encodings = fut.result()
-        per_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        eos = [self.eos]
+        # one flat list of ids per split, then one numpy conversion per batch: cheaper than
+        # an array per document
+        flat: dict[str, list[int]] = {s: [] for s in SPLITS}
         i = 0
         for d, c in zip(docs, counts):
-            parts = [encodings[j].ids for j in range(i, i + c)]
+            buf = flat[d.split]
+            start = len(buf)
+            for j in range(i, i + c):
+                buf += encodings[j].ids
             i += c
-            n = sum(map(len, parts)) + 1
-            ids = np.fromiter(chain(*parts, eos), dtype=self.dtype, count=n)
+            buf.append(self.eos)
+            n = len(buf) - start
+            if d.copies > 1:
+                buf += buf[start:] * (d.copies - 1)
             split = self.stats.splits[d.split]
             split["documents"] += d.copies
             split["bytes"] += len(d.text.encode("utf-8")) * d.copies
@@ -440,10 +445,9 @@ class _Packer:
             self.stats.lengths[d.split][min(39, n.bit_length() - 1)] += 1
             if d.split == "train":
                 self.stats.sources[d.source]["train_tokens"] += n * d.copies
-            per_split[d.split].extend([ids] * d.copies)
-        for s, arrays in per_split.items():
-            if arrays:
-                self.writers[s].write(np.concatenate(arrays))
+        for s, buf in flat.items():
+            if buf:
+                self.writers[s].write(np.array(buf, dtype=self.dtype))
 
     def close(self) -> dict[str, list[dict[str, Any]]]:
         self._finish()
