@@ -69,7 +69,10 @@ class DataConfig:
     """Sources, filters, split and tokenizer of one prepared data folder."""
 
     source: list[SourceSpec] = param(
-        [], "inputs (repeatable): PATH[::key=value,...], hf:NAME/CONFIG, or mappings in YAML"
+        [],
+        "inputs (repeatable): PATH, PATH::key=value,... (keys: kind, field, split, pattern, "
+        "hf_config, hf_split, weight = times each train document is used), hf:NAME/CONFIG, "
+        "feedback:EXPORT.jsonl, a prepared data folder; or mappings in YAML",
     )
     out: str = param("", "output folder (meta.json, tokenizer/, token shards, report.md)")
     tokenizer: str = param(
@@ -83,7 +86,9 @@ class DataConfig:
     strict_utf8: bool = param(
         False, "fail on invalid UTF-8 (file, byte offset) instead of replacing"
     )
-    dedup: bool = param(True, "drop exact duplicates (hash of case- and space-normalized text)")
+    dedup: bool = param(
+        True, "drop exact duplicates (hash of the text ignoring case and whitespace)"
+    )
     near_dedup: bool = param(True, "drop near duplicates (MinHash LSH over word 5-grams)")
     near_dedup_threshold: float = param(
         0.8, "estimated Jaccard similarity that counts as duplicate"
