@@ -386,12 +386,17 @@ class Protocol:
     mode: str  # "disjoint" (lm-eval rolling) | "sliding" (HF strided)
 
 
+def _exp(x: float) -> float:
+    # An untrained model's word perplexity can exceed a float; say "inf" rather than crash.
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def figures(loglik: float, tokens: int, words: int, nbytes: int) -> dict[str, float | int | None]:
     nll = -loglik
     return {
-        "token_perplexity": math.exp(nll / tokens) if tokens else None,
-        "word_perplexity": math.exp(nll / words) if words else None,
-        "byte_perplexity": math.exp(nll / nbytes) if nbytes else None,
+        "token_perplexity": _exp(nll / tokens) if tokens else None,
+        "word_perplexity": _exp(nll / words) if words else None,
+        "byte_perplexity": _exp(nll / nbytes) if nbytes else None,
         "bits_per_byte": nll / nbytes / math.log(2) if nbytes else None,
         "nll_per_token": nll / tokens if tokens else None,
         "loglikelihood": loglik,
