@@ -142,7 +142,9 @@ class Engine:
         self._ctx = min(ctx, max_len or min(ctx, DEFAULT_MAX_LEN))
         self.vocab = _vocab_of(model)
         self._stop_ids = set(tokenizer.stop_ids)
-        self.runner = _make_runner(model, max_batch, self._ctx, fast=fast, int8=int8)
+        self.runner = _make_runner(
+            model, max_batch, self._ctx, fast=fast, int8=int8, tokenizer=tokenizer
+        )
         self.int8 = int8
         self.threads = threads or default_threads()
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -431,11 +433,17 @@ def _vocab_of(model: torch.nn.Module) -> int:
     return int(cfg.vocab_size)
 
 
-def _make_runner(model: torch.nn.Module, batch: int, max_len: int, *, fast: bool, int8: bool):
+def _make_runner(
+    model: torch.nn.Module, batch: int, max_len: int, *, fast: bool, int8: bool, tokenizer: Any
+):
     if fast:
-        from lmloop.engine.fast import fast_runner
+        from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
 
-        runner = fast_runner(model, batch, max_len, int8=int8)
+        calib = None
+        if int8:
+            with torch.inference_mode():
+                calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
+        runner = fast_runner(model, batch, max_len, int8=int8, calibration_ids=calib)
         if runner is not None:
             return runner
     from lmloop.engine.runner import ModelRunner

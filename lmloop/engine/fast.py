@@ -12,7 +12,8 @@ a few microseconds times ~20 ops per layer. This runner reads the same weights a
 * computes one shared length mask per step instead of per layer, and no mask at batch 1,
 * computes the vocabulary projection for the last prompt position only during prefill,
 * optionally quantizes every projection, vocabulary head included, to int8 with per-channel
-  scales (PyTorch dynamic quantization, fbgemm/x86 kernels): decode reads 4x fewer weight bytes.
+  scales and SmoothQuant smoothing (fbgemm's dynamic int8 linear): decode reads 4x fewer
+  weight bytes.
 
 Models that are not plain Llama (GPT-2 family, already-quantized modules) use `ModelRunner`.
 """
@@ -70,8 +71,73 @@ def supports(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32
 
 
+# Calibration text for int8 smoothing: activation outlier channels are a property of the model
+# (they show on any text), so a short varied paragraph is enough to find them.
+CALIBRATION_TEXT = (
+    "The history of science is the study of how people came to understand the natural world. "
+    "Once upon a time, a little fox lived at the edge of a forest with her two brothers. "
+    "Question: What is the capital of France? Answer: Paris.\n"
+    "def mean(xs):\n    return sum(xs) / len(xs)\n"
+    "In 2023, prices rose by 4.5% while wages grew 3%; analysts expect the trend to continue!"
+)
+SMOOTH_ALPHA = 0.4  # migration strength (SmoothQuant's alpha); 0.4-0.5 measured best on SmolLM2
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read(200_000)
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class Int8Linear(nn.Module):
+    """int8 weights with one scale per output channel; activations quantized per call (per
+    tensor, i.e. per token at batch 1) by fbgemm's dynamic linear, int32 accumulation.
+
+    `inv` divides the input channels first (SmoothQuant's smoothing, when it could not be folded
+    into the previous op). Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16, so the
+    activation range is then reduced to 7 bits, as PyTorch's own dynamic quantization does."""
+
+    reduce_range = not _has_vnni()
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inv=None):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(1).clamp(min=1e-8) / 127).double()
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        b = None if bias is None else bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack(wq, b)
+        self.inv = inv
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv is not None:
+            x = x * self.inv
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+
+def _smooth(absmax: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
+    """Per-input-channel factors s: x/s has flatter channels, W*s takes the difference."""
+    if absmax is None:
+        return None
+    wmax = w.abs().amax(0).clamp(min=1e-5)
+    s = absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / wmax ** (1 - SMOOTH_ALPHA)
+    return s.clamp(1e-3, 1e3)
+
+
 class FastLlamaRunner:
-    def __init__(self, model: nn.Module, batch: int, max_len: int, *, int8: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        max_len: int,
+        *,
+        int8: bool = False,
+        calibration_ids: list[int] | None = None,
+    ):
         cfg = model.config
         self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd
         self.C, self.I, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
@@ -99,18 +165,76 @@ class FastLlamaRunner:
             self.norms.append(
                 (blk.input_layernorm.weight.detach(), blk.post_attention_layernorm.weight.detach())
             )
-        mods.append(nn.ModuleList([_copy(model.lm_head)]))
-        if int8:
-            quantize_linears(mods)
-        self.layers = [tuple(m) for m in mods[:-1]]
-        self.lm_head = mods[-1][0]
-        self._mods = mods  # keeps the (possibly quantized) modules alive
+        self.layers = [tuple(m) for m in mods]
+        self.lm_head = _copy(model.lm_head)
         self.final_norm = model.model.norm.weight.detach()
         L = cfg.num_hidden_layers
         shape = (L, batch, self.Hkv, max_len, self.D)  # (layer, row, kv head, slot, dim)
         self.k = torch.zeros(shape)
         self.v = torch.zeros(shape)
         self._slots = torch.arange(max_len)
+        if int8:
+            self._quantize(calibration_ids)
+
+    def _quantize(self, calibration_ids: list[int] | None) -> None:
+        """Swap every projection for an Int8Linear, smoothed (SmoothQuant, Xiao et al. 2023).
+
+        Activation outlier channels are what make per-token int8 activations lossy; measured
+        on SmolLM2-135M, smoothing cut the mean KL to the fp32 model from 0.27 to 0.06 nats per
+        token. The smoothing factors are folded into the RMSNorm weights (q/k/v, gate/up, the
+        vocabulary head) and into the up-projection rows (down), so only o_proj pays one
+        multiply per call."""
+        stats: dict[int, torch.Tensor] = {}
+        if calibration_ids:
+
+            def record(mod: nn.Module, args: tuple) -> None:
+                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+                prev = stats.get(id(mod))
+                stats[id(mod)] = a if prev is None else torch.maximum(prev, a)
+
+            mods = [m for layer in self.layers for m in layer] + [self.lm_head]
+            hooks = [m.register_forward_pre_hook(record) for m in mods]
+            with torch.inference_mode():
+                self.prefill(0, calibration_ids[: self.max_len - 1])
+            for h in hooks:
+                h.remove()
+        I = self.I  # noqa: E741
+        layers, norms = [], []
+        for (qkv, o, gu, down), (n1, n2) in zip(self.layers, self.norms):
+            gu_w, gu_b = gu.weight.detach().clone(), gu.bias
+            down_w = down.weight.detach()
+            s = _smooth(stats.get(id(down)), down_w)
+            if s is not None:  # up rows / s, so down's input arrives divided by s
+                gu_w[I:] /= s[:, None]
+                if gu_b is not None:
+                    gu_b = torch.cat([gu_b[:I], gu_b[I:] / s])
+                down_w = down_w * s
+            s = _smooth(stats.get(id(gu)), gu_w)
+            if s is not None:
+                gu_w, n2 = gu_w * s, n2 / s
+            qkv_w = qkv.weight.detach()
+            s = _smooth(stats.get(id(qkv)), qkv_w)
+            if s is not None:
+                qkv_w, n1 = qkv_w * s, n1 / s
+            o_w, o_inv = o.weight.detach(), None
+            s = _smooth(stats.get(id(o)), o_w)
+            if s is not None:
+                o_w, o_inv = o_w * s, 1.0 / s
+            layers.append(
+                (
+                    Int8Linear(qkv_w, qkv.bias),
+                    Int8Linear(o_w, o.bias, o_inv),
+                    Int8Linear(gu_w, gu_b),
+                    Int8Linear(down_w, down.bias),
+                )
+            )
+            norms.append((n1, n2))
+        head_w = self.lm_head.weight.detach()
+        s = _smooth(stats.get(id(self.lm_head)), head_w)
+        if s is not None:
+            head_w, self.final_norm = head_w * s, self.final_norm / s
+        self.lm_head = Int8Linear(head_w, None)
+        self.layers, self.norms = layers, norms
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # Spelled out: F.rms_norm's composite kernel costs ~4x more per call at batch 1.
@@ -187,8 +311,15 @@ class FastLlamaRunner:
         """Nothing to clear: a row's length mask comes from its positions."""
 
 
-def fast_runner(model: nn.Module, batch: int, max_len: int, *, int8: bool = False):
+def fast_runner(
+    model: nn.Module,
+    batch: int,
+    max_len: int,
+    *,
+    int8: bool = False,
+    calibration_ids: list[int] | None = None,
+):
     """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
     if not supports(model):
         return None
-    return FastLlamaRunner(model, batch, max_len, int8=int8)
+    return FastLlamaRunner(model, batch, max_len, int8=int8, calibration_ids=calibration_ids)
