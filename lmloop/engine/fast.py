@@ -107,7 +107,9 @@ class Int8Linear(nn.Module):
         w = weight.detach().float()
         scale = (w.abs().amax(1).clamp(min=1e-8) / 127).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
-        wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notice; the kernels ship in 2.13
+            wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(wq, b)
         self.inv = inv
