@@ -339,3 +339,20 @@ def test_smollm2_greedy_equals_transformers():
     with Engine(lm.model, lm.tokenizer, max_len=512) as engine:
         got = engine.complete(ids, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert got.token_ids == want
+
+
+def test_a_failing_model_ends_requests_with_error_and_the_worker_survives(tok):
+    class Broken(Scripted):
+        def forward(self, ids, positions=None, cache=None, token_mask=None):
+            if positions is not None and int(positions.max()) >= 3:
+                raise RuntimeError("boom")
+            return super().forward(ids, positions, cache, token_mask)
+
+    engine = Engine(Broken(tok.encode("hello world"), tok.vocab_size, tok.eos_id), tok)
+    with engine:
+        outs = list(engine.generate([5], SamplingParams(max_tokens=10, temperature=0)))
+        assert outs[-1].finish_reason == "error" and "boom" in outs[-1].error
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.complete([5], SamplingParams(max_tokens=10, temperature=0))
+        assert engine.complete([5], SamplingParams(max_tokens=2, temperature=0)).token_ids
+        assert engine.alive and engine.num_running == 0

@@ -297,14 +297,14 @@ class Engine:
                     admit = []
                     while self._waiting and len(self._running) + len(admit) < self.max_batch:
                         admit.append(self._waiting.popleft())
-                for seq in admit:
-                    if seq.handle.cancel_requested:
-                        self._finish(seq, "cancelled")
-                    else:
-                        self._prefill(seq)
-                self._drop_cancelled()
-                if self._running:
-                    self._step()
+                try:
+                    self._iteration(admit)
+                except Exception as e:  # noqa: BLE001 - a bug must not leave callers hanging
+                    log.exception("engine iteration failed")
+                    for seq in admit + list(reversed(self._running)):
+                        if not seq.handle.finished:
+                            self._release(seq)
+                            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
                 self.last_step_at = time.monotonic()
         # stopping: nobody waits forever
         with self._cv:
@@ -315,14 +315,24 @@ class Engine:
                 self._release(seq)
             self._finish(seq, "cancelled")
 
+    def _iteration(self, admit: list[_Seq]) -> None:
+        for seq in admit:
+            if seq.handle.cancel_requested:
+                self._finish(seq, "cancelled")
+            else:
+                self._prefill(seq)
+        self._drop_cancelled()
+        if self._running:
+            self._step()
+
     def _prefill(self, seq: _Seq) -> None:
         p = seq.params
-        seq.sampler = Sampler(p, seq.prompt, self.vocab)
-        seq.stream = TextStream(self._decode_ids, seq.prompt, p.stop)
-        seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
         seq.row = len(self._running)
         self._running.append(seq)
         try:
+            seq.sampler = Sampler(p, seq.prompt, self.vocab)
+            seq.stream = TextStream(self._decode_ids, seq.prompt, p.stop)
+            seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
             logits = self.runner.prefill(seq.row, seq.prompt)
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
             log.exception("prefill failed")
