@@ -281,9 +281,9 @@ def _backend_from_file(path: Path) -> Any:
 
 def eos_of(tok: Tokenizer | FileTokenizer) -> int:
     """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    if ENDOFTEXT in vocab:
-        return int(vocab[ENDOFTEXT])
+    eot = tok.backend.token_to_id(ENDOFTEXT)
+    if eot is not None:
+        return int(eot)
     if tok.eos_id is not None:
         return int(tok.eos_id)
     raise UserError(f"tokenizer {tok.source} has no end-of-text token to separate documents")
@@ -322,7 +322,9 @@ def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
                 texts, pii = scrub_batch(texts)
                 for k, v in pii.items():
                     stats.pii[k] += v
-            keys = [doc_key(t) for t in texts]
+            # the hash decides dedup, split and fractional weights; skip it when none is asked
+            keyed = cfg.dedup or cfg.val_fraction + cfg.test_fraction > 0 or spec.weight % 1
+            keys = [doc_key(t) for t in texts] if keyed else [b""] * len(texts)
             if cfg.dedup:
                 idx, dropped = exact_dedup(texts, keys, seen)
                 stats.removed["exact_duplicates"] += dropped
@@ -333,7 +335,7 @@ def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
                 texts, keys = [texts[i] for i in idx], [keys[i] for i in idx]
             out = []
             for text, key in zip(texts, keys):
-                split = assign_split(key, cfg.val_fraction, cfg.test_fraction)
+                split = assign_split(key, cfg.val_fraction, cfg.test_fraction) if keyed else "train"
                 n = copies(key, spec.weight) if split == "train" else 1
                 if n == 0:
                     stats.removed["sampled_out"] += 1
