@@ -133,6 +133,7 @@ def main() -> None:
     )
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     args = ap.parse_args()
     from lmloop.engine import Engine
     from lmloop.engine.core import default_threads
@@ -149,12 +150,10 @@ def main() -> None:
     kw = {"max_batch": max(batches), "max_len": 512, "threads": threads}
     fp32 = Engine(lm.model, lm.tokenizer, **kw)
     int8 = Engine(lm.model, lm.tokenizer, int8=True, **kw)
-    with torch.inference_mode():
-        ours(fp32, ids[:8], 4), ours(int8, ids[:8], 4)  # warm up
-    results["lmloop_fp32"] = ours(fp32, ids, n)
-    print("lmloop fp32", results["lmloop_fp32"], flush=True)
-    results["lmloop_int8"] = ours(int8, ids, n)
-    print("lmloop int8", results["lmloop_int8"], flush=True)
+    runs = {
+        "lmloop_fp32": lambda: ours(fp32, ids, n),
+        "lmloop_int8": lambda: ours(int8, ids, n),
+    }
     if not args.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -164,18 +163,27 @@ def main() -> None:
         hf = LlamaForCausalLM(LlamaConfig(**llama_config_to_hf(cfg))).eval()
         hf.load_state_dict(llama_state_to_hf(lm.model.state_dict(), cfg), strict=False)
         hf.tie_weights()
-        hf_generate(hf, ids[:8], 4)  # warm up
-        results["transformers_fp32"] = hf_generate(hf, ids, n)
-        print("transformers", results["transformers_fp32"], flush=True)
-        del hf
+        runs["transformers_fp32"] = lambda: hf_generate(hf, ids, n)
     try:
         import llama_cpp  # noqa: F401
 
-        results["llama_cpp_q4_1"] = llama_cpp_run(lm.path, ids, n, threads)
-        print("llama.cpp", results["llama_cpp_q4_1"], flush=True)
+        runs["llama_cpp_q4_1"] = lambda: llama_cpp_run(lm.path, ids, n, threads)
     except ImportError:
         results["llama_cpp_q4_1"] = "skipped: llama_cpp not importable (make bench-setup)"
         print("llama.cpp skipped (not installed)", flush=True)
+    # Warm up, then interleave the contenders round by round, so a load change on the shared
+    # machine hits them all alike; report each one's median round.
+    ours(fp32, ids[:8], 4), ours(int8, ids[:8], 4)
+    if "transformers_fp32" in runs:
+        hf_generate(hf, ids[:8], 4)
+    samples: dict = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name, fn in runs.items():
+            samples[name].append(fn())
+            print(f"round {r + 1} {name}", samples[name][-1], flush=True)
+    for name, got in samples.items():
+        got = sorted(got, key=lambda x: x["decode_tok_s"])
+        results[name] = {**got[len(got) // 2], "decode_tok_s_all": [x["decode_tok_s"] for x in got]}
     for name, eng in (("fp32", fp32), ("int8", int8)):
         agg = []
         for b in batches:
