@@ -141,16 +141,19 @@ def run(cfg: GenerateConfig) -> int:
             line_params.append(_params(cfg, **over) if over else base)
         except (UserError, TypeError) as e:
             raise UserError(f"{cfg.prompts}:{row['_line']}: {e}") from None
-    engine, loaded = _load(cfg, max_batch=cfg.max_batch, max_waiting=len(rows) + 1)
+    batch = max(1, min(cfg.max_batch, len(rows)))  # cache rows cost memory: no more than used
+    engine, loaded = _load(cfg, max_batch=batch, max_waiting=len(rows) + 1)
     try:
         encoded = []
         for row, p in zip(rows, line_params):
-            ids = _encode(engine, cfg, row)
+            where = f"{cfg.prompts}:{row['_line']}: " if cfg.prompts else ""
             try:
+                ids = _encode(engine, cfg, row)
                 engine.check(len(ids), p)
             except UserError as e:
-                where = f"{cfg.prompts}:{row['_line']}: " if cfg.prompts else ""
                 raise UserError(where + e.message, hint=e.hint) from None
+            except Exception as e:  # noqa: BLE001 - a malformed conversation (template error)
+                raise UserError(f"{where}cannot render this prompt: {e}") from None
             encoded.append(ids)
         engine.start()
         if cfg.prompts:
