@@ -322,16 +322,19 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     return 6.0 * (body + vocab * width) + 12.0 * layers * d_attn * seq_len
 
 
-def memory_estimate(config: Any, trainable: int, micro_batch: int, seq_len: int) -> dict[str, int]:
+def memory_estimate(
+    config: Any, trainable: int, micro_batch: int, seq_len: int, half_acts: bool = False
+) -> dict[str, int]:
     """Bytes for fp32 weights, gradients, AdamW moments and activations of one micro-batch.
 
-    Activations follow Korthikanti et al. 2022 (s·b·h·(34 + 5·a·s/h) bytes per layer at 16 bit,
-    doubled for fp32), plus the logits, their softmax and its gradient.
+    Activations follow Korthikanti et al. 2022: s·b·h·34 bytes per layer at 16 bit (doubled for
+    fp32; `half_acts` under bf16 autocast), without their 5·a·s²·b attention-matrix term because
+    scaled_dot_product_attention's fused kernels never store that matrix; plus the logits, their
+    softmax and its gradient in fp32.
     """
     layers, _, vocab, width = _shape(config)
     n = count_params(config)[0]
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    per_layer = seq_len * micro_batch * width * (34 + 5 * heads * seq_len / width) * 2
+    per_layer = seq_len * micro_batch * width * 34 * (1 if half_acts else 2)
     return {
         "weights": 4 * n,
         "grads": 4 * trainable,
@@ -363,7 +366,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, div in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}"
@@ -987,7 +990,8 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _check_memory(cfg: TrainConfig, config: Any, trainable: int, d: _Dist) -> None:
-    est = memory_estimate(config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len)
+    cuda = d.device is not None and d.device.type == "cuda"
+    est = memory_estimate(config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len, cuda)
     need = sum(est.values())
     avail = _available_memory(d.device) if d.device is not None else None
     if avail is not None and need > avail:
@@ -1044,7 +1048,7 @@ def _print_dry_run(
 
     n, ne = count_params(config)
     G, T = cfg.batch.global_batch, cfg.batch.seq_len
-    est = memory_estimate(config, trainable, cfg.batch.micro_batch, T)
+    est = memory_estimate(config, trainable, cfg.batch.micro_batch, T, d.device.type == "cuda")
     avail = _available_memory(d.device)
     tokens = G * T
     lines = [
