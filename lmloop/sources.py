@@ -52,6 +52,7 @@ Kind = Literal[
     "hf_disk",
     "feedback",
     "data",
+    "synthetic",
 ]
 KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
@@ -74,6 +75,8 @@ class SourceSpec:
     hf_config: str = param("", "Hugging Face dataset config (e.g. wikitext-103-raw-v1)")
     hf_split: str = param("train", "Hugging Face dataset split")
     weight: float = param(1.0, "times each training document of this source is used (mixing)")
+    count: int = param(200, "synthetic: how many documents the teacher model writes")
+    tokens: int = param(160, "synthetic: most tokens per document the teacher writes")
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -83,6 +86,9 @@ class SourceSpec:
             object.__setattr__(self, "kind", "hf")
             if not self.hf_config:
                 object.__setattr__(self, "hf_config", self.path[3:].partition("/")[2])
+        elif self.path.startswith("synthetic:") and self.kind == "auto":
+            object.__setattr__(self, "path", self.path[len("synthetic:") :])
+            object.__setattr__(self, "kind", "synthetic")
         elif self.path.startswith("feedback:") and self.kind == "auto":
             object.__setattr__(self, "path", self.path[len("feedback:") :])
             object.__setattr__(self, "kind", "feedback")
@@ -191,7 +197,7 @@ def is_data_dir(p: Path) -> bool:
 
 def source_kind(spec: SourceSpec) -> str:
     """`hf`, `hf_disk`, `data` or `files` (a local path whose files each get their own kind)."""
-    if spec.kind in ("hf", "hf_disk", "data"):
+    if spec.kind in ("hf", "hf_disk", "data", "synthetic"):
         return spec.kind
     p = Path(spec.path).expanduser()
     if spec.kind == "auto" and is_hf_disk(p):
@@ -208,6 +214,8 @@ def fingerprint(spec: SourceSpec) -> str:
     kind = source_kind(spec)
     if kind == "hf":
         return sha256_json(["hf", spec.hf_name, spec.hf_config, spec.hf_split, spec.field])
+    if kind == "synthetic":
+        return sha256_json(["synthetic", spec.path, spec.count, spec.tokens])
     if kind in ("hf_disk", "data"):
         return sha256_json([sha256_tree(Path(spec.path).expanduser()), spec.hf_split, spec.field])
     files = resolve_files(spec)
@@ -624,6 +632,11 @@ def iter_documents(
         return
     if kind == "data":
         yield from _data_dir_docs(spec)
+        return
+    if kind == "synthetic":  # the teacher model writes the corpus (cached after the first run)
+        from lmloop.synthetic import synthetic_stories
+
+        yield from synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)
         return
     for f in resolve_files(spec):
         yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmloop.artifacts import atomic_write
 from lmloop.config import param, parse_args
 from lmloop.errors import UserError
 
@@ -159,30 +157,26 @@ class _Server:
 
 def run(cfg: QuickstartConfig) -> int:
     from lmloop.registry import Registry
+    from lmloop.sources import iter_documents
     from lmloop.stages import data as data_stage
     from lmloop.stages import evaluate as eval_stage
     from lmloop.stages import loop as loop_stage
     from lmloop.stages import train as train_stage
-    from lmloop.synthetic import synthetic_stories
 
     t_start = time.monotonic()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("LMLOOP_NO_PROGRESS", "0")
 
     # 1. collect + preprocess ------------------------------------------------------------------
     _say("[1/5]", f"corpus: {cfg.teacher} writes {cfg.stories} short stories (cached)")
-    stories = synthetic_stories(cfg.stories, teacher=cfg.teacher, max_tokens=cfg.story_tokens)
-    corpus = out / "corpus" / "stories.jsonl"
-    atomic_write(corpus, "".join(json.dumps({"text": s}) + "\n" for s in stories))
-    print(f"   {len(stories)} stories, {sum(map(len, stories)):,} characters -> {corpus}")
     data_dir = out / "data"
+    source = f"synthetic:{cfg.teacher}::count={cfg.stories},tokens={cfg.story_tokens}"
     data_stage.run(
         parse_args(
             data_stage.DataConfig,
             [
                 "--source",
-                str(corpus),
+                source,
                 "--out",
                 str(data_dir),
                 f"vocab_size={cfg.vocab_size}",
@@ -191,6 +185,8 @@ def run(cfg: QuickstartConfig) -> int:
             ],
         ),  # fmt: skip
     )
+    sample = next(iter_documents(f"{data_dir}::hf_split=train"), "")
+    print(f"   a training story: {_short(sample, 200)}")
 
     # 2. train -------------------------------------------------------------------------------
     _say("[2/5]", f"train: a {cfg.num_layers}-layer Llama-style model from scratch")
@@ -310,7 +306,7 @@ def run(cfg: QuickstartConfig) -> int:
     # 5. summary -----------------------------------------------------------------------------
     _say("[5/5]", f"done in {time.monotonic() - t_start:.0f} s. Artifacts:")
     for label, path in [
-        ("corpus", corpus), ("prepared data", data_dir), ("training run", run_dir),
+        ("prepared data", data_dir), ("data report", data_dir / "report.md"), ("training run", run_dir),
         ("curves", run_dir / "curves.png"), ("eval report", eval_dir / "report.md"),
         ("feedback store", db), ("loop cycle", loop_result.cycle_dir),
         ("gate decision", loop_result.cycle_dir / "decision.json"),
