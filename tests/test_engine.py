@@ -12,7 +12,7 @@ from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
 from torch import nn
 
 from lmloop.engine import Engine, QueueFull, SamplingParams
-from lmloop.engine.fast import FastLlamaRunner
+from lmloop.engine.fast import FastLlamaRunner, PackedLinear
 from lmloop.engine.runner import ModelRunner
 from lmloop.engine.sampling import Sampler
 from lmloop.engine.text import TextStream
@@ -96,6 +96,8 @@ def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, fa
 def test_fast_path_is_used_for_llama(models):
     with Engine(models["llama"][1].model, models["llama"][1].tokenizer) as e:
         assert isinstance(e.runner, FastLlamaRunner)
+        if torch.backends.mkldnn.is_available():  # the x86 wheels this project installs
+            assert isinstance(e.runner.layers[0][0], PackedLinear)
     with Engine(models["gpt2"][1].model, models["gpt2"][1].tokenizer) as e:
         assert isinstance(e.runner, ModelRunner)
 
