@@ -11,6 +11,8 @@ a few microseconds times ~20 ops per layer. This runner reads the same weights a
   `enable_gqa`),
 * computes one shared length mask per step instead of per layer, and no mask at batch 1,
 * computes the vocabulary projection for the last prompt position only during prefill,
+* runs fp32 projections on oneDNN with weights pre-packed once (`PackedLinear`),
+* folds constants into weights (attention's 1/sqrt(D) into the query rows),
 * optionally quantizes every projection, vocabulary head included, to int8 with per-channel
   scales and SmoothQuant smoothing (fbgemm's dynamic int8 linear): decode reads 4x fewer
   weight bytes.
