@@ -193,11 +193,11 @@ def _pre_tokenizer_name(backend: dict[str, Any]) -> str:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"  # single digits, then GPT-2's split (SmolLM's tokenizer)
-    log.warning("pre-tokenizer %s has no exact llama.cpp name; writing 'gpt2'", kinds)
-    return "gpt2"
+    log.warning("pre-tokenizer %s has no exact llama.cpp name; writing 'gpt-2'", kinds)
+    return "gpt-2"
 
 
 def _add_tokenizer(w: Any, tok: Any, vocab_size: int) -> None:
