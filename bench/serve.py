@@ -175,6 +175,7 @@ def main() -> int:
     )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
     ap.add_argument("--peer", choices=["auto", "off"], default="auto")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -188,7 +189,7 @@ def main() -> int:
     ours = subprocess.Popen(
         [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port", str(port),
          "--db", str(tmp / "feedback.db"), "--max-batch", str(args.max_batch),
-         "--max-waiting", "256"],
+         "--max-waiting", "256", *(["--int8"] if args.int8 else [])],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "lmloop.log", "w"),  # noqa: SIM115
         env={**os.environ, "LMLOOP_HOME": str(tmp / "home")},
     )  # fmt: skip

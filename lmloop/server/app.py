@@ -69,6 +69,7 @@ class ServerSettings:
     drain_timeout: float = 30.0  # graceful shutdown / retired engines: finish within this
     registry_poll: float = 5.0  # seconds between checks of a `registry:NAME` model's current
     cors_origins: list[str] = field(default_factory=list)
+    int8: bool = False  # int8 weights for faster CPU decode (the engine's option)
 
 
 class _State:
@@ -102,6 +103,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
             "max_batch": settings.max_batch,
             "max_waiting": settings.max_waiting,
             "max_len": settings.max_len,
+            "int8": settings.int8,
         },
         drain_timeout=settings.drain_timeout,
     )

@@ -52,6 +52,7 @@ class ServeConfig:
     drain_timeout: float = param(30.0, "seconds in-flight requests get to finish on shutdown")
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
+    int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -111,6 +112,7 @@ def run(cfg: ServeConfig) -> int:
         drain_timeout=cfg.drain_timeout,
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
+        int8=cfg.int8,
     )
     app = create_app(settings)
     server = uvicorn.Server(
