@@ -112,6 +112,7 @@ async def one_request(
 
 async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
     ttfts: list[float] = []
+    errors: list[str] = []
     tokens = 0
 
     async def client_loop(cid: int) -> None:
@@ -119,7 +120,11 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
         async with httpx.AsyncClient(base_url=url, timeout=600) as c:
             for k in range(per_client):
                 prompt = PROMPTS[(cid * per_client + k) % len(PROMPTS)]
-                ttft, n = await one_request(c, model, prompt, max_tokens, seed=cid * 1000 + k)
+                try:
+                    ttft, n = await one_request(c, model, prompt, max_tokens, seed=cid * 1000 + k)
+                except (httpx.HTTPError, RuntimeError) as e:
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+                    continue
                 if ttft is not None:
                     ttfts.append(ttft)
                 tokens += n
@@ -135,6 +140,8 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
         "tok_per_s": round(tokens / wall, 2),
         "ttft_p50_s": round(percentile(ttfts, 0.5), 3),
         "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+        "failed_requests": len(errors),
+        "first_error": errors[0] if errors else None,
     }
 
 
@@ -150,7 +157,12 @@ def bench_server(name: str, url: str, model: str, args) -> list[dict]:
             f"{name:10s} clients={c:3d} requests={row['requests']:3d} "
             f"tokens={row['output_tokens']:5d} wall={row['wall_s']:7.2f}s "
             f"throughput={row['tok_per_s']:8.2f} tok/s "
-            f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s",
+            f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s"
+            + (
+                f" FAILED {row['failed_requests']}: {row['first_error']}"
+                if row["failed_requests"]
+                else ""
+            ),
             flush=True,
         )
     return rows
@@ -207,7 +219,9 @@ def main() -> int:
         peer = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
              "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-             "--n_threads", str(os.cpu_count() or 1)],
+             "--n_threads", str(os.cpu_count() or 1),
+             # by default a new request interrupts the one streaming (one at a time): queue instead
+             "--interrupt_requests", "False"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "llamacpp.log", "w"),  # noqa: SIM115
         )  # fmt: skip
         try:
