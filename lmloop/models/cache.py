@@ -12,6 +12,15 @@ from __future__ import annotations
 import torch
 
 
+def padding_mask(token_mask: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B, 1, T, T) without a cache: real keys only, and always the query itself."""
+    T = token_mask.shape[1]
+    slots = torch.arange(T, device=token_mask.device)
+    causal = slots[None, None, :] <= slots[None, :, None]
+    eye = torch.eye(T, dtype=torch.bool, device=token_mask.device)
+    return ((token_mask[:, None, :] & causal) | eye)[:, None]
+
+
 class KVCache:
     def __init__(
         self,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmloop.models.cache import KVCache
+from lmloop.models.cache import KVCache, padding_mask
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,7 @@ class GPT(nn.Module):
         if cache is not None:
             mask = cache.begin(positions, token_mask)
         elif token_mask is not None:
-            slots = torch.arange(T, device=input_ids.device)
-            causal = slots[None, None, :] <= slots[None, :, None]
-            eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)
-            mask = ((token_mask[:, None, :] & causal) | eye)[:, None]
+            mask = padding_mask(token_mask)
         x = self.model.embed_tokens(input_ids) + self.model.position_table()[positions]
         for block in self.model.layers:
             x = block(x, cache, mask)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmloop.models.cache import KVCache
+from lmloop.models.cache import KVCache, padding_mask
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,7 @@ class Llama(nn.Module):
         if cache is not None:
             mask = cache.begin(positions, token_mask)
         elif token_mask is not None:
-            slots = torch.arange(T, device=input_ids.device)
-            causal = slots[None, None, :] <= slots[None, :, None]
-            eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)  # on the input's device
-            mask = ((token_mask[:, None, :] & causal) | eye)[:, None]
+            mask = padding_mask(token_mask)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         for block in self.model.layers:
