@@ -13,6 +13,8 @@ is collected and reported at once as one `UserError`. This module never imports 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import re
 import types
 import typing
@@ -33,9 +35,7 @@ def param(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     meta = {"help": help}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(
-            default_factory=lambda: type(value)(value), metadata=meta, **kw
-        )
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
         value = default
         return dataclasses.field(default_factory=lambda: value, metadata=meta, **kw)
@@ -51,7 +51,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) < len(get_args(tp)):
-            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+            return functools.reduce(operator.or_, args), True
     return tp, False
 
 
@@ -74,7 +74,9 @@ def type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert `value` (a CLI string or a YAML scalar) to `tp`; raise ValueError with a reason."""
     tp, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null", "~", ""}):
+    if value is None or (
+        optional and isinstance(value, str) and value.lower() in {"none", "null", "~", ""}
+    ):
         if optional:
             return None
         raise ValueError(f"{key}: got null, expected {type_name(tp)}")
@@ -91,9 +93,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         (inner,) = get_args(tp)[:1]
         items = value if isinstance(value, (list, tuple)) else [value]
-        return tuple(coerce(v, inner, key) for v in items) if origin is tuple else [
-            coerce(v, inner, key) for v in items
-        ]
+        return (
+            tuple(coerce(v, inner, key) for v in items)
+            if origin is tuple
+            else [coerce(v, inner, key) for v in items]
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: got '{value}', expected a mapping")
@@ -303,7 +307,9 @@ def parse_args(cls: type, argv: list[str]) -> Any:
                         i += 1
                     else:
                         value = "true"
-                elif key.startswith("no-") and _is_bool(_field_type(cls, key[3:].replace("-", "_")) or int):
+                elif key.startswith("no-") and _is_bool(
+                    _field_type(cls, key[3:].replace("-", "_")) or int
+                ):
                     key, value = key[3:], "false"
                 elif i < len(args):
                     value = args[i]
@@ -319,7 +325,9 @@ def parse_args(cls: type, argv: list[str]) -> Any:
         key = key.replace("-", "_")
         tp = _field_type(cls, key)
         if tp is not None and _is_list(tp):
-            _set_dotted(tree, key, [value] if key not in cli_lists else value, append=key in cli_lists)
+            _set_dotted(
+                tree, key, [value] if key not in cli_lists else value, append=key in cli_lists
+            )
             cli_lists.add(key)
         else:
             _set_dotted(tree, key, value, append=False)

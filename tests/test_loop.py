@@ -22,7 +22,9 @@ import pytest
 
 from lmloop.cli import main
 
-WORDS = "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park".split()
+WORDS = (
+    "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park".split()
+)
 ANSWER = "The little fox found a red ball in the park and took it home."
 
 
@@ -90,8 +92,12 @@ def _serve(model: str, db: Path, log: Path):
 def _chat(url: str, prompt: str) -> dict:
     r = httpx.post(
         url + "/v1/chat/completions",
-        json={"model": "demo", "messages": [{"role": "user", "content": prompt}],
-              "max_tokens": 8, "temperature": 0},  # fmt: skip
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },  # fmt: skip
         timeout=60,
     )
     assert r.status_code == 200, r.text
@@ -122,8 +128,10 @@ def test_whole_cycle_through_the_real_server(world, capsys):
         out = capsys.readouterr().out
         assert "PROMOTED demo v2" in out
         decision = json.loads((world["root"] / "loop-ok" / "cycle-1" / "decision.json").read_text())
-        assert decision["promote"] and decision["figures"]["candidate_feedback_loss"] < (
-            decision["figures"]["current_feedback_loss"]
+        assert (
+            decision["promote"]
+            and decision["figures"]["candidate_feedback_loss"]
+            < (decision["figures"]["current_feedback_loss"])
         )
         deadline = time.monotonic() + 30  # the server follows the registry and hot-reloads
         while time.monotonic() < deadline and _chat(url, "hello")["model_version"] != "v2":
