@@ -55,15 +55,15 @@ CONVERSATIONS = [
 class QuickstartConfig:
     out: str = param("runs/quickstart", "workspace for every artifact of the run")
     teacher: str = param("smollm2-135m-instruct", "the shipped model that writes the corpus")
-    stories: int = param(192, "stories the teacher writes for the corpus (cached)")
+    stories: int = param(256, "stories the teacher writes for the corpus (cached)")
     story_tokens: int = param(160, "tokens per story")
     vocab_size: int = param(2048, "BPE vocabulary of the model trained from scratch")
     hidden_size: int = param(128, "width of the model trained from scratch")
     num_layers: int = param(4, "its Transformer blocks")
     num_heads: int = param(4, "its attention heads")
-    seq_len: int = param(128, "its training sequence length (and context)")
+    seq_len: int = param(256, "its training sequence length (and context)")
     micro_batch: int = param(16, "sequences per step")
-    train_steps: int = param(400, "training steps from scratch")
+    train_steps: int = param(150, "training steps from scratch")
     conversations: int = param(12, "scripted conversations held through the HTTP API")
     answer_tokens: int = param(96, "tokens per answer in the scripted conversations")
     loop_steps: int = param(40, "fine-tuning steps of the loop cycle")
@@ -255,7 +255,8 @@ def run(cfg: QuickstartConfig) -> int:
             f"(chat page: {student.url}/)"
         )
         for i, prompt in enumerate(CONVERSATIONS[: cfg.conversations], 1):
-            s = student.chat(prompt, cfg.answer_tokens)
+            # the student's context is seq_len tokens: leave room for the prompt
+            s = student.chat(prompt, min(cfg.answer_tokens, cfg.seq_len // 2))
             s_text = s["choices"][0]["message"]["content"]
             if teacher:
                 t = teacher.chat(prompt, cfg.answer_tokens)
