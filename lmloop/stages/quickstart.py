@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,8 +201,8 @@ def run(cfg: QuickstartConfig) -> int:
         f"log_every={max(1, cfg.train_steps // 20)}",
         f"schedule.warmup_steps={max(1, cfg.train_steps // 10)}", "optim.lr=3e-3",
     ]  # fmt: skip
-    if (run_dir / "meta.json").exists():
-        train_args.append("--resume")
+    if run_dir.exists():  # a run from an earlier quickstart (perhaps on other data): start over
+        shutil.rmtree(run_dir)
     train_stage.run(parse_args(train_stage.TrainConfig, train_args))
     print(f"   loss and perplexity curves: {run_dir / 'curves.png'}")
 
