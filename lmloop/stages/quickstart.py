@@ -282,6 +282,7 @@ def run(cfg: QuickstartConfig) -> int:
                     "lr=1e-3",
                     "--new-cycle",
                     f"train_args=batch.micro_batch={cfg.micro_batch}",
+                    f"train_args=batch.global_batch={cfg.micro_batch}",
                     f"eval_window={cfg.seq_len}",
                 ],
             )  # fmt: skip
