@@ -361,18 +361,25 @@ def _field_text(record: Any, field: str, where: str) -> str | None:
     return value
 
 
-def _jsonl_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _jsonl_records(
+    f: Path, strict: bool, stats: dict[str, int] | None
+) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line of a JSONL file."""
     for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{f}:{lineno}: not valid JSON ({e.msg})", hint="one JSON object per line"
             ) from None
+
+
+def _jsonl_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    for lineno, record in _jsonl_records(f, strict, stats):
         if (
             spec.kind == "auto"
             and spec.field == "text"
@@ -503,13 +510,7 @@ def feedback_text(record: Any, where: str) -> str | None:
 def _feedback_docs(
     f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
 ) -> Iterator[str]:
-    for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, record in _jsonl_records(f, strict, stats):
         text = feedback_text(record, f"{f}:{lineno}")
         if text:
             yield text
