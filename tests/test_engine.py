@@ -12,7 +12,7 @@ from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
 from torch import nn
 
 from lmloop.engine import Engine, QueueFull, SamplingParams
-from lmloop.engine.fast import FastLlamaRunner, PackedLinear
+from lmloop.engine.fast import DecodeLinear, FastLlamaRunner
 from lmloop.engine.runner import ModelRunner
 from lmloop.engine.sampling import Sampler
 from lmloop.engine.text import TextStream
@@ -96,10 +96,21 @@ def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, fa
 def test_fast_path_is_used_for_llama(models):
     with Engine(models["llama"][1].model, models["llama"][1].tokenizer) as e:
         assert isinstance(e.runner, FastLlamaRunner)
-        if torch.backends.mkldnn.is_available():  # the x86 wheels this project installs
-            assert isinstance(e.runner.layers[0][0], PackedLinear)
+        assert isinstance(e.runner.layers[0][0], DecodeLinear)
     with Engine(models["gpt2"][1].model, models["gpt2"][1].tokenizer) as e:
         assert isinstance(e.runner, ModelRunner)
+
+
+@pytest.mark.parametrize("dims", [(48, 16), (16, 48)])  # widening, narrowing
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_matches_linear_at_every_row_count(dims, bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(dims[1], dims[0], bias=bias)
+    fast = DecodeLinear(lin)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, dims[1])
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
