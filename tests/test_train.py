@@ -325,6 +325,106 @@ def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path, data_dir):
         assert b[s] == pytest.approx(a[s], rel=1e-4)
 
 
+# ---- FSDP: 2 sharded processes == 1 process; checkpoints cross world sizes both ways ---------
+
+
+def _torchrun(*args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "lmloop.cli", "train", TINY, *args]  # fmt: skip
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def test_fsdp_two_processes_match_one_and_resume_across_world_sizes(tmp_path, data_dir):
+    # eval.batches=3: 3 validation micro-batches over 2 ranks, the uneven case FSDP must pad
+    args = ["--data", str(data_dir), "log_every=1", "eval.every=2", "eval.batches=3",
+            "schedule.kind=constant", "schedule.warmup_steps=0", "batch.micro_batch=2",
+            "batch.global_batch=8"]  # fmt: skip
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    proc = _torchrun(*args, "--parallel", "fsdp", "--max-steps", "3", "--out", str(fsdp))
+    try:
+        assert train(*args, "--max-steps", "5", "--out", str(one)) == 0  # meanwhile: reference
+    finally:
+        _finish(proc)
+    meta = json.loads((fsdp / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["latest"] == "step-0000003"
+    assert meta["config"]["parallel"] == "fsdp"
+    assert len(list((fsdp / "checkpoints").iterdir())) == 1  # written once, by rank 0
+    a, b = losses(one), losses(fsdp)
+    assert list(b) == [1, 2, 3]
+    for s in b:  # sharded reductions sum in another order: close, not bit-identical
+        assert b[s] == pytest.approx(a[s], rel=1e-5)
+    val = {r["step"]: r["val_loss"] for r in read_metrics(one / "metrics.jsonl") if "val_loss" in r}
+    vb = {r["step"]: r["val_loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "val_loss" in r}
+    assert vb[2] == pytest.approx(val[2], rel=1e-5)
+
+    # the checkpoint is the ordinary unsharded format: full weights, index-keyed optimizer state
+    import torch
+    from safetensors.torch import load_file
+
+    from lmloop.modelio import load_model
+
+    ck = fsdp / "checkpoints" / "step-0000003"
+    w = load_file(str(ck / "model.safetensors"))
+    assert w["model.embed_tokens.weight"].shape == (300, 64) and "lm_head.weight" not in w
+    opt = torch.load(ck / "train_state.pt", weights_only=False)["optimizers"][0]
+    ref = torch.load(one / "checkpoints/step-0000005/train_state.pt", weights_only=False)
+    ref = ref["optimizers"][0]
+    assert opt["param_groups"] == ref["param_groups"] and set(opt["state"]) == set(ref["state"])
+    for i, st in ref["state"].items():
+        assert {k: (type(v), v.shape) for k, v in opt["state"][i].items()} == {
+            k: (type(v), v.shape) for k, v in st.items()
+        }
+    assert load_model(fsdp).model.config.hidden_size == 64  # --model RUN_DIR reads it
+
+    # FSDP (2) -> one process for step 4 -> FSDP (2) again for step 5: the same losses
+    assert train(*args, "--max-steps", "4", "--out", str(fsdp), "--resume") == 0
+    _finish(_torchrun(*args, "parallel=fsdp", "--max-steps", "5", "--out", str(fsdp), "--resume"))
+    b = losses(fsdp)
+    assert list(b) == [1, 2, 3, 4, 5]
+    for s in (4, 5):
+        assert b[s] == pytest.approx(a[s], rel=1e-4)
+    vb = {r["step"]: r["val_loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "val_loss" in r}
+    assert vb[4] == pytest.approx(val[4], rel=1e-4)
+
+
+def test_fsdp_refusals_and_single_process(tmp_path, data_dir, tok, capsys):
+    d = ["--data", str(data_dir), "--max-steps", "1"]
+    assert train(*d, "--out", str(tmp_path / "a"), "parallel=zero") == 2
+    assert "parallel: got 'zero', expected one of ddp, fsdp" in capsys.readouterr().err
+    assert train(*d, "--out", str(tmp_path / "b"), "parallel=fsdp", "optim.name=muon") == 2
+    assert "muon is not supported with parallel=fsdp" in _err(capsys)
+    base = _tiny_model_dir(tmp_path / "base", tok)
+    assert train(*d, "--out", str(tmp_path / "c"), "parallel=fsdp", "--init-from", str(base),
+                 "lora.r=4") == 2  # fmt: skip
+    assert "LoRA (lora.r=4) is not supported with parallel=fsdp" in _err(capsys)
+    assert not any((tmp_path / x).exists() for x in "abc")
+    # in one process fsdp changes nothing: the same run as ddp, bit for bit
+    assert train(*d, "--out", str(tmp_path / "e"), "parallel=fsdp") == 0
+    assert train(*d, "--out", str(tmp_path / "f")) == 0
+    assert losses(tmp_path / "e") == losses(tmp_path / "f")
+
+
+def test_memory_estimate_divides_state_over_fsdp_shards():
+    from lmloop.models.llama import LlamaConfig
+    from lmloop.stages.train import memory_estimate
+
+    c = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    one = memory_estimate(c, 1000, 2, 64)
+    two = memory_estimate(c, 1000, 2, 64, shards=2)
+    assert two["weights"] == one["weights"] // 2 and two["optimizer"] == 4000
+    assert two["activations"] == one["activations"]
+
+
 # ---- LoRA -------------------------------------------------------------------------------
 
 

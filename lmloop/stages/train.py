@@ -4,6 +4,7 @@
     lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny --resume
     lmloop train configs/train/smollm2-finetune.yaml --data chats.jsonl --out runs/ft
     torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R
+    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R --parallel fsdp
 
 The loop is one `for` loop in `_fit`: schedule, gradient accumulation (loss normalized by the
 true number of target tokens across every micro-batch and process, the fix Hugging Face shipped
@@ -11,7 +12,9 @@ in late 2024), clipping, step, log, evaluate, save. Everything that decides a st
 either saved in the checkpoint (weights, optimizer state, RNG states) or a pure function of the
 step (learning rate, which samples form the batch), which is why a resumed run reproduces an
 uninterrupted one bit for bit on CPU, and why a run may resume under another world size.
-Under `torchrun` the same loop runs with DDP (gloo on CPU, NCCL on CUDA); rank 0 alone writes.
+Under `torchrun` the same loop runs with DDP (gloo on CPU, NCCL on CUDA), or with FSDP
+(`parallel=fsdp`: weights, gradients and optimizer state sharded over the processes, for models
+whose training state does not fit one device); rank 0 alone writes, in the same format either way.
 """
 
 from __future__ import annotations
@@ -142,6 +145,11 @@ class TrainConfig:
     keep_last: int = param(3, "checkpoints kept besides the best by validation loss")
     log_every: int = param(10, "log a line and a metrics.jsonl record every N steps")
     device: str = param("auto", "auto, cpu, cuda or cuda:N")
+    parallel: Literal["ddp", "fsdp"] = param(
+        "ddp",
+        "under torchrun: ddp (a model copy per process) or fsdp (weights, gradients and "
+        "optimizer state sharded over the processes); no effect in one process",
+    )
     compile: bool = param(False, "torch.compile the model (falls back to eager if it fails)")
     peak_tflops: float | None = param(
         None, "peak TFLOP/s per process for MFU; None: known GPUs only"
@@ -323,9 +331,17 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 
 
 def memory_estimate(
-    config: Any, trainable: int, micro_batch: int, seq_len: int, half_acts: bool = False
+    config: Any,
+    trainable: int,
+    micro_batch: int,
+    seq_len: int,
+    half_acts: bool = False,
+    shards: int = 1,
 ) -> dict[str, int]:
-    """Bytes for fp32 weights, gradients, AdamW moments and activations of one micro-batch.
+    """Bytes per process for fp32 weights, gradients, AdamW moments and one micro-batch's activations.
+
+    `shards` > 1 (FSDP) divides weights, gradients and moments over the processes; the one block
+    FSDP gathers at a time is small beside them and left out.
 
     Activations follow Korthikanti et al. 2022: s·b·h·34 bytes per layer at 16 bit (doubled for
     fp32; `half_acts` under bf16 autocast), without their 5·a·s²·b attention-matrix term because
@@ -336,9 +352,9 @@ def memory_estimate(
     n = count_params(config)[0]
     per_layer = seq_len * micro_batch * width * 34 * (1 if half_acts else 2)
     return {
-        "weights": 4 * n,
-        "grads": 4 * trainable,
-        "optimizer": 8 * trainable,
+        "weights": 4 * n // shards,
+        "grads": 4 * trainable // shards,
+        "optimizer": 8 * trainable // shards,
         "activations": int(layers * per_layer + 3 * 4 * micro_batch * seq_len * vocab),
     }
 
@@ -441,6 +457,20 @@ def run(cfg: TrainConfig) -> TrainResult | None:
         raise UserError("no training data given", hint="pass --data DIR (or an SFT .jsonl file)")
     if not cfg.out and not cfg.dry_run:
         raise UserError("no run dir given", hint="pass --out RUN_DIR")
+    if cfg.parallel == "fsdp" and cfg.optim.name == "muon":
+        # torch.optim.Muon runs on FSDP's DTensor shards without an error but orthogonalizes
+        # the wrong thing (its updates drift from the single-process ones): refuse, don't guess.
+        raise UserError(
+            "optim.name muon is not supported with parallel=fsdp",
+            hint="use optim.name=adamw with fsdp, or parallel=ddp for muon",
+        )
+    if cfg.parallel == "fsdp" and cfg.lora.r > 0:
+        # peft's wrapped modules under fully_shard, and merging adapters out of shards, are
+        # untested ground; LoRA's small optimizer state is what DDP handles well anyway.
+        raise UserError(
+            f"LoRA (lora.r={cfg.lora.r}) is not supported with parallel=fsdp",
+            hint="use parallel=ddp for LoRA fine-tuning",
+        )
     d = _init_dist(cfg)
     if not d.main:
         logging.getLogger("lmloop").setLevel(logging.WARNING)
@@ -669,13 +699,22 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         bpt = nbytes / ntok if ntok else None
 
     # -- device, wrappers, optimizers --
-    model = model.to(d.device).train()
+    fsdp = cfg.parallel == "fsdp" and d.world > 1
+    # under FSDP, fully_shard moves each block to the device as it shards it: the whole model
+    # never sits on one device at once
+    model = (model if fsdp else model.to(d.device)).train()
     raw = model
     if lora_on and state is not None:
         tl.load_adapter_state(raw, state["lora"])
+    if fsdp:
+        from lmloop.training import fsdp as tf
+
+        # in place: the parameters become DTensor shards, so optimizers are built after this
+        raw = model = tf.shard_model(raw, d.device, d.world)
+        log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
     opts = build_optimizers(raw, cfg.optim)
     params = [p for p in raw.parameters() if p.requires_grad]
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -692,7 +731,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     checkpoints: list[dict[str, Any]] = []
     if state is not None:
         for opt, sd in zip(opts, state["optimizers"], strict=True):
-            opt.load_state_dict(sd)
+            opt.load_state_dict(tf.shard_optimizer_state(opt, sd) if fsdp else sd)
         start = int(state["step"])
         checkpoints = [c for c in existing[1] if c["step"] <= start]
         ck.set_rng_state(state["rng"])
@@ -721,11 +760,11 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         write_json(run_dir / "config.json", _config_dict(cfg))
     run_extra = {"task": task, "world_size": d.world, "init_from": base_spec}
 
-    def train_state(step: int, val_loss: float | None) -> dict[str, Any]:
+    def train_state(step: int, val_loss: float | None, opt_states: list | None) -> dict[str, Any]:
         return {
             "step": step,
             "samples_seen": step * G,  # the data position: batches are a function of it
-            "optimizers": [o.state_dict() for o in opts],
+            "optimizers": opt_states if opt_states is not None else [o.state_dict() for o in opts],
             "scheduler": {"kind": cfg.schedule.kind, "step": step, "max_steps": cfg.max_steps},
             "rng": ck.rng_state(),
             "fingerprint": fingerprint,
@@ -738,11 +777,19 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
 
     def save(step: int, val_loss: float | None) -> None:
         nonlocal checkpoints
+        full_model = opt_states = None
+        if fsdp:  # gathered on every rank (collectives), kept on rank 0 only
+            full_model = tf.full_model_state(raw, d.main)
+            opt_states = [tf.full_optimizer_state(o, d.main) for o in opts]
         if d.main:
-            st = train_state(step, val_loss)
+            st = train_state(step, val_loss, opt_states)
 
             def write_model(tmp: Path) -> None:
                 m = tl.merged_model(raw) if lora_on else raw
+                if full_model is not None:
+                    from lmloop.models.adapter import build_loaded
+
+                    m = build_loaded(raw.config, full_model)  # an unsharded CPU copy to write
                 save_model(
                     tmp,
                     m,
@@ -776,12 +823,19 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             return None
         raw.eval()
         tot = torch.zeros(2, dtype=torch.float64)
-        for i, (x, y) in enumerate(val):
-            if i % d.world != d.rank:
+        # under FSDP each forward is a collective, so every rank runs as many forwards as the
+        # busiest one; a rank out of batches repeats its last one and counts nothing
+        rounds = math.ceil(len(val) / d.world) if fsdp else len(val)
+        for r in range(rounds):
+            i = r * d.world + d.rank if fsdp else r
+            if not fsdp and i % d.world != d.rank:
                 continue
+            x, y = val[min(i, len(val) - 1)]
             x, y = x.to(d.device), y.to(d.device)
             with autocast():
                 logits = raw(x)
+            if i >= len(val):
+                continue
             ls = F.cross_entropy(
                 logits.float().flatten(0, 1), y.flatten(), ignore_index=td.IGNORE, reduction="sum"
             )
@@ -824,12 +878,14 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             [float(sum(int((y != td.IGNORE).sum()) for _, y in micro))], dtype=torch.float64
         )
         total = float(_all_sum(n_tok, d)[0])
-        scale = d.world / total  # DDP averages gradients over ranks; undo that, divide by tokens
+        scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by tokens
         loss_sum = torch.zeros((), dtype=torch.float64)
         for k, (x, y) in enumerate(micro):
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             sync = contextlib.nullcontext()
-            if d.world > 1 and k < len(micro) - 1:
+            # FSDP reduce-scatters every micro-batch's gradients into the shards (the sum is the
+            # same): skipping that would hold whole unsharded gradients on each process
+            if d.world > 1 and not fsdp and k < len(micro) - 1:
                 sync = model.no_sync()  # all-reduce only on the last micro-batch
             with sync:
                 with autocast():
@@ -844,7 +900,10 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             loss_sum += ls.detach().double().cpu()
         loss = float(_all_sum(loss_sum.reshape(1), d)[0]) / total
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if fsdp:  # a DTensor over the shards' norms
+            gnorm = gnorm.full_tensor()
+        gnorm = float(gnorm)
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
@@ -989,9 +1048,16 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return to_dict(cfg)
 
 
+def _shards(cfg: TrainConfig, d: _Dist) -> int:
+    """Over how many processes the training state is split: the world under FSDP, else 1."""
+    return d.world if cfg.parallel == "fsdp" else 1
+
+
 def _check_memory(cfg: TrainConfig, config: Any, trainable: int, d: _Dist) -> None:
     cuda = d.device is not None and d.device.type == "cuda"
-    est = memory_estimate(config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len, cuda)
+    est = memory_estimate(
+        config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len, cuda, _shards(cfg, d)
+    )
     need = sum(est.values())
     avail = _available_memory(d.device) if d.device is not None else None
     if avail is not None and need > avail:
@@ -1048,7 +1114,9 @@ def _print_dry_run(
 
     n, ne = count_params(config)
     G, T = cfg.batch.global_batch, cfg.batch.seq_len
-    est = memory_estimate(config, trainable, cfg.batch.micro_batch, T, d.device.type == "cuda")
+    est = memory_estimate(
+        config, trainable, cfg.batch.micro_batch, T, d.device.type == "cuda", _shards(cfg, d)
+    )
     avail = _available_memory(d.device)
     tokens = G * T
     lines = [

@@ -7,4 +7,6 @@
   (seed, sample index), so resuming or changing the world size replays the same data.
 - `checkpoint`: atomic checkpoints with every RNG state, the run's meta.json, keep-last-K + best.
 - `lora`: LoRA adapters through `peft` on lmloop's own modules, and merging them for export.
+- `fsdp`: sharding a model with FSDP2 (`parallel=fsdp`), and gathering / re-sharding its
+  weights and optimizer state so checkpoints keep the single-process format.
 """
