@@ -1136,7 +1136,8 @@ def _print_dry_run(
 
 
 def _plot(run_dir: Path) -> None:
-    """RUN_DIR/curves.png: train and validation loss, and the learning rate, by step."""
+    """RUN_DIR/curves.png: loss, perplexity (log scale) and learning rate by step, train and
+    validation."""
     import io
 
     import matplotlib
@@ -1150,16 +1151,22 @@ def _plot(run_dir: Path) -> None:
     recs = read_metrics(run_dir / "metrics.jsonl")
     if not recs:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train")
+    fig, (a, p, b) = plt.subplots(1, 3, figsize=(14, 3.6))
+    steps = [r["step"] for r in recs]
     ev = [r for r in recs if "val_loss" in r]
-    if ev:
-        a.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val")
-    a.set_xlabel("step")
-    a.set_ylabel("loss")
-    a.legend()
-    a.grid(alpha=0.3)
-    b.plot([r["step"] for r in recs], [r["lr"] for r in recs])
+    for ax, key, vkey, label in (
+        (a, "loss", "val_loss", "loss"),
+        (p, "ppl", "val_ppl", "perplexity"),
+    ):
+        ax.plot(steps, [r.get(key, math.nan) for r in recs], label="train")
+        if ev:
+            ax.plot([r["step"] for r in ev], [r[vkey] for r in ev], "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    p.set_yscale("log")
+    b.plot(steps, [r["lr"] for r in recs])
     b.set_xlabel("step")
     b.set_ylabel("learning rate")
     b.grid(alpha=0.3)
