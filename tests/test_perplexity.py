@@ -260,3 +260,19 @@ def test_head_runs_only_on_scored_positions(loaded) -> None:
         h.remove()
     assert seen[:-1] and all(s[0] == 0 for s in seen[:-1])
     assert seen[-1] == (1, 3, loaded.model.config.vocab_size)
+
+
+def test_scoring_packs_linears_and_restores_them(loaded) -> None:
+    from lmloop.engine.fast import PackedLinear
+
+    before = {n: type(m) for n, m in loaded.model.named_modules()}
+    inside: list[bool] = []
+    h = loaded.model.register_forward_pre_hook(
+        lambda m, a: inside.append(any(isinstance(x, PackedLinear) for x in m.modules()))
+    )
+    try:
+        ppl.evaluate_texts(loaded, CORPUS[:1], window=32, show_progress=False)
+    finally:
+        h.remove()
+    assert inside and all(inside)  # the fast layout was in place while scoring
+    assert {n: type(m) for n, m in loaded.model.named_modules()} == before  # and is gone after
