@@ -244,12 +244,10 @@ class _HeadTap:
     def __enter__(self) -> _HeadTap:
         if self.head is not None:
             self._handle = self.head.register_forward_pre_hook(self._pre)
-            w = self.head.weight
-            if w.device.type == "cpu" and w.dtype == torch.float32:
-                from lmloop.engine.fast import PackedLinear
+            from lmloop.engine.fast import PackedLinear
 
-                packed = PackedLinear.pack(self.head)  # chunks of rows: packed is faster
-                self._head_fn = packed if packed is not self.head else None
+            packed = PackedLinear.pack(self.head)  # chunks of rows: packed is faster
+            self._head_fn = packed if packed is not self.head else None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -283,19 +281,17 @@ def _packed_linears(model: torch.nn.Module):
     is ~1.5x faster than the stock sgemm on this project's CPU (see lmloop.engine.fast). The
     same weights, so figures move by float rounding only (tested against the reference loops).
     The output head is left in place: `_HeadTap` packs its own copy."""
-    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-    p = next(model.parameters(), None)
-    if p is not None and p.device.type == "cpu" and p.dtype == torch.float32:
-        from lmloop.engine.fast import PackedLinear
+    from lmloop.engine.fast import PackedLinear
 
-        head = getattr(model, "lm_head", None)
-        for mod in list(model.modules()):
-            for name, child in list(mod.named_children()):
-                if type(child) is torch.nn.Linear and child is not head:
-                    packed = PackedLinear.pack(child)
-                    if packed is not child:
-                        mod._modules[name] = packed
-                        swapped.append((mod, name, child))
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    head = getattr(model, "lm_head", None)
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is torch.nn.Linear and child is not head:
+                packed = PackedLinear.pack(child)  # the linear itself unless fp32 on the CPU
+                if packed is not child:
+                    mod._modules[name] = packed
+                    swapped.append((mod, name, child))
     try:
         yield
     finally:

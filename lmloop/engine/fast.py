@@ -142,6 +142,9 @@ class PackedLinear(nn.Module):
 
     @staticmethod
     def pack(lin: nn.Linear) -> nn.Module:
+        w = lin.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            return lin  # the packed kernels are for fp32 on the CPU
         try:
             if not torch.backends.mkldnn.is_available():
                 return lin

@@ -823,13 +823,12 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             return None
         raw.eval()
         tot = torch.zeros(2, dtype=torch.float64)
-        # under FSDP each forward is a collective, so every rank runs as many forwards as the
-        # busiest one; a rank out of batches repeats its last one and counts nothing
-        rounds = math.ceil(len(val) / d.world) if fsdp else len(val)
-        for r in range(rounds):
-            i = r * d.world + d.rank if fsdp else r
-            if not fsdp and i % d.world != d.rank:
-                continue
+        # Rank r scores batches r, r + world, ... Under FSDP each forward is a collective, so
+        # every rank runs as many forwards as the busiest one: a rank out of batches repeats its
+        # last one and counts nothing.
+        for i in range(d.rank, math.ceil(len(val) / d.world) * d.world, d.world):
+            if i >= len(val) and not fsdp:
+                break
             x, y = val[min(i, len(val) - 1)]
             x, y = x.to(d.device), y.to(d.device)
             with autocast():
