@@ -309,7 +309,10 @@ def test_queue_full_and_bad_requests(models, tok):
     assert "40" in str(e) and "30" in str(e) and str(ctx) in str(e)
     for bad in (
         dict(max_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
-        dict(top_k=-1), dict(stop=[""]), dict(logprobs=99),
+        dict(top_k=-1), dict(stop=[""]), dict(logprobs=99), dict(temperature=float("nan")),
+        dict(temperature=float("inf")), dict(temperature="1"), dict(top_p=True),
+        dict(repetition_penalty=1e-300), dict(repetition_penalty=0), dict(min_p=float("nan")),
+        dict(presence_penalty=float("inf")),
     ):  # fmt: skip
         with pytest.raises(UserError):
             engine.submit(ids, SamplingParams(**bad))
@@ -369,3 +372,51 @@ def test_a_failing_model_ends_requests_with_error_and_the_worker_survives(tok):
             engine.complete([5], SamplingParams(max_tokens=10, temperature=0))
         assert engine.complete([5], SamplingParams(max_tokens=2, temperature=0)).token_ids
         assert engine.alive and engine.num_running == 0
+
+
+# ---- one bad sequence never hurts another --------------------------------------------------
+def test_a_temperature_too_small_to_divide_by_is_greedy(models, tok):
+    lm = models["llama"][1]
+    ids = _prompts(tok)[0]
+    with Engine(lm.model, lm.tokenizer) as engine:
+        want = engine.complete(ids, GREEDY).token_ids
+        for t in (1e-300, 1e-6, 5e-324):
+            p = SamplingParams(max_tokens=12, temperature=t, seed=1, ignore_eos=True)
+            assert engine.complete(ids, p).token_ids == want, t
+
+
+def test_a_sequence_whose_sampling_fails_ends_alone(models, tok, monkeypatch):
+    """15 sampled sequences give the same tokens alone and beside one whose sampler blows up
+    mid-way (its logits overflow to inf, the softmax to NaN, torch.multinomial raises)."""
+    import lmloop.engine.core as core
+
+    class Poisoned(Sampler):
+        calls = 0
+
+        def pick(self, logits):
+            self.calls += 1
+            if self.p.seed == 666 and self.calls > 3:  # what temperature=1e-300 used to do
+                return int(torch.multinomial(torch.softmax(logits / 1e-300, -1), 1))
+            return super().pick(logits)
+
+    monkeypatch.setattr(core, "Sampler", Poisoned)
+    lm = models["llama"][1]
+    prompts = [tok.encode(f"Once upon a time {i}") for i in range(15)]
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=10 + i % 4, temperature=1.0, seed=i, ignore_eos=True)
+
+    with Engine(lm.model, lm.tokenizer, max_batch=16) as engine:
+        alone = [engine.complete(p, params(i)) for i, p in enumerate(prompts)]
+        handles = [engine.submit(p, params(i)) for i, p in enumerate(prompts[:7])]
+        bad = engine.submit(prompts[0], SamplingParams(**{**params(0).__dict__, "seed": 666}))
+        handles += [engine.submit(p, params(i + 7)) for i, p in enumerate(prompts[7:])]
+        outs = list(bad)
+        together = [h.result() for h in handles]
+        assert engine.alive and engine.num_running == 0 and engine.num_waiting == 0
+    assert outs[-1].finish_reason == "error"
+    assert "sampling failed after 3 tokens" in outs[-1].error
+    assert "probability tensor" in outs[-1].error
+    assert [len(o.token_ids) for o in outs[:-1]] == [1, 1, 1]
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids and a.text == b.text and b.finish_reason == "length"

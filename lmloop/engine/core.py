@@ -339,8 +339,12 @@ class Engine:
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
-        token = seq.sampler.pick(logits)
-        out = self._accept(seq, token, logits)
+        try:
+            out = self._accept(seq, seq.sampler.pick(logits), logits)
+        except Exception as e:  # noqa: BLE001 - this sequence ends alone
+            self._release(seq)
+            self._finish(seq, "error", error=_sampling_error(seq, e))
+            return
         if out.finished:
             self._release(seq)  # before the caller hears of it: num_running is already right
         seq.handle._push(out)
@@ -359,15 +363,22 @@ class Engine:
         for s in running:
             s.pos += 1
         greedy = torch.argmax(logits, dim=-1).tolist()
-        outs = []
+        outs, failed = [], []
         for i, seq in enumerate(running):
-            token = greedy[i] if seq.sampler.plain_greedy else seq.sampler.pick(logits[i])
-            outs.append((seq, self._accept(seq, token, logits[i])))
-        for seq, out in sorted(outs, key=lambda so: -so[0].row):
-            if out.finished:
-                self._release(seq)
+            # A sequence whose sampling fails ends alone; the others' rows, samplers and
+            # outputs are untouched, so they continue exactly as if it had finished normally.
+            try:
+                token = greedy[i] if seq.sampler.plain_greedy else seq.sampler.pick(logits[i])
+                outs.append((seq, self._accept(seq, token, logits[i])))
+            except Exception as e:  # noqa: BLE001
+                failed.append((seq, _sampling_error(seq, e)))
+        leaving = [seq for seq, out in outs if out.finished] + [seq for seq, _ in failed]
+        for seq in sorted(leaving, key=lambda s: -s.row):
+            self._release(seq)
         for seq, out in outs:
             seq.handle._push(out)
+        for seq, error in failed:
+            self._finish(seq, "error", error=error)
 
     def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> StepOutput:
         """Record one sampled token; its output (to push once rows are settled)."""
@@ -427,6 +438,15 @@ class Engine:
         seq.handle._push(
             StepOutput("", [], None, True, reason, len(seq.prompt), seq.n_gen, error=error)
         )
+
+
+def _sampling_error(seq: _Seq, e: Exception) -> str:
+    p = seq.params
+    log.warning("request %d: sampling failed: %s: %s", seq.handle.id, type(e).__name__, e)
+    return (
+        f"sampling failed after {seq.n_gen} tokens (temperature {p.temperature}, "
+        f"repetition_penalty {p.repetition_penalty}): {type(e).__name__}: {e}"
+    )
 
 
 def default_threads() -> int:

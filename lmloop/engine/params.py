@@ -5,11 +5,17 @@ Kept free of torch so request validation (the server, the CLI) stays cheap to im
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmloop.errors import UserError
 
 MAX_TOP_LOGPROBS = 20
+# Below this temperature sampling is greedy: dividing logits by it overflows float32 (1e-300 turns
+# every logit into inf and the softmax into NaN). vLLM draws the same line (`_SAMPLING_EPS`).
+MIN_TEMPERATURE = 1e-5
+# Beyond these a repetition penalty overflows or flattens float32 logits; 1 means off.
+PENALTY_RANGE = (1e-2, 1e2)
 
 
 class QueueFull(Exception):
@@ -19,7 +25,7 @@ class QueueFull(Exception):
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0  # 0: off
@@ -40,7 +46,14 @@ class SamplingParams:
             raise bad("max_tokens", self.max_tokens, "an integer >= 1")
         if self.max_tokens <= 0:
             raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not self.temperature >= 0:  # also catches NaN
+        for name in (
+            "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty",
+        ):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise bad(name, v, "a finite number")
+        if not self.temperature >= 0:
             raise bad("temperature", self.temperature, "a number >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", self.top_p, "a number in (0, 1]")
@@ -48,8 +61,11 @@ class SamplingParams:
             raise bad("top_k", self.top_k, "an integer >= 0 (0 means off)")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "a number in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 means off)")
+        lo, hi = PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
+            raise bad(
+                "repetition_penalty", self.repetition_penalty, f"a number in [{lo}, {hi}] (1: off)"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not -2 <= v <= 2:
@@ -70,7 +86,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalized(self) -> bool:
