@@ -79,3 +79,42 @@ def test_admin_needs_a_configured_key_and_cors_is_off(tmp_path):
             headers={"origin": "https://ok.example", "access-control-request-method": "POST"},
         )
         assert pre.headers["access-control-allow-origin"] == "https://ok.example"
+
+
+def test_time_per_output_token_follows_one_choice_not_their_sum(model):
+    from lmloop.server.metrics import ServerMetrics
+
+    m = ServerMetrics(lambda: [])
+    # 4 choices decoded side by side: 9 s after the first token, the longest made 9 more tokens
+    m.observe_request("tiny", "v1", prompt_tokens=5, completion_tokens=[10, 10, 4, 1], ttft=1.0,
+                      total=10.0)  # fmt: skip
+    text = m.render().decode()
+    assert 'lmloop_time_per_output_token_seconds_sum{model="tiny",version="v1"} 1.0' in text
+    assert 'lmloop_completion_tokens_total{model="tiny",version="v1"} 25.0' in text
+    # and the server hands the metrics one count per choice
+    seen = []
+    with TestClient(create_app(ServerSettings(model=str(model)))) as client:
+        _ready(client)
+        metrics = client.app.state.lmloop.metrics
+        real = metrics.observe_request
+        metrics.observe_request = lambda *a, **kw: (seen.append(kw), real(*a, **kw))
+        body = {"messages": MSGS, "max_tokens": 6, "n": 3, "seed": 1, "temperature": 1.0}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+    assert len(seen) == 1 and len(seen[0]["completion_tokens"]) == 3
+    assert sum(seen[0]["completion_tokens"]) == r.json()["usage"]["completion_tokens"]
+
+
+def test_shutdown_lets_running_requests_finish(model):
+    from lmloop.engine import SamplingParams
+    from lmloop.server.slot import ModelSlot
+
+    for timeout, want in ((60.0, "length"), (0.0, "cancelled")):
+        slot = ModelSlot(str(model))
+        engine = slot.load().engine
+        p = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+        handle = engine.submit(engine.encode_prompt("Go on"), p)
+        slot.shutdown(timeout)
+        outs = list(handle)
+        assert outs[-1].finish_reason == want, timeout
+        assert slot.current is None and not engine.alive

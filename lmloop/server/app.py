@@ -510,7 +510,7 @@ class _Job:
             for t in tasks:
                 t.cancel()
 
-    def observe(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def observe(self, prompt_tokens: int, completion_tokens: list[int]) -> None:
         ttft = None if self.first_token_at is None else self.first_token_at - self.t0
         self.state.metrics.observe_request(
             self.served.model_id,
@@ -783,7 +783,7 @@ class _Context:
                 len(self.prompts[k // n][0]),
                 self.completion_tokens[k],
             )
-        self.job.observe(self.prompt_tokens, sum(self.completion_tokens))
+        self.job.observe(self.prompt_tokens, list(self.completion_tokens))
 
     # ---- whole response ----
     async def collect(self) -> dict[str, Any]:

@@ -84,18 +84,19 @@ class ServerMetrics:
         version: str,
         *,
         prompt_tokens: int,
-        completion_tokens: int,
+        completion_tokens: list[int],
         ttft: float | None,
         total: float,
     ) -> None:
+        """`completion_tokens`: one count per choice. The choices decode side by side in the
+        batch, so time per output token follows the longest one, not their sum."""
         self.prompt_tokens.labels(model, version).inc(prompt_tokens)
-        self.completion_tokens.labels(model, version).inc(completion_tokens)
+        self.completion_tokens.labels(model, version).inc(sum(completion_tokens))
+        longest = max(completion_tokens, default=0)
         if ttft is not None:
             self.ttft.labels(model, version).observe(ttft)
-            if completion_tokens > 1:
-                self.tpot.labels(model, version).observe(
-                    max(0.0, total - ttft) / (completion_tokens - 1)
-                )
+            if longest > 1:
+                self.tpot.labels(model, version).observe(max(0.0, total - ttft) / (longest - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

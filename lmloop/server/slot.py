@@ -206,17 +206,28 @@ class ModelSlot:
 
     # ---- shutdown ---------------------------------------------------------------------------
     def shutdown(self, timeout: float) -> None:
-        """Stop every engine, letting running requests finish within `timeout` seconds."""
+        """Take no new requests, let running and queued ones finish within `timeout` seconds,
+        then stop every engine (what is still running then ends as 'cancelled')."""
         with self._lock:
             everything = self.all_served_unlocked()
             self.current = None
             self._retired = []
+        deadline = time.monotonic() + timeout
         for served in everything:
-            _stop_engine(served.engine, timeout)
+            while _busy(served.engine) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            _stop_engine(served.engine, max(1.0, deadline - time.monotonic()))
 
     def all_served_unlocked(self) -> list[Served]:
         cur = [self.current] if self.current is not None else []
         return cur + [s for s in self._retired if s is not self.current]
+
+
+def _busy(engine: Any) -> bool:
+    try:
+        return bool(engine.alive and (engine.num_running or engine.num_waiting))
+    except Exception:  # noqa: BLE001 - a broken engine has nothing left to drain
+        return False
 
 
 def _stop_engine(engine: Any, timeout: float) -> None:
