@@ -298,6 +298,7 @@ def test_every_route_requires_the_key(server):
 # ---- malformed input ------------------------------------------------------------------------
 
 CHAT = "/v1/chat/completions"
+FB = "/v1/feedback"
 J = {"content-type": "application/json"}
 
 
@@ -356,6 +357,20 @@ def _cases():
         ("prompt object", "/v1/completions", dump({"prompt": {"a": 1}}).encode(), J, 400),
         ("logprobs high", "/v1/completions", dump({"prompt": "x", "logprobs": 6}).encode(), J, 400),
         ("feedback garbage", "/v1/feedback", b"{{", J, 400),
+        ("feedback text/plain", FB, dump({"response_id": "x", "thumb": "up"}).encode(), {"content-type": "text/plain"}, 400),
+        ("feedback deep nesting", FB, b'{"response_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", J, 400),
+        ("feedback deep value", FB, b'{"response_id": "x", "thumb": ' + b'{"a":' * 950 + b"1" + b"}" * 950 + b"}", J, 400),
+        ("feedback surrogate correction", FB, b'{"response_id": "chatcmpl-nope", "correction": "\\ud800"}', J, 400),
+        ("feedback surrogate id", FB, b'{"response_id": "\\ud800", "thumb": "up"}', J, 400),
+        ("feedback NaN", FB, b'{"response_id": "x", "rating": NaN}', J, 400),
+        ("feedback rating huge", FB, dump({"response_id": "x", "rating": 10**30}).encode(), J, 400),
+        ("feedback rating 1e400", FB, b'{"response_id": "x", "rating": 1e400}', J, 400),
+        ("feedback rating 5000 digits", FB, b'{"response_id": "x", "rating": 1' + b"0" * 5000 + b"}", J, 400),
+        ("feedback id not string", FB, dump({"response_id": 12, "thumb": "up"}).encode(), J, 400),
+        ("feedback flag number", FB, dump({"response_id": "x", "flag": 1}).encode(), J, 400),
+        ("feedback correction object", FB, dump({"response_id": "x", "correction": {"a": 1}}).encode(), J, 400),
+        ("feedback extra field", FB, dump({"response_id": "x", "thumb": "up", "user": "me"}).encode(), J, 400),
+        ("feedback too large", FB, b'{"response_id": "x", "reason": "' + b"a" * (1 << 20) + b'"}', J, 413),
         ("feedback unknown id", "/v1/feedback", dump({"response_id": "chatcmpl-nope", "thumb": "up"}).encode(), J, 404),
         ("admin reload bad", "/admin/reload", dump({"model": 5}).encode(), J, 400),
     ]  # fmt: skip
@@ -432,6 +447,36 @@ def test_32_concurrent_streams(server):
         assert events[-1] == "data: [DONE]"
         finishes = [json.loads(e[6:])["choices"] for e in events[:-1]]
         assert finishes[-1][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_poisoned_request_never_hurts_the_others(server, http):
+    """temperature=1e-300 once overflowed the sampler (inf logits, NaN softmax) and failed every
+    sequence in its batch. Now it is greedy, and 15 seeded requests beside it answer exactly as
+    they do alone (a sampling failure that still happens ends its own sequence only:
+    test_engine's test_a_sequence_whose_sampling_fails_ends_alone)."""
+
+    def body(i: int, **kw) -> dict:
+        return {"model": "tiny", "prompt": f"client {i} says", "max_tokens": 12,
+                "temperature": 1.0, "seed": i, **kw}  # fmt: skip
+
+    def text(r: httpx.Response) -> str:
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    alone = [text(http.post("/v1/completions", json=body(i))) for i in range(15)]
+    greedy = text(http.post("/v1/completions", json=body(0, temperature=0)))
+    bodies = [body(i) for i in range(15)]
+    bodies.insert(7, body(0, temperature=1e-300))
+
+    async def main():
+        async with httpx.AsyncClient(
+            base_url=server.url, headers=server.headers(), timeout=120
+        ) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    texts = [text(r) for r in asyncio.run(main())]
+    assert texts.pop(7) == greedy
+    assert texts == alone
 
 
 def _busy(server) -> int:

@@ -6,8 +6,9 @@ Run it with `lmloop serve --model M` (lmloop.stages.serve), or build the app you
     app = create_app(ServerSettings(model="smollm2-135m-instruct", db="feedback.db"))
 
 Modules: `app` (routes, generation, streaming), `protocol` (request parsing and validation),
-`errors` (OpenAI error shape), `auth` (API key), `metrics` (Prometheus), `slot` (the served
-model: background load, hot reload, drain), `static/` (the chat page).
+`errors` (OpenAI error shape), `feedback` (`POST /v1/feedback`), `auth` (API key), `metrics`
+(Prometheus), `slot` (the served model: background load, hot reload, drain), `static/` (the
+chat page).
 """
 
 from lmloop.server.app import ServerSettings, create_app

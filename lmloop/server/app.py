@@ -5,7 +5,7 @@
     # uvicorn.run(app, host="127.0.0.1", port=8000)  -- what `lmloop serve` does
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (SSE streaming
-when `stream` is true), `POST /v1/feedback` (lmloop.feedback_api), `POST /admin/reload`,
+when `stream` is true), `POST /v1/feedback` (lmloop.server.feedback), `POST /admin/reload`,
 `GET /health`, `GET /metrics`, and the chat page at `GET /`.
 
 Every generation goes through the engine's continuous batching: the handler submits the prompt
@@ -36,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from lmloop.errors import UserError
 from lmloop.server.auth import APIKeyMiddleware
 from lmloop.server.errors import APIError, install_error_handlers
+from lmloop.server.feedback import feedback_router
 from lmloop.server.metrics import CONTENT_TYPE, ServerMetrics
 from lmloop.server.protocol import (
     ChatRequest,
@@ -138,9 +139,9 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     install_error_handlers(app)
     _routes(app, state)
 
-    from lmloop.feedback_api import feedback_router
-
-    app.include_router(feedback_router(lambda: _require_store(state)))
+    app.include_router(
+        feedback_router(lambda: _require_store(state), max_body_bytes=settings.max_body_bytes)
+    )
 
     # Middleware: the last added runs first. CORS (only when asked) must answer preflights
     # before auth; the body cap runs after auth so strangers cannot make us buffer.

@@ -61,9 +61,11 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
         msg = str(e) if isinstance(e, ValueError) else "nested too deeply"
         raise APIError(400, f"the request body is not valid JSON: {msg[:200]}") from None
     if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {_kind(body)}")
+        raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
     try:  # a `\ud800` escape decodes to a lone surrogate: not text any tokenizer can take
         json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:  # parsed just under the limit, too deep to walk again
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     except UnicodeEncodeError:
         raise APIError(
             400, "the request body holds an invalid \\u escape (lone surrogate)"
@@ -77,10 +79,10 @@ def _too_large(max_bytes: int) -> APIError:
     )
 
 
-def _kind(v: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number"
-    )
+def json_kind(v: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (for messages that must not echo it)."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    return kinds.get(type(v), "null" if v is None else "a number")
 
 
 class StreamOptions(BaseModel):

@@ -1,5 +1,6 @@
-"""POST /v1/feedback: status codes, OpenAI error shape, and 8 x 1,000 concurrent posts through a
-real uvicorn server with no row lost, no 5xx and no "database is locked"."""
+"""POST /v1/feedback (lmloop.server.feedback): status codes, OpenAI error shape, and 8 x 1,000
+concurrent posts through a real uvicorn server with no row lost, no 5xx and no "database is
+locked". Malformed bodies through the whole server are in test_server_api's battery."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from lmloop.feedback_api import feedback_router
+from lmloop.server.errors import install_error_handlers
+from lmloop.server.feedback import feedback_router
 from lmloop.store import FeedbackStore
 
 MSGS = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def feedback_app(store: FeedbackStore, max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(feedback_router(lambda: store, max_body_bytes=max_body_bytes))
+    return app
 
 
 def _record(store: FeedbackStore, rid: str, text: str = "4", msgs=MSGS) -> str:
@@ -34,9 +43,7 @@ def client(tmp_path):
     _record(store, "chatcmpl-a", "4")
     _record(store, "chatcmpl-b", "four")
     _record(store, "chatcmpl-other", "hi", msgs=[{"role": "user", "content": "hello"}])
-    app = FastAPI()
-    app.include_router(feedback_router(lambda: store))
-    with TestClient(app) as c:
+    with TestClient(feedback_app(store)) as c:
         yield c, store
     store.close()
 
@@ -114,6 +121,23 @@ def test_unknown_response_is_404(client):
          "preferred_over"),
         (json.dumps({"response_id": "chatcmpl-a", "preferred_over": "chatcmpl-other"}).encode(),
          "preferred_over"),
+        # what used to answer 500: deep nesting (RecursionError), lone surrogates (SQLite)
+        (b'{"response_id": "chatcmpl-a", "reason": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         None),
+        (b'{"response_id": "chatcmpl-a", "thumb": "up", "x": ' + b'{"a":' * 950 + b"1"
+         + b"}" * 950 + b"}", "x"),
+        (b'{"response_id": "chatcmpl-a", "thumb": ' + b'{"a":' * 950 + b"1" + b"}" * 950 + b"}",
+         "thumb"),
+        (b'{"response_id": "chatcmpl-a", "correction": "\\ud800"}', None),
+        (b'{"response_id": "\\udfff", "thumb": "up"}', None),
+        (b'{"response_id": "chatcmpl-a", "rating": NaN}', None),
+        (b'{"response_id": "chatcmpl-a", "rating": 1e400}', "rating"),
+        (b'{"response_id": "chatcmpl-a", "rating": 1' + b"0" * 5000 + b"}", None),
+        (json.dumps({"response_id": "chatcmpl-a", "rating": 10**30}).encode(), "rating"),
+        (json.dumps({"response_id": ["chatcmpl-a"], "thumb": "up"}).encode(), "response_id"),
+        (json.dumps({"response_id": "chatcmpl-a", "correction": {"text": "x"}}).encode(),
+         "correction"),
+        (json.dumps({"response_id": "chatcmpl-a", "flag": 1}).encode(), "flag"),
     ],
 )  # fmt: skip
 def test_malformed_is_400(client, body, param):
@@ -121,7 +145,21 @@ def test_malformed_is_400(client, body, param):
     r = c.post("/v1/feedback", content=body, headers={"content-type": "application/json"})
     e = _err(r, 400, param)
     assert e["type"] == "invalid_request_error"
+    assert len(e["message"]) < 300  # names the problem, never echoes a huge value
     assert store.counts()["feedback"] == 0
+
+
+def test_body_reader_is_the_openai_routes(tmp_path):
+    """Content type and size cap as on /v1/chat/completions: the server's `--max-body-bytes`."""
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        _record(store, "chatcmpl-a")
+        with TestClient(feedback_app(store, max_body_bytes=100)) as c:
+            ok = {"response_id": "chatcmpl-a", "thumb": "up"}
+            e = _err(c.post("/v1/feedback", content=json.dumps(ok)), 400)
+            assert e["code"] == "invalid_content_type"
+            e = _err(c.post("/v1/feedback", json={**ok, "reason": "x" * 200}), 413)
+            assert e["code"] == "request_too_large" and "100 bytes" in e["message"]
+            assert c.post("/v1/feedback", json=ok).status_code == 200
 
 
 # ---- the concurrency test: a real server in its own process, 8 keep-alive clients --------------
@@ -129,10 +167,12 @@ def test_malformed_is_400(client, body, param):
 SERVER = r"""
 import socket, sys, uvicorn
 from fastapi import FastAPI
-from lmloop.feedback_api import feedback_router
+from lmloop.server.errors import install_error_handlers
+from lmloop.server.feedback import feedback_router
 from lmloop.store import FeedbackStore
 store = FeedbackStore(sys.argv[1])
 app = FastAPI()
+install_error_handlers(app)
 app.include_router(feedback_router(lambda: store))
 # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
 # TCP, and without it every response waits ~40 ms on Nagle + delayed ACK.
@@ -213,9 +253,7 @@ def test_concurrent_posts_through_real_server_lose_nothing(tmp_path):
 def test_no_client_address_is_stored(tmp_path):
     store = FeedbackStore(tmp_path / "fb.db")
     _record(store, "chatcmpl-a")
-    app = FastAPI()
-    app.include_router(feedback_router(lambda: store))
-    with TestClient(app, client=("203.0.113.77", 50000)) as c:
+    with TestClient(feedback_app(store), client=("203.0.113.77", 50000)) as c:
         r = c.post("/v1/feedback", json={"response_id": "chatcmpl-a", "thumb": "up"})
         assert r.status_code == 200
     store.close()
