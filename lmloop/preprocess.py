@@ -1,8 +1,8 @@
 """Preprocessing steps, each a function over a batch of documents with its state passed in.
 
 The data stage chains them: `clean_batch` (Unicode NFC, control characters, whitespace, length
-limits) -> `scrub_pii` (optional) -> `exact_dedup` (hash of normalized text) -> `NearDedup.filter`
-(MinHash LSH) -> `assign_split` (deterministic, by document hash) -> `is_contaminated` (long
+limits) -> `lmloop.pii.scrub_batch` (optional) -> `exact_dedup` (hash of normalized text) ->
+`NearDedup.filter` (MinHash LSH) -> `assign_split` (deterministic, by document hash) -> `is_contaminated` (long
 n-gram overlap with the evaluation split, as in GPT-3, Brown et al. 2020, appendix C).
 No step keeps hidden global state: whatever a step remembers (the hashes seen, the LSH index)
 is an object the caller owns, so the same steps could run per partition on Ray Data or Spark.
@@ -68,45 +68,6 @@ def clean_batch(
         else:
             kept.append(text)
     return kept, counts
-
-
-# ---- PII -------------------------------------------------------------------------------------
-_EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
-)
-_IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]\d)"
-)
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
-# An optional country code, an optional area code, then a 3-4 digit + 4 digit local number with
-# separators: matches 555-123-4567, (555) 123 4567, +44 20 7946 0958; not years or verse numbers.
-_PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])?\d{3,4}[ .-]\d{4}(?!\w)"
-)
-PII_PLACEHOLDERS = {"email": "[EMAIL]", "ip": "[IP]", "phone": "[PHONE]"}
-
-
-def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
-    """Replace e-mail addresses, IP addresses and phone numbers with placeholders; count each."""
-    counts = {"email": 0, "phone": 0, "ip": 0}
-    # e-mails first (they may hold digits), then IPs (dotted digits a phone pattern could eat)
-    text, counts["email"] = _EMAIL.subn(PII_PLACEHOLDERS["email"], text)
-    text, n4 = _IPV4.subn(PII_PLACEHOLDERS["ip"], text)
-    text, n6 = _IPV6.subn(PII_PLACEHOLDERS["ip"], text)
-    counts["ip"] = n4 + n6
-    text, counts["phone"] = _PHONE.subn(PII_PLACEHOLDERS["phone"], text)
-    return text, counts
-
-
-def scrub_batch(texts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
-    out: list[str] = []
-    total = {"email": 0, "phone": 0, "ip": 0}
-    for t in texts:
-        t, c = scrub_pii(t)
-        out.append(t)
-        for k, v in c.items():
-            total[k] += v
-    return out, total
 
 
 # ---- exact and near duplicates ---------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmloop.cli import main
+from lmloop.pii import PII_KINDS
 from lmloop.preprocess import normalize_text
 from lmloop.shards import open_split, read_data_meta
 from lmloop.tokenizer import Tokenizer
@@ -119,7 +120,7 @@ def test_weights_pii_and_given_tokenizer(corpus, tmp_path):
     ]  # fmt: skip
     assert main(args) == 0
     meta = read_data_meta(out)
-    assert meta["pii"] == {"email": 1, "phone": 1, "ip": 1}
+    assert meta["pii"] == {**dict.fromkeys(PII_KINDS, 0), "email": 1, "phone": 1, "ip": 1}
     assert meta["tokenizer"]["sha256"] == Tokenizer.load(tok_dir).sha256
     stories, contacts = meta["sources"]
     assert stories["documents_kept"] == 41 and contacts["documents_kept"] == 1

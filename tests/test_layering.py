@@ -6,7 +6,17 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lmloop"
-FOUNDATION = {"errors", "config", "artifacts", "log", "cli", "store", "registry", "feedback_api"}
+FOUNDATION = {
+    "errors",
+    "config",
+    "artifacts",
+    "log",
+    "cli",
+    "store",
+    "registry",
+    "feedback_api",
+    "pii",
+}
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 

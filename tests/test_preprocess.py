@@ -1,4 +1,4 @@
-"""Preprocessing steps: cleaning, PII, exact and near dedup, split, mixing, decontamination."""
+"""Preprocessing steps: cleaning, exact and near dedup, split, mixing, decontamination."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from lmloop.preprocess import (
     is_contaminated,
     ngram_hashes,
     normalize_text,
-    scrub_pii,
 )
 
 
@@ -29,17 +28,6 @@ def test_clean_batch_counts_lengths():
     )
     assert kept == ["long enough text"]
     assert counts == {"empty": 1, "too_short": 1, "too_long": 1}
-
-
-def test_scrub_pii_counts_each_kind():
-    text = (
-        "Mail jane.doe+x@example.co.uk, call (555) 123-4567 or +44 20 7946 0958, "
-        "server 10.0.0.255. Genesis 1:1, year 1611, 3.14159."
-    )
-    out, counts = scrub_pii(text)
-    assert counts == {"email": 1, "phone": 2, "ip": 1}
-    assert "[EMAIL]" in out and "[PHONE]" in out and "[IP]" in out
-    assert "Genesis 1:1, year 1611, 3.14159." in out
 
 
 def test_exact_dedup_ignores_case_and_spacing():

@@ -39,6 +39,7 @@ from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, wr
 from lmloop.config import param, to_dict
 from lmloop.errors import UserError
 from lmloop.log import progress
+from lmloop.pii import PII_KINDS, scrub_batch
 from lmloop.preprocess import (
     NearDedup,
     WordHashes,
@@ -53,7 +54,6 @@ from lmloop.preprocess import (
     ngram_hashes,
     normalize_text,
     save_bpe,
-    scrub_batch,
     sorted_unique,
     train_bpe,
 )
@@ -93,7 +93,7 @@ class DataConfig:
     near_dedup_threshold: float = param(
         0.8, "estimated Jaccard similarity that counts as duplicate"
     )
-    scrub_pii: bool = param(False, "replace e-mail addresses, phone numbers and IPs (counted)")
+    scrub_pii: bool = param(False, "replace PII with tags, counted (e-mail, phone, card, key...)")
     decontaminate: bool = param(True, "drop train documents sharing an n-gram with val/test")
     decontaminate_with: list[SourceSpec] = param(
         [], "extra evaluation sets train documents must not overlap (e.g. a benchmark's test set)"
@@ -132,7 +132,7 @@ class _Stats:
         )
     )
     replaced: dict[str, int] = field(default_factory=lambda: {"invalid_utf8": 0})
-    pii: dict[str, int] = field(default_factory=lambda: {"email": 0, "phone": 0, "ip": 0})
+    pii: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PII_KINDS, 0))
     sources: list[dict[str, Any]] = field(default_factory=list)
     splits: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in SPLITS}
@@ -487,7 +487,8 @@ def _report(meta: dict[str, Any], lengths: dict[str, np.ndarray]) -> str:
     lines += [f"- invalid UTF-8 sequences replaced: {meta['replaced']['invalid_utf8']:,}"]
     if meta["config"]["scrub_pii"]:
         pii = meta["pii"]
-        lines += [f"- PII replaced: {pii['email']} e-mail, {pii['phone']} phone, {pii['ip']} IP"]
+        found = ", ".join(f"{n} {k}" for k, n in pii.items() if n) or "none"
+        lines += [f"- PII replaced: {found}"]
     lines += ["", "| source | weight | read | kept | train tokens |", "|---|---:|---:|---:|---:|"]
     for s in meta["sources"]:
         lines.append(
