@@ -27,6 +27,16 @@ from lmloop.errors import UserError
 META = "meta.json"
 
 
+def lmloop_home() -> Path:
+    """`$LMLOOP_HOME` (default `~/.lmloop`): the registry, the feedback database, caches."""
+    return Path(os.environ.get("LMLOOP_HOME") or "~/.lmloop").expanduser()
+
+
+def cache_dir() -> Path:
+    """Caches (converted models, synthetic corpora); `$LMLOOP_CACHE` overrides `HOME/cache`."""
+    return Path(os.environ.get("LMLOOP_CACHE") or lmloop_home() / "cache").expanduser()
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 

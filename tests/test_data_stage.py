@@ -203,15 +203,13 @@ def test_bad_inputs_exit_2_without_output(corpus, tmp_path, capsys):
 
 
 def test_tokenizer_by_installed_model_name(corpus, tmp_path, monkeypatch):
-    import sys
-    import types
+    from lmloop import modelspec
 
     tok_dir = tmp_path / "tok"
     assert main(["tokenizer", "train", "--source", str(corpus["path"]), "--vocab-size", "300",
                  "--out", str(tok_dir)]) == 0  # fmt: skip
-    fake = types.ModuleType("lmloop.modelio")
-    fake.installed_models = lambda: {"tiny-model": tok_dir / "tokenizer.json"}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lmloop.modelio", fake)
+    fake = {"tiny-model": tok_dir / "tokenizer.json"}
+    monkeypatch.setattr(modelspec, "installed_models", lambda: fake)
     out = tmp_path / "d"
     args = ["data", "--source", str(corpus["path"]), "--out", str(out), "--tokenizer", "tiny-model"]
     assert main(args) == 0

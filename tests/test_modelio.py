@@ -9,10 +9,12 @@ import pytest
 import torch
 from modelkit import lmloop_gpt, lmloop_llama, tiny_tokenizer
 
-from lmloop import modelio
+from lmloop import modelio, modelspec
 from lmloop.artifacts import atomic_dir, read_meta, write_json
 from lmloop.errors import UserError
-from lmloop.modelio import installed_models, load_model, save_model
+from lmloop.modelio import load_model, save_model
+from lmloop.modelspec import installed_models
+from lmloop.registry import split_spec
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +136,16 @@ def test_registry_specs(tmp_path, tok, monkeypatch):
     d = _save(tmp_path / "v1", lmloop_llama(tok.vocab_size), tok)
 
     class FakeRegistry:
-        def current(self, name):
-            return ("0003", d) if name == "mine" else None
+        def names(self):
+            return ["mine"]
 
-        def show(self, name, version=None):
-            return {"name": name, "version": version, "path": str(d)}
+        def resolve(self, spec):
+            name, version = split_spec(spec)
+            if name != "mine":
+                raise UserError(f"no current version of registered model '{name}'")
+            return name, version or "0003", d
 
-    monkeypatch.setattr(modelio, "_registry", FakeRegistry)
+    monkeypatch.setattr(modelspec, "Registry", FakeRegistry)
     lm = load_model("registry:mine")
     assert (lm.name, lm.version) == ("mine", "0003")
     lm = load_model("mine@0002")
@@ -167,6 +172,7 @@ def test_real_registry_round_trip(tmp_path, tok, monkeypatch):
     assert _first(lm) == float(second.model.embed_tokens.weight[0, 0].detach())
     old = load_model(f"tiny@{v1}")
     assert old.version == v1
+    assert load_model(f"registry:tiny@{v1}").version == v1
     assert _first(old) == float(first.model.embed_tokens.weight[0, 0].detach())
     with pytest.raises(UserError):
         load_model("tiny@v9")

@@ -20,6 +20,7 @@ def _model(path: Path, seed: str) -> Path:
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(seed.encode() * 100)
     (path / "config.json").write_text(json.dumps({"family": "llama", "seed": seed}))
+    (path / "meta.json").write_text(json.dumps({"schema": "lmloop.model", "format_version": 1}))
     (path / "tokenizer").mkdir()
     (path / "tokenizer" / "tokenizer.json").write_text("{}")
     return path

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmloop.errors import UserError
+from lmloop.registry import Registry, split_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +60,20 @@ class Served:
 
 
 def _registry_name(spec: str) -> str | None:
-    if spec.startswith(REGISTRY_PREFIX):
-        return spec[len(REGISTRY_PREFIX) :].split("@", 1)[0]
-    return None
+    return split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
 
 
 def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str | None]:
     """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
 
-    A `registry:NAME` spec is resolved here (not only inside modelio) so the version the API
-    reports is the registry's own version string, the one `lmloop models list` shows.
+    A `registry:NAME` model is labelled with the registry's own version string (the one
+    `lmloop models list` shows) by `lmloop.modelio`, so no override is needed here.
     """
-    from lmloop.engine import Engine
-    from lmloop.modelio import load_model
+    from lmloop.engine import load_engine
 
-    version = None
-    name = _registry_name(spec)
-    if name is not None and "@" not in spec:
-        from lmloop.registry import Registry
-
-        cur = Registry().current(name)
-        if cur is None:
-            raise UserError(
-                f"registry model '{name}' has no current version",
-                hint=f"register and promote one first (`lmloop models list {name}`)",
-            )
-        version, path = cur
-        loaded = load_model(str(path))
-    else:
-        loaded = load_model(spec)
-    engine = Engine(loaded.model, loaded.tokenizer, **engine_kw)
+    engine, loaded = load_engine(spec, **engine_kw)
     engine.start()
-    return engine, loaded, version
+    return engine, loaded, None
 
 
 class ModelSlot:
@@ -183,11 +165,9 @@ class ModelSlot:
 
     # ---- registry following -----------------------------------------------------------------
     def registry_version(self) -> str | None:
-        name = _registry_name(self.spec)
-        if name is None or "@" in self.spec:
+        name, version = split_spec(self.spec)
+        if not self.spec.startswith(REGISTRY_PREFIX) or version is not None:
             return None
-        from lmloop.registry import Registry
-
         cur = Registry().current(name)
         return None if cur is None else str(cur[0])
 

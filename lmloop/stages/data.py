@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from lmloop import __version__
+from lmloop import __version__, modelspec
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
 from lmloop.config import param, to_dict
 from lmloop.errors import UserError
@@ -240,14 +240,8 @@ def load_tokenizer(spec: str) -> Tokenizer | FileTokenizer:
     """A tokenizer from a path (json, folder, .gguf, train run) or an installed model name."""
     p = Path(spec).expanduser()
     if p.exists():
-        if p.is_dir() and peek_schema(p) == "lmloop.run":
-            import json
-
-            meta = json.loads((p / "meta.json").read_text())
-            ckpt = meta.get("best") or meta.get("latest")
-            if not ckpt:
-                raise UserError(f"train run {p} has no checkpoint yet")
-            p = p / "checkpoints" / ckpt if (p / "checkpoints" / ckpt).exists() else p / ckpt
+        if p.is_dir() and modelspec.is_run_dir(p):
+            p = modelspec.run_checkpoint(p)
         folder = p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").is_file() else p
         if folder.is_dir() and (folder / "tokenizer.json").is_file():
             files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
@@ -255,12 +249,7 @@ def load_tokenizer(spec: str) -> Tokenizer | FileTokenizer:
         if p.is_file() and p.name.endswith(".json"):
             return FileTokenizer(_backend_from_file(p), str(p), [p])
         return Tokenizer.load(p)  # GGUF files, slow-tokenizer folders: through transformers
-    try:
-        from lmloop.modelio import installed_models
-    except ImportError:
-        installed: dict[str, Path] = {}
-    else:
-        installed = dict(installed_models())
+    installed = modelspec.installed_models()
     if spec in installed:
         return load_tokenizer(str(installed[spec]))
     names = ", ".join(sorted(installed)) or "none"

@@ -339,8 +339,6 @@ def _with_weight(source: str, weight: float) -> str:
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    meta = json.loads((run_dir / "meta.json").read_text())
-    name = meta.get("best") or meta.get("latest")
-    if not name:
-        raise UserError(f"{run_dir} has no checkpoint to register")
-    return run_dir / "checkpoints" / name if not Path(name).is_absolute() else Path(name)
+    from lmloop.modelspec import run_checkpoint
+
+    return run_checkpoint(run_dir)

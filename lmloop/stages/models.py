@@ -20,6 +20,7 @@ from typing import Any
 
 from lmloop.config import param
 from lmloop.errors import UserError
+from lmloop.modelspec import locate
 from lmloop.registry import Registry, split_spec
 
 _REGISTRY_HELP = "registry folder (default: $LMLOOP_HOME/registry, i.e. ~/.lmloop/registry)"
@@ -60,7 +61,10 @@ class RollbackConfig:
 class RegisterConfig:
     __positional__ = ("name", "model")
     name: str = param(help="model name to register under (letters, digits, . _ -)")
-    model: str = param(help="the model folder (or file) to copy into the registry")
+    model: str = param(
+        help="the model to copy into the registry: any --model spec (a checkpoint or run folder, "
+        "a Hugging Face folder, a .gguf file, an installed short name, NAME@VERSION)"
+    )
     parent: str | None = param(None, "the version this one was derived from (e.g. v1)")
     lineage: str | None = param(None, "a JSON file of lineage (data hashes, config, eval)")
     promote: bool = param(False, "make the new version current")
@@ -153,7 +157,8 @@ def run_register(cfg: RegisterConfig) -> str:
         if not isinstance(lineage, dict):
             raise UserError(f"lineage file {p} must hold a JSON object")
     reg = Registry(cfg.registry)
-    version = reg.register(cfg.name, cfg.model, parent=cfg.parent, lineage=lineage)
+    source = locate(cfg.model, reg).path  # any `--model` spec; a run gives its best checkpoint
+    version = reg.register(cfg.name, source, parent=cfg.parent, lineage=lineage)
     if cfg.promote:
         reg.promote(cfg.name, version)
     print(f"{cfg.name}: registered {version}" + (" (current)" if cfg.promote else ""))

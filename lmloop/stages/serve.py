@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmloop.artifacts import lmloop_home
 from lmloop.config import param
 from lmloop.errors import UserError
 
@@ -81,8 +82,7 @@ def is_loopback(host: str) -> bool:
 
 
 def default_db() -> Path:
-    home = os.environ.get("LMLOOP_HOME") or os.path.join(os.path.expanduser("~"), ".lmloop")
-    return Path(home) / "feedback.db"
+    return lmloop_home() / "feedback.db"
 
 
 def run(cfg: ServeConfig) -> int:
