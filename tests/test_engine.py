@@ -151,6 +151,29 @@ def test_logprobs_match_full_forward(models, tok):
         seq.append(lp.token_id)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompt_logprobs_match_full_forward(models, tok, family):
+    lm = models[family][1]
+    ids = _prompts(tok)[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(torch.tensor([ids]))[0], -1)  # (T, V)
+    with Engine(lm.model, lm.tokenizer) as engine:
+        scored = engine.complete(ids, SamplingParams(max_tokens=0, prompt_logprobs=2))
+        both = engine.complete(ids, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0))
+        plain = engine.complete(ids, SamplingParams(max_tokens=3, temperature=0))
+        with pytest.raises(UserError, match="max_tokens"):
+            engine.submit(ids, SamplingParams(max_tokens=0))
+    assert scored.token_ids == [] and scored.finish_reason == "length"
+    plps = scored.prompt_logprobs
+    assert len(plps) == len(ids) and plps[0] is None
+    for t in range(1, len(ids)):
+        assert plps[t].token_id == ids[t] and plps[t].token == lm.tokenizer.decode([ids[t]])
+        assert plps[t].logprob == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        assert [i for _, i, _ in plps[t].top] == torch.topk(ref[t - 1], 2).indices.tolist()
+    assert [lp.logprob for lp in both.prompt_logprobs[1:]] == [lp.logprob for lp in plps[1:]]
+    assert both.prompt_logprobs[1].top == [] and both.token_ids == plain.token_ids
+
+
 def test_seed_gives_the_same_text_whatever_shares_the_batch(models, tok):
     lm = models["llama"][1]
     ids = _prompts(tok)[1]

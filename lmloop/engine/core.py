@@ -207,7 +207,7 @@ class Engine:
         ctx = self._ctx
         if prompt_tokens == 0:
             raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
-        if prompt_tokens >= ctx:
+        if prompt_tokens >= ctx + (params.max_tokens == 0):  # scoring only: the whole context
             raise UserError(
                 f"the prompt is {prompt_tokens} tokens, longer than the context of {ctx} tokens",
                 hint="shorten the prompt",
@@ -333,11 +333,23 @@ class Engine:
             seq.sampler = Sampler(p, seq.prompt, self.vocab)
             seq.stream = TextStream(self._decode_ids, seq.prompt, p.stop)
             seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
-            logits = self.runner.prefill(seq.row, seq.prompt)
+            plps = None
+            if p.prompt_logprobs is None:
+                logits = self.runner.prefill(seq.row, seq.prompt)
+            else:
+                every = self.runner.prefill(seq.row, seq.prompt, every_position=True)  # (T, V)
+                plps = self._prompt_logprobs(seq.prompt, every, p.prompt_logprobs)
+                logits = every[-1]
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
             log.exception("prefill failed")
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            return
+        if p.max_tokens == 0:  # scoring only
+            self._release(seq)
+            seq.handle._push(
+                StepOutput("", [], None, True, "length", len(seq.prompt), 0, prompt_logprobs=plps)
+            )
             return
         try:
             out = self._accept(seq, seq.sampler.pick(logits), logits)
@@ -345,6 +357,7 @@ class Engine:
             self._release(seq)
             self._finish(seq, "error", error=_sampling_error(seq, e))
             return
+        out.prompt_logprobs = plps
         if out.finished:
             self._release(seq)  # before the caller hears of it: num_running is already right
         seq.handle._push(out)
@@ -403,6 +416,22 @@ class Engine:
                 reason = "length"
         finished = reason is not None
         return StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
+
+    def _prompt_logprobs(
+        self, ids: list[int], logits: torch.Tensor, n: int
+    ) -> list[TokenLogprob | None]:
+        """Token t's logprob under the logits at t-1 (+ the top n there); None for token 0."""
+        d = self._decode_ids
+        out: list[TokenLogprob | None] = [None]
+        for start in range(0, len(ids) - 1, 256):  # log-softmax a few rows at a time: T x V
+            lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
+            nxt = torch.tensor(ids[start + 1 : start + 1 + len(lp)])
+            lp = lp[: len(nxt)]
+            chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            vals, top = torch.topk(lp, n) if n > 0 else (lp[:, :0], lp[:, :0].long())
+            for t, c, vs, ts in zip(nxt.tolist(), chosen, vals.tolist(), top.tolist()):
+                out.append(TokenLogprob(d([t]), t, c, [(d([i]), i, v) for i, v in zip(ts, vs)]))
+        return out
 
     def _release(self, seq: _Seq) -> None:
         """Take a sequence out of the running rows, moving the last row into its place."""

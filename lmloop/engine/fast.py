@@ -339,7 +339,7 @@ class FastLlamaRunner:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + torch.roll(x, self.D // 2, dims=-1) * sin
 
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+    def prefill(self, row: int, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
         T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
         x = F.embedding(torch.tensor(ids), self.embed)  # (T, C)
         cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]  # (T, 1, D)
@@ -360,6 +360,8 @@ class FastLlamaRunner:
             x = x + o(y[0].transpose(0, 1).reshape(T, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
+        if every_position:  # (T, V): prompt scoring
+            return self.lm_head(self._norm(x, self.final_norm))
         return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -36,16 +36,20 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: off; 0: chosen token only; N: chosen + top-N
+    # Each prompt token's logprob given the tokens before it (+ top-N), as vLLM's
+    # `prompt_logprobs`: what `echo` scoring needs. With it, max_tokens may be 0 (score only).
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False  # benchmarks: do not stop at the tokenizer's stop ids
 
     def validate(self) -> SamplingParams:
         def bad(what: str, value: object, expected: str) -> UserError:
             return UserError(f"invalid {what}: {value!r}, expected {expected}")
 
+        least = 0 if self.prompt_logprobs is not None else 1
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if self.max_tokens <= 0:
-            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
+            raise bad("max_tokens", self.max_tokens, f"an integer >= {least}")
+        if self.max_tokens < least:
+            raise bad("max_tokens", self.max_tokens, "an integer >= 1 (0 only to score a prompt)")
         for name in (
             "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
             "frequency_penalty",
@@ -76,8 +80,12 @@ class SamplingParams:
             raise bad("stop", self.stop, "non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "token ids >= 0")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise bad("logprobs", self.logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS
+            ):
+                raise bad(name, v, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
@@ -115,6 +123,9 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # the reason, when finish_reason == "error"
+    # On the first output when asked: one entry per prompt token, None for the first (nothing
+    # before it predicts it), as vLLM returns them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -127,21 +138,25 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @classmethod
     def from_steps(cls, steps) -> Completion:
-        text, ids, lps = [], [], None
+        text, ids, lps, plps = [], [], None, None
         last = None
         for s in steps:
             text.append(s.text)
             ids += s.token_ids
             if s.logprobs is not None:
                 lps = (lps or []) + s.logprobs
+            if s.prompt_logprobs is not None:
+                plps = s.prompt_logprobs
             last = s
         if last is None:
             raise RuntimeError("the request produced no output")
         if last.finish_reason == "error":
             raise RuntimeError(f"generation failed: {last.error}")
         return cls(
-            "".join(text), ids, lps, last.finish_reason, last.prompt_tokens, last.completion_tokens
-        )
+            "".join(text), ids, lps, last.finish_reason, last.prompt_tokens,
+            last.completion_tokens, plps,
+        )  # fmt: skip

@@ -38,12 +38,14 @@ class ModelRunner:
         self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")
         self.max_len = max_len
 
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Write a prompt into `row` (positions 0..len-1); logits of its last token (V,)."""
+    def prefill(self, row: int, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
+        """Write a prompt into `row` (positions 0..len-1); logits of its last token (V,), or of
+        every token (T, V) with `every_position`."""
         self.cache.reset_rows([row])
         x = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(len(ids))[None]
-        return self.model(x, pos, CacheRows(self.cache, row, row + 1))[0, -1]
+        logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
+        return logits if every_position else logits[-1]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own position; logits (n, V)."""
