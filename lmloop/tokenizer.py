@@ -10,10 +10,13 @@ pretrained one are chatted with the same way.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from lmloop.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -59,9 +62,18 @@ class Tokenizer:
             if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists():
                 try:
                     hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-                except Exception:  # noqa: BLE001 - fall back to the bare tokenizer.json
+                except Exception as e:  # noqa: BLE001 - fall back to the bare tokenizer.json
+                    why = f"{type(e).__name__}: {e}"
                     if not (p / "tokenizer.json").exists():
-                        raise UserError(f"cannot load the tokenizer in {p}") from None
+                        raise UserError(f"cannot load the tokenizer in {p}: {why}") from None
+                    # Said out loud: the config's special tokens and chat template are lost.
+                    log.warning(
+                        "cannot load the tokenizer in %s with its tokenizer_config.json (%s); "
+                        "using the bare tokenizer.json, without the config's special-token "
+                        "settings or chat template",
+                        p,
+                        why,
+                    )
                     return cls._from_json_file(p / "tokenizer.json")
                 if not isinstance(hf, PreTrainedTokenizerFast):
                     raise UserError(f"{p} holds a slow tokenizer; lmloop needs tokenizer.json")
