@@ -30,9 +30,16 @@ _FALSE = {"false", "no", "off", "0", "n"}
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
-def param(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """A documented config field. Lists and dicts get a fresh copy per instance."""
-    meta = {"help": help}
+def param(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    *,
+    inline: bool = False,
+    **kw: Any,
+) -> Any:
+    """A documented config field. Lists and dicts get a fresh copy per instance. An `inline`
+    nested spec's fields are set without its name (`--temperature`, not `--sampling.temperature`)."""
+    meta = {"help": help, "inline": inline}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
@@ -153,6 +160,17 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _inline(cls: type) -> dict[str, type]:
+    """Field name -> type of each inline nested spec of `cls`."""
+    hints = _hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")}
+
+
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key a config accepts (nested dataclasses expanded)."""
     keys = []
@@ -160,7 +178,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     for name in _field_names(cls):
         tp, _ = _unwrap_optional(hints[name])
         if dataclasses.is_dataclass(tp):
-            keys += all_keys(tp, prefix + name + ".")
+            keys += all_keys(tp, prefix + ("" if name in _inline(cls) else name + "."))
         else:
             keys.append(prefix + name)
     return keys
@@ -172,6 +190,11 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
     errors = [] if errors is None else errors
     hints = _hints(cls)
     names = _field_names(cls)
+    values = dict(values)
+    for name, tp in _inline(cls).items():  # its flat keys move under its own name
+        moved = {k: values.pop(k) for k in list(values) if k.replace("-", "_") in _hints(tp)}
+        if moved:
+            values[name] = {**(values.get(name) or {}), **moved}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
@@ -184,6 +207,9 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
         tp, _ = _unwrap_optional(hints[name])
         try:
             if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+                base = _default(cls, name)  # a spec given in part keeps its field's defaults
+                if isinstance(base, tp):
+                    value = {f.name: getattr(base, f.name) for f in dataclasses.fields(tp)} | value
                 kwargs[name] = build(tp, value, prefix + name + ".", errors)
             else:
                 kwargs[name] = coerce(value, hints[name], prefix + name)
@@ -264,6 +290,9 @@ def _field_type(cls: type, dotted: str) -> Any | None:
         if not dataclasses.is_dataclass(tp):
             return None
         hints = _hints(tp)
+        for inner in _inline(tp).values():
+            if part not in hints and part in _hints(inner):
+                hints = _hints(inner)
         if part not in hints:
             return None
         tp = hints[part]
@@ -383,21 +412,18 @@ def format_help(cls: type, command: str, summary: str) -> str:
         lines.insert(1, f"       positional: {' '.join(p.upper() for p in pos)}")
     lines.append("options:")
 
-    def walk(c: type, prefix: str) -> None:
+    def walk(c: type, prefix: str, base: Any = None) -> None:
         hints = _hints(c)
         for f in dataclasses.fields(c):
             if not f.init:
                 continue
             tp, _ = _unwrap_optional(hints[f.name])
+            default = _default(c, f.name) if base is None else getattr(base, f.name)
             if dataclasses.is_dataclass(tp):
-                walk(tp, prefix + f.name + ".")
+                inner = default if isinstance(default, tp) else None
+                walk(tp, prefix + ("" if f.metadata.get("inline") else f.name + "."), inner)
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = "(required)"
+            default = "(required)" if default is dataclasses.MISSING else default
             flag = "--" + (prefix + f.name).replace("_", "-")
             lines.append(f"  {flag} {type_name(hints[f.name])}  [default: {default}]")
             helptext = f.metadata.get("help", "")

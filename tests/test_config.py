@@ -102,3 +102,17 @@ def test_bad_yaml_file(tmp_path):
         parse_args(Demo, [str(p)])
     with pytest.raises(UserError, match="config file not found"):
         parse_args(Demo, [str(tmp_path / "missing.yaml")])
+
+
+def test_inline_spec_keeps_flat_flags_and_its_field_defaults():
+    from lmloop.stages.generate import ChatConfig, GenerateConfig
+
+    cfg = parse_args(ChatConfig, ["--temperature", "0", "--stop", "a", "--stop", "b"])
+    assert (cfg.sampling.temperature, cfg.sampling.max_tokens) == (0.0, 256)  # chat's default
+    assert cfg.sampling.stop == ["a", "b"]
+    assert parse_args(ChatConfig, ["sampling.top_k=5"]).sampling.top_k == 5
+    assert parse_args(GenerateConfig, ["--max-tokens", "7"]).sampling.max_tokens == 7
+    assert parse_args(GenerateConfig, []).sampling.temperature == 0.8
+    with pytest.raises(UserError, match="did you mean 'temperature'"):
+        parse_args(ChatConfig, ["--temprature", "0"])
+    assert "--temperature float  [default: 0.7]" in format_help(ChatConfig, "chat", "")

@@ -22,6 +22,7 @@ from typing import Any
 
 from lmloop.config import param
 from lmloop.errors import UserError
+from lmloop.sampling import SamplingSpec
 
 LINE_OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
 
@@ -38,16 +39,7 @@ class GenerateConfig:
     out: str = param("", "with --prompts: write results here as JSONL (default: stdout)")
     chat: bool = param(False, "render --prompt as a user message with the model's chat template")
     system: str = param("", "with --chat: a system message")
-    max_tokens: int = param(128, "most new tokens per prompt")
-    temperature: float = param(0.8, "sampling temperature; 0 = greedy")
-    top_p: float = param(0.95, "nucleus sampling: keep the most likely tokens up to this mass")
-    top_k: int = param(0, "keep only the k most likely tokens (0 = off)")
-    min_p: float = param(0.0, "drop tokens less likely than min_p x the top token (0 = off)")
-    repetition_penalty: float = param(1.0, "divide the logits of seen tokens (1 = off)")
-    presence_penalty: float = param(0.0, "OpenAI presence penalty, -2..2")
-    frequency_penalty: float = param(0.0, "OpenAI frequency penalty, -2..2")
-    seed: int | None = param(None, "sampling seed: the same seed and prompt give the same text")
-    stop: list[str] = param([], "stop string (repeatable); never included in the output")
+    sampling: SamplingSpec = param(SamplingSpec(), "sampling settings", inline=True)
     logprobs: int | None = param(None, "with --json: log-probabilities, plus this many top ones")
     json: bool = param(False, "print one JSON object (text, token counts) instead of streaming")
     int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
@@ -59,27 +51,15 @@ class GenerateConfig:
 class ChatConfig:
     model: str = param("smollm2-135m-instruct", "model spec (as for `lmloop generate`)")
     system: str = param("", "a system message starting the conversation")
-    max_tokens: int = param(256, "most new tokens per answer")
-    temperature: float = param(0.7, "sampling temperature; 0 = greedy")
-    top_p: float = param(0.95, "nucleus sampling mass")
-    top_k: int = param(0, "keep only the k most likely tokens (0 = off)")
-    repetition_penalty: float = param(1.0, "divide the logits of seen tokens (1 = off)")
-    seed: int | None = param(None, "sampling seed")
+    sampling: SamplingSpec = param(
+        SamplingSpec(max_tokens=256, temperature=0.7), "sampling settings", inline=True
+    )
     int8: bool = param(False, "int8 weights for faster CPU decode")
     threads: int = param(0, "torch CPU threads (0 = torch's default)")
 
 
 def _params(cfg: Any, **over: Any):
-    from lmloop.engine import SamplingParams
-
-    fields = (
-        "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-        "presence_penalty", "frequency_penalty", "seed", "stop", "logprobs",
-    )  # fmt: skip
-    kw = {f: getattr(cfg, f) for f in fields if hasattr(cfg, f)}
-    kw["stop"] = list(kw.get("stop") or [])
-    kw.update(over)
-    return SamplingParams(**kw).validate()
+    return cfg.sampling.params(**{"logprobs": getattr(cfg, "logprobs", None), **over})
 
 
 def _load(cfg: Any, **kw: Any):
