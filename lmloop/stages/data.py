@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -104,6 +104,17 @@ class DataConfig:
     shard_tokens: int = param(100_000_000, "tokens per shard file at most")
     batch_chars: int = param(1 << 20, "characters per tokenization batch")
     force: bool = param(False, "rebuild even when the output is up to date")
+    engine: Literal["local", "ray"] = param(
+        "local", "local: one process; ray: Ray tasks on a cluster (pip install 'lmloop[ray]')"
+    )
+    ray_address: str = param(
+        "", "engine=ray: the cluster to join ('auto': the one `ray start` began); empty: a new one"
+    )
+
+
+# How the data is made, not what: left out of the fingerprint and of meta.json's config, so the
+# same config gives the same bytes (and a reusable output) under either engine.
+EXECUTION_FIELDS = ("out", "force", "engine", "ray_address")
 
 
 @dataclass
@@ -279,6 +290,36 @@ def eos_of(tok: Tokenizer | FileTokenizer) -> int:
 
 
 # ---- pass 1: read, clean, filter, split --------------------------------------------------------
+def source_info(spec: SourceSpec) -> dict[str, Any]:
+    """A source's entry in meta.json's `sources`, with its counters at zero."""
+    info = {"path": spec.path, "kind": spec.kind, "weight": spec.weight, "documents_read": 0}
+    info.update({"documents_kept": 0, "train_tokens": 0})
+    return info
+
+
+def clean(cfg: DataConfig, batch: list[str], stats: _Stats) -> list[str]:
+    """Normalize, filter by length and (optionally) scrub a batch; counts go to `stats`."""
+    texts, counts = clean_batch(batch, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
+    for k, v in counts.items():
+        stats.removed[k] += v
+    if cfg.scrub_pii:
+        texts, pii = scrub_batch(texts)
+        for k, v in pii.items():
+            stats.pii[k] += v
+    return texts
+
+
+def keyed(cfg: DataConfig, spec: SourceSpec) -> bool:
+    """Whether documents need their hash: it decides dedup, split and fractional weights."""
+    return bool(cfg.dedup or cfg.val_fraction + cfg.test_fraction > 0 or spec.weight % 1)
+
+
+def place(cfg: DataConfig, spec: SourceSpec, key: bytes, is_keyed: bool) -> tuple[str, int]:
+    """(split, copies) of a kept document: by its hash, and its source's weight for train."""
+    split = assign_split(key, cfg.val_fraction, cfg.test_fraction) if is_keyed else "train"
+    return split, copies(key, spec.weight) if split == "train" else 1
+
+
 def _doc_batches(docs: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
@@ -298,22 +339,14 @@ def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
     near = NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     for si, spec in enumerate(cfg.source):
         utf8: dict[str, int] = {}
-        info = {"path": spec.path, "kind": spec.kind, "weight": spec.weight, "documents_read": 0}
-        info.update({"documents_kept": 0, "train_tokens": 0})
+        info = source_info(spec)
         stats.sources.append(info)
         raw = iter_documents(spec, strict_utf8=cfg.strict_utf8, stats=utf8)
+        is_keyed = keyed(cfg, spec)  # skip the hash when nothing needs it
         for batch in _doc_batches(raw, 1024, cfg.batch_chars):
             info["documents_read"] += len(batch)
-            texts, counts = clean_batch(batch, min_chars=cfg.min_chars, max_chars=cfg.max_chars)
-            for k, v in counts.items():
-                stats.removed[k] += v
-            if cfg.scrub_pii:
-                texts, pii = scrub_batch(texts)
-                for k, v in pii.items():
-                    stats.pii[k] += v
-            # the hash decides dedup, split and fractional weights; skip it when none is asked
-            keyed = cfg.dedup or cfg.val_fraction + cfg.test_fraction > 0 or spec.weight % 1
-            keys = [doc_key(t) for t in texts] if keyed else [b""] * len(texts)
+            texts = clean(cfg, batch, stats)
+            keys = [doc_key(t) for t in texts] if is_keyed else [b""] * len(texts)
             if cfg.dedup:
                 idx, dropped = exact_dedup(texts, keys, seen)
                 stats.removed["exact_duplicates"] += dropped
@@ -324,8 +357,7 @@ def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
                 texts, keys = [texts[i] for i in idx], [keys[i] for i in idx]
             out = []
             for text, key in zip(texts, keys):
-                split = assign_split(key, cfg.val_fraction, cfg.test_fraction) if keyed else "train"
-                n = copies(key, spec.weight) if split == "train" else 1
+                split, n = place(cfg, spec, key, is_keyed)
                 if n == 0:
                     stats.removed["sampled_out"] += 1
                     continue
@@ -404,12 +436,7 @@ class _Packer:
     def submit(self, docs: list[_Doc]) -> None:
         if not docs:
             return
-        texts: list[str] = []
-        counts: list[int] = []
-        for d in docs:
-            ps = pieces(d.text)
-            texts.extend(ps)
-            counts.append(len(ps))
+        texts, counts = encoder_input(docs)
         fut = self._pool.submit(self._encode, texts, add_special_tokens=False)
         self._finish()
         self._pending = (docs, counts, fut)
@@ -419,36 +446,59 @@ class _Packer:
             return
         docs, counts, fut = self._pending
         self._pending = None
-        encodings = fut.result()
-        # one flat list of ids per split, then one numpy conversion per batch: cheaper than
-        # an array per document
-        flat: dict[str, list[int]] = {s: [] for s in SPLITS}
-        i = 0
-        for d, c in zip(docs, counts):
-            buf = flat[d.split]
-            start = len(buf)
-            for j in range(i, i + c):
-                buf += encodings[j].ids
-            i += c
-            buf.append(self.eos)
-            n = len(buf) - start
-            if d.copies > 1:
-                buf += buf[start:] * (d.copies - 1)
-            split = self.stats.splits[d.split]
-            split["documents"] += d.copies
-            split["bytes"] += len(d.text.encode("utf-8")) * d.copies
-            split["tokens"] += n * d.copies
-            self.stats.lengths[d.split][min(39, n.bit_length() - 1)] += 1
-            if d.split == "train":
-                self.stats.sources[d.source]["train_tokens"] += n * d.copies
+        self.write(pack_ids(docs, counts, fut.result(), self.eos, self.stats))
+
+    def write(self, flat: dict[str, list[int] | np.ndarray]) -> None:
+        """Append each split's ids (in document order) to its shards."""
         for s, buf in flat.items():
-            if buf:
-                self.writers[s].write(np.array(buf, dtype=self.dtype))
+            if len(buf):
+                self.writers[s].write(np.asarray(buf, dtype=self.dtype))
 
     def close(self) -> dict[str, list[dict[str, Any]]]:
         self._finish()
         self._pool.shutdown()
         return {s: w.close() for s, w in self.writers.items()}
+
+
+def encoder_input(docs: list[_Doc]) -> tuple[list[str], list[int]]:
+    """The texts to encode (long documents in `pieces`) and how many pieces each document has."""
+    texts: list[str] = []
+    counts: list[int] = []
+    for d in docs:
+        ps = pieces(d.text)
+        texts.extend(ps)
+        counts.append(len(ps))
+    return texts, counts
+
+
+def pack_ids(
+    docs: list[_Doc], counts: list[int], encodings: list[Any], eos: int, stats: _Stats
+) -> dict[str, list[int]]:
+    """Each split's ids for encoded `docs` (EOS after each, `copies` times), counted in `stats`.
+
+    One flat list of ids per split, then one numpy conversion per batch: cheaper than an array
+    per document.
+    """
+    flat: dict[str, list[int]] = {s: [] for s in SPLITS}
+    i = 0
+    for d, c in zip(docs, counts):
+        buf = flat[d.split]
+        start = len(buf)
+        for j in range(i, i + c):
+            buf += encodings[j].ids
+        i += c
+        buf.append(eos)
+        n = len(buf) - start
+        if d.copies > 1:
+            buf += buf[start:] * (d.copies - 1)
+        split = stats.splits[d.split]
+        split["documents"] += d.copies
+        split["bytes"] += len(d.text.encode("utf-8")) * d.copies
+        split["tokens"] += n * d.copies
+        stats.lengths[d.split][min(39, n.bit_length() - 1)] += 1
+        if d.split == "train":
+            stats.sources[d.source]["train_tokens"] += n * d.copies
+    return flat
 
 
 def _rebatch(docs: Iterable[_Doc], max_chars: int) -> Iterator[list[_Doc]]:
@@ -529,9 +579,7 @@ def _fingerprint(cfg: DataConfig, tok: Any) -> tuple[str, dict[str, str]]:
     for i, spec in enumerate(cfg.decontaminate_with):
         inputs[f"eval{i}:{spec.path}"] = fingerprint(spec)
     inputs["tokenizer"] = tok.sha256 if tok is not None else f"train-bpe-{cfg.vocab_size}"
-    conf = to_dict(cfg)
-    conf.pop("out")
-    conf.pop("force")
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
     return sha256_json([FORMAT_VERSION, __version__, conf, inputs]), inputs
 
 
@@ -630,8 +678,12 @@ def run(cfg: DataConfig) -> int:
             return 0
 
     stats = _Stats()
+    if cfg.engine == "ray":  # imported only here: the one-process path never imports ray
+        from lmloop.stages.data_ray import tokenize_and_pack
+    else:
+        tokenize_and_pack = _tokenize_and_pack
     with atomic_dir(out) as tmp:
-        tok, packer = _tokenize_and_pack(cfg, tmp, tok, stats)
+        tok, packer = tokenize_and_pack(cfg, tmp, tok, stats)
         inputs["tokenizer"] = tok.sha256
         eos = packer.eos
         shards = packer.close()
@@ -641,7 +693,7 @@ def run(cfg: DataConfig) -> int:
         meta = make_meta(
             SCHEMA,
             FORMAT_VERSION,
-            cfg,
+            {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS[2:]},
             inputs,
             fingerprint=key,
             splits={s: {**stats.splits[s], "shards": shards[s]} for s in SPLITS},

@@ -1,0 +1,552 @@
+"""`lmloop data --engine ray`: the data stage's pipeline as Ray tasks, the same bytes as one process.
+
+    ray start --head                      # first node; `ray start --address HEAD:6379` on others
+    lmloop data --source "s3://bucket/web/*.jsonl.gz" --out data/web --engine ray --ray-address auto
+
+The corpus is cut into units (a file of a file source, or several small consecutive ones; an
+hf, data or synthetic source is one unit) numbered in reading order, and a document's id is
+`unit << 32 | position`, so id order is the one-process reading order. Per unit, tasks run the
+functions the one-process path runs (`clean`, `doc_key`, `NearDedup.signature`, `place`,
+`is_contaminated`, the tokenizer, `pack_ids` in `lmloop.stages.data`); what needs the whole
+corpus is grouped across it, never per worker:
+
+1. read, clean, scrub, hash: one task per unit. Its cleaned texts stay in Ray's object store
+   (spilled to disk past its memory) until packing, as the one-process path's spill files do.
+2. exact dedup: the hashes are shuffled into partitions by hash; a reduce task per partition
+   keeps the first id of each hash.
+3. near dedup: MinHash signatures of the exact survivors (a task per unit); the LSH band keys
+   are shuffled by key; a reduce task per partition returns the groups of ids sharing a band.
+   The driver joins the groups into connected components and keeps, in each, what the
+   one-process pass keeps: in id order, a document is dropped when it shares a band with an
+   earlier *kept* one. Components don't interact, so this is exactly the one-process result.
+4. split and weights by hash, and the val/test n-grams for decontamination (a task per unit).
+5. decontamination, tokenization and the ids of each split (a task per unit); the driver
+   writes the shards in unit order with the one-process `_Packer`/`ShardWriter`.
+
+Without `--tokenizer`, the BPE is trained on the driver from the train texts in order, as in
+one process (pass a tokenizer for large corpora). A task whose worker dies is retried
+(`MAX_RETRIES`); no result depends on which worker ran what, so the output is the same. The
+output folder is built by the stage as in one process (`atomic_dir`): an interrupted job leaves
+none. Only `lmloop.stages.data.run` imports this module, and only for `engine=ray`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from lmloop.errors import UserError
+from lmloop.preprocess import (
+    NearDedup,
+    WordHashes,
+    doc_key,
+    is_contaminated,
+    ngram_hashes,
+    sorted_unique,
+    train_bpe,
+)
+from lmloop.shards import SPLITS
+from lmloop.sources import RemoteFile, iter_documents, source_files
+from lmloop.stages.data import (
+    DataConfig,
+    FileTokenizer,
+    _Doc,
+    _doc_batches,
+    _empty_error,
+    _eval_ngrams,
+    _Packer,
+    _rebatch,
+    _Stats,
+    clean,
+    encoder_input,
+    eos_of,
+    keyed,
+    pack_ids,
+    place,
+    source_info,
+)
+
+log = logging.getLogger(__name__)
+
+UNIT_BYTES = 16 << 20  # consecutive files of a source are read together up to this size
+MAX_RETRIES = 3  # per task, when its worker dies
+FAULTS_ENV = "LMLOOP_RAY_FAULTS"  # tests: a folder of fault points (see `_fault`)
+_COUNTS = ("documents_read", "documents_kept", "train_tokens")
+
+
+# ---- helpers shared by the driver and the tasks ------------------------------------------------
+def _delta(cfg: DataConfig) -> _Stats:
+    """Empty counters a task fills and the driver adds up (`_merge`)."""
+    return _Stats(sources=[dict.fromkeys(_COUNTS, 0) for _ in cfg.source])
+
+
+def _merge(into: _Stats, delta: _Stats) -> None:
+    for name in ("removed", "replaced", "pii"):
+        mine = getattr(into, name)
+        for k, v in getattr(delta, name).items():
+            mine[k] = mine.get(k, 0) + v
+    for s in SPLITS:
+        for k, v in delta.splits[s].items():
+            into.splits[s][k] += v
+        into.lengths[s] += delta.lengths[s]
+    for mine, theirs in zip(into.sources, delta.sources):
+        for k in _COUNTS:
+            mine[k] += theirs[k]
+
+
+def _fault(point: str) -> None:
+    """Test hook: the first task to reach `point` while `$LMLOOP_RAY_FAULTS/point` exists
+    removes the file and kills its own worker process, as a lost node would."""
+    folder = os.environ.get(FAULTS_ENV)
+    if folder:
+        try:
+            os.unlink(os.path.join(folder, point))
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
+def _one_thread() -> None:
+    # a task holds one CPU: the tokenizer's thread pool (Rayon) should not take every core
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+
+@functools.lru_cache(maxsize=4)
+def _near(threshold: float) -> NearDedup:
+    return NearDedup(threshold)  # LSH parameters are worth computing once per worker
+
+
+def _ids(uid: int, positions: np.ndarray) -> np.ndarray:
+    return (np.int64(uid) << np.int64(32)) + positions.astype(np.int64)
+
+
+def _positions(ids: np.ndarray, uid: int) -> np.ndarray:
+    """Positions within unit `uid` of the sorted global `ids`."""
+    lo, hi = np.searchsorted(ids, [uid << 32, (uid + 1) << 32])
+    return (ids[lo:hi] - (uid << 32)).astype(np.int64)
+
+
+def _returns(values: list[Any]) -> Any:
+    return values[0] if len(values) == 1 else tuple(values)  # num_returns=1 stores the value
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+@ray.remote(max_retries=MAX_RETRIES)
+def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, parts: int) -> Any:
+    """Read, clean, scrub and hash one unit. Returns (texts, keys), a summary, and the
+    (ids, hashes) of each exact-dedup partition."""
+    spec = cfg.source[si]
+    stats, utf8 = _delta(cfg), {}
+    texts: list[str] = []
+    keys: list[bytes] = []
+    is_keyed, chars = keyed(cfg, spec), 0
+    raw = iter_documents(spec, strict_utf8=cfg.strict_utf8, stats=utf8, files=files)
+    for batch in _doc_batches(raw, 1024, cfg.batch_chars):
+        stats.sources[si]["documents_read"] += len(batch)
+        chars += sum(map(len, batch))
+        cleaned = clean(cfg, batch, stats)
+        texts += cleaned
+        keys += [doc_key(t) for t in cleaned] if is_keyed else [b""] * len(cleaned)
+    stats.replaced["invalid_utf8"] += utf8.get("invalid_utf8", 0)
+    _fault("read")
+    summary = {"stats": stats, "documents": stats.sources[si]["documents_read"], "chars": chars}
+    out: list[Any] = [(texts, keys), summary]
+    if parts:
+        ids = _ids(uid, np.arange(len(keys)))
+        halves = np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2)
+        which = halves[:, 0] % np.uint64(parts)
+        out += [(ids[which == p], halves[which == p]) for p in range(parts)]
+    return out
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def _exact_duplicates(*parts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Ids of one hash partition that are not the first (lowest id) with their hash."""
+    ids = np.concatenate([p[0] for p in parts])
+    halves = np.concatenate([p[1] for p in parts]).reshape(-1, 2)
+    order = np.lexsort((ids, halves[:, 1], halves[:, 0]))
+    h = halves[order]
+    again = (h[1:] == h[:-1]).all(axis=1)
+    return np.sort(ids[order[1:][again]])
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def _bands(
+    cfg: DataConfig,
+    payload: tuple[list[str], list[bytes]],
+    dropped: np.ndarray,
+    uid: int,
+    parts: int,
+) -> Any:
+    """LSH band keys of a unit's exact survivors, as (ids, band, key) per key partition."""
+    texts = payload[0]
+    near = _near(cfg.near_dedup_threshold)
+    keep = np.setdiff1d(np.arange(len(texts)), dropped)
+    keys = np.array(
+        [near.band_keys(near.signature(texts[i])) for i in keep], dtype=np.uint64
+    ).reshape(-1, near.bands)
+    ids = np.repeat(_ids(uid, keep), near.bands)
+    band = np.tile(np.arange(near.bands, dtype=np.int16), len(keep))
+    flat = keys.reshape(-1)
+    which = flat % np.uint64(parts)
+    _fault("bands")
+    return _returns([(ids[which == p], band[which == p], flat[which == p]) for p in range(parts)])
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def _band_groups(*parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Groups (two or more ids, ascending) sharing a band key: (members, group sizes)."""
+    ids = np.concatenate([p[0] for p in parts])
+    band = np.concatenate([p[1] for p in parts])
+    key = np.concatenate([p[2] for p in parts])
+    order = np.lexsort((ids, key, band))
+    b, k = band[order], key[order]
+    starts = np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])])
+    sizes = np.diff(np.r_[starts, len(order)])
+    multi = sizes > 1
+    members = [ids[order[s : s + n]] for s, n in zip(starts[multi], sizes[multi])]
+    return (np.concatenate(members) if members else ids[:0]), sizes[multi]
+
+
+@ray.remote(num_returns=2, max_retries=MAX_RETRIES)
+def _split(
+    cfg: DataConfig,
+    si: int,
+    payload: tuple[list[str], list[bytes]],
+    dropped: np.ndarray,
+    own_eval: bool,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, _Stats], np.ndarray]:
+    """Split and copies of each surviving document (positions, split codes, copies) with the
+    counts, and the sorted n-gram hashes of its val/test documents when they decontaminate."""
+    texts, keys = payload
+    spec, stats = cfg.source[si], _delta(cfg)
+    is_keyed, gone = keyed(cfg, spec), set(dropped.tolist())
+    rows: list[tuple[int, int, int]] = []
+    grams, cache = [], WordHashes()
+    for i, (text, key) in enumerate(zip(texts, keys)):
+        if i in gone:
+            continue
+        split, n = place(cfg, spec, key, is_keyed)
+        if n == 0:
+            stats.removed["sampled_out"] += 1
+            continue
+        stats.sources[si]["documents_kept"] += 1
+        rows.append((i, SPLITS.index(split), n))
+        if own_eval and split != "train":
+            grams.append(ngram_hashes(text, cfg.ngram, cache))
+    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    own = sorted_unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+    return (table[:, 0], table[:, 1], table[:, 2], stats), own
+
+
+def _flags(cfg: DataConfig, texts: list[str], table: Any, eval_ngrams: np.ndarray | None) -> Any:
+    """Per placed document: True when it is a train document overlapping the eval n-grams."""
+    pos, code, _, _ = table
+    out = np.zeros(len(pos), dtype=bool)
+    if eval_ngrams is None or not len(eval_ngrams):
+        return out
+    cache = WordHashes()
+    for j in np.flatnonzero(code == 0):
+        out[j] = is_contaminated(texts[pos[j]], eval_ngrams, cfg.ngram, cache)
+    return out
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def _contaminated(cfg: DataConfig, payload: Any, table: Any, eval_ngrams: Any) -> np.ndarray:
+    return _flags(cfg, payload[0], table, eval_ngrams)
+
+
+@ray.remote(num_returns=2, max_retries=MAX_RETRIES)
+def _encode(
+    cfg: DataConfig,
+    si: int,
+    payload: Any,
+    table: Any,
+    eval_ngrams: np.ndarray | None,
+    flags: np.ndarray | None,
+    backend: Any,
+    eos: int,
+    dtype: np.dtype,
+) -> tuple[dict[str, np.ndarray], _Stats]:
+    """Decontaminate, tokenize and pack one unit: each split's ids in document order."""
+    _one_thread()
+    texts = payload[0]
+    stats = _delta(cfg)
+    if flags is None:
+        flags = _flags(cfg, texts, table, eval_ngrams)
+    stats.removed["contaminated"] += int(flags.sum())
+    pos, code, n, _ = table
+    docs = [
+        _Doc(texts[i], b"", SPLITS[c], int(k), si)
+        for i, c, k, bad in zip(pos.tolist(), code.tolist(), n.tolist(), flags.tolist())
+        if not bad
+    ]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    flat: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for batch in _rebatch(docs, cfg.batch_chars):
+        inputs, counts = encoder_input(batch)
+        part = pack_ids(batch, counts, encode(inputs, add_special_tokens=False), eos, stats)
+        for s in SPLITS:
+            flat[s] += part[s]
+    _fault("encode")
+    return {s: np.array(flat[s], dtype=dtype) for s in SPLITS}, stats
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def near_drops(groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Ids the one-process near-dedup pass drops, from the groups of ids sharing a band key.
+
+    The groups are joined into connected components (union-find); in each, documents go in id
+    order and one is dropped when a group it belongs to already holds a kept document.
+    """
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:
+            parent[x], x = root, parent.get(x, x)
+        return root
+
+    member_groups: dict[int, list[int]] = {}
+    listed: list[list[int]] = []
+    for members, sizes in groups:
+        for g in np.split(members, np.cumsum(sizes)[:-1]) if len(sizes) else []:
+            ids = g.tolist()
+            gi = len(listed)
+            listed.append(ids)
+            for d in ids:
+                member_groups.setdefault(d, []).append(gi)
+                a, b = find(ids[0]), find(d)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    components: dict[int, list[int]] = {}
+    for d in member_groups:
+        components.setdefault(find(d), []).append(d)
+    dropped: list[int] = []
+    for docs in components.values():
+        holds_kept: set[int] = set()
+        for d in sorted(docs):
+            if any(g in holds_kept for g in member_groups[d]):
+                dropped.append(d)
+            else:
+                holds_kept.update(member_groups[d])
+    return np.array(sorted(dropped), dtype=np.int64)
+
+
+def _units(cfg: DataConfig) -> list[tuple[int, list[Path] | None, int]]:
+    """(source index, files or None for a whole source, bytes) per unit, in reading order."""
+    units: list[tuple[int, list[Path] | None, int]] = []
+    for si, spec in enumerate(cfg.source):
+        files = source_files(spec)
+        if files is None:
+            units.append((si, None, 0))
+            continue
+        group: list[Path] = []
+        size = 0
+        for f in files:
+            n = _size(f)
+            if group and size + n > UNIT_BYTES:
+                units.append((si, group, size))
+                group, size = [], 0
+            group.append(f)
+            size += n
+        units.append((si, group, size))
+    return units
+
+
+def _size(f: Path) -> int:
+    if isinstance(f, RemoteFile):
+        fs, path = f.fs()
+        return int(fs.size(path) or 0)
+    return f.stat().st_size
+
+
+def _get(refs: Any) -> Any:
+    """ray.get, re-raising a task's UserError as itself (one line in the CLI)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), UserError):
+            raise e.cause from None
+        raise
+
+
+class _Rate:
+    """A progress bar in input bytes with documents/s beside it (LMLOOP_NO_PROGRESS=1: none)."""
+
+    def __init__(self, desc: str, total: int | None):
+        from tqdm.auto import tqdm
+
+        disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
+        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=disable)
+        self.t0, self.docs, self.bytes = time.perf_counter(), 0, 0
+
+    def add(self, nbytes: int, docs: int) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        self.bar.update(nbytes)
+        self.bar.set_postfix_str(f"{self.docs / self.seconds():,.0f} docs/s", refresh=False)
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+    def close(self) -> str:
+        self.bar.close()
+        s = self.seconds()
+        return f"{self.docs:,} docs in {s:.1f}s: {self.docs / s:,.0f} docs/s, {self.bytes / s / 1e6:.1f} MB/s"
+
+
+def _in_order(refs: list[Any]) -> Iterator[tuple[int, Any]]:
+    """(index, value) as tasks finish; values of finished tasks are fetched once."""
+    index = {r: i for i, r in enumerate(refs)}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for r in done:
+            yield index[r], _get(r)
+
+
+def _connect(cfg: DataConfig) -> bool:
+    """Join (or start) a cluster unless this process already has one; True when we began it."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(
+            address=cfg.ray_address or None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot join the Ray cluster at '{cfg.ray_address}': {e}",
+            hint="start one with `ray start --head`, or leave --ray-address empty for a local one",
+        ) from None
+    return True
+
+
+def tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
+    """The Ray twin of `lmloop.stages.data._tokenize_and_pack`: same `stats`, same shards."""
+    started = _connect(cfg)
+    try:
+        return _run(cfg, tmp, tok, stats)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
+    units = _units(cfg)
+    stats.sources.extend(source_info(spec) for spec in cfg.source)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    parts = max(1, cpus)  # shuffle partitions
+    log.info("ray: %d units on %d CPUs", len(units), cpus)
+
+    # 1. read, clean, hash; the hashes leave already partitioned for exact dedup
+    kp = parts if cfg.dedup else 0
+    reads = [
+        _read.options(num_returns=2 + kp).remote(cfg, si, files, uid, kp)
+        for uid, (si, files, _) in enumerate(units)
+    ]
+    payloads = [r[0] for r in reads]
+    sized = all(files is not None for _, files, _ in units)
+    rate = _Rate("read", sum(size for *_, size in units) if sized else None)
+    for uid, summary in _in_order([r[1] for r in reads]):
+        _merge(stats, summary["stats"])
+        rate.add(units[uid][2] if sized else summary["chars"], summary["documents"])
+    log.info("ray: read %s", rate.close())
+
+    # 2. exact dedup across the corpus: one reduce per hash partition
+    dropped = np.zeros(0, np.int64)
+    if cfg.dedup:
+        reduce = [_exact_duplicates.remote(*[r[2 + p] for r in reads]) for p in range(kp)]
+        dropped = np.sort(np.concatenate(_get(reduce)))
+        stats.removed["exact_duplicates"] += len(dropped)
+    del reads  # the shuffle parts can go; the payloads stay
+
+    # 3. near dedup: band keys of the survivors, grouped by key, then components
+    if cfg.near_dedup:
+        bands = []
+        for uid in range(len(units)):
+            refs = _bands.options(num_returns=parts).remote(
+                cfg, payloads[uid], _positions(dropped, uid), uid, parts
+            )
+            bands.append([refs] if parts == 1 else refs)
+        groups = _get([_band_groups.remote(*[b[p] for b in bands]) for p in range(parts)])
+        near = near_drops(groups)
+        stats.removed["near_duplicates"] += len(near)
+        dropped = np.union1d(dropped, near)
+
+    # 4. split, weights, and the eval n-grams
+    own_eval = cfg.decontaminate and (cfg.val_fraction + cfg.test_fraction) > 0
+    splits = [
+        _split.remote(cfg, si, payloads[uid], _positions(dropped, uid), own_eval)
+        for uid, (si, _, _) in enumerate(units)
+    ]
+    tables = _get([s[0] for s in splits])
+    for t in tables:
+        _merge(stats, t[3])
+    eval_parts = _eval_ngrams(cfg, WordHashes()) if cfg.decontaminate else []
+    if own_eval:
+        eval_parts += _get([s[1] for s in splits])
+    del splits
+    eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
+    eval_ref = ray.put(eval_ngrams)
+
+    # 5. a tokenizer trained on the train split (in order), after decontamination
+    flags: list[Any] = [None] * len(units)
+    if tok is None:
+        flags = _get(
+            [
+                _contaminated.remote(cfg, payloads[uid], tables[uid], eval_ref)
+                for uid in range(len(units))
+            ]
+        )
+
+        def train_texts() -> Iterator[str]:
+            for uid, (pos, code, _, _) in enumerate(tables):
+                texts = _get(payloads[uid])[0]
+                for i, c, bad in zip(pos.tolist(), code.tolist(), flags[uid].tolist()):
+                    if c == 0 and not bad:
+                        yield texts[i]
+
+        if next(train_texts(), None) is None:  # fail before training a tokenizer on nothing
+            raise _empty_error(stats)
+        tok = FileTokenizer.trained(train_bpe(train_texts(), cfg.vocab_size))
+
+    # 6. decontaminate, tokenize; shards written here, in unit order
+    packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+    backend = ray.put(tok.backend)
+    encoded = [
+        _encode.remote(
+            cfg,
+            si,
+            payloads[uid],
+            tables[uid],
+            eval_ref,
+            flags[uid],
+            backend,
+            packer.eos,
+            packer.dtype,
+        )  # fmt: skip
+        for uid, (si, _, _) in enumerate(units)
+    ]
+    rate = _Rate("tokenize", sum(size for *_, size in units) if sized else None)
+    for uid, (ids_ref, delta_ref) in enumerate(encoded):
+        flat, delta = _get([ids_ref, delta_ref])
+        packer.write(flat)
+        _merge(stats, delta)
+        rate.add(units[uid][2] if sized else 0, int(len(tables[uid][0])))
+        encoded[uid] = None  # let the object store free it
+    log.info("ray: tokenized %s", rate.close())
+    return tok, packer

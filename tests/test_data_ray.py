@@ -1,0 +1,186 @@
+"""`lmloop data --engine ray` on a local 2-worker cluster: the same bytes as one process.
+
+One cluster serves the module (Ray takes seconds to start). Each source file is its own unit,
+and the planted duplicates sit in other files than their originals, so only dedup grouped
+across the whole corpus finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from lmloop.cli import main
+from lmloop.stages import data_ray
+from lmloop.stages.data_ray import FAULTS_ENV, near_drops
+
+WORDS = (
+    "the a cat dog sat ran on under big small red blue house tree river stone bird sang morning "
+    "evening quickly slowly happy sad friend found lost gave took light dark old new green warm"
+).split()
+
+
+def _story(rng: random.Random, n: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(n)]
+    return "\n".join(" ".join(words[i : i + 15]).capitalize() + "." for i in range(0, n, 15))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    faults = tmp_path_factory.mktemp("faults")
+    os.environ[FAULTS_ENV] = str(faults)  # before init: the workers inherit it
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield faults
+    ray.shutdown()
+    os.environ.pop(FAULTS_ENV, None)
+
+
+@pytest.fixture(autouse=True)
+def one_file_per_unit(monkeypatch):
+    monkeypatch.setattr(data_ray, "UNIT_BYTES", 1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Four JSONL files and a text file; exact, near and chained-near duplicates, documents
+    overlapping others (contamination once one lands in val/test), PII, a too-short one."""
+    rng = random.Random(3)
+    stories = [_story(rng, rng.randint(60, 160)) for _ in range(180)]
+    files: list[list[str]] = [stories[i:160:4] for i in range(4)]
+    files[3] += [stories[0], stories[1].upper().replace("\n", "\n  "), stories[2]]  # exact
+    for i in range(4, 16):  # one word changed; the original is in another file
+        words = stories[i].split(" ")
+        files[(i + 1) % 4].append(" ".join(words[:-1] + ["zebra."]))
+    for i in range(16, 40, 2):  # halves of two stories: shares 13-grams with both
+        a, b = stories[i].split(" "), stories[i + 1].split(" ")
+        files[i % 4].append(" ".join(a[: len(a) // 2] + b[len(b) // 2 :]))
+    files[1] += ["tiny", "Mail ann@example.com or call 555-123-4567 from 10.0.0.1, " * 3]
+    root = tmp_path_factory.mktemp("corpus")
+    for k, docs in enumerate(files):
+        lines = "\n".join(json.dumps({"text": d}) for d in docs)
+        (root / f"part-{k}.jsonl").write_text(lines + "\n")
+    (root / "notes.txt").write_text("\n\n".join(stories[160:] + stories[40:45]) + "\n")
+    return root
+
+
+BASE = ["--vocab-size", "400", "shard_tokens=1500", "val_fraction=0.2", "test_fraction=0.1"]
+
+
+def _both(tmp: Path, args: list[str]) -> dict:
+    """Run one process, then Ray, into the same --out; assert every file is the same bytes
+    (meta.json: all but its creation time). Returns the meta."""
+    out = tmp / "out"
+    assert main(["data", *args, "--out", str(out)]) == 0
+    out.rename(tmp / "local")
+    assert main(["data", *args, "--out", str(out), "--engine", "ray"]) == 0
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    local = tmp / "local"
+    assert files == sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".bin"]) > 3
+    for rel in files:
+        a, b = (tmp / "local" / rel).read_bytes(), (out / rel).read_bytes()
+        if rel.name == "meta.json":
+            a, b = json.loads(a), json.loads(b)
+            assert a.pop("created") and b.pop("created")
+        assert a == b, rel
+    return json.loads((out / "meta.json").read_text())
+
+
+def test_same_bytes_as_one_process(cluster, corpus, tmp_path):
+    args = [
+        "--source",
+        str(corpus / "*.jsonl"),
+        "--source",
+        f"{corpus}/notes.txt::split=blank,weight=0.5",
+    ]
+    meta = _both(tmp_path, [*args, *BASE])
+    removed = meta["removed"]
+    assert removed["exact_duplicates"] == 3 + 5 and removed["too_short"] == 1
+    assert removed["near_duplicates"] >= 10  # LSH finds most of the 12 (it is probabilistic)
+    assert removed["contaminated"] > 0 and removed["sampled_out"] > 0
+    assert "engine" not in meta["config"]
+
+
+def test_given_tokenizer_streaming_pii_and_eval_set(cluster, corpus, tmp_path):
+    tok = tmp_path / "tok"
+    assert (
+        main(["data", "--source", f"{corpus}/notes.txt::split=blank", "--out", str(tok), *BASE])
+        == 0
+    )
+    evalset = tmp_path / "eval.txt"
+    evalset.write_text(json.loads((corpus / "part-2.jsonl").read_text().splitlines()[5])["text"])
+    args = ["--source", str(corpus), "--tokenizer", str(tok), "--decontaminate-with",
+            str(evalset), "scrub_pii=true", "val_fraction=0", "test_fraction=0",
+            "shard_tokens=1500"]  # fmt: skip
+    meta = _both(tmp_path, args)
+    assert meta["removed"]["contaminated"] >= 1 and meta["pii"]["email"] == 3
+
+
+def test_killed_workers_are_retried_with_the_same_output(cluster, corpus, tmp_path):
+    for point in ("read", "bands", "encode"):  # each kills the worker of one task, once
+        (cluster / point).touch()
+    _both(tmp_path, ["--source", str(corpus / "*.jsonl"), *BASE])
+    assert not list(cluster.iterdir())  # every fault fired
+
+
+def test_file_url_source(cluster, corpus, tmp_path):
+    meta = _both(tmp_path, ["--source", f"file://{corpus}/part-*.jsonl", *BASE])
+    assert meta["config"]["source"][0]["path"].startswith("file://")
+    plain = tmp_path / "plain"
+    assert main(["data", "--source", str(corpus / "part-*.jsonl"), *BASE, "--out", str(plain)]) == 0
+    for shard in plain.glob("*.bin"):
+        assert shard.read_bytes() == (tmp_path / "out" / shard.name).read_bytes()
+
+
+def test_interrupted_or_failed_job_leaves_no_output(cluster, corpus, tmp_path, monkeypatch, capsys):
+    from lmloop.stages import data
+
+    calls = []
+
+    def interrupted(self, flat):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data._Packer, "write", interrupted)
+    out = tmp_path / "out"
+    args = ["data", "--source", str(corpus / "*.jsonl"), *BASE, "--engine", "ray"]
+    assert main([*args, "--out", str(out)]) != 0
+    assert len(calls) == 2 and not out.exists() and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    # a user error inside a task (a bad JSON line) is reported as one line, as in one process
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text('{"text": "fine enough text here"}\n')
+    (bad / "b.jsonl").write_text('{"text": "also fine"}\n{not json\n')
+    capsys.readouterr()
+    assert main(["data", "--source", str(bad), "--out", str(out), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "b.jsonl:2: not valid JSON" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_near_dedup_keeps_what_the_sequential_pass_keeps():
+    # A~B and B~C but not A~C: one process keeps A, drops B, then keeps C (B was never kept);
+    # "keep the first of each connected component" would wrongly drop C.
+    groups = [(np.array([1, 2, 7, 9]), np.array([2, 2])), (np.array([2, 3]), np.array([2]))]
+    assert near_drops(groups).tolist() == [2, 9]
+
+
+def test_one_process_path_never_imports_ray(corpus, tmp_path):
+    code = (
+        "import sys; from lmloop.cli import main; "
+        f"assert main(['data', '--source', {str(corpus / 'part-0.jsonl')!r}, '--out', "
+        f"{str(tmp_path / 'o')!r}, '--vocab-size', '300']) == 0; "
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    env = {**os.environ, "LMLOOP_NO_PROGRESS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
