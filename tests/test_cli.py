@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,9 @@ def test_top_help_lists_every_stage_without_importing_torch():
         "assert 'transformers' not in sys.modules\n"
         "print(buf.getvalue())\n"
     )
-    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - t0
     for name, (_, _, _, desc) in COMMANDS.items():
         assert name in out.stdout and desc in out.stdout
-    assert elapsed < 5.0  # interpreter start included; the CLI itself imports almost nothing
 
 
 def test_console_script_help():

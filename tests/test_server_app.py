@@ -31,15 +31,13 @@ def test_request_timeout_cuts_generation(model, tmp_path):
     settings = ServerSettings(model=str(model), db=tmp_path / "fb.db", request_timeout=0.5)
     with TestClient(create_app(settings)) as client:
         _ready(client)
-        t0 = time.time()
         r = client.post(
             "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1900, "temperature": 0}
         )
         assert r.status_code == 200
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"]["completion_tokens"] < 1900
-        assert time.time() - t0 < 10
+        assert body["usage"]["completion_tokens"] < 1900  # cut by the timeout, not by max_tokens
         # streamed: cut off the same way, and still a well-formed stream
         lines = []
         with client.stream(
