@@ -199,6 +199,56 @@ def test_logprobs(client):
     assert all(len(t) == 2 for t in lp.top_logprobs)
 
 
+def test_echo_scores_the_prompt_as_vllm_does(server, http, tok):
+    """`echo` + `logprobs`: the prompt's tokens come first, the first with null logprobs; the
+    others agree with the engine's own generated-token logprobs (lm-eval's local-completions)."""
+    ids = tok.encode("The quick brown fox jumps")
+
+    def post(**kw) -> dict:
+        r = http.post("/v1/completions", json={"model": "tiny", "temperature": 0, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    # greedy continuation, then that continuation scored as part of the prompt
+    gen = post(prompt=ids, max_tokens=3, logprobs=1)["choices"][0]
+    cont = [tok.encode(t)[0] for t in gen["logprobs"]["tokens"]]
+    scored = post(prompt=[ids + cont, ids], max_tokens=0, echo=True, logprobs=1)
+    a, b = scored["choices"]
+    lp = a["logprobs"]
+    assert a["text"] == tok.decode(ids + cont) and b["text"] == tok.decode(ids)
+    assert lp["tokens"] == [tok.decode([t]) for t in ids + cont]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(ids) + 3 == scored["usage"]["prompt_tokens"] - len(ids)
+    assert scored["usage"]["completion_tokens"] == 0
+    got = lp["token_logprobs"][len(ids) :]
+    assert got == pytest.approx(gen["logprobs"]["token_logprobs"], abs=1e-4)
+    for tok_lp, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert tok_lp <= max(top.values()) + 1e-6 and len(top) in (1, 2)
+    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp["top_logprobs"][-3:], got))
+    # a text prompt echoes the text sent; max_tokens=1 (what lm-eval sends) adds one token
+    text = post(prompt="The quick brown fox", max_tokens=1, echo=True, logprobs=1)["choices"][0]
+    n = len(tok.encode("The quick brown fox"))
+    assert text["text"].startswith("The quick brown fox")
+    assert (
+        len(text["logprobs"]["tokens"]) == n + 1 and text["logprobs"]["token_logprobs"][0] is None
+    )
+    assert "".join(text["logprobs"]["tokens"]) == text["text"]
+    plain = post(prompt="The quick brown fox", max_tokens=0, echo=True)["choices"][0]
+    assert plain["text"] == "The quick brown fox" and plain["logprobs"] is None
+    # streamed: the first chunk carries the prompt and its logprobs
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 2, "temperature": 0, "echo": True,
+            "logprobs": 0, "stream": True}  # fmt: skip
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+    first = events[0]["choices"][0]
+    assert first["text"].startswith(tok.decode(ids))
+    assert first["logprobs"]["token_logprobs"][: len(ids)] == pytest.approx(
+        [None, *lp["token_logprobs"][1 : len(ids)]], abs=1e-5
+    )
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 0})
+    _check_error(r, 400, "max_tokens 0 without echo")
+
+
 def test_n_choices_and_penalties(client, server):
     resp = client.chat.completions.create(
         model="tiny",
@@ -372,6 +422,11 @@ def _cases():
         ("prompt empty", "/v1/completions", dump({"prompt": ""}).encode(), J, 400),
         ("prompt bad ids", "/v1/completions", dump({"prompt": [1, -5, 10**9]}).encode(), J, 400),
         ("prompt object", "/v1/completions", dump({"prompt": {"a": 1}}).encode(), J, 400),
+        ("prompt empty id list", "/v1/completions", dump({"prompt": [[1, 2], []]}).encode(), J, 400),
+        ("prompt mixed lists", "/v1/completions", dump({"prompt": [[1, 2], "x"]}).encode(), J, 400),
+        ("prompt nested bad id", "/v1/completions", dump({"prompt": [[1, 10**9]]}).encode(), J, 400),
+        ("max_tokens 0 no echo", "/v1/completions", dump({"prompt": "x", "max_tokens": 0}).encode(), J, 400),
+        ("echo string", "/v1/completions", dump({"prompt": "x", "echo": "yes"}).encode(), J, 400),
         ("logprobs high", "/v1/completions", dump({"prompt": "x", "logprobs": 6}).encode(), J, 400),
         ("feedback garbage", "/v1/feedback", b"{{", J, 400),
         ("feedback text/plain", FB, dump({"response_id": "x", "thumb": "up"}).encode(), {"content-type": "text/plain"}, 400),

@@ -276,7 +276,7 @@ class Engine:
             self._cv.notify_all()
 
     # ---- the worker ----------------------------------------------------------------------
-    def _decode_ids(self, ids: list[int]) -> str:
+    def decode_ids(self, ids: list[int]) -> str:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids)
@@ -331,7 +331,7 @@ class Engine:
         self._running.append(seq)
         try:
             seq.sampler = Sampler(p, seq.prompt, self.vocab)
-            seq.stream = TextStream(self._decode_ids, seq.prompt, p.stop)
+            seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
             seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
             plps = None
             if p.prompt_logprobs is None:
@@ -402,7 +402,7 @@ class Engine:
         lps = None
         if p.logprobs is not None:
             chosen, top = top_logprobs(logits, token, p.logprobs)
-            d = self._decode_ids
+            d = self.decode_ids
             lps = [TokenLogprob(d([token]), token, chosen, [(d([i]), i, v) for i, v in top])]
         reason = None
         if token in seq.stop_ids:
@@ -421,7 +421,7 @@ class Engine:
         self, ids: list[int], logits: torch.Tensor, n: int
     ) -> list[TokenLogprob | None]:
         """Token t's logprob under the logits at t-1 (+ the top n there); None for token 0."""
-        d = self._decode_ids
+        d = self.decode_ids
         out: list[TokenLogprob | None] = [None]
         for start in range(0, len(ids) - 1, 256):  # log-softmax a few rows at a time: T x V
             lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)

@@ -560,10 +560,13 @@ _END = object()
 def _sampling(req: ChatRequest | CompletionRequest, max_tokens: int, index: int) -> Any:
     from lmloop.engine import SamplingParams
 
+    prompt_logprobs = None
     if isinstance(req, ChatRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
+        if req.echo and (logprobs is not None or max_tokens == 0):
+            prompt_logprobs = logprobs or 0
     seed = None if req.seed is None else (req.seed + index) % (2**63)
     p = SamplingParams(
         max_tokens=max_tokens,
@@ -577,6 +580,7 @@ def _sampling(req: ChatRequest | CompletionRequest, max_tokens: int, index: int)
         stop=list(req.stop or []),
         seed=seed,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         return p.validate()
@@ -608,21 +612,23 @@ def _prompts(served: Served, req: ChatRequest | CompletionRequest) -> list[tuple
         return [(tok.encode(text), conv)]
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        vocab = tok.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(
-                400, f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})",
-                param="prompt",
-            )  # fmt: skip
-        return [(list(prompt), [{"role": "user", "content": tok.decode(list(prompt))}])]
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = [prompt]  # one prompt of token ids
     out = []
-    for t in texts:
-        ids = served.engine.encode_prompt(t)  # as `lmloop generate` encodes a plain prompt
+    for p in [prompt] if isinstance(prompt, str) else prompt:
+        if isinstance(p, list):  # token ids
+            vocab = tok.vocab_size
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )  # fmt: skip
+            out.append((list(p), [{"role": "user", "content": tok.decode(list(p))}]))
+            continue
+        ids = served.engine.encode_prompt(p)  # as `lmloop generate` encodes a plain prompt
         if not ids:
             raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
-        out.append((ids, [{"role": "user", "content": t}]))
+        out.append((ids, [{"role": "user", "content": p}]))
     return out
 
 
@@ -733,6 +739,9 @@ class _Context:
         self.finish: list[str | None] = [None] * n_choices
         self.completion_tokens = [0] * n_choices
         self.prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        self.echo = bool(getattr(req, "echo", False))
+        self.prompt_logprobs: list[Any] = [None] * n_choices
+        self.echoed = [False] * n_choices
 
     @property
     def served(self) -> Served:
@@ -761,6 +770,8 @@ class _Context:
                 self.finish[i] = "length"
             return
         self.texts[i].append(out.text)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = out.prompt_logprobs
         if out.logprobs:
             self.logprobs[i].extend(out.logprobs)
         self.completion_tokens[i] = out.completion_tokens
@@ -804,8 +815,10 @@ class _Context:
             else:
                 choice = {
                     "index": k,
-                    "text": text,
-                    "logprobs": self._completion_logprobs(self.logprobs[k]),
+                    "text": self._echo_text(k) + text if self.echo else text,
+                    "logprobs": self._completion_logprobs(
+                        self.logprobs[k], k if self.echo else None
+                    ),
                     "finish_reason": self.finish[k],
                 }
             choices.append(choice)
@@ -844,6 +857,10 @@ class _Context:
                 self._absorb(i, out)
                 new_lps = out.logprobs if out is not None and out.logprobs else []
                 text = out.text if out is not None else ""
+                echo = None  # the prompt goes out first, in the choice's first chunk
+                if self.echo and out is not None and not self.echoed[i]:
+                    self.echoed[i], echo = True, i
+                    text = self._echo_text(i) + text
                 finished = self.finish[i] is not None
                 if not text and not new_lps and not finished:
                     continue
@@ -856,14 +873,12 @@ class _Context:
                         "finish_reason": None,
                     }
                 else:
-                    choice = {
-                        "index": i,
-                        "text": text,
-                        "logprobs": self._completion_logprobs(new_lps) if new_lps else None,
-                        "finish_reason": None,
-                    }
+                    lps = None
+                    if new_lps or echo is not None:
+                        lps = self._completion_logprobs(new_lps, echo)
+                    choice = {"index": i, "text": text, "logprobs": lps, "finish_reason": None}
                 if finished:
-                    if text or new_lps:
+                    if text or new_lps or echo is not None:
                         yield sse([choice], None, include_usage)
                     if self.job.chat:
                         choice = {"index": i, "delta": {}, "logprobs": None}
@@ -900,16 +915,39 @@ class _Context:
             "refusal": None,
         }
 
-    def _completion_logprobs(self, lps: list[Any]) -> dict[str, Any] | None:
+    def _echo_text(self, k: int) -> str:
+        """The prompt of choice k as echoed: the text sent, or the token ids decoded."""
+        return self.prompts[k // self.req.n][1][0]["content"]
+
+    def _completion_logprobs(
+        self, lps: list[Any], echo: int | None = None
+    ) -> dict[str, Any] | None:
+        """OpenAI's legacy logprobs. `top_logprobs` holds the top N and the chosen token (up to
+        N+1 entries, as OpenAI documents); with `echo` (a choice index) the prompt's tokens come
+        first, the first one with null logprobs, as vLLM returns them."""
         if self.params[0].logprobs is None:
             return None
+        entries: list[tuple[str, float | None, dict[str, float] | None]] = []
+        if echo is not None:
+            ids = self.prompts[echo // self.req.n][0]
+            plps = self.prompt_logprobs[echo] or [None] * len(ids)
+            decode = self.served.engine.decode_ids
+            for tid, lp in zip(ids, plps):
+                entries.append((decode([tid]), None, None) if lp is None else _lp_entry(lp))
+        entries += [_lp_entry(lp) for lp in lps]
         offsets, pos = [], 0
-        for lp in lps:
+        for token, _, _ in entries:
             offsets.append(pos)
-            pos += len(lp.token)
+            pos += len(token)
         return {
-            "tokens": [lp.token for lp in lps],
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{t: v for t, _id, v in lp.top} for lp in lps],
+            "tokens": [e[0] for e in entries],
+            "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries],
             "text_offset": offsets,
         }
+
+
+def _lp_entry(lp: Any) -> tuple[str, float, dict[str, float]]:
+    top = {t: v for t, _id, v in lp.top}
+    top.setdefault(lp.token, lp.logprob)
+    return lp.token, lp.logprob, top

@@ -148,9 +148,10 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] = Field(...)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    max_tokens: int | None = Field(None, ge=0)  # 0: with `echo`, score the prompt only
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = False  # the answer starts with the prompt (and its logprobs), as vLLM does
 
 
 def _parse(cls: type[BaseModel], body: dict[str, Any]) -> Any:
@@ -183,8 +184,13 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     req = _parse(CompletionRequest, body)
-    if isinstance(req.prompt, list) and not req.prompt:
+    if isinstance(req.prompt, list) and (
+        not req.prompt or any(isinstance(p, list) and not p for p in req.prompt)
+    ):
         raise APIError(400, "'prompt' must not be empty", param="prompt")
-    if req.echo:
-        raise APIError(400, "'echo' is not supported", param="echo", code="unsupported")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(
+            400, "'max_tokens' must be at least 1 (0 only with 'echo', to score the prompt)",
+            param="max_tokens", code="invalid_value",
+        )  # fmt: skip
     return req
