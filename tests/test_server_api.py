@@ -221,7 +221,7 @@ def test_echo_scores_the_prompt_as_vllm_does(server, http, tok):
     assert len(lp["token_logprobs"]) == len(ids) + 3 == scored["usage"]["prompt_tokens"] - len(ids)
     assert scored["usage"]["completion_tokens"] == 0
     got = lp["token_logprobs"][len(ids) :]
-    assert got == pytest.approx(gen["logprobs"]["token_logprobs"], abs=1e-4)
+    assert got == pytest.approx(gen["logprobs"]["token_logprobs"], abs=1e-5)  # near-flat model
     for tok_lp, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert tok_lp <= max(top.values()) + 1e-6 and len(top) in (1, 2)
     assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp["top_logprobs"][-3:], got))
