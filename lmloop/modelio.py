@@ -158,10 +158,21 @@ def _load_lmloop_dir(path: Path, *, name: str) -> LoadedModel:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{path} lacks {WEIGHTS}")
-    model = _build(cfg, load_file(str(weights)))
+    model = _build(cfg, _read_weights(weights, load_file))
     # save_model records the weights' hash; re-hashing hundreds of MB on every load is waste
     sha = (meta.get("model") or {}).get("sha256") or sha256_file(weights)
     return LoadedModel(model, Tokenizer.load(path), name, sha[:12], sha, "lmloop", str(path))
+
+
+def _read_weights(path: Path, read: Any) -> dict[str, torch.Tensor]:
+    """`read(path)`, with a truncated or corrupt file reported as one line naming it."""
+    try:
+        return read(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise their own types
+        raise UserError(
+            f"cannot read the weights in {path}: {type(e).__name__}: {e}",
+            hint="the file is truncated or corrupt: use another checkpoint, or export it again",
+        ) from None
 
 
 def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -178,9 +189,11 @@ def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     for f in files:
         digests.append(sha256_file(f))
         if f.suffix == ".safetensors":
-            sd.update(load_file(str(f)))
+            sd.update(_read_weights(f, load_file))
         else:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            sd.update(
+                _read_weights(f, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+            )
     sha = digests[0] if len(digests) == 1 else sha256_bytes("".join(digests).encode())
     return sd, sha
 

@@ -84,12 +84,32 @@ def save_checkpoint(
     write_model: Any,
     train_state: dict[str, Any],
 ) -> str:
-    """Write `checkpoints/step-XXXXXXX/` atomically; `write_model(dir)` writes the model files."""
+    """Write `checkpoints/step-XXXXXXX/` atomically; `write_model(dir)` writes the model files.
+
+    A failed write (disk full, read-only folder) removes its temporary folder and raises a
+    UserError naming the checkpoint still intact, so the run can be resumed from it.
+    """
     name = step_dir_name(step)
-    with atomic_dir(run_dir / "checkpoints" / name) as tmp:
-        write_model(tmp)
-        torch.save({"format_version": STATE_VERSION, **train_state}, tmp / STATE_FILE)
+    try:
+        with atomic_dir(run_dir / "checkpoints" / name) as tmp:
+            write_model(tmp)
+            torch.save({"format_version": STATE_VERSION, **train_state}, tmp / STATE_FILE)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError ("... failed writing file ...")
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise
+        raise _save_failed(run_dir, f"checkpoint {name}", e) from None
     return name
+
+
+def _save_failed(run_dir: Path, what: str, e: BaseException) -> UserError:
+    prev = latest_checkpoint(run_dir)
+    intact = f"checkpoint {prev[0].name} is intact" if prev else "no earlier checkpoint exists"
+    why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    return UserError(
+        f"cannot write {what} in {run_dir}: {why}; {intact}",
+        hint="free disk space or fix the folder's permissions, then rerun with --resume",
+    )
 
 
 def write_run_meta(
@@ -116,7 +136,10 @@ def write_run_meta(
         status=status,
         **(extra or {}),
     )
-    write_meta(run_dir, meta)
+    try:
+        write_meta(run_dir, meta)
+    except OSError as e:
+        raise _save_failed(run_dir, "meta.json", e) from None
 
 
 def prune(run_dir: Path, checkpoints: list[dict[str, Any]], keep_last: int) -> list[dict]:
