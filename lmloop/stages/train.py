@@ -115,7 +115,36 @@ class BatchSpec:
 class EvalSpec:
     every: int = param(100, "validate every N steps (and at the end); 0: only at the end")
     batches: int = param(20, "validation micro-batches per evaluation")
-    val_fraction: float = param(0.1, "SFT: fraction of records held out for validation")
+    val_fraction: float = param(0.1, "SFT/DPO/KTO: fraction of records held out for validation")
+    patience: int = param(
+        0, "stop early after this many evaluations without a lower validation loss; 0: never"
+    )
+
+
+@dataclass(frozen=True)
+class SFTSpec:
+    turns: Literal["all", "last"] = param(
+        "all", "which assistant turns of a conversation carry loss: every one, or the last"
+    )
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    beta: float = param(0.1, "DPO/KTO: strength of the pull towards the reference model")
+    loss_type: Literal["sigmoid", "ipo"] = param("sigmoid", "DPO loss: sigmoid (DPO) or ipo")
+    label_smoothing: float = param(
+        0.0, "DPO sigmoid: assumed share of flipped preference labels (conservative DPO)"
+    )
+    desirable_weight: float = param(1.0, "KTO: weight of desirable (thumbs-up) examples")
+    undesirable_weight: float = param(1.0, "KTO: weight of undesirable (thumbs-down) examples")
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError("desirable_weight and undesirable_weight must be > 0")
 
 
 @dataclass(frozen=True)
@@ -130,8 +159,10 @@ class LoraSpec:
 class TrainConfig:
     data: str = param("", "a prepared data dir (`lmloop data`) or an SFT .jsonl file")
     out: str = param("", "the run dir: checkpoints/, metrics.jsonl, meta.json, curves.png")
-    task: Literal["auto", "pretrain", "sft"] = param(
-        "auto", "pretrain on token shards, or sft on chat records; auto: by --data"
+    task: Literal["auto", "pretrain", "sft", "dpo", "kto"] = param(
+        "auto",
+        "pretrain on token shards; sft on chat records; dpo on prompt/chosen/rejected pairs; "
+        "kto on prompt/completion/label records; auto: by --data",
     )
     init_from: str | None = param(
         None, "start from a checkpoint / run dir / HF folder / .gguf / installed short name"
@@ -162,6 +193,8 @@ class TrainConfig:
     batch: BatchSpec = param(BatchSpec(), "batch shape")
     eval: EvalSpec = param(EvalSpec(), "validation")
     lora: LoraSpec = param(LoraSpec(), "LoRA fine-tuning")
+    sft: SFTSpec = param(SFTSpec(), "supervised fine-tuning")
+    pref: PreferenceSpec = param(PreferenceSpec(), "preference fine-tuning (DPO, KTO)")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -181,6 +214,7 @@ class TrainResult:
     val_bpb: float | None
     latest: str | None
     best: str | None
+    stopped_early: bool = False
 
 
 class TrainingDiverged(UserError):
@@ -400,20 +434,10 @@ def _vocab_fingerprint(tokenizer: Any) -> str:
     """A hash of the token -> id map (robust to how the tokenizer file was serialized)."""
     from lmloop.artifacts import sha256_json
 
-    return sha256_json(sorted(tokenizer.hf.get_vocab().items()))
+    return sha256_json(sorted(tokenizer.get_vocab().items()))
 
 
 # ---- data ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Data:
-    task: str
-    train: Any  # PretrainData | SFTData: .batch(samples) -> (x, y)
-    val: list  # [(x, y)] micro-batches
-    val_bytes_per_token: float | None
-    inputs: dict[str, str]
-    tokenizer: Any = None  # the data dir's tokenizer (pretraining)
 
 
 def _task(cfg: TrainConfig) -> str:
@@ -421,7 +445,9 @@ def _task(cfg: TrainConfig) -> str:
         return cfg.task
     p = Path(cfg.data)
     if p.is_file() and p.suffix in (".jsonl", ".json"):
-        return "sft"
+        from lmloop.training.preference import detect_task
+
+        return detect_task(p)
     return "pretrain"
 
 
@@ -487,7 +513,6 @@ def run(cfg: TrainConfig) -> TrainResult | None:
 def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from lmloop.artifacts import sha256_file, sha256_json, write_json
     from lmloop.log import MetricsWriter, read_metrics
@@ -497,6 +522,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
     from lmloop.training import checkpoint as ck
     from lmloop.training import data as td
     from lmloop.training import lora as tl
+    from lmloop.training import preference as tp
     from lmloop.training.optim import build_optimizers, lr_factor, set_lr
 
     run_dir = Path(cfg.out) if cfg.out else None
@@ -545,9 +571,20 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         data_tok = Tokenizer.load(cfg.data)
         inputs = {"data": sha256_json(data_meta)}
     else:
-        sft_records = td.read_sft_records(cfg.data)
+        if task == "sft":
+            sft_records = td.read_sft_records(cfg.data)
+        elif task == "dpo":
+            sft_records = tp.read_pairs(cfg.data)
+        else:
+            sft_records = tp.read_unpaired(cfg.data)
         data_tok = None
         inputs = {"data": sha256_file(cfg.data)}
+    preference = task in ("dpo", "kto")
+    if preference and not cfg.init_from and state is None:
+        raise UserError(
+            f"task {task} needs a starting model (the reference its answers are compared to)",
+            hint="pass --init-from MODEL (a registry version, run dir, HF folder or .gguf)",
+        )
 
     base_spec = None
     base_sha = None
@@ -636,6 +673,14 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         )
     accum = G // (mb * d.world)
 
+    # -- the reference of a preference run: the starting model, frozen (LoRA: adapters off) --
+    frozen_ref = None
+    if preference and cfg.lora.r == 0:
+        import copy
+
+        start_model = load_model(base_spec).model if state is not None else model
+        frozen_ref = copy.deepcopy(start_model).eval().requires_grad_(False)
+
     # -- LoRA --
     lora_on = cfg.lora.r > 0  # resuming a LoRA run without it fails the fingerprint check
     if lora_on:
@@ -676,10 +721,11 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         _print_dry_run(cfg, model.config, trainable, fpt, accum, d)
         return None
 
-    # -- data in batches --
+    # -- data in batches: an objective per task (training/preference.py) --
     pad_id = td.pad_id_of(tokenizer)
+    bpt = None
     if task == "pretrain":
-        train = td.PretrainData(train_tokens, cfg.batch.seq_len, cfg.seed)
+        obj = tp.LMObjective(td.PretrainData(train_tokens, cfg.batch.seq_len, cfg.seed))
         windows = (
             td.val_windows(val_tokens, cfg.batch.seq_len, cfg.eval.batches * mb)
             if val_tokens is not None
@@ -688,15 +734,27 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         val = _val_batches_from_windows(windows, mb, pad_id)
         v = (data_meta.get("splits") or {}).get("val") or {}
         bpt = (v["bytes"] / v["tokens"]) if v.get("bytes") and v.get("tokens") else None
-    else:
+    elif task == "sft":
+        last = cfg.sft.turns == "last"
         tr_recs, val_recs = td.split_records(sft_records, cfg.eval.val_fraction, cfg.seed)
-        train = td.SFTData.from_records(tr_recs, tokenizer, cfg.batch.seq_len, cfg.seed)
-        val_ex = td.tokenize_records(val_recs, tokenizer, cfg.batch.seq_len)[
-            : cfg.eval.batches * mb
-        ]
+        obj = tp.LMObjective(
+            td.SFTData.from_records(tr_recs, tokenizer, cfg.batch.seq_len, cfg.seed, last)
+        )
+        val_ex = td.tokenize_records(val_recs, tokenizer, cfg.batch.seq_len, last)
+        val_ex = val_ex[: cfg.eval.batches * mb]
         val = [td.pad_rows(val_ex[i : i + mb], pad_id) for i in range(0, len(val_ex), mb)]
         nbytes, ntok = td.completion_bytes(val_ex, tokenizer)
         bpt = nbytes / ntok if ntok else None
+    else:
+        tr_recs, val_recs = td.split_records(sft_records, cfg.eval.val_fraction, cfg.seed)
+        kind = tp.DPOObjective if task == "dpo" else tp.KTOObjective
+        extra = {"tokenizer": tokenizer, "seq_len": cfg.batch.seq_len} if task == "kto" else {}
+        rows = kind.tokenize(tr_recs, tokenizer, cfg.batch.seq_len)
+        obj = kind(rows, pad_id, cfg.seed, cfg.pref, **extra)
+        val_rows = kind.tokenize(val_recs, tokenizer, cfg.batch.seq_len)[: cfg.eval.batches * mb]
+        val = [obj.collate(val_rows[i : i + mb]) for i in range(0, len(val_rows), mb)]
+        if task == "kto":  # a KL estimate needs two examples: fold a lone last one back in
+            val = [b for b in val if b[2].shape[0] > 1]
 
     # -- device, wrappers, optimizers --
     fsdp = cfg.parallel == "fsdp" and d.world > 1
@@ -713,6 +771,8 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         raw = model = tf.shard_model(raw, d.device, d.world)
         log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
     opts = build_optimizers(raw, cfg.optim)
+    if preference:
+        obj.reference = tp.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
     params = [p for p in raw.parameters() if p.requires_grad]
     if d.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -818,32 +878,36 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         _barrier(d)
 
     @torch.no_grad()
-    def evaluate() -> tuple[float, float, float | None] | None:
+    def evaluate() -> dict[str, float] | None:
+        """Validation loss (per token, pair or example as the objective counts) and stats."""
         if not val:
             return None
         raw.eval()
         tot = torch.zeros(2, dtype=torch.float64)
+        stats: dict[str, float] = {}
         # Rank r scores batches r, r + world, ... Under FSDP each forward is a collective, so
         # every rank runs as many forwards as the busiest one: a rank out of batches repeats its
         # last one and counts nothing.
         for i in range(d.rank, math.ceil(len(val) / d.world) * d.world, d.world):
             if i >= len(val) and not fsdp:
                 break
-            x, y = val[min(i, len(val) - 1)]
-            x, y = x.to(d.device), y.to(d.device)
-            with autocast():
-                logits = raw(x)
+            st = obj.step(raw, val[min(i, len(val) - 1)], d.device, autocast)
             if i >= len(val):
                 continue
-            ls = F.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), ignore_index=td.IGNORE, reduction="sum"
-            )
-            tot += torch.tensor([float(ls), float((y != td.IGNORE).sum())], dtype=torch.float64)
+            tot += torch.tensor([float(st.loss_sum), st.units], dtype=torch.float64)
+            for k, v in st.stats.items():
+                stats[k] = stats.get(k, 0.0) + v
         raw.train()
         tot = _all_sum(tot, d)
         loss = float(tot[0] / tot[1])
-        bpb = loss / math.log(2) / bpt if bpt else None
-        return loss, math.exp(min(loss, 50.0)), bpb
+        out = {"val_loss": loss}
+        if task in ("pretrain", "sft"):
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+            if bpt:
+                out["val_bpb"] = loss / math.log(2) / bpt
+        else:  # rank 0's share of the stats: enough for a log line
+            out.update({f"val_{k}": v for k, v in tp.summarize(stats, float(tot[1])).items()})
+        return out
 
     fpt_total = fpt
     log.info(
@@ -859,7 +923,15 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
 
     # -- the loop --
     step = start
-    last_loss = last_val = last_bpb = None
+    last_loss = last_val = last_bpb = best_val = None
+    stale, stopped_early = 0, False
+    if state is not None:  # early stopping's count continues where the run left it
+        for r in read_metrics(run_dir / "metrics.jsonl"):
+            if "val_loss" in r and r.get("step", 0) <= start:
+                if best_val is None or r["val_loss"] < best_val:
+                    best_val, stale = r["val_loss"], 0
+                else:
+                    stale += 1
     t_first = None
     elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
     steps_timed = 0
@@ -872,31 +944,24 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         lr = set_lr(opts, lr_factor(step, cfg.schedule, cfg.max_steps))
         per_rank = G // d.world
         first = step * G + d.rank * per_rank
-        micro = [train.batch(range(first + j, first + j + mb)) for j in range(0, per_rank, mb)]
-        n_tok = torch.tensor(
-            [float(sum(int((y != td.IGNORE).sum()) for _, y in micro))], dtype=torch.float64
-        )
-        total = float(_all_sum(n_tok, d)[0])
-        scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by tokens
+        micro = [obj.batch(range(first + j, first + j + mb)) for j in range(0, per_rank, mb)]
+        n_units = torch.tensor([sum(obj.units(b) for b in micro)], dtype=torch.float64)
+        total = float(_all_sum(n_units, d)[0])
+        scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by units
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for k, (x, y) in enumerate(micro):
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        stats: dict[str, float] = {}
+        for k, b in enumerate(micro):
             sync = contextlib.nullcontext()
             # FSDP reduce-scatters every micro-batch's gradients into the shards (the sum is the
             # same): skipping that would hold whole unsharded gradients on each process
             if d.world > 1 and not fsdp and k < len(micro) - 1:
                 sync = model.no_sync()  # all-reduce only on the last micro-batch
             with sync:
-                with autocast():
-                    logits = fwd(x)
-                ls = F.cross_entropy(
-                    logits.float().flatten(0, 1),
-                    y.flatten(),
-                    ignore_index=td.IGNORE,
-                    reduction="sum",
-                )
-                (ls * scale).backward()
-            loss_sum += ls.detach().double().cpu()
+                st = obj.step(fwd, b, d.device, autocast)
+                (st.loss_sum * scale).backward()
+            loss_sum += st.loss_sum.detach().double().cpu()
+            for key, v in st.stats.items():
+                stats[key] = stats.get(key, 0.0) + v
         loss = float(_all_sum(loss_sum.reshape(1), d)[0]) / total
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -928,54 +993,61 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         is_save = last or (cfg.save_every > 0 and step % cfg.save_every == 0)
         ev = evaluate() if is_eval else None
         if ev is not None:
-            last_val, _, last_bpb = ev
+            last_val, last_bpb = ev["val_loss"], ev.get("val_bpb")
+            if best_val is None or last_val < best_val:
+                best_val, stale = last_val, 0
+            else:
+                stale += 1
         if d.main and (is_eval or last or step % cfg.log_every == 0):
-            tok_s = total / dt
+            tok_s = total / dt  # units/s: tokens, or pairs (DPO) and examples (KTO)
             avg = time_timed / steps_timed if steps_timed else dt
-            rec = {
-                "step": step,
-                "loss": loss,
-                "ppl": math.exp(min(loss, 50.0)),
-                "lr": lr,
-                "grad_norm": gnorm,
-                "ms": dt * 1000,
-                "tok_s": tok_s,
-                "elapsed_s": elapsed,  # training time (evaluation and saving left out)
-            }
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "ms": dt * 1000}
+            parts = [f"step {step}/{cfg.max_steps}", f"loss {loss:.4f}"]
+            if preference:  # rank 0's share of the batch: the numbers TRL logs
+                rec.update(tp.summarize(stats, n_units.item()))
+                rec[f"{obj.unit}_s"] = tok_s
+                parts += [f"{k.split('/')[-1]} {rec[k]:.3f}" for k in
+                          ("rewards/margin", "rewards/accuracy") if k in rec]  # fmt: skip
+            else:
+                rec.update(ppl=math.exp(min(loss, 50.0)), tok_s=tok_s)
+                parts.append(f"ppl {rec['ppl']:.1f}")
+            rec["elapsed_s"] = elapsed  # training time (evaluation and saving left out)
             if task == "pretrain":
                 rec["tokens"] = step * total
-            parts = [
-                f"step {step}/{cfg.max_steps}",
-                f"loss {loss:.4f}",
-                f"ppl {rec['ppl']:.1f}",
-                f"lr {lr:.1e}",
-                f"gnorm {gnorm:.2f}",
-                f"{dt * 1000:.0f} ms",
-                f"{tok_s:,.0f} tok/s",
-            ]
-            if peak:
+            parts += [f"lr {lr:.1e}", f"gnorm {gnorm:.2f}", f"{dt * 1000:.0f} ms",
+                      f"{tok_s:,.0f} {'tok' if not preference else obj.unit}/s"]  # fmt: skip
+            if peak and not preference:
                 rec["mfu"] = fpt_total * tok_s / peak
                 parts.append(f"mfu {100 * rec['mfu']:.1f}%")
             parts.append(f"eta {_fmt_eta(avg * (cfg.max_steps - step))}")
             if ev is not None:
-                rec.update(val_loss=ev[0], val_ppl=ev[1])
-                parts.append(f"val loss {ev[0]:.4f}")
-                if ev[2] is not None:
-                    rec["val_bpb"] = ev[2]
-                    parts.append(f"val bpb {ev[2]:.3f}")
+                rec.update(ev)
+                parts.append(f"val loss {ev['val_loss']:.4f}")
+                if "val_bpb" in ev:
+                    parts.append(f"val bpb {ev['val_bpb']:.3f}")
+                if "val_rewards/accuracy" in ev:
+                    parts.append(f"val acc {ev['val_rewards/accuracy']:.2f}")
             log.info(" | ".join(parts))
             metrics.write(rec)
             if tb is not None:
                 for k, v in rec.items():
                     if k != "step":
                         tb.add_scalar(k, v, step)
-        if is_save:
-            save(step, ev[0] if ev is not None else None)
+        early = ev is not None and cfg.eval.patience > 0 and stale >= cfg.eval.patience
+        if is_save or early:
+            save(step, ev["val_loss"] if ev is not None else None)
         if pause_at == step:
             # crash tests kill the process here, at a known point between two checkpoints
             log.warning("LMLOOP_TRAIN_PAUSE_AT=%d: pausing", step)
             while True:
                 time.sleep(60)
+        if early:
+            log.info(
+                "early stop at step %d: validation loss has not improved for %d evaluations "
+                "(best %.4f)", step, stale, best_val,
+            )  # fmt: skip
+            stopped_early = True
+            break
 
     # -- the end --
     result = TrainResult(
@@ -986,6 +1058,7 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
         val_bpb=last_bpb,
         latest=checkpoints[-1]["name"] if checkpoints else None,
         best=None,
+        stopped_early=stopped_early,
     )
     if d.main:
         metrics.close()
@@ -1007,6 +1080,8 @@ def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
             out.append(f"val loss   {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
         if last_bpb is not None:
             out.append(f"val bpb    {last_bpb:.4f}")
+        if stopped_early:
+            out.append(f"stopped    early (validation stopped improving; best {best_val:.4f})")
         out.append(f"latest     {result.latest}")
         out.append(f"best       {result.best}")
         print("\n".join(out))
@@ -1150,7 +1225,9 @@ def _plot(run_dir: Path) -> None:
     recs = read_metrics(run_dir / "metrics.jsonl")
     if not recs:
         return
-    fig, (a, p, b) = plt.subplots(1, 3, figsize=(14, 3.6))
+    rewards = [r for r in recs if "rewards/chosen" in r or "rewards/margin" in r]
+    fig, axes = plt.subplots(1, 4 if rewards else 3, figsize=(18 if rewards else 14, 3.6))
+    a, p, b = axes[:3]
     steps = [r["step"] for r in recs]
     ev = [r for r in recs if "val_loss" in r]
     for ax, key, vkey, label in (
@@ -1159,7 +1236,7 @@ def _plot(run_dir: Path) -> None:
     ):
         ax.plot(steps, [r.get(key, math.nan) for r in recs], label="train")
         if ev:
-            ax.plot([r["step"] for r in ev], [r[vkey] for r in ev], "o-", label="val")
+            ax.plot([r["step"] for r in ev], [r.get(vkey, math.nan) for r in ev], "o-", label="val")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.legend()
@@ -1169,6 +1246,20 @@ def _plot(run_dir: Path) -> None:
     b.set_xlabel("step")
     b.set_ylabel("learning rate")
     b.grid(alpha=0.3)
+    if rewards:  # preference runs: implicit rewards (beta * log pi/ref) and their accuracy
+        c = axes[3]
+        xs = [r["step"] for r in rewards]
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+            c.plot(xs, [r.get(key, math.nan) for r in rewards], label=key.split("/")[1])
+        if any("rewards/accuracy" in r for r in rewards):
+            c2 = c.twinx()
+            c2.plot(xs, [r.get("rewards/accuracy", math.nan) for r in rewards], "k:", label="acc")
+            c2.set_ylabel("preference accuracy")
+            c2.set_ylim(0, 1)
+        c.set_xlabel("step")
+        c.set_ylabel("reward")
+        c.legend(loc="upper left")
+        c.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

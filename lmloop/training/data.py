@@ -96,36 +96,38 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int):
 # ---- supervised fine-tuning -------------------------------------------------------------
 
 
-def read_sft_records(path: str | Path) -> list[list[dict[str, str]]]:
-    """Read a JSONL (or JSON list) of chat / prompt-completion records as message lists."""
+def read_jsonl(path: str | Path) -> list[tuple[str, Any]]:
+    """(where, record) for every non-empty line of a JSONL file (or item of a JSON list)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"SFT data file not found: {p}", hint="pass a .jsonl of records")
+        raise UserError(f"data file not found: {p}", hint="pass a .jsonl of records")
     text = p.read_text(encoding="utf-8")
     if p.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            raw = json.loads(text)
+            return [(f"{p}:{i}", r) for i, r in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as e:
             raise UserError(f"{p} is not valid JSON: {e}") from None
-        lines = list(enumerate(raw, 1))
-    else:
-        lines = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    lines.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{n} is not valid JSON: {e.msg}") from None
     out = []
-    for n, rec in lines:
-        out.append(_record_messages(rec, f"{p}:{n}"))
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{p}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{n} is not valid JSON: {e.msg}") from None
     if not out:
-        raise UserError(f"{p} holds no records", hint='one {"messages": [...]} per line')
+        raise UserError(f"{p} holds no records", hint="one JSON record per line")
     return out
 
 
-def _record_messages(rec: Any, where: str) -> list[dict[str, str]]:
-    expected = 'expected {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}'
+def read_sft_records(path: str | Path) -> list[list[dict[str, str]] | str]:
+    """Chat / prompt-completion records as message lists; {"text"} records as strings."""
+    return [_record_messages(rec, where) for where, rec in read_jsonl(path)]
+
+
+def _record_messages(rec: Any, where: str) -> list[dict[str, str]] | str:
+    expected = (
+        'expected {"messages": [{"role", "content"}, ...]}, {"prompt", "completion"} or {"text"}'
+    )
     if not isinstance(rec, dict):
         raise UserError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
@@ -140,6 +142,8 @@ def _record_messages(rec: Any, where: str) -> list[dict[str, str]]:
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: no assistant message to learn from", hint=expected)
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if isinstance(rec.get("text"), str) and "messages" not in rec:
+        return rec["text"]  # replayed plain text: loss on every token
     if isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
         return [
             {"role": "user", "content": rec["prompt"]},
@@ -148,8 +152,10 @@ def _record_messages(rec: Any, where: str) -> list[dict[str, str]]:
     raise UserError(f"{where}: unknown record keys {sorted(rec)}", hint=expected)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation; loss only on assistant turns.
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], last_only: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation; loss only on assistant turns (or the last one).
 
     Each turn is rendered through the chat template and encoded separately, the way the serving
     engine sees it: the prompt (ending with the generation prompt) is encoded as text, the reply
@@ -158,8 +164,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     ids: list[int] = []
     labels: list[int] = []
     done = ""
+    last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
     for k, msg in enumerate(messages):
-        if msg["role"] == "assistant":
+        if msg["role"] == "assistant" and (k == last or not last_only):
             prompt = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True)
             full = tokenizer.apply_chat_template(messages[: k + 1], add_generation_prompt=False)
             if not prompt.startswith(done) or not full.startswith(prompt):
@@ -172,6 +179,14 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     return ids, labels
 
 
+def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """A plain-text record (replayed pretraining text): loss on every token, EOS-terminated."""
+    ids = tokenizer.encode(text)
+    if tokenizer.eos_id is not None:
+        ids = ids + [int(tokenizer.eos_id)]
+    return ids, list(ids)
+
+
 class SFTData:
     """Tokenized conversations; `batch(samples)` pads a batch of them."""
 
@@ -182,8 +197,11 @@ class SFTData:
         self.index = _Permuted(len(examples), seed)
 
     @classmethod
-    def from_records(cls, records, tokenizer, seq_len: int, seed: int) -> SFTData:
-        return cls(tokenize_records(records, tokenizer, seq_len), pad_id_of(tokenizer), seed)
+    def from_records(
+        cls, records, tokenizer, seq_len: int, seed: int, last_only: bool = False
+    ) -> SFTData:
+        examples = tokenize_records(records, tokenizer, seq_len, last_only)
+        return cls(examples, pad_id_of(tokenizer), seed)
 
     def batch(self, samples: range | list[int]):
         return pad_rows([self.examples[self.index(i)] for i in samples], self.pad_id)
@@ -196,11 +214,16 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def tokenize_records(records, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Encode and shift each conversation: inputs ids[:-1], targets labels[1:], cut to seq_len."""
+def tokenize_records(
+    records, tokenizer, seq_len: int, last_only: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """Encode and shift each record: inputs ids[:-1], targets labels[1:], cut to seq_len."""
     out = []
-    for msgs in records:
-        ids, labels = encode_chat(tokenizer, msgs)
+    for rec in records:
+        if isinstance(rec, str):
+            ids, labels = encode_text(tokenizer, rec)
+        else:
+            ids, labels = encode_chat(tokenizer, rec, last_only)
         x, y = ids[:-1][:seq_len], labels[1:][:seq_len]
         if any(t != IGNORE for t in y):  # a reply cut off entirely by seq_len teaches nothing
             out.append((x, y))

@@ -1,0 +1,426 @@
+"""Objectives of `lmloop train`: next-token loss (pretrain, SFT) and preference losses (DPO, KTO).
+
+An objective turns a run's records into batches and a batch into `(loss_sum, units, stats)`: the
+training loop divides by the units summed over every micro-batch and process (tokens for the
+language-model loss, pairs for DPO, examples for KTO), so accumulation and DDP give the same
+update as one big batch, and a batch is a pure function of the sample indices, so exact resume
+holds for every task.
+
+Preference losses, with `delta = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]`
+(sequence log-probabilities summed over completion tokens):
+- DPO `sigmoid` (Rafailov et al. 2023): `-log sigmoid(beta * delta)`; with label smoothing eps the
+  conservative form of Mitchell (2023, "cDPO"): `-(1-eps) log s(beta d) - eps log s(-beta d)`.
+- IPO (Azar et al. 2023, eq. 17): `(delta' - 1/(2 beta))^2`, with log-probabilities averaged over
+  completion tokens as TRL does (the IPO authors' normalisation).
+- KTO (Ethayarajh et al. 2024, eq. 7): desirable `1 - s(beta (r - z))`, undesirable
+  `1 - s(beta (z - r))`, weighted; z, the reference point, is the batch's detached KL estimate
+  from mismatched prompt/completion pairs (each prompt with the next example's completion),
+  clamped at 0.
+
+The reference model is the model the run started from: with LoRA, the same weights with the
+adapters switched off (no second copy in memory); otherwise a frozen copy. Written here rather
+than borrowed from TRL's trainers because our loop owns accumulation, checkpoints and exact
+resume; TRL is the reference our tests compare losses and gradients against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmloop.errors import UserError
+from lmloop.training.data import IGNORE, _Permuted, encode_chat, pad_rows, read_jsonl
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+def detect_task(path: str | Path) -> str:
+    """sft, dpo or kto from the first record's keys (TRL's dataset formats)."""
+    where, rec = read_jsonl(path)[0]
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: a record must be a JSON object")
+    if "chosen" in rec or "rejected" in rec:
+        return "dpo"
+    if "label" in rec:
+        return "kto"
+    return "sft"
+
+
+_Prompt = Any  # a string (plain) or a list of {"role", "content"} messages (conversational)
+_DPO_HINT = 'one {"prompt", "chosen", "rejected"} per line (TRL preference format)'
+_KTO_HINT = 'one {"prompt", "completion", "label": true|false} per line (TRL unpaired format)'
+
+
+def _completion(value: Any, where: str, key: str, hint: str) -> Any:
+    """A completion: a string, or a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+        and value[-1].get("role") == "assistant"
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(f"{where}: '{key}' must be a string or a list of messages ending with "
+                    "an assistant message", hint=hint)  # fmt: skip
+
+
+def _prompt(rec: dict, where: str, hint: str) -> _Prompt:
+    p = rec.get("prompt")
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in p
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in p]
+    raise UserError(f"{where}: missing or malformed 'prompt'", hint=hint)
+
+
+def _same_kind(prompt: _Prompt, completion: Any, where: str, hint: str) -> None:
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise UserError(
+            f"{where}: prompt and completion must both be plain strings or both be messages",
+            hint=hint,
+        )
+
+
+def read_pairs(path: str | Path) -> list[tuple[_Prompt, Any, Any]]:
+    """DPO records: (prompt, chosen, rejected)."""
+    out = []
+    for where, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: a record must be a JSON object", hint=_DPO_HINT)
+        for key in ("chosen", "rejected"):
+            if key not in rec:
+                raise UserError(f"{where}: DPO record without '{key}'", hint=_DPO_HINT)
+        prompt = _prompt(rec, where, _DPO_HINT)
+        chosen = _completion(rec["chosen"], where, "chosen", _DPO_HINT)
+        rejected = _completion(rec["rejected"], where, "rejected", _DPO_HINT)
+        _same_kind(prompt, chosen, where, _DPO_HINT)
+        _same_kind(prompt, rejected, where, _DPO_HINT)
+        out.append((prompt, chosen, rejected))
+    return out
+
+
+def read_unpaired(path: str | Path) -> list[tuple[_Prompt, Any, bool]]:
+    """KTO records: (prompt, completion, desirable?)."""
+    out = []
+    for where, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: a record must be a JSON object", hint=_KTO_HINT)
+        if not isinstance(rec.get("label"), bool):
+            raise UserError(f"{where}: KTO record needs a boolean 'label'", hint=_KTO_HINT)
+        if "completion" not in rec:
+            raise UserError(f"{where}: KTO record without 'completion'", hint=_KTO_HINT)
+        prompt = _prompt(rec, where, _KTO_HINT)
+        completion = _completion(rec["completion"], where, "completion", _KTO_HINT)
+        _same_kind(prompt, completion, where, _KTO_HINT)
+        out.append((prompt, completion, rec["label"]))
+    labels = {lab for _, _, lab in out}
+    if len(labels) < 2:
+        which = "desirable (true)" if True in labels else "undesirable (false)"
+        raise UserError(
+            f"{path}: every KTO record is {which}; KTO needs both labels",
+            hint="add records of the other label, or train with task: sft on the desirable ones",
+        )
+    return out
+
+
+def encode_completion(tokenizer: Any, prompt: _Prompt, completion: Any) -> tuple[list, list]:
+    """(input ids, labels) of prompt + completion with loss on the completion only, shifted."""
+    if isinstance(prompt, str):
+        head = tokenizer.encode(prompt)
+        tail = tokenizer.encode(completion)
+        if tokenizer.eos_id is not None:
+            tail = tail + [int(tokenizer.eos_id)]
+        ids, labels = head + tail, [IGNORE] * len(head) + tail
+    else:
+        ids, labels = encode_chat(tokenizer, prompt + completion, last_only=True)
+    return ids[:-1], labels[1:]
+
+
+def _cut(row: tuple[list, list], seq_len: int) -> tuple[list, list] | None:
+    """Keep the end of the prompt when a row is too long: the completion is what is scored."""
+    x, y = row
+    if len(x) > seq_len:
+        x, y = x[-seq_len:], y[-seq_len:]
+    return (x, y) if any(t != IGNORE for t in y) else None
+
+
+# ---- log-probabilities -------------------------------------------------------------------------
+
+
+def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target log-probs per row, number of target tokens per row); IGNORE is skipped."""
+    mask = y != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return tok.sum(-1), mask.sum(-1)
+
+
+@contextlib.contextmanager
+def _adapters_off(model: Any):
+    from lmloop.training.lora import lora_layers
+
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+class Reference:
+    """log-probs under the starting model: adapters off (LoRA) or a frozen copy."""
+
+    def __init__(self, policy: Any, frozen: Any | None):
+        self.policy, self.frozen = policy, frozen
+
+    @torch.no_grad()
+    def logps(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen is not None:
+            return sequence_logps(self.frozen(x), y)
+        was = self.policy.training
+        self.policy.eval()  # no LoRA dropout in the reference
+        try:
+            with _adapters_off(self.policy):
+                return sequence_logps(self.policy(x), y)
+        finally:
+            self.policy.train(was)
+
+
+# ---- losses (pure functions of log-probabilities, compared with TRL in the tests) -------------
+
+
+def dpo_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    n_chosen: torch.Tensor | None = None,
+    n_rejected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pair DPO/IPO losses from summed sequence log-probs (and token counts for IPO)."""
+    cr, rr = chosen - ref_chosen, rejected - ref_rejected
+    if loss_type == "ipo":
+        d = cr / n_chosen.clamp(min=1) - rr / n_rejected.clamp(min=1)
+        return (d - 1 / (2 * beta)) ** 2
+    d = beta * (cr - rr)
+    return -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+
+
+def kto_losses(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-example KTO losses, desirable examples first then undesirable (TRL's order)."""
+    r = logps - ref_logps
+    good, bad = r[labels], r[~labels]
+    return torch.cat(
+        (
+            desirable_weight * (1 - torch.sigmoid(beta * (good - kl))),
+            undesirable_weight * (1 - torch.sigmoid(beta * (kl - bad))),
+        )
+    )
+
+
+# ---- objectives ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """What one micro-batch contributed: the loss sum (with grad), its units, summed stats."""
+
+    loss_sum: torch.Tensor
+    units: float
+    stats: dict[str, float]
+
+
+class LMObjective:
+    """Next-token cross-entropy on the target tokens (pretraining windows, SFT answers)."""
+
+    unit = "tokens"
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def batch(self, samples: range | list[int]) -> Any:
+        return self.data.batch(samples)
+
+    @staticmethod
+    def units(batch: Any) -> float:
+        return float(int((batch[1] != IGNORE).sum()))
+
+    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast():
+            logits = fwd(x)
+        ls = F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return Step(ls, self.units(batch), {})
+
+
+class DPOObjective:
+    """Pairs -> rows [chosen_1..k, rejected_1..k]; per-pair loss against the reference."""
+
+    unit = "pairs"
+
+    def __init__(self, rows: list[tuple[tuple, tuple]], pad_id: int, seed: int, spec: Any,
+                 reference: Reference | None = None):  # fmt: skip
+        if not rows:
+            raise UserError("no preference pairs left after tokenization")
+        self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
+        self.index = _Permuted(len(rows), seed)
+
+    @classmethod
+    def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple]]:
+        out = []
+        for prompt, chosen, rejected in records:
+            c = _cut(encode_completion(tokenizer, prompt, chosen), seq_len)
+            r = _cut(encode_completion(tokenizer, prompt, rejected), seq_len)
+            if c is not None and r is not None:
+                out.append((c, r))
+        return out
+
+    def collate(self, pairs: list[tuple[tuple, tuple]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
+
+    def batch(self, samples: range | list[int]) -> Any:
+        return self.collate([self.rows[self.index(i)] for i in samples])
+
+    @staticmethod
+    def units(batch: Any) -> float:
+        return float(batch[0].shape[0] // 2)
+
+    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast():
+            logits = fwd(x)
+        logps, n = sequence_logps(logits, y)
+        ref, _ = self.reference.logps(x, y)
+        return self.loss(logps, ref, n)
+
+    def loss(self, logps: torch.Tensor, ref: torch.Tensor, n: torch.Tensor) -> Step:
+        k = logps.shape[0] // 2
+        s = self.spec
+        losses = dpo_losses(
+            logps[:k], logps[k:], ref[:k], ref[k:], beta=s.beta, loss_type=s.loss_type,
+            label_smoothing=s.label_smoothing, n_chosen=n[:k], n_rejected=n[k:],
+        )  # fmt: skip
+        rc = s.beta * (logps[:k] - ref[:k]).detach()
+        rr = s.beta * (logps[k:] - ref[k:]).detach()
+        stats = {
+            "rewards/chosen": float(rc.sum()),
+            "rewards/rejected": float(rr.sum()),
+            "rewards/margin": float((rc - rr).sum()),
+            "rewards/accuracy": float((rc > rr).float().sum()),
+        }
+        return Step(losses.sum(), float(k), stats)
+
+
+class KTOObjective:
+    """Examples -> rows [matched_1..k, mismatched_1..k] (prompt i with completion i+1 for KL)."""
+
+    unit = "examples"
+
+    def __init__(self, rows: list[tuple[tuple, tuple, bool]], pad_id: int, seed: int, spec: Any,
+                 reference: Reference | None = None, *, tokenizer: Any, seq_len: int):  # fmt: skip
+        if not rows:
+            raise UserError("no KTO examples left after tokenization")
+        self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.index = _Permuted(len(rows), seed)
+
+    @classmethod
+    def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple, bool]]:
+        """(matched row, (prompt, completion) kept for the KL rows, label)."""
+        out = []
+        for prompt, completion, label in records:
+            row = _cut(encode_completion(tokenizer, prompt, completion), seq_len)
+            if row is not None:
+                out.append((row, (prompt, completion), label))
+        return out
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Matched rows, then each prompt with the next item's completion (TRL's KL pairs)."""
+        k = len(items)
+        matched = [row for row, _, _ in items]
+        mismatched = []
+        for i, (_, (prompt, _own), _) in enumerate(items):
+            nxt = (i + 1) % k
+            completion = items[nxt][1][1]
+            row = _cut(encode_completion(self.tokenizer, prompt, completion), self.seq_len)
+            mismatched.append(row if row is not None else matched[nxt])
+        x, y = pad_rows(matched + mismatched, self.pad_id)
+        return x, y, torch.tensor([lab for _, _, lab in items], dtype=torch.bool)
+
+    def batch(self, samples: range | list[int]) -> Any:
+        return self.collate([self.rows[self.index(i)] for i in samples])
+
+    @staticmethod
+    def units(batch: Any) -> float:
+        return float(batch[2].shape[0])
+
+    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+        x, y, labels = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        k = labels.shape[0]
+        with autocast():
+            logits = fwd(x)
+        logps, _ = sequence_logps(logits, y)
+        ref, _ = self.reference.logps(x, y)
+        return self.loss(logps[:k], ref[:k], logps[k:].detach(), ref[k:], labels.to(x.device))
+
+    def loss(self, logps, ref, kl_logps, kl_ref, labels) -> Step:
+        s = self.spec
+        kl = (kl_logps - kl_ref).mean().detach().clamp(min=0)
+        losses = kto_losses(
+            logps, ref, labels, kl, beta=s.beta, desirable_weight=s.desirable_weight,
+            undesirable_weight=s.undesirable_weight,
+        )  # fmt: skip
+        r = s.beta * (logps - ref).detach()
+        good, bad = r[labels], r[~labels]
+        stats = {
+            "rewards/chosen": float(good.sum()),
+            "rewards/rejected": float(bad.sum()),
+            "n_chosen": float(good.numel()),
+            "n_rejected": float(bad.numel()),
+            "kl": float(kl) * labels.shape[0],
+        }
+        return Step(losses.sum(), float(labels.shape[0]), stats)
+
+
+def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
+    """Per-unit means of summed stats, as logged (KTO rewards are means over their own label)."""
+    out: dict[str, float] = {}
+    if "n_chosen" in stats:  # KTO
+        nc, nr = stats["n_chosen"], stats["n_rejected"]
+        if nc:
+            out["rewards/chosen"] = stats["rewards/chosen"] / nc
+        if nr:
+            out["rewards/rejected"] = stats["rewards/rejected"] / nr
+        if nc and nr:
+            out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out["kl"] = stats["kl"] / units if units else 0.0
+        return out
+    return {k: v / units for k, v in stats.items()} if units else {}

@@ -1,0 +1,317 @@
+"""Preference training: DPO/IPO and KTO losses and gradients equal TRL's; runs, resume, bad input.
+
+TRL (a dev dependency, never a runtime one) is the reference: its trainers collate a fixed batch
+for a tiny random Llama; the same batch goes through our objective on the same weights loaded by
+our own loader, and the losses and every parameter's gradient must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmloop.cli import main
+from lmloop.log import read_metrics
+from lmloop.training.data import IGNORE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from modelkit import hf_llama, tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [
+    ("the cat sat", " on the mat", " under a big tree"),
+    ("once upon", " a time", " the dog"),
+    ("tiny models", " learn tiny stories", " jump again and again"),
+    ("the quick brown", " fox jumps", " robot who loved to read"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _hf_tok(tok):
+    """The same tokenizer as a `transformers` one, which TRL's trainers take."""
+    from transformers import PreTrainedTokenizerFast
+
+    eos = tok.specials["eos_token"]
+    return PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=eos, pad_token=eos)
+
+
+def _ours(hf_model, tok, tmp: Path):
+    """The same weights through lmloop's own loader."""
+    from lmloop.modelio import load_model
+
+    hf_model.save_pretrained(str(tmp))
+    tok.save(tmp)
+    return load_model(str(tmp)).model.float()
+
+
+def _xy(input_ids, completion_mask, attention_mask):
+    """TRL's (ids, completion mask) rows as our shifted (inputs, targets with IGNORE)."""
+    y = input_ids[:, 1:].clone()
+    y[(completion_mask[:, 1:] == 0) | (attention_mask[:, 1:] == 0)] = IGNORE
+    return input_ids[:, :-1], y
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            out[name.removeprefix("model.")] = p.grad.detach().clone()
+    return out
+
+
+def _assert_same_grads(theirs: dict, ours: dict) -> None:
+    assert set(theirs) == set(ours), set(theirs) ^ set(ours)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from lmloop.stages.train import PreferenceSpec
+    from lmloop.training.preference import DPOObjective, Reference
+
+    policy, ref = hf_llama(tok.vocab_size, tied=False, seed=0), hf_llama(tok.vocab_size, tied=False, seed=1)
+    ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
+    recs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=4,
+                     beta=0.3, loss_type=[loss_type], use_cpu=True, max_length=64, bf16=False)  # fmt: skip
+    trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args,
+                         train_dataset=Dataset.from_list(recs), processing_class=_hf_tok(tok))  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+
+    spec = PreferenceSpec(beta=0.3, loss_type=loss_type)
+    obj = DPOObjective([((0,), (0,))], 0, 0, spec, Reference(ours, ours_ref))
+    x, y = _xy(batch["input_ids"], batch["completion_mask"], batch["attention_mask"])
+    st = obj.step(ours, (x, y), torch.device("cpu"), torch.autograd.grad_mode.enable_grad)
+    (st.loss_sum / st.units).backward()
+
+    assert st.units == 4
+    torch.testing.assert_close(st.loss_sum / st.units, theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(float(theirs) - 0.6931) > 1e-3 or loss_type == "ipo"  # policy != reference
+    _assert_same_grads(_grads(trainer.model), _grads(ours))
+
+
+def test_kto_loss_and_gradients_equal_trl(tmp_path, tok):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from lmloop.stages.train import PreferenceSpec
+    from lmloop.training.preference import KTOObjective, Reference
+
+    policy, ref = hf_llama(tok.vocab_size, tied=False, seed=0), hf_llama(tok.vocab_size, tied=False, seed=1)
+    ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
+    recs = [{"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c, _) in enumerate(PAIRS)]
+    recs += [{"prompt": p, "completion": r, "label": i % 2 == 1} for i, (p, _, r) in enumerate(PAIRS)]
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=8,
+                     beta=0.2, desirable_weight=1.0, undesirable_weight=1.5, use_cpu=True,
+                     max_length=64, bf16=False)  # fmt: skip
+    trainer = KTOTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args,
+                         train_dataset=Dataset.from_list(recs), processing_class=_hf_tok(tok))  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+
+    spec = PreferenceSpec(beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    obj = KTOObjective([((0,), (0,), True)], 0, 0, spec, None, tokenizer=tok, seq_len=64)
+    x, y = _xy(batch["input_ids"], batch["completion_mask"], batch["attention_mask"])
+    kx, ky = _xy(batch["KL_input_ids"], batch["KL_completion_mask"], batch["KL_attention_mask"])
+    from lmloop.training.preference import sequence_logps
+
+    logps, _ = sequence_logps(ours(x), y)
+    with torch.no_grad():
+        kl_logps, _ = sequence_logps(ours(kx), ky)
+        ref_logps, _ = sequence_logps(ours_ref(x), y)
+        kl_ref, _ = sequence_logps(ours_ref(kx), ky)
+    st = obj.loss(logps, ref_logps, kl_logps, kl_ref, torch.as_tensor(batch["label"]).bool())
+    (st.loss_sum / st.units).backward()
+
+    torch.testing.assert_close(st.loss_sum / st.units, theirs.detach(), rtol=1e-5, atol=1e-6)
+    _assert_same_grads(_grads(trainer.model), _grads(ours))
+
+
+# ---- runs through `lmloop train` ---------------------------------------------------------------
+
+WORDS = "red blue green small big old young happy sad river hill house garden morning".split()
+
+
+def _model_dir(path: Path, tok) -> Path:
+    from lmloop.artifacts import atomic_dir
+    from lmloop.modelio import save_model
+    from lmloop.models import build_model
+    from lmloop.models.llama import LlamaConfig
+
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                    intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2,
+                                    max_position_embeddings=128, eos_token_id=tok.eos_id))  # fmt: skip
+    with atomic_dir(path) as tmp:
+        save_model(tmp, model, tok)
+    return path
+
+
+def _pref_records(path: Path, task: str, n: int = 48) -> Path:
+    """A learnable preference: answers that end with a question are chosen."""
+    rng = random.Random(3)
+    with path.open("w") as f:
+        for i in range(n):
+            q = [{"role": "user", "content": f"tell me about the {rng.choice(WORDS)} {i}"}]
+            body = " ".join(rng.choice(WORDS) for _ in range(4))
+            good = [{"role": "assistant", "content": f"{body}. what do you think?"}]
+            bad = [{"role": "assistant", "content": f"{body}. that is all."}]
+            if task == "dpo":
+                f.write(json.dumps({"prompt": q, "chosen": good, "rejected": bad}) + "\n")
+            else:
+                f.write(json.dumps({"prompt": q, "completion": good, "label": True}) + "\n")
+                f.write(json.dumps({"prompt": q, "completion": bad, "label": False}) + "\n")
+    return path
+
+
+def train(*args: str) -> int:
+    return main(["train", *args])
+
+
+@pytest.mark.parametrize("task,lora", [("dpo", False), ("dpo", True), ("kto", False)])
+def test_preference_run_learns_and_logs_rewards(tmp_path, tok, task, lora):
+    data = _pref_records(tmp_path / f"{task}.jsonl", task)
+    model = _model_dir(tmp_path / "m", tok)
+    run = tmp_path / "run"
+    extra = ["lora.r=4", "lora.alpha=8", "optim.lr=2e-2"] if lora else ["optim.lr=3e-3"]
+    rc = train("--data", str(data), "--init-from", str(model), "--out", str(run),
+               "--max-steps", "12", "eval.every=6", "log_every=1", "batch.micro_batch=4",
+               "batch.global_batch=8", "pref.beta=0.5", "schedule.warmup_steps=1", "batch.seq_len=64", *extra)  # fmt: skip
+    assert rc == 0
+    recs = read_metrics(run / "metrics.jsonl")
+    assert json.loads((run / "meta.json").read_text())["task"] == task
+    first, last = recs[0], recs[-1]
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    assert last["rewards/margin"] > first["rewards/margin"] + 0.1  # it learned the preference
+    if task == "dpo":
+        assert last["rewards/accuracy"] > 0.8 and last["val_rewards/accuracy"] > 0.5
+    else:
+        assert "kl" in last
+    assert last["val_loss"] < recs[5]["loss"] + 1.0
+    assert (run / "curves.png").stat().st_size > 10_000
+
+
+def test_lora_reference_is_the_base_without_a_copy(tok):
+    from lmloop.training.lora import apply_lora
+    from lmloop.training.preference import Reference, sequence_logps
+
+    base = _model_dir_model(tok)
+    x = torch.randint(4, tok.vocab_size, (2, 10))
+    y = x.roll(-1, 1)
+    before, _ = sequence_logps(base(x), y)
+    model, _ = apply_lora(base, 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapter now changes the output
+    ref = Reference(model, None)
+    after, _ = sequence_logps(model(x), y)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(ref.logps(x, y)[0], before.detach())
+    assert ref.frozen is None
+
+
+def _model_dir_model(tok):
+    from lmloop.models import build_model
+    from lmloop.models.llama import LlamaConfig
+
+    torch.manual_seed(0)
+    return build_model(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                   intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=128, eos_token_id=tok.eos_id))  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tok, task):
+    data = _pref_records(tmp_path / f"{task}.jsonl", task, n=24)
+    model = _model_dir(tmp_path / "m", tok)
+    args = ["--data", str(data), "--init-from", str(model), "--max-steps", "8", "--save-every",
+            "3", "log_every=1", "eval.every=4", "batch.micro_batch=4", "batch.global_batch=4",
+            "schedule.warmup_steps=1", "optim.lr=3e-3", "batch.seq_len=64"]  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LMLOOP_NO_PROGRESS": "1",
+           "LMLOOP_TRAIN_PAUSE_AT": "5"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "lmloop.cli", "train", *args, "--out", str(cut)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert train(*args, "--out", str(full)) == 0
+        import time
+
+        end = time.time() + 120
+        while time.time() < end and not any(
+            r["step"] >= 5 for r in read_metrics(cut / "metrics.jsonl")
+        ):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert max(r["step"] for r in read_metrics(cut / "metrics.jsonl")) == 5
+    assert train(*args, "--out", str(cut), "--resume") == 0
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == rb["loss"] and ra.get("rewards/margin") == rb.get("rewards/margin"), ra
+    wa = (full / "checkpoints" / "step-0000008" / "model.safetensors").read_bytes()
+    assert wa == (cut / "checkpoints" / "step-0000008" / "model.safetensors").read_bytes()
+
+
+def test_sft_last_turn_only(tok):
+    from lmloop.training.data import encode_chat
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}]  # fmt: skip
+    _, every = encode_chat(tok, msgs)
+    _, last = encode_chat(tok, msgs, last_only=True)
+    taught = lambda labels: tok.decode([t for t in labels if t != IGNORE])  # noqa: E731
+    assert "one" in taught(every) and "two" in taught(every)
+    assert "one" not in taught(last) and "two" in taught(last)
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1
+    return err[0]
+
+
+def test_bad_preference_inputs_fail_in_one_line(tmp_path, tok, capsys):
+    model = _model_dir(tmp_path / "m", tok)
+    no_rej = tmp_path / "norej.jsonl"
+    no_rej.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text("".join(
+        json.dumps({"prompt": "a", "completion": f"b{i}", "label": True}) + "\n" for i in range(3)
+    ))  # fmt: skip
+    good = _pref_records(tmp_path / "dpo.jsonl", "dpo", n=4)
+    base = ["--init-from", str(model), "--max-steps", "1", "batch.seq_len=64"]
+    cases = [
+        (["--data", str(no_rej), "--task", "dpo", *base], "without 'rejected'"),
+        (["--data", str(one_label), *base], "KTO needs both labels"),
+        (["--data", str(good), "pref.beta=0", *base], "beta must be > 0"),
+        (["--data", str(good), "--max-steps", "1", "batch.seq_len=64"], "needs a starting model"),
+    ]
+    for i, (args, want) in enumerate(cases):
+        assert train(*args, "--out", str(tmp_path / f"r{i}")) == 2, want
+        assert want in _err(capsys), want
+        assert not (tmp_path / f"r{i}").exists()
