@@ -86,7 +86,10 @@ def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type):
     from lmloop.stages.train import PreferenceSpec
     from lmloop.training.preference import DPOObjective, Reference
 
-    policy, ref = hf_llama(tok.vocab_size, tied=False, seed=0), hf_llama(tok.vocab_size, tied=False, seed=1)
+    policy, ref = (
+        hf_llama(tok.vocab_size, tied=False, seed=0),
+        hf_llama(tok.vocab_size, tied=False, seed=1),
+    )
     ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
     recs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=4,
@@ -114,12 +117,19 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, tok):
     from trl import KTOConfig, KTOTrainer
 
     from lmloop.stages.train import PreferenceSpec
-    from lmloop.training.preference import KTOObjective, Reference
+    from lmloop.training.preference import KTOObjective
 
-    policy, ref = hf_llama(tok.vocab_size, tied=False, seed=0), hf_llama(tok.vocab_size, tied=False, seed=1)
+    policy, ref = (
+        hf_llama(tok.vocab_size, tied=False, seed=0),
+        hf_llama(tok.vocab_size, tied=False, seed=1),
+    )
     ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
-    recs = [{"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c, _) in enumerate(PAIRS)]
-    recs += [{"prompt": p, "completion": r, "label": i % 2 == 1} for i, (p, _, r) in enumerate(PAIRS)]
+    recs = [
+        {"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c, _) in enumerate(PAIRS)
+    ]
+    recs += [
+        {"prompt": p, "completion": r, "label": i % 2 == 1} for i, (p, _, r) in enumerate(PAIRS)
+    ]
     args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=8,
                      beta=0.2, desirable_weight=1.0, undesirable_weight=1.5, use_cpu=True,
                      max_length=64, bf16=False)  # fmt: skip
