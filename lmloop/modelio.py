@@ -218,7 +218,7 @@ def _load_hub(repo_id: str) -> LoadedModel:
         hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
         from transformers import AutoTokenizer
 
-        tok = Tokenizer(AutoTokenizer.from_pretrained(repo_id), f"hf:{repo_id}")
+        tok = Tokenizer.from_hf(AutoTokenizer.from_pretrained(repo_id), f"hf:{repo_id}")
     except OSError as e:
         raise UserError(f"cannot load hf:{repo_id} from the Hugging Face hub: {e}") from None
     model = from_hf_model(hf)

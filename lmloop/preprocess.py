@@ -12,18 +12,16 @@ This module never imports torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmloop.errors import UserError
-from lmloop.tokenizer import CHAT_TEMPLATE, ENDOFTEXT, PAD, SPECIAL_TOKENS
+from lmloop.tokenizer import SPECIAL_TOKENS
 
 # C0/C1 control characters except tab and newline; zero-width and BOM characters too.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
@@ -267,8 +265,8 @@ def check_vocab_size(n: int) -> None:
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
     """A byte-level BPE (GPT-2 style) trained on `texts`, with lmloop's special tokens.
 
-    Returns the `tokenizers.Tokenizer` (save it with `save_bpe`). Texts are streamed to the
-    trainer in batches; only `tokenizers` is imported (no transformers, no torch).
+    Returns the `tokenizers.Tokenizer` (save it through `lmloop.tokenizer.Tokenizer`). Texts are
+    streamed to the trainer in batches; only `tokenizers` is imported (no transformers, no torch).
     """
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -297,29 +295,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
 
     backend.train_from_iterator(batches(), trainer=trainer)
     return backend
-
-
-def save_bpe(backend: Any, directory: str | Path) -> None:
-    """Write `tokenizer.json` + `tokenizer_config.json` for a BPE `train_bpe` made.
-
-    The config names lmloop's BOS/EOS (`<|endoftext|>`), PAD and ChatML template, so
-    `lmloop.tokenizer.Tokenizer.load` and Hugging Face's `AutoTokenizer` both read it the same.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    backend.save(str(d / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": ENDOFTEXT,
-        "eos_token": ENDOFTEXT,
-        "pad_token": PAD,
-        "model_max_length": 1 << 30,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def backend_sha256(backend: Any) -> str:
-    """The same hash `lmloop.tokenizer.Tokenizer.sha256` gives for this tokenizer."""
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()

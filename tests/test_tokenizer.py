@@ -1,10 +1,15 @@
-"""The tokenizer wrapper's loading rules (training a tokenizer is tests/test_tokenizer_stage.py)."""
+"""The tokenizer wrapper's loading rules (training a tokenizer is tests/test_tokenizer_stage.py):
+`tokenizers` alone for tokenizer.json folders (no torch on the data path), and the same ids,
+text and chat rendering as transformers gives."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
+from modelkit import TEXTS, tiny_tokenizer
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -39,3 +44,44 @@ def test_a_broken_config_without_tokenizer_json_fails_with_the_reason(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Pre')  # torn
     with pytest.raises(UserError, match=r"cannot load the tokenizer in .*: JSONDecodeError: "):
         Tokenizer.load(tmp_path)
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+def test_data_path_never_imports_torch(tmp_path):
+    tiny_tokenizer().save(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("\n\n".join(TEXTS))
+    code = (
+        "import sys\n"
+        "from lmloop.cli import main\n"
+        f"argv = ['data', '--source', {str(tmp_path / 'a.txt')!r}, '--out', "
+        f"{str(tmp_path / 'd')!r}, '--tokenizer', {str(tmp_path / 'tok')!r}]\n"
+        "assert main(argv) == 0\n"
+        "from lmloop.tokenizer import Tokenizer\n"
+        f"tok = Tokenizer.load({str(tmp_path / 'd')!r})\n"
+        "tok.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_same_as_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer().save(tmp_path / "tok")
+    ours, theirs = Tokenizer.load(tmp_path / "tok"), AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = TEXTS[0] + " <|im_start|>user\nhéllo  wörld<|im_end|>\n 42 "
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
+        ids, skip_special_tokens=True
+    )
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (
+        theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, len(theirs)
+    )  # fmt: skip
+    for gen in (True, False):
+        assert ours.apply_chat_template(MESSAGES, add_generation_prompt=gen) == (
+            theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
+        )

@@ -25,7 +25,7 @@ def test_train_save_load_round_trip(tmp_path, capsys):
     assert meta["trained_on"]["documents"] == 200
     tok = Tokenizer.load(out)
     assert tok.vocab_size == meta["vocab_size"] <= 320
-    vocab = tok.hf.get_vocab()
+    vocab = tok.get_vocab()
     assert all(t in vocab for t in SPECIAL_TOKENS)
     assert tok.eos_id == vocab["<|endoftext|>"] and tok.pad_id == vocab["<|pad|>"]
     text = "the miller sings: café ☕ 42\n\tdone"

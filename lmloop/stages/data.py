@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lmloop import __version__, modelspec
+from lmloop import __version__
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
 from lmloop.config import param, to_dict
 from lmloop.errors import UserError
@@ -44,7 +44,6 @@ from lmloop.preprocess import (
     NearDedup,
     WordHashes,
     assign_split,
-    backend_sha256,
     check_vocab_size,
     clean_batch,
     copies,
@@ -53,7 +52,6 @@ from lmloop.preprocess import (
     is_contaminated,
     ngram_hashes,
     normalize_text,
-    save_bpe,
     sorted_unique,
     train_bpe,
 )
@@ -199,87 +197,7 @@ def check_output(out: Path, schema: str) -> None:
         )
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-)
-
-
-class FileTokenizer:
-    """A `tokenizer.json` used through the `tokenizers` library alone.
-
-    Importing transformers (which imports torch) costs ~250 MB of memory a data job does not
-    need when the tokenizer is a plain tokenizer.json; it has the attributes of
-    `lmloop.tokenizer.Tokenizer` the stage uses, and the same `sha256`.
-    """
-
-    def __init__(self, backend: Any, source: str, files: list[Path] | None = None):
-        self.backend, self.source, self.files = backend, source, files
-        self.sha256 = backend_sha256(backend)
-        eos = ENDOFTEXT
-        config = next((f for f in files or [] if f.name == "tokenizer_config.json"), None)
-        if config is not None:
-            import json
-
-            try:
-                value = json.loads(config.read_text()).get("eos_token")
-            except (OSError, ValueError):
-                value = None
-            eos = value.get("content") if isinstance(value, dict) else value or ENDOFTEXT
-        self.eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
-
-    @classmethod
-    def trained(cls, backend: Any) -> FileTokenizer:
-        return cls(backend, "trained byte-level BPE", None)
-
-    def save(self, directory: str | Path) -> None:
-        import shutil
-
-        d = Path(directory)
-        if self.files is None:
-            save_bpe(self.backend, d)
-            return
-        d.mkdir(parents=True, exist_ok=True)
-        for f in self.files:
-            shutil.copyfile(f, d / f.name)
-
-
-def load_tokenizer(spec: str) -> Tokenizer | FileTokenizer:
-    """A tokenizer from a path (json, folder, .gguf, train run) or an installed model name."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        if p.is_dir() and modelspec.is_run_dir(p):
-            p = modelspec.run_checkpoint(p)
-        folder = p / "tokenizer" if (p / "tokenizer" / "tokenizer.json").is_file() else p
-        if folder.is_dir() and (folder / "tokenizer.json").is_file():
-            files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-            return FileTokenizer(_backend_from_file(folder / "tokenizer.json"), str(p), files)
-        if p.is_file() and p.name.endswith(".json"):
-            return FileTokenizer(_backend_from_file(p), str(p), [p])
-        return Tokenizer.load(p)  # GGUF files, slow-tokenizer folders: through transformers
-    installed = modelspec.installed_models()
-    if spec in installed:
-        return load_tokenizer(str(installed[spec]))
-    names = ", ".join(sorted(installed)) or "none"
-    raise UserError(
-        f"tokenizer not found: {spec} (not a path; installed model names: {names})",
-        hint="pass a tokenizer.json, a tokenizer or model folder, a .gguf file or a model name",
-    )
-
-
-def _backend_from_file(path: Path) -> Any:
-    from tokenizers import Tokenizer as Backend
-
-    try:
-        return Backend.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file
-        raise UserError(f"{path} is not a valid tokenizer.json: {e}") from None
-
-
-def eos_of(tok: Tokenizer | FileTokenizer) -> int:
+def eos_of(tok: Tokenizer) -> int:
     """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
     eot = tok.backend.token_to_id(ENDOFTEXT)
     if eot is not None:
@@ -651,7 +569,7 @@ def _tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> t
         first.close()
         if empty:  # fail before training a tokenizer on nothing
             raise _empty_error(stats)
-        tok = FileTokenizer.trained(train_bpe((d.text for d in train_docs()), cfg.vocab_size))
+        tok = Tokenizer.from_backend(train_bpe((d.text for d in train_docs()), cfg.vocab_size))
     packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
     for split in SPLITS:
         docs = train_docs() if split == "train" else spill.read(split)
@@ -662,11 +580,23 @@ def _tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> t
     return tok, packer
 
 
-def run(cfg: DataConfig) -> int:
+@dataclass
+class DataResult:
+    """A prepared data dir and its meta.json (splits, counts, tokenizer, the resolved recipe)."""
+
+    out: Path
+    meta: dict[str, Any]
+    reused: bool
+
+    def split(self, name: str) -> dict[str, Any]:
+        return (self.meta.get("splits") or {}).get(name) or {}
+
+
+def run(cfg: DataConfig) -> DataResult:
     _validate(cfg)
     out = Path(cfg.out).expanduser()
     check_output(out, SCHEMA)
-    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     key, inputs = _fingerprint(cfg, tok)
     if not cfg.force and peek_schema(out) == SCHEMA:
         import json
@@ -675,7 +605,7 @@ def run(cfg: DataConfig) -> int:
         if old.get("fingerprint") == key and old.get("format_version") == FORMAT_VERSION:
             log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
             _print_summary(old, out, reused=True)
-            return 0
+            return DataResult(out, old, reused=True)
 
     stats = _Stats()
     if cfg.engine == "ray":  # imported only here: the one-process path never imports ray
@@ -714,7 +644,7 @@ def run(cfg: DataConfig) -> int:
         _plot(tmp / "lengths.png", stats.lengths)
         (tmp / "report.md").write_text(_report({**meta, "out_name": out.name}, stats.lengths))
     _print_summary(meta, out, reused=False)
-    return 0
+    return DataResult(out, meta, reused=False)
 
 
 def _empty_error(stats: _Stats) -> UserError:

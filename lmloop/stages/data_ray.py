@@ -57,7 +57,6 @@ from lmloop.shards import SPLITS
 from lmloop.sources import RemoteFile, iter_documents, source_files
 from lmloop.stages.data import (
     DataConfig,
-    FileTokenizer,
     _Doc,
     _doc_batches,
     _empty_error,
@@ -73,6 +72,7 @@ from lmloop.stages.data import (
     place,
     source_info,
 )
+from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
 
         if next(train_texts(), None) is None:  # fail before training a tokenizer on nothing
             raise _empty_error(stats)
-        tok = FileTokenizer.trained(train_bpe(train_texts(), cfg.vocab_size))
+        tok = Tokenizer.from_backend(train_bpe(train_texts(), cfg.vocab_size))
 
     # 6. decontaminate, tokenize; shards written here, in unit order
     packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)

@@ -27,14 +27,12 @@ from lmloop.errors import UserError
 from lmloop.preprocess import (
     MAX_VOCAB,
     MIN_VOCAB,
-    backend_sha256,
     check_vocab_size,
     clean_batch,
-    save_bpe,
     train_bpe,
 )
 from lmloop.sources import SourceSpec, fingerprint, iter_documents
-from lmloop.tokenizer import SPECIAL_TOKENS
+from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +111,9 @@ def run(cfg: TokenizerConfig) -> int:
                 "no text to train on: every document was empty after cleaning",
                 hint="check the sources, or lower min_chars",
             )
-        save_bpe(backend, tmp)
-        vocab = backend.get_vocab_size(with_added_tokens=True)
-        sha = backend_sha256(backend)
+        tok = Tokenizer.from_backend(backend)
+        tok.save(tmp)
+        vocab, sha = tok.vocab_size, tok.sha256
         meta = make_meta(
             SCHEMA,
             FORMAT_VERSION,
