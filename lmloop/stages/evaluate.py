@@ -111,8 +111,8 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
     # Compare vocabularies, not file hashes: the same tokenizer saved by another code path may
     # serialize differently, but a different vocabulary always means different token ids.
     if data_tok.get("sha256") != tokenizer.sha256:
-        theirs = Tokenizer.load(data_dir).hf.get_vocab()
-        if theirs != tokenizer.hf.get_vocab():
+        theirs = Tokenizer.load(data_dir).get_vocab()
+        if theirs != tokenizer.get_vocab():
             raise UserError(
                 f"{data_dir} was tokenized with a different tokenizer ({len(theirs):,} tokens, "
                 f"sha256 {str(data_tok.get('sha256'))[:12]}) than the model's "
