@@ -36,7 +36,7 @@ test: setup
 
 # Peers for the benchmarks only (llama-cpp-python compiles llama.cpp: ~18 minutes on 2 cores).
 bench-setup: setup
-	$(BIN)/pip install --quiet llama-cpp-python "llama-cpp-python[server]" datatrove orjson spacy
+	$(BIN)/pip install --quiet llama-cpp-python "llama-cpp-python[server]" datatrove orjson spacy "xxhash<4"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -216,15 +216,15 @@ def _band_groups(*parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.
     return (np.concatenate(members) if members else ids[:0]), sizes[multi]
 
 
-@ray.remote(num_returns=2, max_retries=MAX_RETRIES)
+@ray.remote(num_returns=3, max_retries=MAX_RETRIES)
 def _split(
     cfg: DataConfig,
     si: int,
     payload: tuple[list[str], list[bytes]],
     dropped: np.ndarray,
     own_eval: bool,
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, _Stats], np.ndarray]:
-    """Split and copies of each surviving document (positions, split codes, copies) with the
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], _Stats, np.ndarray]:
+    """Split and copies of each surviving document (positions, split codes, copies), the
     counts, and the sorted n-gram hashes of its val/test documents when they decontaminate."""
     texts, keys = payload
     spec, stats = cfg.source[si], _delta(cfg)
@@ -244,12 +244,12 @@ def _split(
             grams.append(ngram_hashes(text, cfg.ngram, cache))
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
     own = sorted_unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
-    return (table[:, 0], table[:, 1], table[:, 2], stats), own
+    return (table[:, 0], table[:, 1].astype(np.uint8), table[:, 2]), stats, own
 
 
 def _flags(cfg: DataConfig, texts: list[str], table: Any, eval_ngrams: np.ndarray | None) -> Any:
     """Per placed document: True when it is a train document overlapping the eval n-grams."""
-    pos, code, _, _ = table
+    pos, code, _ = table
     out = np.zeros(len(pos), dtype=bool)
     if eval_ngrams is None or not len(eval_ngrams):
         return out
@@ -283,7 +283,7 @@ def _encode(
     if flags is None:
         flags = _flags(cfg, texts, table, eval_ngrams)
     stats.removed["contaminated"] += int(flags.sum())
-    pos, code, n, _ = table
+    pos, code, n = table
     docs = [
         _Doc(texts[i], b"", SPLITS[c], int(k), si)
         for i, c, k, bad in zip(pos.tolist(), code.tolist(), n.tolist(), flags.tolist())
@@ -493,12 +493,12 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
         _split.remote(cfg, si, payloads[uid], _positions(dropped, uid), own_eval)
         for uid, (si, _, _) in enumerate(units)
     ]
-    tables = _get([s[0] for s in splits])
-    for t in tables:
-        _merge(stats, t[3])
+    tables = [s[0] for s in splits]  # stay in the object store: ~17 bytes a document
+    for delta in _get([s[1] for s in splits]):
+        _merge(stats, delta)
     eval_parts = _eval_ngrams(cfg, WordHashes()) if cfg.decontaminate else []
     if own_eval:
-        eval_parts += _get([s[1] for s in splits])
+        eval_parts += _get([s[2] for s in splits])
     del splits
     eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
     eval_ref = ray.put(eval_ngrams)
@@ -506,17 +506,17 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
     # 5. a tokenizer trained on the train split (in order), after decontamination
     flags: list[Any] = [None] * len(units)
     if tok is None:
-        flags = _get(
-            [
-                _contaminated.remote(cfg, payloads[uid], tables[uid], eval_ref)
-                for uid in range(len(units))
-            ]
-        )
+        flags = [
+            _contaminated.remote(cfg, payloads[uid], tables[uid], eval_ref)
+            for uid in range(len(units))
+        ]
 
         def train_texts() -> Iterator[str]:
-            for uid, (pos, code, _, _) in enumerate(tables):
-                texts = _get(payloads[uid])[0]
-                for i, c, bad in zip(pos.tolist(), code.tolist(), flags[uid].tolist()):
+            for uid in range(len(units)):
+                (texts, _), (pos, code, _), bad_ones = _get(
+                    [payloads[uid], tables[uid], flags[uid]]
+                )
+                for i, c, bad in zip(pos.tolist(), code.tolist(), bad_ones.tolist()):
                     if c == 0 and not bad:
                         yield texts[i]
 
@@ -546,7 +546,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
         flat, delta = _get([ids_ref, delta_ref])
         packer.write(flat)
         _merge(stats, delta)
-        rate.add(units[uid][2] if sized else 0, int(len(tables[uid][0])))
+        rate.add(units[uid][2] if sized else 0, sum(s["documents"] for s in delta.splits.values()))
         encoded[uid] = None  # let the object store free it
     log.info("ray: tokenized %s", rate.close())
     return tok, packer
