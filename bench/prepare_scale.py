@@ -52,7 +52,7 @@ class Sampler:
         self.me = psutil.Process()
         self.base: dict[int, float] = {}
         self.last: dict[int, float] = {}
-        self.peak_sum = self.peak_one = 0.0
+        self.peak_sum = self.peak_one = self.peak_worker = self.peak_self = 0.0
         self._stop = threading.Event()
         self.base = self._cpu()  # what each process had used before the run
 
@@ -82,7 +82,17 @@ class Sampler:
             self.last[p.pid] = t.user + t.system
             total += rss
             self.peak_one = max(self.peak_one, rss)
+            if p.pid == self.me.pid:
+                self.peak_self = max(self.peak_self, rss)
+            elif self._is_ray_worker(p):
+                self.peak_worker = max(self.peak_worker, rss)
         self.peak_sum = max(self.peak_sum, total)
+
+    def _is_ray_worker(self, p) -> bool:
+        try:
+            return (p.cmdline() or [""])[0].startswith("ray::")  # Ray's worker process title
+        except self.psutil.Error:
+            return False
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -148,6 +158,8 @@ def child_lmloop(args: argparse.Namespace) -> dict:
         "cpu_s": s.cpu_seconds(),
         "peak_rss_mb": s.peak_sum,
         "peak_one_mb": s.peak_one,
+        "peak_worker_mb": s.peak_worker,
+        "peak_driver_mb": s.peak_self,
         "tokens": meta["splits"]["train"]["tokens"],
         "documents": meta["splits"]["train"]["documents"],
         "init_s": init,
@@ -282,6 +294,12 @@ def main() -> None:
             f"{r['cpu_s'] / mb:9.3f} {r['peak_rss_mb']:7.0f}MB {r['peak_one_mb']:7.0f}MB "
             f"{r['tokens']:>12,}"
         )
+    for name, r in results.items():
+        if r.get("peak_worker_mb"):
+            print(
+                f"{sides[name][2]}: peak RSS of the largest Ray worker {r['peak_worker_mb']:.0f} MB,"
+                f" of the driver {r['peak_driver_mb']:.0f} MB"
+            )
     init = [r["init_s"] for r in results.values() if r["init_s"]]
     if init:
         print(f"(Ray cluster start, not counted above: {max(init):.1f} s)")
