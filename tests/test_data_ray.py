@@ -50,8 +50,10 @@ def one_file_per_unit(monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Four JSONL files and a text file; exact, near and chained-near duplicates, documents
-    overlapping others (contamination once one lands in val/test), PII, a too-short one."""
+    """Four JSONL files and a text file: exact duplicates (3 across JSONL files, 5 of the text
+    file's paragraphs repeating JSONL stories), near duplicates in other files than their
+    originals, documents made of halves of two others (contaminated once one lands in val/test),
+    PII and a too-short document."""
     rng = random.Random(3)
     stories = [_story(rng, rng.randint(60, 160)) for _ in range(180)]
     files: list[list[str]] = [stories[i:160:4] for i in range(4)]

@@ -41,9 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from lmloop.errors import UserError
+
+try:
+    import ray
+except ImportError:  # an extra: say how to get it, in one line
+    raise UserError(
+        "engine=ray needs Ray, which is not installed",
+        hint="pip install 'lmloop[ray]', or drop --engine ray to run in one process",
+    ) from None
 from lmloop.preprocess import (
     NearDedup,
     WordHashes,
