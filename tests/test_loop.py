@@ -1,9 +1,9 @@
-"""One whole flywheel cycle at tiny scale, through a real `lmloop serve` subprocess.
+"""The loop: the gate's rules one by one, a split no memorisation can cross, and whole cycles.
 
-chat via the HTTP API -> rate and correct -> `lmloop loop`: export, prepare, fine-tune, evaluate,
-gate, register, promote -> the running server answers from the new version (and says so).
-Also: a cycle that fails the gate leaves the current version serving; an interrupted cycle
-resumes at the step where it stopped.
+Cycles run on a tiny model registered as `demo` v1, with feedback written into a real SQLite
+store (one test goes through a real `lmloop serve` and watches it hot-reload). The learnable
+signal: users prefer answers that end by asking them something back. At the default gate a
+cycle on that signal is promoted; the same pipeline on coin-flip preferences is rejected.
 """
 
 from __future__ import annotations
@@ -21,20 +21,112 @@ import httpx
 import pytest
 
 from lmloop.cli import main
+from lmloop.stages.loop import GateSpec, bootstrap_interval, decide
+from lmloop.store import FeedbackStore
 
 WORDS = (
-    "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park".split()
-)
-ANSWER = "The little fox found a red ball in the park and took it home."
+    "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park "
+    "river hill house garden morning night boat rain snow apple song"
+).split()
+TOPICS = [f"{a} {b}" for a in WORDS[2:14] for b in WORDS[14:]][:96]
+LEAK = "Story 7: the secret validation story that must never be trained on by the loop."
 
 
-def _corpus(path: Path, n: int = 90) -> Path:
+# ---- the gate, rule by rule -------------------------------------------------------------------
+
+
+def _figures(*, base=(100.0, 101.0), n=30, gain=(0.5, 0.2, 0.8), rule=None) -> dict:
+    pairs = {"what": "held-out pairs", "n": n, "gain": gain[0], "gain_low": gain[1],
+             "gain_high": gain[2], "current_accuracy": 0.4, "candidate_accuracy": 0.8}  # fmt: skip
+    return {"current_base_ppl": base[0], "candidate_base_ppl": base[1], "pairs": pairs,
+            "rule": rule or {}}  # fmt: skip
+
+
+def test_gate_promotes_a_clear_gain_at_the_defaults():
+    ok, why = decide(_figures(), GateSpec())
+    assert ok, why
+
+
+def test_gate_refuses_a_base_regression_beyond_the_limit():
+    ok, why = decide(_figures(base=(100.0, 102.5)), GateSpec())
+    assert not ok and "regression" in why
+    assert decide(_figures(base=(100.0, 101.9)), GateSpec())[0]
+
+
+def test_gate_refuses_too_little_evidence():
+    ok, why = decide(_figures(n=GateSpec().min_heldout - 1), GateSpec())
+    assert not ok and "not enough evidence" in why
+    ok, why = decide(_figures(n=0), GateSpec())
+    assert not ok and "not enough evidence" in why
+
+
+def test_gate_refuses_a_gain_whose_interval_reaches_zero():
+    ok, why = decide(_figures(gain=(0.3, -0.05, 0.6)), GateSpec())
+    assert not ok and "not shown" in why
+    ok, why = decide(_figures(gain=(0.3, 0.1, 0.6)), GateSpec(min_effect=0.2))
+    assert not ok and "not shown" in why
+
+
+def test_gate_refuses_when_the_rule_does_not_improve():
+    rule = {"what": "held-out prompts", "n": 20, "current": 0.1, "candidate": 0.15,
+            "gain": 0.05, "gain_low": -0.05, "gain_high": 0.15}  # fmt: skip
+    ok, why = decide(_figures(rule=rule), GateSpec(rule="regex:\\?$"))
+    assert not ok and "rule" in why
+    rule |= {"candidate": 0.7, "gain": 0.6, "gain_low": 0.4, "gain_high": 0.8}
+    assert decide(_figures(rule=rule), GateSpec(rule="regex:\\?$"))[0]
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence():
+    rng = random.Random(0)
+    small = [rng.gauss(0.1, 1) for _ in range(20)]
+    big = [rng.gauss(0.1, 1) for _ in range(2000)]
+    m, lo, hi = bootstrap_interval(small, confidence=0.95, resamples=2000)
+    assert lo < m < hi and lo < 0  # 20 noisy values: no evidence of a 0.1 effect
+    m2, lo2, hi2 = bootstrap_interval(big, confidence=0.95, resamples=2000)
+    assert 0 < lo2 < m2 < hi2 and hi2 - lo2 < (hi - lo) / 5
+
+
+# ---- the held-out split -----------------------------------------------------------------------
+
+
+def test_heldout_split_keeps_near_duplicate_prompts_and_shared_answers_together():
+    from lmloop.stages.feedback import heldout_assignment
+
+    rng = random.Random(5)
+    items = []
+    for i, t in enumerate(TOPICS):
+        words = " ".join(rng.choice(WORDS) for _ in range(8))
+        prompt = [{"role": "user", "content": f"Why, {words} {t}?"}]
+        items.append((f"c{i}", {"prompt": prompt, "chosen": [{"role": "assistant",
+                      "content": f"answer {i}"}], "rejected": [{"role": "assistant",
+                      "content": f"other {i}"}]}))  # fmt: skip
+    # planted: each near-duplicate of an earlier prompt (case, punctuation, one word) and one
+    # record that reuses another conversation's answer
+    for i in range(0, 40, 4):
+        p = items[i][1]["prompt"][0]["content"].lower().replace(",", "").rstrip("?") + " please"
+        items.append((f"dup{i}", {"messages": [{"role": "user", "content": p},
+                      {"role": "assistant", "content": f"dup answer {i}"}]}))  # fmt: skip
+    items.append(("shared", {"messages": [{"role": "user", "content": "something else entirely"},
+                  {"role": "assistant", "content": "answer 5"}]}))  # fmt: skip
+    flags, groups = heldout_assignment(items, 0.3)
+    side = {conv: f for (conv, _), f in zip(items, flags)}
+    assert 0.1 < sum(flags) / len(flags) < 0.5 and groups < len(items)
+    for i in range(0, 40, 4):
+        assert side[f"dup{i}"] == side[f"c{i}"], i
+    assert side["shared"] == side["c5"]
+
+
+# ---- whole cycles ---------------------------------------------------------------------------------
+
+
+def _corpus(path: Path, n: int = 120) -> Path:
     rng = random.Random(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i in range(n):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 30)))
             f.write(json.dumps({"text": f"Story {i}: {words}."}) + "\n")
+        f.write(json.dumps({"text": LEAK}) + "\n")
     return path
 
 
@@ -42,26 +134,157 @@ def _corpus(path: Path, n: int = 90) -> Path:
 def world(tmp_path_factory):
     """A prepared corpus, a tiny model trained on it, registered as `demo` v1."""
     root = tmp_path_factory.mktemp("loop")
-    home = root / "home"
     old = os.environ.get("LMLOOP_HOME")
-    os.environ["LMLOOP_HOME"] = str(home)
+    os.environ["LMLOOP_HOME"] = str(root / "home")
     corpus = _corpus(root / "corpus.jsonl")
     data = root / "data"
     assert main(["data", "--source", str(corpus), "--out", str(data), "vocab_size=300",
                  "val_fraction=0.15", "test_fraction=0.1", "near_dedup=false"]) == 0  # fmt: skip
     run = root / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "20",
-                 "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "30",
+                 "model.hidden_size=48", "model.num_layers=2", "model.num_heads=2",
                  "batch.seq_len=64", "batch.micro_batch=8", "batch.global_batch=8",
                  "eval.every=10", "eval.batches=2", "plot=false", "optim.lr=3e-3",
                  "schedule.warmup_steps=2"]) == 0  # fmt: skip
-    ckpts = sorted((run / "checkpoints").iterdir())
-    assert main(["models", "register", "demo", str(ckpts[-1]), "--promote"]) == 0
-    yield {"root": root, "data": data, "run": run, "home": home}
+    assert main(["models", "register", "demo", str(run), "--promote"]) == 0
+    from lmloop.sources import SourceSpec, iter_documents
+
+    val = list(iter_documents(SourceSpec(path=str(data), hf_split="val")))
+    yield {"root": root, "data": data, "run": run, "val": val}
     if old is None:
         os.environ.pop("LMLOOP_HOME", None)
     else:
         os.environ["LMLOOP_HOME"] = old
+
+
+def _fill_store(db: Path, *, signal: str, n: int = 72, leak: list[str] | None = None) -> None:
+    """n conversations, each with two answers rated against each other, plus corrections.
+
+    signal="question": the answer ending with a question back is preferred (learnable);
+    signal="coin": which one is preferred is a coin flip (nothing to learn).
+    """
+    rng = random.Random(11)
+    with FeedbackStore(db) as store:
+        for i in range(n):
+            topic = TOPICS[i % len(TOPICS)]
+            ask_words = " ".join(rng.choice(WORDS) for _ in range(6))
+            msgs = [{"role": "user", "content": f"{ask_words} {topic} {i}?"}]
+            body = " ".join(rng.choice(WORDS) for _ in range(5))
+            ask, tell = f"The {topic} {body}. Do you like it?", f"The {topic} {body}. The end."
+            ids = []
+            for k, text in enumerate((ask, tell)):
+                rid = f"r{i}-{k}"
+                store.record_exchange(messages=msgs, response_text=text, response_id=rid,
+                                      model_name="demo", model_version="v1", checkpoint_sha="x",
+                                      params={}, prompt_tokens=5, completion_tokens=9,
+                                      latency_ms=1.0)  # fmt: skip
+                ids.append(rid)
+            good, bad = ids if signal == "question" or rng.random() < 0.5 else ids[::-1]
+            store.add_feedback(good, thumb="up")
+            store.add_feedback(bad, thumb="down")
+            store.add_feedback(good, preferred_over=bad)
+        for k, doc in enumerate(leak or []):  # users paste base-validation documents
+            rid = f"leak{k}"
+            store.record_exchange(messages=[{"role": "user", "content": f"{k} " + " ".join(WORDS[k::4])}],
+                                  response_text="no", response_id=rid, model_name="demo",
+                                  model_version="v1", checkpoint_sha="x", params={},
+                                  prompt_tokens=3, completion_tokens=1, latency_ms=1.0)  # fmt: skip
+            store.add_feedback(rid, thumb="down", correction=doc)
+
+
+def _loop(world, db: Path, work: str, *extra: str) -> list[str]:
+    return ["loop", "name=demo", f"db={db}", f"base_data={world['data']}",
+            f"work_dir={world['root'] / work}", "sft_steps=10", "pref_steps=20",
+            "train.batch.seq_len=64", "train.optim.lr=5e-4", "train.plot=false", "train.lora.r=4",
+            "train.pref.beta=1.0", *extra]  # fmt: skip
+
+
+def _decision(world, work: str) -> dict:
+    return json.loads((world["root"] / work / "cycle-1" / "decision.json").read_text())
+
+
+def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
+    from lmloop.registry import Registry
+
+    good, coin = world["root"] / "good.db", world["root"] / "coin.db"
+    _fill_store(good, signal="question", leak=world["val"][:4])
+    _fill_store(coin, signal="coin")
+    before = Registry().current("demo")[0]
+
+    assert main(_loop(world, coin, "loop-coin", "promote=false")) == 0
+    d = _decision(world, "loop-coin")
+    assert not d["passed"], d["reason"]
+    assert "not shown" in d["reason"] or "regression" in d["reason"]
+    assert Registry().current("demo")[0] == before
+
+    assert main(_loop(world, good, "loop-good", "promote=false")) == 0
+    d = _decision(world, "loop-good")
+    pairs = d["figures"]["pairs"]
+    assert d["passed"], d["reason"]
+    assert pairs["n"] >= GateSpec().min_heldout and pairs["gain_low"] > 0
+    assert pairs["implicit_reward_accuracy"] > 0.8
+    assert pairs["candidate_accuracy"] >= pairs["current_accuracy"]
+    out = capsys.readouterr().out
+    assert "registered demo v2, not promoted" in out
+    assert Registry().current("demo")[0] == before  # promote=false
+
+    # the planted base-validation document never reached a training file
+    cycle = world["root"] / "loop-good" / "cycle-1"
+    exported = (cycle / "feedback" / "sft.train.jsonl").read_text()
+    planted = [doc for doc in world["val"][:4] if json.dumps(doc)[1:-1] in exported]
+    assert planted  # at least one planted document was exported for training...
+    for f in (cycle / "data").glob("*.jsonl"):
+        for doc in world["val"][:4]:
+            assert json.dumps(doc)[1:-1] not in f.read_text(), f  # ...and none reached training
+    state = json.loads((cycle / "state.json").read_text())
+    assert state["results"]["prepare"]["dropped"]["contaminated"] >= len(planted)
+    assert state["results"]["prepare"]["counts"]["replay"] > 0
+    # and what the decision says is what the registry's lineage keeps
+    assert main(["models", "show", "demo", "v2"]) == 0
+    shown = capsys.readouterr().out
+    assert f"{pairs['gain']:+.3f}" in shown and "v1" in shown
+
+
+def test_loop_bad_input_fails_before_training(world, tmp_path, capsys):
+    base = ["name=demo", f"base_data={world['data']}", f"work_dir={tmp_path / 'w'}"]
+    assert main(["loop", f"db={tmp_path / 'none.db'}", *base]) == 2
+    assert "feedback store not found" in capsys.readouterr().err
+    assert main(["loop", "name=nobody", f"db={tmp_path / 'none.db'}",
+                 f"base_data={world['data']}"]) == 2  # fmt: skip
+    assert "no current version of 'nobody'" in capsys.readouterr().err
+    empty = tmp_path / "empty.db"
+    FeedbackStore(empty).close()
+    assert main(["loop", f"db={empty}", *base]) == 2
+    assert "no rated answers" in capsys.readouterr().err
+    ups = tmp_path / "ups.db"
+    with FeedbackStore(ups) as store:
+        for i in range(5):
+            store.record_exchange(messages=[{"role": "user", "content": f"q{i}"}],
+                                  response_text=f"a{i}", response_id=f"r{i}", model_name="demo",
+                                  model_version="v1", checkpoint_sha="x", params={},
+                                  prompt_tokens=1, completion_tokens=1, latency_ms=1.0)  # fmt: skip
+            store.add_feedback(f"r{i}", thumb="up")
+    assert main(["loop", f"db={ups}", *base]) == 2
+    assert "one-sided" in capsys.readouterr().err
+    # a base data dir without validation documents is refused before anything runs
+    novaldata = tmp_path / "noval"
+    assert main(["data", "--source", str(_corpus(tmp_path / "c.jsonl", 30)), "--out",
+                 str(novaldata), f"--tokenizer={world['run']}", "val_fraction=0",
+                 "test_fraction=0"]) == 0  # fmt: skip
+    assert main(["loop", f"db={ups}", "name=demo", f"base_data={novaldata}",
+                 f"work_dir={tmp_path / 'w2'}"]) == 2  # fmt: skip
+    assert "no val or test documents" in capsys.readouterr().err
+    # a base data dir from another tokenizer
+    other = tmp_path / "other"
+    assert main(["data", "--source", str(_corpus(tmp_path / "c2.jsonl", 60)), "--out",
+                 str(other), "vocab_size=280", "val_fraction=0.2"]) == 0  # fmt: skip
+    assert main(["loop", f"db={ups}", "name=demo", f"base_data={other}",
+                 f"work_dir={tmp_path / 'w3'}"]) == 2  # fmt: skip
+    assert "another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").glob("cycle-*/sft"))
+
+
+# ---- through a real server ------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -90,95 +313,60 @@ def _serve(model: str, db: Path, log: Path):
 
 
 def _chat(url: str, prompt: str) -> dict:
-    r = httpx.post(
-        url + "/v1/chat/completions",
-        json={
-            "model": "demo",
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 8,
-            "temperature": 0,
-        },  # fmt: skip
-        timeout=60,
-    )
+    body = {"model": "demo", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def _loop_args(world, db: Path, work: str, *extra: str) -> list[str]:
-    return ["loop", "name=demo", f"db={db}", f"base_data={world['data']}",
-            f"work_dir={world['root'] / work}", "max_steps=8", "lr=3e-3", "heldout_fraction=0.4",
-            "train_args=batch.micro_batch=4", "train_args=batch.global_batch=4",
-            "train_args=plot=false", *extra]  # fmt: skip
-
-
-def test_whole_cycle_through_the_real_server(world, capsys):
-    db = world["root"] / "feedback.db"
-    proc, url = _serve("registry:demo", db, world["root"] / "serve.log")
-    try:
-        first = _chat(url, "hello")
-        assert first["model_version"] == "v1"
-        for i in range(10):  # ten conversations, each answer corrected by the user
-            answer = _chat(url, f"Tell me story number {i} about the fox.")
-            r = httpx.post(url + "/v1/feedback", timeout=30, json={
-                "response_id": answer["id"], "thumb": "down", "correction": ANSWER,
-                "reason": "too short"})  # fmt: skip
-            assert r.status_code == 200, r.text
-        capsys.readouterr()
-        assert main(_loop_args(world, db, "loop-ok", "gate.max_base_regression=10")) == 0
-        out = capsys.readouterr().out
-        assert "PROMOTED demo v2" in out
-        decision = json.loads((world["root"] / "loop-ok" / "cycle-1" / "decision.json").read_text())
-        assert (
-            decision["promote"]
-            and decision["figures"]["candidate_feedback_loss"]
-            < (decision["figures"]["current_feedback_loss"])
-        )
-        deadline = time.monotonic() + 30  # the server follows the registry and hot-reloads
-        while time.monotonic() < deadline and _chat(url, "hello")["model_version"] != "v2":
-            time.sleep(0.3)
-        assert _chat(url, "hello")["model_version"] == "v2"
-        assert main(["models", "show", "demo", "v2"]) == 0
-        shown = capsys.readouterr().out
-        assert "v1" in shown  # lineage names the parent
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0
-
-
-def test_gate_failure_keeps_current_and_interrupted_cycle_resumes(world, capsys, monkeypatch):
-    db = world["root"] / "feedback.db"
-    assert db.exists(), "runs after the whole-cycle test, which collected feedback"
+def test_cycle_through_the_real_server_hot_reloads_and_resumes(world, capsys, monkeypatch):
     from lmloop.registry import Registry
     from lmloop.stages import train as train_stage
 
-    before = Registry().current("demo")[0]
-    real_run = train_stage.run
-    calls = {"n": 0}
+    db = world["root"] / "served.db"
+    proc, url = _serve("registry:demo", db, world["root"] / "serve.log")
+    try:
+        assert _chat(url, "hello")["model_version"] == "v1"
+        for i in range(48):  # users correct each answer: short, and asking back
+            topic = TOPICS[i]
+            answer = _chat(url, f"What about the {topic} in story {i}?")
+            fix = f"The {topic} is here. Do you like it?"
+            r = httpx.post(url + "/v1/feedback", timeout=30, json={
+                "response_id": answer["id"], "thumb": "down", "correction": fix})  # fmt: skip
+            assert r.status_code == 200, r.text
+        # an interrupted cycle resumes where it stopped
+        real_run, calls = train_stage.run, []
 
-    def interrupted(cfg):
-        calls["n"] += 1
-        raise KeyboardInterrupt  # as if Ctrl-C hit during the fine-tune
+        def interrupted(cfg):
+            calls.append(cfg.task)
+            if cfg.task == "dpo":
+                raise KeyboardInterrupt  # Ctrl-C during the preference stage
+            return real_run(cfg)
 
-    monkeypatch.setattr(train_stage, "run", interrupted)
-    args = _loop_args(world, db, "loop-strict", "gate.max_base_regression=-0.99")
-    assert main(args) == 130
-    state = json.loads((world["root"] / "loop-strict" / "cycle-1" / "state.json").read_text())
-    assert state["done"] == ["export", "data"]
-    monkeypatch.setattr(train_stage, "run", real_run)
-    capsys.readouterr()
-    assert main(args) == 0  # resumes cycle-1 at the fine-tune
-    out = capsys.readouterr().out
-    assert "resuming" in out or "cycle-1" in out
-    assert not (world["root"] / "loop-strict" / "cycle-2").exists()
-    assert "REJECTED" in out and "regression" in out
-    assert Registry().current("demo")[0] == before
-    assert calls["n"] == 1
-
-
-def test_loop_bad_input(world, tmp_path, capsys):
-    assert main(["loop", "name=demo", f"db={tmp_path / 'none.db'}",
-                 f"base_data={world['data']}", f"work_dir={tmp_path / 'w'}"]) == 2  # fmt: skip
-    assert "feedback store not found" in capsys.readouterr().err
-    assert main(["loop", "name=nobody", f"db={tmp_path / 'none.db'}",
-                 f"base_data={world['data']}", f"work_dir={tmp_path / 'w'}"]) == 2  # fmt: skip
-    assert "no current version of 'nobody'" in capsys.readouterr().err
+        monkeypatch.setattr(train_stage, "run", interrupted)
+        args = _loop(world, db, "loop-served")
+        assert main(args) == 130
+        state = json.loads((world["root"] / "loop-served" / "cycle-1" / "state.json").read_text())
+        assert state["done"] == ["export", "prepare", "sft"]
+        monkeypatch.setattr(
+            train_stage, "run", lambda cfg: (calls.append(cfg.task), real_run(cfg))[1]
+        )
+        capsys.readouterr()
+        assert main(args) == 0
+        assert calls == ["sft", "dpo", "dpo"]  # the SFT stage did not run again
+        assert not (world["root"] / "loop-served" / "cycle-2").exists()
+        d = _decision(world, "loop-served")
+        version = Registry().current("demo")[0]
+        if d["passed"]:
+            assert version != "v1"
+            deadline = time.monotonic() + 30  # the server follows the registry and hot-reloads
+            while time.monotonic() < deadline and _chat(url, "hello")["model_version"] != version:
+                time.sleep(0.3)
+            assert _chat(url, "hello")["model_version"] == version
+        else:
+            assert version == "v1" and _chat(url, "hello")["model_version"] == "v1"
+        assert d["figures"]["pairs"]["n"] > 0  # corrections became held-out pairs
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

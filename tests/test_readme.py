@@ -71,7 +71,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CORRECTION = "Once upon a time a little fox found a red ball in the park."
+def correction(i: int) -> str:
+    """The user's rewrite of answer i (each a different answer: the loop keeps records that
+    teach the same answer on one side of its held-out split)."""
+    return f"Once upon a time a little fox found red ball number {i} in the park."
+
+
 CHECKS: dict[str, Callable[[Path, subprocess.CompletedProcess], None]] = {}
 
 
@@ -223,7 +228,8 @@ def _export_feedback(tmp: Path, done) -> None:
     assert len(records) == 12
     asked = {r["messages"][0]["content"] for r in records}
     assert asked == {f"Tell me story {i} about the fox." for i in range(12)}
-    assert all(r["messages"][-1] == {"role": "assistant", "content": CORRECTION} for r in records)
+    taught = {r["messages"][-1]["content"] for r in records}
+    assert taught == {correction(i) for i in range(12)}
     train = sum(1 for _ in (tmp / "feedback" / "sft.jsonl").open())
     assert f"sft: {train} train records" in done.stdout, done.stdout
 
@@ -325,7 +331,7 @@ def _converse(url: str) -> list[dict]:
         assert r.status_code == 200, r.text
         fb = httpx.post(url + "/v1/feedback", timeout=30, json={
             "response_id": r.json()["id"], "thumb": "down", "rating": 2,
-            "correction": CORRECTION})  # fmt: skip
+            "correction": correction(i)})  # fmt: skip
         assert fb.status_code == 200, fb.text
         answers.append(r.json())
     return answers

@@ -76,6 +76,7 @@ class EvalConfig:
     max_new_tokens: int = param(32, "tokens per sample generation (greedy); 0 to skip samples")
     device: str = param("cpu", "torch device")
     out: str | None = param(None, "write report.json, report.md and meta.json into this dir")
+    quiet: bool = param(False, "do not print the report (it is still written with --out)")
 
     def __post_init__(self) -> None:
         # Checks that need no model fail here, before a model loads; the rest are in
@@ -241,7 +242,19 @@ def report_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> st
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run(cfg: EvalConfig) -> int:
+@dataclass
+class EvalResult:
+    """The report's figures (token/word/byte perplexity, bits per byte), samples and protocol."""
+
+    report: dict[str, Any]
+    out: Path | None
+
+    @property
+    def token_perplexity(self) -> float:
+        return float(self.report["token_perplexity"])
+
+
+def run(cfg: EvalConfig) -> EvalResult:
     from lmloop.modelio import load_model
     from lmloop.perplexity import evaluate_texts, evaluate_tokens, greedy_generate
 
@@ -298,8 +311,9 @@ def run(cfg: EvalConfig) -> int:
                 ),
             )  # fmt: skip
         log.info("wrote %s", Path(cfg.out) / "report.json")
-    print(md, end="")
-    return 0
+    if not cfg.quiet:
+        print(md, end="")
+    return EvalResult(report, Path(cfg.out) if cfg.out else None)
 
 
 # ---- compare -------------------------------------------------------------------------------------

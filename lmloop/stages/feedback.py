@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -436,6 +437,151 @@ def run_stats(cfg: StatsConfig) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ExportConfig", "ExportResult", "StatsConfig", "build_records", "export_feedback",
-    "heldout_path", "is_heldout", "meta_path", "run_export", "run_stats",
+    "ExportConfig", "ExportResult", "LoopExport", "StatsConfig", "build_records",
+    "export_feedback", "export_for_loop", "heldout_assignment", "heldout_path", "is_heldout",
+    "meta_path", "run_export", "run_stats",
 ]  # fmt: skip
+
+
+# ---- the loop's export: every format at once, one split -------------------------------------
+
+_PUNCT = re.compile(r"[^\w\s]+")
+
+
+def _prompt_text(rec: dict[str, Any]) -> str:
+    """The last user turn a record answers (its prompt), normalized for near-duplicate search."""
+    msgs = rec.get("prompt") if "prompt" in rec else rec.get("messages", [])[:-1]
+    users = (
+        [m["content"] for m in msgs if m.get("role") == "user"] if isinstance(msgs, list) else []
+    )
+    text = users[-1] if users else (msgs if isinstance(msgs, str) else "")
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def _preferred_answer(rec: dict[str, Any]) -> str | None:
+    """The answer a record teaches (SFT answer, DPO chosen, KTO desirable completion): what a
+    model could memorise. Rejected answers are not keys: a weak model often repeats one."""
+    if "messages" in rec:
+        value = rec["messages"][-1]["content"]
+    elif "chosen" in rec:
+        value = rec["chosen"]
+    elif rec.get("label"):
+        value = rec["completion"]
+    else:
+        return None
+    text = value[-1]["content"] if isinstance(value, list) else value
+    return " ".join(text.lower().split())
+
+
+def heldout_assignment(
+    items: list[tuple[str, dict[str, Any]]], fraction: float, *, threshold: float = 0.7
+) -> tuple[list[bool], int]:
+    """Held out or not, per (conversation id, record), so that the held-out side shares nothing
+    with the training side: records of one conversation, records whose prompts are near
+    duplicates (MinHash LSH on word bigrams of the lowercased prompt, candidates confirmed by an
+    estimated Jaccard >= `threshold`), and records teaching the same answer are joined into one
+    group (union-find); each group goes wholly to one side, by a hash of its smallest
+    conversation id."""
+    from lmloop.preprocess import NearDedup
+
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+
+    def join(i: int, key: tuple[str, Any]) -> None:
+        j = first.setdefault(key, i)
+        parent[find(i)] = find(j)
+
+    lsh = NearDedup(threshold=threshold, num_perm=128, ngram=2)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    sigs: dict[str, Any] = {}
+    for i, (conv, rec) in enumerate(items):
+        join(i, ("conversation", conv))
+        answer = _preferred_answer(rec)
+        if answer is not None:
+            join(i, ("answer", answer))
+        prompt = _prompt_text(rec)
+        join(i, ("prompt", prompt))
+        if not prompt or prompt in sigs:
+            continue
+        sig = sigs[prompt] = lsh.signature(prompt)
+        near: set[int] = set()
+        for band, key in enumerate(lsh.band_keys(sig)):
+            bucket = buckets.setdefault((band, key), [])
+            near.update(bucket)
+            bucket.append(i)
+        for j in near:  # LSH proposes; the signatures' agreement (est. Jaccard) decides
+            if (sigs[_prompt_text(items[j][1])] == sig).mean() >= threshold:
+                parent[find(i)] = find(j)
+    groups: dict[int, str] = {}
+    for i, (conv, _) in enumerate(items):
+        r = find(i)
+        groups[r] = min(groups.get(r, conv), conv)
+    flags = [is_heldout(groups[find(i)], fraction) for i in range(len(items))]
+    return flags, len(groups)
+
+
+@dataclass
+class LoopExport:
+    """The loop's feedback: sft/dpo/kto train and held-out files, split once for all three."""
+
+    files: dict[str, dict[str, Path]]  # format -> {"train": path, "heldout": path}
+    counts: dict[str, dict[str, int]]  # format -> {"train": n, "heldout": n}
+    thumbs: dict[str, int]  # {"up": n, "down": n} over the exported answers
+    groups: int  # independent groups the split was drawn over
+    pii: dict[str, int]
+
+    def path(self, fmt: str, side: str = "train") -> Path:
+        return self.files[fmt][side]
+
+
+def export_for_loop(
+    db: str | Path,
+    out_dir: str | Path,
+    *,
+    heldout_fraction: float,
+    min_rating: int | None = None,
+    scrub: bool = True,
+) -> LoopExport:
+    """Write `sft`, `dpo` and `kto` records (train + held-out) into `out_dir`, split together."""
+    with FeedbackStore(db, create=False) as store:
+        answers, prefs = _collect(store, since=None, model_versions=None, min_rating=min_rating)
+    pii: dict[str, int] = {}
+    per_format: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for fmt in ("sft", "dpo", "kto"):
+        seen: set[str] = set()
+        kept = []
+        for conv, rec in build_records(answers, prefs, fmt):
+            if scrub:
+                rec = _scrub(rec, pii)
+            key = json.dumps({k: v for k, v in rec.items() if k != "model_version"}, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                kept.append((conv, rec))
+        per_format[fmt] = kept
+    items = [item for fmt in ("sft", "dpo", "kto") for item in per_format[fmt]]
+    flags, n_groups = heldout_assignment(items, heldout_fraction)
+    held = iter(flags)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, Path]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for fmt in ("sft", "dpo", "kto"):
+        sides: dict[str, list[str]] = {"train": [], "heldout": []}
+        for _, rec in per_format[fmt]:
+            sides["heldout" if next(held) else "train"].append(json.dumps(rec, ensure_ascii=False))
+        files[fmt] = {s: out / f"{fmt}.{s}.jsonl" for s in sides}
+        for s, lines in sides.items():
+            atomic_write(files[fmt][s], "".join(x + "\n" for x in lines))
+        counts[fmt] = {s: len(v) for s, v in sides.items()}
+    thumbs = {
+        "up": sum(a.thumb == "up" for a in answers),
+        "down": sum(a.thumb == "down" for a in answers),
+    }
+    return LoopExport(files, counts, thumbs, n_groups, pii)

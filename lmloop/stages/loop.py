@@ -1,40 +1,71 @@
 """`lmloop loop`: one turn of the flywheel, from what users said to the model that serves next.
 
-    export feedback -> prepare data (base corpus + feedback, mixed) -> fine-tune from the current
-    version -> evaluate current and candidate (base validation, held-out feedback) -> gate ->
-    register (+ promote) -> a server following `registry:NAME` hot-reloads the new version
+    check (before anything runs) -> export feedback (sft, dpo, kto; one split by conversation,
+    near-duplicate prompt and shared answer) -> prepare (the base corpus's recipe applied to the
+    feedback: filters, decontamination against base val/test; a replay share of base *train*
+    documents) -> fine-tune: SFT on corrections and liked answers (assistant tokens only), then DPO
+    on pairs (or KTO on unpaired thumbs), LoRA merged at each stage -> evaluate current and
+    candidate -> gate -> register (+ promote) -> a server following `registry:NAME` hot-reloads.
 
-Every step writes its artifact under `WORK_DIR/cycle-N/<step>` and is recorded in that cycle's
-`state.json` as it completes, so re-running the same command after an interruption resumes at
-the first unfinished step (the fine-tune resumes from its newest checkpoint). The gate promotes
-only when the base-validation perplexity regresses by no more than `gate.max_base_regression`
-and the held-out feedback loss improves; otherwise the current version keeps serving and the
-reason is printed and kept in `decision.json`.
+The gate promotes only on evidence that users will like the candidate better: on held-out pairs
+(prompts no training record shares, even as a near duplicate), the candidate's implicit reward
+must rank the preferred answer higher than the current version does, with the bootstrap 95%
+interval of the mean margin gain above `gate.min_effect`, over at least `gate.min_heldout`
+pairs; base-validation perplexity may rise by at most `gate.max_base_regression`; and, when a
+`gate.rule` is set, held-out prompts answered greedily must comply more often (same interval
+test). Every figure, interval and count goes to `decision.json` and the registry's lineage.
 
-This module chains stages (as only `loop`, `quickstart` and the CLI may): each step is the same
-stage a user would run, called with the same options.
+`recipe=text` keeps the earlier recipe (feedback as plain text mixed into continued
+pretraining), for comparison; the same gate judges it.
 
-    lmloop loop configs/loop/default.yaml name=quickstart db=feedback.db base_data=data/
+Every step writes its artifact under `WORK_DIR/cycle-N/` and is recorded in `state.json` as it
+completes; rerunning after an interruption resumes at the first unfinished step. Stages are
+called as Python: child configs are built with `dataclasses.replace` and read back as results.
+
+    lmloop loop configs/loop/default.yaml name=assistant db=feedback.db base_data=data/base
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lmloop.artifacts import read_meta, sha256_file, utc_now, write_json
-from lmloop.config import param, parse_args, to_dict
+from lmloop.artifacts import read_meta, utc_now, write_json
+from lmloop.config import param, to_dict
 from lmloop.errors import UserError
+from lmloop.stages.train import (
+    BatchSpec,
+    EvalSpec,
+    LoraSpec,
+    OptimSpec,
+    PreferenceSpec,
+    ScheduleSpec,
+    SFTSpec,
+    TrainConfig,
+)
 
 log = logging.getLogger(__name__)
 
-STEPS = ("export", "data", "train", "eval", "gate", "register")
+STEPS = ("export", "prepare", "sft", "preference", "eval", "gate", "register")
+
+# What both fine-tuning stages share; `sft_steps`/`pref_steps` set their lengths.
+LOOP_TRAIN = TrainConfig(
+    log_every=5,
+    keep_last=1,
+    optim=OptimSpec(lr=2e-4, weight_decay=0.0),
+    schedule=ScheduleSpec(kind="cosine", warmup_steps=3, min_lr_ratio=0.1),
+    batch=BatchSpec(seq_len=256, micro_batch=4, global_batch=8),
+    eval=EvalSpec(every=0, batches=4, val_fraction=0.1),
+    lora=LoraSpec(r=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    sft=SFTSpec(turns="last"),
+    pref=PreferenceSpec(beta=0.1),
+)
 
 
 @dataclass(frozen=True)
@@ -42,9 +73,24 @@ class GateSpec:
     max_base_regression: float = param(
         0.02, "largest allowed rise of base-validation perplexity, as a fraction (0.02 = 2%)"
     )
-    require_feedback_gain: bool = param(
-        True, "promote only when the held-out feedback loss improves"
+    min_heldout: int = param(10, "fewest held-out pairs (or rule prompts) the gate decides on")
+    min_effect: float = param(
+        0.0, "the margin gain's interval must lie above this (nats of implicit reward / beta)"
     )
+    confidence: float = param(0.95, "confidence of the bootstrap intervals")
+    bootstrap: int = param(2000, "bootstrap resamples")
+    rule: str = param(
+        "", "optional compliance rule for greedy answers: `regex:PATTERN` or `module:function`"
+    )
+    rule_tokens: int = param(96, "tokens per greedy answer scored by the rule")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.min_heldout < 1 or self.bootstrap < 100:
+            raise ValueError("min_heldout must be >= 1 and bootstrap >= 100")
+        if self.rule and not (self.rule.startswith("regex:") or ":" in self.rule):
+            raise ValueError(f"rule must be `regex:PATTERN` or `module:function`, got {self.rule}")
 
 
 @dataclass(frozen=True)
@@ -52,21 +98,31 @@ class LoopConfig:
     name: str = param("default", "registry name of the model this loop improves")
     db: str = param("", "feedback store (SQLite) that `lmloop serve` records into")
     base_data: str = param(
-        "", "prepared data dir of the base corpus (its sources are mixed in; its val split "
-        "guards against regressions)"
+        "", "prepared data dir of the base corpus: its recipe is applied to the feedback, its "
+        "train split is replayed, its val split guards against regressions"
     )  # fmt: skip
-    base_weight: float = param(1.0, "mixing weight of the base corpus documents")
-    feedback_weight: float = param(4.0, "mixing weight of the feedback documents")
     work_dir: str = param("runs/loop", "where each cycle keeps its artifacts")
     registry: str | None = param(None, "registry root; default $LMLOOP_HOME/registry")
-    heldout_fraction: float = param(0.3, "share of conversations held out to judge the candidate")
-    min_rating: int | None = param(None, "only learn from answers rated at least this")
-    max_steps: int = param(30, "fine-tuning steps")
-    lr: float = param(1e-4, "fine-tuning peak learning rate")
-    train_args: list[str] = param(
-        [], "extra `lmloop train` options as key=value (e.g. batch.micro_batch=4)"
+    recipe: Literal["preference", "text"] = param(
+        "preference",
+        "preference: SFT on corrections/liked answers, then DPO (or KTO); text: the feedback as "
+        "plain text in continued pretraining (the earlier recipe, kept for comparison)",
     )
-    eval_window: int | None = param(None, "evaluation window; default: the model's context")
+    heldout_fraction: float = param(0.3, "share of feedback groups held out to judge the candidate")
+    min_rating: int | None = param(None, "only learn from answers rated at least this")
+    sft_steps: int = param(40, "SFT steps (0: skip the SFT stage)")
+    pref_steps: int = param(40, "preference (DPO/KTO) steps (0: skip the preference stage)")
+    pref_task: Literal["auto", "dpo", "kto"] = param(
+        "auto", "preference stage: dpo on pairs, kto on unpaired thumbs; auto: dpo when pairs exist"
+    )
+    replay: float = param(
+        0.2, "share of the SFT stage's records that are base-corpus train documents (guards "
+        "general ability; 0: none)"
+    )  # fmt: skip
+    base_weight: float = param(1.0, "text recipe: mixing weight of the base corpus")
+    feedback_weight: float = param(4.0, "text recipe: mixing weight of the feedback text")
+    train: TrainConfig = param(LOOP_TRAIN, "settings both fine-tuning stages share (train.*)")
+    eval_window: int | None = param(None, "base evaluation window; default: the model's context")
     max_eval_documents: int | None = param(200, "score at most this many base-val documents")
     promote: bool = param(True, "promote a candidate that passes the gate")
     new_cycle: bool = param(False, "start a new cycle even if the last one is unfinished")
@@ -79,6 +135,19 @@ class LoopConfig:
             raise UserError("loop needs base_data=DIR (a prepared data dir: `lmloop data`)")
         if not 0 < self.heldout_fraction < 1:
             raise UserError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.replay < 1:
+            raise UserError(f"replay must be in [0, 1), got {self.replay}")
+        if self.sft_steps < 0 or self.pref_steps < 0 or self.sft_steps + self.pref_steps == 0:
+            raise UserError("sft_steps and pref_steps must be >= 0, and not both 0")
+
+
+@dataclass
+class Decision:
+    promote: bool
+    passed: bool
+    reason: str
+    figures: dict[str, Any]
+    checks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,10 +159,81 @@ class LoopResult:
     figures: dict[str, Any]
 
 
-def _registry(cfg: LoopConfig):
-    from lmloop.registry import Registry
+# ---- the gate -----------------------------------------------------------------------------------
 
-    return Registry(cfg.registry)
+
+def bootstrap_interval(values: list[float], *, confidence: float, resamples: int, seed: int = 0):
+    """(mean, low, high): percentile bootstrap interval of the mean (Efron & Tibshirani 1993)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    a = (1 - confidence) / 2
+    return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
+    """The gate: (promote?, why). Each rule below is one reason to keep the current version."""
+    cur_b, new_b = figures["current_base_ppl"], figures["candidate_base_ppl"]
+    regression = new_b / cur_b - 1.0
+    pairs = figures.get("pairs", {})
+    rule = figures.get("rule") or {}
+    parts = [f"base-val perplexity {cur_b:.3f} -> {new_b:.3f} ({regression:+.1%}, limit "
+             f"+{gate.max_base_regression:.1%})"]  # fmt: skip
+    if pairs.get("n"):
+        parts.append(
+            f"held-out pairs {pairs['n']}: margin gain {pairs['gain']:+.3f} "
+            f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}], preference accuracy "
+            f"{pairs.get('implicit_reward_accuracy', math.nan):.2f} (likelihood ranks the "
+            f"preferred answer first: {pairs['current_accuracy']:.2f} -> "
+            f"{pairs['candidate_accuracy']:.2f})"
+        )
+    if rule.get("n"):
+        parts.append(
+            f"rule on {rule['n']} held-out prompts: {rule['current']:.0%} -> "
+            f"{rule['candidate']:.0%} [{rule['gain_low']:+.2f}, {rule['gain_high']:+.2f}]"
+        )
+    why = "; ".join(parts)
+    numbers = [new_b, pairs.get("gain", 0.0), rule.get("candidate", 0.0)]
+    if not all(math.isfinite(x) for x in numbers):
+        return False, "candidate produced non-finite figures; " + why
+    if regression > gate.max_base_regression:
+        return False, "base-validation regression too large: " + why
+    evidence = [e for e in (pairs, rule) if e.get("n")]
+    if not evidence or any(e["n"] < gate.min_heldout for e in evidence):
+        have = ", ".join(f"{e['n']} {e['what']}" for e in evidence) or "no held-out pairs"
+        return False, (
+            f"not enough evidence: {have}, the gate needs at least {gate.min_heldout}; " + why
+        )
+    if pairs.get("n") and not pairs["gain_low"] > gate.min_effect:
+        return False, (
+            f"held-out preference gain not shown (its {gate.confidence:.0%} interval reaches "
+            f"{pairs['gain_low']:+.3f}, needs > {gate.min_effect:+.3f}): " + why
+        )
+    if rule.get("n") and not rule["gain_low"] > 0:
+        return False, "the compliance rule did not improve on held-out prompts: " + why
+    return True, why
+
+
+def compile_rule(rule: str):
+    """A rule string -> callable(answer) -> float in [0, 1]."""
+    if rule.startswith("regex:"):
+        pattern = re.compile(rule[len("regex:") :], re.DOTALL)
+        return lambda text: float(bool(pattern.search(text)))
+    import importlib
+
+    mod, _, fn = rule.partition(":")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"gate.rule {rule}: cannot load it ({e})") from None
+    return lambda text: float(f(text))
+
+
+# ---- steps --------------------------------------------------------------------------------------
 
 
 def _cycle_dir(cfg: LoopConfig) -> Path:
@@ -122,196 +262,6 @@ def _read_state(cycle: Path) -> dict[str, Any]:
     return {"done": [], "results": {}, "started": utc_now()}
 
 
-def _mark(cycle: Path, state: dict[str, Any], step: str, result: Any) -> None:
-    state["done"].append(step)
-    state["results"][step] = result
-    write_json(cycle / "state.json", state)
-
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for line in path.read_text("utf-8").splitlines() if line.strip())
-
-
-def _eval(model: str, text: str, out: Path, *, split: str | None, cfg: LoopConfig) -> dict:
-    from lmloop.stages import evaluate
-
-    if not (out / "report.json").exists():
-        args = ["--model", model, "--text", text, "--out", str(out), "max_new_tokens=0"]
-        if split:
-            args += ["--split", split]
-        if cfg.eval_window:
-            args += ["--window", str(cfg.eval_window)]
-        if cfg.max_eval_documents and split:
-            args += ["--max-documents", str(cfg.max_eval_documents)]
-        if not split:
-            args += ["--documents"]
-        with contextlib.redirect_stdout(io.StringIO()):  # the loop prints its own summary
-            evaluate.run(parse_args(evaluate.EvalConfig, args))
-    report = json.loads((out / "report.json").read_text())
-    return {k: report[k] for k in ("token_perplexity", "bits_per_byte") if k in report}
-
-
-def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
-    """The gate: (promote?, why), from current/candidate figures on base val and held-out."""
-    cur_b, new_b = figures["current_base_ppl"], figures["candidate_base_ppl"]
-    cur_f, new_f = figures["current_feedback_loss"], figures["candidate_feedback_loss"]
-    regression = new_b / cur_b - 1.0
-    why = (
-        f"base-val perplexity {cur_b:.3f} -> {new_b:.3f} ({regression:+.1%}, limit "
-        f"+{gate.max_base_regression:.1%}); held-out feedback loss {cur_f:.4f} -> {new_f:.4f}"
-    )
-    if not math.isfinite(new_b) or not math.isfinite(new_f):
-        return False, "candidate produced non-finite figures; " + why
-    if regression > gate.max_base_regression:
-        return False, "base-validation regression too large: " + why
-    if gate.require_feedback_gain and not new_f < cur_f:
-        return False, "held-out feedback loss did not improve: " + why
-    return True, why
-
-
-def run(cfg: LoopConfig) -> LoopResult:
-    from lmloop.stages import data as data_stage
-    from lmloop.stages import feedback as feedback_stage
-    from lmloop.stages import train as train_stage
-
-    registry = _registry(cfg)
-    current = registry.current(cfg.name)
-    if current is None:
-        raise UserError(
-            f"registry has no current version of '{cfg.name}'",
-            hint=f"register one first: lmloop models register {cfg.name} MODEL_DIR",
-        )
-    base_meta = read_meta(
-        cfg.base_data, "lmloop.data", rebuild="lmloop data --source ... --out DIR"
-    )
-    if not Path(cfg.db).is_file():
-        raise UserError(f"feedback store not found: {cfg.db}", hint="serve a model with --db first")
-    cycle = _cycle_dir(cfg)
-    state = _read_state(cycle)
-    if "current" not in state:
-        state["current"] = {"version": current[0], "path": str(current[1])}
-        state["config"] = to_dict(cfg)
-        write_json(cycle / "state.json", state)
-    cur_version, cur_path = state["current"]["version"], state["current"]["path"]
-    print(f"loop: cycle {cycle} improving {cfg.name} {cur_version}", flush=True)
-
-    fb_train = cycle / "feedback" / "train.jsonl"
-    fb_heldout = cycle / "feedback" / "train.heldout.jsonl"
-    if "export" not in state["done"]:
-        args = ["--db", cfg.db, "--format", "sft", "--out", str(fb_train),
-                "--heldout-fraction", str(cfg.heldout_fraction)]  # fmt: skip
-        if cfg.min_rating is not None:
-            args += ["--min-rating", str(cfg.min_rating)]
-        feedback_stage.run_export(parse_args(feedback_stage.ExportConfig, args))
-        counts = {"train": _count_lines(fb_train), "heldout": _count_lines(fb_heldout)}
-        if counts["train"] == 0 or counts["heldout"] == 0:
-            raise UserError(
-                f"not enough feedback to learn from: {counts['train']} training and "
-                f"{counts['heldout']} held-out records in {cfg.db}",
-                hint="collect more rated conversations, or lower heldout_fraction",
-            )
-        _mark(cycle, state, "export", counts)
-    print(f"loop: feedback export {state['results']['export']}", flush=True)
-
-    data_dir = cycle / "data"
-    if "data" not in state["done"]:
-        sources = [
-            _with_weight(s, cfg.base_weight) for s in _base_sources(base_meta, cfg.base_data)
-        ]
-        sources.append(f"{fb_train}::kind=feedback,weight={cfg.feedback_weight}")
-        args = ["--out", str(data_dir), "--tokenizer", cur_path]
-        for s in sources:
-            args += ["--source", s]
-        data_stage.run(parse_args(data_stage.DataConfig, args))
-        _mark(cycle, state, "data", {"splits": read_meta(data_dir, "lmloop.data").get("splits")})
-
-    run_dir = cycle / "run"
-    if "train" not in state["done"]:
-        args = ["--data", str(data_dir), "--out", str(run_dir), "--init-from", cur_path,
-                "--max-steps", str(cfg.max_steps), f"optim.lr={cfg.lr}",
-                f"schedule.warmup_steps={max(1, cfg.max_steps // 10)}", *cfg.train_args]  # fmt: skip
-        ctx = _context_length(Path(cur_path))
-        if ctx and not any(a.startswith("batch.seq_len") for a in cfg.train_args):
-            args.insert(0, f"batch.seq_len={min(ctx, 256)}")
-        if (run_dir / "meta.json").exists():
-            args.append("--resume")
-        train_stage.run(parse_args(train_stage.TrainConfig, args))
-        _mark(cycle, state, "train", {"run": str(run_dir)})
-
-    if "eval" not in state["done"]:
-        heldout = f"{fb_heldout}::kind=feedback"
-        split = _guard_split(base_meta, cfg.base_data)
-        cb = _eval(cur_path, cfg.base_data, cycle / "eval" / "current-base", split=split, cfg=cfg)
-        nb = _eval(
-            str(run_dir), cfg.base_data, cycle / "eval" / "candidate-base", split=split, cfg=cfg
-        )
-        cf = _eval(cur_path, heldout, cycle / "eval" / "current-feedback", split=None, cfg=cfg)
-        nf = _eval(
-            str(run_dir), heldout, cycle / "eval" / "candidate-feedback", split=None, cfg=cfg
-        )
-        figures = {
-            "current_base_ppl": cb["token_perplexity"],
-            "candidate_base_ppl": nb["token_perplexity"],
-            "current_feedback_loss": math.log(cf["token_perplexity"]),
-            "candidate_feedback_loss": math.log(nf["token_perplexity"]),
-        }
-        _mark(cycle, state, "eval", figures)
-    figures = state["results"]["eval"]
-
-    if "gate" not in state["done"]:
-        ok, why = decide(figures, cfg.gate)
-        decision = {"promote": ok and cfg.promote, "passed": ok, "reason": why, "figures": figures}
-        write_json(cycle / "decision.json", decision)
-        _mark(cycle, state, "gate", decision)
-    decision = state["results"]["gate"]
-
-    version = None
-    if "register" not in state["done"]:
-        if decision["passed"]:
-            best = best_checkpoint(run_dir)
-            lineage = {
-                "data": {"base": base_meta.get("created"), "feedback": sha256_file(fb_train)},
-                "config": to_dict(cfg),
-                "eval": figures,
-                "cycle": str(cycle),
-            }
-            version = registry.register(cfg.name, best, parent=cur_version, lineage=lineage)
-            if decision["promote"]:
-                registry.promote(cfg.name, version)
-        _mark(cycle, state, "register", {"version": version})
-    version = state["results"]["register"]["version"]
-
-    promoted = bool(decision["promote"] and version)
-    verdict = (
-        f"PROMOTED {cfg.name} {version}" if promoted
-        else f"registered {cfg.name} {version}, not promoted" if version
-        else f"REJECTED; {cfg.name} {cur_version} keeps serving"
-    )  # fmt: skip
-    print(f"loop: gate: {verdict}: {decision['reason']}", flush=True)
-    return LoopResult(cycle, promoted, version, decision["reason"], figures)
-
-
-def _base_sources(meta: dict[str, Any], base_data: str) -> list[str]:
-    cfg = meta.get("config") or {}
-    sources = cfg.get("sources") or cfg.get("source") or []
-    out = []
-    for s in sources:
-        if isinstance(s, str):
-            out.append(s)
-        elif isinstance(s, dict) and s.get("path"):
-            opts = {
-                k: v for k, v in s.items() if k not in ("path", "weight") and v not in ("", None)
-            }
-            defaults = {"kind": "auto", "field": "text", "split": "file", "hf_split": "train"}
-            opts = {k: v for k, v in opts.items() if defaults.get(k) != v}
-            out.append(
-                s["path"] + ("::" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
-            )
-    if not out:
-        raise UserError(f"{base_data}: its meta.json names no sources to mix with the feedback")
-    return out
-
-
 def _guard_split(meta: dict[str, Any], base_data: str) -> str:
     """The base split that guards against regressions: val, or test when val is empty."""
     splits = meta.get("splits") or {}
@@ -324,18 +274,405 @@ def _guard_split(meta: dict[str, Any], base_data: str) -> str:
     )
 
 
-def _context_length(model_dir: Path) -> int | None:
-    """The context of an lmloop model folder (its config.json), without loading weights."""
+def _check_inputs(cfg: LoopConfig, cur_path: str) -> tuple[dict[str, Any], str]:
+    """Every user mistake the cycle can meet, found before anything is written or trained."""
+    from lmloop.tokenizer import Tokenizer
+
+    base_meta = read_meta(
+        cfg.base_data, "lmloop.data", rebuild="lmloop data --source ... --out DIR"
+    )
+    split = _guard_split(base_meta, cfg.base_data)
+    if not Path(cfg.db).is_file():
+        raise UserError(f"feedback store not found: {cfg.db}", hint="serve a model with --db first")
+    theirs = Tokenizer.load(cfg.base_data).get_vocab()
+    if theirs != Tokenizer.load(cur_path).get_vocab():
+        raise UserError(
+            f"{cfg.base_data} was tokenized with another tokenizer than {cfg.name}'s current "
+            "version, so its perplexities cannot be compared",
+            hint=f"re-run `lmloop data` on the base corpus with --tokenizer {cur_path}",
+        )
+    if cfg.gate.rule:
+        compile_rule(cfg.gate.rule)
+    return base_meta, split
+
+
+def _export(cfg: LoopConfig, cycle: Path) -> dict[str, Any]:
+    from lmloop.stages.feedback import export_for_loop
+
+    ex = export_for_loop(
+        cfg.db, cycle / "feedback", heldout_fraction=cfg.heldout_fraction, min_rating=cfg.min_rating
+    )
+    n = {f: c["train"] + c["heldout"] for f, c in ex.counts.items()}
+    if sum(n.values()) == 0:
+        raise UserError(
+            f"no rated answers to learn from in {cfg.db}",
+            hint="rate answers (thumbs, ratings, corrections) through the chat page or "
+            "POST /v1/feedback, then rerun",
+        )
+    if sum(c["train"] for c in ex.counts.values()) == 0:
+        raise UserError(
+            f"all {sum(n.values())} feedback records fall in {ex.groups} held-out group(s) "
+            "(records of one conversation, near-duplicate prompts or the same taught answer stay "
+            "together): nothing is left to train on",
+            hint="collect conversations on more varied prompts, or lower heldout_fraction",
+        )
+    if n["dpo"] == 0 and not (cfg.recipe == "preference" and cfg.gate.rule):
+        raise UserError(
+            f"the feedback in {cfg.db} is one-sided ({ex.thumbs['up']} thumbs up, "
+            f"{ex.thumbs['down']} down, no corrections or preferences between answers): the gate "
+            "needs preference pairs to judge a candidate",
+            hint="add corrections or rate answers of the same prompt both ways, or set gate.rule",
+        )
+    return {"counts": ex.counts, "thumbs": ex.thumbs, "groups": ex.groups, "pii": ex.pii,
+            "files": {f: {s: str(p) for s, p in d.items()} for f, d in ex.files.items()}}  # fmt: skip
+
+
+def _base_docs(base_data: str, split: str, limit: int | None = None) -> list[str]:
+    from lmloop.sources import SourceSpec, iter_documents
+
+    out = []
+    for doc in iter_documents(SourceSpec(path=base_data, hf_split=split)):
+        out.append(doc)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _texts_of(rec: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+        v = rec.get(key)
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out += [m["content"] for m in v]
+    return out
+
+
+def _prepare(cfg: LoopConfig, cycle: Path, exported: dict[str, Any], base_meta: dict) -> dict:
+    """The base corpus's recipe applied to the feedback's training records; replay records.
+
+    A training record is dropped when any of its texts is one of the base val/test documents or
+    shares a word n-gram with them (the base data's decontamination), or when its answer fails
+    the base data's length filters. Held-out files are left as exported.
+    """
+    import numpy as np
+
+    from lmloop.preprocess import (
+        WordHashes,
+        doc_key,
+        is_contaminated,
+        ngram_hashes,
+        normalize_text,
+        sorted_unique,
+    )
+
+    base = base_meta.get("config") or {}
+    n = int(base.get("ngram") or 13)
+    min_chars, max_chars = int(base.get("min_chars") or 0), int(base.get("max_chars") or 0)
+    cache = WordHashes()
+    guard = _base_docs(cfg.base_data, "val") + _base_docs(cfg.base_data, "test")
+    keys = {doc_key(normalize_text(d)) for d in guard}
+    grams = [ngram_hashes(normalize_text(d), n, cache) for d in guard]
+    grams = sorted_unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+
+    def contaminated(rec: dict[str, Any]) -> bool:
+        for t in _texts_of(rec):
+            t = normalize_text(t)
+            if doc_key(t) in keys or is_contaminated(t, grams, n, cache):
+                return True
+        return False
+
+    def answer_ok(rec: dict[str, Any]) -> bool:
+        for key in ("messages", "chosen", "completion"):
+            if isinstance(rec.get(key), list):
+                a = normalize_text(rec[key][-1]["content"])
+                return len(a) >= min_chars and (max_chars <= 0 or len(a) <= max_chars)
+        return True
+
+    out_dir = cycle / "data"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, counts = {}, {}
+    dropped = {"contaminated": 0, "filtered": 0}
+    for fmt in ("sft", "dpo", "kto"):
+        kept = []
+        for line in Path(exported["files"][fmt]["train"]).read_text("utf-8").splitlines():
+            rec = json.loads(line)
+            if contaminated(rec):
+                dropped["contaminated"] += 1
+            elif not answer_ok(rec):
+                dropped["filtered"] += 1
+            else:
+                kept.append(rec)
+        if fmt == "sft" and kept and cfg.replay > 0 and cfg.recipe == "preference":
+            want = round(len(kept) * cfg.replay / (1 - cfg.replay))
+            replay = [{"text": d} for d in _base_docs(cfg.base_data, "train", want)]
+            counts["replay"] = len(replay)
+            kept = kept + replay
+        files[fmt] = out_dir / f"{fmt}.jsonl"
+        files[fmt].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        counts[fmt] = len(kept)
+    if cfg.recipe == "text":  # the feedback's liked/corrected answers as plain documents
+        sft = [json.loads(x) for x in files["sft"].read_text("utf-8").splitlines()]
+        texts = ["\n\n".join(m["content"] for m in r["messages"] if m["role"] != "system")
+                 for r in sft]  # fmt: skip
+        files["text"] = out_dir / "text.jsonl"
+        files["text"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "dropped": dropped}
+
+
+def _pref_task(cfg: LoopConfig, counts: dict[str, int], prepared: Path) -> str | None:
+    if cfg.pref_task == "dpo" or (cfg.pref_task == "auto" and counts.get("dpo")):
+        return "dpo" if counts.get("dpo") else None
+    if not counts.get("kto"):
+        return None
+    labels = {json.loads(x)["label"] for x in prepared.read_text("utf-8").splitlines()}
+    return "kto" if len(labels) == 2 else None
+
+
+def _train(cfg: LoopConfig, task: str, data: str, init: str, out: Path, steps: int) -> str:
+    """One fine-tuning stage; returns its best (merged) checkpoint."""
+    from lmloop.modelspec import run_checkpoint
+    from lmloop.stages import train as train_stage
+
+    child = replace(cfg.train, task=task, data=data, out=str(out), init_from=init,
+                    max_steps=steps, resume=(out / "meta.json").exists())  # fmt: skip
+    ctx = _context_length(init)
+    if ctx and child.batch.seq_len > ctx:  # a small model's context bounds the records
+        child = replace(child, batch=replace(child.batch, seq_len=ctx))
+    train_stage.run(child)
+    return str(run_checkpoint(out))
+
+
+def _context_length(spec: str) -> int | None:
+    """The context of an lmloop/HF model folder (its config.json), without loading weights."""
     try:
-        c = json.loads((model_dir / "config.json").read_text())
+        c = json.loads((Path(spec) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return c.get("max_position_embeddings") or c.get("n_positions")
 
 
-def _with_weight(source: str, weight: float) -> str:
-    sep = "," if "::" in source else "::"
-    return f"{source}{sep}weight={weight}"
+def _text_train(cfg: LoopConfig, cycle: Path, prepared: dict, base_meta: dict, init: str) -> str:
+    """The earlier recipe: base sources + feedback text -> `lmloop data` -> continued pretraining."""
+    from lmloop.config import build
+    from lmloop.modelspec import run_checkpoint
+    from lmloop.sources import SourceSpec
+    from lmloop.stages import data as data_stage
+    from lmloop.stages import train as train_stage
+
+    base = dict(base_meta.get("config") or {})
+    base_cfg = build(data_stage.DataConfig, {k: v for k, v in base.items() if v is not None})
+    sources = [replace(s, weight=cfg.base_weight) for s in base_cfg.sources]
+    sources.append(SourceSpec(path=prepared["files"]["text"], weight=cfg.feedback_weight))
+    data = data_stage.run(replace(base_cfg, sources=sources, out=str(cycle / "text-data"),
+                                  tokenizer=init, force=False))  # fmt: skip
+    out = cycle / "text-run"
+    child = replace(cfg.train, task="pretrain", data=str(data.out), out=str(out), init_from=init,
+                    max_steps=cfg.sft_steps + cfg.pref_steps, lora=replace(cfg.train.lora, r=0),
+                    resume=(out / "meta.json").exists())  # fmt: skip
+    ctx = _context_length(init)
+    if ctx and child.batch.seq_len > ctx:
+        child = replace(child, batch=replace(child.batch, seq_len=ctx))
+    train_stage.run(child)
+    return str(run_checkpoint(out))
+
+
+def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
+    from lmloop.stages import evaluate
+
+    if (out / "report.json").exists():
+        return float(json.loads((out / "report.json").read_text())["token_perplexity"])
+    ec = evaluate.EvalConfig(model=model, text=cfg.base_data, split=split, out=str(out),
+                             window=cfg.eval_window, max_documents=cfg.max_eval_documents,
+                             max_new_tokens=0, quiet=True)  # fmt: skip
+    return evaluate.run(ec).token_perplexity
+
+
+def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[str, Any]:
+    """Each held-out pair scored by both models: margins, accuracies, the gain's interval."""
+    from lmloop.modelio import load_model
+    from lmloop.training.preference import read_pairs, score_pairs
+
+    lines = heldout.read_text("utf-8").strip()
+    if not lines:
+        return {"n": 0, "what": "held-out pairs"}
+    pairs = read_pairs(heldout)
+    seq = cfg.train.batch.seq_len
+    scores = {}
+    for who, spec in (("current", cur), ("candidate", cand)):
+        loaded = load_model(spec)
+        scores[who] = score_pairs(loaded.model, loaded.tokenizer, pairs, seq)
+    c, n = scores["current"], scores["candidate"]
+    m_cur = [a - b for a, b in zip(c["chosen"], c["rejected"])]
+    m_new = [a - b for a, b in zip(n["chosen"], n["rejected"])]
+    gain = [b - a for a, b in zip(m_cur, m_new)]  # the candidate's implicit reward margin (/beta)
+    mean, low, high = bootstrap_interval(gain, confidence=cfg.gate.confidence,
+                                         resamples=cfg.gate.bootstrap)  # fmt: skip
+    nll = lambda s: [-lp / max(k, 1) for lp, k in zip(s["chosen"], s["chosen_tokens"])]  # noqa: E731
+    return {
+        "what": "held-out pairs",
+        "n": len(gain),
+        "gain": mean,
+        "gain_low": low,
+        "gain_high": high,
+        "implicit_reward_accuracy": sum(g > 0 for g in gain) / len(gain),
+        "current_accuracy": sum(m > 0 for m in m_cur) / len(m_cur),
+        "candidate_accuracy": sum(m > 0 for m in m_new) / len(m_new),
+        "current_preferred_loss": sum(nll(c)) / len(gain),
+        "candidate_preferred_loss": sum(nll(n)) / len(gain),
+    }
+
+
+def heldout_prompts(cycle_files: dict[str, dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Distinct prompts of every held-out record (their conversations up to the answer)."""
+    seen, out = set(), []
+    for fmt in ("dpo", "kto", "sft"):
+        for line in Path(cycle_files[fmt]["heldout"]).read_text("utf-8").splitlines():
+            rec = json.loads(line)
+            prompt = rec["prompt"] if "prompt" in rec else rec["messages"][:-1]
+            key = json.dumps(prompt, sort_keys=True)
+            if isinstance(prompt, list) and key not in seen:
+                seen.add(key)
+                out.append(prompt)
+    return out
+
+
+def answer_greedily(spec: str, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
+    """Greedy answers of one model to chat prompts, batched by the engine."""
+    from lmloop.engine.core import load_engine
+    from lmloop.engine.params import SamplingParams
+
+    engine, _ = load_engine(spec)
+    try:
+        engine.start()
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        handles = [engine.submit(engine.encode_chat(p), params) for p in prompts]
+        return [h.result().text for h in handles]
+    finally:
+        engine.stop()
+
+
+def _rule_figures(cfg: LoopConfig, cur: str, cand: str, files: dict, out: Path) -> dict:
+    if not cfg.gate.rule:
+        return {}
+    rule = compile_rule(cfg.gate.rule)
+    prompts = heldout_prompts(files)
+    if not prompts:
+        return {"n": 0, "what": "held-out prompts"}
+    answers = {who: answer_greedily(spec, prompts, cfg.gate.rule_tokens)
+               for who, spec in (("current", cur), ("candidate", cand))}  # fmt: skip
+    scores = {who: [rule(a) for a in ans] for who, ans in answers.items()}
+    gain = [b - a for a, b in zip(scores["current"], scores["candidate"])]
+    mean, low, high = bootstrap_interval(gain, confidence=cfg.gate.confidence,
+                                         resamples=cfg.gate.bootstrap)  # fmt: skip
+    write_json(out, [{"prompt": p, **{w: answers[w][i] for w in answers}}
+                     for i, p in enumerate(prompts)])  # fmt: skip
+    n = len(prompts)
+    return {"what": "held-out prompts", "n": n, "rule": cfg.gate.rule,
+            "current": sum(scores["current"]) / n, "candidate": sum(scores["candidate"]) / n,
+            "gain": mean, "gain_low": low, "gain_high": high}  # fmt: skip
+
+
+# ---- the cycle ----------------------------------------------------------------------------------
+
+
+def run(cfg: LoopConfig) -> LoopResult:
+    from lmloop.registry import Registry
+
+    registry = Registry(cfg.registry)
+    current = registry.current(cfg.name)
+    if current is None:
+        raise UserError(
+            f"registry has no current version of '{cfg.name}'",
+            hint=f"register one first: lmloop models register {cfg.name} MODEL",
+        )
+    state_cur = (current[0], str(current[1]))
+    base_meta, split = _check_inputs(cfg, state_cur[1])
+    cycle = _cycle_dir(cfg)
+    state = _read_state(cycle)
+    if "current" not in state:
+        state["current"] = {"version": state_cur[0], "path": state_cur[1]}
+        state["config"] = to_dict(cfg)
+        write_json(cycle / "state.json", state)
+    cur_version, cur_path = state["current"]["version"], state["current"]["path"]
+    print(f"loop: cycle {cycle} improving {cfg.name} {cur_version} ({cfg.recipe} recipe)",
+          flush=True)  # fmt: skip
+
+    def step(name: str, fn) -> Any:
+        if name not in state["done"]:
+            state["results"][name] = fn()
+            state["done"].append(name)
+            write_json(cycle / "state.json", state)
+        return state["results"][name]
+
+    exported = step("export", lambda: _export(cfg, cycle))
+    print(f"loop: feedback {json.dumps(exported['counts'])} ({exported['groups']} groups)",
+          flush=True)  # fmt: skip
+    prepared = step("prepare", lambda: _prepare(cfg, cycle, exported, base_meta))
+    counts, pfiles = prepared["counts"], prepared["files"]
+    print(f"loop: training records {json.dumps(counts)}, dropped {prepared['dropped']}", flush=True)
+
+    if cfg.recipe == "text":
+        cand = step("sft", lambda: _text_train(cfg, cycle, prepared, base_meta, cur_path))
+        cand = step("preference", lambda: cand)
+    else:
+        has_feedback_sft = counts.get("sft", 0) - counts.get("replay", 0) > 0
+        sft_on = cfg.sft_steps > 0 and has_feedback_sft
+        after_sft = step("sft", lambda: _train(cfg, "sft", pfiles["sft"], cur_path,
+                                               cycle / "sft", cfg.sft_steps)
+                         if sft_on else cur_path)  # fmt: skip
+        task = _pref_task(cfg, counts, Path(pfiles["kto"])) if cfg.pref_steps else None
+        cand = step("preference", lambda: _train(cfg, task, pfiles[task], after_sft,
+                                                 cycle / task, cfg.pref_steps)
+                    if task else after_sft)  # fmt: skip
+    if cand == cur_path:
+        raise UserError("nothing to train on after preparing the feedback (see counts above)")
+
+    def evaluate() -> dict[str, Any]:
+        ev = cycle / "eval"
+        figures = {
+            "current_base_ppl": _base_ppl(cfg, cur_path, ev / "current-base", split),
+            "candidate_base_ppl": _base_ppl(cfg, cand, ev / "candidate-base", split),
+            "pairs": _pair_figures(cfg, cur_path, cand, Path(exported["files"]["dpo"]["heldout"])),
+            "rule": _rule_figures(cfg, cur_path, cand, exported["files"], ev / "answers.json"),
+            "counts": {"export": exported["counts"], "train": counts},
+        }
+        return figures
+
+    figures = step("eval", evaluate)
+
+    def gate() -> dict[str, Any]:
+        ok, why = decide(figures, cfg.gate)
+        d = Decision(promote=ok and cfg.promote, passed=ok, reason=why, figures=figures)
+        write_json(cycle / "decision.json", {**dataclasses.asdict(d), "gate": to_dict(cfg.gate)})
+        return dataclasses.asdict(d)
+
+    decision = step("gate", gate)
+
+    def register() -> dict[str, Any]:
+        if not decision["passed"]:
+            return {"version": None}
+        lineage = {
+            "data": {"base": base_meta.get("created"), "feedback": exported["counts"]},
+            "config": to_dict(cfg),
+            "decision": {"reason": decision["reason"], "figures": figures},
+            "cycle": str(cycle),
+        }
+        version = registry.register(cfg.name, Path(cand), parent=cur_version, lineage=lineage)
+        if decision["promote"]:
+            registry.promote(cfg.name, version)
+        return {"version": version}
+
+    version = step("register", register)["version"]
+    promoted = bool(decision["promote"] and version)
+    verdict = (
+        f"PROMOTED {cfg.name} {version}" if promoted
+        else f"registered {cfg.name} {version}, not promoted" if version
+        else f"REJECTED; {cfg.name} {cur_version} keeps serving"
+    )  # fmt: skip
+    print(f"loop: gate: {verdict}: {decision['reason']}", flush=True)
+    return LoopResult(cycle, promoted, version, decision["reason"], figures)
 
 
 def best_checkpoint(run_dir: Path) -> Path:

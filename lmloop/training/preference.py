@@ -424,3 +424,28 @@ def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
         out["kl"] = stats["kl"] / units if units else 0.0
         return out
     return {k: v / units for k, v in stats.items()} if units else {}
+
+
+@torch.no_grad()
+def score_pairs(model: Any, tokenizer: Any, pairs: list, seq_len: int, batch: int = 8) -> dict:
+    """Summed completion log-probs (and token counts) of each pair's chosen and rejected answer."""
+    model.eval()
+    out: dict[str, list] = {
+        "chosen": [],
+        "rejected": [],
+        "chosen_tokens": [],
+        "rejected_tokens": [],
+    }
+    for i in range(0, len(pairs), batch):
+        rows = []
+        for prompt, chosen, rejected in pairs[i : i + batch]:
+            for completion in (chosen, rejected):
+                row = _cut(encode_completion(tokenizer, prompt, completion), seq_len)
+                rows.append(row if row is not None else ([0], [IGNORE]))
+        x, y = pad_rows(rows, 0)
+        logps, n = sequence_logps(model(x), y)
+        out["chosen"] += logps[0::2].tolist()
+        out["rejected"] += logps[1::2].tolist()
+        out["chosen_tokens"] += n[0::2].tolist()
+        out["rejected_tokens"] += n[1::2].tolist()
+    return out
