@@ -1,8 +1,10 @@
-"""Model families: one readable file each (`llama.py`, `gpt.py`) and the registry below.
+"""Model families: one readable file each (`llama.py`, `gpt.py`, `seq2seq.py`), registered below.
 
 Every model exposes the same surface: `config` (its frozen dataclass), `forward(input_ids,
 positions=None, cache=None, token_mask=None) -> logits`, `new_cache(batch, max_len)` and
-`max_seq_len`. Training, the engine, evaluation and export rely on nothing else.
+`max_seq_len`. Training, the engine, evaluation and export rely on nothing else. The
+encoder-decoder family (`seq2seq`, `is_encoder_decoder = True`) has its own surface instead:
+`encode`, `decode` and `forward(input_ids, decoder_input_ids, input_mask)` (see its file).
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from typing import Any
 from lmloop.errors import UserError
 from lmloop.models.gpt import GPT, GPTConfig
 from lmloop.models.llama import Llama, LlamaConfig
+from lmloop.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-FAMILIES: dict[str, tuple[type, type]] = {"llama": (LlamaConfig, Llama), "gpt": (GPTConfig, GPT)}
+FAMILIES: dict[str, tuple[type, type]] = {
+    "llama": (LlamaConfig, Llama),
+    "gpt": (GPTConfig, GPT),
+    "seq2seq": (Seq2SeqConfig, Seq2Seq),
+}
 
 
 def config_from_dict(family: str, values: dict[str, Any]):
@@ -29,7 +36,7 @@ def config_from_dict(family: str, values: dict[str, Any]):
 
 
 def build_model(config) -> Any:
-    """A freshly initialized model for a family config (LlamaConfig or GPTConfig)."""
+    """A freshly initialized model for a family config (LlamaConfig, GPTConfig, Seq2SeqConfig)."""
     return FAMILIES[config.family][1](config)
 
 

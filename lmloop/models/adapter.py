@@ -6,6 +6,12 @@
   `Conv1D` (weight shape (in, out), the transpose of `nn.Linear`) and fuses q/k/v into `c_attn`;
   positions are `wpe`. A sinusoidal lmloop model exports its table as fixed `wpe` weights; an HF
   GPT-2 whose `wpe` is exactly that table imports back as sinusoidal.
+- Hugging Face `T5ForConditionalGeneration` <-> `lmloop.models.seq2seq.Seq2Seq`: T5 nests each
+  block's sublayers as `layer.{0,1,2}` and names projections `q/k/v/o`, `wi(_0,_1)/wo`; the map is
+  a rename (one table, `_t5_names`, read both ways). The relative-position table lives in block 0
+  of each stack there and on the stack here. Tying is read from the weights (a checkpoint without
+  `lm_head.weight` is tied), the tied head's output scaling from `scale_decoder_outputs` (newer
+  transformers) or `tie_word_embeddings` (older ones).
 - lmloop Llama -> GGUF tensor names for llama.cpp (with q/k rows permuted to llama.cpp's
   interleaved rotary layout, the reverse of what transformers' GGUF reader un-permutes).
 
@@ -23,8 +29,9 @@ import torch
 from lmloop.errors import UserError
 from lmloop.models.gpt import GPTConfig, sinusoidal_table
 from lmloop.models.llama import LlamaConfig
+from lmloop.models.seq2seq import Seq2SeqConfig
 
-HF_FAMILIES = {"llama": "llama", "gpt2": "gpt"}  # HF model_type -> lmloop family
+HF_FAMILIES = {"llama": "llama", "gpt2": "gpt", "t5": "seq2seq"}  # HF model_type -> lmloop family
 
 
 def _bos_eos(hf: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -243,6 +250,124 @@ def _is_sinusoidal(wpe: torch.Tensor) -> bool:
     return bool(torch.allclose(wpe.float().cpu(), table, atol=1e-6, rtol=0))
 
 
+# ---- T5 ---------------------------------------------------------------------------------------
+def t5_config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor]) -> Seq2SeqConfig:
+    """An HF T5 `config.json` dict (and its weights, for tying) -> Seq2SeqConfig."""
+    ff = str(hf.get("feed_forward_proj", "relu"))
+    act = ff.removeprefix("gated-")
+    if act not in ("relu", "gelu", "gelu_new", "silu"):
+        raise UserError(f"unsupported T5 feed_forward_proj '{ff}'; expected relu, gated-gelu, ...")
+    if hf.get("is_encoder_decoder", True) is False or hf.get("is_decoder"):
+        raise UserError("lmloop loads T5 as an encoder-decoder; this config is a lone stack")
+    lm_head = sd.get("lm_head.weight")
+    tied = lm_head is None or bool(torch.equal(lm_head, sd["shared.weight"]))
+    tie_flag = hf.get("tie_word_embeddings", True) is not False
+    pad = int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0)
+    start = hf.get("decoder_start_token_id")
+    bos, eos = _bos_eos(hf)
+    return Seq2SeqConfig(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["d_model"]),
+        d_kv=int(hf["d_kv"]),
+        d_ff=int(hf["d_ff"]),
+        num_layers=int(hf["num_layers"]),
+        num_decoder_layers=int(hf.get("num_decoder_layers") or hf["num_layers"]),
+        num_heads=int(hf["num_heads"]),
+        relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        max_position_embeddings=int(hf.get("n_positions") or 512),
+        feed_forward_proj=ff,
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        tie_word_embeddings=tied,
+        scale_decoder_outputs=bool(hf.get("scale_decoder_outputs", tie_flag)),
+        pad_token_id=pad,
+        decoder_start_token_id=pad if start is None else int(start),
+        eos_token_id=eos,
+        bos_token_id=bos,
+    )
+
+
+def t5_config_to_hf(cfg: Seq2SeqConfig) -> dict[str, Any]:
+    if cfg.positions != "relative":
+        raise UserError(
+            "a seq2seq model with sinusoidal positions has no Hugging Face T5 equivalent "
+            "(T5 has relative positions only)",
+            hint="train with model positions=relative to export it as T5",
+        )
+    if cfg.tie_word_embeddings != cfg.scale_decoder_outputs and not cfg.tie_word_embeddings:
+        raise UserError("T5 cannot express an untied head with scale_decoder_outputs=true")
+    if cfg.gated and cfg.activation == "gelu":
+        raise UserError("T5 spells gated GELU 'gated-gelu' and means the tanh form (gelu_new)")
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_kv": cfg.d_kv,
+        "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.decoder_layers,
+        "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "feed_forward_proj": cfg.feed_forward_proj,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "scale_decoder_outputs": cfg.scale_decoder_outputs,
+        "is_encoder_decoder": True,
+        "pad_token_id": cfg.pad_token_id,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "dropout_rate": 0.0,  # inference-equivalent; lmloop's seq2seq has no dropout
+    }
+
+
+def _t5_names(cfg: Seq2SeqConfig) -> list[tuple[str, str]]:
+    """(lmloop name, HF T5 name) for every tensor but the embedding and the head."""
+    mlp = [("gate_proj", "wi_0"), ("up_proj", "wi_1")] if cfg.gated else [("up_proj", "wi")]
+    mlp.append(("down_proj", "wo"))
+    out = []
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
+        ff = 2 if stack == "decoder" else 1  # index of the feed-forward sublayer
+        for i in range(n_layers):
+            o, h = f"model.{stack}.layers.{i}.", f"{stack}.block.{i}.layer."
+            subs = [("self_attn", "0.SelfAttention", "input_layernorm", "0.layer_norm")]
+            if stack == "decoder":
+                subs.append(
+                    ("cross_attn", "1.EncDecAttention", "cross_attn_layernorm", "1.layer_norm")
+                )
+            for ours, theirs, norm, hnorm in subs:
+                out += [(f"{o}{ours}.{p}_proj.weight", f"{h}{theirs}.{p}.weight") for p in "qkvo"]
+                out.append((f"{o}{norm}.weight", f"{h}{hnorm}.weight"))
+            out += [(f"{o}mlp.{a}.weight", f"{h}{ff}.DenseReluDense.{b}.weight") for a, b in mlp]
+            out.append((f"{o}post_attention_layernorm.weight", f"{h}{ff}.layer_norm.weight"))
+        if cfg.positions == "relative":
+            bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+            out.append((f"model.{stack}.relative_attention_bias.weight", bias))
+        out.append((f"model.{stack}.norm.weight", f"{stack}.final_layer_norm.weight"))
+    return out
+
+
+def t5_state_from_hf(sd: dict[str, torch.Tensor], cfg: Seq2SeqConfig) -> dict[str, torch.Tensor]:
+    missing = [h for _, h in _t5_names(cfg) if h not in sd]
+    if missing:
+        raise UserError(f"T5 checkpoint lacks tensors {missing[:3]}")
+    out = {ours: sd[theirs] for ours, theirs in _t5_names(cfg)}
+    out["model.embed_tokens.weight"] = sd["shared.weight"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def t5_state_to_hf(sd: dict[str, torch.Tensor], cfg: Seq2SeqConfig) -> dict[str, torch.Tensor]:
+    out = {theirs: sd[ours] for ours, theirs in _t5_names(cfg)}
+    out["shared.weight"] = sd["model.embed_tokens.weight"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
 # ---- dispatch ---------------------------------------------------------------------------------
 def from_hf(
     hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor]
@@ -257,9 +382,13 @@ def from_hf(
         positions = "sinusoidal" if wpe is not None and _is_sinusoidal(wpe) else "learned"
         cfg = gpt_config_from_hf(hf_config, positions)
         return cfg, gpt_state_from_hf(state_dict, cfg)
+    if model_type == "t5":
+        cfg = t5_config_from_hf(hf_config, state_dict)
+        return cfg, t5_state_from_hf(state_dict, cfg)
     raise UserError(
         f"unsupported Hugging Face model_type '{model_type}'; lmloop loads "
-        f"{' and '.join(HF_FAMILIES)} models (LlamaForCausalLM, GPT2LMHeadModel)"
+        f"{', '.join(HF_FAMILIES)} models "
+        "(LlamaForCausalLM, GPT2LMHeadModel, T5ForConditionalGeneration)"
     )
 
 
@@ -271,18 +400,27 @@ def to_hf(
         return llama_config_to_hf(cfg), llama_state_to_hf(state_dict, cfg)
     if isinstance(cfg, GPTConfig):
         return gpt_config_to_hf(cfg), gpt_state_to_hf(state_dict, cfg)
+    if isinstance(cfg, Seq2SeqConfig):
+        return t5_config_to_hf(cfg), t5_state_to_hf(state_dict, cfg)
     raise TypeError(f"not an lmloop model config: {type(cfg).__name__}")
 
 
 def hf_config_object(hf_kwargs: dict[str, Any]):
     """A `transformers` config object for the kwargs `to_hf` returns."""
-    from transformers import GPT2Config
+    from transformers import GPT2Config, T5Config
     from transformers import LlamaConfig as HFLlamaConfig
 
     kw = {k: v for k, v in hf_kwargs.items() if k != "model_type"}
     if hf_kwargs["model_type"] == "llama":
         kw.pop("rope_theta", None)  # transformers 5 reads rope_parameters
         return HFLlamaConfig(**kw)
+    if hf_kwargs["model_type"] == "t5":
+        scale = kw.pop("scale_decoder_outputs")
+        hf_cfg = T5Config(**kw)
+        # transformers 5 derives the scaling from the tie flag it is given, then always ties
+        # (an untied checkpoint stays untied on load because both tensors are present)
+        hf_cfg.scale_decoder_outputs = scale
+        return hf_cfg
     return GPT2Config(**kw)
 
 
@@ -312,14 +450,17 @@ def build_loaded(cfg: LlamaConfig | GPTConfig, sd: dict[str, torch.Tensor]) -> t
 
 def to_hf_model(model: Any):
     """An lmloop model -> an equivalent `transformers` causal LM (eval mode)."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
 
     kw, sd = to_hf(model.config, model.state_dict())
     hf_cfg = hf_config_object(kw)
-    cls = LlamaForCausalLM if kw["model_type"] == "llama" else GPT2LMHeadModel
-    hf_model = cls(hf_cfg)
+    classes = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "t5": T5ForConditionalGeneration}
+    hf_model = classes[kw["model_type"]](hf_cfg)
+    if "lm_head.weight" in sd:  # untied: give the head its own tensor (transformers 5 ties T5's)
+        hf_model.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
     missing, unexpected = hf_model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith(("lm_head.weight", "attn.bias", "masked_bias"))]
+    tied = ("lm_head.weight", "attn.bias", "masked_bias", "embed_tokens.weight")
+    missing = [k for k in missing if not k.endswith(tied)]
     assert not missing and not unexpected, (missing, unexpected)
     return hf_model.eval()
 

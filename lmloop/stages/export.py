@@ -7,7 +7,9 @@
   `meta.json`) that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
   `AutoTokenizer.from_pretrained(DIR)` load with no custom code: the Llama layout for the llama
   family, the GPT-2 layout for the gpt family (a sinusoidal model's table written as fixed `wpe`
-  weights). vLLM and other runtimes that read Hugging Face folders serve it as is.
+  weights), the T5 layout (`T5ForConditionalGeneration`, loaded with `AutoModelForSeq2SeqLM`) for
+  the seq2seq family with relative positions. vLLM and other runtimes that read Hugging Face
+  folders serve it as is.
 - `gguf`: one file for llama.cpp (F32 or F16), the llama family only: llama architecture
   metadata, q/k rows permuted to llama.cpp's rotary layout, the tokenizer as a `gpt2` byte-level
   BPE vocabulary with merges, token types, special ids and the chat template.
@@ -99,7 +101,8 @@ def export_hf(lm: Any, out: Path, *, dtype: str = "float32", config: Any = None)
     kw["eos_token_id"] = (
         kw.get("eos_token_id") if kw.get("eos_token_id") is not None else tok.eos_id
     )
-    kw["pad_token_id"] = tok.pad_id
+    if kw.get("pad_token_id") is None:  # a seq2seq model's own pad is its decoder start token
+        kw["pad_token_id"] = tok.pad_id
     hf_cfg = hf_config_object(kw)
     torch_dtype = getattr(torch, dtype)
     hf_cfg.dtype = dtype
@@ -110,8 +113,10 @@ def export_hf(lm: Any, out: Path, *, dtype: str = "float32", config: Any = None)
     gen = GenerationConfig(
         bos_token_id=kw["bos_token_id"],
         eos_token_id=stop if len(stop) > 1 else (stop[0] if stop else None),
-        pad_token_id=tok.pad_id,
+        pad_token_id=kw["pad_token_id"],
     )
+    if kw.get("decoder_start_token_id") is not None:  # encoder-decoder (T5)
+        gen.decoder_start_token_id = kw["decoder_start_token_id"]
     with atomic_dir(out) as tmp:
         hf_cfg.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
