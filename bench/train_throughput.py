@@ -170,12 +170,11 @@ def main() -> None:
 
     from lmloop.models import build_model
     from lmloop.models.llama import LlamaConfig
-    from lmloop.stages.train import flops_per_token
 
     mcfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
                        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                        num_key_value_heads=HEADS, max_position_embeddings=SEQ)  # fmt: skip
-    fpt = flops_per_token(mcfg, SEQ)
+    fpt = mcfg.flops_per_token(SEQ)
     tokens = BATCH * SEQ
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}", file=sys.stderr)
     peaks = []

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from lmloop.training.data import IGNORE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from modelkit import hf_llama, tiny_tokenizer  # noqa: E402
+from test_train import train_frozen_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -260,10 +260,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tok, task):
             "3", "log_every=1", "eval.every=4", "batch.micro_batch=4", "batch.global_batch=4",
             "schedule.warmup_steps=1", "optim.lr=3e-3", "batch.seq_len=64"]  # fmt: skip
     full, cut = tmp_path / "full", tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LMLOOP_NO_PROGRESS": "1",
-           "LMLOOP_TRAIN_PAUSE_AT": "5"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "lmloop.cli", "train", *args, "--out", str(cut)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LMLOOP_NO_PROGRESS": "1"}
+    proc = train_frozen_at(5, [*args, "--out", str(cut)], env)
     try:
         assert train(*args, "--out", str(full)) == 0
         import time

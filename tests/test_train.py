@@ -180,7 +180,6 @@ def test_param_count_and_flops_match_the_built_models():
     from lmloop.models import build_model, num_params
     from lmloop.models.gpt import GPTConfig
     from lmloop.models.llama import LlamaConfig
-    from lmloop.stages.train import count_params, flops_per_token
 
     configs = [
         LlamaConfig(vocab_size=70, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
@@ -194,9 +193,11 @@ def test_param_count_and_flops_match_the_built_models():
     ]  # fmt: skip
     for c in configs:
         m = build_model(c)
-        assert count_params(c) == (num_params(m), num_params(m, non_embedding=True)), c
+        counts = (c.num_params(), c.num_params(non_embedding=True))
+        assert counts == (num_params(m), num_params(m, non_embedding=True)), c
     c = configs[1]  # 6 x (body + lm_head) + 12 x layers x d_attn x seq
-    assert flops_per_token(c, 8) == 6 * (count_params(c)[1] + 70 * 16) + 12 * 1 * 16 * 8
+    body = c.num_params(non_embedding=True)
+    assert c.flops_per_token(8) == 6 * (body + 70 * 16) + 12 * 1 * 16 * 8
 
 
 def test_grad_accumulation_normalizes_by_true_token_count(tmp_path, tok):
@@ -247,6 +248,29 @@ def _env() -> dict[str, str]:
     return env
 
 
+# A crash test freezes its trainer at a step boundary (after that step's metrics line and any
+# checkpoint) through run()'s on_step hook, then SIGKILLs it: the kill lands between the same two
+# checkpoints however loaded the machine is, and the training loop holds no test code.
+_FREEZE_AT = """
+import os, signal, sys
+from lmloop.config import parse_args
+from lmloop.log import setup_logging
+from lmloop.stages import train
+at = int(sys.argv[1])
+setup_logging(False)
+def freeze(step):
+    if step == at:
+        os.kill(os.getpid(), signal.SIGSTOP)
+train.run(parse_args(train.TrainConfig, sys.argv[2:]), on_step=freeze)
+"""
+
+
+def train_frozen_at(step: int, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`lmloop train ARGS` in a subprocess that stops itself (SIGSTOP) once `step` is done."""
+    cmd = [sys.executable, "-c", _FREEZE_AT, str(step), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -262,12 +286,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
     args = ["--data", str(data_dir), "--max-steps", "10", "--save-every", "4", "log_every=1",
             "eval.every=5", "schedule.warmup_steps=2"]  # fmt: skip
     full, cut = tmp_path / "full", tmp_path / "cut"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmloop.cli", "train", TINY, *args, "--out", str(cut)],
-        env={**_env(), "LMLOOP_TRAIN_PAUSE_AT": "6"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = train_frozen_at(6, [TINY, *args, "--out", str(cut)], _env())
     try:
         assert train(*args, "--out", str(full)) == 0  # meanwhile, the uninterrupted run
         _wait_for_step(proc, cut, 6)

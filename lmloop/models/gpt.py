@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmloop.models.base import ModelConfig
 from lmloop.models.cache import KVCache, padding_mask
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ModelConfig):
     vocab_size: int = 8192
     n_embd: int = 256
     n_layer: int = 4
@@ -46,6 +47,35 @@ class GPTConfig:
     @property
     def inner(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def d_model(self) -> int:
+        return self.n_embd
+
+    @property
+    def d_attn(self) -> int:
+        return self.n_embd
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        d, inner = self.n_embd, self.inner
+        # q, k, v, o with biases; the MLP's two matrices and biases; two LayerNorms (weight, bias)
+        block = 4 * (d * d + d) + 2 * d * inner + inner + d + 4 * d
+        body = self.n_layer * block + 2 * d  # + the final LayerNorm
+        if non_embedding:
+            return body
+        wpe = self.n_positions * d if self.positions == "learned" else 0
+        return body + wpe + self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+
+    @classmethod
+    def from_spec(cls, spec, vocab_size, max_seq_len, bos, eos) -> GPTConfig:
+        return cls(vocab_size=vocab_size, n_embd=spec.hidden_size, n_layer=spec.num_layers,
+                   n_head=spec.num_heads, n_inner=spec.intermediate_size, n_positions=max_seq_len,
+                   positions=spec.positions, tie_word_embeddings=spec.tie_word_embeddings,
+                   bos_token_id=bos, eos_token_id=eos)  # fmt: skip
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmloop.errors import UserError
+from lmloop.models.base import ModelConfig
 from lmloop.models.cache import KVCache, padding_mask
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     vocab_size: int = 8192
     hidden_size: int = 256
     intermediate_size: int = 688
@@ -43,6 +45,43 @@ class LlamaConfig:
     @property
     def hd(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def d_attn(self) -> int:
+        return self.num_attention_heads * self.hd
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        d, hd, inner = self.hidden_size, self.hd, self.intermediate_size
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        attn = 2 * d * q + 2 * d * kv + ((q + 2 * kv + d) if self.attention_bias else 0)
+        mlp = 3 * d * inner + (2 * inner + d if self.mlp_bias else 0)
+        body = self.num_hidden_layers * (attn + mlp + 2 * d) + d  # + 2 norms a block, final norm
+        if non_embedding:
+            return body
+        return body + self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+
+    @classmethod
+    def from_spec(cls, spec, vocab_size, max_seq_len, bos, eos) -> LlamaConfig:
+        kv = spec.num_kv_heads or spec.num_heads
+        if spec.num_heads % kv:
+            raise UserError(
+                f"model.num_heads {spec.num_heads} is not a multiple of num_kv_heads {kv}"
+            )
+        # SwiGLU at 8/3 x width matches a 4 x width GELU MLP's parameters; rounded up to 64
+        inner = spec.intermediate_size or 64 * math.ceil(8 * spec.hidden_size / 3 / 64)
+        return cls(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=inner,
+                   num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                   num_key_value_heads=kv, max_position_embeddings=max_seq_len,
+                   rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings,
+                   bos_token_id=bos, eos_token_id=eos)  # fmt: skip
 
 
 class RMSNorm(nn.Module):

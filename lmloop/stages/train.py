@@ -27,7 +27,8 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,781 @@ class TrainingDiverged(UserError):
     """A NaN or infinite loss or gradient: the run stops before the bad update is applied."""
 
 
+# ---- the run -------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult | None:
+    """Train as `cfg` says; None after a dry run.
+
+    `on_step(step)` is called in every process after each optimizer step, once that step's
+    metrics line and checkpoint are written: a progress hook for callers, and how the crash tests
+    freeze a run at a known point between two checkpoints before they SIGKILL it.
+    """
+    if not cfg.data:
+        raise UserError("no training data given", hint="pass --data DIR (or an SFT .jsonl file)")
+    if not cfg.out and not cfg.dry_run:
+        raise UserError("no run dir given", hint="pass --out RUN_DIR")
+    if cfg.parallel == "fsdp" and cfg.optim.name == "muon":
+        # torch.optim.Muon runs on FSDP's DTensor shards without an error but orthogonalizes
+        # the wrong thing (its updates drift from the single-process ones): refuse, don't guess.
+        raise UserError(
+            "optim.name muon is not supported with parallel=fsdp",
+            hint="use optim.name=adamw with fsdp, or parallel=ddp for muon",
+        )
+    if cfg.parallel == "fsdp" and cfg.lora.r > 0:
+        # peft's wrapped modules under fully_shard, and merging adapters out of shards, are
+        # untested ground; LoRA's small optimizer state is what DDP handles well anyway.
+        raise UserError(
+            f"LoRA (lora.r={cfg.lora.r}) is not supported with parallel=fsdp",
+            hint="use parallel=ddp for LoRA fine-tuning",
+        )
+    d = _init_dist(cfg)
+    if not d.main:
+        logging.getLogger("lmloop").setLevel(logging.WARNING)
+    try:
+        r = _setup(cfg, d)
+        return _fit(r, on_step) if r is not None else None
+    finally:
+        if d.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _fit(r: _Run, on_step: Callable[[int], None] | None) -> TrainResult:
+    """The loop: schedule, accumulation, clipping, step, log, evaluate, save."""
+    import torch
+
+    from lmloop.training.optim import lr_factor, set_lr
+
+    cfg, d, obj = r.cfg, r.d, r.obj
+    G, mb = cfg.batch.global_batch, cfg.batch.micro_batch
+    step, last_loss, last_ev, stopped_early = r.start, None, None, False
+    best_val, stale = _early_stop_count(r)
+    timed_s, timed_steps = 0.0, 0
+    if step >= cfg.max_steps:
+        log.info("nothing to do: the run is at step %d of %d", step, cfg.max_steps)
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = set_lr(r.opts, lr_factor(step, cfg.schedule, cfg.max_steps))
+        per_rank = G // d.world
+        first = step * G + d.rank * per_rank  # the batch is a pure function of the step
+        micro = [obj.batch(range(first + j, first + j + mb)) for j in range(0, per_rank, mb)]
+        n_units = torch.tensor([sum(obj.units(b) for b in micro)], dtype=torch.float64)
+        total = float(_all_sum(n_units, d)[0])
+        scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by units
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        stats: dict[str, float] = {}
+        for k, b in enumerate(micro):
+            sync = contextlib.nullcontext()
+            # FSDP reduce-scatters every micro-batch's gradients into the shards (the sum is the
+            # same): skipping that would hold whole unsharded gradients on each process
+            if d.world > 1 and not r.fsdp and k < len(micro) - 1:
+                sync = r.model.no_sync()  # all-reduce only on the last micro-batch
+            with sync:
+                st = obj.step(r.fwd, b, d.device, r.autocast)
+                (st.loss_sum * scale).backward()
+            loss_sum += st.loss_sum.detach().double().cpu()
+            for key, v in st.stats.items():
+                stats[key] = stats.get(key, 0.0) + v
+        loss = float(_all_sum(loss_sum.reshape(1), d)[0]) / total
+        gnorm = torch.nn.utils.clip_grad_norm_(r.params, cfg.optim.grad_clip or math.inf)
+        gnorm = float(gnorm.full_tensor() if r.fsdp else gnorm)  # FSDP: a DTensor of the shards'
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            for opt in r.opts:
+                opt.zero_grad(set_to_none=True)
+            _diverged(r, step + 1, loss, gnorm)
+        for opt in r.opts:
+            opt.step()
+        for opt in r.opts:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        if r.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        r.elapsed += dt
+        if step > r.start + 1:  # the first step pays for warm-up (and compilation): not in the ETA
+            timed_s, timed_steps = timed_s + dt, timed_steps + 1
+        last_loss = loss
+
+        last = step == cfg.max_steps
+        is_eval = last or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
+        is_save = last or (cfg.save_every > 0 and step % cfg.save_every == 0)
+        ev = _evaluate(r) if is_eval else None
+        if ev is not None:
+            last_ev = ev
+            if best_val is None or ev["val_loss"] < best_val:
+                best_val, stale = ev["val_loss"], 0
+            else:
+                stale += 1
+        if d.main and (is_eval or last or step % cfg.log_every == 0):
+            eta = (timed_s / timed_steps if timed_steps else dt) * (cfg.max_steps - step)
+            _log_step(r, step, loss, lr, gnorm, dt, eta, total, n_units.item(), stats, ev)
+        early = ev is not None and cfg.eval.patience > 0 and stale >= cfg.eval.patience
+        if is_save or early:
+            _save(r, step, ev["val_loss"] if ev is not None else None)
+        if on_step is not None:
+            on_step(step)
+        if early:
+            log.info(
+                "early stop at step %d: validation loss has not improved for %d evaluations "
+                "(best %.4f)", step, stale, best_val,
+            )  # fmt: skip
+            stopped_early = True
+            break
+    return _finish(r, step, last_loss, last_ev, best_val, stopped_early)
+
+
+# ---- setup: where the run starts, the model, LoRA, the reference, the objective -------------
+
+
+@dataclass
+class _Run:
+    """What the loop reads, built once by `_setup`; `checkpoints` and `elapsed` change as it runs."""
+
+    cfg: TrainConfig
+    d: _Dist
+    task: str
+    run_dir: Path | None
+    tokenizer: Any
+    obj: Any  # the objective (training/preference.py): batches, their units, a step's loss
+    val: list  # validation batches
+    bpt: float | None  # bytes per validation target token, for bits per byte
+    model: Any  # what the loop calls: the model, DDP-wrapped or FSDP-sharded
+    raw: Any  # the model under any DDP wrapper (its optimizers, evaluation, saving)
+    fwd: Any
+    opts: list
+    params: list  # the trainable parameters (clipped together)
+    fsdp: bool
+    lora: bool
+    autocast: Any
+    fingerprint: dict[str, Any]  # what must not change between a run and its continuation
+    inputs: dict[str, str]  # content hashes of the data and the starting model
+    base: dict[str, str] | None  # {"spec", "sha256"} of the model a fine-tune started from
+    fpt: float  # training FLOPs per token
+    peak: float | None  # peak FLOP/s of all processes together (MFU), when known
+    start: int = 0
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0  # training time (evaluation and saving left out), resumed too
+    metrics: Any = None  # rank 0: metrics.jsonl, and TensorBoard when asked
+    tb: Any = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.d.device.type == "cuda"
+
+    @property
+    def preference(self) -> bool:
+        return self.task in ("dpo", "kto")
+
+
+def _setup(cfg: TrainConfig, d: _Dist) -> _Run | None:
+    """Every check and every object the loop needs, in order; None after a dry run."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from lmloop.models import build_model, num_params
+    from lmloop.training import checkpoint as ck
+
+    run_dir = Path(cfg.out) if cfg.out else None
+    task = _task(cfg)
+    existing = ck.latest_checkpoint(run_dir) if run_dir and run_dir.is_dir() else None
+    state = _resume_state(cfg, run_dir, existing)
+    if cfg.lora.r > 0 and not cfg.init_from and not (state and state.get("lora")):
+        raise UserError("LoRA (lora.r > 0) needs a pretrained model", hint="pass --init-from MODEL")
+    _summary_writer(cfg)  # fail before any work when TensorBoard is asked for but missing
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    src = _read_data(cfg, task)
+    if task in ("dpo", "kto") and not cfg.init_from and state is None:
+        raise UserError(
+            f"task {task} needs a starting model (the reference its answers are compared to)",
+            hint="pass --init-from MODEL (a registry version, run dir, HF folder or .gguf)",
+        )
+    init, base = _start_model(cfg, run_dir, state, existing)
+    inputs = {"data": src.sha256, **({"init_from": base["sha256"]} if base else {})}
+    tokenizer = _pick_tokenizer(cfg, init, src)
+    if init is not None:
+        model = init.model
+    else:
+        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        mcfg = _model_config(cfg, vocab_size, tokenizer.eos_id, tokenizer.bos_id)
+        try:
+            _check_memory(cfg, mcfg, mcfg.num_params(), d)  # before allocating anything
+        except UserError as e:
+            if not cfg.dry_run:
+                raise
+            accum = max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * d.world))
+            fpt = mcfg.flops_per_token(cfg.batch.seq_len)
+            _print_dry_run(cfg, mcfg, mcfg.num_params(), fpt, accum, d)
+            print(f"does not fit: {e.line()}")
+            return None
+        model = build_model(mcfg)
+    accum = _check_inputs(cfg, d, model, tokenizer, src)
+
+    # the reference of a preference run: the starting model, frozen (LoRA: adapters off)
+    frozen_ref = None
+    if task in ("dpo", "kto") and cfg.lora.r == 0:
+        from lmloop.modelio import load_model
+
+        start_model = load_model(base["spec"]).model if state is not None else model
+        frozen_ref = copy.deepcopy(start_model).eval().requires_grad_(False)
+    lora = cfg.lora.r > 0  # resuming a LoRA run without it fails the fingerprint check
+    targets = []
+    if lora:
+        model, targets = _apply_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if init is not None:
+        _check_memory(cfg, model.config, trainable, d)
+
+    fingerprint = {
+        "task": task,
+        "model": json.loads(json.dumps(dataclasses.asdict(model.config))),
+        "vocab": _vocab_fingerprint(tokenizer),
+        "lora": [cfg.lora.r, cfg.lora.alpha, sorted(targets)] if lora else None,
+        "global_batch": cfg.batch.global_batch,
+        "seq_len": cfg.batch.seq_len,
+    }
+    if state is not None:
+        if init is not None and state.get("lora") is None and not cfg.init_from:
+            # a from-scratch run: the config's architecture must still describe the checkpoint
+            mine = _model_config(cfg, model.config.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
+            fingerprint["model"] = json.loads(json.dumps(dataclasses.asdict(mine)))
+        _check_resume(state["fingerprint"], fingerprint, run_dir)
+    fpt = model.config.flops_per_token(cfg.batch.seq_len)
+    if cfg.dry_run:
+        _print_dry_run(cfg, model.config, trainable, fpt, accum, d)
+        return None
+
+    obj, val, bpt = _objective(cfg, task, src, tokenizer)
+    r = _Run(cfg=cfg, d=d, task=task, run_dir=run_dir, tokenizer=tokenizer, obj=obj, val=val,
+             bpt=bpt, model=model, raw=model, fwd=None, opts=[], params=[],
+             fsdp=cfg.parallel == "fsdp" and d.world > 1, lora=lora, autocast=None,
+             fingerprint=fingerprint, inputs=inputs, base=base, fpt=fpt,
+             peak=_peak_flops(cfg, d))  # fmt: skip
+    _place(r, state, frozen_ref)
+    if state is not None:
+        for opt, sd in zip(r.opts, state["optimizers"], strict=True):
+            if r.fsdp:
+                from lmloop.training import fsdp as tf
+
+                sd = tf.shard_optimizer_state(opt, sd)
+            opt.load_state_dict(sd)
+        r.start, r.elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        r.checkpoints = [c for c in existing[1] if c["step"] <= r.start]
+        ck.set_rng_state(state["rng"])
+        log.info("resumed %s at step %d", existing[0], r.start)
+    if d.main:
+        _open_outputs(r, resumed=state is not None)
+    log.info(
+        "training %s: %s params (%s trainable), %s tokens/step, %d x %d micro-batches, %s",
+        task, f"{num_params(r.raw):,}", f"{trainable:,}",
+        f"{cfg.batch.global_batch * cfg.batch.seq_len:,}", accum, d.world, d.device,
+    )  # fmt: skip
+    return r
+
+
+def _resume_state(cfg: TrainConfig, run_dir: Path | None, existing: Any) -> dict | None:
+    """The training state to continue from (--resume), or None; refuses to overwrite a run."""
+    from lmloop.training import checkpoint as ck
+
+    if cfg.resume:
+        if existing is None:
+            raise UserError(
+                f"--resume: {run_dir} holds no checkpoint to resume from",
+                hint="drop --resume to start a new run there",
+            )
+        return ck.load_train_state(existing[0])
+    if existing is not None and not cfg.dry_run:
+        raise UserError(
+            f"{run_dir} already holds a run (checkpoint {existing[0].name})",
+            hint="pass --resume to continue it, or choose another --out",
+        )
+    return None
+
+
+def _summary_writer(cfg: TrainConfig) -> Any:
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "tensorboard: true, but the tensorboard package is not installed",
+            hint="pip install tensorboard, or set tensorboard: false",
+        ) from None
+    return SummaryWriter
+
+
+def _task(cfg: TrainConfig) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    p = Path(cfg.data)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        from lmloop.training.preference import detect_task
+
+        return detect_task(p)
+    return "pretrain"
+
+
+@dataclass
+class _Source:
+    """The training data as read: token shards (pretrain) or records (SFT, DPO, KTO)."""
+
+    sha256: str
+    meta: dict | None = None  # the data dir's meta.json (pretrain)
+    train: Any = None  # train / val tokens (pretrain)
+    val: Any = None
+    tokenizer: Any = None  # the data dir's tokenizer (pretrain)
+    records: list | None = None
+
+
+def _read_data(cfg: TrainConfig, task: str) -> _Source:
+    from lmloop.artifacts import sha256_file, sha256_json
+
+    if task == "pretrain":
+        if not Path(cfg.data).is_dir():
+            raise UserError(
+                f"--data {cfg.data} is not a prepared data dir",
+                hint="run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
+            )
+        from lmloop import shards
+        from lmloop.tokenizer import Tokenizer
+
+        meta = shards.read_data_meta(cfg.data)
+        tokens = {k: int(v.get("tokens") or 0) for k, v in (meta.get("splits") or {}).items()}
+        if tokens.get("train", 0) < 2:
+            raise UserError(
+                f"{cfg.data} has no train split tokens", hint="re-run `lmloop data` with more text"
+            )
+        train = shards.open_split(cfg.data, "train")
+        val = shards.open_split(cfg.data, "val") if tokens.get("val", 0) >= 2 else None
+        return _Source(sha256_json(meta), meta, train, val, Tokenizer.load(cfg.data))
+    from lmloop.training import data as td
+    from lmloop.training import preference as tp
+
+    read = {"sft": td.read_sft_records, "dpo": tp.read_pairs, "kto": tp.read_unpaired}[task]
+    return _Source(sha256_file(cfg.data), records=read(cfg.data))
+
+
+def _start_model(
+    cfg: TrainConfig, run_dir: Path | None, state: dict | None, existing: Any
+) -> tuple[Any, dict[str, str] | None]:
+    """The loaded model a run starts from (None: from scratch), and the base it names."""
+    from lmloop.modelio import load_model
+
+    if state is not None and state.get("lora") is not None:
+        base = state["base"]
+        init = load_model(base["spec"])
+        if init.sha256 != base["sha256"]:
+            raise UserError(
+                f"cannot resume {run_dir}: its LoRA base {base['spec']} changed "
+                f"(sha {init.sha256[:12]}, the run used {base['sha256'][:12]})",
+                hint="restore the original base model or start a new run",
+            )
+        return init, base
+    if state is not None:  # a full fine-tune keeps naming the model it started from
+        return load_model(existing[0]), state.get("base") or None
+    if cfg.init_from:
+        init = load_model(cfg.init_from)
+        local = Path(cfg.init_from).expanduser()
+        spec = str(local.resolve()) if local.exists() else cfg.init_from  # resume elsewhere
+        return init, {"spec": spec, "sha256": init.sha256}
+    return None, None
+
+
+def _pick_tokenizer(cfg: TrainConfig, init: Any, src: _Source) -> Any:
+    if init is not None:
+        return init.tokenizer
+    if src.tokenizer is not None:
+        return src.tokenizer
+    if cfg.tokenizer:
+        from lmloop.tokenizer import Tokenizer
+
+        return Tokenizer.load(cfg.tokenizer)
+    raise UserError(
+        "SFT from scratch needs a tokenizer", hint="pass --init-from MODEL or --tokenizer PATH"
+    )
+
+
+def _model_config(cfg: TrainConfig, vocab: int, eos: int | None, bos: int | None) -> Any:
+    """The family config of a model trained from scratch, from `model.*` (the family's own
+    `from_spec` maps the common options onto its names)."""
+    from lmloop.models import FAMILIES
+
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise UserError(
+            f"model.hidden_size {m.hidden_size} is not a multiple of model.num_heads {m.num_heads}"
+        )
+    seq = m.max_seq_len or cfg.batch.seq_len
+    return FAMILIES[m.family][0].from_spec(m, vocab, seq, bos, eos)
+
+
+def _check_inputs(cfg: TrainConfig, d: _Dist, model: Any, tokenizer: Any, src: _Source) -> int:
+    """Vocabularies, lengths and batch shape agree; returns the accumulation steps."""
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}",
+            hint="use the model's own tokenizer, or a model.vocab_size >= the tokenizer's",
+        )
+    data_tok = src.tokenizer
+    if data_tok is not None and data_tok is not tokenizer:
+        if _vocab_fingerprint(data_tok) != _vocab_fingerprint(tokenizer):
+            raise UserError(
+                f"the data in {cfg.data} was tokenized with a different tokenizer "
+                f"({data_tok.vocab_size} tokens) than the model's ({tokenizer.vocab_size} tokens)",
+                hint="re-run `lmloop data` with the model's tokenizer (--tokenizer MODEL)",
+            )
+    if src.meta is not None:
+        data_vocab = int((src.meta.get("tokenizer") or {}).get("vocab_size") or 0)
+        if data_vocab > vocab:
+            raise UserError(
+                f"the data's tokenizer has {data_vocab} tokens, the model only {vocab}",
+                hint="re-run `lmloop data` with the model's tokenizer",
+            )
+    if cfg.batch.seq_len > model.max_seq_len:
+        raise UserError(
+            f"batch.seq_len {cfg.batch.seq_len} is beyond the model's context {model.max_seq_len}",
+            hint=f"set batch.seq_len <= {model.max_seq_len}",
+        )
+    G, mb = cfg.batch.global_batch, cfg.batch.micro_batch
+    if G % (mb * d.world):
+        raise UserError(
+            f"batch.global_batch {G} is not a multiple of micro_batch {mb} x {d.world} processes",
+            hint="pick a global_batch divisible by micro_batch x world size",
+        )
+    return G // (mb * d.world)
+
+
+def _apply_lora(model: Any, spec: LoraSpec) -> tuple[Any, list[str]]:
+    from lmloop.training import lora as tl
+
+    targets = [t.strip() for x in spec.targets for t in x.split(",") if t.strip()]
+    try:
+        model, wrapped = tl.apply_lora(model, spec.r, spec.alpha, spec.dropout, targets)
+    except ValueError:  # peft: "Target modules ... not found in the base model"
+        wrapped = 0
+    if wrapped == 0:
+        raise UserError(
+            f"lora.targets {spec.targets} match no linear layer of the model",
+            hint="use names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        )
+    return model, targets
+
+
+def _objective(cfg: TrainConfig, task: str, src: _Source, tokenizer: Any) -> tuple[Any, list, Any]:
+    """(objective, validation batches, bytes per validation target token or None)."""
+    from lmloop.training import data as td
+    from lmloop.training import preference as tp
+
+    mb, seq, pad_id = cfg.batch.micro_batch, cfg.batch.seq_len, td.pad_id_of(tokenizer)
+    if task == "pretrain":
+        obj = tp.LMObjective(td.PretrainData(src.train, seq, cfg.seed))
+        windows = td.val_windows(src.val, seq, cfg.eval.batches * mb) if src.val is not None else []
+        rows = [(w[:-1].tolist(), w[1:].tolist()) for w in windows]
+        val = [td.pad_rows(rows[i : i + mb], pad_id) for i in range(0, len(rows), mb)]
+        v = (src.meta.get("splits") or {}).get("val") or {}
+        return obj, val, (v["bytes"] / v["tokens"]) if v.get("bytes") and v.get("tokens") else None
+    tr_recs, val_recs = td.split_records(src.records, cfg.eval.val_fraction, cfg.seed)
+    if task == "sft":
+        last = cfg.sft.turns == "last"
+        obj = tp.LMObjective(td.SFTData.from_records(tr_recs, tokenizer, seq, cfg.seed, last))
+        val_ex = td.tokenize_records(val_recs, tokenizer, seq, last)[: cfg.eval.batches * mb]
+        val = [td.pad_rows(val_ex[i : i + mb], pad_id) for i in range(0, len(val_ex), mb)]
+        nbytes, ntok = td.completion_bytes(val_ex, tokenizer)
+        return obj, val, nbytes / ntok if ntok else None
+    kind = tp.DPOObjective if task == "dpo" else tp.KTOObjective
+    extra = {"tokenizer": tokenizer, "seq_len": seq} if task == "kto" else {}
+    obj = kind(kind.tokenize(tr_recs, tokenizer, seq), pad_id, cfg.seed, cfg.pref, **extra)
+    val_rows = kind.tokenize(val_recs, tokenizer, seq)[: cfg.eval.batches * mb]
+    val = [obj.collate(val_rows[i : i + mb]) for i in range(0, len(val_rows), mb)]
+    if task == "kto":  # a KL estimate needs two examples: fold a lone last one back in
+        val = [b for b in val if b[2].shape[0] > 1]
+    return obj, val, None
+
+
+def _place(r: _Run, state: dict | None, frozen_ref: Any) -> None:
+    """Devices, the FSDP or DDP wrapper, optimizers, the forward (compiled or not), autocast."""
+    import torch
+
+    from lmloop.training import lora as tl
+    from lmloop.training import preference as tp
+    from lmloop.training.optim import build_optimizers
+
+    d = r.d
+    # under FSDP, fully_shard moves each block to the device as it shards it: the whole model
+    # never sits on one device at once
+    raw = (r.model if r.fsdp else r.model.to(d.device)).train()
+    if r.lora and state is not None:
+        tl.load_adapter_state(raw, state["lora"])
+    if r.fsdp:
+        from lmloop.training import fsdp as tf
+
+        # in place: the parameters become DTensor shards, so optimizers are built after this
+        raw = tf.shard_model(raw, d.device, d.world)
+        log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
+    r.raw = r.model = raw
+    r.opts = build_optimizers(raw, r.cfg.optim)
+    if r.preference:
+        r.obj.reference = tp.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
+    r.params = [p for p in raw.parameters() if p.requires_grad]
+    if d.world > 1 and not r.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        r.model = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    r.fwd = _Forward(r.model, r.cfg.compile)
+    if r.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    r.autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if r.cuda else contextlib.nullcontext
+    )
+
+
+def _peak_flops(cfg: TrainConfig, d: _Dist) -> float | None:
+    """Peak FLOP/s of all processes (for MFU): --peak-tflops, or a known GPU's."""
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+    if peak is None and d.device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(d.device)
+        peak = next((v for k, v in _GPU_PEAKS.items() if k in name), None)
+    return peak * d.world if peak is not None else None
+
+
+def _open_outputs(r: _Run, resumed: bool) -> None:
+    """Rank 0: the run dir, metrics.jsonl (cut back to the checkpoint when resuming),
+    TensorBoard, config.json."""
+    from lmloop.artifacts import atomic_write, write_json
+    from lmloop.config import to_dict
+    from lmloop.log import MetricsWriter, read_metrics
+
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    mpath = r.run_dir / "metrics.jsonl"
+    if resumed:  # drop lines a killed run logged after its last checkpoint
+        kept = [m for m in read_metrics(mpath) if m.get("step", 0) <= r.start]
+        atomic_write(mpath, "".join(json.dumps(m) + "\n" for m in kept))
+    r.metrics = MetricsWriter(mpath, truncate=not resumed)
+    if r.cfg.tensorboard:
+        r.tb = _summary_writer(r.cfg)(str(r.run_dir / "tb"))
+    write_json(r.run_dir / "config.json", to_dict(r.cfg))
+
+
+def _early_stop_count(r: _Run) -> tuple[float | None, int]:
+    """(best validation loss, evaluations since it): early stopping continues where it left."""
+    from lmloop.log import read_metrics
+
+    best, stale = None, 0
+    if r.start:  # a resumed run
+        for m in read_metrics(r.run_dir / "metrics.jsonl"):
+            if "val_loss" in m and m.get("step", 0) <= r.start:
+                if best is None or m["val_loss"] < best:
+                    best, stale = m["val_loss"], 0
+                else:
+                    stale += 1
+    return best, stale
+
+
+# ---- evaluation, saving, logging, the end ---------------------------------------------------
+
+
+def _evaluate(r: _Run) -> dict[str, float] | None:
+    """Validation loss (per token, pair or example as the objective counts) and stats."""
+    import torch
+
+    from lmloop.training import preference as tp
+
+    if not r.val:
+        return None
+    d, val = r.d, r.val
+    r.raw.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    stats: dict[str, float] = {}
+    with torch.no_grad():
+        # Rank r scores batches r, r + world, ... Under FSDP each forward is a collective, so
+        # every rank runs as many forwards as the busiest one: a rank out of batches repeats its
+        # last one and counts nothing.
+        for i in range(d.rank, math.ceil(len(val) / d.world) * d.world, d.world):
+            if i >= len(val) and not r.fsdp:
+                break
+            st = r.obj.step(r.raw, val[min(i, len(val) - 1)], d.device, r.autocast)
+            if i >= len(val):
+                continue
+            tot += torch.tensor([float(st.loss_sum), st.units], dtype=torch.float64)
+            for k, v in st.stats.items():
+                stats[k] = stats.get(k, 0.0) + v
+    r.raw.train()
+    tot = _all_sum(tot, d)
+    loss = float(tot[0] / tot[1])
+    out = {"val_loss": loss}
+    if not r.preference:
+        out["val_ppl"] = math.exp(min(loss, 50.0))
+        if r.bpt:
+            out["val_bpb"] = loss / math.log(2) / r.bpt
+    else:  # rank 0's share of the stats: enough for a log line
+        out.update({f"val_{k}": v for k, v in tp.summarize(stats, float(tot[1])).items()})
+    return out
+
+
+def _save(r: _Run, step: int, val_loss: float | None) -> None:
+    """A checkpoint (weights, tokenizer, training state) and the run's meta.json; prunes."""
+    from lmloop.modelio import save_model
+    from lmloop.training import checkpoint as ck
+    from lmloop.training import lora as tl
+
+    full_model = opt_states = None
+    if r.fsdp:  # gathered on every rank (collectives), kept on rank 0 only
+        from lmloop.training import fsdp as tf
+
+        full_model = tf.full_model_state(r.raw, r.d.main)
+        opt_states = [tf.full_optimizer_state(o, r.d.main) for o in r.opts]
+    if r.d.main:
+        state = {
+            "step": step,
+            "samples_seen": step * r.cfg.batch.global_batch,  # batches are a function of it
+            "optimizers": opt_states
+            if opt_states is not None
+            else [o.state_dict() for o in r.opts],  # fmt: skip
+            "scheduler": {"kind": r.cfg.schedule.kind, "step": step, "max_steps": r.cfg.max_steps},
+            "rng": ck.rng_state(),
+            "fingerprint": r.fingerprint,
+            "lora": tl.adapter_state(r.raw) if r.lora else None,
+            "base": r.base,
+            "world_size": r.d.world,
+            "val_loss": val_loss,
+            "elapsed_s": r.elapsed,
+        }
+
+        def write_model(tmp: Path) -> None:
+            m = tl.merged_model(r.raw) if r.lora else r.raw
+            if full_model is not None:
+                from lmloop.models.adapter import build_loaded
+
+                m = build_loaded(r.raw.config, full_model)  # an unsharded CPU copy to write
+            save_model(tmp, m, r.tokenizer, config=r.cfg, inputs=r.inputs,
+                       schema="lmloop.checkpoint",
+                       extra={"step": step, "val_loss": val_loss, "task": r.task})  # fmt: skip
+
+        name = ck.save_checkpoint(r.run_dir, step, write_model=write_model, train_state=state)
+        checkpoints = [c for c in r.checkpoints if c["name"] != name]
+        checkpoints.append({"name": name, "step": step, "val_loss": val_loss})
+        kept, dropped = ck.prune(r.run_dir, checkpoints, r.cfg.keep_last)
+        _write_meta(r, "running", kept)
+        ck.delete_checkpoints(r.run_dir, dropped)
+        r.checkpoints = kept
+        log.info("saved checkpoint %s", r.run_dir / "checkpoints" / name)
+    _barrier(r.d)
+
+
+def _log_step(r: _Run, step: int, loss: float, lr: float, gnorm: float, dt: float, eta: float,
+              total: float, units: float, stats: dict, ev: dict | None) -> None:  # fmt: skip
+    """Rank 0: one fixed-format line, and the same numbers to metrics.jsonl (and TensorBoard)."""
+    from lmloop.training import preference as tp
+
+    rate = total / dt  # units/s: tokens, or pairs (DPO) and examples (KTO)
+    rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "ms": dt * 1000}
+    parts = [f"step {step}/{r.cfg.max_steps}", f"loss {loss:.4f}"]
+    if r.preference:  # rank 0's share of the batch: the numbers TRL logs
+        rec.update(tp.summarize(stats, units))
+        rec[f"{r.obj.unit}_s"] = rate
+        parts += [f"{k.split('/')[-1]} {rec[k]:.3f}" for k in
+                  ("rewards/margin", "rewards/accuracy") if k in rec]  # fmt: skip
+    else:
+        rec.update(ppl=math.exp(min(loss, 50.0)), tok_s=rate)
+        parts.append(f"ppl {rec['ppl']:.1f}")
+    rec["elapsed_s"] = r.elapsed  # training time (evaluation and saving left out)
+    if r.task == "pretrain":
+        rec["tokens"] = step * total
+    parts += [f"lr {lr:.1e}", f"gnorm {gnorm:.2f}", f"{dt * 1000:.0f} ms",
+              f"{rate:,.0f} {r.obj.unit if r.preference else 'tok'}/s"]  # fmt: skip
+    if r.peak and not r.preference:
+        rec["mfu"] = r.fpt * rate / r.peak
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    parts.append(f"eta {_fmt_eta(eta)}")
+    if ev is not None:
+        rec.update(ev)
+        parts.append(f"val loss {ev['val_loss']:.4f}")
+        if "val_bpb" in ev:
+            parts.append(f"val bpb {ev['val_bpb']:.3f}")
+        if "val_rewards/accuracy" in ev:
+            parts.append(f"val acc {ev['val_rewards/accuracy']:.2f}")
+    log.info(" | ".join(parts))
+    r.metrics.write(rec)
+    if r.tb is not None:
+        for k, v in rec.items():
+            if k != "step":
+                r.tb.add_scalar(k, v, step)
+
+
+def _finish(r: _Run, step: int, loss: float | None, ev: dict | None, best_val: float | None,
+            stopped_early: bool) -> TrainResult:  # fmt: skip
+    """Rank 0: the run's final meta.json, curves.png and a summary; every rank: the result."""
+    from lmloop.training import checkpoint as ck
+
+    val, bpb = (ev["val_loss"], ev.get("val_bpb")) if ev is not None else (None, None)
+    result = TrainResult(
+        run_dir=str(r.run_dir),
+        step=step,
+        train_loss=loss,
+        val_loss=val,
+        val_bpb=bpb,
+        latest=r.checkpoints[-1]["name"] if r.checkpoints else None,
+        best=None,
+        stopped_early=stopped_early,
+    )
+    if r.d.main:
+        r.metrics.close()
+        if r.tb is not None:
+            r.tb.close()
+        if r.checkpoints:
+            _write_meta(r, "done", r.checkpoints)
+        result.best = (ck.read_run(r.run_dir) or {}).get("best")
+        if r.cfg.plot:
+            _plot(r.run_dir)
+        out = [f"run        {r.run_dir}", f"step       {step}"]
+        if loss is not None:
+            out.append(f"train loss {loss:.4f}")
+        if val is not None:
+            out.append(f"val loss   {val:.4f} (ppl {math.exp(min(val, 50)):.2f})")
+        if bpb is not None:
+            out.append(f"val bpb    {bpb:.4f}")
+        if stopped_early:
+            out.append(f"stopped    early (validation stopped improving; best {best_val:.4f})")
+        out.append(f"latest     {result.latest}")
+        out.append(f"best       {result.best}")
+        print("\n".join(out))
+    _barrier(r.d)
+    return result
+
+
+def _write_meta(r: _Run, status: str, checkpoints: list[dict[str, Any]]) -> None:
+    """The run dir's meta.json: config, inputs, checkpoints (latest, best), status."""
+    from lmloop.training import checkpoint as ck
+
+    extra = {"task": r.task, "world_size": r.d.world, "init_from": (r.base or {}).get("spec")}
+    ck.write_run_meta(r.run_dir, config=r.cfg, inputs=r.inputs, checkpoints=checkpoints,
+                      status=status, extra=extra)  # fmt: skip
+
+
+def _diverged(r: _Run, step: int, loss: float, gnorm: float) -> None:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+    good = r.checkpoints[-1]["name"] if r.checkpoints else None
+    if r.d.main and r.checkpoints:
+        _write_meta(r, f"diverged at step {step}", r.checkpoints)
+    raise TrainingDiverged(
+        f"training diverged: {what} at step {step}; the update was not applied and the last good "
+        f"checkpoint is {good or 'none (no checkpoint was saved yet)'}",
+        hint="lower optim.lr or raise schedule.warmup_steps / optim.grad_clip, then --resume",
+    )
+
+
 # ---- small helpers -------------------------------------------------------------------------
 
 # Dense bf16 tensor-core peaks (FLOP/s) of GPUs whose MFU we can state without being told.
@@ -277,93 +1053,6 @@ def _barrier(d: _Dist) -> None:
         dist.barrier()
 
 
-def _round_up(x: float, m: int) -> int:
-    return int(math.ceil(x / m) * m)
-
-
-def _model_config(cfg: TrainConfig, vocab: int, eos: int | None, bos: int | None):
-    from lmloop.models import GPTConfig, LlamaConfig  # noqa: F401 - re-exported names
-
-    m = cfg.model
-    seq = m.max_seq_len or cfg.batch.seq_len
-    if m.hidden_size % m.num_heads:
-        raise UserError(
-            f"model.hidden_size {m.hidden_size} is not a multiple of model.num_heads {m.num_heads}"
-        )
-    if m.family == "llama":
-        kv = m.num_kv_heads or m.num_heads
-        if m.num_heads % kv:
-            raise UserError(f"model.num_heads {m.num_heads} is not a multiple of num_kv_heads {kv}")
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size or _round_up(8 * m.hidden_size / 3, 64),
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=seq,
-            rope_theta=m.rope_theta,
-            tie_word_embeddings=m.tie_word_embeddings,
-            bos_token_id=bos,
-            eos_token_id=eos,
-        )
-    return GPTConfig(
-        vocab_size=vocab,
-        n_embd=m.hidden_size,
-        n_layer=m.num_layers,
-        n_head=m.num_heads,
-        n_inner=m.intermediate_size,
-        n_positions=seq,
-        positions=m.positions,
-        tie_word_embeddings=m.tie_word_embeddings,
-        bos_token_id=bos,
-        eos_token_id=eos,
-    )
-
-
-def _shape(model_cfg: Any) -> tuple[int, int, int, int]:
-    """(layers, heads * head_dim, vocab, width) of either family's config."""
-    if model_cfg.family == "llama":
-        c = model_cfg
-        return c.num_hidden_layers, c.num_attention_heads * c.hd, c.vocab_size, c.hidden_size
-    return model_cfg.n_layer, model_cfg.n_embd, model_cfg.vocab_size, model_cfg.n_embd
-
-
-def count_params(config: Any) -> tuple[int, int]:
-    """(total, non-embedding) parameter counts of a family config, without building the model.
-
-    "Non-embedding" leaves out `embed_*` tables and `lm_head`, as `lmloop.models.num_params` does.
-    """
-    if config.family == "llama":
-        c = config
-        d, hd, inner = c.hidden_size, c.hd, c.intermediate_size
-        attn = d * c.num_attention_heads * hd * 2 + d * c.num_key_value_heads * hd * 2
-        if c.attention_bias:
-            attn += c.num_attention_heads * hd + 2 * c.num_key_value_heads * hd + d
-        mlp = 3 * d * inner + (2 * inner + d if c.mlp_bias else 0)
-        body = c.num_hidden_layers * (attn + mlp + 2 * d) + d
-        embed = c.vocab_size * d
-    else:
-        c = config
-        d, inner = c.n_embd, c.inner
-        body = c.n_layer * (4 * (d * d + d) + 2 * d * inner + inner + d + 4 * d) + 2 * d
-        embed = c.vocab_size * d + (c.n_positions * d if c.positions == "learned" else 0)
-        d = c.n_embd
-    head = 0 if config.tie_word_embeddings else config.vocab_size * d
-    return body + embed + head, body
-
-
-def flops_per_token(config: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul params, lm_head included) + attention.
-
-    The attention term 12 * layers * d_attn * seq_len is the PaLM paper's (Chowdhery et al.
-    2022, appendix B); embedding lookups are not matmuls and are left out.
-    """
-    layers, d_attn, vocab, width = _shape(config)
-    body = count_params(config)[1]
-    return 6.0 * (body + vocab * width) + 12.0 * layers * d_attn * seq_len
-
-
 def memory_estimate(
     config: Any,
     trainable: int,
@@ -382,8 +1071,8 @@ def memory_estimate(
     scaled_dot_product_attention's fused kernels never store that matrix; plus the logits, their
     softmax and its gradient in fp32.
     """
-    layers, _, vocab, width = _shape(config)
-    n = count_params(config)[0]
+    layers, vocab, width = config.num_layers, config.vocab_size, config.d_model
+    n = config.num_params()
     per_layer = seq_len * micro_batch * width * 34 * (1 if half_acts else 2)
     return {
         "weights": 4 * n // shards,
@@ -437,658 +1126,6 @@ def _vocab_fingerprint(tokenizer: Any) -> str:
     return sha256_json(sorted(tokenizer.get_vocab().items()))
 
 
-# ---- data ----------------------------------------------------------------------------------
-
-
-def _task(cfg: TrainConfig) -> str:
-    if cfg.task != "auto":
-        return cfg.task
-    p = Path(cfg.data)
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        from lmloop.training.preference import detect_task
-
-        return detect_task(p)
-    return "pretrain"
-
-
-def _pretrain_source(cfg: TrainConfig) -> tuple[dict, Any, Any]:
-    """Check the data dir; return (meta, train tokens, val tokens or None)."""
-    from lmloop import shards
-
-    meta = shards.read_data_meta(cfg.data)
-    splits = meta.get("splits") or {}
-    if int((splits.get("train") or {}).get("tokens") or 0) < 2:
-        raise UserError(
-            f"{cfg.data} has no train split tokens", hint="re-run `lmloop data` with more text"
-        )
-    train = shards.open_split(cfg.data, "train")
-    val = None
-    if int((splits.get("val") or {}).get("tokens") or 0) >= 2:
-        val = shards.open_split(cfg.data, "val")
-    return meta, train, val
-
-
-def _val_batches_from_windows(windows, micro_batch: int, pad_id: int) -> list:
-    from lmloop.training.data import pad_rows
-
-    rows = [(w[:-1].tolist(), w[1:].tolist()) for w in windows]
-    return [pad_rows(rows[i : i + micro_batch], pad_id) for i in range(0, len(rows), micro_batch)]
-
-
-# ---- the run -------------------------------------------------------------------------------
-
-
-def run(cfg: TrainConfig) -> TrainResult | None:
-    if not cfg.data:
-        raise UserError("no training data given", hint="pass --data DIR (or an SFT .jsonl file)")
-    if not cfg.out and not cfg.dry_run:
-        raise UserError("no run dir given", hint="pass --out RUN_DIR")
-    if cfg.parallel == "fsdp" and cfg.optim.name == "muon":
-        # torch.optim.Muon runs on FSDP's DTensor shards without an error but orthogonalizes
-        # the wrong thing (its updates drift from the single-process ones): refuse, don't guess.
-        raise UserError(
-            "optim.name muon is not supported with parallel=fsdp",
-            hint="use optim.name=adamw with fsdp, or parallel=ddp for muon",
-        )
-    if cfg.parallel == "fsdp" and cfg.lora.r > 0:
-        # peft's wrapped modules under fully_shard, and merging adapters out of shards, are
-        # untested ground; LoRA's small optimizer state is what DDP handles well anyway.
-        raise UserError(
-            f"LoRA (lora.r={cfg.lora.r}) is not supported with parallel=fsdp",
-            hint="use parallel=ddp for LoRA fine-tuning",
-        )
-    d = _init_dist(cfg)
-    if not d.main:
-        logging.getLogger("lmloop").setLevel(logging.WARNING)
-    try:
-        return _fit(cfg, d)
-    finally:
-        if d.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def _fit(cfg: TrainConfig, d: _Dist) -> TrainResult | None:
-    import numpy as np
-    import torch
-
-    from lmloop.artifacts import sha256_file, sha256_json, write_json
-    from lmloop.log import MetricsWriter, read_metrics
-    from lmloop.modelio import load_model, save_model
-    from lmloop.models import build_model, num_params
-    from lmloop.tokenizer import Tokenizer
-    from lmloop.training import checkpoint as ck
-    from lmloop.training import data as td
-    from lmloop.training import lora as tl
-    from lmloop.training import preference as tp
-    from lmloop.training.optim import build_optimizers, lr_factor, set_lr
-
-    run_dir = Path(cfg.out) if cfg.out else None
-    task = _task(cfg)
-
-    # -- where the run starts: an existing run (--resume), a pretrained model, or scratch --
-    existing = ck.latest_checkpoint(run_dir) if run_dir and run_dir.is_dir() else None
-    state: dict[str, Any] | None = None
-    if cfg.resume:
-        if existing is None:
-            raise UserError(
-                f"--resume: {run_dir} holds no checkpoint to resume from",
-                hint="drop --resume to start a new run there",
-            )
-        state = ck.load_train_state(existing[0])
-    elif existing is not None and not cfg.dry_run:
-        raise UserError(
-            f"{run_dir} already holds a run (checkpoint {existing[0].name})",
-            hint="pass --resume to continue it, or choose another --out",
-        )
-    if cfg.lora.r > 0 and not cfg.init_from and not (state and state.get("lora")):
-        raise UserError("LoRA (lora.r > 0) needs a pretrained model", hint="pass --init-from MODEL")
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "tensorboard: true, but the tensorboard package is not installed",
-                hint="pip install tensorboard, or set tensorboard: false",
-            ) from None
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    # -- data source and tokenizer --
-    sft_records = None
-    data_meta = None
-    if task == "pretrain":
-        if not Path(cfg.data).is_dir():
-            raise UserError(
-                f"--data {cfg.data} is not a prepared data dir",
-                hint="run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
-            )
-        data_meta, train_tokens, val_tokens = _pretrain_source(cfg)
-        data_tok = Tokenizer.load(cfg.data)
-        inputs = {"data": sha256_json(data_meta)}
-    else:
-        if task == "sft":
-            sft_records = td.read_sft_records(cfg.data)
-        elif task == "dpo":
-            sft_records = tp.read_pairs(cfg.data)
-        else:
-            sft_records = tp.read_unpaired(cfg.data)
-        data_tok = None
-        inputs = {"data": sha256_file(cfg.data)}
-    preference = task in ("dpo", "kto")
-    if preference and not cfg.init_from and state is None:
-        raise UserError(
-            f"task {task} needs a starting model (the reference its answers are compared to)",
-            hint="pass --init-from MODEL (a registry version, run dir, HF folder or .gguf)",
-        )
-
-    base_spec = None
-    base_sha = None
-    init = None
-    if state is not None and state.get("lora") is not None:
-        base_spec, base_sha = state["base"]["spec"], state["base"]["sha256"]
-        init = load_model(base_spec)
-        if init.sha256 != base_sha:
-            raise UserError(
-                f"cannot resume {run_dir}: its LoRA base {base_spec} changed "
-                f"(sha {init.sha256[:12]}, the run used {base_sha[:12]})",
-                hint="restore the original base model or start a new run",
-            )
-    elif state is not None:
-        init = load_model(existing[0])
-        if state.get("base"):  # a full fine-tune: keep naming the model it started from
-            base_spec, base_sha = state["base"]["spec"], state["base"]["sha256"]
-    elif cfg.init_from:
-        init = load_model(cfg.init_from)
-        local = Path(cfg.init_from).expanduser()
-        base_spec = str(local.resolve()) if local.exists() else cfg.init_from  # resume elsewhere
-        base_sha = init.sha256
-    if base_sha:
-        inputs["init_from"] = base_sha
-
-    if init is not None:
-        tokenizer = init.tokenizer
-    elif data_tok is not None:
-        tokenizer = data_tok
-    elif cfg.tokenizer:
-        tokenizer = Tokenizer.load(cfg.tokenizer)
-    else:
-        raise UserError(
-            "SFT from scratch needs a tokenizer", hint="pass --init-from MODEL or --tokenizer PATH"
-        )
-
-    # -- the model --
-    if init is not None:
-        model = init.model
-    else:
-        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-        mcfg = _model_config(cfg, vocab_size, tokenizer.eos_id, tokenizer.bos_id)
-        try:
-            _check_memory(cfg, mcfg, count_params(mcfg)[0], d)  # before allocating anything
-        except UserError as e:
-            if not cfg.dry_run:
-                raise
-            accum = max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * d.world))
-            fpt = flops_per_token(mcfg, cfg.batch.seq_len)
-            _print_dry_run(cfg, mcfg, count_params(mcfg)[0], fpt, accum, d)
-            print(f"does not fit: {e.line()}")
-            return None
-        model = build_model(mcfg)
-
-    # -- bad input: vocabularies and lengths --
-    vocab = _shape(model.config)[2]
-    if tokenizer.vocab_size > vocab:
-        raise UserError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}",
-            hint="use the model's own tokenizer, or a model.vocab_size >= the tokenizer's",
-        )
-    if data_tok is not None and data_tok is not tokenizer:
-        if _vocab_fingerprint(data_tok) != _vocab_fingerprint(tokenizer):
-            raise UserError(
-                f"the data in {cfg.data} was tokenized with a different tokenizer "
-                f"({data_tok.vocab_size} tokens) than the model's ({tokenizer.vocab_size} tokens)",
-                hint="re-run `lmloop data` with the model's tokenizer (--tokenizer MODEL)",
-            )
-    if data_meta is not None:
-        data_vocab = int((data_meta.get("tokenizer") or {}).get("vocab_size") or 0)
-        if data_vocab > vocab:
-            raise UserError(
-                f"the data's tokenizer has {data_vocab} tokens, the model only {vocab}",
-                hint="re-run `lmloop data` with the model's tokenizer",
-            )
-    if cfg.batch.seq_len > model.max_seq_len:
-        raise UserError(
-            f"batch.seq_len {cfg.batch.seq_len} is beyond the model's context {model.max_seq_len}",
-            hint=f"set batch.seq_len <= {model.max_seq_len}",
-        )
-    G, mb = cfg.batch.global_batch, cfg.batch.micro_batch
-    if G % (mb * d.world):
-        raise UserError(
-            f"batch.global_batch {G} is not a multiple of micro_batch {mb} x {d.world} processes",
-            hint="pick a global_batch divisible by micro_batch x world size",
-        )
-    accum = G // (mb * d.world)
-
-    # -- the reference of a preference run: the starting model, frozen (LoRA: adapters off) --
-    frozen_ref = None
-    if preference and cfg.lora.r == 0:
-        import copy
-
-        start_model = load_model(base_spec).model if state is not None else model
-        frozen_ref = copy.deepcopy(start_model).eval().requires_grad_(False)
-
-    # -- LoRA --
-    lora_on = cfg.lora.r > 0  # resuming a LoRA run without it fails the fingerprint check
-    if lora_on:
-        spec = cfg.lora
-        targets = [t.strip() for x in spec.targets for t in x.split(",") if t.strip()]
-        try:
-            model, wrapped = tl.apply_lora(model, spec.r, spec.alpha, spec.dropout, targets)
-        except ValueError:  # peft: "Target modules ... not found in the base model"
-            wrapped = 0
-        if wrapped == 0:
-            raise UserError(
-                f"lora.targets {spec.targets} match no linear layer of the model",
-                hint="use names such as q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-            )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if init is not None:
-        _check_memory(cfg, model.config, trainable, d)
-
-    # -- resume compatibility: what must not change between a run and its continuation --
-    fingerprint = {
-        "task": task,
-        "model": json.loads(json.dumps(dataclasses.asdict(model.config))),
-        "vocab": _vocab_fingerprint(tokenizer),
-        "lora": [cfg.lora.r, cfg.lora.alpha, sorted(targets)] if lora_on else None,
-        "global_batch": G,
-        "seq_len": cfg.batch.seq_len,
-    }
-    if state is not None:
-        if init is not None and state.get("lora") is None and not cfg.init_from:
-            # a from-scratch run: the config's architecture must still describe the checkpoint
-            mine = _model_config(cfg, model.config.vocab_size, tokenizer.eos_id, tokenizer.bos_id)
-            fingerprint["model"] = json.loads(json.dumps(dataclasses.asdict(mine)))
-        _check_resume(state["fingerprint"], fingerprint, run_dir)
-
-    # -- dry run --
-    fpt = flops_per_token(model.config, cfg.batch.seq_len)
-    if cfg.dry_run:
-        _print_dry_run(cfg, model.config, trainable, fpt, accum, d)
-        return None
-
-    # -- data in batches: an objective per task (training/preference.py) --
-    pad_id = td.pad_id_of(tokenizer)
-    bpt = None
-    if task == "pretrain":
-        obj = tp.LMObjective(td.PretrainData(train_tokens, cfg.batch.seq_len, cfg.seed))
-        windows = (
-            td.val_windows(val_tokens, cfg.batch.seq_len, cfg.eval.batches * mb)
-            if val_tokens is not None
-            else []
-        )
-        val = _val_batches_from_windows(windows, mb, pad_id)
-        v = (data_meta.get("splits") or {}).get("val") or {}
-        bpt = (v["bytes"] / v["tokens"]) if v.get("bytes") and v.get("tokens") else None
-    elif task == "sft":
-        last = cfg.sft.turns == "last"
-        tr_recs, val_recs = td.split_records(sft_records, cfg.eval.val_fraction, cfg.seed)
-        obj = tp.LMObjective(
-            td.SFTData.from_records(tr_recs, tokenizer, cfg.batch.seq_len, cfg.seed, last)
-        )
-        val_ex = td.tokenize_records(val_recs, tokenizer, cfg.batch.seq_len, last)
-        val_ex = val_ex[: cfg.eval.batches * mb]
-        val = [td.pad_rows(val_ex[i : i + mb], pad_id) for i in range(0, len(val_ex), mb)]
-        nbytes, ntok = td.completion_bytes(val_ex, tokenizer)
-        bpt = nbytes / ntok if ntok else None
-    else:
-        tr_recs, val_recs = td.split_records(sft_records, cfg.eval.val_fraction, cfg.seed)
-        kind = tp.DPOObjective if task == "dpo" else tp.KTOObjective
-        extra = {"tokenizer": tokenizer, "seq_len": cfg.batch.seq_len} if task == "kto" else {}
-        rows = kind.tokenize(tr_recs, tokenizer, cfg.batch.seq_len)
-        obj = kind(rows, pad_id, cfg.seed, cfg.pref, **extra)
-        val_rows = kind.tokenize(val_recs, tokenizer, cfg.batch.seq_len)[: cfg.eval.batches * mb]
-        val = [obj.collate(val_rows[i : i + mb]) for i in range(0, len(val_rows), mb)]
-        if task == "kto":  # a KL estimate needs two examples: fold a lone last one back in
-            val = [b for b in val if b[2].shape[0] > 1]
-
-    # -- device, wrappers, optimizers --
-    fsdp = cfg.parallel == "fsdp" and d.world > 1
-    # under FSDP, fully_shard moves each block to the device as it shards it: the whole model
-    # never sits on one device at once
-    model = (model if fsdp else model.to(d.device)).train()
-    raw = model
-    if lora_on and state is not None:
-        tl.load_adapter_state(raw, state["lora"])
-    if fsdp:
-        from lmloop.training import fsdp as tf
-
-        # in place: the parameters become DTensor shards, so optimizers are built after this
-        raw = model = tf.shard_model(raw, d.device, d.world)
-        log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
-    opts = build_optimizers(raw, cfg.optim)
-    if preference:
-        obj.reference = tp.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    if d.world > 1 and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    fwd = _Forward(model, cfg.compile)
-    cuda = d.device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    )
-
-    start = 0
-    checkpoints: list[dict[str, Any]] = []
-    if state is not None:
-        for opt, sd in zip(opts, state["optimizers"], strict=True):
-            opt.load_state_dict(tf.shard_optimizer_state(opt, sd) if fsdp else sd)
-        start = int(state["step"])
-        checkpoints = [c for c in existing[1] if c["step"] <= start]
-        ck.set_rng_state(state["rng"])
-        log.info("resumed %s at step %d", existing[0], start)
-
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-    if peak is None and cuda:
-        name = torch.cuda.get_device_name(d.device)
-        peak = next((v for k, v in _GPU_PEAKS.items() if k in name), None)
-    if peak is not None:
-        peak *= d.world
-
-    # -- outputs (rank 0) --
-    metrics = tb = None
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        mpath = run_dir / "metrics.jsonl"
-        if state is not None:  # drop lines a killed run logged after its last checkpoint
-            kept = [r for r in read_metrics(mpath) if r.get("step", 0) <= start]
-            from lmloop.artifacts import atomic_write
-
-            atomic_write(mpath, "".join(json.dumps(r) + "\n" for r in kept))
-        metrics = MetricsWriter(mpath, truncate=state is None)
-        if cfg.tensorboard:
-            tb = SummaryWriter(str(run_dir / "tb"))
-        write_json(run_dir / "config.json", _config_dict(cfg))
-    run_extra = {"task": task, "world_size": d.world, "init_from": base_spec}
-
-    def train_state(step: int, val_loss: float | None, opt_states: list | None) -> dict[str, Any]:
-        return {
-            "step": step,
-            "samples_seen": step * G,  # the data position: batches are a function of it
-            "optimizers": opt_states if opt_states is not None else [o.state_dict() for o in opts],
-            "scheduler": {"kind": cfg.schedule.kind, "step": step, "max_steps": cfg.max_steps},
-            "rng": ck.rng_state(),
-            "fingerprint": fingerprint,
-            "lora": tl.adapter_state(raw) if lora_on else None,
-            "base": {"spec": base_spec, "sha256": base_sha} if base_spec else None,
-            "world_size": d.world,
-            "val_loss": val_loss,
-            "elapsed_s": elapsed,
-        }
-
-    def save(step: int, val_loss: float | None) -> None:
-        nonlocal checkpoints
-        full_model = opt_states = None
-        if fsdp:  # gathered on every rank (collectives), kept on rank 0 only
-            full_model = tf.full_model_state(raw, d.main)
-            opt_states = [tf.full_optimizer_state(o, d.main) for o in opts]
-        if d.main:
-            st = train_state(step, val_loss, opt_states)
-
-            def write_model(tmp: Path) -> None:
-                m = tl.merged_model(raw) if lora_on else raw
-                if full_model is not None:
-                    from lmloop.models.adapter import build_loaded
-
-                    m = build_loaded(raw.config, full_model)  # an unsharded CPU copy to write
-                save_model(
-                    tmp,
-                    m,
-                    tokenizer,
-                    config=cfg,
-                    inputs=inputs,
-                    schema="lmloop.checkpoint",
-                    extra={"step": step, "val_loss": val_loss, "task": task},
-                )
-
-            name = ck.save_checkpoint(run_dir, step, write_model=write_model, train_state=st)
-            checkpoints = [c for c in checkpoints if c["name"] != name]
-            checkpoints.append({"name": name, "step": step, "val_loss": val_loss})
-            kept, dropped = ck.prune(run_dir, checkpoints, cfg.keep_last)
-            ck.write_run_meta(
-                run_dir,
-                config=cfg,
-                inputs=inputs,
-                checkpoints=kept,
-                status="running",
-                extra=run_extra,
-            )
-            ck.delete_checkpoints(run_dir, dropped)
-            checkpoints = kept
-            log.info("saved checkpoint %s", run_dir / "checkpoints" / name)
-        _barrier(d)
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float] | None:
-        """Validation loss (per token, pair or example as the objective counts) and stats."""
-        if not val:
-            return None
-        raw.eval()
-        tot = torch.zeros(2, dtype=torch.float64)
-        stats: dict[str, float] = {}
-        # Rank r scores batches r, r + world, ... Under FSDP each forward is a collective, so
-        # every rank runs as many forwards as the busiest one: a rank out of batches repeats its
-        # last one and counts nothing.
-        for i in range(d.rank, math.ceil(len(val) / d.world) * d.world, d.world):
-            if i >= len(val) and not fsdp:
-                break
-            st = obj.step(raw, val[min(i, len(val) - 1)], d.device, autocast)
-            if i >= len(val):
-                continue
-            tot += torch.tensor([float(st.loss_sum), st.units], dtype=torch.float64)
-            for k, v in st.stats.items():
-                stats[k] = stats.get(k, 0.0) + v
-        raw.train()
-        tot = _all_sum(tot, d)
-        loss = float(tot[0] / tot[1])
-        out = {"val_loss": loss}
-        if task in ("pretrain", "sft"):
-            out["val_ppl"] = math.exp(min(loss, 50.0))
-            if bpt:
-                out["val_bpb"] = loss / math.log(2) / bpt
-        else:  # rank 0's share of the stats: enough for a log line
-            out.update({f"val_{k}": v for k, v in tp.summarize(stats, float(tot[1])).items()})
-        return out
-
-    fpt_total = fpt
-    log.info(
-        "training %s: %s params (%s trainable), %s tokens/step, %d x %d micro-batches, %s",
-        task,
-        f"{num_params(raw):,}",
-        f"{trainable:,}",
-        f"{G * cfg.batch.seq_len:,}",
-        accum,
-        d.world,
-        d.device,
-    )
-
-    # -- the loop --
-    step = start
-    last_loss = last_val = last_bpb = best_val = None
-    stale, stopped_early = 0, False
-    if state is not None:  # early stopping's count continues where the run left it
-        for r in read_metrics(run_dir / "metrics.jsonl"):
-            if "val_loss" in r and r.get("step", 0) <= start:
-                if best_val is None or r["val_loss"] < best_val:
-                    best_val, stale = r["val_loss"], 0
-                else:
-                    stale += 1
-    t_first = None
-    elapsed = float(state.get("elapsed_s", 0.0)) if state is not None else 0.0
-    steps_timed = 0
-    time_timed = 0.0
-    pause_at = int(os.environ.get("LMLOOP_TRAIN_PAUSE_AT", "0") or 0)
-    if start >= cfg.max_steps:
-        log.info("nothing to do: the run is at step %d of %d", start, cfg.max_steps)
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = set_lr(opts, lr_factor(step, cfg.schedule, cfg.max_steps))
-        per_rank = G // d.world
-        first = step * G + d.rank * per_rank
-        micro = [obj.batch(range(first + j, first + j + mb)) for j in range(0, per_rank, mb)]
-        n_units = torch.tensor([sum(obj.units(b) for b in micro)], dtype=torch.float64)
-        total = float(_all_sum(n_units, d)[0])
-        scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by units
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        stats: dict[str, float] = {}
-        for k, b in enumerate(micro):
-            sync = contextlib.nullcontext()
-            # FSDP reduce-scatters every micro-batch's gradients into the shards (the sum is the
-            # same): skipping that would hold whole unsharded gradients on each process
-            if d.world > 1 and not fsdp and k < len(micro) - 1:
-                sync = model.no_sync()  # all-reduce only on the last micro-batch
-            with sync:
-                st = obj.step(fwd, b, d.device, autocast)
-                (st.loss_sum * scale).backward()
-            loss_sum += st.loss_sum.detach().double().cpu()
-            for key, v in st.stats.items():
-                stats[key] = stats.get(key, 0.0) + v
-        loss = float(_all_sum(loss_sum.reshape(1), d)[0]) / total
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if fsdp:  # a DTensor over the shards' norms
-            gnorm = gnorm.full_tensor()
-        gnorm = float(gnorm)
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            _diverged(cfg, run_dir, step + 1, loss, gnorm, checkpoints, inputs, run_extra, d)
-        for opt in opts:
-            opt.step()
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        if t_first is None:
-            t_first = dt  # the first step pays for warm-up (and compilation): not in the ETA
-        else:
-            steps_timed += 1
-            time_timed += dt
-        last_loss = loss
-
-        last = step == cfg.max_steps
-        is_eval = last or (cfg.eval.every > 0 and step % cfg.eval.every == 0)
-        is_save = last or (cfg.save_every > 0 and step % cfg.save_every == 0)
-        ev = evaluate() if is_eval else None
-        if ev is not None:
-            last_val, last_bpb = ev["val_loss"], ev.get("val_bpb")
-            if best_val is None or last_val < best_val:
-                best_val, stale = last_val, 0
-            else:
-                stale += 1
-        if d.main and (is_eval or last or step % cfg.log_every == 0):
-            tok_s = total / dt  # units/s: tokens, or pairs (DPO) and examples (KTO)
-            avg = time_timed / steps_timed if steps_timed else dt
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "ms": dt * 1000}
-            parts = [f"step {step}/{cfg.max_steps}", f"loss {loss:.4f}"]
-            if preference:  # rank 0's share of the batch: the numbers TRL logs
-                rec.update(tp.summarize(stats, n_units.item()))
-                rec[f"{obj.unit}_s"] = tok_s
-                parts += [f"{k.split('/')[-1]} {rec[k]:.3f}" for k in
-                          ("rewards/margin", "rewards/accuracy") if k in rec]  # fmt: skip
-            else:
-                rec.update(ppl=math.exp(min(loss, 50.0)), tok_s=tok_s)
-                parts.append(f"ppl {rec['ppl']:.1f}")
-            rec["elapsed_s"] = elapsed  # training time (evaluation and saving left out)
-            if task == "pretrain":
-                rec["tokens"] = step * total
-            parts += [f"lr {lr:.1e}", f"gnorm {gnorm:.2f}", f"{dt * 1000:.0f} ms",
-                      f"{tok_s:,.0f} {'tok' if not preference else obj.unit}/s"]  # fmt: skip
-            if peak and not preference:
-                rec["mfu"] = fpt_total * tok_s / peak
-                parts.append(f"mfu {100 * rec['mfu']:.1f}%")
-            parts.append(f"eta {_fmt_eta(avg * (cfg.max_steps - step))}")
-            if ev is not None:
-                rec.update(ev)
-                parts.append(f"val loss {ev['val_loss']:.4f}")
-                if "val_bpb" in ev:
-                    parts.append(f"val bpb {ev['val_bpb']:.3f}")
-                if "val_rewards/accuracy" in ev:
-                    parts.append(f"val acc {ev['val_rewards/accuracy']:.2f}")
-            log.info(" | ".join(parts))
-            metrics.write(rec)
-            if tb is not None:
-                for k, v in rec.items():
-                    if k != "step":
-                        tb.add_scalar(k, v, step)
-        early = ev is not None and cfg.eval.patience > 0 and stale >= cfg.eval.patience
-        if is_save or early:
-            save(step, ev["val_loss"] if ev is not None else None)
-        if pause_at == step:
-            # crash tests kill the process here, at a known point between two checkpoints
-            log.warning("LMLOOP_TRAIN_PAUSE_AT=%d: pausing", step)
-            while True:
-                time.sleep(60)
-        if early:
-            log.info(
-                "early stop at step %d: validation loss has not improved for %d evaluations "
-                "(best %.4f)", step, stale, best_val,
-            )  # fmt: skip
-            stopped_early = True
-            break
-
-    # -- the end --
-    result = TrainResult(
-        run_dir=str(run_dir),
-        step=step,
-        train_loss=last_loss,
-        val_loss=last_val,
-        val_bpb=last_bpb,
-        latest=checkpoints[-1]["name"] if checkpoints else None,
-        best=None,
-        stopped_early=stopped_early,
-    )
-    if d.main:
-        metrics.close()
-        if tb is not None:
-            tb.close()
-        if checkpoints:
-            ck.write_run_meta(
-                run_dir, config=cfg, inputs=inputs, checkpoints=checkpoints, status="done",
-                extra=run_extra,
-            )  # fmt: skip
-        meta = ck.read_run(run_dir) or {}
-        result.best = meta.get("best")
-        if cfg.plot:
-            _plot(run_dir)
-        out = [f"run        {run_dir}", f"step       {step}"]
-        if last_loss is not None:
-            out.append(f"train loss {last_loss:.4f}")
-        if last_val is not None:
-            out.append(f"val loss   {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
-        if last_bpb is not None:
-            out.append(f"val bpb    {last_bpb:.4f}")
-        if stopped_early:
-            out.append(f"stopped    early (validation stopped improving; best {best_val:.4f})")
-        out.append(f"latest     {result.latest}")
-        out.append(f"best       {result.best}")
-        print("\n".join(out))
-    _barrier(d)
-    return result
-
-
 class _Forward:
     """The model's forward, through torch.compile when asked; eager again if compiling fails."""
 
@@ -1114,12 +1151,6 @@ class _Forward:
             out = self.fn(x)
         self.tested = True
         return out
-
-
-def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    from lmloop.config import to_dict
-
-    return to_dict(cfg)
 
 
 def _shards(cfg: TrainConfig, d: _Dist) -> int:
@@ -1165,28 +1196,10 @@ def _check_resume(saved: dict[str, Any], now: dict[str, Any], run_dir: Path | No
         )
 
 
-def _diverged(cfg, run_dir, step, loss, gnorm, checkpoints, inputs, extra, d: _Dist):
-    from lmloop.training import checkpoint as ck
-
-    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
-    good = checkpoints[-1]["name"] if checkpoints else None
-    if d.main and checkpoints:
-        ck.write_run_meta(
-            run_dir, config=cfg, inputs=inputs, checkpoints=checkpoints,
-            status=f"diverged at step {step}", extra=extra,
-        )  # fmt: skip
-    raise TrainingDiverged(
-        f"training diverged: {what} at step {step}; the update was not applied and the last good "
-        f"checkpoint is {good or 'none (no checkpoint was saved yet)'}",
-        hint="lower optim.lr or raise schedule.warmup_steps / optim.grad_clip, then --resume",
-    )
-
-
 def _print_dry_run(
     cfg: TrainConfig, config: Any, trainable: int, fpt: float, accum: int, d: _Dist
 ) -> None:
-
-    n, ne = count_params(config)
+    n, ne = config.num_params(), config.num_params(non_embedding=True)
     G, T = cfg.batch.global_batch, cfg.batch.seq_len
     est = memory_estimate(
         config, trainable, cfg.batch.micro_batch, T, d.device.type == "cuda", _shards(cfg, d)
