@@ -218,3 +218,61 @@ def open_split(data_dir: str | Path, split: str) -> TokenArray:
     if missing:
         raise UserError(f"token shard missing: {missing[0]}", hint=f"rebuild it with `{REBUILD}`")
     return TokenArray(paths)
+
+
+# ---- paired shards (sequence-to-sequence data) -------------------------------------------------
+# A paired data folder (schema "lmloop.pairs") holds, per split, two shard streams in the format
+# above: `train-input-000000.bin` and `train-target-000000.bin`, each side of each pair followed
+# by EOS, so pair i is the i-th EOS-terminated run of both streams.
+PAIRS_SCHEMA = "lmloop.pairs"
+PAIRS_FORMAT_VERSION = 1
+PAIRS_REBUILD = "lmloop data --source PATH --input-field IN --target-field OUT --out DIR --force"
+SIDES = ("input", "target")
+
+
+class Pairs:
+    """A split of a paired data folder: `pairs[i]` -> (input ids, target ids), each ending in
+    EOS (T5 appends EOS to its inputs, and the decoder must learn to stop)."""
+
+    def __init__(self, inputs: TokenArray, targets: TokenArray, eos: int):
+        self.inputs, self.targets = inputs, targets
+        self.ends = [np.flatnonzero(np.asarray(a) == eos) for a in (inputs, targets)]
+        if len(self.ends[0]) != len(self.ends[1]):
+            raise UserError(
+                f"paired shards disagree: {len(self.ends[0])} inputs, {len(self.ends[1])} targets "
+                f"in {inputs.paths[0].parent if inputs.paths else '?'}",
+                hint=f"rebuild it with `{PAIRS_REBUILD}`",
+            )
+
+    def __len__(self) -> int:
+        return len(self.ends[0])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for arr, ends in zip((self.inputs, self.targets), self.ends):
+            start = int(ends[i - 1]) + 1 if i > 0 else 0
+            out.append(np.asarray(arr[start : int(ends[i]) + 1]))
+        return out[0], out[1]
+
+
+def read_pairs_meta(data_dir: str | Path) -> dict[str, Any]:
+    """The paired data folder's meta.json, checked (schema lmloop.pairs, format 1)."""
+    return read_meta(data_dir, PAIRS_SCHEMA, (PAIRS_FORMAT_VERSION,), rebuild=PAIRS_REBUILD)
+
+
+def open_pairs(data_dir: str | Path, split: str) -> Pairs:
+    """A split ('train', 'val', 'test') of a paired data folder."""
+    meta = read_pairs_meta(data_dir)
+    files = ((meta.get("splits") or {}).get(split) or {}).get("shards")
+    if files is None:
+        raise UserError(f"{data_dir} has no split '{split}'", hint="use train, val or test")
+    arrays = []
+    for side in SIDES:
+        paths = [Path(data_dir) / s["file"] for s in files[side]]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(
+                f"token shard missing: {missing[0]}", hint=f"rebuild it with `{PAIRS_REBUILD}`"
+            )
+        arrays.append(TokenArray(paths))
+    return Pairs(arrays[0], arrays[1], int(meta["tokenizer"]["eos_id"]))

@@ -14,6 +14,9 @@
 - feedback exports (`lmloop feedback export`): SFT `{"messages": [...]}` records rendered as
   ChatML, `{"text": ...}`, `{"prompt", "completion"}` and `{"prompt", "chosen", ...}` records.
 
+`iter_pairs(source, input_field, target_field)` yields (input, target) pairs instead, from
+JSONL/JSON/CSV/TSV/parquet files or a Hugging Face dataset, for sequence-to-sequence data.
+
 A `SourceSpec` names one input plus how to read it; `SourceSpec.from_string` parses the
 command-line form `PATH[::key=value,key=value]`, e.g. `data/*.jsonl::field=body,weight=2`.
 Invalid UTF-8 is replaced and counted in `stats["invalid_utf8"]`, or fails with the file and
@@ -628,9 +631,13 @@ def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
 
 
 def _hf_docs(spec: SourceSpec) -> Iterator[str]:
+    yield from _hf_column(_hf_dataset(spec), spec, spec.path)
+
+
+def _hf_dataset(spec: SourceSpec) -> Any:
+    """The dataset split a hub or save_to_disk source names (hub ones streamed)."""
     import datasets
 
-    where = spec.path
     if source_kind(spec) == "hf_disk":
         try:
             ds = datasets.load_from_disk(str(Path(spec.path).expanduser()))
@@ -656,7 +663,7 @@ def _hf_docs(spec: SourceSpec) -> Iterator[str]:
                 hint="check the name, or save it with datasets' save_to_disk and pass that folder",
             ) from None
         ds = ds if hasattr(ds, "column_names") and ds.column_names else ds._resolve_features()
-    yield from _hf_column(ds, spec, where)
+    return ds
 
 
 def _data_dir_docs(spec: SourceSpec) -> Iterator[str]:
@@ -716,3 +723,91 @@ def iter_documents(
         return
     for f in resolve_files(spec) if files is None else files:
         yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)
+
+
+# ---- input/target pairs (sequence-to-sequence data) ------------------------------------------
+def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: dict[str, int] | None):
+    """(where, record as a dict) from one JSONL/JSON/CSV/TSV/parquet file."""
+    kind = file_kind(spec, f)
+    if kind in ("jsonl", "json"):
+        text = _read_all(f, strict=strict, stats=stats)
+        stripped = text.lstrip()
+        if kind == "json" and stripped.startswith("["):
+            for i, record in enumerate(json.loads(text)):
+                yield f"{f}[{i}]", record
+            return
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    yield f"{f}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+    elif kind == "csv":
+        csv.field_size_limit(1 << 30)
+        text = _read_all(f, strict=strict, stats=stats)
+        delimiter = "\t" if _base_suffix(f) == ".tsv" else ","
+        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)):
+            yield f"{f}:{i + 2}", row
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
+        except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
+            raise UserError(f"cannot read parquet file {f}: {e}") from None
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                i += 1
+                yield f"{f}[row {i}]", record
+    else:
+        raise UserError(
+            f"{f}: input/target pairs are read from .jsonl, .json, .csv, .tsv or .parquet files "
+            f"(or a Hugging Face dataset), not '{kind}'"
+        )
+
+
+def iter_pairs(
+    source: str | SourceSpec,
+    input_field: str,
+    target_field: str,
+    *,
+    strict_utf8: bool = False,
+    stats: dict[str, int] | None = None,
+) -> Iterator[tuple[str, str] | None]:
+    """(input, target) per record of a source, in a fixed order; None for a record with a side
+    missing (null or empty), so the caller counts it. A field absent from a record is an error
+    naming the fields present."""
+    spec = as_spec(source)
+    kind = source_kind(spec)
+    if kind in ("hf", "hf_disk"):
+        ds = _hf_dataset(spec)
+        columns = list(ds.column_names or [])
+        for name in (input_field, target_field):
+            if columns and name not in columns:
+                raise UserError(
+                    f"{spec.path}: column '{name}' not found{did_you_mean(name, columns)}; "
+                    f"columns present: {', '.join(columns)}"
+                )
+        for batch in ds.select_columns([input_field, target_field]).iter(batch_size=1024):
+            for a, b in zip(batch[input_field], batch[target_field]):
+                ok = isinstance(a, str) and isinstance(b, str) and a and b
+                yield (a, b) if ok else None
+        return
+    if kind != "files":
+        raise UserError(f"source {spec.path}: pairs come from files or Hugging Face datasets")
+    for f in resolve_files(spec):
+        for where, record in _pair_records(spec, f, strict_utf8, stats):
+            if not isinstance(record, dict):
+                raise _missing_field(where, input_field, record)
+            sides = []
+            for name in (input_field, target_field):
+                if name not in record:
+                    raise _missing_field(where, name, record)
+                value = record[name]
+                if value is not None and not isinstance(value, str):
+                    raise UserError(
+                        f"{where}: field '{name}' holds a {type(value).__name__}, expected a string"
+                    )
+                sides.append(value)
+            yield (sides[0], sides[1]) if sides[0] and sides[1] else None

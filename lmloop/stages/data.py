@@ -10,6 +10,9 @@ read (`lmloop.sources`) -> clean (NFC, control characters, whitespace, length) -
 -> tokenize (the `tokenizers` library's batch encoder, on both cores, overlapped with the Python
 work) -> pack into binary shards (`lmloop.shards`), EOS between documents.
 
+With `--input-field IN --target-field OUT` it prepares input/target pairs for seq2seq models
+instead (`lmloop.stages.data_pairs`: the same recipe on the pair, two shard streams per split).
+
 When decontamination against our own val/test split or tokenizer training needs the whole
 split first, cleaned documents go to a spill file inside the temporary output folder and are
 read back; otherwise everything streams in one pass. Memory stays flat in the amount of text;
@@ -108,6 +111,12 @@ class DataConfig:
     ray_address: str = param(
         "", "engine=ray: the cluster to join ('auto': the one `ray start` began); empty: a new one"
     )
+    input_field: str = param(
+        "", "input/target pairs (seq2seq): the field or column holding each pair's input"
+    )
+    target_field: str = param(
+        "", "input/target pairs (seq2seq): the field or column holding each pair's target"
+    )
 
 
 # How the data is made, not what: left out of the fingerprint and of meta.json's config, so the
@@ -178,6 +187,14 @@ def _validate(cfg: DataConfig) -> None:
         raise UserError(f"max_chars {cfg.max_chars} is below min_chars {cfg.min_chars}")
     if cfg.shard_tokens < 1 or cfg.batch_chars < 1:
         raise UserError("shard_tokens and batch_chars must be >= 1")
+    if bool(cfg.input_field) != bool(cfg.target_field):
+        raise UserError(
+            "pairs need both fields: got "
+            f"input_field '{cfg.input_field}', target_field '{cfg.target_field}'",
+            hint="pass --input-field NAME --target-field NAME (or neither, for plain text)",
+        )
+    if cfg.target_field and cfg.engine == "ray":
+        raise UserError("input/target pairs are prepared by engine=local only")
 
 
 def check_output(out: Path, schema: str) -> None:
@@ -594,6 +611,10 @@ class DataResult:
 
 def run(cfg: DataConfig) -> DataResult:
     _validate(cfg)
+    if cfg.target_field:  # input/target pairs for sequence-to-sequence models
+        from lmloop.stages.data_pairs import run_pairs
+
+        return run_pairs(cfg)
     out = Path(cfg.out).expanduser()
     check_output(out, SCHEMA)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
