@@ -20,7 +20,9 @@ JSONL/JSON/CSV/TSV/parquet files or a Hugging Face dataset, for sequence-to-sequ
 A `SourceSpec` names one input plus how to read it; `SourceSpec.from_string` parses the
 command-line form `PATH[::key=value,key=value]`, e.g. `data/*.jsonl::field=body,weight=2`.
 Invalid UTF-8 is replaced and counted in `stats["invalid_utf8"]`, or fails with the file and
-byte offset under `strict_utf8=True`. This module never imports torch.
+byte offset under `strict_utf8=True`. This module never imports torch and never runs a model:
+a `synthetic:TEACHER` source is described here (kind, fingerprint) but written by the caller's
+`teacher` (`lmloop.synthetic.teacher_documents`, passed by the stages that may run one).
 
     python -c "from lmloop.sources import iter_documents; print(next(iter_documents('a.txt')))"
 """
@@ -34,7 +36,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -703,10 +705,12 @@ def iter_documents(
     strict_utf8: bool = False,
     stats: dict[str, int] | None = None,
     files: list[Path] | None = None,
+    teacher: Callable[[SourceSpec], Iterable[str]] | None = None,
 ) -> Iterator[str]:
     """Raw document texts from one source, streamed in a fixed order (see the module doc).
 
     `files`: read only these of a file source's files (a slice of `source_files(spec)`).
+    `teacher`: writes a `synthetic:` source's documents (a model runs there, not here).
     """
     spec = as_spec(source)
     kind = source_kind(spec)
@@ -716,10 +720,13 @@ def iter_documents(
     if kind == "data":
         yield from _data_dir_docs(spec)
         return
-    if kind == "synthetic":  # the teacher model writes the corpus (cached after the first run)
-        from lmloop.synthetic import synthetic_stories
-
-        yield from synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)
+    if kind == "synthetic":
+        if teacher is None:
+            raise UserError(
+                f"synthetic:{spec.path} is written by a teacher model, which this command does "
+                "not run", hint="write it with `lmloop data --source synthetic:...` first",
+            )  # fmt: skip
+        yield from teacher(spec)
         return
     for f in resolve_files(spec) if files is None else files:
         yield from _READERS[file_kind(spec, f)](f, spec, strict_utf8, stats)

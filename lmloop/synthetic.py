@@ -18,6 +18,7 @@ import logging
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 from lmloop import artifacts
 from lmloop.artifacts import atomic_write, sha256_json
@@ -115,6 +116,12 @@ def synthetic_stories(
     if cache:
         atomic_write(path, "".join(json.dumps({"text": s}) + "\n" for s in stories))
     return stories
+
+
+def teacher_documents(spec: Any) -> list[str]:
+    """The documents of a `synthetic:TEACHER::count=N,tokens=M` source (a `SourceSpec`): the
+    `teacher` that `lmloop.sources.iter_documents` is handed by the stages that may run one."""
+    return synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)
 
 
 def _clean(text: str) -> str:

@@ -60,6 +60,7 @@ from lmloop.preprocess import (
 )
 from lmloop.shards import FORMAT_VERSION, SCHEMA, SPLITS, ShardWriter, dtype_for_vocab
 from lmloop.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.synthetic import teacher_documents
 from lmloop.tokenizer import ENDOFTEXT, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,9 @@ def _collect(cfg: DataConfig, stats: _Stats) -> Iterator[list[_Doc]]:
         utf8: dict[str, int] = {}
         info = source_info(spec)
         stats.sources.append(info)
-        raw = iter_documents(spec, strict_utf8=cfg.strict_utf8, stats=utf8)
+        raw = iter_documents(
+            spec, strict_utf8=cfg.strict_utf8, stats=utf8, teacher=teacher_documents
+        )
         is_keyed = keyed(cfg, spec)  # skip the hash when nothing needs it
         for batch in _doc_batches(raw, 1024, cfg.batch_chars):
             info["documents_read"] += len(batch)
@@ -521,7 +524,7 @@ def _fingerprint(cfg: DataConfig, tok: Any) -> tuple[str, dict[str, str]]:
 def _eval_ngrams(cfg: DataConfig, cache: WordHashes) -> list[np.ndarray]:
     arrays = []
     for spec in cfg.decontaminate_with:
-        for text in iter_documents(spec, strict_utf8=cfg.strict_utf8):
+        for text in iter_documents(spec, strict_utf8=cfg.strict_utf8, teacher=teacher_documents):
             arrays.append(ngram_hashes(normalize_text(text), cfg.ngram, cache))
     return arrays
 

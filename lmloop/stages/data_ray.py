@@ -79,6 +79,7 @@ from lmloop.stages.data import (
     place,
     source_info,
 )
+from lmloop.synthetic import teacher_documents
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, parts: i
     texts: list[str] = []
     keys: list[bytes] = []
     is_keyed, chars = keyed(cfg, spec), 0
-    raw = iter_documents(spec, strict_utf8=cfg.strict_utf8, stats=utf8, files=files)
+    raw = iter_documents(
+        spec, strict_utf8=cfg.strict_utf8, stats=utf8, files=files, teacher=teacher_documents
+    )
     for batch in _doc_batches(raw, 1024, cfg.batch_chars):
         stats.sources[si]["documents_read"] += len(batch)
         chars += sum(map(len, batch))

@@ -140,9 +140,10 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
 def read_texts(source: str, limit: int | None) -> list[str]:
     """Documents of a text source (empty ones dropped), at most `limit`."""
     from lmloop.sources import iter_documents
+    from lmloop.synthetic import teacher_documents
 
     out: list[str] = []
-    for doc in iter_documents(source):
+    for doc in iter_documents(source, teacher=teacher_documents):
         if doc.strip():
             out.append(doc)
             if limit and len(out) >= limit:

@@ -32,6 +32,7 @@ from lmloop.preprocess import (
     train_bpe,
 )
 from lmloop.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.synthetic import teacher_documents
 from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def run(cfg: TokenizerConfig) -> int:
 
     def texts() -> Iterator[str]:
         for spec in cfg.source:
-            for raw in iter_documents(spec, strict_utf8=cfg.strict_utf8):
+            for raw in iter_documents(spec, strict_utf8=cfg.strict_utf8, teacher=teacher_documents):
                 kept, _ = clean_batch([raw], min_chars=cfg.min_chars)
                 for t in kept:
                     counts["documents"] += 1
