@@ -4,7 +4,7 @@
     .venv/bin/python bench/eval.py --articles 62          # the whole test set (hours on 2 cores)
 
 Both sides score the same documents: WikiText-2 test (`../shared/data/wikitext-2-raw/
-wiki.test.raw`) split into articles at its level-1 headings by `lmloop.sources`, the first N of
+wiki.test.raw`) split into articles at its level-1 headings by `lmloop.data.sources`, the first N of
 them. lm-eval runs its `wikitext` task definitions (detokenizer, word/byte counts: its own
 functions, via the local task in tests/data/lmeval_wikitext_local) through `simple_evaluate` and
 its Hugging Face backend, loading the same GGUF file (dequantized to fp32 by transformers), one
@@ -95,9 +95,9 @@ def main() -> int:
 
     import torch
 
+    from lmloop.data.sources import iter_documents
     from lmloop.modelio import load_model
     from lmloop.perplexity import evaluate_texts
-    from lmloop.sources import iter_documents
 
     pages = [p for p in iter_documents(str(WIKI)) if p.strip()][: args.articles]
     print(f"{len(pages)} WikiText-2 test articles, {sum(len(p.encode()) for p in pages):,} bytes; "

@@ -1,4 +1,4 @@
-"""Benchmark: precision and recall of `lmloop.pii` per kind on the labelled set.
+"""Benchmark: precision and recall of `lmloop.data.pii` per kind on the labelled set.
 
 The set is `tests/data/pii/cases.jsonl` (written by `tests/data/pii/make_cases.py`): sentences
 holding one PII value of a known kind, and look-alike sentences holding none (dates, versions,
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "pii" / "cases.jsonl"
 sys.path.insert(0, str(ROOT))
 
-from lmloop.pii import PII_KINDS, find_pii, scrub_pii  # noqa: E402
+from lmloop.data.pii import PII_KINDS, find_pii, scrub_pii  # noqa: E402
 
 
 def load_cases(path: Path = CASES) -> list[dict]:

@@ -67,7 +67,7 @@ def child_ours(args: argparse.Namespace) -> dict:
 
     import lmloop.stages.data  # noqa: F401
     from lmloop.cli import main
-    from lmloop.shards import read_data_meta
+    from lmloop.data.shards import read_data_meta
 
     os.environ["LMLOOP_NO_PROGRESS"] = "1"
     sources = corpus(Path(args.data)) * args.scale

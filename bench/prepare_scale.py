@@ -117,7 +117,7 @@ def make_corpus(data: Path, out: Path, mb: float) -> tuple[float, int]:
     """JSONL copies of the shared corpus up to `mb` MB; returns (MB, files)."""
     from prepare import corpus
 
-    from lmloop.sources import iter_documents
+    from lmloop.data.sources import iter_documents
 
     docs = [d for s in corpus(data) for d in iter_documents(s) if d.strip()]
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def make_corpus(data: Path, out: Path, mb: float) -> tuple[float, int]:
 def child_lmloop(args: argparse.Namespace) -> dict:
     import lmloop.stages.data  # noqa: F401 - imported before the clock
     from lmloop.cli import main
-    from lmloop.shards import read_data_meta
+    from lmloop.data.shards import read_data_meta
 
     os.environ["LMLOOP_NO_PROGRESS"] = "1"
     init = 0.0

@@ -54,8 +54,8 @@ def synthetic_data_dir(root: Path, tokens: int = 400_000) -> Path:
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
-    from lmloop import shards
     from lmloop.artifacts import make_meta, write_meta
+    from lmloop.data import shards
     from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     words = SPECIAL_TOKENS + [f"w{i}" for i in range(VOCAB - len(SPECIAL_TOKENS))]

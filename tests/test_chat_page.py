@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 from test_server_kit import Server, make_tiny_model
 
-from lmloop.store import FeedbackStore
+from lmloop.feedback.store import FeedbackStore
 
 KEY = "sk-page-test"
 CHROMIUM = "/usr/bin/chromium"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from lmloop.cli import main
+from lmloop.data.shards import open_pairs, read_pairs_meta
+from lmloop.data.sources import SourceSpec, iter_pairs
 from lmloop.errors import UserError
-from lmloop.shards import open_pairs, read_pairs_meta
-from lmloop.sources import SourceSpec, iter_pairs
 from lmloop.stages.data import DataConfig, run
 from lmloop.tokenizer import Tokenizer
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lmloop.cli import main
-from lmloop.pii import PII_KINDS
-from lmloop.preprocess import normalize_text
-from lmloop.shards import open_split, read_data_meta
+from lmloop.data.pii import PII_KINDS
+from lmloop.data.preprocess import normalize_text
+from lmloop.data.shards import open_split, read_data_meta
 from lmloop.tokenizer import Tokenizer
 
 WORDS = (
@@ -145,7 +145,7 @@ def test_decontaminate_against_an_eval_set(corpus, tmp_path):
 
 
 def test_long_documents_are_cut_where_tokenization_agrees(tmp_path):
-    from lmloop.preprocess import train_bpe
+    from lmloop.data.preprocess import train_bpe
     from lmloop.stages.data import pieces
 
     rng = random.Random(1)

@@ -110,7 +110,7 @@ def _prepared_dir(root: Path, tok, texts: list[str]) -> Path:
     import numpy as np
 
     from lmloop.artifacts import make_meta, write_meta
-    from lmloop.shards import ShardWriter
+    from lmloop.data.shards import ShardWriter
 
     root.mkdir(parents=True)
     tok.save(root / "tokenizer")

@@ -1,4 +1,8 @@
-"""Enforce the layering in STYLE.md by walking the package's imports (static, via ast)."""
+"""Enforce the layering in docs/architecture.md by walking the package's imports (static, via ast).
+
+Lazy imports inside functions count too: a torch-free module that imports torch in one function
+is not torch-free.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,21 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lmloop"
-FOUNDATION = {
-    "errors",
-    "config",
-    "artifacts",
-    "log",
-    "cli",
-    "store",
-    "registry",
-    "feedback_api",
-    "pii",
-}
+# The only modules at the top of the package: the foundation and the core. Anything else belongs
+# in a folder of its layer (data/, feedback/, models/, engine/, training/, server/, stages/).
+TOP_LEVEL = {
+    "__init__", "artifacts", "cli", "config", "errors", "log", "registry", "sampling",  # foundation
+    "modelio", "modelspec", "perplexity", "tokenizer",  # core
+}  # fmt: skip
+# Never import torch, transformers or the layers that do: `lmloop --help`, config validation, the
+# data pipeline and the feedback store stay fast and light.
+TORCH_FREE = (
+    "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
+    "lmloop.registry", "lmloop.modelspec", "lmloop.data.sources", "lmloop.data.preprocess",
+    "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
+)  # fmt: skip
+HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.modelio",
+         "lmloop.training", "lmloop.data.synthetic")  # fmt: skip
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 
@@ -40,13 +48,23 @@ def _modules():
         yield ".".join(p for p in rel.parts if p != "__init__"), f
 
 
-def test_foundation_never_imports_torch():
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_top_level_holds_only_the_foundation_and_the_core():
+    flat = {f.stem for f in PKG.glob("*.py")}
+    assert flat == TOP_LEVEL, f"put {sorted(flat - TOP_LEVEL)} in the folder of its layer"
+
+
+def test_torch_free_layers_never_import_torch_or_the_model_layers():
+    checked = set()
     for name, f in _modules():
-        if name.split(".")[-1] in FOUNDATION and name.count(".") == 1:
+        if _within(name, TORCH_FREE):
+            checked.add(name)
             for mod, _ in _imports(f):
-                assert not mod.startswith(("torch", "transformers")), f"{name} imports {mod}"
-                heavy = ("lmloop.models", "lmloop.engine", "lmloop.modelio", "lmloop.training")
-                assert not mod.startswith(heavy), f"foundation module {name} imports {mod}"
+                assert not _within(mod, HEAVY), f"torch-free module {name} imports {mod}"
+    assert {"lmloop.data.sources", "lmloop.feedback.store", "lmloop.cli"} <= checked
 
 
 def _stage(module: str) -> str:
@@ -71,3 +89,11 @@ def test_lower_layers_never_import_stages_or_cli():
             continue
         for mod, _ in _imports(f):
             assert not mod.startswith(("lmloop.stages", "lmloop.cli")), f"{name} imports {mod}"
+
+
+def test_only_stages_import_the_server():
+    for name, f in _modules():
+        if _within(name, ("lmloop.server", "lmloop.stages", "lmloop.cli")):
+            continue
+        for mod, _ in _imports(f):
+            assert not _within(mod, ("lmloop.server",)), f"{name} imports {mod}"

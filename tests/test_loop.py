@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from lmloop.cli import main
+from lmloop.feedback.store import FeedbackStore
 from lmloop.stages.loop import GateSpec, bootstrap_interval, decide
-from lmloop.store import FeedbackStore
 
 WORDS = (
     "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park "
@@ -147,7 +147,7 @@ def world(tmp_path_factory):
                  "eval.every=10", "eval.batches=2", "plot=false", "optim.lr=3e-3",
                  "schedule.warmup_steps=2"]) == 0  # fmt: skip
     assert main(["models", "register", "demo", str(run), "--promote"]) == 0
-    from lmloop.sources import SourceSpec, iter_documents
+    from lmloop.data.sources import SourceSpec, iter_documents
 
     val = list(iter_documents(SourceSpec(path=str(data), hf_split="val")))
     yield {"root": root, "data": data, "run": run, "val": val}

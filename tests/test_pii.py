@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmloop.pii import PII_KINDS, find_pii, iban_valid, luhn_valid, scrub_pii
+from lmloop.data.pii import PII_KINDS, find_pii, iban_valid, luhn_valid, scrub_pii
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES_DIR = ROOT / "tests" / "data" / "pii"

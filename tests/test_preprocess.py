@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from lmloop.preprocess import (
+from lmloop.data.preprocess import (
     NearDedup,
     assign_split,
     clean_batch,

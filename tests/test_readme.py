@@ -102,7 +102,7 @@ def _close(a: float, b: float, rel: float = 1e-6) -> bool:
 
 @check("lmloop data")
 def _data(tmp: Path, done) -> None:
-    from lmloop.shards import open_split, read_data_meta
+    from lmloop.data.shards import open_split, read_data_meta
     from lmloop.tokenizer import Tokenizer
 
     d = tmp / "data" / "mine"

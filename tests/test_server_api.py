@@ -18,7 +18,7 @@ import openai
 import pytest
 from test_server_kit import Server, make_tiny_model
 
-from lmloop.store import FeedbackStore
+from lmloop.feedback.store import FeedbackStore
 from lmloop.tokenizer import Tokenizer
 
 KEY = "sk-test-0123456789"

@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from lmloop.feedback.store import FeedbackStore
 from lmloop.server.errors import install_error_handlers
 from lmloop.server.feedback import feedback_router
-from lmloop.store import FeedbackStore
 
 MSGS = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -169,7 +169,7 @@ import socket, sys, uvicorn
 from fastapi import FastAPI
 from lmloop.server.errors import install_error_handlers
 from lmloop.server.feedback import feedback_router
-from lmloop.store import FeedbackStore
+from lmloop.feedback.store import FeedbackStore
 store = FeedbackStore(sys.argv[1])
 app = FastAPI()
 install_error_handlers(app)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmloop.errors import UserError
-from lmloop.shards import (
+from lmloop.data.shards import (
     HEADER_SIZE,
     MAGIC,
     ShardWriter,
@@ -15,6 +14,7 @@ from lmloop.shards import (
     pack_header,
     read_header,
 )
+from lmloop.errors import UserError
 
 
 def test_dtype_for_vocab():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from lmloop.data.sources import SourceSpec, iter_documents, wikitext_articles
 from lmloop.errors import UserError
-from lmloop.sources import SourceSpec, iter_documents, wikitext_articles
 
 
 def test_text_file_modes(tmp_path):
@@ -149,7 +149,7 @@ def test_spec_parsing_and_bad_inputs(tmp_path):
 
 
 def test_streaming_blocks_give_the_same_documents(tmp_path, monkeypatch):
-    import lmloop.sources as sources
+    import lmloop.data.sources as sources
 
     f = tmp_path / "p.txt"
     paras = [f"para {i} line one\nline two of {i}" for i in range(30)]

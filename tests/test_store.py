@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmloop.errors import UserError
-from lmloop.store import (
+from lmloop.feedback.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     FeedbackStore,
@@ -257,7 +257,7 @@ def test_many_threads_share_one_store(tmp_path):
 
 WRITER = r"""
 import sys
-from lmloop.store import FeedbackStore
+from lmloop.feedback.store import FeedbackStore
 store = FeedbackStore(sys.argv[1])
 for j in range(300):
     store.add_feedback(sys.argv[2], rating=1 + j % 5)

@@ -60,9 +60,9 @@ def tok():
 
 
 def make_data_dir(path: Path, tok, *, train_docs: int = 300, val_docs: int = 40) -> Path:
-    """A prepared data dir in the DATA stage's format, built through lmloop.shards."""
-    from lmloop import shards
+    """A prepared data dir in the DATA stage's format, built through lmloop.data.shards."""
     from lmloop.artifacts import make_meta, write_meta
+    from lmloop.data import shards
 
     path.mkdir(parents=True)
     tok.save(path / "tokenizer")

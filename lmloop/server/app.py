@@ -113,7 +113,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.db is not None:
-            from lmloop.store import FeedbackStore
+            from lmloop.feedback.store import FeedbackStore
 
             state.store = FeedbackStore(settings.db)
         state.tasks.append(asyncio.create_task(_load(state)))

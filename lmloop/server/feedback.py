@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from lmloop.errors import UserError
+from lmloop.feedback.store import FeedbackStore, InvalidFeedback, UnknownResponse
 from lmloop.server.errors import APIError
 from lmloop.server.protocol import json_kind, read_json_body
-from lmloop.store import FeedbackStore, InvalidFeedback, UnknownResponse
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
     lmloop data --source corpus/ --out data/mine
     lmloop data configs/data/shared-corpus.yaml --out data/shared --tokenizer smollm2-135m-instruct
 
-Pipeline (each step is a function over a batch in `lmloop.preprocess`):
-read (`lmloop.sources`) -> clean (NFC, control characters, whitespace, length) -> PII scrub
+Pipeline (each step is a function over a batch in `lmloop.data.preprocess`):
+read (`lmloop.data.sources`) -> clean (NFC, control characters, whitespace, length) -> PII scrub
 (optional) -> exact dedup -> near dedup (MinHash LSH) -> deterministic split by document hash
 -> source weights (mixing) -> decontaminate train against the eval split (13-gram overlap)
 -> tokenize (the `tokenizers` library's batch encoder, on both cores, overlapped with the Python
-work) -> pack into binary shards (`lmloop.shards`), EOS between documents.
+work) -> pack into binary shards (`lmloop.data.shards`), EOS between documents.
 
 With `--input-field IN --target-field OUT` it prepares input/target pairs for seq2seq models
 instead (`lmloop.stages.data_pairs`: the same recipe on the pair, two shard streams per split).
@@ -40,10 +40,8 @@ import numpy as np
 from lmloop import __version__
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
 from lmloop.config import param, to_dict
-from lmloop.errors import UserError
-from lmloop.log import progress
-from lmloop.pii import PII_KINDS, scrub_batch
-from lmloop.preprocess import (
+from lmloop.data.pii import PII_KINDS, scrub_batch
+from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
     assign_split,
@@ -58,9 +56,11 @@ from lmloop.preprocess import (
     sorted_unique,
     train_bpe,
 )
-from lmloop.shards import FORMAT_VERSION, SCHEMA, SPLITS, ShardWriter, dtype_for_vocab
-from lmloop.sources import SourceSpec, fingerprint, iter_documents
-from lmloop.synthetic import teacher_documents
+from lmloop.data.shards import FORMAT_VERSION, SCHEMA, SPLITS, ShardWriter, dtype_for_vocab
+from lmloop.data.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.data.synthetic import teacher_documents
+from lmloop.errors import UserError
+from lmloop.log import progress
 from lmloop.tokenizer import ENDOFTEXT, Tokenizer
 
 log = logging.getLogger(__name__)

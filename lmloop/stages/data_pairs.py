@@ -2,7 +2,7 @@
 
     lmloop data --source pairs.jsonl --input-field question --target-field answer --out data/qa
 
-The data stage's recipe, applied to the pair: read (`lmloop.sources.iter_pairs`: JSONL, JSON,
+The data stage's recipe, applied to the pair: read (`lmloop.data.sources.iter_pairs`: JSONL, JSON,
 CSV/TSV, parquet or a Hugging Face dataset, two fields named by the user) -> clean each side
 (the same normalization; a pair with an empty side is dropped, `min_chars` applies to the input,
 `max_chars` to both sides) -> PII scrub (optional, both sides) -> exact dedup on the pair (input
@@ -10,7 +10,7 @@ and target hashed together, so one input with two different targets keeps both) 
 (MinHash over input and target joined) -> split by the pair's hash -> decontaminate train pairs
 that share a 13-gram with any val/test input or target (or a `decontaminate_with` set) -> train
 a BPE on both sides of train when no tokenizer is given -> two shard streams per split
-(`lmloop.shards`, schema `lmloop.pairs`): `train-input-*.bin` and `train-target-*.bin`, EOS after
+(`lmloop.data.shards`, schema `lmloop.pairs`): `train-input-*.bin` and `train-target-*.bin`, EOS after
 each side. The report counts pairs and tokens per split and plots both sides' length histograms.
 
 Kept pairs are held in memory until val/test are known (decontamination needs them first): fine
@@ -31,10 +31,8 @@ import numpy as np
 
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, write_meta
 from lmloop.config import to_dict
-from lmloop.errors import UserError
-from lmloop.log import progress
-from lmloop.pii import PII_KINDS, scrub_batch
-from lmloop.preprocess import (
+from lmloop.data.pii import PII_KINDS, scrub_batch
+from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
     assign_split,
@@ -46,7 +44,7 @@ from lmloop.preprocess import (
     sorted_unique,
     train_bpe,
 )
-from lmloop.shards import (
+from lmloop.data.shards import (
     PAIRS_FORMAT_VERSION,
     PAIRS_SCHEMA,
     SIDES,
@@ -54,7 +52,9 @@ from lmloop.shards import (
     ShardWriter,
     dtype_for_vocab,
 )
-from lmloop.sources import iter_pairs
+from lmloop.data.sources import iter_pairs
+from lmloop.errors import UserError
+from lmloop.log import progress
 from lmloop.stages.data import (
     EXECUTION_FIELDS,
     DataConfig,
@@ -162,7 +162,7 @@ def _decontaminate(cfg: DataConfig, pairs: list[_Pair], stats: _Stats) -> list[_
     """Drop train pairs sharing an n-gram (either side) with a val/test pair or an eval set."""
     if not cfg.decontaminate:
         return pairs
-    from lmloop.sources import iter_documents
+    from lmloop.data.sources import iter_documents
 
     cache = WordHashes()
     parts = [

@@ -51,7 +51,7 @@ except ImportError:  # an extra: say how to get it, in one line
         "engine=ray needs Ray, which is not installed",
         hint="pip install 'lmloop[ray]', or drop --engine ray to run in one process",
     ) from None
-from lmloop.preprocess import (
+from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
     doc_key,
@@ -60,8 +60,9 @@ from lmloop.preprocess import (
     sorted_unique,
     train_bpe,
 )
-from lmloop.shards import SPLITS
-from lmloop.sources import RemoteFile, iter_documents, source_files
+from lmloop.data.shards import SPLITS
+from lmloop.data.sources import RemoteFile, iter_documents, source_files
+from lmloop.data.synthetic import teacher_documents
 from lmloop.stages.data import (
     DataConfig,
     _Doc,
@@ -79,7 +80,6 @@ from lmloop.stages.data import (
     place,
     source_info,
 )
-from lmloop.synthetic import teacher_documents
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

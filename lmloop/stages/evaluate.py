@@ -6,7 +6,7 @@
 
 `eval` loads any model `lmloop.modelio.load_model` can (lmloop checkpoints, train run dirs,
 Hugging Face folders, GGUF files, installed short names), reads documents from any source
-`lmloop.sources.iter_documents` can, or from a prepared data dir (`lmloop data` output: the
+`lmloop.data.sources.iter_documents` can, or from a prepared data dir (`lmloop data` output: the
 split's token shards are scored as stored and decoded for word and byte counts). It prints a
 markdown summary, and with `--out` writes `report.json` (figures + the whole protocol),
 `report.md` and `meta.json` (schema "lmloop.eval"). The scoring itself is `lmloop.perplexity`.
@@ -104,7 +104,7 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
     """(token docs, decoded texts, input hash) of a prepared split, split at EOS."""
     import numpy as np
 
-    from lmloop.shards import open_split, read_data_meta
+    from lmloop.data.shards import open_split, read_data_meta
     from lmloop.tokenizer import Tokenizer
 
     meta = read_data_meta(data_dir)
@@ -139,8 +139,8 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
 
 def read_texts(source: str, limit: int | None) -> list[str]:
     """Documents of a text source (empty ones dropped), at most `limit`."""
-    from lmloop.sources import iter_documents
-    from lmloop.synthetic import teacher_documents
+    from lmloop.data.sources import iter_documents
+    from lmloop.data.synthetic import teacher_documents
 
     out: list[str] = []
     for doc in iter_documents(source, teacher=teacher_documents):

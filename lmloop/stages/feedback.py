@@ -21,7 +21,7 @@ uses plain completions. Every record carries `"model_version"`: the version that
 answer (for a DPO pair, the rejected one). Filters: `--since` uses only feedback given at or
 after that time; `--model-version` (repeatable) only answers from those versions;
 `--min-rating N` only answers whose latest rating is N or more (unrated answers are dropped).
-Text is PII-scrubbed with `lmloop.pii.scrub_pii`, records are deduplicated, and each
+Text is PII-scrubbed with `lmloop.data.pii.scrub_pii`, records are deduplicated, and each
 conversation (keyed by its opening messages) goes wholly to train or to held-out, chosen by a
 hash of the conversation so the split is the same on every run.
 """
@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 from lmloop.artifacts import atomic_write, make_meta, sha256_file, write_json
 from lmloop.config import param
+from lmloop.data.pii import PII_KINDS, scrub_pii
 from lmloop.errors import UserError
-from lmloop.pii import PII_KINDS, scrub_pii
-from lmloop.store import FeedbackStore, parse_time
+from lmloop.feedback.store import FeedbackStore, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class ExportConfig:
     model_version: list[str] = param([], "only answers from these model versions (repeatable)")
     min_rating: int | None = param(None, "only answers whose latest rating is at least this")
     heldout_fraction: float = param(0.1, "share of conversations held out (by conversation hash)")
-    scrub_pii: bool = param(True, "replace PII with tags (lmloop.pii: e-mail, phone, card, key...)")
+    scrub_pii: bool = param(
+        True, "replace PII with tags (lmloop.data.pii: e-mail, phone, card, key...)"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -482,7 +484,7 @@ def heldout_assignment(
     estimated Jaccard >= `threshold`), and records teaching the same answer are joined into one
     group (union-find); each group goes wholly to one side, by a hash of its smallest
     conversation id."""
-    from lmloop.preprocess import NearDedup
+    from lmloop.data.preprocess import NearDedup
 
     parent = list(range(len(items)))
 

@@ -328,7 +328,7 @@ def _export(cfg: LoopConfig, cycle: Path) -> dict[str, Any]:
 
 
 def _base_docs(base_data: str, split: str, limit: int | None = None) -> list[str]:
-    from lmloop.sources import SourceSpec, iter_documents
+    from lmloop.data.sources import SourceSpec, iter_documents
 
     out = []
     for doc in iter_documents(SourceSpec(path=base_data, hf_split=split)):
@@ -358,7 +358,7 @@ def _prepare(cfg: LoopConfig, cycle: Path, exported: dict[str, Any], base_meta: 
     """
     import numpy as np
 
-    from lmloop.preprocess import (
+    from lmloop.data.preprocess import (
         WordHashes,
         doc_key,
         is_contaminated,
@@ -456,8 +456,8 @@ def _context_length(spec: str) -> int | None:
 def _text_train(cfg: LoopConfig, cycle: Path, prepared: dict, base_meta: dict, init: str) -> str:
     """The earlier recipe: base sources + feedback text -> `lmloop data` -> continued pretraining."""
     from lmloop.config import build
+    from lmloop.data.sources import SourceSpec
     from lmloop.modelspec import run_checkpoint
-    from lmloop.sources import SourceSpec
     from lmloop.stages import data as data_stage
     from lmloop.stages import train as train_stage
 

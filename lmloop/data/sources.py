@@ -22,9 +22,9 @@ command-line form `PATH[::key=value,key=value]`, e.g. `data/*.jsonl::field=body,
 Invalid UTF-8 is replaced and counted in `stats["invalid_utf8"]`, or fails with the file and
 byte offset under `strict_utf8=True`. This module never imports torch and never runs a model:
 a `synthetic:TEACHER` source is described here (kind, fingerprint) but written by the caller's
-`teacher` (`lmloop.synthetic.teacher_documents`, passed by the stages that may run one).
+`teacher` (`lmloop.data.synthetic.teacher_documents`, passed by the stages that may run one).
 
-    python -c "from lmloop.sources import iter_documents; print(next(iter_documents('a.txt')))"
+    python -c "from lmloop.data.sources import iter_documents; print(next(iter_documents('a.txt')))"
 """
 
 from __future__ import annotations
@@ -676,7 +676,7 @@ def _data_dir_docs(spec: SourceSpec) -> Iterator[str]:
     import numpy as np
 
     from lmloop.artifacts import read_meta
-    from lmloop.shards import open_split
+    from lmloop.data.shards import open_split
     from lmloop.tokenizer import Tokenizer
 
     d = Path(spec.path).expanduser()

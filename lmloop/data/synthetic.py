@@ -7,7 +7,7 @@ place, an object and a theme chosen by a seeded RNG; generation is batched on lm
 and cached (keyed by the teacher's weights hash and every generation setting), so a second run
 reads the cache instead of generating.
 
-    from lmloop.synthetic import synthetic_stories
+    from lmloop.data.synthetic import synthetic_stories
     texts = synthetic_stories(n=200)
 """
 
@@ -120,7 +120,7 @@ def synthetic_stories(
 
 def teacher_documents(spec: Any) -> list[str]:
     """The documents of a `synthetic:TEACHER::count=N,tokens=M` source (a `SourceSpec`): the
-    `teacher` that `lmloop.sources.iter_documents` is handed by the stages that may run one."""
+    `teacher` that `lmloop.data.sources.iter_documents` is handed by the stages that may run one."""
     return synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)
 
 

@@ -1,7 +1,7 @@
 """Preprocessing steps, each a function over a batch of documents with its state passed in.
 
 The data stage chains them: `clean_batch` (Unicode NFC, control characters, whitespace, length
-limits) -> `lmloop.pii.scrub_batch` (optional) -> `exact_dedup` (hash of normalized text) ->
+limits) -> `lmloop.data.pii.scrub_batch` (optional) -> `exact_dedup` (hash of normalized text) ->
 `NearDedup.filter` (MinHash LSH) -> `assign_split` (deterministic, by document hash) -> `is_contaminated` (long
 n-gram overlap with the evaluation split, as in GPT-3, Brown et al. 2020, appendix C).
 No step keeps hidden global state: whatever a step remembers (the hashes seen, the LSH index)
