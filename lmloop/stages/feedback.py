@@ -460,6 +460,11 @@ def _prompt_text(rec: dict[str, Any]) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
+def _bigrams(text: str) -> set[tuple[str, ...]]:
+    words = text.split()
+    return set(zip(words, words[1:])) if len(words) > 1 else {tuple(words)}
+
+
 def _preferred_answer(rec: dict[str, Any]) -> str | None:
     """The answer a record teaches (SFT answer, DPO chosen, KTO desirable completion): what a
     model could memorise. Rejected answers are not keys: a weak model often repeats one."""
@@ -480,10 +485,10 @@ def heldout_assignment(
 ) -> tuple[list[bool], int]:
     """Held out or not, per (conversation id, record), so that the held-out side shares nothing
     with the training side: records of one conversation, records whose prompts are near
-    duplicates (MinHash LSH on word bigrams of the lowercased prompt, candidates confirmed by an
-    estimated Jaccard >= `threshold`), and records teaching the same answer are joined into one
-    group (union-find); each group goes wholly to one side, by a hash of its smallest
-    conversation id."""
+    duplicates (MinHash LSH on word bigrams of the lowercased prompt, candidates confirmed by the
+    exact Jaccard of their bigram sets >= `threshold`), and records teaching the same answer are
+    joined into one group (union-find); each group goes wholly to one side, by a hash of its
+    smallest conversation id."""
     from lmloop.data.preprocess import NearDedup
 
     parent = list(range(len(items)))
@@ -518,8 +523,10 @@ def heldout_assignment(
             bucket = buckets.setdefault((band, key), [])
             near.update(bucket)
             bucket.append(i)
-        for j in near:  # LSH proposes; the signatures' agreement (est. Jaccard) decides
-            if (sigs[_prompt_text(items[j][1])] == sig).mean() >= threshold:
+        mine = _bigrams(prompt)
+        for j in near:  # LSH proposes; the exact Jaccard of the word bigrams decides
+            theirs = _bigrams(_prompt_text(items[j][1]))
+            if len(mine & theirs) >= threshold * len(mine | theirs):
                 parent[find(i)] = find(j)
     groups: dict[int, str] = {}
     for i, (conv, _) in enumerate(items):
