@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmloop.errors import UserError
+from lmloop.models.base import ModelConfig
 from lmloop.models.cache import KVCache, padding_mask
 from lmloop.models.gpt import sinusoidal_table
 from lmloop.models.llama import RMSNorm
@@ -48,7 +49,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_new, "silu": F.s
 
 
 @dataclass(frozen=True)
-class Seq2SeqConfig:
+class Seq2SeqConfig(ModelConfig):
     vocab_size: int = 8192
     d_model: int = 256
     d_kv: int = 64  # per-head size; T5 does not tie it to d_model / num_heads
@@ -97,6 +98,55 @@ class Seq2SeqConfig:
     @property
     def inner(self) -> int:
         return self.num_heads * self.d_kv
+
+    @property
+    def d_attn(self) -> int:
+        return self.inner
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        d, inner, ff = self.d_model, self.inner, self.d_ff
+        attn = 4 * d * inner
+        mlp = (3 if self.gated else 2) * d * ff
+        rel = self.relative_attention_num_buckets * self.num_heads
+        rel = rel if self.positions == "relative" else 0
+        enc = self.num_layers * (attn + mlp + 2 * d) + d + rel  # 2 norms a block, final norm
+        dec = self.decoder_layers * (2 * attn + mlp + 3 * d) + d + rel
+        if non_embedding:
+            return enc + dec
+        return enc + dec + self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Per target token, with the input as long as the target: 6 x matmul params (both
+        stacks and the head) + attention (encoder self, decoder self and cross: PaLM's 12 *
+        layers * d_attn * seq_len per attention)."""
+        matmul = self.num_params(non_embedding=True) + self.vocab_size * self.d_model
+        n_attn = self.num_layers + 2 * self.decoder_layers
+        return 6.0 * matmul + 12.0 * n_attn * self.d_attn * seq_len
+
+    @classmethod
+    def from_spec(cls, spec, vocab_size, max_seq_len, bos, eos) -> Seq2SeqConfig:
+        if spec.positions not in ("relative", "sinusoidal"):
+            raise UserError(
+                f"model.positions '{spec.positions}' for seq2seq: expected relative (T5) or "
+                "sinusoidal"
+            )
+        start = bos if bos is not None else (eos if eos is not None else 0)
+        return cls(
+            vocab_size=vocab_size,
+            d_model=spec.hidden_size,
+            d_kv=spec.hidden_size // spec.num_heads,
+            d_ff=spec.intermediate_size or 64 * math.ceil(8 * spec.hidden_size / 3 / 64),
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            positions=spec.positions,
+            max_position_embeddings=max_seq_len,
+            tie_word_embeddings=spec.tie_word_embeddings,
+            scale_decoder_outputs=spec.tie_word_embeddings,
+            pad_token_id=start,  # T5's convention: decoding starts from the pad token
+            decoder_start_token_id=start,
+            eos_token_id=eos,
+            bos_token_id=bos,
+        )
 
 
 def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -400,9 +450,15 @@ class Seq2Seq(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, S)
-        decoder_input_ids: torch.Tensor,  # (B, T): decoder_start_token_id, then target[:-1]
+        decoder_input_ids: torch.Tensor | None = None,  # (B, T): start token, then target[:-1]
         input_mask: torch.Tensor | None = None,  # (B, S) False for padding
-    ) -> torch.Tensor:  # logits (B, T, V)
+        labels: torch.Tensor | None = None,  # (B, T) target, -100 ignored: teacher forcing
+    ) -> torch.Tensor:  # logits (B, T, V), position t predicting target[t]
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("forward needs decoder_input_ids or labels")
+            c = self.config
+            decoder_input_ids = shift_right(labels, c.decoder_start_token_id, c.pad_token_id)
         enc, mask = self.encode(input_ids, input_mask)
         return self.decode(decoder_input_ids, enc, mask)
 

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: Literal["llama", "gpt"] = param("llama", "model family for a run from scratch")
+    family: Literal["llama", "gpt", "seq2seq"] = param(
+        "llama", "model family for a run from scratch (seq2seq: T5 encoder-decoder, on pairs)"
+    )
     vocab_size: int | None = param(None, "vocabulary size; None: the tokenizer's")
     hidden_size: int = param(256, "width of the residual stream")
     num_layers: int = param(4, "number of Transformer blocks")
@@ -54,7 +56,9 @@ class ModelSpec:
     )
     max_seq_len: int | None = param(None, "longest context the model accepts; None: batch.seq_len")
     tie_word_embeddings: bool = param(True, "share the input embedding with the output layer")
-    positions: Literal["sinusoidal", "learned"] = param("sinusoidal", "gpt position encoding")
+    positions: Literal["sinusoidal", "learned", "relative"] = param(
+        "sinusoidal", "position encoding: gpt sinusoidal|learned, seq2seq relative (T5)|sinusoidal"
+    )
     rope_theta: float = param(10000.0, "rotary base (llama)")
 
 
@@ -160,10 +164,11 @@ class LoraSpec:
 class TrainConfig:
     data: str = param("", "a prepared data dir (`lmloop data`) or an SFT .jsonl file")
     out: str = param("", "the run dir: checkpoints/, metrics.jsonl, meta.json, curves.png")
-    task: Literal["auto", "pretrain", "sft", "dpo", "kto"] = param(
+    task: Literal["auto", "pretrain", "sft", "dpo", "kto", "seq2seq"] = param(
         "auto",
         "pretrain on token shards; sft on chat records; dpo on prompt/chosen/rejected pairs; "
-        "kto on prompt/completion/label records; auto: by --data",
+        "kto on prompt/completion/label records; seq2seq on paired shards (encoder-decoder); "
+        "auto: by --data",
     )
     init_from: str | None = param(
         None, "start from a checkpoint / run dir / HF folder / .gguf / installed short name"
@@ -541,7 +546,10 @@ def _task(cfg: TrainConfig) -> str:
         from lmloop.training.preference import detect_task
 
         return detect_task(p)
-    return "pretrain"
+    from lmloop.artifacts import peek_schema
+    from lmloop.data.shards import PAIRS_SCHEMA
+
+    return "seq2seq" if p.is_dir() and peek_schema(p) == PAIRS_SCHEMA else "pretrain"
 
 
 @dataclass
@@ -576,6 +584,20 @@ def _read_data(cfg: TrainConfig, task: str) -> _Source:
             )
         train = shards.open_split(cfg.data, "train")
         val = shards.open_split(cfg.data, "val") if tokens.get("val", 0) >= 2 else None
+        return _Source(sha256_json(meta), meta, train, val, Tokenizer.load(cfg.data))
+    if task == "seq2seq":
+        from lmloop.data import shards
+        from lmloop.tokenizer import Tokenizer
+
+        if not Path(cfg.data).is_dir():
+            raise UserError(
+                f"--data {cfg.data} is not a prepared pairs dir",
+                hint="run `lmloop data ... --input-field IN --target-field OUT --out DIR` first",
+            )
+        meta = shards.read_pairs_meta(cfg.data)
+        val = shards.open_pairs(cfg.data, "val")
+        train = shards.open_pairs(cfg.data, "train")
+        val = val if len(val) else None
         return _Source(sha256_json(meta), meta, train, val, Tokenizer.load(cfg.data))
     from lmloop.training import data as td
     from lmloop.training import preference as tp
@@ -635,11 +657,26 @@ def _model_config(cfg: TrainConfig, vocab: int, eos: int | None, bos: int | None
             f"model.hidden_size {m.hidden_size} is not a multiple of model.num_heads {m.num_heads}"
         )
     seq = m.max_seq_len or cfg.batch.seq_len
+    if (m.family == "seq2seq") != (_task(cfg) == "seq2seq"):
+        raise UserError(
+            f"model.family {m.family} with task {_task(cfg)}: the seq2seq family trains on "
+            "input/target pairs (task seq2seq) and only it does",
+            hint="prepare pairs with `lmloop data --input-field IN --target-field OUT`, or "
+            "pick model.family=seq2seq",
+        )
+    if m.positions == "relative" and m.family != "seq2seq":
+        raise UserError(f"model.positions relative is the seq2seq family's; {m.family} has none")
     return FAMILIES[m.family][0].from_spec(m, vocab, seq, bos, eos)
 
 
 def _check_inputs(cfg: TrainConfig, d: _Dist, model: Any, tokenizer: Any, src: _Source) -> int:
     """Vocabularies, lengths and batch shape agree; returns the accumulation steps."""
+    if (_task(cfg) == "seq2seq") != bool(getattr(model, "is_encoder_decoder", False)):
+        raise UserError(
+            f"task {_task(cfg)} with a {model.config.family} model: input/target pairs train "
+            "encoder-decoder (seq2seq) models, and only those",
+            hint="--init-from a T5 folder or seq2seq run for pairs; token shards for the others",
+        )
     vocab = model.config.vocab_size
     if tokenizer.vocab_size > vocab:
         raise UserError(
@@ -697,6 +734,12 @@ def _objective(cfg: TrainConfig, task: str, src: _Source, tokenizer: Any) -> tup
     from lmloop.training import preference as tp
 
     mb, seq, pad_id = cfg.batch.micro_batch, cfg.batch.seq_len, td.pad_id_of(tokenizer)
+    if task == "seq2seq":
+        obj = tp.Seq2SeqObjective(src.train, pad_id, cfg.seed, seq)
+        n_val = min(len(src.val), cfg.eval.batches * mb) if src.val is not None else 0
+        val = [obj.collate([src.val[j] for j in range(i, min(i + mb, n_val))])
+               for i in range(0, n_val, mb)]  # fmt: skip
+        return obj, val, None
     if task == "pretrain":
         obj = tp.LMObjective(td.PretrainData(src.train, seq, cfg.seed))
         windows = td.val_windows(src.val, seq, cfg.eval.batches * mb) if src.val is not None else []
@@ -1140,15 +1183,15 @@ class _Forward:
                 log.warning("torch.compile unavailable (%s); running eager", e)
                 self.fn, self.tested = model, True
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, *x: Any) -> Any:  # seq2seq: (inputs, None, mask, labels)
         if self.tested:
-            return self.fn(x)
+            return self.fn(*x)
         try:
-            out = self.fn(x)
+            out = self.fn(*x)
         except Exception as e:  # noqa: BLE001 - compilation errors surface at the first call
             log.warning("torch.compile failed (%s); running eager", str(e).splitlines()[0])
             self.fn = self.model
-            out = self.fn(x)
+            out = self.fn(*x)
         self.tested = True
         return out
 

@@ -1,4 +1,5 @@
-"""Objectives of `lmloop train`: next-token loss (pretrain, SFT) and preference losses (DPO, KTO).
+"""Objectives of `lmloop train`: next-token loss (pretrain, SFT), target-token loss for
+encoder-decoder pairs (seq2seq) and preference losses (DPO, KTO).
 
 An objective turns a run's records into batches and a batch into `(loss_sum, units, stats)`: the
 training loop divides by the units summed over every micro-batch and process (tokens for the
@@ -278,6 +279,56 @@ class LMObjective:
             logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
         )
         return Step(ls, self.units(batch), {})
+
+
+class Seq2SeqObjective:
+    """Cross-entropy on the target tokens of input/target pairs (encoder-decoder models).
+
+    A batch is (inputs right-padded with `pad_id`, their mask, targets padded with IGNORE); the
+    model shifts the targets right behind its decoder start token (teacher forcing), so the
+    loss counts every target token, its EOS included, and nothing of the input.
+    """
+
+    unit = "tokens"
+
+    def __init__(self, pairs: Any, pad_id: int, seed: int, seq_len: int):
+        if len(pairs) == 0:
+            raise UserError("no input/target pairs to train on")
+        self.pairs, self.pad_id, self.seq_len = pairs, pad_id, seq_len
+        self.index = _Permuted(len(pairs), seed)
+
+    def batch(self, samples: range | list[int]) -> Any:
+        return self.collate([self.pairs[self.index(i)] for i in samples])
+
+    def collate(self, rows: list) -> Any:
+        cut = [
+            (_keep_eos(list(a), self.seq_len), _keep_eos(list(b), self.seq_len)) for a, b in rows
+        ]
+        S, T = max(len(a) for a, _ in cut), max(len(b) for _, b in cut)
+        x = torch.full((len(cut), S), self.pad_id, dtype=torch.long)
+        y = torch.full((len(cut), T), IGNORE, dtype=torch.long)
+        for r, (a, b) in enumerate(cut):
+            x[r, : len(a)], y[r, : len(b)] = torch.tensor(a), torch.tensor(b)
+        mask = torch.arange(S)[None, :] < torch.tensor([len(a) for a, _ in cut])[:, None]
+        return x, mask, y
+
+    @staticmethod
+    def units(batch: Any) -> float:
+        return float(int((batch[2] != IGNORE).sum()))
+
+    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+        x, mask, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast():
+            logits = fwd(x, None, mask, y)
+        ls = F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return Step(ls, self.units(batch), {})
+
+
+def _keep_eos(ids: list[int], n: int) -> list[int]:
+    """At most n ids; a cut sequence keeps its last (EOS) token at the end."""
+    return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
 
 
 class DPOObjective:
