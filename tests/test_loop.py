@@ -281,7 +281,8 @@ def test_loop_bad_input_fails_before_training(world, tmp_path, capsys):
     assert main(["loop", f"db={ups}", "name=demo", f"base_data={other}",
                  f"work_dir={tmp_path / 'w3'}"]) == 2  # fmt: skip
     assert "another tokenizer" in capsys.readouterr().err
-    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").glob("cycle-*/sft"))
+    for w in ("w", "w2", "w3"):  # nothing half-made is left behind
+        assert not list((tmp_path / w).glob("cycle-*")), w
 
 
 # ---- through a real server ------------------------------------------------------------------------

@@ -463,9 +463,9 @@ def _text_train(cfg: LoopConfig, cycle: Path, prepared: dict, base_meta: dict, i
 
     base = dict(base_meta.get("config") or {})
     base_cfg = build(data_stage.DataConfig, {k: v for k, v in base.items() if v is not None})
-    sources = [replace(s, weight=cfg.base_weight) for s in base_cfg.sources]
+    sources = [replace(s, weight=cfg.base_weight) for s in base_cfg.source]
     sources.append(SourceSpec(path=prepared["files"]["text"], weight=cfg.feedback_weight))
-    data = data_stage.run(replace(base_cfg, sources=sources, out=str(cycle / "text-data"),
+    data = data_stage.run(replace(base_cfg, source=sources, out=str(cycle / "text-data"),
                                   tokenizer=init, force=False))  # fmt: skip
     out = cycle / "text-run"
     child = replace(cfg.train, task="pretrain", data=str(data.out), out=str(out), init_from=init,
@@ -606,7 +606,14 @@ def run(cfg: LoopConfig) -> LoopResult:
             write_json(cycle / "state.json", state)
         return state["results"][name]
 
-    exported = step("export", lambda: _export(cfg, cycle))
+    try:
+        exported = step("export", lambda: _export(cfg, cycle))
+    except UserError:
+        if not state["done"]:  # a store with nothing to learn from leaves no half-made cycle
+            import shutil
+
+            shutil.rmtree(cycle, ignore_errors=True)
+        raise
     print(f"loop: feedback {json.dumps(exported['counts'])} ({exported['groups']} groups)",
           flush=True)  # fmt: skip
     prepared = step("prepare", lambda: _prepare(cfg, cycle, exported, base_meta))
