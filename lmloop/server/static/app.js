@@ -1,20 +1,37 @@
 // lmloop chat page: plain JavaScript, no build step. Talks to the same server's OpenAI API
 // (/v1/chat/completions, streamed) and feedback API (/v1/feedback). The conversation lives in
 // sessionStorage (this tab only); so does the API key, which is sent as a Bearer token.
+// Every answer is requested with its tokens' logprobs (top 5), kept beside the text as segments,
+// so the "shade by probability" toggle can show, at any time, where the model was unsure.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
 const STORE_MSGS = "lmloop.chat.messages";
 const STORE_KEY = "lmloop.chat.apiKey";
+const STORE_SHADE = "lmloop.chat.shade";
+const TOP_LOGPROBS = 5;
 
-let messages = load(); // [{role, content, id?, model?, version?, thumb?, corrected?, error?}]
+// [{role, content, id?, model?, version?, thumb?, corrected?, error?, segments?}]; an answer's
+// segments are [{text, logprob, tokens: [{token, logprob, top: [[token, logprob], ...]}]}], their
+// texts concatenating to `content` (see `splitTokens`).
+let messages = load();
 let controller = null; // AbortController of the generation in progress
 let modelId = null;
 
 function load() {
   try { return JSON.parse(sessionStorage.getItem(STORE_MSGS)) || []; } catch { return []; }
 }
-function save() { sessionStorage.setItem(STORE_MSGS, JSON.stringify(messages)); }
+function save() {
+  // The logprobs are the bulk of what is stored: past the tab's quota, drop the oldest ones
+  // (their answers then show as plain text) rather than lose the conversation.
+  for (;;) {
+    try { sessionStorage.setItem(STORE_MSGS, JSON.stringify(messages)); return; } catch (err) {
+      const m = messages.find((x) => x.segments);
+      if (!m) throw err;
+      delete m.segments;
+    }
+  }
+}
 
 function headers() {
   const h = { "content-type": "application/json" };
@@ -63,6 +80,7 @@ function button(label, title, onClick, cls) {
 
 function render() {
   const log = $("#log");
+  $("#tip").hidden = true;
   log.querySelectorAll(".msg").forEach((n) => n.remove());
   $("#empty").hidden = messages.length > 0;
   messages.forEach((m, i) => log.appendChild(renderMessage(m, i)));
@@ -75,7 +93,7 @@ function renderMessage(m, i) {
   wrap.dataset.index = i;
   const bubble = document.createElement("div");
   bubble.className = "bubble";
-  bubble.textContent = m.content;
+  fillBubble(bubble, m);
   wrap.appendChild(bubble);
   const meta = document.createElement("div");
   meta.className = "meta";
@@ -123,6 +141,100 @@ function renderMessage(m, i) {
   return wrap;
 }
 
+// ---- token probabilities ------------------------------------------------------------------
+const shading = () => $("#shade").checked;
+
+// The answer's text, plain or as one span per token shaded by the model's probability of it
+// (`--p`, see style.css). Plain whenever the segments do not spell the text exactly.
+function fillBubble(bubble, m) {
+  const segs = m.segments;
+  if (!shading() || !segs || segs.map((s) => s.text).join("") !== m.content) {
+    bubble.textContent = m.content;
+    return;
+  }
+  bubble.replaceChildren(...segs.map((s, k) => {
+    if (!s.tokens.length) return document.createTextNode(s.text); // text with no logprobs
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = s.text;
+    span.dataset.seg = k;
+    span.dataset.logprob = s.logprob;
+    span.dataset.tokens = s.tokens.length;
+    span.style.setProperty("--p", Math.exp(s.logprob).toFixed(4));
+    return span;
+  }));
+}
+
+// Streamed chunks pair text with the tokens that produced it, but not always one to one: the
+// server holds back a character split over several tokens, and text that may start a stop
+// string, and sends it with a later token. So tokens wait in `pending` until text comes, and
+// that text is split among them: each token takes its own decoded string where the text shows
+// it (after whitespace a decoder may drop from a lone token); from the first token it does not
+// show, the rest of the text goes, as one segment, to the rest of the tokens (the pieces of one
+// character, each alone decoding to U+FFFD: the character's probability is theirs multiplied).
+// Tokens that never bring text (the end-of-text token, a stop string) show nowhere.
+function splitTokens(text, pending) {
+  const out = [];
+  const seg = (t, toks) => ({ text: t, logprob: toks.reduce((a, x) => a + x.logprob, 0), tokens: toks });
+  let at = 0;
+  let i = 0;
+  for (; i < pending.length; i++) {
+    const t = pending[i].token;
+    if (!t) break;
+    const j = text.indexOf(t, at);
+    if (j < 0 || text.slice(at, j).trim() !== "") break;
+    out.push(seg(text.slice(at, j + t.length), [pending[i]]));
+    at = j + t.length;
+  }
+  if (at < text.length) {
+    if (i < pending.length) out.push(seg(text.slice(at), pending.slice(i)));
+    else if (out.length) out[out.length - 1].text += text.slice(at);
+    else out.push(seg(text.slice(at), []));
+  }
+  return out;
+}
+
+const compact = (c) => ({
+  token: c.token,
+  logprob: c.logprob,
+  top: (c.top_logprobs || []).map((t) => [t.token, t.logprob]),
+});
+
+const visible = (t) => t.replace(/ /g, "\u2423").replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+
+function percent(logprob) {
+  const p = 100 * Math.exp(logprob);
+  return p < 0.1 ? "<0.1%" : `${p.toFixed(1)}%`;
+}
+
+// The hover card: each token of the span, its probability, and the top alternatives.
+function showTip(span) {
+  const m = messages[span.closest(".msg").dataset.index];
+  const s = m && m.segments && m.segments[span.dataset.seg];
+  if (!s) return;
+  const tip = $("#tip");
+  tip.replaceChildren();
+  for (const tok of s.tokens) {
+    const head = document.createElement("div");
+    head.className = "tip-head";
+    head.textContent = `${visible(tok.token)}  ${percent(tok.logprob)}`;
+    const table = document.createElement("table");
+    for (const [t, lp] of tok.top) {
+      const row = table.insertRow();
+      if (t === tok.token) row.className = "chosen";
+      row.insertCell().textContent = visible(t);
+      row.insertCell().textContent = percent(lp);
+    }
+    tip.append(head, table);
+  }
+  tip.hidden = false;
+  const r = span.getBoundingClientRect();
+  const w = tip.offsetWidth;
+  const h = tip.offsetHeight;
+  tip.style.left = `${Math.max(4, Math.min(r.left, window.innerWidth - w - 4))}px`;
+  tip.style.top = `${r.bottom + h + 8 < window.innerHeight ? r.bottom + 6 : Math.max(4, r.top - h - 6)}px`;
+}
+
 // ---- generation -----------------------------------------------------------------------------
 async function generate() {
   showError("");
@@ -133,10 +245,14 @@ async function generate() {
   setBusy(true);
   render();
   const bubble = () => $("#log").lastElementChild.querySelector(".bubble");
+  answer.segments = [];
+  let pending = []; // tokens whose text has not come yet (see splitTokens)
   const body = {
     messages: history,
     stream: true,
     stream_options: { include_usage: true },
+    logprobs: true,
+    top_logprobs: TOP_LOGPROBS,
     temperature: Number($("#temperature").value),
     max_tokens: Number($("#max-tokens").value),
   };
@@ -167,9 +283,12 @@ async function generate() {
           answer.model = chunk.model;
           answer.version = chunk.model_version;
           for (const c of chunk.choices || []) {
+            if (c.logprobs && c.logprobs.content) pending.push(...c.logprobs.content.map(compact));
             if (c.delta && c.delta.content) {
               answer.content += c.delta.content;
-              bubble().textContent = answer.content;
+              answer.segments.push(...splitTokens(c.delta.content, pending));
+              pending = [];
+              fillBubble(bubble(), answer);
               $("#log").scrollTop = $("#log").scrollHeight;
             }
           }
@@ -288,6 +407,24 @@ $("#prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send($("#prompt").value); }
 });
 $("#stop").addEventListener("click", () => controller && controller.abort());
+$("#shade").checked = sessionStorage.getItem(STORE_SHADE) === "1";
+$("#shade").addEventListener("change", () => {
+  sessionStorage.setItem(STORE_SHADE, shading() ? "1" : "0");
+  $("#tip").hidden = true;
+  // the bubbles only: an edit or a correction being written stays open
+  document.querySelectorAll("#log .msg.assistant").forEach((n) => {
+    const m = messages[n.dataset.index];
+    const bubble = n.querySelector(".bubble");
+    if (m && bubble) fillBubble(bubble, m);
+  });
+});
+$("#log").addEventListener("mouseover", (e) => {
+  const span = e.target.closest && e.target.closest(".tok");
+  if (span) showTip(span);
+});
+$("#log").addEventListener("mouseout", (e) => {
+  if (e.target.closest && e.target.closest(".tok")) $("#tip").hidden = true;
+});
 $("#new-chat").addEventListener("click", () => {
   if (controller) controller.abort();
   messages = [];
