@@ -1,39 +1,108 @@
 """`lmloop quickstart` (what `make demo` runs), end to end at tiny scale.
 
-The same code path as the README's first command, with small numbers: the shipped teacher
-writes a few stories, a tiny model trains, is evaluated, served with the teacher, rated through
-the HTTP API, and one loop cycle runs and reaches a gate decision.
+The same code path as the README's first command, with small numbers: the shipped teacher writes
+a few stories, the seed's GPT trains from scratch and its best checkpoint is registered, the
+assistant (here the student itself, `assistant=student`, to stay quick) is served, simulated
+users rate it over HTTP, and one loop cycle reaches a gate decision that the running server
+follows. The gate is forced once each way (its own rules are tested in test_loop.py), so both
+paths of what the quickstart does with a decision are exercised.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from lmloop.cli import main
 
+TINY = ["stories=24", "story_tokens=40", "teacher_batch=24", "train_steps=30", "eval_every=10",
+        "vocab_size=300", "hidden_size=32", "num_layers=2", "num_heads=2", "seq_len=96",
+        "micro_batch=8", "samples=3", "sample_tokens=12", "assistant=student",
+        "conversations=8", "heldout=3", "answer_tokens=12", "sft_steps=2", "pref_steps=2"]  # fmt: skip
 
-@pytest.mark.slow
-def test_quickstart_tiny(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LMLOOP_HOME", str(tmp_path / "home"))
-    out = tmp_path / "qs"
-    rc = main(["quickstart", f"out={out}", "stories=24", "story_tokens=40", "train_steps=10",
-               "conversations=4", "answer_tokens=12", "loop_steps=3", "vocab_size=300",
-               "hidden_size=32", "num_layers=2", "seq_len=128", "micro_batch=4"])  # fmt: skip
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("qs") / "qs"
+
+
+def _force_gate(monkeypatch, verdict: bool) -> None:
+    from lmloop.stages import loop as loop_stage
+
+    real = loop_stage.decide
+
+    def decide(figures, gate):
+        _, why = real(figures, gate)
+        return verdict, f"forced {verdict} by the test; {why}"
+
+    monkeypatch.setattr(loop_stage, "decide", decide)
+
+
+def _run(out, capsys) -> str:
+    rc = main(["quickstart", f"out={out}", *TINY])
     printed = capsys.readouterr().out
     assert rc == 0, printed[-3000:]
-    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    return printed
+
+
+@pytest.mark.slow
+def test_quickstart_promoted_path(out, monkeypatch, capsys):
+    from lmloop.artifacts import sha256_tree
+    from lmloop.modelspec import run_checkpoint
+    from lmloop.registry import Registry
+
+    monkeypatch.setenv("LMLOOP_HOME", str(out.parent / "home"))  # the teacher's corpus cache
+    _force_gate(monkeypatch, True)
+    printed = _run(out, capsys)
+    for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in printed
-    assert "Once upon a time" in printed
-    assert "loop: gate:" in printed
-    assert (out / "run" / "curves.png").stat().st_size > 1000
-    report = json.loads((out / "eval" / "report.json").read_text())
-    assert report["token_perplexity"] > 1
+
+    # the best checkpoint by validation loss is the one registered
+    run = out / "run"
+    meta = json.loads((run / "meta.json").read_text())
+    evals = [c for c in meta["checkpoints"] if c["val_loss"] is not None]
+    best = min(evals, key=lambda c: c["val_loss"])
+    assert run_checkpoint(run).name == best["name"]
+    registry = Registry(out / "home" / "registry")
+    _, registered = registry.current("stories")
+    assert sha256_tree(registered) == sha256_tree(run / "checkpoints" / best["name"])
+    assert (run / "curves.png").stat().st_size > 10_000
+
+    # continuation quality is measured and printed
+    quality = json.loads((out / "eval" / "continuations.json").read_text())
+    assert quality["sampled_teacher_ppl"] > 1 and 0 <= quality["repeated_word_share"] <= 1
+    assert f"{quality['repeated_word_share']:.0%} of 4" in printed
+
+    # the gate's decision and its reasons are printed and saved
     decision = json.loads((out / "loop" / "cycle-1" / "decision.json").read_text())
-    assert set(decision["figures"]) == {
-        "current_base_ppl", "candidate_base_ppl", "current_feedback_loss", "candidate_feedback_loss"
-    }  # fmt: skip
-    data_meta = json.loads((out / "data" / "meta.json").read_text())
-    assert data_meta["splits"]["train"]["documents"] >= 10  # stories the teacher wrote
-    assert "a training story:" in printed
+    assert decision["promote"] and decision["reason"].startswith("forced True")
+    assert f"why: {decision['reason']}" in printed
+    for key in ("current_base_ppl", "candidate_base_ppl", "pairs", "rule"):
+        assert key in decision["figures"]
+
+    # the served version after the loop is the promoted one; before/after from different versions
+    summary = json.loads((out / "summary.json").read_text())
+    version = registry.current("assistant")[0]
+    assert summary["promoted"] and version == summary["version"] == "v2"
+    assert {v for _, _, v in summary["before"]} == {"v1"}
+    assert {v for _, _, v in summary["after"]} == {"v2"}
+    assert "hot-reloaded: assistant v1 -> v2" in printed
+    assert re.search(r"LMLOOP_HOME=\S+ lmloop serve --model registry:assistant", printed)
+
+
+@pytest.mark.slow
+def test_quickstart_refused_path_reuses_its_caches(out, monkeypatch, capsys):
+    from lmloop.registry import Registry
+
+    monkeypatch.setenv("LMLOOP_HOME", str(out.parent / "home"))
+    _force_gate(monkeypatch, False)
+    printed = _run(out, capsys)
+    assert "reusing 24 stories" in printed and f"reusing {out / 'run'}" in printed
+    decision = json.loads((out / "loop" / "cycle-2" / "decision.json").read_text())
+    assert not decision["promote"] and f"why: {decision['reason']}" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["promoted"]
+    assert Registry(out / "home" / "registry").current("assistant")[0] == "v1"  # a fresh start
+    assert {v for _, _, v in summary["after"]} == {"v1"}

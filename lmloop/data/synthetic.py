@@ -71,8 +71,14 @@ def synthetic_stories(
     batch: int = 16,
     int8: bool = True,
     cache: bool = True,
+    report: dict | None = None,
 ) -> list[str]:
-    """Generate (or read from the cache) `n` stories from `teacher`, one document each."""
+    """Generate (or read from the cache) `n` stories from `teacher`, one document each.
+
+    `report`, when given, receives `tokens` written, `seconds`, `tokens_per_s`, `width` (the
+    engine's batch) and `cached`."""
+    import time
+
     from lmloop.engine import SamplingParams, load_engine
     from lmloop.log import progress
 
@@ -95,7 +101,11 @@ def synthetic_stories(
     if cache and path.exists():
         log.info("synthetic corpus: reusing %s", path)
         engine.stop()
+        if report is not None:
+            report.update(cached=True, path=str(path))
         return [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()]
+    t0 = time.perf_counter()
+    written = 0
     tok = loaded.tokenizer
     engine.start()
     try:
@@ -108,10 +118,15 @@ def synthetic_stories(
             handles.append(engine.submit(tok.encode(text), params))
         stories = []
         for h in progress(handles, total=n, desc="teacher writes stories", unit="story"):
-            parts = [out.text for out in h]
-            stories.append(_clean("".join(parts)))
+            outs = list(h)
+            written += outs[-1].completion_tokens if outs else 0
+            stories.append(_clean("".join(o.text for o in outs)))
     finally:
         engine.stop()
+    if report is not None:
+        dt = time.perf_counter() - t0
+        report.update(cached=False, tokens=written, seconds=dt, tokens_per_s=written / dt,
+                      width=batch, path=str(path))  # fmt: skip
     stories = [s for s in stories if s]
     if cache:
         atomic_write(path, "".join(json.dumps({"text": s}) + "\n" for s in stories))

@@ -483,8 +483,12 @@ def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
 
     if (out / "report.json").exists():
         return float(json.loads((out / "report.json").read_text())["token_perplexity"])
+    window = cfg.eval_window
+    ctx = _context_length(model)
+    if window and ctx and window > ctx:  # a small model's context bounds the window
+        window = ctx
     ec = evaluate.EvalConfig(model=model, text=cfg.base_data, split=split, out=str(out),
-                             window=cfg.eval_window, max_documents=cfg.max_eval_documents,
+                             window=window, max_documents=cfg.max_eval_documents,
                              max_new_tokens=0, quiet=True)  # fmt: skip
     return evaluate.run(ec).token_perplexity
 
@@ -498,7 +502,7 @@ def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[s
     if not lines:
         return {"n": 0, "what": "held-out pairs"}
     pairs = read_pairs(heldout)
-    seq = cfg.train.batch.seq_len
+    seq = min(cfg.train.batch.seq_len, _context_length(cur) or cfg.train.batch.seq_len)
     scores = {}
     for who, spec in (("current", cur), ("candidate", cand)):
         loaded = load_model(spec)
