@@ -77,3 +77,11 @@ def progress(
     return iter(
         tqdm(it, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kw)
     )
+
+
+def progress_bar(*, total: int | None = None, desc: str = "", unit: str = "it", **kw: Any) -> Any:
+    """A progress bar to `update(n)` by hand (e.g. tokens as they stream); see `progress`."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kw)

@@ -70,6 +70,7 @@ def synthetic_stories(
     seed: int = 0,
     batch: int = 16,
     int8: bool = True,
+    threads: int | None = None,
     cache: bool = True,
     report: dict | None = None,
 ) -> list[str]:
@@ -80,11 +81,13 @@ def synthetic_stories(
     import time
 
     from lmloop.engine import SamplingParams, load_engine
-    from lmloop.log import progress
+    from lmloop.log import progress_bar
 
     # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
     # distribution within ~0.05 nats of fp32 (BENCHMARKS.md, Generate)
-    engine, loaded = load_engine(teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64))
+    engine, loaded = load_engine(
+        teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
+    )
     key = sha256_json(
         {
             "teacher": loaded.sha256,
@@ -117,10 +120,16 @@ def synthetic_stories(
             )
             handles.append(engine.submit(tok.encode(text), params))
         stories = []
-        for h in progress(handles, total=n, desc="teacher writes stories", unit="story"):
-            outs = list(h)
-            written += outs[-1].completion_tokens if outs else 0
-            stories.append(_clean("".join(o.text for o in outs)))
+        # counted in tokens as they stream, so the bar moves every decode step, not every story
+        bar = progress_bar(total=n * max_tokens, desc="teacher writes stories", unit="tok")
+        for h in handles:
+            parts = []
+            for out in h:
+                parts.append(out.text)
+                bar.update(len(out.token_ids))
+                written += len(out.token_ids)
+            stories.append(_clean("".join(parts)))
+        bar.close()
     finally:
         engine.stop()
     if report is not None:

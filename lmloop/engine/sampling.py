@@ -66,7 +66,12 @@ class Sampler:
             x = x.masked_fill(x < kth, float("-inf"))
         probs = torch.softmax(x, dim=-1)
         if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
+            # The nucleus almost always lies inside the 256 likeliest tokens: then topk gives the
+            # same kept set as a full sort of the vocabulary at a fraction of the cost (a 49k sort
+            # per sequence per step halved batched decode); a flatter distribution sorts it all.
+            sorted_p, idx = torch.topk(probs, min(256, probs.numel()))
+            if float(sorted_p.sum()) < p.top_p:
+                sorted_p, idx = torch.sort(probs, descending=True)
             # drop a token when the mass before it already reaches top_p (keeps at least one)
             drop = (torch.cumsum(sorted_p, 0) - sorted_p) >= p.top_p
             sorted_p[drop] = 0.0
