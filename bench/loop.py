@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=30)
     ap.add_argument("--pref-steps", type=int, default=30)
     ap.add_argument("--answer-tokens", type=int, default=80)
+    ap.add_argument("--lr", type=float, default=3e-4, help="the loop's fine-tuning learning rate")
     ap.add_argument("--skip-text", action="store_true", help="skip the text-recipe comparison")
     ap.add_argument("--skip-coin", action="store_true", help="skip the coin-flip control")
     ap.add_argument("--work", default=None, help="workspace (default: a temp dir, removed)")
@@ -167,6 +169,8 @@ def main() -> None:
                 work_dir=str(work / f"loop-{name}"), sft_steps=args.sft_steps,
                 pref_steps=args.pref_steps, max_eval_documents=60, eval_window=512,
                 gate=loop_stage.GateSpec(rule="lmloop.stages.users:complies", rule_tokens=96),
+                train=replace(loop_stage.LOOP_TRAIN,
+                              optim=replace(loop_stage.LOOP_TRAIN.optim, lr=args.lr)),
                 **kw,
             )  # fmt: skip
             t = time.monotonic()
@@ -184,6 +188,8 @@ def main() -> None:
                 "pairs": f.get("pairs"),
                 "rule": f.get("rule"),
             }
+            if args.json:  # partial figures survive an interrupted run
+                Path(args.json).write_text(json.dumps({**figures, name: out}, indent=2))
             print(f"[{name}] cycle {seconds / 60:.1f} min; promoted={res.promoted}; "
                   f"base ppl {out['base_change']:+.2%}", flush=True)  # fmt: skip
             return out

@@ -19,12 +19,25 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record, not at setup: a process
+    that swaps stderr (a test capturing output, a notebook) never gets a closed stream."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(debug: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger("lmloop")
     root.setLevel(level)
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.propagate = False
