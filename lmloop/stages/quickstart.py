@@ -21,7 +21,7 @@ Everything runs in `out/` with its own registry and feedback store (`out/home`),
 starts from the shipped model again; the corpus and, when nothing it depends on changed, the
 from-scratch run are reused.
 
-    lmloop quickstart                 # about 10 minutes on 2 CPU cores the first time
+    lmloop quickstart                 # ~26 minutes on 2 shared CPU cores (BENCHMARKS.md)
     lmloop quickstart --serve         # then keep serving the assistant (open the chat page)
 """
 
