@@ -218,6 +218,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=120)
 
+    registry.promote("assistant", "v1")  # the comparisons start from the same model
     if not args.skip_text:
         figures["text_cycle"] = cycle("text", db, recipe="text", promote=False)
     if not args.skip_coin:
