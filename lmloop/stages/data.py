@@ -612,6 +612,19 @@ class DataResult:
         return (self.meta.get("splits") or {}).get(name) or {}
 
 
+def up_to_date(out: Path, schema: str, version: int, key: str, force: bool) -> dict | None:
+    """The meta.json of an output already built from the same config and inputs, else None."""
+    if force or peek_schema(out) != schema:
+        return None
+    import json
+
+    old = json.loads((out / "meta.json").read_text())
+    if old.get("fingerprint") != key or old.get("format_version") != version:
+        return None
+    log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
+    return old
+
+
 def run(cfg: DataConfig) -> DataResult:
     _validate(cfg)
     if cfg.target_field:  # input/target pairs for sequence-to-sequence models
@@ -622,14 +635,10 @@ def run(cfg: DataConfig) -> DataResult:
     check_output(out, SCHEMA)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     key, inputs = _fingerprint(cfg, tok)
-    if not cfg.force and peek_schema(out) == SCHEMA:
-        import json
-
-        old = json.loads((out / "meta.json").read_text())
-        if old.get("fingerprint") == key and old.get("format_version") == FORMAT_VERSION:
-            log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
-            _print_summary(old, out, reused=True)
-            return DataResult(out, old, reused=True)
+    old = up_to_date(out, SCHEMA, FORMAT_VERSION, key, cfg.force)
+    if old is not None:
+        _print_summary(old, out, reused=True)
+        return DataResult(out, old, reused=True)
 
     stats = _Stats()
     if cfg.engine == "ray":  # imported only here: the one-process path never imports ray

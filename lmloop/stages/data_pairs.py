@@ -21,7 +21,6 @@ spill files. Only `lmloop.stages.data.run` imports this module.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lmloop.artifacts import atomic_dir, make_meta, peek_schema, write_meta
+from lmloop.artifacts import atomic_dir, make_meta, write_meta
 from lmloop.config import to_dict
 from lmloop.data.pii import PII_KINDS, scrub_batch
 from lmloop.data.preprocess import (
@@ -62,6 +61,7 @@ from lmloop.stages.data import (
     _fingerprint,
     check_output,
     eos_of,
+    up_to_date,
 )
 from lmloop.tokenizer import Tokenizer
 
@@ -296,12 +296,10 @@ def run_pairs(cfg: DataConfig) -> DataResult:
     check_output(out, PAIRS_SCHEMA)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     key, inputs = _fingerprint(cfg, tok)
-    if not cfg.force and peek_schema(out) == PAIRS_SCHEMA:
-        old = json.loads((out / "meta.json").read_text())
-        if old.get("fingerprint") == key and old.get("format_version") == PAIRS_FORMAT_VERSION:
-            log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
-            _summary(old, out, reused=True)
-            return DataResult(out, old, reused=True)
+    old = up_to_date(out, PAIRS_SCHEMA, PAIRS_FORMAT_VERSION, key, cfg.force)
+    if old is not None:
+        _summary(old, out, reused=True)
+        return DataResult(out, old, reused=True)
     stats = _Stats()
     pairs = _decontaminate(cfg, _collect(cfg, stats), stats)
     train = [p for p in pairs if p.split == "train"]
