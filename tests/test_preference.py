@@ -78,8 +78,8 @@ def _assert_same_grads(theirs: dict, ours: dict) -> None:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type):
+@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
+def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, sft_weight):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -93,14 +93,17 @@ def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type):
     ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
     recs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=4,
-                     beta=0.3, loss_type=[loss_type], use_cpu=True, max_length=64, bf16=False)  # fmt: skip
+                     beta=0.3, use_cpu=True, max_length=64, bf16=False,
+                     # RPO: TRL adds the chosen tokens' mean cross-entropy as a second loss
+                     loss_type=[loss_type] + ["sft"] * (sft_weight > 0),
+                     loss_weights=[1.0] + [sft_weight] * (sft_weight > 0))  # fmt: skip
     trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args,
                          train_dataset=Dataset.from_list(recs), processing_class=_hf_tok(tok))  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
     theirs = trainer.compute_loss(trainer.model, batch)
     theirs.backward()
 
-    spec = PreferenceSpec(beta=0.3, loss_type=loss_type)
+    spec = PreferenceSpec(beta=0.3, loss_type=loss_type, sft_weight=sft_weight)
     obj = DPOObjective([((0,), (0,))], 0, 0, spec, Reference(ours, ours_ref))
     x, y = _xy(batch["input_ids"], batch["completion_mask"], batch["attention_mask"])
     st = obj.step(ours, (x, y), torch.device("cpu"), torch.autograd.grad_mode.enable_grad)
@@ -239,6 +242,38 @@ def test_lora_reference_is_the_base_without_a_copy(tok):
     assert not torch.allclose(after, before)
     torch.testing.assert_close(ref.logps(x, y)[0], before.detach())
     assert ref.frozen is None
+
+
+def test_precomputed_reference_equals_the_live_one(tok):
+    """A run that revisits its pairs scores each with the reference once, up front; the loss
+    and gradients then equal those from the reference run live on every batch."""
+    from lmloop.stages.train import PreferenceSpec
+    from lmloop.training.lora import apply_lora
+    from lmloop.training.preference import DPOObjective, Reference
+
+    model, _ = apply_lora(_model_dir_model(tok), 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)  # policy != reference
+    enc = [(tok.encode(p + c), tok.encode(p + r), len(tok.encode(p))) for p, c, r in PAIRS]
+    rows = [(([*c[:-1]], [IGNORE] * (k - 1) + c[k:]), ([*r[:-1]], [IGNORE] * (k - 1) + r[k:]))
+            for c, r, k in enc]  # fmt: skip
+    spec = PreferenceSpec(beta=0.5)
+    results = []
+    for precompute in (False, True):
+        obj = DPOObjective(rows, 0, 0, spec, Reference(model, None))
+        if precompute:
+            obj.precompute_reference(chunk=3)  # chunks unlike the training batch
+        batch = obj.batch(range(4))
+        assert len(batch) == (3 if precompute else 2)
+        model.zero_grad()
+        st = obj.step(model, batch, torch.device("cpu"), torch.autograd.grad_mode.enable_grad)
+        (st.loss_sum / st.units).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((st.loss_sum.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for n in results[0][1]:
+        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-5, atol=1e-6)
 
 
 def _model_dir_model(tok):

@@ -472,6 +472,23 @@ def test_lora_trains_adapters_merges_and_resumes(tmp_path, data_dir, tok):
     assert losses(part) == losses(tmp_path / "full")
 
 
+def test_lora_on_the_last_blocks_only(tmp_path, data_dir, tok):
+    from safetensors.torch import load_file
+
+    base = _tiny_model_dir(tmp_path / "base", tok)
+    w0 = load_file(str(base / "model.safetensors"))
+    last = max(int(k.split(".")[2]) for k in w0 if k.startswith("model.layers."))
+    assert last >= 1
+    assert train("--data", str(data_dir), "--init-from", str(base), "lora.r=4",
+                 "lora.targets=q_proj,v_proj", "lora.last_layers=1", "optim.lr=2e-2",
+                 "batch.seq_len=32", "--max-steps", "2", "--out", str(tmp_path / "run")) == 0  # fmt: skip
+    w1 = load_file(str(tmp_path / "run/checkpoints/step-0000002/model.safetensors"))
+    for k in w0:
+        changed = not np.array_equal(w0[k].numpy(), w1[k].numpy())
+        want = f"layers.{last}." in k and ("q_proj" in k or "v_proj" in k)
+        assert changed == want, k
+
+
 # ---- SFT --------------------------------------------------------------------------------
 
 

@@ -140,6 +140,10 @@ class PreferenceSpec:
     label_smoothing: float = param(
         0.0, "DPO sigmoid: assumed share of flipped preference labels (conservative DPO)"
     )
+    sft_weight: float = param(
+        0.0, "DPO: weight of a cross-entropy term on the chosen answers' tokens (RPO; keeps the "
+        "preferred answers likely while their margin grows; TRL: loss_type=[sigmoid, sft])"
+    )  # fmt: skip
     desirable_weight: float = param(1.0, "KTO: weight of desirable (thumbs-up) examples")
     undesirable_weight: float = param(1.0, "KTO: weight of undesirable (thumbs-down) examples")
 
@@ -148,6 +152,8 @@ class PreferenceSpec:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ValueError("desirable_weight and undesirable_weight must be > 0")
 
@@ -158,6 +164,9 @@ class LoraSpec:
     alpha: float = param(16.0, "LoRA alpha (scale alpha / r)")
     dropout: float = param(0.0, "dropout on the LoRA input")
     targets: list[str] = param(["q_proj", "v_proj"], "names of the linear layers to adapt")
+    last_layers: int = param(
+        0, "adapt only the last N Transformer blocks (0: all): the backward pass stops below them"
+    )
 
 
 @dataclass(frozen=True)
@@ -717,7 +726,9 @@ def _apply_lora(model: Any, spec: LoraSpec) -> tuple[Any, list[str]]:
 
     targets = [t.strip() for x in spec.targets for t in x.split(",") if t.strip()]
     try:
-        model, wrapped = tl.apply_lora(model, spec.r, spec.alpha, spec.dropout, targets)
+        model, wrapped = tl.apply_lora(
+            model, spec.r, spec.alpha, spec.dropout, targets, spec.last_layers
+        )
     except ValueError:  # peft: "Target modules ... not found in the base model"
         wrapped = 0
     if wrapped == 0:
@@ -789,6 +800,9 @@ def _place(r: _Run, state: dict | None, frozen_ref: Any) -> None:
     r.opts = build_optimizers(raw, r.cfg.optim)
     if r.preference:
         r.obj.reference = tp.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
+        visits = r.cfg.max_steps * r.cfg.batch.global_batch
+        if isinstance(r.obj, tp.DPOObjective) and visits > len(r.obj.rows):
+            r.obj.precompute_reference(r.cfg.batch.micro_batch)
     r.params = [p for p in raw.parameters() if p.requires_grad]
     if d.world > 1 and not r.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP

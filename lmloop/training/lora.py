@@ -15,11 +15,25 @@ import torch
 from torch import nn
 
 
-def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]):
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str],
+               last_layers: int = 0):  # fmt: skip
+    """Adapters on the `targets` linear layers; with `last_layers` N > 0 only in the last N
+    Transformer blocks, so backpropagation stops below them (a shorter backward pass)."""
+    import re
+
     import peft
 
+    names: list[str] = list(targets)
+    if last_layers > 0:
+        block = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+        found = [(int(m.group(1)), n) for n, _ in model.named_modules()
+                 if n.rsplit(".", 1)[-1] in targets and (m := block.search(n))]  # fmt: skip
+        depth = 1 + max((i for i, _ in found), default=-1)
+        names = [n for i, n in found if i >= depth - last_layers]
+        if not names:
+            raise ValueError("no target layer in the last blocks")
     config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none"
     )
     model = peft.inject_adapter_in_model(config, model)
     wrapped = sum(1 for _ in lora_layers(model))

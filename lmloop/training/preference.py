@@ -342,6 +342,7 @@ class DPOObjective:
             raise UserError("no preference pairs left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
         self.index = _Permuted(len(rows), seed)
+        self.ref_logps: torch.Tensor | None = None
 
     @classmethod
     def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple]]:
@@ -357,18 +358,38 @@ class DPOObjective:
         return pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
 
     def batch(self, samples: range | list[int]) -> Any:
-        return self.collate([self.rows[self.index(i)] for i in samples])
+        idx = [self.index(i) for i in samples]
+        x, y = self.collate([self.rows[j] for j in idx])
+        if self.ref_logps is None:
+            return x, y
+        return x, y, torch.cat((self.ref_logps[idx, 0], self.ref_logps[idx, 1]))
+
+    def precompute_reference(self, chunk: int = 8) -> None:
+        """The reference's log-probs of every training pair, once, in index order (so a resumed
+        run gets the same numbers): a run that visits its pairs several times then runs the
+        reference model once per pair instead of once per visit."""
+        device = next(self.reference.policy.parameters()).device
+        out = []
+        for i in range(0, len(self.rows), chunk):
+            rows = self.rows[i : i + chunk]
+            x, y = (t.to(device) for t in self.collate(rows))
+            ref, _ = self.reference.logps(x, y)
+            out.append(torch.stack((ref[: len(rows)], ref[len(rows) :]), dim=1).cpu())
+        self.ref_logps = torch.cat(out)
 
     @staticmethod
     def units(batch: Any) -> float:
         return float(batch[0].shape[0] // 2)
 
     def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
+        x, y = (t.to(device, non_blocking=True) for t in batch[:2])
         with autocast():
             logits = fwd(x)
         logps, n = sequence_logps(logits, y)
-        ref, _ = self.reference.logps(x, y)
+        if len(batch) > 2:  # precomputed
+            ref = batch[2].to(device)
+        else:
+            ref, _ = self.reference.logps(x, y)
         return self.loss(logps, ref, n)
 
     def loss(self, logps: torch.Tensor, ref: torch.Tensor, n: torch.Tensor) -> Step:
@@ -386,7 +407,12 @@ class DPOObjective:
             "rewards/margin": float((rc - rr).sum()),
             "rewards/accuracy": float((rc > rr).float().sum()),
         }
-        return Step(losses.sum(), float(k), stats)
+        loss_sum = losses.sum()
+        if s.sft_weight:  # the chosen tokens' mean cross-entropy, counted once per pair
+            nll = -logps[:k].sum() / n[:k].sum().clamp(min=1)
+            loss_sum = loss_sum + s.sft_weight * k * nll
+            stats["nll/chosen"] = float(nll.detach()) * k
+        return Step(loss_sum, float(k), stats)
 
 
 class KTOObjective:
