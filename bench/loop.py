@@ -4,10 +4,10 @@
     .venv/bin/python bench/loop.py --conversations 32 --skip-text --skip-coin   # quicker
 
 1. SmolLM2-135M-Instruct is registered as `assistant` v1 and served by `lmloop serve` (int8).
-2. Simulated users (`lmloop.stages.users`) state their preference: answers of at most two
-   sentences that end with a question back. They hold one conversation per training topic
-   through the HTTP API (temperature 0.7), rate every answer, and correct each bad one with a
-   compliant rewrite.
+2. Simulated users (`lmloop.stages.users`) state their preference: two sentences, a short
+   answer (at least four words) then a question back. They hold one conversation per training
+   topic through the HTTP API (temperature 0.7, 8 users at once), rate every answer, and correct
+   each bad one with a compliant rewrite.
 3. Held-out questions on *other* topics are answered greedily through the API: compliant share
    before.
 4. One `lmloop loop` cycle (preference recipe: SFT + DPO, LoRA; the gate with the same rule);

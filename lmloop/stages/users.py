@@ -1,11 +1,15 @@
 """Simulated users with a stated preference: the quickstart's and `bench/loop.py`'s.
 
-The preference (shown on screen by both): **an answer of at most two sentences that ends with a
-question back to the user.** A simulated user asks a question through the HTTP API, judges the
-answer with `complies`, rates it up when it complies, and otherwise rates it down and sends a
-compliant rewrite as the correction: the answer's first sentence (cut to 25 words) followed by
-a question back about the topic. Nothing here reads the model: the rule and the rewrite are
-plain text functions, so the same judge scores held-out answers before and after a loop cycle.
+The preference (shown on screen by both): **two sentences: a short answer, then a question back
+to the user.** A simulated user asks a question through the HTTP API, judges the answer with
+`complies`, rates it up when it complies, and otherwise rates it down and sends a compliant
+rewrite as the correction: the answer's first sentence (cut to 25 words) followed by a question
+back about the topic. Nothing here reads the model: the rule and the rewrite are plain text
+functions, so the same judge scores held-out answers before and after a loop cycle.
+
+The rule asks for a statement of at least four words before the question, so a model cannot
+satisfy it by answering every question with a question (what an over-optimised preference stage
+drifts to: "What's a penguin?").
 
     lmloop loop ... gate.rule=lmloop.stages.users:complies
 """
@@ -14,10 +18,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PREFERENCE = "answers of at most two sentences that end with a question back to me"
+PREFERENCE = "two sentences: a short answer, then a question back to me"
 
 # Questions users ask while their feedback is collected ...
 TRAIN_TOPICS = [
@@ -68,10 +73,18 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+MIN_ANSWER_WORDS = 4
+
+
 def complies(text: str) -> bool:
-    """The stated preference: at most two sentences, and the last one is a question."""
+    """The stated preference: a statement (>= 4 words, not a question), then one question."""
     s = sentences(text)
-    return 1 <= len(s) <= 2 and s[-1].endswith("?")
+    return (
+        len(s) == 2
+        and not s[0].endswith("?")
+        and len(s[0].split()) >= MIN_ANSWER_WORDS
+        and s[1].endswith("?")
+    )
 
 
 def rewrite(answer: str, topic: str, rng: random.Random) -> str:
@@ -81,7 +94,7 @@ def rewrite(answer: str, topic: str, rng: random.Random) -> str:
     if len(words) > 25:
         words = words[:25]
     statement = " ".join(words).rstrip(",;:") + "."
-    if len(words) < 3:
+    if len(words) < MIN_ANSWER_WORDS:
         statement = f"There is a lot to say about {topic}."
     return f"{statement} {rng.choice(ASK_BACK).format(topic)}"
 
@@ -113,14 +126,18 @@ def _chat(url: str, model: str, prompt: str, **params: Any) -> dict[str, Any]:
 
 
 def converse(url: str, model: str, topics: list[str], *, max_tokens: int, seed: int = 0,
-             temperature: float = 0.7) -> list[Exchange]:  # fmt: skip
+             temperature: float = 0.7, users: int = 8,
+             progress: Callable[[list[Exchange]], None] | None = None) -> list[Exchange]:  # fmt: skip
     """One conversation per topic through the server at `url` (the OpenAI chat API), each
-    answer judged and rated through POST /v1/feedback, as a user of the chat page would."""
+    answer judged and rated through POST /v1/feedback, as a user of the chat page would.
+
+    `users` conversations run at once (the server batches them); each has its own random
+    stream, so the answers and rewrites do not depend on the order requests finish in.
+    `progress` is called with the exchanges so far after each one."""
     import httpx
 
-    rng = random.Random(seed)
-    out = []
-    for topic, prompt in prompts(topics, seed):
+    def one(i: int, topic: str, prompt: str) -> Exchange:
+        rng = random.Random(f"{seed}-{i}")
         r = _chat(url, model, prompt, max_tokens=max_tokens, temperature=temperature,
                   seed=rng.randrange(1 << 30))  # fmt: skip
         answer = r["choices"][0]["message"]["content"] or ""
@@ -131,15 +148,34 @@ def converse(url: str, model: str, topics: list[str], *, max_tokens: int, seed: 
         if fix:
             body |= {"correction": fix, "reason": f"I prefer {PREFERENCE}"}
         httpx.post(url + "/v1/feedback", json=body, timeout=60).raise_for_status()
-        out.append(Exchange(topic, prompt, answer, r["id"], r.get("model_version"), ok, fix))
-    return out
+        return Exchange(topic, prompt, answer, r["id"], r.get("model_version"), ok, fix)
+
+    return _concurrently(one, prompts(topics, seed), users, progress)
 
 
-def answer_all(url: str, model: str, topics: list[str], *, max_tokens: int,
-               seed: int = 1) -> list[tuple[str, str, str | None]]:  # fmt: skip
+def answer_all(url: str, model: str, topics: list[str], *, max_tokens: int, seed: int = 1,
+               users: int = 8) -> list[tuple[str, str, str | None]]:  # fmt: skip
     """Greedy answers to held-out questions: (question, answer, the version that wrote it)."""
-    out = []
-    for _, prompt in prompts(topics, seed):
+
+    def one(i: int, topic: str, prompt: str) -> tuple[str, str, str | None]:
         r = _chat(url, model, prompt, max_tokens=max_tokens, temperature=0)
-        out.append((prompt, r["choices"][0]["message"]["content"] or "", r.get("model_version")))
-    return out
+        return prompt, r["choices"][0]["message"]["content"] or "", r.get("model_version")
+
+    return _concurrently(one, prompts(topics, seed), users, None)
+
+
+def _concurrently(fn: Callable, items: list[tuple[str, str]], workers: int,
+                  progress: Callable | None) -> list:  # fmt: skip
+    """fn(i, *item) for every item, `workers` at a time; results in the items' order."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results: list[Any] = [None] * len(items)
+    done: list[Any] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {pool.submit(fn, i, *item): i for i, item in enumerate(items)}
+        for f in as_completed(futures):
+            results[futures[f]] = f.result()
+            done.append(results[futures[f]])
+            if progress is not None:
+                progress(done)
+    return results
