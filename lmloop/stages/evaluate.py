@@ -11,6 +11,11 @@ split's token shards are scored as stored and decoded for word and byte counts).
 markdown summary, and with `--out` writes `report.json` (figures + the whole protocol),
 `report.md` and `meta.json` (schema "lmloop.eval"). The scoring itself is `lmloop.perplexity`.
 
+An encoder-decoder (seq2seq) model is evaluated on a paired data dir (`lmloop data
+--input-field IN --target-field OUT` output) instead: target-token perplexity and greedy-decode
+chrF, BLEU and ROUGE-L, scored by `lmloop.stages.evaluate_seq2seq`. A seq2seq model with text or
+token shards, or a decoder-only model with pairs, is a user error.
+
 `compare` prints a table of reports and every protocol field that differs; it ranks models only
 when the protocols agree (with only the tokenizer differing, it ranks by bits per byte, which
 does not depend on the tokenizer, and says so).
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "lmloop.eval"
 FORMAT_VERSION = 1
 FIGURES = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+SEQ2SEQ_FIGURES = ("chrf", "bleu", "rougeL")  # generation metrics of a seq2seq report
+PAIRS_SCHEMA = "lmloop.pairs"  # `lmloop.data.shards.PAIRS_SCHEMA`, named here to stay light
 
 
 @dataclass(frozen=True)
@@ -100,15 +107,10 @@ class EvalConfig:
 
 
 # ---- reading the text ----------------------------------------------------------------------------
-def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None):
-    """(token docs, decoded texts, input hash) of a prepared split, split at EOS."""
-    import numpy as np
-
-    from lmloop.data.shards import open_split, read_data_meta
+def _check_tokenizer(data_dir: Path, data_tok: dict[str, Any], tokenizer: Any) -> None:
+    """A prepared dir's tokens must be the model's: the same vocabulary."""
     from lmloop.tokenizer import Tokenizer
 
-    meta = read_data_meta(data_dir)
-    data_tok = meta.get("tokenizer") or {}
     # Compare vocabularies, not file hashes: the same tokenizer saved by another code path may
     # serialize differently, but a different vocabulary always means different token ids.
     if data_tok.get("sha256") != tokenizer.sha256:
@@ -121,6 +123,31 @@ def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None
                 "tokenizer does not belong to this model",
                 hint="prepare the data with --tokenizer set to the model, or pass the raw text",
             )
+
+
+def _read_pairs(data_dir: Path, split: str, tokenizer: Any, limit: int | None):
+    """((input ids, target ids) pairs, each side ending in EOS; input hash) of a paired split."""
+    import numpy as np
+
+    from lmloop.data.shards import open_pairs, read_pairs_meta
+
+    _check_tokenizer(data_dir, read_pairs_meta(data_dir).get("tokenizer") or {}, tokenizer)
+    pairs = open_pairs(data_dir, split)
+    n = len(pairs) if not limit else min(limit, len(pairs))
+    rows = [tuple(side.astype(np.int64).tolist() for side in pairs[i]) for i in range(n)]
+    parts = [np.asarray(side, dtype=np.int64).tobytes() for row in rows for side in row]
+    return rows, f"pairs:{sha256_bytes(b''.join(parts))}"
+
+
+def _read_prepared(data_dir: Path, split: str, tokenizer: Any, limit: int | None):
+    """(token docs, decoded texts, input hash) of a prepared split, split at EOS."""
+    import numpy as np
+
+    from lmloop.data.shards import open_split, read_data_meta
+
+    meta = read_data_meta(data_dir)
+    data_tok = meta.get("tokenizer") or {}
+    _check_tokenizer(data_dir, data_tok, tokenizer)
     arr = np.asarray(open_split(data_dir, split)[:])
     eos = data_tok.get("eos_id", tokenizer.eos_id)
     cuts = np.flatnonzero(arr == eos) if eos is not None else np.array([], dtype=np.int64)
@@ -174,18 +201,22 @@ def build_report(
 ) -> dict[str, Any]:
     """The report: figures on top, then everything needed to reproduce or compare them."""
     tok = loaded.tokenizer
+    seq2seq = result["protocol"]["mode"] == "seq2seq"
     protocol = {
         **result["protocol"],
         "text": text_source,
         "text_sha256": text_sha256,
         "split": split,
         "metric_definitions": "lm-eval: words=len(re.split(r'\\s+', text)), "
-        "bytes=len(text.encode('utf-8')), counted on the original text",
+        "bytes=len(text.encode('utf-8')), counted on the "
+        + ("scored target text" if seq2seq else "original text"),
     }
     return {
         "schema": SCHEMA,
         "format_version": FORMAT_VERSION,
         **{k: result[k] for k in FIGURES},
+        **({k: result[k] for k in SEQ2SEQ_FIGURES} if seq2seq else {}),
+        **({"labels": result["labels"]} if seq2seq else {}),
         "nll_per_token": result["nll_per_token"],
         "loglikelihood": result["loglikelihood"],
         "counts": result["counts"],
@@ -208,7 +239,48 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _seq2seq_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> str:
+    p, c, m, labels = report["protocol"], report["counts"], report["model"], report["labels"]
+    sigs = p["signatures"] or {}
+    lines = [
+        f"# Evaluation of {m['name'] or m['path']} (encoder-decoder)",
+        "",
+        "| metric | value | protocol |",
+        "|---|---|---|",
+        f"| token_perplexity | {_fmt(report['token_perplexity'])} | {labels['token_perplexity']} |",
+        *(f"| {k} | {_fmt(report[k])} | target text |" for k in FIGURES[1:]),
+        *(f"| {k} | {_fmt(report[k])} | {labels[k]} |" for k in SEQ2SEQ_FIGURES),
+        "",
+        f"- model: {m['name']} ({m['kind']}, version {m['version']}, sha256 {m['sha256'][:12]})",
+        f"- tokenizer: sha256 {report['tokenizer']['sha256'][:12]}, "
+        f"{report['tokenizer']['vocab_size']:,} tokens",
+        f"- pairs: {p['text']} (sha256 {p['text_sha256'][:12]}, split {p['split']})",
+        f"- loss: {p['loss']}; each side cut to {p['window']} tokens (EOS kept): "
+        f"{_fmt(c['truncated_inputs'])} inputs, {_fmt(c['truncated_targets'])} targets cut",
+        f"- decode: {p['decode'] or 'skipped (max_new_tokens 0)'}, at most "
+        f"{p['max_new_tokens']} tokens, stop on {p['stop_token_ids']}; "
+        f"{_fmt(c['outputs_at_cap'])} outputs reached the cap",
+        *(f"- {k} signature: {v}" for k, v in sigs.items()),
+        f"- counts: {_fmt(c['pairs'])} pairs, {_fmt(c['tokens'])} target tokens, "
+        f"{_fmt(c['input_tokens'])} input tokens, {_fmt(c['words'])} words, "
+        f"{_fmt(c['bytes'])} bytes, {_fmt(c['generated_tokens'])} generated tokens",
+        f"- speed: {report['timing']['tokens_per_second']:.1f} target tokens/s scored, "
+        f"decode {report['timing']['decode_seconds']:.1f} s",
+    ]
+    if samples:
+        lines += ["", "## Samples (greedy)", ""]
+        for s in samples:
+            lines += [
+                f"- input: {s['input']}",
+                f"  - reference: {s['reference']}",
+                f"  - output: {s['output']}",
+            ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def report_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> str:
+    if report["protocol"].get("mode") == "seq2seq":
+        return _seq2seq_markdown(report, samples)
     p, c, m = report["protocol"], report["counts"], report["model"]
     mode = (
         f"disjoint windows of {p['window']} (lm-eval rolling)"
@@ -255,14 +327,67 @@ class EvalResult:
         return float(self.report["token_perplexity"])
 
 
+def _check_model_and_text(cfg: EvalConfig, loaded: Any, schema: str | None) -> None:
+    """Encoder-decoder models are evaluated on input/target pairs, and only they are."""
+    seq2seq = bool(getattr(loaded.model, "is_encoder_decoder", False))
+    family = loaded.model.config.family
+    if seq2seq and schema != PAIRS_SCHEMA:
+        seen = (
+            f"a '{schema}' artifact"
+            + (" (token shards, no pairs)" if schema == "lmloop.data" else "")
+            if schema
+            else "not a paired data dir"
+        )
+        raise UserError(
+            f"{cfg.model} is an encoder-decoder ({family}) model, evaluated on input/target "
+            f"pairs, but --text {cfg.text} is {seen}",
+            hint="prepare pairs with `lmloop data --source FILE --input-field IN "
+            "--target-field OUT --out DIR` and pass --text DIR",
+        )
+    if not seq2seq and schema == PAIRS_SCHEMA:
+        raise UserError(
+            f"--text {cfg.text} holds input/target pairs ('{PAIRS_SCHEMA}'), which only "
+            f"encoder-decoder (seq2seq) models are evaluated on; {cfg.model} is a decoder-only "
+            f"{family} model",
+            hint="pass a seq2seq model, or raw text or a token data dir for this one",
+        )
+    if seq2seq:
+        for flag, on in (
+            ("--stride", cfg.stride is not None),
+            ("--documents", cfg.documents),
+            ("--detokenize", cfg.detokenize != "none"),
+        ):
+            if on:
+                raise UserError(
+                    f"{flag} applies to a decoder-only model's text windows, not to a seq2seq "
+                    "model's pairs",
+                    hint=f"drop {flag}: each pair is scored on its own",
+                )
+
+
 def run(cfg: EvalConfig) -> EvalResult:
     from lmloop.modelio import load_model
     from lmloop.perplexity import evaluate_texts, evaluate_tokens, greedy_generate
 
     loaded = load_model(cfg.model, device=cfg.device)
     text_path = Path(cfg.text.split("::")[0])
+    schema = peek_schema(text_path) if text_path.is_dir() else None
+    _check_model_and_text(cfg, loaded, schema)
     split: str | None = None
-    if text_path.is_dir() and peek_schema(text_path) == "lmloop.data":
+    samples: list[dict[str, str]] | None = None
+    if schema == PAIRS_SCHEMA:
+        from lmloop.stages.evaluate_seq2seq import evaluate_pairs
+
+        split = cfg.split
+        rows, digest = _read_pairs(text_path, cfg.split, loaded.tokenizer, cfg.max_documents)
+        if not rows:
+            raise UserError(f"nothing to evaluate: split '{cfg.split}' of {text_path} is empty")
+        result = evaluate_pairs(
+            loaded.model, loaded.tokenizer, rows, window=cfg.window,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        samples = result["samples"]
+    elif schema == "lmloop.data":
         split = cfg.split
         if cfg.detokenize != "none":
             raise UserError(
@@ -290,13 +415,16 @@ def run(cfg: EvalConfig) -> EvalResult:
             detokenize=cfg.detokenize, batch_size=cfg.batch_size,
         )  # fmt: skip
     report = build_report(loaded, result, text_source=cfg.text, text_sha256=digest, split=split)
-    samples = [
-        {
-            "prompt": p,
-            "completion": greedy_generate(loaded.model, loaded.tokenizer, p, cfg.max_new_tokens),
-        }
-        for p in (cfg.prompts if cfg.max_new_tokens > 0 else [])
-    ]
+    if samples is None:
+        samples = [
+            {
+                "prompt": p,
+                "completion": greedy_generate(
+                    loaded.model, loaded.tokenizer, p, cfg.max_new_tokens
+                ),
+            }
+            for p in (cfg.prompts if cfg.max_new_tokens > 0 else [])
+        ]
     report["samples"] = samples
     md = report_markdown(report, samples)
     if cfg.out:
@@ -308,7 +436,7 @@ def run(cfg: EvalConfig) -> EvalResult:
                 make_meta(
                     SCHEMA, FORMAT_VERSION, cfg,
                     inputs={"model": report["model"]["sha256"], "text": digest},
-                    figures={k: report[k] for k in FIGURES},
+                    figures={k: report[k] for k in (*FIGURES, *SEQ2SEQ_FIGURES) if k in report},
                 ),
             )  # fmt: skip
         log.info("wrote %s", Path(cfg.out) / "report.json")

@@ -1,0 +1,286 @@
+"""`lmloop eval` for encoder-decoder (seq2seq) models on a paired data dir: the scoring core.
+
+    lmloop eval --model runs/sum --text data/sum --split test --max-new-tokens 64 --out reports/sum
+
+Two kinds of figure, each with its protocol on the label:
+
+- target-token perplexity: teacher forcing from the decoder start token, cross-entropy on the
+  target tokens only (their EOS included) given the whole input; the input costs nothing. The
+  batch and the loss are the training objective's own (`Seq2SeqObjective.collate` / `.step`), so
+  eval measures exactly what `lmloop train` minimizes. Word/byte perplexity and bits per byte
+  divide the same summed NLL by the words/bytes of the scored target text (lm-eval's
+  definitions, `lmloop.perplexity.figures`), which makes models with different tokenizers
+  comparable on the same pairs.
+- generation: each input is greedily decoded (batched, through the model's KV cache, stopping at
+  EOS or after `max_new_tokens`), and the outputs are scored against the reference targets with
+  sacrebleu's corpus chrF and BLEU (default settings; their signature strings go into the
+  report) and rouge-score's ROUGE-L F (`RougeScorer(["rougeL"])`: lower-cased, alphanumeric
+  tokens, no stemming), averaged over pairs.
+
+Only `lmloop.stages.evaluate.run` imports this module (as `data_pairs` is the data stage's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmloop.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSS = (
+    "cross-entropy on target tokens only (EOS included), teacher-forced from the decoder start "
+    "token, given the whole input"
+)
+GENERATION = ("chrf", "bleu", "rougeL")
+N_SAMPLES = 3  # (input, reference, output) examples kept in the report
+
+
+def _batches(lengths: list[int], budget: int, batch_size: int | None) -> list[list[int]]:
+    """Indices into `lengths` (sorted longest first) grouped so padded rows x length <= budget."""
+    out: list[list[int]] = []
+    for i in range(len(lengths)):
+        if out:
+            g = out[-1]
+            fits = len(g) < batch_size if batch_size else (len(g) + 1) * lengths[g[0]] <= budget
+            if fits:
+                g.append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def _batch_tokens(model: torch.nn.Module) -> int:
+    """Padded tokens per forward pass: 8,192, fewer for a large vocabulary, so one batch's
+    (B, T, V) fp32 logits stay under 512 MiB."""
+    from lmloop.perplexity import DEFAULT_BATCH_TOKENS
+
+    return max(1, min(DEFAULT_BATCH_TOKENS, 2**27 // int(model.config.vocab_size)))
+
+
+@torch.inference_mode()
+def target_loglik(
+    model: torch.nn.Module,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    window: int,
+    pad_id: int,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> tuple[float, int]:
+    """(summed log-likelihood of the target tokens given the input, target tokens scored)."""
+    from lmloop.log import progress
+    from lmloop.training.preference import Seq2SeqObjective
+
+    obj = Seq2SeqObjective(rows, pad_id=pad_id, seed=0, seq_len=window)
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -max(len(rows[i][0]), len(rows[i][1])))
+    lengths = [min(window, max(len(rows[i][0]), len(rows[i][1]))) for i in order]
+    groups = _batches(lengths, _batch_tokens(model), batch_size)
+    it = progress(groups, total=len(groups), desc="eval", unit="batch") if show_progress else groups
+    nll, tokens = 0.0, 0
+    for g in it:
+        batch = obj.collate([rows[order[i]] for i in g])
+        step = obj.step(model, batch, device, contextlib.nullcontext)
+        nll += float(step.loss_sum)
+        tokens += int(step.units)
+    return -nll, tokens
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: torch.nn.Module,
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """Greedy outputs (stop token excluded) of each input, in order; batched over inputs.
+
+    Inputs are right-padded and masked; every row of a batch decodes the same position at each
+    step (the decoder has no padding), so a row's output does not depend on its batch.
+    """
+    from lmloop.log import progress
+
+    if max_new_tokens < 1 or not inputs:
+        return [[] for _ in inputs]
+    device = next(model.parameters()).device
+    start = int(model.config.decoder_start_token_id)
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    groups = _batches([len(inputs[i]) for i in order], _batch_tokens(model), batch_size)
+    it = (
+        progress(groups, total=len(groups), desc="decode", unit="batch")
+        if show_progress
+        else groups
+    )
+    outs: list[list[int]] = [[] for _ in inputs]
+    stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    for g in it:
+        rows = [inputs[order[i]] for i in g]
+        B, S = len(rows), max(len(r) for r in rows)
+        x = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+        for r, ids in enumerate(rows):
+            x[r, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        lens = torch.tensor([len(r) for r in rows], device=device)
+        enc, mask = model.encode(x, torch.arange(S, device=device)[None] < lens[:, None])
+        cache = model.new_cache(B, max_new_tokens)
+        nxt = torch.full((B, 1), start, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            pos = torch.full((B, 1), t, dtype=torch.long, device=device)
+            logits = model.decode(nxt, enc, mask, positions=pos, cache=cache)  # (B, 1, V)
+            enc = mask = None  # the cache holds the cross-attention keys/values from now on
+            tok = logits[:, -1].argmax(-1)  # (B,)
+            done = done | torch.isin(tok, stops)
+            new.append(torch.where(done, -1, tok))  # -1: this row has stopped
+            if bool(done.all()):
+                break
+            nxt = tok[:, None]
+        gen = torch.stack(new, 1).tolist()  # (B, steps)
+        for r, i in enumerate(g):
+            outs[order[i]] = [t for t in gen[r] if t >= 0]
+    return outs
+
+
+def generation_metrics(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+    """sacrebleu's corpus chrF and BLEU (default settings), rouge-score's ROUGE-L F averaged over
+    pairs; with the signatures that say exactly how each was computed."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
+    chrf, bleu = CHRF(), BLEU()
+    c = chrf.corpus_score(hyps, [refs])
+    b = bleu.corpus_score(hyps, [refs])
+    scorer = rouge_scorer.RougeScorer(["rougeL"])  # score(target, prediction): order matters
+    rl = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]
+    version = importlib.metadata.version("rouge-score")
+    return {
+        "chrf": float(c.score),
+        "bleu": float(b.score),
+        "rougeL": sum(rl) / len(rl) if rl else None,
+        "signatures": {
+            "chrf": str(chrf.get_signature()),
+            "bleu": str(bleu.get_signature()),
+            "rougeL": f"rouge-score {version}|rougeL|fmeasure|stemmer:no|mean over pairs",
+        },
+    }
+
+
+def evaluate_pairs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    window: int | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Target perplexity and greedy-decode metrics of (input ids, target ids) pairs, each side
+    ending in EOS (`lmloop.data.shards.Pairs`); the same shape as `evaluate_tokens`' result."""
+    from lmloop.perplexity import check_protocol, count_bytes, count_words, figures
+    from lmloop.training.preference import _keep_eos  # a side cut as training cuts it
+
+    if not rows:
+        raise UserError("nothing to evaluate: no input/target pairs", hint="pass a non-empty split")
+    w = check_protocol(model, tokenizer, window, None)
+    ctx = int(model.max_seq_len)
+    if max_new_tokens > ctx:
+        raise UserError(
+            f"max_new_tokens {max_new_tokens} is longer than the model's context of {ctx} tokens",
+            hint=f"pass --max-new-tokens {ctx} or less",
+        )
+    mv = int(model.config.vocab_size)
+    top = max(max(max(a, default=0), max(b, default=0)) for a, b in rows)
+    if top >= mv:
+        raise UserError(
+            f"token id {top} is outside the model's vocabulary of {mv}: the pairs were tokenized "
+            "with a tokenizer that does not belong to this model",
+            hint="prepare the pairs with --tokenizer set to the model",
+        )
+    pad = int(model.config.pad_token_id)
+    t0 = time.perf_counter()
+    loglik, tokens = target_loglik(
+        model, rows, window=w, pad_id=pad, batch_size=batch_size, show_progress=show_progress
+    )
+    t_score = time.perf_counter() - t0
+
+    def text(ids: Sequence[int]) -> str:  # a side without its EOS
+        return tokenizer.decode(list(ids)[:-1], skip_special_tokens=True).strip()
+
+    # Words and bytes of what was scored: the targets as cut to the window.
+    scored = [text(_keep_eos(list(b), w)) for _, b in rows]
+    words, nbytes = sum(count_words(t) for t in scored), sum(count_bytes(t) for t in scored)
+    out: dict[str, Any] = figures(loglik, tokens, words, nbytes)
+    eos = model.config.eos_token_id
+    stops = {int(t) for t in tokenizer.stop_ids} | ({int(eos)} if eos is not None else set())
+    inputs = [_keep_eos(list(a), w) for a, _ in rows]
+    t0 = time.perf_counter()
+    gen_ids = greedy_decode(
+        model,
+        inputs,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        pad_id=pad,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    t_decode = time.perf_counter() - t0
+    refs = [text(b) for _, b in rows]  # the whole reference, however the window cut it
+    hyps = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen_ids]
+    gen = generation_metrics(hyps, refs) if max_new_tokens > 0 else None
+    for k in GENERATION:
+        out[k] = gen[k] if gen else None
+    n = len(rows)
+    out["labels"] = {
+        "token_perplexity": f"target-token perplexity (teacher-forced, {n} pairs)",
+        "chrf": f"chrF (sacrebleu, corpus, greedy, {n} pairs)",
+        "bleu": f"BLEU (sacrebleu, corpus, greedy, {n} pairs)",
+        "rougeL": f"ROUGE-L F (rouge-score, mean over pairs, greedy, {n} pairs)",
+    }
+    out["protocol"] = {
+        "mode": "seq2seq",
+        "window": w,  # each side cut to this many tokens (EOS kept), as training cuts it
+        "stride": None,
+        "documents": False,
+        "detokenize": "none",
+        "loss": LOSS,
+        "decode": "greedy" if max_new_tokens > 0 else None,
+        "max_new_tokens": max_new_tokens,
+        "decoder_start_token_id": int(model.config.decoder_start_token_id),
+        "stop_token_ids": sorted(stops),
+        "signatures": gen["signatures"] if gen else None,
+    }
+    out["counts"] = {
+        "pairs": n,
+        "documents": n,
+        "tokens": tokens,  # scored target tokens, EOS included
+        "input_tokens": sum(min(len(a), w) for a, _ in rows),
+        "words": words,
+        "bytes": nbytes,
+        "truncated_inputs": sum(len(a) > w for a, _ in rows),
+        "truncated_targets": sum(len(b) > w for _, b in rows),
+        "generated_tokens": sum(len(g) for g in gen_ids),
+        "outputs_at_cap": sum(len(g) >= max_new_tokens for g in gen_ids) if gen else 0,
+    }
+    out["timing"] = {
+        "seconds": t_score + t_decode,
+        "tokens_per_second": tokens / t_score if t_score > 0 else 0.0,
+        "decode_seconds": t_decode,
+    }
+    out["samples"] = [
+        {"input": text(a), "reference": r, "output": h}
+        for (a, _), r, h in list(zip(rows, refs, hyps))[: N_SAMPLES if gen else 0]
+    ]
+    return out
