@@ -1,6 +1,6 @@
 """Does the loop teach a model what users asked for? One cycle on SmolLM2-135M-Instruct, measured.
 
-    .venv/bin/python bench/loop.py                      # ~45 min on 2 CPU cores
+    .venv/bin/python bench/loop.py                      # ~30 min on 2 CPU cores
     .venv/bin/python bench/loop.py --conversations 32 --skip-text --skip-coin   # quicker
 
 1. SmolLM2-135M-Instruct is registered as `assistant` v1 and served by `lmloop serve` (int8).
@@ -109,10 +109,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conversations", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=24)
-    ap.add_argument("--sft-steps", type=int, default=30)
-    ap.add_argument("--pref-steps", type=int, default=30)
+    ap.add_argument("--sft-steps", type=int, default=24)
+    ap.add_argument("--pref-steps", type=int, default=20)
     ap.add_argument("--answer-tokens", type=int, default=80)
-    ap.add_argument("--lr", type=float, default=3e-4, help="the loop's fine-tuning learning rate")
+    ap.add_argument("--lr", type=float, default=4e-4, help="the loop's fine-tuning learning rate")
     ap.add_argument("--skip-text", action="store_true", help="skip the text-recipe comparison")
     ap.add_argument("--skip-coin", action="store_true", help="skip the coin-flip control")
     ap.add_argument("--work", default=None, help="workspace (default: a temp dir, removed)")

@@ -44,14 +44,22 @@ THEMES = [
 ]  # fmt: skip
 
 
-def story_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` varied, deterministic prompts for short children's stories."""
+def story_parts(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` varied, deterministic (character, place, object, theme) choices."""
     rng = random.Random(seed)
     return [
-        f"Write a short story for young children about {rng.choice(CHARACTERS)} "
-        f"{rng.choice(PLACES)} with {rng.choice(OBJECTS)}. The story is about "
-        f"{rng.choice(THEMES)}. Use simple words."
+        {"character": rng.choice(CHARACTERS), "place": rng.choice(PLACES),
+         "object": rng.choice(OBJECTS), "theme": rng.choice(THEMES)}
         for _ in range(n)
+    ]  # fmt: skip
+
+
+def story_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` varied, deterministic prompts for short children's stories."""
+    return [
+        f"Write a short story for young children about {p['character']} {p['place']} with "
+        f"{p['object']}. The story is about {p['theme']}. Use simple words."
+        for p in story_parts(n, seed)
     ]
 
 
@@ -68,6 +76,8 @@ def synthetic_stories(
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
+    opening: str = "",
     batch: int = 16,
     int8: bool = True,
     threads: int | None = None,
@@ -76,48 +86,64 @@ def synthetic_stories(
 ) -> list[str]:
     """Generate (or read from the cache) `n` stories from `teacher`, one document each.
 
-    `report`, when given, receives `tokens` written, `seconds`, `tokens_per_s`, `width` (the
+    `opening` is written as the start of each answer and the teacher continues it (a story
+    corpus that opens the way its readers' prompts do); `{character}`, `{place}`, `{object}` and
+    `{theme}` in it are the story's own choices, so openings differ. `repetition_penalty` above 1 keeps a greedy
+    teacher from looping on one sentence (measured at 1.2: repeated sentences per story 2.6 -> 0,
+    at ~13% fewer tokens/s). `report`, when given, receives `tokens` written, `seconds`, `tokens_per_s`, `width` (the
     engine's batch) and `cached`."""
     import time
 
     from lmloop.engine import SamplingParams, load_engine
     from lmloop.log import progress_bar
 
-    # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
-    # distribution within ~0.05 nats of fp32 (BENCHMARKS.md, Generate)
-    engine, loaded = load_engine(
-        teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
-    )
+    engine = loaded = None
+    digest = _files_digest(teacher)
+    if digest is None:  # a run dir or a hub name: its digest is known once it is loaded
+        engine, loaded = load_engine(
+            teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
+        )
+        digest = loaded.sha256
     key = sha256_json(
         {
-            "teacher": loaded.sha256,
+            "teacher": digest,
             "n": n,
             "max_tokens": max_tokens,
             "t": temperature,
             "p": top_p,
             "seed": seed,
             "int8": int8,
-            "v": 1,
+            "rep": repetition_penalty,
+            "opening": opening,
+            "v": 3,
         }  # fmt: skip
     )[:16]
     path = cache_dir() / f"stories-{key}.jsonl"
     if cache and path.exists():
         log.info("synthetic corpus: reusing %s", path)
-        engine.stop()
+        if engine is not None:
+            engine.stop()
         if report is not None:
             report.update(cached=True, path=str(path))
         return [json.loads(line)["text"] for line in path.read_text("utf-8").splitlines()]
+    if engine is None:
+        # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
+        # distribution within ~0.05 nats of fp32 (BENCHMARKS.md, Generate)
+        engine, loaded = load_engine(
+            teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
+        )
     t0 = time.perf_counter()
     written = 0
     tok = loaded.tokenizer
     engine.start()
     try:
         handles = []
+        openings = [opening.format(**p) for p in story_parts(n, seed)]
         for i, prompt in enumerate(story_prompts(n, seed)):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}])
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed * 100_003 + i
-            )
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}]) + openings[i]
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    repetition_penalty=repetition_penalty,
+                                    seed=seed * 100_003 + i)  # fmt: skip
             handles.append(engine.submit(tok.encode(text), params))
         stories = []
         # counted in tokens as they stream, so the bar moves every decode step, not every story
@@ -128,7 +154,7 @@ def synthetic_stories(
                 parts.append(out.text)
                 bar.update(len(out.token_ids))
                 written += len(out.token_ids)
-            stories.append(_clean("".join(parts)))
+            stories.append(_clean(openings[len(stories)] + "".join(parts)))
         bar.close()
     finally:
         engine.stop()
@@ -140,6 +166,22 @@ def synthetic_stories(
     if cache:
         atomic_write(path, "".join(json.dumps({"text": s}) + "\n" for s in stories))
     return stories
+
+
+def _files_digest(spec: str) -> str | None:
+    """sha256 of a model's files found without loading it (a .gguf file, or a folder's weights
+    and tokenizer), so a cached corpus is reused without the seconds a load takes; None when the
+    spec is not such a file or folder."""
+    from lmloop.artifacts import sha256_bytes, sha256_file
+    from lmloop.modelspec import locate
+
+    path = Path(locate(spec).path)
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("tokenizer*.json"))
+    if not any(f.suffix == ".safetensors" for f in files):
+        return None
+    return sha256_bytes("".join(f.name + sha256_file(f) for f in files).encode())
 
 
 def teacher_documents(spec: Any) -> list[str]:

@@ -64,7 +64,10 @@ LOOP_TRAIN = TrainConfig(
     eval=EvalSpec(every=0, batches=4, val_fraction=0.1),
     lora=LoraSpec(r=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
     sft=SFTSpec(turns="last"),
-    pref=PreferenceSpec(beta=0.1),
+    # RPO: DPO alone pushes the long rejected answers down faster than it keeps the preferred
+    # ones likely, and drifts to degenerate text that games a rule ("What's a penguin?"); the
+    # chosen answers' cross-entropy beside it keeps them the likely ones.
+    pref=PreferenceSpec(beta=0.1, sft_weight=1.0),
 )
 
 

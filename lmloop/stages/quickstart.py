@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,13 @@ class QuickstartConfig:
     # character/place/object/theme make the stories differ, so greedy costs no variety.
     teacher_batch: int = param(96, "stories written at once (the engine's batch width)")
     teacher_threads: int = param(2, "the teacher engine's threads")
+    # Greedy alone loops ("She had a big smile on her face." nine times in a story): a repetition
+    # penalty of 1.2 ends that at greedy's speed (measured on 96 stories: repeated sentences per
+    # story 2.57 -> 0, 270 -> 236 tokens/s).
+    teacher_repetition_penalty: float = param(1.2, "the teacher's repetition penalty (1: off)")
+    story_opening: str = param(
+        "Once upon a time, {character}", "how every story starts (the teacher goes on)"
+    )
     vocab_size: int = param(1024, "BPE vocabulary of the model trained from scratch")
     hidden_size: int = param(128, "width of the model trained from scratch")
     num_layers: int = param(4, "its Transformer blocks")
@@ -80,10 +87,14 @@ class QuickstartConfig:
         "the model users talk to and the loop improves (`student`: the one trained here)",
     )
     conversations: int = param(48, "conversations the simulated users hold and rate")
+    users: int = param(16, "simulated users talking at once (the server batches their requests)")
     heldout: int = param(8, "held-out questions asked before and after the loop")
-    answer_tokens: int = param(64, "tokens per answer in the conversations")
+    answer_tokens: int = param(48, "tokens per answer in the conversations")
     sft_steps: int = param(24, "the loop's SFT steps")
     pref_steps: int = param(20, "the loop's DPO steps")
+    # Measured on one 48-conversation store (held-out feedback prompts answered as the users
+    # prefer): lr 2e-4 0% -> 43%, 4e-4 0% -> 86%, base-val perplexity falling in both.
+    loop_lr: float = param(4e-4, "the loop's fine-tuning learning rate (LoRA)")
     serve: bool = param(False, "keep serving the assistant at the end (open the chat page)")
     port: int = param(8000, "port of the kept server (with --serve)")
 
@@ -266,6 +277,8 @@ def run(cfg: QuickstartConfig) -> int:
     report: dict[str, Any] = {}
     stories = synthetic_stories(cfg.stories, teacher=cfg.teacher, max_tokens=cfg.story_tokens,
                                 temperature=0.0, batch=cfg.teacher_batch,
+                                repetition_penalty=cfg.teacher_repetition_penalty,
+                                opening=cfg.story_opening,
                                 threads=cfg.teacher_threads, report=report)  # fmt: skip
     if report.get("cached"):
         print(f"   reusing {len(stories)} stories from {report['path']}")
@@ -364,14 +377,16 @@ def run(cfg: QuickstartConfig) -> int:
             : cfg.conversations
         ]
         t = time.monotonic()
-        exchanges = []
-        for i in range(0, len(topics), 8):  # a line every 8 conversations
-            exchanges += users.converse(server.url, "assistant", topics[i : i + 8], seed=i,
-                                        max_tokens=cfg.answer_tokens)  # fmt: skip
-            good = sum(e.complied for e in exchanges)
-            print(f"   [{len(exchanges)}/{len(topics)}] conversations rated: {good} answers "
-                  f"complied, {len(exchanges) - good} corrected ({time.monotonic() - t:.0f} s)",
-                  flush=True)  # fmt: skip
+
+        def rated(done: list) -> None:  # a line every 8 conversations
+            if len(done) % 8 == 0 or len(done) == len(topics):
+                good = sum(e.complied for e in done)
+                print(f"   [{len(done)}/{len(topics)}] conversations rated: {good} answers "
+                      f"complied, {len(done) - good} corrected ({time.monotonic() - t:.0f} s)",
+                      flush=True)  # fmt: skip
+
+        exchanges = users.converse(server.url, "assistant", topics, max_tokens=cfg.answer_tokens,
+                                   users=cfg.users, progress=rated)  # fmt: skip
         bad = next((e for e in exchanges if not e.complied), exchanges[0])
         print(f"   e.g. Q: {bad.prompt}\n        A: {_short(bad.answer, 150)}\n"
               f"        correction: {bad.correction}")  # fmt: skip
@@ -381,8 +396,10 @@ def run(cfg: QuickstartConfig) -> int:
         lc = loop_stage.LoopConfig(
             name="assistant", db=str(db), base_data=str(base_dir), work_dir=str(out / "loop"),
             registry=str(home / "registry"), sft_steps=cfg.sft_steps, pref_steps=cfg.pref_steps,
-            new_cycle=True, max_eval_documents=40, eval_window=256,
+            new_cycle=True, max_eval_documents=24, eval_window=256,
             gate=loop_stage.GateSpec(rule="lmloop.stages.users:complies", rule_tokens=cfg.answer_tokens),
+            train=replace(loop_stage.LOOP_TRAIN, optim=replace(loop_stage.LOOP_TRAIN.optim,
+                                                               lr=cfg.loop_lr)),
         )  # fmt: skip
         result = loop_stage.run(lc)
         decision = json.loads((result.cycle_dir / "decision.json").read_text())
