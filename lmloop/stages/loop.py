@@ -508,6 +508,7 @@ def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[s
     seq = min(cfg.train.batch.seq_len, _context_length(cur) or cfg.train.batch.seq_len)
     scores = {}
     for who, spec in (("current", cur), ("candidate", cand)):
+        log.info("gate: the %s version scores %d held-out pairs", who, len(pairs))
         loaded = load_model(spec)
         scores[who] = score_pairs(loaded.model, loaded.tokenizer, pairs, seq)
     c, n = scores["current"], scores["candidate"]
@@ -567,8 +568,10 @@ def _rule_figures(cfg: LoopConfig, cur: str, cand: str, files: dict, out: Path) 
     prompts = heldout_prompts(files)
     if not prompts:
         return {"n": 0, "what": "held-out prompts"}
-    answers = {who: answer_greedily(spec, prompts, cfg.gate.rule_tokens)
-               for who, spec in (("current", cur), ("candidate", cand))}  # fmt: skip
+    answers = {}
+    for who, spec in (("current", cur), ("candidate", cand)):
+        log.info("gate: the %s version answers %d held-out prompts greedily", who, len(prompts))
+        answers[who] = answer_greedily(spec, prompts, cfg.gate.rule_tokens)
     scores = {who: [rule(a) for a in ans] for who, ans in answers.items()}
     gain = [b - a for a, b in zip(scores["current"], scores["candidate"])]
     mean, low, high = bootstrap_interval(gain, confidence=cfg.gate.confidence,

@@ -398,8 +398,8 @@ def run(cfg: QuickstartConfig) -> int:
             registry=str(home / "registry"), sft_steps=cfg.sft_steps, pref_steps=cfg.pref_steps,
             new_cycle=True, max_eval_documents=24, eval_window=256,
             gate=loop_stage.GateSpec(rule="lmloop.stages.users:complies", rule_tokens=cfg.answer_tokens),
-            train=replace(loop_stage.LOOP_TRAIN, optim=replace(loop_stage.LOOP_TRAIN.optim,
-                                                               lr=cfg.loop_lr)),
+            train=replace(loop_stage.LOOP_TRAIN, log_every=2,  # a line every ~6 s
+                          optim=replace(loop_stage.LOOP_TRAIN.optim, lr=cfg.loop_lr)),
         )  # fmt: skip
         result = loop_stage.run(lc)
         decision = json.loads((result.cycle_dir / "decision.json").read_text())
