@@ -21,7 +21,7 @@ Everything runs in `out/` with its own registry and feedback store (`out/home`),
 starts from the shipped model again; the corpus and, when nothing it depends on changed, the
 from-scratch run are reused.
 
-    lmloop quickstart                 # ~26 minutes on 2 shared CPU cores (BENCHMARKS.md)
+    lmloop quickstart                 # ~8 min on 2 CPU cores the first time, ~4.5 cached
     lmloop quickstart --serve         # then keep serving the assistant (open the chat page)
 """
 
@@ -398,7 +398,7 @@ def run(cfg: QuickstartConfig) -> int:
             registry=str(home / "registry"), sft_steps=cfg.sft_steps, pref_steps=cfg.pref_steps,
             new_cycle=True, max_eval_documents=24, eval_window=256,
             gate=loop_stage.GateSpec(rule="lmloop.stages.users:complies", rule_tokens=cfg.answer_tokens),
-            train=replace(loop_stage.LOOP_TRAIN, log_every=2,  # a line every ~6 s
+            train=replace(loop_stage.LOOP_TRAIN, log_every=1,  # a line every 3-5 s
                           optim=replace(loop_stage.LOOP_TRAIN.optim, lr=cfg.loop_lr)),
         )  # fmt: skip
         result = loop_stage.run(lc)

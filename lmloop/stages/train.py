@@ -802,6 +802,7 @@ def _place(r: _Run, state: dict | None, frozen_ref: Any) -> None:
         r.obj.reference = tp.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
         visits = r.cfg.max_steps * r.cfg.batch.global_batch
         if isinstance(r.obj, tp.DPOObjective) and visits > len(r.obj.rows):
+            log.info("the reference model scores the %d training pairs once", len(r.obj.rows))
             r.obj.precompute_reference(r.cfg.batch.micro_batch)
     r.params = [p for p in raw.parameters() if p.requires_grad]
     if d.world > 1 and not r.fsdp:
