@@ -8,6 +8,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,3 +99,26 @@ def progress_bar(*, total: int | None = None, desc: str = "", unit: str = "it", 
 
     disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kw)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 5.0) -> Iterator[None]:
+    """Log "... WHAT (N s)" every `every` seconds while the block runs: a wait with no progress
+    to count (a conversion inside a library) still says it is alive."""
+    import threading
+    import time
+
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every):
+            logging.getLogger("lmloop").info("... %s (%.0f s)", what, time.monotonic() - start)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()

@@ -39,6 +39,7 @@ from lmloop.artifacts import (
     write_meta,
 )
 from lmloop.errors import UserError
+from lmloop.log import heartbeat
 from lmloop.modelspec import MODEL_SCHEMAS, locate, read_json
 from lmloop.tokenizer import Tokenizer
 
@@ -237,9 +238,10 @@ def _load_gguf(path: Path, *, name: str) -> LoadedModel:
         else:
             return LoadedModel(lm.model, lm.tokenizer, name, sha[:12], sha, "gguf", str(path))
     log.info("converting %s (dequantizing; cached for next time under %s)", path.name, cached)
-    model = _gguf_to_lmloop(path)
-    tokenizer = Tokenizer.load(path)
-    _cache_conversion(cached, model, tokenizer, sha, path)
+    with heartbeat(f"converting {path.name}"):
+        model = _gguf_to_lmloop(path)
+        tokenizer = Tokenizer.load(path)
+        _cache_conversion(cached, model, tokenizer, sha, path)
     return LoadedModel(model, tokenizer, name, sha[:12], sha, "gguf", str(path))
 
 
