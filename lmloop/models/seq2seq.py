@@ -24,6 +24,7 @@ from the encoding on the first decode call and reused by every later step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -471,3 +472,92 @@ def shift_right(target: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     out = target.new_full(target.shape, start_id)
     out[:, 1:] = target[:, :-1]
     return out.masked_fill(out == -100, pad_id)
+
+
+def batch_groups(lengths: list[int], budget: int, batch_size: int | None) -> list[list[int]]:
+    """Indices into `lengths` (sorted longest first) grouped so padded rows x length <= budget."""
+    out: list[list[int]] = []
+    for i in range(len(lengths)):
+        if out:
+            g = out[-1]
+            fits = len(g) < batch_size if batch_size else (len(g) + 1) * lengths[g[0]] <= budget
+            if fits:
+                g.append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def batch_tokens(model: torch.nn.Module) -> int:
+    """Padded tokens per forward pass: 8,192, fewer for a large vocabulary, so one batch's
+    (B, T, V) fp32 logits stay under 512 MiB."""
+    from lmloop.perplexity import DEFAULT_BATCH_TOKENS
+
+    return max(1, min(DEFAULT_BATCH_TOKENS, 2**27 // int(model.config.vocab_size)))
+
+
+@torch.inference_mode()
+def generate(
+    model: Seq2Seq,
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+    batch_size: int | None = None,
+    pickers: Sequence[Callable[[torch.Tensor], int]] | None = None,
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """Each input's decoded output (stop token excluded), in order; batched over inputs, through
+    the cache, until a stop token or `max_new_tokens`. Greedy, unless `pickers` gives one
+    function per input that chooses its next token from the step's raw logits (V,) (`lmloop
+    generate` passes the engine's seeded samplers; `lmloop eval` decodes greedily).
+
+    Inputs are right-padded and masked; every row of a batch decodes the same position at each
+    step (the decoder has no padding), so a row's output does not depend on its batch.
+    """
+    from lmloop.log import progress
+
+    if max_new_tokens < 1 or not inputs:
+        return [[] for _ in inputs]
+    device = next(model.parameters()).device
+    start = int(model.config.decoder_start_token_id)
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    groups = batch_groups([len(inputs[i]) for i in order], batch_tokens(model), batch_size)
+    it = (
+        progress(groups, total=len(groups), desc="decode", unit="batch")
+        if show_progress
+        else groups
+    )
+    outs: list[list[int]] = [[] for _ in inputs]
+    stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    for g in it:
+        rows = [inputs[order[i]] for i in g]
+        B, S = len(rows), max(len(r) for r in rows)
+        x = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+        for r, ids in enumerate(rows):
+            x[r, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        lens = torch.tensor([len(r) for r in rows], device=device)
+        enc, mask = model.encode(x, torch.arange(S, device=device)[None] < lens[:, None])
+        cache = model.new_cache(B, max_new_tokens)
+        nxt = torch.full((B, 1), start, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            pos = torch.full((B, 1), t, dtype=torch.long, device=device)
+            logits = model.decode(nxt, enc, mask, positions=pos, cache=cache)  # (B, 1, V)
+            enc = mask = None  # the cache holds the cross-attention keys/values from now on
+            if pickers is None:
+                tok = logits[:, -1].argmax(-1)  # (B,)
+            else:
+                picked = [pickers[order[i]](logits[r, -1]) for r, i in enumerate(g)]
+                tok = torch.tensor(picked, dtype=torch.long, device=device)
+            done = done | torch.isin(tok, stops)
+            new.append(torch.where(done, -1, tok))  # -1: this row has stopped
+            if bool(done.all()):
+                break
+            nxt = tok[:, None]
+        gen = torch.stack(new, 1).tolist()  # (B, steps)
+        for r, i in enumerate(g):
+            outs[order[i]] = [t for t in gen[r] if t >= 0]
+    return outs

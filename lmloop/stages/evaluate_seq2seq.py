@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from lmloop.errors import UserError
+from lmloop.models.seq2seq import batch_groups, batch_tokens
+from lmloop.models.seq2seq import generate as greedy_decode  # greedy: no pickers
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +43,6 @@ LOSS = (
 )
 GENERATION = ("chrf", "bleu", "rougeL")
 N_SAMPLES = 3  # (input, reference, output) examples kept in the report
-
-
-def _batches(lengths: list[int], budget: int, batch_size: int | None) -> list[list[int]]:
-    """Indices into `lengths` (sorted longest first) grouped so padded rows x length <= budget."""
-    out: list[list[int]] = []
-    for i in range(len(lengths)):
-        if out:
-            g = out[-1]
-            fits = len(g) < batch_size if batch_size else (len(g) + 1) * lengths[g[0]] <= budget
-            if fits:
-                g.append(i)
-                continue
-        out.append([i])
-    return out
-
-
-def _batch_tokens(model: torch.nn.Module) -> int:
-    """Padded tokens per forward pass: 8,192, fewer for a large vocabulary, so one batch's
-    (B, T, V) fp32 logits stay under 512 MiB."""
-    from lmloop.perplexity import DEFAULT_BATCH_TOKENS
-
-    return max(1, min(DEFAULT_BATCH_TOKENS, 2**27 // int(model.config.vocab_size)))
 
 
 @torch.inference_mode()
@@ -83,7 +63,7 @@ def target_loglik(
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -max(len(rows[i][0]), len(rows[i][1])))
     lengths = [min(window, max(len(rows[i][0]), len(rows[i][1]))) for i in order]
-    groups = _batches(lengths, _batch_tokens(model), batch_size)
+    groups = batch_groups(lengths, batch_tokens(model), batch_size)
     it = progress(groups, total=len(groups), desc="eval", unit="batch") if show_progress else groups
     nll, tokens = 0.0, 0
     for g in it:
@@ -92,65 +72,6 @@ def target_loglik(
         nll += float(step.loss_sum)
         tokens += int(step.units)
     return -nll, tokens
-
-
-@torch.inference_mode()
-def greedy_decode(
-    model: torch.nn.Module,
-    inputs: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    stop_ids: set[int],
-    pad_id: int,
-    batch_size: int | None = None,
-    show_progress: bool = True,
-) -> list[list[int]]:
-    """Greedy outputs (stop token excluded) of each input, in order; batched over inputs.
-
-    Inputs are right-padded and masked; every row of a batch decodes the same position at each
-    step (the decoder has no padding), so a row's output does not depend on its batch.
-    """
-    from lmloop.log import progress
-
-    if max_new_tokens < 1 or not inputs:
-        return [[] for _ in inputs]
-    device = next(model.parameters()).device
-    start = int(model.config.decoder_start_token_id)
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-    groups = _batches([len(inputs[i]) for i in order], _batch_tokens(model), batch_size)
-    it = (
-        progress(groups, total=len(groups), desc="decode", unit="batch")
-        if show_progress
-        else groups
-    )
-    outs: list[list[int]] = [[] for _ in inputs]
-    stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-    for g in it:
-        rows = [inputs[order[i]] for i in g]
-        B, S = len(rows), max(len(r) for r in rows)
-        x = torch.full((B, S), pad_id, dtype=torch.long, device=device)
-        for r, ids in enumerate(rows):
-            x[r, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        lens = torch.tensor([len(r) for r in rows], device=device)
-        enc, mask = model.encode(x, torch.arange(S, device=device)[None] < lens[:, None])
-        cache = model.new_cache(B, max_new_tokens)
-        nxt = torch.full((B, 1), start, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        new: list[torch.Tensor] = []
-        for t in range(max_new_tokens):
-            pos = torch.full((B, 1), t, dtype=torch.long, device=device)
-            logits = model.decode(nxt, enc, mask, positions=pos, cache=cache)  # (B, 1, V)
-            enc = mask = None  # the cache holds the cross-attention keys/values from now on
-            tok = logits[:, -1].argmax(-1)  # (B,)
-            done = done | torch.isin(tok, stops)
-            new.append(torch.where(done, -1, tok))  # -1: this row has stopped
-            if bool(done.all()):
-                break
-            nxt = tok[:, None]
-        gen = torch.stack(new, 1).tolist()  # (B, steps)
-        for r, i in enumerate(g):
-            outs[order[i]] = [t for t in gen[r] if t >= 0]
-    return outs
 
 
 def generation_metrics(hyps: list[str], refs: list[str]) -> dict[str, Any]:

@@ -4,11 +4,13 @@
     lmloop generate --model runs/tiny --prompts prompts.jsonl --out results.jsonl
     lmloop chat --model smollm2-135m-instruct            # /reset, /save PATH, /exit
 
-Both stream through `lmloop.engine` (the same path as the HTTP server). Text goes to stdout,
-statistics and progress to stderr. `--json` prints one JSON object instead of streaming. A
-prompts file holds one JSON object per line: `{"prompt": "..."}` or `{"messages": [...]}`, with
-optional `id` and per-line sampling overrides (`max_tokens`, `temperature`, `top_p`, `top_k`,
-`seed`, `stop`); results keep the input order.
+Both stream through `lmloop.engine` (the same path as the HTTP server); an encoder-decoder
+(seq2seq) model, which the engine does not run, is decoded by its own `generate` (`--prompt` is
+the encoder's input; no streaming, no chat). Text goes to stdout, statistics and progress to
+stderr. `--json` prints one JSON object instead of streaming. A prompts file holds one JSON
+object per line: `{"prompt": "..."}` or `{"messages": [...]}`, with optional `id` and per-line
+sampling overrides (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`); results
+keep the input order.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lmloop.config import param
@@ -63,9 +66,18 @@ def _params(cfg: Any, **over: Any):
 
 
 def _load(cfg: Any, **kw: Any):
-    from lmloop.engine import load_engine
+    """(engine, loaded model); no engine (None) for an encoder-decoder model: the engine is
+    decoder-only, and `_run_seq2seq` decodes those with the model's own `generate`."""
+    from lmloop.engine import Engine
+    from lmloop.modelio import load_model
 
-    return load_engine(cfg.model, int8=cfg.int8, threads=cfg.threads or None, **kw)
+    loaded = load_model(cfg.model)
+    if getattr(loaded.model, "is_encoder_decoder", False):
+        return None, loaded
+    engine = Engine(
+        loaded.model, loaded.tokenizer, int8=cfg.int8, threads=cfg.threads or None, **kw
+    )
+    return engine, loaded
 
 
 def _read_prompts(path: str) -> list[dict[str, Any]]:
@@ -123,6 +135,8 @@ def run(cfg: GenerateConfig) -> int:
             raise UserError(f"{cfg.prompts}:{row['_line']}: {e}") from None
     batch = max(1, min(cfg.max_batch, len(rows)))  # cache rows cost memory: no more than used
     engine, loaded = _load(cfg, max_batch=batch, max_waiting=len(rows) + 1)
+    if engine is None:
+        return _run_seq2seq(cfg, loaded, rows, line_params)
     try:
         encoded = []
         for row, p in zip(rows, line_params):
@@ -200,14 +214,22 @@ def _run_batch(
     encoded: list[list[int]],
     params: list[Any],
 ) -> int:
-    from lmloop.artifacts import atomic_write
     from lmloop.log import progress
 
     t0 = time.perf_counter()
     handles = [engine.submit(ids, p) for ids, p in zip(encoded, params)]
+    done = [h.result() for h in progress(handles, total=len(rows), desc="generate", unit="prompt")]
+    return _write_results(cfg, loaded, rows, done, t0)
+
+
+def _write_results(
+    cfg: GenerateConfig, loaded: Any, rows: list[dict[str, Any]], done: list[Any], t0: float
+) -> int:
+    """--prompts: one JSON line per prompt, in input order, to --out or stdout."""
+    from lmloop.artifacts import atomic_write
+
     results, new_tokens = [], 0
-    for row, h in progress(zip(rows, handles), total=len(rows), desc="generate", unit="prompt"):
-        c = h.result()
+    for row, c in zip(rows, done):
         new_tokens += c.completion_tokens
         rec = {k: v for k, v in row.items() if k != "_line"}
         rec.update(
@@ -233,6 +255,97 @@ def _run_batch(
     return 0
 
 
+def _run_seq2seq(
+    cfg: GenerateConfig, loaded: Any, rows: list[dict[str, Any]], params: list[Any]
+) -> int:
+    """An encoder-decoder model: each prompt (plus EOS, as `lmloop data` ends a pair's input) is
+    the encoder's input; the output is decoded by `lmloop.models.seq2seq.generate`, the decode
+    `lmloop eval` scores: greedy at --temperature 0, else one step at a time through the
+    engine's seeded sampler (temperature, top-k/p, min-p, penalties). Stop strings cut the
+    decoded text. One prompt at a time; no streaming, chat, logprobs or int8."""
+    import torch
+
+    from lmloop.engine.sampling import Sampler
+    from lmloop.models.seq2seq import generate
+
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    what = f"{cfg.model} is an encoder-decoder ({model.config.family}) model"
+    hint = 'give the encoder\'s input as plain text: lmloop generate --model M --prompt "..."'
+    for flag, on in (
+        ("--chat", cfg.chat or any("messages" in r for r in rows)),
+        ("--logprobs", cfg.logprobs is not None),
+        ("--int8", cfg.int8),
+    ):
+        if on:
+            raise UserError(f"{what}: {flag} applies to decoder-only models only", hint=hint)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ctx, eos = int(model.max_seq_len), tok.eos_id
+    stops = {int(t) for t in tok.stop_ids}
+    if model.config.eos_token_id is not None:
+        stops.add(int(model.config.eos_token_id))
+    encoded = []
+    for row, p in zip(rows, params):
+        where = f"{cfg.prompts}:{row['_line']}: " if cfg.prompts else ""
+        ids = tok.encode(row["prompt"])
+        if not ids:
+            raise UserError(f"{where}the prompt is empty (0 tokens)", hint="give some text")
+        ids += [eos] if eos is not None else []
+        if len(ids) > ctx:
+            raise UserError(
+                f"{where}the prompt is {len(ids)} tokens, longer than the model's context of "
+                f"{ctx} tokens",
+                hint="shorten the prompt",
+            )
+        if p.max_tokens > ctx:
+            raise UserError(
+                f"{where}max_tokens {p.max_tokens} is longer than the model's context of {ctx} "
+                "tokens",
+                hint=f"pass --max-tokens {ctx} or less",
+            )
+        encoded.append(ids)
+    t0 = time.perf_counter()
+    done = []
+    for ids, p in zip(encoded, params):
+        pick = None
+        if not p.greedy or p.penalized:
+            sampler = Sampler(p, ids, int(model.config.vocab_size))
+
+            def pick(logits: torch.Tensor, s: Sampler = sampler) -> int:
+                token = s.pick(logits.float().cpu())
+                s.observe(token)
+                return token
+
+        out = generate(
+            model, [ids], max_new_tokens=p.max_tokens, pad_id=int(model.config.pad_token_id),
+            stop_ids=stops | set(p.stop_token_ids), pickers=None if pick is None else [pick],
+            show_progress=False,
+        )[0]  # fmt: skip
+        text = tok.decode(out, skip_special_tokens=True)
+        reason = "length" if len(out) >= p.max_tokens else "stop"
+        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        done.append(
+            SimpleNamespace(
+                text=text, finish_reason=reason, prompt_tokens=len(ids),
+                completion_tokens=len(out), token_ids=out,
+            )
+        )  # fmt: skip
+    if cfg.prompts:
+        return _write_results(cfg, loaded, rows, done, t0)
+    if cfg.json:
+        return _print_json(loaded, done[0], None)
+    dt = time.perf_counter() - t0
+    print(done[0].text)
+    print(
+        f"[{done[0].prompt_tokens} input + {done[0].completion_tokens} new tokens, "
+        f"{done[0].finish_reason}; {done[0].completion_tokens / max(dt, 1e-9):.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 CHAT_HELP = "commands: /reset (forget the conversation), /save PATH (write it as JSON), /exit"
 
 
@@ -241,6 +354,12 @@ def run_chat(cfg: ChatConfig) -> int:
 
     base = _params(cfg)
     engine, loaded = _load(cfg, max_batch=1, max_waiting=2)
+    if engine is None:
+        raise UserError(
+            f"{cfg.model} is an encoder-decoder ({loaded.model.config.family}) model: chat is "
+            "for decoder-only models",
+            hint='use lmloop generate --model M --prompt "input text"',
+        )
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
