@@ -54,13 +54,17 @@ def story_parts(n: int, seed: int = 0) -> list[dict[str, str]]:
     ]  # fmt: skip
 
 
-def story_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` varied, deterministic prompts for short children's stories."""
-    return [
+def story_prompt(p: dict[str, str]) -> str:
+    """The teacher's prompt for one story's choices (`story_parts`)."""
+    return (
         f"Write a short story for young children about {p['character']} {p['place']} with "
         f"{p['object']}. The story is about {p['theme']}. Use simple words."
-        for p in story_parts(n, seed)
-    ]
+    )
+
+
+def story_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` varied, deterministic prompts for short children's stories."""
+    return [story_prompt(p) for p in story_parts(n, seed)]
 
 
 def cache_dir() -> Path:
@@ -88,10 +92,10 @@ def synthetic_stories(
 
     `opening` is written as the start of each answer and the teacher continues it (a story
     corpus that opens the way its readers' prompts do); `{character}`, `{place}`, `{object}` and
-    `{theme}` in it are the story's own choices, so openings differ. `repetition_penalty` above 1 keeps a greedy
-    teacher from looping on one sentence (measured at 1.2: repeated sentences per story 2.6 -> 0,
-    at ~13% fewer tokens/s). `report`, when given, receives `tokens` written, `seconds`, `tokens_per_s`, `width` (the
-    engine's batch) and `cached`."""
+    `{theme}` in it are the story's own choices, so openings differ. `repetition_penalty` above 1
+    keeps a greedy teacher from looping on one sentence (measured at 1.2: repeated sentences per
+    story 2.6 -> 0, at ~13% fewer tokens/s). `report`, when given, receives `tokens` written,
+    `seconds`, `tokens_per_s`, `width` (the engine's batch) and `cached`."""
     import time
 
     from lmloop.engine import SamplingParams, load_engine
@@ -138,9 +142,11 @@ def synthetic_stories(
     engine.start()
     try:
         handles = []
-        openings = [opening.format(**p) for p in story_parts(n, seed)]
-        for i, prompt in enumerate(story_prompts(n, seed)):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}]) + openings[i]
+        parts = story_parts(n, seed)
+        openings = [opening.format(**p) for p in parts]
+        for i, p in enumerate(parts):
+            text = tok.apply_chat_template([{"role": "user", "content": story_prompt(p)}])
+            text += openings[i]
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     repetition_penalty=repetition_penalty,
                                     seed=seed * 100_003 + i)  # fmt: skip
@@ -148,13 +154,13 @@ def synthetic_stories(
         stories = []
         # counted in tokens as they stream, so the bar moves every decode step, not every story
         bar = progress_bar(total=n * max_tokens, desc="teacher writes stories", unit="tok")
-        for h in handles:
-            parts = []
+        for opened, h in zip(openings, handles):
+            pieces = []
             for out in h:
-                parts.append(out.text)
+                pieces.append(out.text)
                 bar.update(len(out.token_ids))
                 written += len(out.token_ids)
-            stories.append(_clean(openings[len(stories)] + "".join(parts)))
+            stories.append(_clean(opened + "".join(pieces)))
         bar.close()
     finally:
         engine.stop()

@@ -239,6 +239,15 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _identity(report: dict[str, Any]) -> list[str]:
+    """The report's model and tokenizer lines, shared by both kinds of report."""
+    m, t = report["model"], report["tokenizer"]
+    return [
+        f"- model: {m['name']} ({m['kind']}, version {m['version']}, sha256 {m['sha256'][:12]})",
+        f"- tokenizer: sha256 {t['sha256'][:12]}, {t['vocab_size']:,} tokens",
+    ]
+
+
 def _seq2seq_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> str:
     p, c, m, labels = report["protocol"], report["counts"], report["model"], report["labels"]
     sigs = p["signatures"] or {}
@@ -251,9 +260,7 @@ def _seq2seq_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> 
         *(f"| {k} | {_fmt(report[k])} | target text |" for k in FIGURES[1:]),
         *(f"| {k} | {_fmt(report[k])} | {labels[k]} |" for k in SEQ2SEQ_FIGURES),
         "",
-        f"- model: {m['name']} ({m['kind']}, version {m['version']}, sha256 {m['sha256'][:12]})",
-        f"- tokenizer: sha256 {report['tokenizer']['sha256'][:12]}, "
-        f"{report['tokenizer']['vocab_size']:,} tokens",
+        *_identity(report),
         f"- pairs: {p['text']} (sha256 {p['text_sha256'][:12]}, split {p['split']})",
         f"- loss: {p['loss']}; each side cut to {p['window']} tokens (EOS kept): "
         f"{_fmt(c['truncated_inputs'])} inputs, {_fmt(c['truncated_targets'])} targets cut",
@@ -294,9 +301,7 @@ def report_markdown(report: dict[str, Any], samples: list[dict[str, str]]) -> st
         "|---|---|",
         *(f"| {k} | {_fmt(report[k])} |" for k in FIGURES),
         "",
-        f"- model: {m['name']} ({m['kind']}, version {m['version']}, sha256 {m['sha256'][:12]})",
-        f"- tokenizer: sha256 {report['tokenizer']['sha256'][:12]}, "
-        f"{report['tokenizer']['vocab_size']:,} tokens",
+        *_identity(report),
         f"- text: {p['text']} (sha256 {p['text_sha256'][:12]}"
         + (f", split {p['split']}" if p.get("split") else "")
         + f"), detokenize {p['detokenize']}",
