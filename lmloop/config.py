@@ -231,7 +231,7 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
         try:
             obj = cls(**kwargs) if not missing else None
         except (ValueError, TypeError) as e:
-            errors.append(f"{prefix or cls.__name__}: {e}")
+            errors.append(f"{prefix.rstrip('.') or cls.__name__}: {e}")
         except UserError as e:
             errors.append(e.line())
     if top and errors:

@@ -351,7 +351,8 @@ def test_bad_preference_inputs_fail_in_one_line(tmp_path, tok, capsys):
     cases = [
         (["--data", str(no_rej), "--task", "dpo", *base], "without 'rejected'"),
         (["--data", str(one_label), *base], "KTO needs both labels"),
-        (["--data", str(good), "pref.beta=0", *base], "beta must be > 0"),
+        (["--data", str(good), "pref.beta=0", *base], "pref: beta must be > 0"),
+        (["--data", str(good), "pref.sft_weight=-1", *base], "pref: sft_weight must be >= 0"),
         (["--data", str(good), "--max-steps", "1", "batch.seq_len=64"], "needs a starting model"),
     ]
     for i, (args, want) in enumerate(cases):
