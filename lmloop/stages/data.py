@@ -484,24 +484,27 @@ def _report(meta: dict[str, Any], lengths: dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, lengths: dict[str, np.ndarray]) -> None:
+def plot_lengths(path: Path, panels: dict[str, dict[str, np.ndarray]], ylabel: str) -> None:
+    """One bar chart per panel (e.g. document, or input and target) of log2 length bins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    top = max((int(np.nonzero(v)[0].max()) for v in lengths.values() if v.any()), default=0)
-    bins = np.arange(top + 1)
+    width_in = 3.5 + 3.5 * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 3.5), dpi=100, squeeze=False)
     width = 0.8 / len(SPLITS)
-    for i, s in enumerate(SPLITS):
-        ax.bar(bins + i * width, lengths[s][: top + 1], width=width, label=s)
-    ax.set_xticks(bins + 0.4 - width / 2, [f"{1 << b}" for b in bins], rotation=45, fontsize=7)
-    ax.set_xlabel("document length in tokens (log2 bins, lower edge)")
-    ax.set_ylabel("documents")
-    ax.set_yscale("symlog")
-    ax.legend()
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.96, bottom=0.24)  # no tight_layout pass
+    for ax, (name, hist) in zip(axes[0], panels.items()):
+        top = max((int(np.nonzero(v)[0].max()) for v in hist.values() if v.any()), default=0)
+        bins = np.arange(top + 1)
+        for i, s in enumerate(SPLITS):
+            ax.bar(bins + i * width, hist[s][: top + 1], width=width, label=s)
+        ax.set_xticks(bins + 0.4 - width / 2, [f"{1 << b}" for b in bins], rotation=45, fontsize=7)
+        ax.set_xlabel(f"{name} length in tokens (log2 bins, lower edge)")
+        ax.set_yscale("symlog")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend()
+    fig.subplots_adjust(left=0.7 / width_in, right=0.98, top=0.96, bottom=0.24, wspace=0.15)
     buf = io.BytesIO()
     # no Software/date metadata, so the same data gives the same bytes
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -625,6 +628,44 @@ def up_to_date(out: Path, schema: str, version: int, key: str, force: bool) -> d
     return old
 
 
+def stage_meta(
+    cfg: DataConfig,
+    schema: str,
+    version: int,
+    inputs: dict,
+    key: str,
+    stats: Any,
+    shards: dict,
+    tok: Any,
+    eos: int,
+    dtype: Any,
+    lengths: dict,
+    **extra: Any,
+) -> dict:
+    """meta.json of a prepared dir (token shards or pairs): recipe, inputs, counts, tokenizer."""
+    return make_meta(
+        schema,
+        version,
+        {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS[2:]},
+        inputs,
+        fingerprint=key,
+        **extra,
+        splits={s: {**stats.splits[s], "shards": shards[s]} for s in SPLITS},
+        removed=stats.removed,
+        replaced=stats.replaced,
+        pii=stats.pii,
+        sources=stats.sources,
+        tokenizer={
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eos_id": eos,
+            "source": tok.source or "trained byte-level BPE",
+        },
+        dtype=str(dtype.name),
+        lengths_log2=lengths,
+    )
+
+
 def run(cfg: DataConfig) -> DataResult:
     _validate(cfg)
     if cfg.target_field:  # input/target pairs for sequence-to-sequence models
@@ -653,28 +694,11 @@ def run(cfg: DataConfig) -> DataResult:
         if stats.splits["train"]["documents"] == 0:
             raise _empty_error(stats)
         tok.save(tmp / "tokenizer")
-        meta = make_meta(
-            SCHEMA,
-            FORMAT_VERSION,
-            {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS[2:]},
-            inputs,
-            fingerprint=key,
-            splits={s: {**stats.splits[s], "shards": shards[s]} for s in SPLITS},
-            removed=stats.removed,
-            replaced=stats.replaced,
-            pii=stats.pii,
-            sources=stats.sources,
-            tokenizer={
-                "sha256": tok.sha256,
-                "vocab_size": tok.backend.get_vocab_size(with_added_tokens=True),
-                "eos_id": eos,
-                "source": tok.source or "trained byte-level BPE",
-            },
-            dtype=str(packer.dtype.name),
-            lengths_log2={s: stats.lengths[s].tolist() for s in SPLITS},
-        )
+        lengths = {s: stats.lengths[s].tolist() for s in SPLITS}
+        meta = stage_meta(cfg, SCHEMA, FORMAT_VERSION, inputs, key, stats, shards, tok, eos,
+                          packer.dtype, lengths)  # fmt: skip
         write_meta(tmp, meta)
-        _plot(tmp / "lengths.png", stats.lengths)
+        plot_lengths(tmp / "lengths.png", {"document": stats.lengths}, "documents")
         (tmp / "report.md").write_text(_report({**meta, "out_name": out.name}, stats.lengths))
     _print_summary(meta, out, reused=False)
     return DataResult(out, meta, reused=False)

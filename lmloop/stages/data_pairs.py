@@ -20,7 +20,6 @@ spill files. Only `lmloop.stages.data.run` imports this module.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lmloop.artifacts import atomic_dir, make_meta, write_meta
-from lmloop.config import to_dict
+from lmloop.artifacts import atomic_dir, write_meta
 from lmloop.data.pii import PII_KINDS, scrub_batch
 from lmloop.data.preprocess import (
     NearDedup,
@@ -55,12 +53,13 @@ from lmloop.data.sources import iter_pairs
 from lmloop.errors import UserError
 from lmloop.log import progress
 from lmloop.stages.data import (
-    EXECUTION_FIELDS,
     DataConfig,
     DataResult,
     _fingerprint,
     check_output,
     eos_of,
+    plot_lengths,
+    stage_meta,
     up_to_date,
 )
 from lmloop.tokenizer import Tokenizer
@@ -265,32 +264,6 @@ def _report(meta: dict[str, Any], out_name: str) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, lengths: dict[str, dict[str, np.ndarray]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100, sharey=True)
-    width = 0.8 / len(SPLITS)
-    for ax, side in zip(axes, SIDES):
-        hist = lengths[side]
-        top = max((int(np.nonzero(v)[0].max()) for v in hist.values() if v.any()), default=0)
-        bins = np.arange(top + 1)
-        for i, s in enumerate(SPLITS):
-            ax.bar(bins + i * width, hist[s][: top + 1], width=width, label=s)
-        ax.set_xticks(bins + 0.4 - width / 2, [f"{1 << b}" for b in bins], rotation=45, fontsize=7)
-        ax.set_xlabel(f"{side} length in tokens (log2 bins, lower edge)")
-        ax.set_yscale("symlog")
-    axes[0].set_ylabel("pairs")
-    axes[0].legend()
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.96, bottom=0.24, wspace=0.05)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # same data, same bytes
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
-
-
 def run_pairs(cfg: DataConfig) -> DataResult:
     out = Path(cfg.out).expanduser()
     check_output(out, PAIRS_SCHEMA)
@@ -317,31 +290,12 @@ def run_pairs(cfg: DataConfig) -> DataResult:
         shards, dtype, eos = _write(cfg, tmp, tok, pairs, stats)
         inputs["tokenizer"] = tok.sha256
         tok.save(tmp / "tokenizer")
-        meta = make_meta(
-            PAIRS_SCHEMA,
-            PAIRS_FORMAT_VERSION,
-            {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS[2:]},
-            inputs,
-            fingerprint=key,
-            pairs={"input_field": cfg.input_field, "target_field": cfg.target_field},
-            splits={s: {**stats.splits[s], "shards": shards[s]} for s in SPLITS},
-            removed=stats.removed,
-            replaced=stats.replaced,
-            pii=stats.pii,
-            sources=stats.sources,
-            tokenizer={
-                "sha256": tok.sha256,
-                "vocab_size": tok.vocab_size,
-                "eos_id": eos,
-                "source": tok.source or "trained byte-level BPE",
-            },
-            dtype=str(dtype.name),
-            lengths_log2={
-                side: {s: stats.lengths[side][s].tolist() for s in SPLITS} for side in SIDES
-            },
-        )
+        lengths = {side: {s: stats.lengths[side][s].tolist() for s in SPLITS} for side in SIDES}
+        meta = stage_meta(cfg, PAIRS_SCHEMA, PAIRS_FORMAT_VERSION, inputs, key, stats, shards, tok,
+                          eos, dtype, lengths,
+                          pairs={"input_field": cfg.input_field, "target_field": cfg.target_field})  # fmt: skip
         write_meta(tmp, meta)
-        _plot(tmp / "lengths.png", stats.lengths)
+        plot_lengths(tmp / "lengths.png", stats.lengths, "pairs")
         (tmp / "report.md").write_text(_report(meta, out.name))
     _summary(meta, out, reused=False)
     return DataResult(out, meta, reused=False)
