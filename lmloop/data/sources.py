@@ -498,20 +498,39 @@ def _json_docs(
             yield value
 
 
-def _csv_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _require_columns(where: Any, names: list[str], columns: list[str]) -> None:
+    for name in names:
+        if name not in columns:
+            raise UserError(
+                f"{where}: column '{name}' not found{did_you_mean(name, columns)}; "
+                f"columns present: {', '.join(columns) or 'none'}",
+                hint=f"pass the right column, e.g. --source '{where}::field=NAME'"
+                if len(names) == 1
+                else "pass the right --input-field/--target-field",
+            )
+
+
+def _csv_reader(f: Path, strict: bool, stats: dict[str, int] | None) -> csv.DictReader:
     csv.field_size_limit(1 << 30)  # documents are long; the default 128 KB limit is for tables
     text = _read_all(f, strict=strict, stats=stats)
     delimiter = "\t" if _base_suffix(f) == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = reader.fieldnames or []
-    if spec.field not in columns:
-        raise UserError(
-            f"{f}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
-            f"columns present: {', '.join(columns) or 'none'}",
-            hint=f"pass the right column, e.g. --source '{f}::field=NAME'",
-        )
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+
+
+def _parquet_file(f: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
+    except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
+        raise UserError(f"cannot read parquet file {f}: {e}") from None
+
+
+def _csv_docs(
+    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
+) -> Iterator[str]:
+    reader = _csv_reader(f, strict, stats)
+    _require_columns(f, [spec.field], reader.fieldnames or [])
     for row in reader:
         value = row.get(spec.field)
         if value:
@@ -521,19 +540,8 @@ def _csv_docs(
 def _parquet_docs(
     f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
 ) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
-    except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
-        raise UserError(f"cannot read parquet file {f}: {e}") from None
-    columns = pf.schema_arrow.names
-    if spec.field not in columns:
-        raise UserError(
-            f"{f}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
-            f"columns present: {', '.join(columns)}",
-            hint=f"pass the right column, e.g. --source '{f}::field=NAME'",
-        )
+    pf = _parquet_file(f)
+    _require_columns(f, [spec.field], pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=1024, columns=[spec.field]):
         for value in batch.column(0).to_pylist():
             if isinstance(value, str) and value:
@@ -611,13 +619,8 @@ _READERS = {
 
 def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
     columns = list(ds.column_names or [])  # a streamed hub dataset may not know them yet
-    if columns and spec.field not in columns:
-        raise UserError(
-            f"{where}: column '{spec.field}' not found{did_you_mean(spec.field, columns)}; "
-            f"columns present: {', '.join(columns)}",
-            hint=f"pass the right column, e.g. --source '{spec.path}::field=NAME'",
-        )
     if columns:
+        _require_columns(where, [spec.field], columns)
         ds = ds.select_columns([spec.field])
     texts = (
         value
@@ -750,20 +753,11 @@ def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: dict[str, int]
                 except json.JSONDecodeError as e:
                     raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
     elif kind == "csv":
-        csv.field_size_limit(1 << 30)
-        text = _read_all(f, strict=strict, stats=stats)
-        delimiter = "\t" if _base_suffix(f) == ".tsv" else ","
-        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)):
+        for i, row in enumerate(_csv_reader(f, strict, stats)):
             yield f"{f}:{i + 2}", row
     elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
-        except Exception as e:  # noqa: BLE001 - any arrow failure means an unreadable file
-            raise UserError(f"cannot read parquet file {f}: {e}") from None
         i = 0
-        for batch in pf.iter_batches(batch_size=1024):
+        for batch in _parquet_file(f).iter_batches(batch_size=1024):
             for record in batch.to_pylist():
                 i += 1
                 yield f"{f}[row {i}]", record
@@ -789,13 +783,8 @@ def iter_pairs(
     kind = source_kind(spec)
     if kind in ("hf", "hf_disk"):
         ds = _hf_dataset(spec)
-        columns = list(ds.column_names or [])
-        for name in (input_field, target_field):
-            if columns and name not in columns:
-                raise UserError(
-                    f"{spec.path}: column '{name}' not found{did_you_mean(name, columns)}; "
-                    f"columns present: {', '.join(columns)}"
-                )
+        if ds.column_names:
+            _require_columns(spec.path, [input_field, target_field], list(ds.column_names))
         for batch in ds.select_columns([input_field, target_field]).iter(batch_size=1024):
             for a, b in zip(batch[input_field], batch[target_field]):
                 ok = isinstance(a, str) and isinstance(b, str) and a and b
