@@ -165,6 +165,16 @@ class Tokenizer:
         return self._id("pad_token")
 
     @property
+    def separator_id(self) -> int:
+        """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
+        eot = self.backend.token_to_id(ENDOFTEXT)
+        if eot is not None:
+            return int(eot)
+        if self.eos_id is not None:
+            return int(self.eos_id)
+        raise UserError(f"tokenizer {self.source} has no end-of-text token to separate documents")
+
+    @property
     def stop_ids(self) -> set[int]:
         """Tokens that end a generation: EOS and the chat end-of-turn marker."""
         ids = {self.eos_id} if self.eos_id is not None else set()

@@ -85,3 +85,13 @@ def test_same_as_transformers(tmp_path):
         assert ours.apply_chat_template(MESSAGES, add_generation_prompt=gen) == (
             theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
         )
+
+
+def test_separator_is_endoftext_then_eos_else_a_one_line_error():
+    tok = tiny_tokenizer()
+    assert tok.separator_id == tok.backend.token_to_id("<|endoftext|>")
+    # a vocabulary without <|endoftext|>: its EOS separates documents
+    raw = RawTokenizer(models.WordLevel({"a": 0, "</s>": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    assert Tokenizer(raw, specials={"eos_token": "</s>"}).separator_id == 1
+    with pytest.raises(UserError, match="no end-of-text token"):
+        Tokenizer(raw, specials={}).separator_id  # noqa: B018 - the property raises

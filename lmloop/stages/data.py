@@ -61,7 +61,7 @@ from lmloop.data.sources import SourceSpec, fingerprint, iter_documents
 from lmloop.data.synthetic import teacher_documents
 from lmloop.errors import UserError
 from lmloop.log import progress
-from lmloop.tokenizer import ENDOFTEXT, Tokenizer
+from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +213,6 @@ def check_output(out: Path, schema: str) -> None:
             f"output {out} already exists and holds {what}, expected '{schema}'",
             hint="choose another --out, or remove it",
         )
-
-
-def eos_of(tok: Tokenizer) -> int:
-    """The id written between documents: <|endoftext|> when the vocabulary has it, else EOS."""
-    eot = tok.backend.token_to_id(ENDOFTEXT)
-    if eot is not None:
-        return int(eot)
-    if tok.eos_id is not None:
-        return int(tok.eos_id)
-    raise UserError(f"tokenizer {tok.source} has no end-of-text token to separate documents")
 
 
 # ---- pass 1: read, clean, filter, split --------------------------------------------------------
@@ -549,7 +539,7 @@ def _tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> t
     if tok is not None and not own_eval:
         # one streaming pass: tokenization overlaps reading and cleaning
         eval_ngrams = sorted_unique(np.concatenate(eval_parts)) if eval_parts else None
-        packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+        packer = _Packer(tok, tok.separator_id, tmp, cfg, stats)
 
         def kept() -> Iterator[_Doc]:
             for docs in batches:
@@ -593,7 +583,7 @@ def _tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> t
         if empty:  # fail before training a tokenizer on nothing
             raise _empty_error(stats)
         tok = Tokenizer.from_backend(train_bpe((d.text for d in train_docs()), cfg.vocab_size))
-    packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+    packer = _Packer(tok, tok.separator_id, tmp, cfg, stats)
     for split in SPLITS:
         docs = train_docs() if split == "train" else spill.read(split)
         for batch in _rebatch(docs, cfg.batch_chars):

@@ -57,7 +57,6 @@ from lmloop.stages.data import (
     DataResult,
     _fingerprint,
     check_output,
-    eos_of,
     plot_lengths,
     stage_meta,
     up_to_date,
@@ -189,7 +188,7 @@ def _decontaminate(cfg: DataConfig, pairs: list[_Pair], stats: _Stats) -> list[_
 
 def _write(cfg: DataConfig, tmp: Path, tok: Tokenizer, pairs: list[_Pair], stats: _Stats):
     """Encode both sides and write each split's two shard streams; returns (shards, dtype)."""
-    eos = eos_of(tok)
+    eos = tok.separator_id
     dtype = dtype_for_vocab(max(tok.vocab_size, eos + 1))
     shards: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for split in SPLITS:

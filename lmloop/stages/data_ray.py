@@ -74,7 +74,6 @@ from lmloop.stages.data import (
     _Stats,
     clean,
     encoder_input,
-    eos_of,
     keyed,
     pack_ids,
     place,
@@ -535,7 +534,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
         tok = Tokenizer.from_backend(train_bpe(train_texts(), cfg.vocab_size))
 
     # 6. decontaminate, tokenize; shards written here, in unit order
-    packer = _Packer(tok, eos_of(tok), tmp, cfg, stats)
+    packer = _Packer(tok, tok.separator_id, tmp, cfg, stats)
     backend = ray.put(tok.backend)
     encoded = [
         _encode.remote(
