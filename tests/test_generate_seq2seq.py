@@ -132,10 +132,6 @@ def test_bad_input_is_one_line_and_exit_2(tiny, capsys, tmp_path):
         rc, _, err = _generate(tiny, capsys, *args)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
-    capsys.readouterr()
-    assert main(["chat", "--model", str(tiny["dir"])]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "chat is for decoder-only models" in lines[0]
 
 
 def test_eval_still_decodes_through_the_shared_decode():

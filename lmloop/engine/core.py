@@ -142,6 +142,11 @@ class Engine:
         self._ctx = min(ctx, max_len or min(ctx, DEFAULT_MAX_LEN))
         self.vocab = _vocab_of(model)
         self._stop_ids = set(tokenizer.stop_ids)
+        # An encoder-decoder model: the prompt is the encoder's input, the engine decodes the
+        # output from decoder position 1 (`lmloop.engine.seq2seq`); its config's EOS stops too.
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        if self.encoder_decoder and model.config.eos_token_id is not None:
+            self._stop_ids.add(int(model.config.eos_token_id))
         self.runner = _make_runner(
             model, max_batch, self._ctx, fast=fast, int8=int8, tokenizer=tokenizer
         )
@@ -207,6 +212,10 @@ class Engine:
         ctx = self._ctx
         if prompt_tokens == 0:
             raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
+        if self.encoder_decoder:
+            from lmloop.engine.seq2seq import check_request
+
+            return check_request(prompt_tokens, params, ctx)
         if prompt_tokens >= ctx + (params.max_tokens == 0):  # scoring only: the whole context
             raise UserError(
                 f"the prompt is {prompt_tokens} tokens, longer than the context of {ctx} tokens",
@@ -259,13 +268,22 @@ class Engine:
 
     def encode_prompt(self, text: str) -> list[int]:
         """A plain prompt's ids, with the special tokens the model's tokenizer adds (HF's way)."""
+        if self.encoder_decoder:
+            from lmloop.engine.seq2seq import encoder_input
+
+            return encoder_input(self.tokenizer, text)
         hf = getattr(self.tokenizer, "hf", None)
         if hf is not None:
             return list(hf.encode(text, add_special_tokens=True))
         return self.tokenizer.encode(text)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation rendered with the model's chat template, ready for an answer."""
+        """A conversation rendered with the model's chat template, ready for an answer (an
+        encoder-decoder model's input is the last user turn)."""
+        if self.encoder_decoder:
+            from lmloop.engine.seq2seq import chat_input
+
+            return chat_input(self.tokenizer, messages)
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
     def generate_text(self, prompt: str, params: SamplingParams | None = None) -> str:
@@ -280,6 +298,9 @@ class Engine:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids)
+
+    def _decode_output(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _loop(self) -> None:
         # Intra-op threads of this worker thread only (OpenMP's setting is per thread).
@@ -331,7 +352,10 @@ class Engine:
         self._running.append(seq)
         try:
             seq.sampler = Sampler(p, seq.prompt, self.vocab)
-            seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
+            if self.encoder_decoder:  # the output is text of its own, special tokens dropped
+                seq.stream = TextStream(self._decode_output, [], p.stop)
+            else:
+                seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
             seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
             plps = None
             if p.prompt_logprobs is None:
@@ -345,6 +369,8 @@ class Engine:
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
+        if self.encoder_decoder:
+            seq.pos = 1  # decoder positions: the start token sat at 0
         if p.max_tokens == 0:  # scoring only
             self._release(seq)
             seq.handle._push(
@@ -495,6 +521,10 @@ def _vocab_of(model: torch.nn.Module) -> int:
 def _make_runner(
     model: torch.nn.Module, batch: int, max_len: int, *, fast: bool, int8: bool, tokenizer: Any
 ):
+    if getattr(model, "is_encoder_decoder", False):
+        from lmloop.engine.seq2seq import Seq2SeqRunner
+
+        return Seq2SeqRunner(model, batch, max_len, int8=int8)
     if fast:
         from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
 

@@ -603,6 +603,11 @@ def _prompts(served: Served, req: ChatRequest | CompletionRequest) -> list[tuple
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
+        if _encoder_decoder(served):  # the last user turn is the encoder's input
+            try:
+                return [(served.engine.encode_chat(conv), conv)]
+            except UserError as e:
+                raise APIError(400, e.line(), param="messages") from None
         try:
             text = tok.apply_chat_template(conv, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - a model's template may reject a conversation
@@ -632,9 +637,17 @@ def _prompts(served: Served, req: ChatRequest | CompletionRequest) -> list[tuple
     return out
 
 
+def _encoder_decoder(served: Served) -> bool:
+    return bool(getattr(served.engine, "encoder_decoder", False))
+
+
 def _max_tokens(state: _State, served: Served, req: Any, n_prompt: int) -> int:
     ctx = served.context_length
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if _encoder_decoder(served):  # input and output each get the whole context
+        if n_prompt > ctx or (asked or 0) > ctx:
+            raise _context_error(ctx, n_prompt, asked or 1, encoder_decoder=True)
+        return min(state.settings.default_max_tokens, ctx) if asked is None else asked
     if asked is None:
         if n_prompt >= ctx:
             raise _context_error(ctx, n_prompt, 1)
@@ -644,7 +657,17 @@ def _max_tokens(state: _State, served: Served, req: Any, n_prompt: int) -> int:
     return asked
 
 
-def _context_error(ctx: int, n_prompt: int, asked: int) -> APIError:
+def _context_error(ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = False) -> APIError:
+    if encoder_decoder:
+        return APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens for the input and {ctx} for "
+            f"the completion. However, you requested {n_prompt} tokens in the prompt and "
+            f"{asked} for the completion. Please reduce the prompt or the maximum number of "
+            "tokens to generate.",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return APIError(
         400,
         f"This model's maximum context length is {ctx} tokens. However, you requested "

@@ -4,9 +4,9 @@
     lmloop generate --model runs/tiny --prompts prompts.jsonl --out results.jsonl
     lmloop chat --model smollm2-135m-instruct            # /reset, /save PATH, /exit
 
-Both stream through `lmloop.engine` (the same path as the HTTP server); an encoder-decoder
-(seq2seq) model, which the engine does not run, is decoded by its own `generate` (`--prompt` is
-the encoder's input; no streaming, no chat). Text goes to stdout, statistics and progress to
+Both stream through `lmloop.engine` (the same path as the HTTP server). For an encoder-decoder
+(seq2seq) model, `generate` decodes with the model's own `generate` (`--prompt` is the encoder's
+input; no streaming), and `chat` goes through the engine, the last user turn as the input. Text goes to stdout, statistics and progress to
 stderr. `--json` prints one JSON object instead of streaming. A prompts file holds one JSON
 object per line: `{"prompt": "..."}` or `{"messages": [...]}`, with optional `id` and per-line
 sampling overrides (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`); results
@@ -65,14 +65,14 @@ def _params(cfg: Any, **over: Any):
     return cfg.sampling.params(**{"logprobs": getattr(cfg, "logprobs", None), **over})
 
 
-def _load(cfg: Any, **kw: Any):
-    """(engine, loaded model); no engine (None) for an encoder-decoder model: the engine is
-    decoder-only, and `_run_seq2seq` decodes those with the model's own `generate`."""
+def _load(cfg: Any, *, seq2seq_engine: bool = False, **kw: Any):
+    """(engine, loaded model); for an encoder-decoder model no engine (None) unless
+    `seq2seq_engine` (chat): `_run_seq2seq` decodes those with the model's own `generate`."""
     from lmloop.engine import Engine
     from lmloop.modelio import load_model
 
     loaded = load_model(cfg.model)
-    if getattr(loaded.model, "is_encoder_decoder", False):
+    if getattr(loaded.model, "is_encoder_decoder", False) and not seq2seq_engine:
         return None, loaded
     engine = Engine(
         loaded.model, loaded.tokenizer, int8=cfg.int8, threads=cfg.threads or None, **kw
@@ -353,13 +353,7 @@ def run_chat(cfg: ChatConfig) -> int:
     from lmloop.artifacts import atomic_write
 
     base = _params(cfg)
-    engine, loaded = _load(cfg, max_batch=1, max_waiting=2)
-    if engine is None:
-        raise UserError(
-            f"{cfg.model} is an encoder-decoder ({loaded.model.config.family}) model: chat is "
-            "for decoder-only models",
-            hint='use lmloop generate --model M --prompt "input text"',
-        )
+    engine, loaded = _load(cfg, seq2seq_engine=True, max_batch=1, max_waiting=2)
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
@@ -405,7 +399,8 @@ def run_chat(cfg: ChatConfig) -> int:
                     file=sys.stderr,
                 )
                 continue
-            room = engine.context_length - len(ids)
+            # an encoder-decoder model's answer has the decoder's whole context to itself
+            room = engine.context_length - (0 if engine.encoder_decoder else len(ids))
             params = _params(cfg, max_tokens=min(base.max_tokens, room))
             reply = []
             for out in engine.generate(ids, params):
@@ -426,7 +421,7 @@ def run_chat(cfg: ChatConfig) -> int:
 def _fit(engine: Any, messages: list[dict[str, str]], start: list[dict[str, str]]):
     """The conversation's ids, dropping the oldest turns (never the system message) to leave
     room for an answer; None when even the last message alone does not fit."""
-    need = min(64, engine.context_length // 4)  # room kept for the answer
+    need = 0 if engine.encoder_decoder else min(64, engine.context_length // 4)  # the answer's
     while True:
         ids = engine.encode_chat(messages)
         if len(ids) + need <= engine.context_length:

@@ -1,0 +1,148 @@
+"""Running an encoder-decoder (seq2seq) model under the engine's continuous batching.
+
+The engine talks to a model through a runner (`prefill(row, ids)`, `decode(tokens, positions)`,
+`reset(row)`, `move(src, dst, length)`; see `lmloop.engine.runner`). `Seq2SeqRunner` gives an
+encoder-decoder model that surface:
+
+* `prefill` encodes the row's input once, stores its cross-attention keys/values (every decoder
+  layer's projection of the encoding: they never change while the row decodes) and runs the
+  first decoder step from the decoder start token at decoder position 0.
+* `decode` runs one decoder token for each running row: its self-attention reads the row's own
+  KV cache (slots are decoder positions, as in `lmloop.models.cache`), its cross-attention the
+  row's stored keys/values. Inputs differ in length, so the stored keys are padded to the
+  longest running input and the padding is masked out of each row's cross-attention.
+* `move` carries a row's self-attention slots *and* its cross-attention keys/values and input
+  length; `reset` forgets both.
+
+Positions given to `decode` and lengths given to `move` are decoder positions: the engine
+starts a seq2seq sequence at decoder position 1 (the start token sits at 0). The engine's own
+code is the decoder-only path with that one difference; the prefix cache does not apply
+(an input is not a prefix of the output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lmloop.engine.runner import CacheRows, move_row
+from lmloop.errors import UserError
+from lmloop.models.seq2seq import Seq2SeqCache
+
+
+def is_seq2seq(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
+def encoder_input(tokenizer: Any, text: str) -> list[int]:
+    """A plain text's encoder input: its tokens plus EOS, as `lmloop data` ends a pair's input
+    (and Hugging Face's T5 tokenizer adds `</s>`). Empty text gives no ids."""
+    ids = list(tokenizer.encode(text))
+    eos = tokenizer.eos_id
+    return ids + [eos] if ids and eos is not None else ids
+
+
+def chat_input(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation's encoder input: its last user turn (a seq2seq model has no chat
+    template; earlier turns are not part of the input)."""
+    user = [m for m in messages if m.get("role") == "user"]
+    if not user:
+        raise UserError(
+            "the conversation has no user message: an encoder-decoder model answers the last "
+            "user turn",
+            hint='add a {"role": "user", "content": ...} message',
+        )
+    return encoder_input(tokenizer, str(user[-1].get("content") or ""))
+
+
+def check_request(input_tokens: int, params: Any, ctx: int) -> None:
+    """Raise UserError when a request cannot run: the input and the output each get `ctx`
+    positions (the encoder's and the decoder's; they do not share one context)."""
+    if params.prompt_logprobs is not None:
+        raise UserError(
+            "prompt logprobs (echo with logprobs) apply to decoder-only models only; this model "
+            "is encoder-decoder: its prompt is the encoder's input, not text it predicts"
+        )
+    if input_tokens > ctx:
+        raise UserError(
+            f"the input is {input_tokens} tokens, longer than the context of {ctx} tokens",
+            hint="shorten the prompt",
+        )
+    if params.max_tokens > ctx:
+        raise UserError(
+            f"max_tokens ({params.max_tokens}) is more than the decoder's context of {ctx} tokens",
+            hint=f"lower max_tokens to at most {ctx}",
+        )
+
+
+class Seq2SeqRunner:
+    """An lmloop `Seq2Seq` model (`encode`, `decode`, `new_cache`) as an engine runner."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *, int8: bool = False):
+        if int8:
+            raise UserError(
+                "--int8 applies to decoder-only models only; this is an encoder-decoder "
+                f"({model.config.family}) model",
+                hint="serve it without --int8",
+            )
+        c = model.config
+        self.model = model
+        self.max_len = max_len  # decoder positions and input tokens, each
+        self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu").self_attn
+        shape = (c.decoder_layers, batch, c.num_heads, max_len, c.d_kv)  # (L, B, H, S, D)
+        self.cross_k = torch.zeros(shape, dtype=torch.float32)
+        self.cross_v = torch.zeros(shape, dtype=torch.float32)
+        self.input_len = [0] * batch  # valid cross slots of each row
+        self.start = int(c.decoder_start_token_id)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, stop: int):
+        """One decoder step for rows [start, stop): logits (n, V)."""
+        n = stop - start
+        lens = torch.tensor(self.input_len[start:stop])
+        span = int(lens.max())
+        cache = Seq2SeqCache(CacheRows(self.cache, start, stop))
+        cache.cross = [
+            (self.cross_k[i, start:stop, :, :span], self.cross_v[i, start:stop, :, :span])
+            for i in range(self.cross_k.shape[0])
+        ]  # (n, H, span, D) each: views, no copy
+        pad = torch.arange(span)[None] >= lens[:, None]  # (n, span) True past each input's end
+        bias = torch.zeros((n, span), dtype=torch.float32)
+        cache.cross_bias = bias.masked_fill(pad, torch.finfo(torch.float32).min)[:, None, None]
+        return self.model.decode(tokens, positions=positions, cache=cache)[:, -1]
+
+    def prefill(self, row: int, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
+        """Encode `ids` into `row`'s cross cache and run the decoder start token (position 0);
+        its logits (V,), the distribution of the first output token."""
+        if every_position:
+            raise UserError("prompt logprobs apply to decoder-only models only")
+        self.reset(row)
+        x = torch.tensor([ids], dtype=torch.long)
+        enc, _ = self.model.encode(x)  # (1, S, C): one unpadded input
+        S = len(ids)
+        for i, block in enumerate(self.model.model.decoder.layers):
+            k, v = block.cross_attn.kv(enc)  # (1, H, S, D)
+            self.cross_k[i, row, :, :S] = k[0]
+            self.cross_v[i, row, :, :S] = v[0]
+        self.input_len[row] = S
+        tok = torch.tensor([[self.start]])
+        return self._step(tok, torch.zeros((1, 1), dtype=torch.long), row, row + 1)[0]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 at its own decoder position; logits (n, V)."""
+        n = len(tokens)
+        x = torch.tensor(tokens, dtype=torch.long)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long)[:, None]
+        return self._step(x, pos, 0, n)
+
+    def reset(self, row: int) -> None:
+        self.cache.reset_rows([row])
+        self.input_len[row] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src` (its first `length` decoder slots and its whole cross cache) into `dst`."""
+        move_row(self.cache, src, dst, length)
+        S = self.input_len[src]
+        self.cross_k[:, dst, :, :S] = self.cross_k[:, src, :, :S]
+        self.cross_v[:, dst, :, :S] = self.cross_v[:, src, :, :S]
+        self.input_len[dst], self.input_len[src] = S, 0
