@@ -35,6 +35,8 @@ from lmloop.engine.params import (
     StepOutput,
     TokenLogprob,
 )
+from lmloop.engine.prefix import PrefixCache
+from lmloop.engine.prefix import supports as prefix_supports
 from lmloop.engine.sampling import Sampler, top_logprobs
 from lmloop.engine.text import TextStream
 from lmloop.errors import UserError
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 2048  # cache length when the model's context is longer (memory: B x S x layers)
 STALL_AFTER_S = 120.0  # a worker with work that has not stepped for this long is not alive
+# Keys and values of shared prompt prefixes kept for reuse (`lmloop.engine.prefix`): 256 MB is
+# ~5,600 tokens of SmolLM2-135M (46 KB each), a few long system prompts or chat histories.
+DEFAULT_PREFIX_CACHE_MB = 256.0
 
 
 class RequestHandle:
@@ -109,7 +114,7 @@ class RequestHandle:
 class _Seq:
     __slots__ = (
         "handle", "prompt", "params", "sampler", "stream", "stop_ids", "pos", "last", "n_gen",
-        "row", "started",
+        "row", "started", "out_ids",
     )  # fmt: skip
 
     def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams):
@@ -119,6 +124,7 @@ class _Seq:
         self.n_gen = 0
         self.row = -1
         self.started = 0.0
+        self.out_ids: list[int] = []  # sampled tokens (the last one not fed yet)
 
 
 class Engine:
@@ -133,6 +139,7 @@ class Engine:
         fast: bool = True,
         int8: bool = False,
         threads: int | None = None,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -152,6 +159,11 @@ class Engine:
         )
         self.int8 = int8
         self.threads = threads or default_threads()
+        # Prefix reuse for runners that can read and write cache slots (not encoder-decoder).
+        self.prefix = None
+        if prefix_cache_mb > 0 and prefix_supports(self.runner):
+            self.prefix = PrefixCache(int(prefix_cache_mb * 2**20))
+        self.prefilled = 0  # prompt tokens run through the model (the rest came from `prefix`)
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
         self._cv = threading.Condition()
@@ -359,8 +371,14 @@ class Engine:
             seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
             plps = None
             if p.prompt_logprobs is None:
-                logits = self.runner.prefill(seq.row, seq.prompt)
+                m = 0 if self.prefix is None else self.prefix.load(self.runner, seq.row, seq.prompt)
+                if m:
+                    logits = self.runner.prefill(seq.row, seq.prompt[m:], start=m)
+                else:
+                    logits = self.runner.prefill(seq.row, seq.prompt)
+                self.prefilled += len(seq.prompt) - m
             else:
+                self.prefilled += len(seq.prompt)
                 every = self.runner.prefill(seq.row, seq.prompt, every_position=True)  # (T, V)
                 plps = self._prompt_logprobs(seq.prompt, every, p.prompt_logprobs)
                 logits = every[-1]
@@ -369,6 +387,8 @@ class Engine:
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
+        if self.prefix is not None:  # at once: requests admitted next to this one share it
+            self.prefix.store(self.runner, seq.row, seq.prompt)
         if self.encoder_decoder:
             seq.pos = 1  # decoder positions: the start token sat at 0
         if p.max_tokens == 0:  # scoring only
@@ -412,6 +432,10 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 failed.append((seq, _sampling_error(seq, e)))
         leaving = [seq for seq, out in outs if out.finished] + [seq for seq, _ in failed]
+        if self.prefix is not None:  # a finished answer extends its prompt's stored prefix
+            for seq, out in outs:
+                if out.finished:
+                    self.prefix.store(self.runner, seq.row, seq.prompt + seq.out_ids[:-1])
         for seq in sorted(leaving, key=lambda s: -s.row):
             self._release(seq)
         for seq, out in outs:
@@ -424,6 +448,7 @@ class Engine:
         p = seq.params
         seq.n_gen += 1
         seq.last = token
+        seq.out_ids.append(token)
         seq.sampler.observe(token)
         lps = None
         if p.logprobs is not None:

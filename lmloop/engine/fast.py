@@ -339,21 +339,30 @@ class FastLlamaRunner:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + torch.roll(x, self.D // 2, dims=-1) * sin
 
-    def prefill(self, row: int, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
+    def prefill(
+        self, row: int, ids: list[int], *, start: int = 0, every_position: bool = False
+    ) -> torch.Tensor:
+        """Tokens at positions start..start+T-1 of `row` (slots before `start` hold a prefix
+        already: the prefix cache's `write_kv`)."""
         T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
+        end = start + T
         x = F.embedding(torch.tensor(ids), self.embed)  # (T, C)
-        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]  # (T, 1, D)
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # (T, 1, D)
+        mask = None  # from 0: SDPA's own causal mask; after a prefix, query t sees slots <= t
+        if start:
+            mask = self._slots[None, :end] <= torch.arange(start, end)[:, None]  # (T, end)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
             h = qkv(self._norm(x, n1))  # (T, (H + 2 Hkv) D)
             qk = self._rope(h[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
-            self.k[i, row, :, :T] = qk[:, H:].transpose(0, 1)
-            self.v[i, row, :, :T] = h[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1)
+            self.k[i, row, :, start:end] = qk[:, H:].transpose(0, 1)
+            self.v[i, row, :, start:end] = h[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1)
             q = qk[:, :H].transpose(0, 1)[None]  # (1, H, T, D)
             y = F.scaled_dot_product_attention(
                 q,
-                self.k[i, row : row + 1, :, :T],
-                self.v[i, row : row + 1, :, :T],
-                is_causal=True,
+                self.k[i, row : row + 1, :, :end],
+                self.v[i, row : row + 1, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None,
                 scale=1.0,  # already folded into the queries
                 enable_gqa=True,
             )  # (1, H, T, D)
@@ -408,6 +417,14 @@ class FastLlamaRunner:
 
     def reset(self, row: int) -> None:
         """Nothing to clear: a row's length mask comes from its positions."""
+
+    # The prefix cache's access to slots (`lmloop.engine.prefix`); k, v: (L, Hkv, T, D).
+    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, row, :, start:stop].clone(), self.v[:, row, :, start:stop].clone()
+
+    def write_kv(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        self.k[:, row, :, start : start + n] = k[:, :, :n]
+        self.v[:, row, :, start : start + n] = v[:, :, :n]
 
 
 def fast_runner(

@@ -38,12 +38,15 @@ class ModelRunner:
         self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")
         self.max_len = max_len
 
-    def prefill(self, row: int, ids: list[int], *, every_position: bool = False) -> torch.Tensor:
-        """Write a prompt into `row` (positions 0..len-1); logits of its last token (V,), or of
-        every token (T, V) with `every_position`."""
-        self.cache.reset_rows([row])
+    def prefill(
+        self, row: int, ids: list[int], *, start: int = 0, every_position: bool = False
+    ) -> torch.Tensor:
+        """Write prompt tokens into `row` at positions start..start+len-1 (slots before `start`
+        hold a prefix already, see `write_kv`); logits of the last token (V,), or of every
+        token (T, V) with `every_position`."""
+        self.cache.valid[row, start:] = False
         x = torch.tensor([ids], dtype=torch.long)
-        pos = torch.arange(len(ids))[None]
+        pos = torch.arange(start, start + len(ids))[None]
         logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
 
@@ -60,6 +63,15 @@ class ModelRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row `src` (its first `length` slots) into row `dst` and free `src`."""
         move_row(self.cache, src, dst, length)
+
+    # The prefix cache's access to slots (`lmloop.engine.prefix`); k, v: (L, T, Hkv, D).
+    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k[:, row, start:stop].clone(), self.cache.v[:, row, start:stop].clone()
+
+    def write_kv(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        self.cache.k[:, row, start : start + n] = k[:, :n]
+        self.cache.v[:, row, start : start + n] = v[:, :n]
+        self.cache.valid[row, start : start + n] = True
 
 
 def move_row(cache: KVCache, src: int, dst: int, length: int) -> None:
