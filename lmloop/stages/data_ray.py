@@ -12,10 +12,12 @@ corpus is grouped across it, never per worker:
 
 1. read, clean, scrub, hash: one task per unit. Its cleaned texts stay in Ray's object store
    (spilled to disk past its memory) until packing, as the one-process path's spill files do.
-2. exact dedup: the hashes are shuffled into partitions by hash; a reduce task per partition
-   keeps the first id of each hash.
-3. near dedup: MinHash signatures of the exact survivors (a task per unit); the LSH band keys
-   are shuffled by key; a reduce task per partition returns the groups of ids sharing a band.
+2. exact dedup: each unit's hashes leave its read task sorted; a reduce task per range of
+   hash values (at least one per CPU, and more as the corpus grows, `SHUFFLE_ROWS` hashes
+   each) cuts its range out of every unit's and keeps the first id of each hash.
+3. near dedup: MinHash signatures of the exact survivors (a task per unit), whose LSH band
+   keys leave sorted; a reduce task per range of keys, as above, returns the groups of ids
+   sharing a band.
    The driver joins the groups into connected components and keeps, in each, what the
    one-process pass keeps: in id order, a document is dropped when it shares a band with an
    earlier *kept* one. Components don't interact, so this is exactly the one-process result.
@@ -85,6 +87,7 @@ log = logging.getLogger(__name__)
 
 UNIT_BYTES = 16 << 20  # consecutive files of a source are read together up to this size
 MAX_RETRIES = 3  # per task, when its worker dies
+SHUFFLE_ROWS = 1 << 21  # hashes a dedup reduce task holds, about: more tasks as the corpus grows
 FAULTS_ENV = "LMLOOP_RAY_FAULTS"  # tests: a folder of fault points (see `_fault`)
 _COUNTS = ("documents_read", "documents_kept", "train_tokens")
 
@@ -141,15 +144,28 @@ def _positions(ids: np.ndarray, uid: int) -> np.ndarray:
     return (ids[lo:hi] - (uid << 32)).astype(np.int64)
 
 
-def _returns(values: list[Any]) -> Any:
-    return values[0] if len(values) == 1 else tuple(values)  # num_returns=1 stores the value
+def _ranges(rows: int, cpus: int) -> list[tuple[int, int]]:
+    """Ranges of a uniform 64-bit hash, one per dedup reduce task: one per CPU, or more, so
+    that a task holds about SHUFFLE_ROWS of the corpus's `rows` at most. (Band keys are sums
+    of MinHash values times odd 63-bit constants, mod 2**64: their high bits are uniform too;
+    measured on ../shared/data, each top-4-bit range holds 6.25% +- 0.4%.)"""
+    n = max(cpus, -(-rows // SHUFFLE_ROWS))
+    edges = [(p << 64) // n for p in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _within(keys: np.ndarray, lo: int, hi: int) -> slice:
+    """The rows of ascending uint64 `keys` in [lo, hi) (hi up to 2**64)."""
+    end = len(keys) if hi >> 64 else int(np.searchsorted(keys, np.uint64(hi)))
+    return slice(int(np.searchsorted(keys, np.uint64(lo))), end)
 
 
 # ---- tasks ---------------------------------------------------------------------------------
 @ray.remote(max_retries=MAX_RETRIES)
-def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, parts: int) -> Any:
-    """Read, clean, scrub and hash one unit. Returns (texts, keys), a summary, and the
-    (ids, hashes) of each exact-dedup partition."""
+def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, dedup: bool) -> Any:
+    """Read, clean, scrub and hash one unit. Returns (texts, keys), a summary, and with
+    `dedup` its (ids, first halves, second halves) of the 16-byte hashes, sorted by the first
+    half, from which each exact dedup task cuts its range."""
     spec = cfg.source[si]
     stats, utf8 = _delta(cfg), {}
     texts: list[str] = []
@@ -166,24 +182,25 @@ def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, parts: i
         keys += [doc_key(t) for t in cleaned] if is_keyed else [b""] * len(cleaned)
     stats.replaced["invalid_utf8"] += utf8.get("invalid_utf8", 0)
     _fault("read")
-    summary = {"stats": stats, "documents": stats.sources[si]["documents_read"], "chars": chars}
+    read = stats.sources[si]["documents_read"]
+    summary = {"stats": stats, "documents": read, "kept": len(texts), "chars": chars}
     out: list[Any] = [(texts, keys), summary]
-    if parts:
-        ids = _ids(uid, np.arange(len(keys)))
+    if dedup:
         halves = np.frombuffer(b"".join(keys), dtype="<u8").reshape(-1, 2)
-        which = halves[:, 0] % np.uint64(parts)
-        out += [(ids[which == p], halves[which == p]) for p in range(parts)]
+        order = np.argsort(halves[:, 0], kind="stable")
+        out.append((_ids(uid, order), halves[order, 0], halves[order, 1]))
     return out
 
 
 @ray.remote(max_retries=MAX_RETRIES)
-def _exact_duplicates(*parts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Ids of one hash partition that are not the first (lowest id) with their hash."""
-    ids = np.concatenate([p[0] for p in parts])
-    halves = np.concatenate([p[1] for p in parts]).reshape(-1, 2)
-    order = np.lexsort((ids, halves[:, 1], halves[:, 0]))
-    h = halves[order]
-    again = (h[1:] == h[:-1]).all(axis=1)
+def _exact_duplicates(lo: int, hi: int, *units: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Ids whose hash's first half is in [lo, hi) that are not the first (lowest id) with
+    their hash. Only those rows of each unit are copied out of the object store."""
+    cuts = [_within(u[1], lo, hi) for u in units]
+    ids, h0, h1 = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
+    order = np.lexsort((ids, h1, h0))
+    h0, h1 = h0[order], h1[order]
+    again = (h0[1:] == h0[:-1]) & (h1[1:] == h1[:-1])
     return np.sort(ids[order[1:][again]])
 
 
@@ -193,9 +210,9 @@ def _bands(
     payload: tuple[list[str], list[bytes]],
     dropped: np.ndarray,
     uid: int,
-    parts: int,
-) -> Any:
-    """LSH band keys of a unit's exact survivors, as (ids, band, key) per key partition."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LSH band keys of a unit's exact survivors: (ids, band, key), sorted by key, from which
+    each band-grouping task cuts its range."""
     texts = payload[0]
     near = _near(cfg.near_dedup_threshold)
     keep = np.setdiff1d(np.arange(len(texts)), dropped)
@@ -205,17 +222,18 @@ def _bands(
     ids = np.repeat(_ids(uid, keep), near.bands)
     band = np.tile(np.arange(near.bands, dtype=np.int16), len(keep))
     flat = keys.reshape(-1)
-    which = flat % np.uint64(parts)
+    order = np.argsort(flat, kind="stable")
     _fault("bands")
-    return _returns([(ids[which == p], band[which == p], flat[which == p]) for p in range(parts)])
+    return ids[order], band[order], flat[order]
 
 
 @ray.remote(max_retries=MAX_RETRIES)
-def _band_groups(*parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """Groups (two or more ids, ascending) sharing a band key: (members, group sizes)."""
-    ids = np.concatenate([p[0] for p in parts])
-    band = np.concatenate([p[1] for p in parts])
-    key = np.concatenate([p[2] for p in parts])
+def _band_groups(
+    lo: int, hi: int, *units: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, ...]:
+    """Groups (two or more ids, ascending) sharing a band key in [lo, hi): (members, sizes)."""
+    cuts = [_within(k, lo, hi) for *_, k in units]
+    ids, band, key = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
     order = np.lexsort((ids, key, band))
     b, k = band[order], key[order]
     starts = np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])])
@@ -299,14 +317,15 @@ def _encode(
         if not bad
     ]
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    flat: dict[str, list[int]] = {s: [] for s in SPLITS}
+    # one array per batch: a unit's ids as Python ints would take ~40 bytes each, not 2-4
+    flat: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for batch in _rebatch(docs, cfg.batch_chars):
         inputs, counts = encoder_input(batch)
         part = pack_ids(batch, counts, encode(inputs, add_special_tokens=False), eos, stats)
         for s in SPLITS:
-            flat[s] += part[s]
+            flat[s].append(np.array(part[s], dtype=dtype))
     _fault("encode")
-    return {s: np.array(flat[s], dtype=dtype) for s in SPLITS}, stats
+    return {s: np.concatenate([np.zeros(0, dtype), *flat[s]]) for s in SPLITS}, stats
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -457,41 +476,49 @@ def tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tu
 def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
     units = _units(cfg)
     stats.sources.extend(source_info(spec) for spec in cfg.source)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    parts = max(1, cpus)  # shuffle partitions
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     log.info("ray: %d units on %d CPUs", len(units), cpus)
 
-    # 1. read, clean, hash; the hashes leave already partitioned for exact dedup
-    kp = parts if cfg.dedup else 0
+    # 1. read, clean, hash; each unit's hashes leave sorted, for exact dedup
     reads = [
-        _read.options(num_returns=2 + kp).remote(cfg, si, files, uid, kp)
+        _read.options(num_returns=2 + cfg.dedup).remote(cfg, si, files, uid, cfg.dedup)
         for uid, (si, files, _) in enumerate(units)
     ]
     payloads = [r[0] for r in reads]
     sized = all(files is not None for _, files, _ in units)
     rate = _Rate("read", sum(size for *_, size in units) if sized else None)
+    kept = 0  # documents after cleaning
     for uid, summary in _in_order([r[1] for r in reads]):
         _merge(stats, summary["stats"])
+        kept += summary["kept"]
         rate.add(units[uid][2] if sized else summary["chars"], summary["documents"])
     log.info("ray: read %s", rate.close())
 
-    # 2. exact dedup across the corpus: one reduce per hash partition
+    # 2. exact dedup across the corpus: one reduce per range of hashes, as many as keep each
+    # one's share of the hashes bounded (they are uniform)
     dropped = np.zeros(0, np.int64)
     if cfg.dedup:
-        reduce = [_exact_duplicates.remote(*[r[2 + p] for r in reads]) for p in range(kp)]
-        dropped = np.sort(np.concatenate(_get(reduce)))
+        ranges = _ranges(kept, cpus)
+        log.info("ray: exact dedup of %d documents in %d tasks", kept, len(ranges))
+        hashes = [r[2] for r in reads]
+        dropped = np.sort(
+            np.concatenate(_get([_exact_duplicates.remote(*r, *hashes) for r in ranges]))
+        )
         stats.removed["exact_duplicates"] += len(dropped)
-    del reads  # the shuffle parts can go; the payloads stay
+    del reads  # the hashes can go; the payloads stay
 
-    # 3. near dedup: band keys of the survivors, grouped by key, then components
+    # 3. near dedup: band keys of the survivors, grouped by key (by ranges, as above), then
+    # connected components
     if cfg.near_dedup:
-        bands = []
-        for uid in range(len(units)):
-            refs = _bands.options(num_returns=parts).remote(
-                cfg, payloads[uid], _positions(dropped, uid), uid, parts
-            )
-            bands.append([refs] if parts == 1 else refs)
-        groups = _get([_band_groups.remote(*[b[p] for b in bands]) for p in range(parts)])
+        bands = [
+            _bands.remote(cfg, payloads[uid], _positions(dropped, uid), uid)
+            for uid in range(len(units))
+        ]
+        rows = (kept - len(dropped)) * _near(cfg.near_dedup_threshold).bands
+        ranges = _ranges(rows, cpus)
+        log.info("ray: near dedup of %d band keys in %d tasks", rows, len(ranges))
+        groups = _get([_band_groups.remote(*r, *bands) for r in ranges])
+        del bands
         near = near_drops(groups)
         stats.removed["near_duplicates"] += len(near)
         dropped = np.union1d(dropped, near)
