@@ -235,6 +235,13 @@ def build_records(
             else:
                 rec = {"text": _plain_text(a, answer)}
             out.append((a.conversation_id, {**rec, "model_version": a.model_version}))
+    elif fmt == "pairs":  # an encoder-decoder model's (input, target): `lmloop loop` on seq2seq
+        for a in answers:
+            answer = a.correction if a.correction is not None else (a.text if a.liked else None)
+            users = [m["content"] for m in a.prefix if m["role"] == "user"]
+            if answer is not None and users:  # its input was the last user turn (or the prompt)
+                rec = {"input": users[-1], "target": answer, "model_version": a.model_version}
+                out.append((a.conversation_id, rec))
     elif fmt == "kto":
         for a in answers:
             if a.kind == "chat" and a.thumb is not None:
@@ -452,6 +459,8 @@ _PUNCT = re.compile(r"[^\w\s]+")
 
 def _prompt_text(rec: dict[str, Any]) -> str:
     """The last user turn a record answers (its prompt), normalized for near-duplicate search."""
+    if "input" in rec:  # an input/target pair
+        return " ".join(_PUNCT.sub(" ", rec["input"].lower()).split())
     msgs = rec.get("prompt") if "prompt" in rec else rec.get("messages", [])[:-1]
     users = (
         [m["content"] for m in msgs if m.get("role") == "user"] if isinstance(msgs, list) else []
@@ -468,7 +477,9 @@ def _bigrams(text: str) -> set[tuple[str, ...]]:
 def _preferred_answer(rec: dict[str, Any]) -> str | None:
     """The answer a record teaches (SFT answer, DPO chosen, KTO desirable completion): what a
     model could memorise. Rejected answers are not keys: a weak model often repeats one."""
-    if "messages" in rec:
+    if "target" in rec:  # an input/target pair
+        value = rec["target"]
+    elif "messages" in rec:
         value = rec["messages"][-1]["content"]
     elif "chosen" in rec:
         value = rec["chosen"]
@@ -557,13 +568,15 @@ def export_for_loop(
     heldout_fraction: float,
     min_rating: int | None = None,
     scrub: bool = True,
+    formats: tuple[str, ...] = ("sft", "dpo", "kto"),
 ) -> LoopExport:
-    """Write `sft`, `dpo` and `kto` records (train + held-out) into `out_dir`, split together."""
+    """Write the records of `formats` (default `sft`, `dpo` and `kto`; `pairs` for an
+    encoder-decoder model) as train + held-out files into `out_dir`, split together."""
     with FeedbackStore(db, create=False) as store:
         answers, prefs = _collect(store, since=None, model_versions=None, min_rating=min_rating)
     pii: dict[str, int] = {}
     per_format: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for fmt in ("sft", "dpo", "kto"):
+    for fmt in formats:
         seen: set[str] = set()
         kept = []
         for conv, rec in build_records(answers, prefs, fmt):
@@ -574,14 +587,14 @@ def export_for_loop(
                 seen.add(key)
                 kept.append((conv, rec))
         per_format[fmt] = kept
-    items = [item for fmt in ("sft", "dpo", "kto") for item in per_format[fmt]]
+    items = [item for fmt in formats for item in per_format[fmt]]
     flags, n_groups = heldout_assignment(items, heldout_fraction)
     held = iter(flags)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, Path]] = {}
     counts: dict[str, dict[str, int]] = {}
-    for fmt in ("sft", "dpo", "kto"):
+    for fmt in formats:
         sides: dict[str, list[str]] = {"train": [], "heldout": []}
         for _, rec in per_format[fmt]:
             sides["heldout" if next(held) else "train"].append(json.dumps(rec, ensure_ascii=False))

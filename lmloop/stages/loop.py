@@ -18,6 +18,15 @@ test). Every figure, interval and count goes to `decision.json` and the registry
 `recipe=text` keeps the earlier recipe (feedback as plain text mixed into continued
 pretraining), for comparison; the same gate judges it.
 
+An encoder-decoder (seq2seq) model learns from pairs instead: each corrected answer becomes an
+(input, corrected target) pair and each liked answer an (input, answer) pair (the input is the
+last user turn or the completion prompt); they are prepared as a `lmloop.pairs` folder with the
+base pairs corpus's recipe (decontaminated against its val/test pairs) and fine-tune the next
+version through the train stage (task seq2seq). There is no preference stage (DPO/KTO score a
+decoder-only model's likelihood of an answer after its prompt): the gate's held-out evidence is
+the target cross-entropy of held-out pairs, candidate against current, with the same bootstrap
+interval, beside the base pairs' target perplexity and the optional rule.
+
 Every step writes its artifact under `WORK_DIR/cycle-N/` and is recorded in `state.json` as it
 completes; rerunning after an interruption resumes at the first unfinished step. Stages are
 called as Python: child configs are built with `dataclasses.replace` and read back as results.
@@ -186,7 +195,13 @@ def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
     rule = figures.get("rule") or {}
     parts = [f"base-val perplexity {cur_b:.3f} -> {new_b:.3f} ({regression:+.1%}, limit "
              f"+{gate.max_base_regression:.1%})"]  # fmt: skip
-    if pairs.get("n"):
+    if pairs.get("n") and pairs.get("kind") == "targets":  # seq2seq: held-out target NLL
+        parts.append(
+            f"held-out pairs {pairs['n']}: target cross-entropy {pairs['current_nll']:.3f} -> "
+            f"{pairs['candidate_nll']:.3f} nats/token, gain {pairs['gain']:+.3f} "
+            f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}]"
+        )
+    elif pairs.get("n"):
         parts.append(
             f"held-out pairs {pairs['n']}: margin gain {pairs['gain']:+.3f} "
             f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}], preference accuracy "
@@ -269,7 +284,8 @@ def _guard_split(meta: dict[str, Any], base_data: str) -> str:
     """The base split that guards against regressions: val, or test when val is empty."""
     splits = meta.get("splits") or {}
     for name in ("val", "test"):
-        if (splits.get(name) or {}).get("documents", 0) > 0:
+        got = splits.get(name) or {}
+        if got.get("documents", 0) > 0 or got.get("pairs", 0) > 0:  # text or pairs folder
             return name
     raise UserError(
         f"{base_data} has no val or test documents to guard against regressions",
@@ -277,13 +293,46 @@ def _guard_split(meta: dict[str, Any], base_data: str) -> str:
     )
 
 
+def is_seq2seq(spec: str) -> bool:
+    """Whether a model folder (lmloop's or Hugging Face's) holds an encoder-decoder model, read
+    from its config.json without loading weights."""
+    try:
+        c = json.loads((Path(spec) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return c.get("family") == "seq2seq" or bool(c.get("is_encoder_decoder"))
+
+
+def _check_seq2seq(cfg: LoopConfig) -> None:
+    what = f"{cfg.name}'s current version is an encoder-decoder (seq2seq) model"
+    if cfg.recipe != "preference":
+        raise UserError(f"{what}: recipe={cfg.recipe} is for decoder-only models",
+                        hint="drop recipe=; the loop fine-tunes it on (input, target) pairs")  # fmt: skip
+    if cfg.pref_task != "auto":
+        raise UserError(
+            f"{what}: pref_task={cfg.pref_task} (preference training) applies to decoder-only "
+            "models only",
+            hint="drop pref_task=; the loop fine-tunes it on corrected and liked answers as pairs",
+        )
+    if cfg.sft_steps < 1:
+        raise UserError(f"{what}: it learns in the fine-tuning stage, but sft_steps is 0",
+                        hint="set sft_steps=N (N >= 1)")  # fmt: skip
+
+
 def _check_inputs(cfg: LoopConfig, cur_path: str) -> tuple[dict[str, Any], str]:
     """Every user mistake the cycle can meet, found before anything is written or trained."""
     from lmloop.tokenizer import Tokenizer
 
-    base_meta = read_meta(
-        cfg.base_data, "lmloop.data", rebuild="lmloop data --source ... --out DIR"
-    )
+    if is_seq2seq(cur_path):
+        _check_seq2seq(cfg)
+        base_meta = read_meta(
+            cfg.base_data, "lmloop.pairs",
+            rebuild="lmloop data --source ... --input-field IN --target-field OUT --out DIR",
+        )  # fmt: skip
+    else:
+        base_meta = read_meta(
+            cfg.base_data, "lmloop.data", rebuild="lmloop data --source ... --out DIR"
+        )
     split = _guard_split(base_meta, cfg.base_data)
     if not Path(cfg.db).is_file():
         raise UserError(f"feedback store not found: {cfg.db}", hint="serve a model with --db first")
@@ -299,13 +348,21 @@ def _check_inputs(cfg: LoopConfig, cur_path: str) -> tuple[dict[str, Any], str]:
     return base_meta, split
 
 
-def _export(cfg: LoopConfig, cycle: Path) -> dict[str, Any]:
+def _export(cfg: LoopConfig, cycle: Path, seq2seq: bool = False) -> dict[str, Any]:
     from lmloop.stages.feedback import export_for_loop
 
     ex = export_for_loop(
-        cfg.db, cycle / "feedback", heldout_fraction=cfg.heldout_fraction, min_rating=cfg.min_rating
-    )
+        cfg.db, cycle / "feedback", heldout_fraction=cfg.heldout_fraction,
+        min_rating=cfg.min_rating, formats=("pairs",) if seq2seq else ("sft", "dpo", "kto"),
+    )  # fmt: skip
     n = {f: c["train"] + c["heldout"] for f, c in ex.counts.items()}
+    if seq2seq and n["pairs"] == 0:
+        raise UserError(
+            f"no corrected or liked answers to learn from in {cfg.db} (an encoder-decoder model "
+            "learns from (input, corrected or liked answer) pairs)",
+            hint="correct answers or rate them up (thumb up, rating >= 4) through the chat page "
+            "or POST /v1/feedback, then rerun",
+        )
     if sum(n.values()) == 0:
         raise UserError(
             f"no rated answers to learn from in {cfg.db}",
@@ -319,7 +376,7 @@ def _export(cfg: LoopConfig, cycle: Path) -> dict[str, Any]:
             "together): nothing is left to train on",
             hint="collect conversations on more varied prompts, or lower heldout_fraction",
         )
-    if n["dpo"] == 0 and not (cfg.recipe == "preference" and cfg.gate.rule):
+    if not seq2seq and n["dpo"] == 0 and not (cfg.recipe == "preference" and cfg.gate.rule):
         raise UserError(
             f"the feedback in {cfg.db} is one-sided ({ex.thumbs['up']} thumbs up, "
             f"{ex.thumbs['down']} down, no corrections or preferences between answers): the gate "
@@ -422,6 +479,44 @@ def _prepare(cfg: LoopConfig, cycle: Path, exported: dict[str, Any], base_meta: 
         files["text"] = out_dir / "text.jsonl"
         files["text"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "dropped": dropped}
+
+
+def _prepare_pairs(cfg: LoopConfig, cycle: Path, exported: dict, base_meta: dict, cur: str) -> dict:
+    """Seq2seq: the training pairs -> a `lmloop.pairs` folder (`lmloop data` on pairs), with the
+    base pairs corpus's recipe (cleaning, filters, dedup, its n-gram length) and its val/test
+    pairs as the decontamination set; every kept pair goes to train, tokenized with the current
+    version's tokenizer."""
+    from lmloop.config import build
+    from lmloop.data import shards
+    from lmloop.data.sources import SourceSpec
+    from lmloop.stages import data as data_stage
+    from lmloop.tokenizer import Tokenizer
+
+    out_dir = cycle / "data"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.load(cfg.base_data)
+    guard = []
+    for split in ("val", "test"):
+        pairs = shards.open_pairs(cfg.base_data, split)
+        for i in range(len(pairs)):
+            guard += [tok.decode(side.tolist(), skip_special_tokens=True) for side in pairs[i]]
+    guard_file = out_dir / "base-val-test.jsonl"
+    guard_file.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in guard)
+    )
+    base = {k: v for k, v in (base_meta.get("config") or {}).items() if v is not None}
+    recipe = build(data_stage.DataConfig, base)
+    child = replace(
+        recipe, source=[SourceSpec(path=exported["files"]["pairs"]["train"])],
+        input_field="input", target_field="target", out=str(cycle / "pairs"), tokenizer=cur,
+        val_fraction=0.0, test_fraction=0.0, decontaminate=True,
+        decontaminate_with=[SourceSpec(path=str(guard_file))], force=False,
+    )  # fmt: skip
+    result = data_stage.run(child)
+    removed = result.meta.get("removed") or {}
+    n = int(((result.meta.get("splits") or {}).get("train") or {}).get("pairs", 0))
+    return {"files": {"pairs": str(result.out)}, "counts": {"pairs": n},
+            "dropped": {k: v for k, v in removed.items() if v}}  # fmt: skip
 
 
 def _pref_task(cfg: LoopConfig, counts: dict[str, int], prepared: Path) -> str | None:
@@ -532,13 +627,49 @@ def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[s
     }
 
 
+def _target_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[str, Any]:
+    """Seq2seq: each held-out (input, target) pair's target cross-entropy (nats per target
+    token, teacher-forced, as `lmloop eval` and training compute it) under both versions; the
+    gain (current minus candidate) and its interval."""
+    from lmloop.data.preprocess import normalize_text
+    from lmloop.modelio import load_model
+    from lmloop.stages.evaluate_seq2seq import target_loglik
+
+    recs = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]
+    if not recs:
+        return {"n": 0, "what": "held-out pairs", "kind": "targets"}
+    nll: dict[str, list[float]] = {}
+    for who, spec in (("current", cur), ("candidate", cand)):
+        log.info("gate: the %s version scores %d held-out pairs", who, len(recs))
+        loaded = load_model(spec)
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        window, pad = int(model.max_seq_len), int(model.config.pad_token_id)
+        nll[who] = []
+        sep = tok.separator_id  # after each side, as `lmloop data` writes pairs
+        for r in recs:
+            row = tuple(tok.encode(normalize_text(r[k])) + [sep] for k in ("input", "target"))
+            ll, n = target_loglik(model, [row], window=window, pad_id=pad, show_progress=False)
+            nll[who].append(-ll / max(n, 1))
+    gain = [a - b for a, b in zip(nll["current"], nll["candidate"])]
+    mean, low, high = bootstrap_interval(gain, confidence=cfg.gate.confidence,
+                                         resamples=cfg.gate.bootstrap)  # fmt: skip
+    return {"what": "held-out pairs", "kind": "targets", "n": len(gain), "gain": mean,
+            "gain_low": low, "gain_high": high,
+            "current_nll": sum(nll["current"]) / len(gain),
+            "candidate_nll": sum(nll["candidate"]) / len(gain)}  # fmt: skip
+
+
 def heldout_prompts(cycle_files: dict[str, dict[str, str]]) -> list[list[dict[str, str]]]:
-    """Distinct prompts of every held-out record (their conversations up to the answer)."""
+    """Distinct prompts of every held-out record (their conversations up to the answer; a
+    pair's input as one user turn)."""
     seen, out = set(), []
-    for fmt in ("dpo", "kto", "sft"):
+    for fmt in (f for f in ("dpo", "kto", "sft", "pairs") if f in cycle_files):
         for line in Path(cycle_files[fmt]["heldout"]).read_text("utf-8").splitlines():
             rec = json.loads(line)
-            prompt = rec["prompt"] if "prompt" in rec else rec["messages"][:-1]
+            if "input" in rec:
+                prompt = [{"role": "user", "content": rec["input"]}]
+            else:
+                prompt = rec["prompt"] if "prompt" in rec else rec["messages"][:-1]
             key = json.dumps(prompt, sort_keys=True)
             if isinstance(prompt, list) and key not in seen:
                 seen.add(key)
@@ -599,6 +730,7 @@ def run(cfg: LoopConfig) -> LoopResult:
         )
     state_cur = (current[0], str(current[1]))
     base_meta, split = _check_inputs(cfg, state_cur[1])
+    seq2seq = is_seq2seq(state_cur[1])
     cycle = _cycle_dir(cfg)
     state = _read_state(cycle)
     if "current" not in state:
@@ -606,7 +738,8 @@ def run(cfg: LoopConfig) -> LoopResult:
         state["config"] = to_dict(cfg)
         write_json(cycle / "state.json", state)
     cur_version, cur_path = state["current"]["version"], state["current"]["path"]
-    print(f"loop: cycle {cycle} improving {cfg.name} {cur_version} ({cfg.recipe} recipe)",
+    print(f"loop: cycle {cycle} improving {cfg.name} {cur_version} "
+          f"({'pairs' if seq2seq else cfg.recipe} recipe)",
           flush=True)  # fmt: skip
 
     def step(name: str, fn) -> Any:
@@ -617,7 +750,7 @@ def run(cfg: LoopConfig) -> LoopResult:
         return state["results"][name]
 
     try:
-        exported = step("export", lambda: _export(cfg, cycle))
+        exported = step("export", lambda: _export(cfg, cycle, seq2seq))
     except UserError:
         if not state["done"]:  # a store with nothing to learn from leaves no half-made cycle
             import shutil
@@ -626,11 +759,19 @@ def run(cfg: LoopConfig) -> LoopResult:
         raise
     print(f"loop: feedback {json.dumps(exported['counts'])} ({exported['groups']} groups)",
           flush=True)  # fmt: skip
-    prepared = step("prepare", lambda: _prepare(cfg, cycle, exported, base_meta))
+    if seq2seq:
+        prepared = step("prepare",
+                        lambda: _prepare_pairs(cfg, cycle, exported, base_meta, cur_path))  # fmt: skip
+    else:
+        prepared = step("prepare", lambda: _prepare(cfg, cycle, exported, base_meta))
     counts, pfiles = prepared["counts"], prepared["files"]
     print(f"loop: training records {json.dumps(counts)}, dropped {prepared['dropped']}", flush=True)
 
-    if cfg.recipe == "text":
+    if seq2seq:  # fine-tuned on the pairs; no preference stage (see the module docstring)
+        cand = step("sft", lambda: _train(cfg, "seq2seq", pfiles["pairs"], cur_path,
+                                          cycle / "seq2seq", cfg.sft_steps))  # fmt: skip
+        cand = step("preference", lambda: cand)
+    elif cfg.recipe == "text":
         cand = step("sft", lambda: _text_train(cfg, cycle, prepared, base_meta, cur_path))
         cand = step("preference", lambda: cand)
     else:
@@ -651,7 +792,11 @@ def run(cfg: LoopConfig) -> LoopResult:
         figures = {
             "current_base_ppl": _base_ppl(cfg, cur_path, ev / "current-base", split),
             "candidate_base_ppl": _base_ppl(cfg, cand, ev / "candidate-base", split),
-            "pairs": _pair_figures(cfg, cur_path, cand, Path(exported["files"]["dpo"]["heldout"])),
+            "pairs": (
+                _target_figures(cfg, cur_path, cand, Path(exported["files"]["pairs"]["heldout"]))
+                if seq2seq
+                else _pair_figures(cfg, cur_path, cand, Path(exported["files"]["dpo"]["heldout"]))
+            ),
             "rule": _rule_figures(cfg, cur_path, cand, exported["files"], ev / "answers.json"),
             "counts": {"export": exported["counts"], "train": counts},
         }
