@@ -108,7 +108,7 @@ def _target_nll(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
 
 
 def test_corrections_become_pairs_the_next_version_learns(world):
-    assert main(_loop(world, "work")) == 0
+    assert main(_loop(world, "work", "gate.rule=regex:the", "gate.rule_tokens=8")) == 0
     cycle = world["root"] / "work" / "cycle-1"
     # the exported pairs are the store's corrections and liked answers, nothing else
     exported = set()
@@ -152,6 +152,13 @@ def test_corrections_become_pairs_the_next_version_learns(world):
     gain = (sum(nll_cur) - sum(nll_new)) / len(held)
     assert fig["gain"] == pytest.approx(gain, rel=1e-5, abs=1e-6)
     assert "target cross-entropy" in d["reason"]
+    # the rule answered each held-out input greedily through the engine, both versions
+    rule = d["figures"]["rule"]
+    answers = json.loads((cycle / "eval" / "answers.json").read_text())
+    assert rule["n"] == len(heldout) == len(answers)
+    assert sorted(a["prompt"][-1]["content"] for a in answers) == sorted(i for i, _ in heldout)
+    for who in ("current", "candidate"):
+        assert rule[who] == sum("the" in a[who] for a in answers) / len(answers)
 
 
 def test_preference_training_is_refused_for_seq2seq(world, capsys):
