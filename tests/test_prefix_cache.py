@@ -202,3 +202,43 @@ def test_the_memory_budget_evicts_least_recently_used(models, tok):
         before = engine.prefilled
         _run(engine, [a[:40] + [7]])  # a's blocks are back; 40 tokens reused
         assert engine.prefilled - before == 1
+
+
+def test_the_server_counts_what_the_prefix_cache_saved(tmp_path):
+    """Two chats with one system prompt: /metrics says how many prompt tokens were prefilled
+    and how many came from the cache, and the two add up to the prompts' tokens."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_server_kit import make_tiny_model
+
+    from lmloop.server import ServerSettings, create_app
+
+    model = make_tiny_model(tmp_path / "model", max_len=512)
+    system = {"role": "system", "content": "You answer briefly and politely. " * 6}
+    chats = [[system, {"role": "user", "content": q}] for q in ("Hi there.", "What now?")]
+    for mb in (64.0, 0.0):
+        with TestClient(create_app(ServerSettings(model=str(model), prefix_cache_mb=mb))) as c:
+            deadline = time.time() + 60
+            while c.get("/health").status_code != 200:
+                assert time.time() < deadline
+                time.sleep(0.05)
+            prompt_tokens = 0
+            for msgs in chats:
+                body = {"messages": msgs, "max_tokens": 3, "temperature": 0}
+                prompt_tokens += c.post("/v1/chat/completions", json=body).json()["usage"][
+                    "prompt_tokens"
+                ]
+            got = {
+                s.name: s.value
+                for fam in text_string_to_metric_families(c.get("/metrics").text)
+                for s in fam.samples
+            }
+        reused = got["lmloop_prefix_cache_tokens_reused_total"]
+        assert got["lmloop_prompt_tokens_prefilled_total"] + reused == prompt_tokens
+        if mb:
+            assert got["lmloop_prefix_cache_hits_total"] == 1
+            assert reused >= 40  # the system prompt, at least
+        else:
+            assert got["lmloop_prefix_cache_hits_total"] == 0 and reused == 0

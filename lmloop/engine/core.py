@@ -210,6 +210,15 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def prefill_counts(self) -> dict[str, int]:
+        """Prompt tokens prefilled, and what the prefix cache saved (the server's metrics)."""
+        prefix = self.prefix
+        return {
+            "prefilled": self.prefilled,
+            "prefix_hits": prefix.hits if prefix else 0,
+            "prefix_tokens_reused": prefix.tokens_reused if prefix else 0,
+        }
+
     @property
     def alive(self) -> bool:
         t = self._thread

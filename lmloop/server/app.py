@@ -71,6 +71,7 @@ class ServerSettings:
     registry_poll: float = 5.0  # seconds between checks of a `registry:NAME` model's current
     cors_origins: list[str] = field(default_factory=list)
     int8: bool = False  # int8 weights for faster CPU decode (the engine's option)
+    prefix_cache_mb: float = 256.0  # the engine's prefix cache (0: off)
 
 
 class _State:
@@ -83,15 +84,17 @@ class _State:
         self.on_load_failure: Any = None  # callable(str), set by `lmloop serve` to exit
         self.tasks: list[asyncio.Task] = []
 
-    def _snapshot(self) -> list[tuple[str, str, int, int, bool]]:
+    def _snapshot(self) -> list[tuple[str, str, int, int, bool, dict[str, int]]]:
         cur = self.slot.current
         rows = []
         for s in self.slot.all_served():
             try:
                 running, waiting = int(s.engine.num_running), int(s.engine.num_waiting)
+                counts = dict(s.engine.prefill_counts())
             except Exception:  # noqa: BLE001 - a stopped engine reports nothing
                 running = waiting = 0
-            rows.append((s.model_id, s.version, running, waiting, s is cur))
+                counts = {}
+            rows.append((s.model_id, s.version, running, waiting, s is cur, counts))
         return rows
 
 
@@ -105,6 +108,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
             "max_waiting": settings.max_waiting,
             "max_len": settings.max_len,
             "int8": settings.int8,
+            "prefix_cache_mb": settings.prefix_cache_mb,
         },
         drain_timeout=settings.drain_timeout,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -20,11 +20,25 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class _EngineCollector(Collector):
-    """`lmloop_requests_running` / `_waiting` and `lmloop_model_info`, read when scraped."""
+Snapshot = Callable[[], list[tuple[str, str, int, int, bool, dict[str, int]]]]
 
-    def __init__(self, snapshot: Callable[[], list[tuple[str, str, int, int, bool]]]):
-        self.snapshot = snapshot  # -> [(model, version, running, waiting, current)]
+# The engine's prefill counters (`Engine.prefill_counts`), exported as counters.
+_PREFILL_COUNTERS = {
+    "prefilled": ("lmloop_prompt_tokens_prefilled", "prompt tokens run through the model"),
+    "prefix_hits": ("lmloop_prefix_cache_hits", "requests that reused a cached prompt prefix"),
+    "prefix_tokens_reused": (
+        "lmloop_prefix_cache_tokens_reused",
+        "prompt tokens whose keys/values came from the prefix cache instead of a prefill",
+    ),
+}
+
+
+class _EngineCollector(Collector):
+    """`lmloop_requests_running` / `_waiting`, `lmloop_model_info` and the prefill counters,
+    read when scraped."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot  # -> [(model, version, running, waiting, current, counts)]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["model", "version"]
@@ -37,17 +51,25 @@ class _EngineCollector(Collector):
         info = GaugeMetricFamily(
             "lmloop_model_info", "1 for the model version taking new requests", labels=labels
         )
-        for model, version, n_run, n_wait, current in self.snapshot():
+        counters = {
+            key: CounterMetricFamily(name, doc, labels=labels)
+            for key, (name, doc) in _PREFILL_COUNTERS.items()
+        }
+        for model, version, n_run, n_wait, current, counts in self.snapshot():
             running.add_metric([model, version], n_run)
             waiting.add_metric([model, version], n_wait)
             info.add_metric([model, version], 1 if current else 0)
+            for key, family in counters.items():
+                if key in counts:
+                    family.add_metric([model, version], counts[key])
         yield running
         yield waiting
         yield info
+        yield from counters.values()
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], list[tuple[str, str, int, int, bool]]]):
+    def __init__(self, snapshot: Snapshot):
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.ttft = Histogram(

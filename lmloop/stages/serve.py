@@ -54,6 +54,11 @@ class ServeConfig:
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
     int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
+    prefix_cache_mb: float = param(
+        256.0,
+        "memory for the keys/values of shared prompt prefixes (system prompt, chat history), "
+        "reused instead of prefilled again; 0 turns the prefix cache off",
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -65,6 +70,8 @@ class ServeConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        if not self.prefix_cache_mb >= 0:
+            raise UserError(f"--prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
         for name in ("request_timeout", "drain_timeout", "registry_poll"):
             if not getattr(self, name) > 0:
                 raise UserError(
@@ -113,6 +120,7 @@ def run(cfg: ServeConfig) -> int:
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
         int8=cfg.int8,
+        prefix_cache_mb=cfg.prefix_cache_mb,
     )
     app = create_app(settings)
     server = uvicorn.Server(
