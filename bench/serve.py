@@ -1,14 +1,30 @@
-"""Load test of `lmloop serve` on loopback, side by side with llama.cpp's OpenAI server.
+"""Load test of `lmloop serve` on loopback, side by side with llama.cpp's servers.
 
-    .venv/bin/python bench/serve.py                       # SmolLM2-135M, 1/4/16 clients
+    .venv/bin/python bench/serve.py                       # SmolLM2-135M, 1/4/16/32 clients
     .venv/bin/python bench/serve.py --concurrency 1 4 --max-tokens 32
+    .venv/bin/python bench/serve.py --scenario shared-prompt --int8
 
 Each concurrency level runs that many streaming chat clients at once, each sending
 `--requests-per-client` requests one after another (different prompts, `--max-tokens` each).
 Reported per level: aggregate output tokens/s (completion tokens of all requests / wall time of
-the level) and p50/p95 time to first token (request sent -> first content delta). The same
-load then runs against `python -m llama_cpp.server` on the same GGUF file when `llama_cpp` is
-importable (`make bench-setup`); otherwise that side is reported as unavailable.
+the level) and p50/p95 time to first token (request sent -> first content delta).
+
+Scenarios: `chat` sends a short user message; `shared-prompt` puts the same ~1,000-token system
+prompt before every one (what a deployed assistant sends), so time to first token shows whether
+a server reuses the prompt's keys and values (lmloop's prefix cache, llama-server's prompt
+cache) or prefills it again each time.
+
+Servers, on the same GGUF file and the same thread count (`--threads`, default the lmloop
+engine's own default), each printed on its rows:
+
+* `lmloop`: `lmloop serve` (its engine threads set by LMLOOP_ENGINE_THREADS);
+* `llama-server`: llama.cpp's native server, built by `make bench-setup` into
+  .bench/llama.cpp (bench/build_llama_server.sh), with `--max-batch` parallel slots of
+  `--slot-ctx` tokens each and continuous batching;
+* `llama-cpp-py`: llama-cpp-python's server (`python -m llama_cpp.server`, one request at a
+  time), when `llama_cpp` is importable.
+
+A server that is not available is reported as skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +53,26 @@ PROMPTS = [
     "Tell me a story about a brave mouse.",
     "How do plants make food from sunlight?",
 ]
+
+
+# The shared system prompt: numbered house rules, ~1,000 SmolLM2 tokens (the count the server
+# reports is printed with the results).
+_RULES = [
+    "Answer the question that was asked, and say so plainly when you do not know.",
+    "Keep answers short unless the user asks for detail, and use lists for steps.",
+    "Be polite and patient, and never make fun of a question.",
+    "When a question is ambiguous, say which reading you answered.",
+    "Give units with every number and round sensibly.",
+    "Do not invent quotations, sources or statistics.",
+    "Prefer simple words to technical ones, and explain any term you must use.",
+    "If the user writes in another language, answer in that language.",
+]
+SYSTEM_PROMPT = (
+    "You are a helpful assistant for a small library. House rules follow.\n"
+    + "\n".join(f"Rule {i + 1}: {_RULES[i % len(_RULES)]}" for i in range(52))
+)
+SCENARIOS = ("chat", "shared-prompt")
+LLAMA_SERVER = Path(__file__).resolve().parent.parent / ".bench/llama.cpp/build/bin/llama-server"
 
 
 def gguf_path() -> Path:
@@ -77,11 +114,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int
+    client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int, seed: int
 ):
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "seed": seed,
@@ -107,33 +144,47 @@ async def one_request(
                     if ttft is None:
                         ttft = time.perf_counter() - t0
     tokens = usage["completion_tokens"] if usage else deltas
-    return ttft, tokens
+    return ttft, tokens, (usage or {}).get("prompt_tokens")
 
 
-async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def messages_for(scenario: str, prompt: str) -> list[dict]:
+    user = {"role": "user", "content": prompt}
+    if scenario == "shared-prompt":
+        return [{"role": "system", "content": SYSTEM_PROMPT}, user]
+    return [user]
+
+
+async def run_level(
+    url: str, model: str, clients: int, per_client: int, max_tokens: int, scenario: str
+) -> dict:
     ttfts: list[float] = []
     errors: list[str] = []
+    prompt_tokens: list[int] = []
     tokens = 0
 
     async def client_loop(cid: int) -> None:
         nonlocal tokens
         async with httpx.AsyncClient(base_url=url, timeout=600) as c:
             for k in range(per_client):
-                prompt = PROMPTS[(cid * per_client + k) % len(PROMPTS)]
+                msgs = messages_for(scenario, PROMPTS[(cid * per_client + k) % len(PROMPTS)])
                 try:
-                    ttft, n = await one_request(c, model, prompt, max_tokens, seed=cid * 1000 + k)
+                    ttft, n, pt = await one_request(c, model, msgs, max_tokens, cid * 1000 + k)
                 except (httpx.HTTPError, RuntimeError) as e:
                     errors.append(f"{type(e).__name__}: {e}"[:200])
                     continue
                 if ttft is not None:
                     ttfts.append(ttft)
+                if pt:
+                    prompt_tokens.append(pt)
                 tokens += n
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     return {
+        "scenario": scenario,
         "clients": clients,
+        "prompt_tokens_mean": round(sum(prompt_tokens) / max(1, len(prompt_tokens))),
         "requests": clients * per_client,
         "output_tokens": tokens,
         "wall_s": round(wall, 2),
@@ -145,26 +196,31 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
     }
 
 
-def bench_server(name: str, url: str, model: str, args) -> list[dict]:
-    asyncio.run(run_level(url, model, 1, 1, 8))  # warm-up: first-request costs out of the figures
+def bench_server(name: str, url: str, model: str, threads: int, args) -> list[dict]:
     rows = []
-    for c in args.concurrency:
-        per_client = max(1, args.requests // c) if args.requests else args.requests_per_client
-        row = asyncio.run(run_level(url, model, c, per_client, args.max_tokens))
-        row["server"] = name
-        rows.append(row)
-        print(
-            f"{name:10s} clients={c:3d} requests={row['requests']:3d} "
-            f"tokens={row['output_tokens']:5d} wall={row['wall_s']:7.2f}s "
-            f"throughput={row['tok_per_s']:8.2f} tok/s "
-            f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s"
-            + (
-                f" FAILED {row['failed_requests']}: {row['first_error']}"
-                if row["failed_requests"]
-                else ""
-            ),
-            flush=True,
-        )
+    for scenario in args.scenario:
+        # warm-up: first-request costs (and the shared prompt's first prefill, printed as the
+        # cold time to first token) out of the figures, which are then steady state
+        cold = asyncio.run(run_level(url, model, 1, 1, 8, scenario))
+        print(f"{name:12s} threads={threads} {scenario:13s} cold ttft={cold['ttft_p50_s']:.3f}s")
+        for c in args.concurrency:
+            per_client = max(1, args.requests // c) if args.requests else args.requests_per_client
+            row = asyncio.run(run_level(url, model, c, per_client, args.max_tokens, scenario))
+            row["server"], row["threads"] = name, threads
+            rows.append(row)
+            print(
+                f"{name:12s} threads={threads} {scenario:13s} clients={c:3d} "
+                f"requests={row['requests']:3d} prompt~{row['prompt_tokens_mean']:4d} tok "
+                f"tokens={row['output_tokens']:5d} wall={row['wall_s']:7.2f}s "
+                f"throughput={row['tok_per_s']:8.2f} tok/s "
+                f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s"
+                + (
+                    f" FAILED {row['failed_requests']}: {row['first_error']}"
+                    if row["failed_requests"]
+                    else ""
+                ),
+                flush=True,
+            )
     return rows
 
 
@@ -177,80 +233,140 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
+def run_server(name: str, cmd: list[str], ready_path: str, port: int, threads: int, args,
+               tmp: Path, env: dict | None = None) -> list[dict]:  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    try:
+        wait_ready(url, proc, ready_path)
+        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        return bench_server(name, url, model_id, threads, args)
+    except RuntimeError as e:
+        print(f"{name}: {e} (log: {tmp / (name + '.log')})")
+        return []
+    finally:
+        stop(proc)
+        log.close()
+
+
+def find_llama_server(given: str | None) -> str | None:
+    if given:
+        return given
+    if LLAMA_SERVER.is_file():
+        return str(LLAMA_SERVER)
+    return shutil.which("llama-server")
+
+
 def main() -> int:
+    from lmloop.engine.core import default_threads
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--scenario", nargs="+", choices=SCENARIOS, default=["chat"])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument(
         "--requests", type=int, default=0, help="total requests per level (overrides per-client)"
     )
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=16, help="ours; llama-server's slots (-np)")
+    ap.add_argument("--slot-ctx", type=int, default=2048, help="llama-server context per slot")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="every server's")
     ap.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
-    ap.add_argument("--peer", choices=["auto", "off"], default="auto")
+    ap.add_argument("--prefix-cache-mb", type=float, help="ours (default: the server's)")
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["lmloop", "llama-server", "llama-cpp-py"],
+        default=["lmloop", "llama-server", "llama-cpp-py"],
+    )
+    ap.add_argument("--llama-server", help="llama-server binary (default: make bench-setup's)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     gguf = gguf_path()
     tmp = Path(tempfile.mkdtemp(prefix="lmloop-bench-serve-"))
-    print(f"model {args.model} (GGUF {gguf.name}); cpus {os.cpu_count()}; load {os.getloadavg()}")
+    t = args.threads
+    print(
+        f"model {args.model} (GGUF {gguf.name}); cpus {os.cpu_count()}; threads {t}; "
+        f"load {os.getloadavg()}; logs {tmp}"
+    )
     results: list[dict] = []
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    ours = subprocess.Popen(
-        [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port", str(port),
-         "--db", str(tmp / "feedback.db"), "--max-batch", str(args.max_batch),
-         "--max-waiting", "256", *(["--int8"] if args.int8 else [])],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "lmloop.log", "w"),  # noqa: SIM115
-        env={**os.environ, "LMLOOP_HOME": str(tmp / "home")},
-    )  # fmt: skip
-    try:
-        wait_ready(url, ours, "/health")
-        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        results += bench_server("lmloop", url, model_id, args)
-    finally:
-        stop(ours)
-
-    have_peer = importlib.util.find_spec("llama_cpp") is not None
-    if args.peer == "auto" and have_peer:
+    if "lmloop" in args.servers:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        peer = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
-             "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-             "--n_threads", str(os.cpu_count() or 1),
-             # by default a new request interrupts the one streaming (one at a time): queue instead
-             "--interrupt_requests", "False"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / "llamacpp.log", "w"),  # noqa: SIM115
+        extra = ["--int8"] if args.int8 else []
+        if args.prefix_cache_mb is not None:
+            extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        results += run_server(
+            "lmloop",
+            [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port",
+             str(port), "--db", str(tmp / "feedback.db"), "--max-batch", str(args.max_batch),
+             "--max-waiting", "256", *extra],
+            "/health", port, t, args, tmp,
+            env={**os.environ, "LMLOOP_HOME": str(tmp / "home"), "LMLOOP_ENGINE_THREADS": str(t)},
         )  # fmt: skip
-        try:
-            wait_ready(url, peer, "/v1/models")
-            peer_model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            results += bench_server("llama.cpp", url, peer_model, args)
-        finally:
-            stop(peer)
-    else:
-        print("llama.cpp: llama_cpp is not importable (run `make bench-setup`); peer skipped")
 
-    ours_rows = {r["clients"]: r for r in results if r["server"] == "lmloop"}
-    peer_rows = {r["clients"]: r for r in results if r["server"] == "llama.cpp"}
-    lo, hi = min(ours_rows), max(ours_rows)
-    if hi != lo:
-        print(
-            f"lmloop scaling: {hi} clients / {lo} client throughput = "
-            f"{ours_rows[hi]['tok_per_s'] / ours_rows[lo]['tok_per_s']:.2f}x"
-        )
-    for c, pr in sorted(peer_rows.items()):
-        if c in ours_rows:
-            o = ours_rows[c]
+    if "llama-server" in args.servers:
+        binary = find_llama_server(args.llama_server)
+        if binary is None:
+            print("llama-server: not built (run `make bench-setup`); skipped")
+        else:
+            port = free_port()
+            slots = args.max_batch
+            # -np parallel slots sharing -c (so -c is slots x per-slot context), continuous
+            # batching on, -t/-tb the same thread count for decode and prompt processing
+            results += run_server(
+                "llama-server",
+                [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                 "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
+                 "-t", str(t), "-tb", str(t), "--no-webui"],
+                "/health", port, t, args, tmp,
+            )  # fmt: skip
+
+    if "llama-cpp-py" in args.servers:
+        if importlib.util.find_spec("llama_cpp") is None:
             print(
-                f"clients={c}: lmloop/llama.cpp throughput = {o['tok_per_s'] / pr['tok_per_s']:.2f}x; "
-                f"ttft p95 lmloop {o['ttft_p95_s']:.3f}s vs llama.cpp {pr['ttft_p95_s']:.3f}s"
+                "llama-cpp-py: llama_cpp is not importable (pip install llama-cpp-python); skipped"
             )
+        else:
+            port = free_port()
+            results += run_server(
+                "llama-cpp-py",
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                 "127.0.0.1", "--port", str(port), "--n_ctx", str(args.slot_ctx),
+                 "--n_threads", str(t), "--n_threads_batch", str(t),
+                 # by default a new request interrupts the one streaming (one at a time): queue
+                 "--interrupt_requests", "False"],
+                "/v1/models", port, t, args, tmp,
+            )  # fmt: skip
+
+    summarize(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def summarize(results: list[dict]) -> None:
+    rows = {(r["server"], r["scenario"], r["clients"]): r for r in results}
+    for scenario in dict.fromkeys(r["scenario"] for r in results):
+        ours = {c: r for (s, sc, c), r in rows.items() if s == "lmloop" and sc == scenario}
+        if len(ours) > 1:
+            lo, hi = min(ours), max(ours)
+            print(
+                f"lmloop {scenario} scaling: {hi} clients / {lo} client throughput = "
+                f"{ours[hi]['tok_per_s'] / ours[lo]['tok_per_s']:.2f}x"
+            )
+        for (server, sc, c), pr in sorted(rows.items()):
+            if server == "lmloop" or sc != scenario or c not in ours or not pr["tok_per_s"]:
+                continue
+            o = ours[c]
+            print(
+                f"{scenario} clients={c}: lmloop/{server} throughput = "
+                f"{o['tok_per_s'] / pr['tok_per_s']:.2f}x; ttft p50/p95 lmloop "
+                f"{o['ttft_p50_s']:.3f}/{o['ttft_p95_s']:.3f}s vs {server} "
+                f"{pr['ttft_p50_s']:.3f}/{pr['ttft_p95_s']:.3f}s"
+            )
 
 
 if __name__ == "__main__":
