@@ -1,6 +1,8 @@
-"""`lmloop generate` on encoder-decoder models: the prompt is the encoder's input and the printed
-text is the model's own decode (greedy equal to a one-at-a-time greedy through the model, seeded
-sampling equal to a draw written out here), and bad input is a one-line error, exit 2.
+"""`lmloop generate` on encoder-decoder models, through the engine: the prompt is the encoder's
+input and the printed text is the model's own decode (greedy equal to a one-at-a-time greedy
+through the model, seeded sampling equal to a draw written out here, logprobs equal to the
+model's log-softmax), `--chat` answers the last user turn, and bad input is a one-line error,
+exit 2.
 
 A tiny random seq2seq model (hidden 32, context 64) with weights spread wide enough that its
 greedy outputs are neither empty nor constant, saved as an lmloop model dir once per module.
@@ -120,13 +122,33 @@ def test_seeded_sampling_is_a_softmax_draw_per_step(tiny, capsys):
     assert want != _want(tiny, PROMPTS[0], 16)  # sampling, not greedy
 
 
+def test_chat_and_logprobs(tiny, capsys):
+    """--chat: the prompt is the last user turn (the system message is not read); --logprobs:
+    each chosen token's logprob is the model's log-softmax at that step, teacher-forced."""
+    tok, model = tiny["tok"], tiny["model"]
+    want = _want(tiny, PROMPTS[1], 10)
+    rc, out, _ = _generate(tiny, capsys, "--prompt", PROMPTS[1], "--chat", "--system", "be kind",
+                           "--temperature", "0", "--max-tokens", "10", "--json",
+                           "--logprobs", "2")  # fmt: skip
+    assert rc == 0
+    got = json.loads(out)
+    assert got["token_ids"] == want
+    c = model.config
+    dec = torch.tensor([[c.decoder_start_token_id, *want[:-1]]])
+    with torch.no_grad():
+        lps = torch.log_softmax(model(_input(tok, PROMPTS[1]), dec)[0].float(), -1)
+    assert [lp["id"] for lp in got["logprobs"]] == want
+    for t, (lp, tid) in enumerate(zip(got["logprobs"], want)):
+        assert abs(lp["logprob"] - float(lps[t, tid])) < 1e-4
+        assert lp["top"][0]["id"] == tid  # greedy: the chosen token is the most likely
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny, capsys, tmp_path):
     long = " ".join(["cat"] * 100)
     cases = [
-        (["--prompt", "a dog", "--max-tokens", "65"], "longer than the model's context of 64"),
-        (["--prompt", long], "longer than the model's context of 64 tokens"),
-        (["--prompt", "a dog", "--chat"], "--chat applies to decoder-only models"),
-        (["--prompt", "a dog", "--json", "--logprobs", "2"], "--logprobs applies to decoder-only"),
+        (["--prompt", "a dog", "--max-tokens", "65"], "decoder's context of 64 tokens"),
+        (["--prompt", long], "longer than the context of 64 tokens"),
+        (["--prompt", "a dog", "--int8"], "--int8 applies to decoder-only models"),
     ]
     for args, msg in cases:
         rc, _, err = _generate(tiny, capsys, *args)

@@ -4,9 +4,8 @@
     lmloop generate --model runs/tiny --prompts prompts.jsonl --out results.jsonl
     lmloop chat --model smollm2-135m-instruct            # /reset, /save PATH, /exit
 
-Both stream through `lmloop.engine` (the same path as the HTTP server). For an encoder-decoder
-(seq2seq) model, `generate` decodes with the model's own `generate` (`--prompt` is the encoder's
-input; no streaming), and `chat` goes through the engine, the last user turn as the input. Text goes to stdout, statistics and progress to
+Both stream through `lmloop.engine` (the same path as the HTTP server), encoder-decoder
+(seq2seq) models included: their prompt is the encoder's input, and a chat's last user turn. Text goes to stdout, statistics and progress to
 stderr. `--json` prints one JSON object instead of streaming. A prompts file holds one JSON
 object per line: `{"prompt": "..."}` or `{"messages": [...]}`, with optional `id` and per-line
 sampling overrides (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`); results
@@ -20,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from lmloop.config import param
@@ -65,15 +63,12 @@ def _params(cfg: Any, **over: Any):
     return cfg.sampling.params(**{"logprobs": getattr(cfg, "logprobs", None), **over})
 
 
-def _load(cfg: Any, *, seq2seq_engine: bool = False, **kw: Any):
-    """(engine, loaded model); for an encoder-decoder model no engine (None) unless
-    `seq2seq_engine` (chat): `_run_seq2seq` decodes those with the model's own `generate`."""
+def _load(cfg: Any, **kw: Any):
+    """(engine, loaded model)."""
     from lmloop.engine import Engine
     from lmloop.modelio import load_model
 
     loaded = load_model(cfg.model)
-    if getattr(loaded.model, "is_encoder_decoder", False) and not seq2seq_engine:
-        return None, loaded
     engine = Engine(
         loaded.model, loaded.tokenizer, int8=cfg.int8, threads=cfg.threads or None, **kw
     )
@@ -135,8 +130,6 @@ def run(cfg: GenerateConfig) -> int:
             raise UserError(f"{cfg.prompts}:{row['_line']}: {e}") from None
     batch = max(1, min(cfg.max_batch, len(rows)))  # cache rows cost memory: no more than used
     engine, loaded = _load(cfg, max_batch=batch, max_waiting=len(rows) + 1)
-    if engine is None:
-        return _run_seq2seq(cfg, loaded, rows, line_params)
     try:
         encoded = []
         for row, p in zip(rows, line_params):
@@ -255,97 +248,6 @@ def _write_results(
     return 0
 
 
-def _run_seq2seq(
-    cfg: GenerateConfig, loaded: Any, rows: list[dict[str, Any]], params: list[Any]
-) -> int:
-    """An encoder-decoder model: each prompt (plus EOS, as `lmloop data` ends a pair's input) is
-    the encoder's input; the output is decoded by `lmloop.models.seq2seq.generate`, the decode
-    `lmloop eval` scores: greedy at --temperature 0, else one step at a time through the
-    engine's seeded sampler (temperature, top-k/p, min-p, penalties). Stop strings cut the
-    decoded text. One prompt at a time; no streaming, chat, logprobs or int8."""
-    import torch
-
-    from lmloop.engine.sampling import Sampler
-    from lmloop.models.seq2seq import generate
-
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    what = f"{cfg.model} is an encoder-decoder ({model.config.family}) model"
-    hint = 'give the encoder\'s input as plain text: lmloop generate --model M --prompt "..."'
-    for flag, on in (
-        ("--chat", cfg.chat or any("messages" in r for r in rows)),
-        ("--logprobs", cfg.logprobs is not None),
-        ("--int8", cfg.int8),
-    ):
-        if on:
-            raise UserError(f"{what}: {flag} applies to decoder-only models only", hint=hint)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ctx, eos = int(model.max_seq_len), tok.eos_id
-    stops = {int(t) for t in tok.stop_ids}
-    if model.config.eos_token_id is not None:
-        stops.add(int(model.config.eos_token_id))
-    encoded = []
-    for row, p in zip(rows, params):
-        where = f"{cfg.prompts}:{row['_line']}: " if cfg.prompts else ""
-        ids = tok.encode(row["prompt"])
-        if not ids:
-            raise UserError(f"{where}the prompt is empty (0 tokens)", hint="give some text")
-        ids += [eos] if eos is not None else []
-        if len(ids) > ctx:
-            raise UserError(
-                f"{where}the prompt is {len(ids)} tokens, longer than the model's context of "
-                f"{ctx} tokens",
-                hint="shorten the prompt",
-            )
-        if p.max_tokens > ctx:
-            raise UserError(
-                f"{where}max_tokens {p.max_tokens} is longer than the model's context of {ctx} "
-                "tokens",
-                hint=f"pass --max-tokens {ctx} or less",
-            )
-        encoded.append(ids)
-    t0 = time.perf_counter()
-    done = []
-    for ids, p in zip(encoded, params):
-        pick = None
-        if not p.greedy or p.penalized:
-            sampler = Sampler(p, ids, int(model.config.vocab_size))
-
-            def pick(logits: torch.Tensor, s: Sampler = sampler) -> int:
-                token = s.pick(logits.float().cpu())
-                s.observe(token)
-                return token
-
-        out = generate(
-            model, [ids], max_new_tokens=p.max_tokens, pad_id=int(model.config.pad_token_id),
-            stop_ids=stops | set(p.stop_token_ids), pickers=None if pick is None else [pick],
-            show_progress=False,
-        )[0]  # fmt: skip
-        text = tok.decode(out, skip_special_tokens=True)
-        reason = "length" if len(out) >= p.max_tokens else "stop"
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-        done.append(
-            SimpleNamespace(
-                text=text, finish_reason=reason, prompt_tokens=len(ids),
-                completion_tokens=len(out), token_ids=out,
-            )
-        )  # fmt: skip
-    if cfg.prompts:
-        return _write_results(cfg, loaded, rows, done, t0)
-    if cfg.json:
-        return _print_json(loaded, done[0], None)
-    dt = time.perf_counter() - t0
-    print(done[0].text)
-    print(
-        f"[{done[0].prompt_tokens} input + {done[0].completion_tokens} new tokens, "
-        f"{done[0].finish_reason}; {done[0].completion_tokens / max(dt, 1e-9):.1f} tok/s]",
-        file=sys.stderr,
-    )
-    return 0
-
-
 CHAT_HELP = "commands: /reset (forget the conversation), /save PATH (write it as JSON), /exit"
 
 
@@ -353,7 +255,7 @@ def run_chat(cfg: ChatConfig) -> int:
     from lmloop.artifacts import atomic_write
 
     base = _params(cfg)
-    engine, loaded = _load(cfg, seq2seq_engine=True, max_batch=1, max_waiting=2)
+    engine, loaded = _load(cfg, max_batch=1, max_waiting=2)
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
