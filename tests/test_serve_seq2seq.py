@@ -89,6 +89,7 @@ def test_engine_stops_at_eos_and_checks_input_and_output_separately(tiny):
     tok, model = tiny["tok"], tiny["model"]
     stops = set(tok.stop_ids) | {model.config.eos_token_id}
     engine = Engine(model, tok, max_batch=2, max_len=64, threads=1)
+    assert engine.prefix is None  # an input is not a prefix of the output: no prefix reuse
     with engine:
         for text in TEXTS:
             ids = engine.encode_prompt(text)
