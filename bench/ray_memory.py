@@ -14,6 +14,7 @@ was running then (Ray titles a busy worker `ray::<task>`).
 
     .venv/bin/python bench/ray_memory.py                 # 11.8 and 47.1 MB (1x and 4x)
     .venv/bin/python bench/ray_memory.py --mb 11,44,88
+    .venv/bin/python bench/ray_memory.py --lines         # a line a document: dedup tables grow
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--mb", default="11,44", help="corpus sizes in MB, comma-separated")
     ap.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray cluster")
+    ap.add_argument("--lines", action="store_true", help="each line a document (many, short)")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--corpus")
     ap.add_argument("--tokenizer")
@@ -143,7 +145,7 @@ def main() -> None:
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         for size in args.mb.split(","):
             corpus = work / f"corpus-{size}"
-            mb, files = make_corpus(Path(args.data), corpus, float(size))
+            mb, files = make_corpus(Path(args.data), corpus, float(size), args.lines)
             cmd = [sys.executable, __file__, "--child", "--workers", str(args.workers),
                    "--corpus", str(corpus), "--tokenizer", str(tok), "--out", str(work / "o")]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)

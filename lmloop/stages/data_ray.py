@@ -216,9 +216,9 @@ def _bands(
     texts = payload[0]
     near = _near(cfg.near_dedup_threshold)
     keep = np.setdiff1d(np.arange(len(texts)), dropped)
-    keys = np.array(
-        [near.band_keys(near.signature(texts[i])) for i in keep], dtype=np.uint64
-    ).reshape(-1, near.bands)
+    keys = np.empty((len(keep), near.bands), dtype=np.uint64)  # not a list of lists of ints
+    for j, i in enumerate(keep.tolist()):
+        keys[j] = near.band_keys(near.signature(texts[i]))
     ids = np.repeat(_ids(uid, keep), near.bands)
     band = np.tile(np.arange(near.bands, dtype=np.int16), len(keep))
     flat = keys.reshape(-1)
@@ -239,8 +239,7 @@ def _band_groups(
     starts = np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])])
     sizes = np.diff(np.r_[starts, len(order)])
     multi = sizes > 1
-    members = [ids[order[s : s + n]] for s, n in zip(starts[multi], sizes[multi])]
-    return (np.concatenate(members) if members else ids[:0]), sizes[multi]
+    return ids[order[np.repeat(multi, sizes)]], sizes[multi]  # the multi groups' rows, in order
 
 
 @ray.remote(num_returns=3, max_retries=MAX_RETRIES)
@@ -332,43 +331,30 @@ def _encode(
 def near_drops(groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Ids the one-process near-dedup pass drops, from the groups of ids sharing a band key.
 
-    The groups are joined into connected components (union-find); in each, documents go in id
-    order and one is dropped when a group it belongs to already holds a kept document.
+    As in one process, documents go in id order and one is dropped when a group it belongs to
+    already holds a kept document. A decision reads only groups of the document's connected
+    component, so one pass over all of them in id order gives each component's result. The
+    state is numpy (~17 bytes per document-group pair), not Python objects.
     """
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while x != root:
-            parent[x], x = root, parent.get(x, x)
-        return root
-
-    member_groups: dict[int, list[int]] = {}
-    listed: list[list[int]] = []
-    for members, sizes in groups:
-        for g in np.split(members, np.cumsum(sizes)[:-1]) if len(sizes) else []:
-            ids = g.tolist()
-            gi = len(listed)
-            listed.append(ids)
-            for d in ids:
-                member_groups.setdefault(d, []).append(gi)
-                a, b = find(ids[0]), find(d)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    components: dict[int, list[int]] = {}
-    for d in member_groups:
-        components.setdefault(find(d), []).append(d)
-    dropped: list[int] = []
-    for docs in components.values():
-        holds_kept: set[int] = set()
-        for d in sorted(docs):
-            if any(g in holds_kept for g in member_groups[d]):
-                dropped.append(d)
+    members = np.concatenate([np.zeros(0, np.int64), *(m for m, _ in groups)])
+    sizes = np.concatenate([np.zeros(0, np.int64), *(n for _, n in groups)])
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    order = np.lexsort((group, members))
+    docs, group = members[order], group[order]  # by document, then group
+    starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]]) if len(docs) else docs[:0]
+    ends = np.r_[starts[1:], len(docs)]
+    holds_kept = np.zeros(len(sizes), dtype=bool)
+    drop = np.zeros(len(starts), dtype=bool)
+    step = 1 << 16  # Python ints for a slice of documents at a time
+    for lo in range(0, len(starts), step):
+        bounds = zip(starts[lo : lo + step].tolist(), ends[lo : lo + step].tolist())
+        for i, (s, e) in enumerate(bounds, lo):
+            mine = group[s:e]
+            if holds_kept[mine].any():
+                drop[i] = True
             else:
-                holds_kept.update(member_groups[d])
-    return np.array(sorted(dropped), dtype=np.int64)
+                holds_kept[mine] = True
+    return docs[starts[drop]]
 
 
 def _units(cfg: DataConfig) -> list[tuple[int, list[Path] | None, int]]:
