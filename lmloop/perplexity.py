@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,6 @@ from lmloop.errors import UserError
 
 log = logging.getLogger(__name__)
 
-Detokenize = Literal["none", "wikitext"]
 # Tokens per forward batch when the caller does not say; bounds the logits tensor's size.
 DEFAULT_BATCH_TOKENS = 8192
 

@@ -60,7 +60,6 @@ Kind = Literal[
     "data",
     "synthetic",
 ]
-KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")  # level-1 heading; ` = = Sub = = ` is level 2

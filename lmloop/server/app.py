@@ -80,7 +80,6 @@ class _State:
         self.slot = slot
         self.store: Any = None
         self.metrics = ServerMetrics(self._snapshot)
-        self.load_error: str | None = None
         self.on_load_failure: Any = None  # callable(str), set by `lmloop serve` to exit
         self.tasks: list[asyncio.Task] = []
 

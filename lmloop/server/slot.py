@@ -98,10 +98,6 @@ class ModelSlot:
         self._reload_lock = threading.Lock()  # one load at a time
 
     # ---- state ------------------------------------------------------------------------------
-    @property
-    def loading(self) -> bool:
-        return self.current is None and self.error is None
-
     def all_served(self) -> list[Served]:
         with self._lock:
             cur = [self.current] if self.current is not None else []

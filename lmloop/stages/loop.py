@@ -61,8 +61,6 @@ from lmloop.stages.train import (
 
 log = logging.getLogger(__name__)
 
-STEPS = ("export", "prepare", "sft", "preference", "eval", "gate", "register")
-
 # What both fine-tuning stages share; `sft_steps`/`pref_steps` set their lengths.
 LOOP_TRAIN = TrainConfig(
     log_every=5,
@@ -835,9 +833,3 @@ def run(cfg: LoopConfig) -> LoopResult:
     )  # fmt: skip
     print(f"loop: gate: {verdict}: {decision['reason']}", flush=True)
     return LoopResult(cycle, promoted, version, decision["reason"], figures)
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    from lmloop.modelspec import run_checkpoint
-
-    return run_checkpoint(run_dir)
