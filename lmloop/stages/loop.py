@@ -526,13 +526,16 @@ def _pref_task(cfg: LoopConfig, counts: dict[str, int], prepared: Path) -> str |
     return "kto" if len(labels) == 2 else None
 
 
-def _train(cfg: LoopConfig, task: str, data: str, init: str, out: Path, steps: int) -> str:
-    """One fine-tuning stage; returns its best (merged) checkpoint."""
+def _train(
+    cfg: LoopConfig, task: str, data: str, init: str, out: Path, steps: int, **overrides: Any
+) -> str:
+    """One fine-tuning stage (`overrides`: more `cfg.train` fields); returns its best (merged)
+    checkpoint."""
     from lmloop.modelspec import run_checkpoint
     from lmloop.stages import train as train_stage
 
     child = replace(cfg.train, task=task, data=data, out=str(out), init_from=init,
-                    max_steps=steps, resume=(out / "meta.json").exists())  # fmt: skip
+                    max_steps=steps, resume=(out / "meta.json").exists(), **overrides)  # fmt: skip
     ctx = _context_length(init)
     if ctx and child.batch.seq_len > ctx:  # a small model's context bounds the records
         child = replace(child, batch=replace(child.batch, seq_len=ctx))
@@ -553,9 +556,7 @@ def _text_train(cfg: LoopConfig, cycle: Path, prepared: dict, base_meta: dict, i
     """The earlier recipe: base sources + feedback text -> `lmloop data` -> continued pretraining."""
     from lmloop.config import build
     from lmloop.data.sources import SourceSpec
-    from lmloop.modelspec import run_checkpoint
     from lmloop.stages import data as data_stage
-    from lmloop.stages import train as train_stage
 
     base = dict(base_meta.get("config") or {})
     base_cfg = build(data_stage.DataConfig, {k: v for k, v in base.items() if v is not None})
@@ -563,15 +564,8 @@ def _text_train(cfg: LoopConfig, cycle: Path, prepared: dict, base_meta: dict, i
     sources.append(SourceSpec(path=prepared["files"]["text"], weight=cfg.feedback_weight))
     data = data_stage.run(replace(base_cfg, source=sources, out=str(cycle / "text-data"),
                                   tokenizer=init, force=False))  # fmt: skip
-    out = cycle / "text-run"
-    child = replace(cfg.train, task="pretrain", data=str(data.out), out=str(out), init_from=init,
-                    max_steps=cfg.sft_steps + cfg.pref_steps, lora=replace(cfg.train.lora, r=0),
-                    resume=(out / "meta.json").exists())  # fmt: skip
-    ctx = _context_length(init)
-    if ctx and child.batch.seq_len > ctx:
-        child = replace(child, batch=replace(child.batch, seq_len=ctx))
-    train_stage.run(child)
-    return str(run_checkpoint(out))
+    return _train(cfg, "pretrain", str(data.out), init, cycle / "text-run",
+                  cfg.sft_steps + cfg.pref_steps, lora=replace(cfg.train.lora, r=0))  # fmt: skip
 
 
 def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
