@@ -12,6 +12,8 @@ a fresh process (OpenMP reads its environment once, when torch loads it), builds
   per token), which is how `lmloop serve` consumes the engine: a second Python thread that wants
   the GIL and a core once per token.
 
+`--single-thread-rows K` runs decode steps of at most K rows on one thread (the engine's
+`single_thread_rows`, LMLOOP_ENGINE_SINGLE_THREAD_ROWS; 0: every step on N threads).
 OpenMP wait policies: `default` (libgomp spins a while after each parallel region, then sleeps),
 `passive` (OMP_WAIT_POLICY=PASSIVE: sleeps at once) and `active` (spins). Reported: aggregate
 decode tok/s after every sequence has its first token (the median of `--rounds`), and the ratio
@@ -49,7 +51,7 @@ def child(cfg: dict) -> dict:
     ids = lm.tokenizer.encode(PROMPT)
     engine = Engine(
         lm.model, lm.tokenizer, max_batch=max(cfg["batches"]), max_len=512,
-        threads=cfg["threads"], int8=cfg["int8"],
+        threads=cfg["threads"], int8=cfg["int8"], single_thread_rows=cfg["single_thread_rows"],
     ).start()  # fmt: skip
     p = SamplingParams(max_tokens=cfg["new_tokens"], temperature=0, ignore_eos=True)
 
@@ -105,6 +107,7 @@ def main() -> int:
     ap.add_argument("--consumers", nargs="+", choices=["blocking", "asyncio"],
                     default=["blocking", "asyncio"])  # fmt: skip
     ap.add_argument("--modes", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
+    ap.add_argument("--single-thread-rows", type=int, nargs="+", default=[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
@@ -115,40 +118,42 @@ def main() -> int:
         return 0
     print(f"cpus {os.cpu_count()}; load {os.getloadavg()}", flush=True)
     results = []
-    for mode in args.modes:
-        for consumer in args.consumers:
-            for policy in args.policies:
-                base = None
-                for t in args.threads:
-                    cfg = {
-                        "model": args.model, "threads": t, "batches": args.batches,
-                        "int8": mode == "int8", "consumer": consumer,
-                        "new_tokens": args.new_tokens, "rounds": args.rounds,
-                    }  # fmt: skip
-                    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-                    env.pop("LMLOOP_ENGINE_THREADS", None)
-                    if POLICIES[policy]:
-                        env["OMP_WAIT_POLICY"] = POLICIES[policy]
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--child", json.dumps(cfg)],
-                        env=env, capture_output=True, text=True,
-                    )  # fmt: skip
-                    if proc.returncode != 0:
-                        print(
-                            f"{mode} {consumer} {policy} threads={t}: failed\n{proc.stderr[-800:]}"
-                        )
-                        continue
-                    got = json.loads(proc.stdout.strip().splitlines()[-1])
-                    base = base or got
-                    cells = "  ".join(
-                        f"B={b}: {got[str(b)]:7.1f} tok/s ({got[str(b)] / base[str(b)]:.2f}x)"
-                        for b in args.batches
-                    )
-                    print(
-                        f"{mode:4s} {consumer:8s} {policy:7s} threads={t:2d}  {cells}", flush=True
-                    )
-                    results.append({"mode": mode, "consumer": consumer, "policy": policy,
-                                    "threads": t, **got})  # fmt: skip
+    combos = [
+        (mode, consumer, policy, k)
+        for mode in args.modes
+        for consumer in args.consumers
+        for policy in args.policies
+        for k in args.single_thread_rows
+    ]
+    for mode, consumer, policy, rows in combos:
+        base = None
+        for t in args.threads:
+            cfg = {
+                "model": args.model, "threads": t, "batches": args.batches,
+                "int8": mode == "int8", "consumer": consumer, "new_tokens": args.new_tokens,
+                "rounds": args.rounds, "single_thread_rows": rows,
+            }  # fmt: skip
+            env = {n: v for n, v in os.environ.items() if n != "OMP_WAIT_POLICY"}
+            env.pop("LMLOOP_ENGINE_THREADS", None)
+            if POLICIES[policy]:
+                env["OMP_WAIT_POLICY"] = POLICIES[policy]
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(cfg)],
+                env=env, capture_output=True, text=True,
+            )  # fmt: skip
+            label = f"{mode:4s} {consumer:8s} {policy:7s} 1-thread<={rows} threads={t:2d}"
+            if proc.returncode != 0:
+                print(f"{label}: failed\n{proc.stderr[-800:]}")
+                continue
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            base = base or got
+            cells = "  ".join(
+                f"B={b}: {got[str(b)]:7.1f} tok/s ({got[str(b)] / base[str(b)]:.2f}x)"
+                for b in args.batches
+            )
+            print(f"{label}  {cells}", flush=True)
+            results.append({"mode": mode, "consumer": consumer, "policy": policy,
+                            "single_thread_rows": rows, "threads": t, **got})  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -140,6 +140,7 @@ class Engine:
         int8: bool = False,
         threads: int | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        single_thread_rows: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -159,6 +160,15 @@ class Engine:
         )
         self.int8 = int8
         self.threads = threads or default_threads()
+        # Decode steps of at most this many rows run on one intra-op thread (0: never). At batch
+        # 1 a step opens ~250 OpenMP parallel regions (each projection, attention matmul and
+        # softmax), each too small to split: the second thread adds a fork/join per region and
+        # competes with the server's event loop for the cores (issue 18, item 2;
+        # bench/threads.py measures it). Prefill and larger batches keep `threads`.
+        if single_thread_rows is None:
+            single_thread_rows = default_single_thread_rows()
+        self.single_thread_rows = single_thread_rows
+        self._threads_now = 0
         # Prefix reuse for runners that can read and write cache slots (not encoder-decoder).
         self.prefix = None
         if prefix_cache_mb > 0 and prefix_supports(self.runner):
@@ -325,7 +335,8 @@ class Engine:
 
     def _loop(self) -> None:
         # Intra-op threads of this worker thread only (OpenMP's setting is per thread).
-        torch.set_num_threads(self.threads)
+        self._threads_now = 0
+        self._use_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -358,6 +369,8 @@ class Engine:
             self._finish(seq, "cancelled")
 
     def _iteration(self, admit: list[_Seq]) -> None:
+        if admit:
+            self._use_threads(self.threads)
         for seq in admit:
             if seq.handle.cancel_requested:
                 self._finish(seq, "cancelled")
@@ -365,7 +378,14 @@ class Engine:
                 self._prefill(seq)
         self._drop_cancelled()
         if self._running:
+            few = len(self._running) <= self.single_thread_rows
+            self._use_threads(1 if few else self.threads)
             self._step()
+
+    def _use_threads(self, n: int) -> None:
+        if n != self._threads_now:
+            torch.set_num_threads(n)
+            self._threads_now = n
 
     def _prefill(self, seq: _Seq) -> None:
         p = seq.params
@@ -545,6 +565,12 @@ def default_threads() -> int:
     if env and env.isdigit() and int(env) > 0:
         return int(env)
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def default_single_thread_rows() -> int:
+    """0 (every step on the engine's threads) unless LMLOOP_ENGINE_SINGLE_THREAD_ROWS says."""
+    env = os.environ.get("LMLOOP_ENGINE_SINGLE_THREAD_ROWS")
+    return int(env) if env and env.isdigit() else 0
 
 
 def _vocab_of(model: torch.nn.Module) -> int:
