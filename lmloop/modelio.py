@@ -139,16 +139,11 @@ def _resolve(spec: str) -> LoadedModel:
     return lm
 
 
-def _build(cfg: Any, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
-    from lmloop.models.adapter import build_loaded
-
-    return build_loaded(cfg, sd)
-
-
 def _load_lmloop_dir(path: Path, *, name: str) -> LoadedModel:
     from safetensors.torch import load_file
 
     from lmloop.models import config_from_dict
+    from lmloop.models.adapter import build_loaded
 
     meta = read_meta(path, MODEL_SCHEMAS)
     values = read_json(path / "config.json")
@@ -159,7 +154,7 @@ def _load_lmloop_dir(path: Path, *, name: str) -> LoadedModel:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{path} lacks {WEIGHTS}")
-    model = _build(cfg, _read_weights(weights, load_file))
+    model = build_loaded(cfg, _read_weights(weights, load_file))
     # save_model records the weights' hash; re-hashing hundreds of MB on every load is waste
     sha = (meta.get("model") or {}).get("sha256") or sha256_file(weights)
     return LoadedModel(model, Tokenizer.load(path), name, sha[:12], sha, "lmloop", str(path))
@@ -200,12 +195,12 @@ def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _load_hf_dir(path: Path, *, name: str) -> LoadedModel:
-    from lmloop.models.adapter import from_hf
+    from lmloop.models.adapter import build_loaded, from_hf
 
     hf_config = read_json(path / "config.json")
     sd, sha = _hf_weights(path)
     cfg, ours = from_hf(hf_config, sd)
-    model = _build(cfg, ours)
+    model = build_loaded(cfg, ours)
     return LoadedModel(model, Tokenizer.load(path), name, sha[:12], sha, "hf", str(path))
 
 
