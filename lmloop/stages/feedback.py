@@ -557,9 +557,6 @@ class LoopExport:
     groups: int  # independent groups the split was drawn over
     pii: dict[str, int]
 
-    def path(self, fmt: str, side: str = "train") -> Path:
-        return self.files[fmt][side]
-
 
 def export_for_loop(
     db: str | Path,
