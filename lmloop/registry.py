@@ -36,12 +36,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmloop.artifacts import atomic_write, lmloop_home, sha256_tree, utc_now
+from lmloop.artifacts import atomic_dir, atomic_write, lmloop_home, sha256_tree, utc_now
 from lmloop.errors import UserError, did_you_mean
 
 FORMAT_VERSION = 1
@@ -188,10 +187,9 @@ class Registry:
             if parent is not None:
                 self._require_version(name, state, parent)
             version = f"v{state['next']}"
-            vdir = self._version_dir(name, version)
-            vdir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=vdir.parent))
-            try:
+            # an existing version folder was left by a crash between its rename and the state
+            # write: atomic_dir replaces it
+            with atomic_dir(self._version_dir(name, version)) as tmp:
                 _copy_model(src.resolve(), tmp / "model")
                 info = {
                     "format_version": FORMAT_VERSION,
@@ -205,12 +203,6 @@ class Registry:
                     "lineage": lineage_json,
                 }
                 atomic_write(tmp / "version.json", json.dumps(info, indent=2) + "\n")
-                if vdir.exists():  # left by a crash between this rename and the state write
-                    shutil.rmtree(vdir)
-                os.replace(tmp, vdir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             state["versions"].append(version)
             state["next"] += 1
             state["history"].append({"at": utc_now(), "action": "register", "version": version})
