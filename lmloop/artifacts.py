@@ -180,3 +180,20 @@ def peek_schema(directory: str | Path) -> str | None:
         return json.loads(path.read_text(encoding="utf-8")).get("schema")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
+
+
+def check_output(out: Path, schema: str) -> None:
+    """Refuse to replace something that isn't an artifact of the same kind."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"output {out} exists and is a file", hint="choose another --out")
+    if not any(out.iterdir()):
+        return
+    found = peek_schema(out)
+    if found != schema:
+        what = f"a '{found}' artifact" if found else "a folder that isn't an lmloop artifact"
+        raise UserError(
+            f"output {out} already exists and holds {what}, expected '{schema}'",
+            hint="choose another --out, or remove it",
+        )

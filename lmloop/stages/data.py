@@ -38,7 +38,14 @@ from typing import Any, Literal
 import numpy as np
 
 from lmloop import __version__
-from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
+from lmloop.artifacts import (
+    atomic_dir,
+    check_output,
+    make_meta,
+    peek_schema,
+    sha256_json,
+    write_meta,
+)
 from lmloop.config import param, to_dict
 from lmloop.data.pii import PII_KINDS, scrub_batch
 from lmloop.data.preprocess import (
@@ -196,23 +203,6 @@ def _validate(cfg: DataConfig) -> None:
         )
     if cfg.target_field and cfg.engine == "ray":
         raise UserError("input/target pairs are prepared by engine=local only")
-
-
-def check_output(out: Path, schema: str) -> None:
-    """Refuse to replace something that isn't an artifact of the same kind."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"output {out} exists and is a file", hint="choose another --out")
-    if not any(out.iterdir()):
-        return
-    found = peek_schema(out)
-    if found != schema:
-        what = f"a '{found}' artifact" if found else "a folder that isn't an lmloop artifact"
-        raise UserError(
-            f"output {out} already exists and holds {what}, expected '{schema}'",
-            hint="choose another --out, or remove it",
-        )
 
 
 # ---- pass 1: read, clean, filter, split --------------------------------------------------------

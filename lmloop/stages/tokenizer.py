@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmloop import __version__
-from lmloop.artifacts import atomic_dir, make_meta, peek_schema, sha256_json, write_meta
+from lmloop.artifacts import (
+    atomic_dir,
+    check_output,
+    make_meta,
+    peek_schema,
+    sha256_json,
+    write_meta,
+)
 from lmloop.config import param, to_dict
 from lmloop.data.preprocess import (
     MAX_VOCAB,
@@ -67,16 +74,7 @@ def _check(cfg: TokenizerConfig) -> Path:
     if cfg.min_frequency < 1:
         raise UserError(f"min_frequency must be >= 1, got {cfg.min_frequency}")
     out = Path(cfg.out).expanduser()
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"output {out} exists and is a file", hint="choose another --out")
-        found = peek_schema(out)
-        if any(out.iterdir()) and found != SCHEMA:
-            what = f"a '{found}' artifact" if found else "a folder that isn't an lmloop artifact"
-            raise UserError(
-                f"output {out} already exists and holds {what}, expected '{SCHEMA}'",
-                hint="choose another --out, or remove it",
-            )
+    check_output(out, SCHEMA)
     return out
 
 
