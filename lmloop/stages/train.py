@@ -576,37 +576,33 @@ class _Source:
 def _read_data(cfg: TrainConfig, task: str) -> _Source:
     from lmloop.artifacts import sha256_file, sha256_json
 
-    if task == "pretrain":
-        if not Path(cfg.data).is_dir():
-            raise UserError(
-                f"--data {cfg.data} is not a prepared data dir",
-                hint="run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
-            )
-        from lmloop.data import shards
-        from lmloop.tokenizer import Tokenizer
-
-        meta = shards.read_data_meta(cfg.data)
-        tokens = {k: int(v.get("tokens") or 0) for k, v in (meta.get("splits") or {}).items()}
-        if tokens.get("train", 0) < 2:
-            raise UserError(
-                f"{cfg.data} has no train split tokens", hint="re-run `lmloop data` with more text"
-            )
-        train = shards.open_split(cfg.data, "train")
-        val = shards.open_split(cfg.data, "val") if tokens.get("val", 0) >= 2 else None
-        return _Source(sha256_json(meta), meta, train, val, Tokenizer.load(cfg.data))
-    if task == "seq2seq":
+    if task in ("pretrain", "seq2seq"):  # a prepared folder: token shards, or pairs
         from lmloop.data import shards
         from lmloop.tokenizer import Tokenizer
 
         if not Path(cfg.data).is_dir():
+            pairs = task == "seq2seq"
             raise UserError(
-                f"--data {cfg.data} is not a prepared pairs dir",
-                hint="run `lmloop data ... --input-field IN --target-field OUT --out DIR` first",
+                f"--data {cfg.data} is not a prepared {'pairs' if pairs else 'data'} dir",
+                hint="run `lmloop data ... --input-field IN --target-field OUT --out DIR` first"
+                if pairs
+                else "run `lmloop data ... --out DIR` first, or pass an SFT .jsonl with task: sft",
             )
-        meta = shards.read_pairs_meta(cfg.data)
-        val = shards.open_pairs(cfg.data, "val")
-        train = shards.open_pairs(cfg.data, "train")
-        val = val if len(val) else None
+        if task == "seq2seq":
+            meta = shards.read_pairs_meta(cfg.data)
+            val = shards.open_pairs(cfg.data, "val")
+            train = shards.open_pairs(cfg.data, "train")
+            val = val if len(val) else None
+        else:
+            meta = shards.read_data_meta(cfg.data)
+            tokens = {k: int(v.get("tokens") or 0) for k, v in (meta.get("splits") or {}).items()}
+            if tokens.get("train", 0) < 2:
+                raise UserError(
+                    f"{cfg.data} has no train split tokens",
+                    hint="re-run `lmloop data` with more text",
+                )
+            train = shards.open_split(cfg.data, "train")
+            val = shards.open_split(cfg.data, "val") if tokens.get("val", 0) >= 2 else None
         return _Source(sha256_json(meta), meta, train, val, Tokenizer.load(cfg.data))
     from lmloop.training import data as td
     from lmloop.training import preference as tp
