@@ -65,14 +65,9 @@ def _params(cfg: Any, **over: Any):
 
 def _load(cfg: Any, **kw: Any):
     """(engine, loaded model)."""
-    from lmloop.engine import Engine
-    from lmloop.modelio import load_model
+    from lmloop.engine import load_engine
 
-    loaded = load_model(cfg.model)
-    engine = Engine(
-        loaded.model, loaded.tokenizer, int8=cfg.int8, threads=cfg.threads or None, **kw
-    )
-    return engine, loaded
+    return load_engine(cfg.model, int8=cfg.int8, threads=cfg.threads or None, **kw)
 
 
 def _read_prompts(path: str) -> list[dict[str, Any]]:
