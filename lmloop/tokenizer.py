@@ -11,6 +11,7 @@ markup SmolLM2 uses), so a model trained here and a pretrained one are chatted w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -249,27 +250,23 @@ def _content(token: Any) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
-_TEMPLATES: dict[str, Any] = {}
-
-
+@functools.cache
 def _compile(template: str) -> Any:
-    """A chat template compiled as transformers compiles it (sandboxed, trimmed blocks)."""
-    if template not in _TEMPLATES:
-        from jinja2.exceptions import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """A chat template compiled as transformers compiles it (sandboxed, trimmed blocks); once."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
 
-        def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                              separators=separators, sort_keys=sort_keys)  # fmt: skip
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)  # fmt: skip
 
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        _TEMPLATES[template] = env.from_string(template)
-    return _TEMPLATES[template]
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
