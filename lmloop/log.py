@@ -85,12 +85,7 @@ def progress(
     it: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it", **kw: Any
 ) -> Iterator[T]:
     """A progress bar with rate and ETA; disabled under LMLOOP_NO_PROGRESS=1."""
-    from tqdm.auto import tqdm
-
-    disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
-    return iter(
-        tqdm(it, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kw)
-    )
+    return iter(progress_bar(iterable=it, total=total, desc=desc, unit=unit, **kw))
 
 
 def progress_bar(*, total: int | None = None, desc: str = "", unit: str = "it", **kw: Any) -> Any:
