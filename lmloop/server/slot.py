@@ -59,10 +59,6 @@ class Served:
         }
 
 
-def _registry_name(spec: str) -> str | None:
-    return split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
-
-
 def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str | None]:
     """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
 
@@ -100,8 +96,7 @@ class ModelSlot:
     # ---- state ------------------------------------------------------------------------------
     def all_served(self) -> list[Served]:
         with self._lock:
-            cur = [self.current] if self.current is not None else []
-            return cur + [s for s in self._retired if s is not self.current]
+            return self.all_served_unlocked()
 
     # ---- load and swap ----------------------------------------------------------------------
     def load(self, spec: str | None = None, *, model_id: str | None = None) -> Served:
@@ -110,8 +105,8 @@ class ModelSlot:
         with self._reload_lock:
             t0 = time.perf_counter()
             engine, loaded, version = self.loader(spec, self.engine_kw)
-            reg = _registry_name(spec)
-            mid = model_id or (reg if reg else None) or self.model_id or spec
+            reg = split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
+            mid = model_id or reg or self.model_id or spec
             served = Served(
                 engine=engine,
                 loaded=loaded,
