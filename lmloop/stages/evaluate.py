@@ -23,6 +23,7 @@ does not depend on the tokenizer, and says so).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -169,17 +170,8 @@ def read_texts(source: str, limit: int | None) -> list[str]:
     from lmloop.data.sources import iter_documents
     from lmloop.data.synthetic import teacher_documents
 
-    out: list[str] = []
-    for doc in iter_documents(source, teacher=teacher_documents):
-        if doc.strip():
-            out.append(doc)
-            if limit and len(out) >= limit:
-                break
-    return out
-
-
-def texts_digest(texts: list[str]) -> str:
-    return sha256_bytes("\0".join(texts).encode("utf-8"))
+    docs = (d for d in iter_documents(source, teacher=teacher_documents) if d.strip())
+    return list(itertools.islice(docs, limit or None))
 
 
 # ---- the stage -----------------------------------------------------------------------------------
@@ -414,7 +406,7 @@ def run(cfg: EvalConfig) -> EvalResult:
             raise UserError(
                 f"nothing to evaluate: {cfg.text} holds no text", hint="pass a non-empty text"
             )
-        digest = texts_digest(texts)
+        digest = sha256_bytes("\0".join(texts).encode("utf-8"))
         result = evaluate_texts(
             loaded, texts, cfg.window, cfg.stride, cfg.documents,
             detokenize=cfg.detokenize, batch_size=cfg.batch_size,
