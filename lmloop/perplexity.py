@@ -358,10 +358,6 @@ def score_windows(
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def model_vocab_size(model: torch.nn.Module) -> int:
-    return int(model.config.vocab_size)
-
-
 def check_protocol(
     model: torch.nn.Module, tokenizer: Any, window: int | None, stride: int | None
 ) -> int:
@@ -384,7 +380,7 @@ def check_protocol(
                 "would never be scored",
                 hint=f"pass --stride {w} or less, or omit --stride for disjoint windows",
             )
-    mv = model_vocab_size(model)
+    mv = int(model.config.vocab_size)
     if tokenizer.vocab_size > mv:
         raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mv}: "
@@ -455,7 +451,7 @@ def evaluate_tokens(
     w = check_protocol(model, tokenizer, window, stride)
     if not docs or not any(len(d) for d in docs):
         raise UserError("nothing to evaluate: the text is empty", hint="pass a non-empty text")
-    mv = model_vocab_size(model)
+    mv = int(model.config.vocab_size)
     top = max(max(d) for d in docs if len(d))
     if top >= mv:
         raise UserError(

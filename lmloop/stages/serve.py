@@ -88,10 +88,6 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to anything
 
 
-def default_db() -> Path:
-    return lmloop_home() / "feedback.db"
-
-
 def run(cfg: ServeConfig) -> int:
     api_key = cfg.api_key or os.environ.get("LMLOOP_API_KEY") or None
     if not is_loopback(cfg.host) and not api_key and not cfg.insecure:
@@ -104,7 +100,7 @@ def run(cfg: ServeConfig) -> int:
 
     from lmloop.server import ServerSettings, create_app
 
-    db = Path(cfg.db).expanduser() if cfg.db else default_db()
+    db = Path(cfg.db).expanduser() if cfg.db else lmloop_home() / "feedback.db"
     settings = ServerSettings(
         model=cfg.model,
         model_name=cfg.model_name,

@@ -39,10 +39,6 @@ STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
 # ---- RNG ---------------------------------------------------------------------------------
 
 
@@ -89,7 +85,7 @@ def save_checkpoint(
     A failed write (disk full, read-only folder) removes its temporary folder and raises a
     UserError naming the checkpoint still intact, so the run can be resumed from it.
     """
-    name = step_dir_name(step)
+    name = f"step-{step:07d}"  # as _STEP_DIR reads it
     try:
         with atomic_dir(run_dir / "checkpoints" / name) as tmp:
             write_model(tmp)
