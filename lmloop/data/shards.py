@@ -212,11 +212,15 @@ def open_split(data_dir: str | Path, split: str) -> TokenArray:
             f"{data_dir} has no split '{split}'; splits: {', '.join(splits) or 'none'}",
             hint="use train, val or test",
         )
-    files = splits[split].get("shards", [])
+    return _shard_stream(data_dir, splits[split].get("shards", []), REBUILD)
+
+
+def _shard_stream(data_dir: str | Path, files: list[dict[str, Any]], rebuild: str) -> TokenArray:
+    """The shards a meta.json lists, as one array; a missing one fails with a rebuild hint."""
     paths = [Path(data_dir) / s["file"] for s in files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"token shard missing: {missing[0]}", hint=f"rebuild it with `{REBUILD}`")
+        raise UserError(f"token shard missing: {missing[0]}", hint=f"rebuild it with `{rebuild}`")
     return TokenArray(paths)
 
 
@@ -266,13 +270,5 @@ def open_pairs(data_dir: str | Path, split: str) -> Pairs:
     files = ((meta.get("splits") or {}).get(split) or {}).get("shards")
     if files is None:
         raise UserError(f"{data_dir} has no split '{split}'", hint="use train, val or test")
-    arrays = []
-    for side in SIDES:
-        paths = [Path(data_dir) / s["file"] for s in files[side]]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise UserError(
-                f"token shard missing: {missing[0]}", hint=f"rebuild it with `{PAIRS_REBUILD}`"
-            )
-        arrays.append(TokenArray(paths))
-    return Pairs(arrays[0], arrays[1], int(meta["tokenizer"]["eos_id"]))
+    inputs, targets = (_shard_stream(data_dir, files[side], PAIRS_REBUILD) for side in SIDES)
+    return Pairs(inputs, targets, int(meta["tokenizer"]["eos_id"]))
