@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,12 +237,15 @@ def place(cfg: DataConfig, spec: SourceSpec, key: bytes, is_keyed: bool) -> tupl
     return split, copies(key, spec.weight) if split == "train" else 1
 
 
-def _doc_batches(docs: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _doc_batches(
+    docs: Iterable[Any], max_docs: float, max_chars: int, chars: Callable[[Any], int] = len
+) -> Iterator[list[Any]]:
+    """Consecutive batches of at most `max_docs` documents, cut once they hold `max_chars`."""
+    batch: list[Any] = []
     size = 0
     for d in docs:
         batch.append(d)
-        size += len(d)
+        size += chars(d)
         if len(batch) >= max_docs or size >= max_chars:
             yield batch
             batch, size = [], 0
@@ -420,16 +424,7 @@ def pack_ids(
 
 
 def _rebatch(docs: Iterable[_Doc], max_chars: int) -> Iterator[list[_Doc]]:
-    batch: list[_Doc] = []
-    size = 0
-    for d in docs:
-        batch.append(d)
-        size += len(d.text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+    return _doc_batches(docs, math.inf, max_chars, chars=lambda d: len(d.text))
 
 
 # ---- report --------------------------------------------------------------------------------
