@@ -94,15 +94,12 @@ def export_hf(lm: Any, out: Path, *, dtype: str = "float32", config: Any = None)
 
     tok = lm.tokenizer
     kw, sd = to_hf(lm.model.config, model_state(lm.model))
-    # a model trained here may not carry special ids in its config; its tokenizer does
-    kw["bos_token_id"] = (
-        kw.get("bos_token_id") if kw.get("bos_token_id") is not None else tok.bos_id
-    )
-    kw["eos_token_id"] = (
-        kw.get("eos_token_id") if kw.get("eos_token_id") is not None else tok.eos_id
-    )
-    if kw.get("pad_token_id") is None:  # a seq2seq model's own pad is its decoder start token
-        kw["pad_token_id"] = tok.pad_id
+    # a model trained here may not carry special ids in its config; its tokenizer does (a seq2seq
+    # model's own pad is its decoder start token)
+    specials = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    for key, value in specials.items():
+        if kw.get(key) is None:
+            kw[key] = value
     hf_cfg = hf_config_object(kw)
     torch_dtype = getattr(torch, dtype)
     hf_cfg.dtype = dtype
