@@ -529,9 +529,7 @@ class FeedbackStore:
         out.pop("seq", None)
         out["params"] = json.loads(out["params"])
         out["messages"] = self.thread(row["prompt_message_id"])
-        out["text"] = db.execute(
-            "SELECT content FROM messages WHERE id = ?", (row["message_id"],)
-        ).fetchone()[0]
+        out["text"] = self.message_text(row["message_id"])
         return out
 
     def thread(self, message_id: str | None) -> list[dict[str, str]]:
