@@ -1207,18 +1207,18 @@ class _Forward:
         return out
 
 
-def _shards(cfg: TrainConfig, d: _Dist) -> int:
-    """Over how many processes the training state is split: the world under FSDP, else 1."""
-    return d.world if cfg.parallel == "fsdp" else 1
+def _memory(cfg: TrainConfig, config: Any, trainable: int, d: _Dist) -> tuple[dict, int | None]:
+    """(this run's `memory_estimate` per process, the memory available on its device); under
+    FSDP the training state is split over the world."""
+    cuda = d.device is not None and d.device.type == "cuda"
+    shards = d.world if cfg.parallel == "fsdp" else 1
+    est = memory_estimate(config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len, cuda, shards)
+    return est, _available_memory(d.device) if d.device is not None else None
 
 
 def _check_memory(cfg: TrainConfig, config: Any, trainable: int, d: _Dist) -> None:
-    cuda = d.device is not None and d.device.type == "cuda"
-    est = memory_estimate(
-        config, trainable, cfg.batch.micro_batch, cfg.batch.seq_len, cuda, _shards(cfg, d)
-    )
+    est, avail = _memory(cfg, config, trainable, d)
     need = sum(est.values())
-    avail = _available_memory(d.device) if d.device is not None else None
     if avail is not None and need > avail:
         parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in est.items())
         raise UserError(
@@ -1255,10 +1255,7 @@ def _print_dry_run(
 ) -> None:
     n, ne = config.num_params(), config.num_params(non_embedding=True)
     G, T = cfg.batch.global_batch, cfg.batch.seq_len
-    est = memory_estimate(
-        config, trainable, cfg.batch.micro_batch, T, d.device.type == "cuda", _shards(cfg, d)
-    )
-    avail = _available_memory(d.device)
+    est, avail = _memory(cfg, config, trainable, d)
     tokens = G * T
     lines = [
         f"model         {config.family}: {n:,} params ({ne:,} non-embedding, "
