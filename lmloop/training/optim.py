@@ -50,38 +50,31 @@ def build_optimizers(model: nn.Module, optim: Any) -> list[torch.optim.Optimizer
     decay, hidden, no_decay = param_groups(model, optim.weight_decay)
     if not decay and not no_decay:
         raise UserError("the model has no trainable parameters", hint="check the lora settings")
-    betas = (optim.beta1, optim.beta2)
-    if optim.name == "adamw":
-        groups = [
-            {"params": decay, "weight_decay": optim.weight_decay, "base_lr": optim.lr},
-            {"params": no_decay, "weight_decay": 0.0, "base_lr": optim.lr},
-        ]
-        groups = [g for g in groups if g["params"]]
-        # foreach is the default on CPU; fused isn't bit-reproducible across devices anyway.
-        return [torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)]
-    if optim.name == "muon":
-        hidden_ids = {id(p) for p in hidden}
-        rest_decay = [p for p in decay if id(p) not in hidden_ids]
-        opts: list[torch.optim.Optimizer] = []
-        if hidden:
-            opts.append(
-                torch.optim.Muon(
-                    [{"params": hidden, "base_lr": optim.muon_lr}],
-                    lr=optim.muon_lr,
-                    weight_decay=optim.weight_decay,
-                    momentum=optim.muon_momentum,
-                    adjust_lr_fn="match_rms_adamw",
-                )
+    if optim.name not in ("adamw", "muon"):
+        raise UserError(f"unknown optimizer '{optim.name}'", hint="use adamw or muon")
+    opts: list[torch.optim.Optimizer] = []
+    if optim.name == "muon" and hidden:  # Muon for the hidden matrices, AdamW for the rest
+        opts.append(
+            torch.optim.Muon(
+                [{"params": hidden, "base_lr": optim.muon_lr}],
+                lr=optim.muon_lr,
+                weight_decay=optim.weight_decay,
+                momentum=optim.muon_momentum,
+                adjust_lr_fn="match_rms_adamw",
             )
-        groups = [
-            {"params": rest_decay, "weight_decay": optim.weight_decay, "base_lr": optim.lr},
-            {"params": no_decay, "weight_decay": 0.0, "base_lr": optim.lr},
-        ]
-        groups = [g for g in groups if g["params"]]
-        if groups:
-            opts.append(torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps))
-        return opts
-    raise UserError(f"unknown optimizer '{optim.name}'", hint="use adamw or muon")
+        )
+        hidden_ids = {id(p) for p in hidden}
+        decay = [p for p in decay if id(p) not in hidden_ids]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay, "base_lr": optim.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": optim.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if groups:
+        # foreach is the default on CPU; fused isn't bit-reproducible across devices anyway.
+        betas = (optim.beta1, optim.beta2)
+        opts.append(torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps))
+    return opts
 
 
 def lr_factor(step: int, schedule: Any, max_steps: int) -> float:
