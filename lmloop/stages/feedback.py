@@ -445,13 +445,6 @@ def run_stats(cfg: StatsConfig) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = [
-    "ExportConfig", "ExportResult", "LoopExport", "StatsConfig", "build_records",
-    "export_feedback", "export_for_loop", "heldout_assignment", "heldout_path", "is_heldout",
-    "meta_path", "run_export", "run_stats",
-]  # fmt: skip
-
-
 # ---- the loop's export: every format at once, one split -------------------------------------
 
 _PUNCT = re.compile(r"[^\w\s]+")
