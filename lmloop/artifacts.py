@@ -4,7 +4,7 @@ Every stage writes one output directory holding a `meta.json` (schema name, form
 lmloop version, UTC creation time, resolved config, content hashes of its inputs). Readers call
 `read_meta` which checks schema and version and fails with a hint naming the command that
 rebuilds it. Outputs are built in a temporary sibling and renamed into place only when complete
-(`atomic_dir`, `atomic_write`), so a crash or Ctrl-C never leaves a half-written artifact that
+(`atomic_dir`, `atomic_file`, `atomic_write`), so a crash or Ctrl-C never leaves a half-written artifact that
 looks whole. This module never imports torch.
 """
 
@@ -71,21 +71,28 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write a file through a temporary sibling and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; rename it into place only on success."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a file through a temporary sibling and an atomic rename."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | Path, obj: Any) -> None:

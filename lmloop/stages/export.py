@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmloop.artifacts import atomic_dir, make_meta, write_json, write_meta
+from lmloop.artifacts import atomic_dir, atomic_file, make_meta, write_json, write_meta
 from lmloop.config import param
 from lmloop.errors import UserError
 
@@ -150,11 +148,7 @@ def export_gguf(lm: Any, out: Path, *, dtype: str = "float32") -> None:
     cfg = lm.model.config
     tensors = llama_to_gguf_tensors(cfg, model_state(lm.model))
     f16 = dtype == "float16"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="llama")
         w.add_name(lm.name)
         w.add_context_length(cfg.max_position_embeddings)
@@ -183,10 +177,6 @@ def export_gguf(lm: Any, out: Path, *, dtype: str = "float32") -> None:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _pre_tokenizer_name(backend: dict[str, Any]) -> str:
