@@ -159,14 +159,23 @@ def _run_one(cfg: GenerateConfig, engine: Any, loaded: Any, ids: list[int], para
     t1 = time.perf_counter()
     done = Completion.from_steps(steps)  # raises on an engine error
     if cfg.json:
-        lps = None
+        obj: dict[str, Any] = {
+            "model": loaded.name,
+            "version": loaded.version,
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "token_ids": done.token_ids,
+        }
         if done.logprobs is not None:
-            lps = [
+            obj["logprobs"] = [
                 {"token": lp.token, "id": lp.token_id, "logprob": lp.logprob,
                  "top": [{"token": t, "id": i, "logprob": v} for t, i, v in lp.top]}
                 for lp in done.logprobs
             ]  # fmt: skip
-        return _print_json(loaded, done, lps)
+        print(json.dumps(obj, ensure_ascii=False))
+        return 0
     sys.stdout.write("\n")
     first = first or t1
     print(
@@ -175,22 +184,6 @@ def _run_one(cfg: GenerateConfig, engine: Any, loaded: Any, ids: list[int], para
         f"{max(done.completion_tokens - 1, 0) / max(t1 - first, 1e-9):.1f} tok/s]",
         file=sys.stderr,
     )
-    return 0
-
-
-def _print_json(loaded: Any, done: Any, lps: list[dict[str, Any]] | None) -> int:
-    obj: dict[str, Any] = {
-        "model": loaded.name,
-        "version": loaded.version,
-        "text": done.text,
-        "finish_reason": done.finish_reason,
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "token_ids": done.token_ids,
-    }
-    if lps is not None:
-        obj["logprobs"] = lps
-    print(json.dumps(obj, ensure_ascii=False))
     return 0
 
 
