@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lmloop.artifacts import atomic_dir, write_meta
+from lmloop.artifacts import atomic_dir, check_output, write_meta
 from lmloop.data.pii import PII_KINDS, scrub_batch
 from lmloop.data.preprocess import (
     NearDedup,
@@ -56,7 +56,6 @@ from lmloop.stages.data import (
     DataConfig,
     DataResult,
     _fingerprint,
-    check_output,
     plot_lengths,
     stage_meta,
     up_to_date,
