@@ -7,9 +7,10 @@ tokenizer, no split and no decontamination. A sampler thread reads the driver an
 worker four times a second: RSS, and from `/proc/PID/smaps` (psutil `memory_full_info`,
 `memory_maps`) USS (pages only this process holds), PSS (shared pages divided among their
 users) and the resident part of the object store's mapping (`/dev/shm/plasma*`). RSS counts
-every store page a worker has touched to read a task's arguments, and they stay counted after
-the object is freed: pages of the node's store (one copy, whatever the number of workers,
-capped by its size), not of the worker. USS is what the worker itself holds. Each peak is also listed by the task the worker
+every store page a worker has touched to read a task's arguments or write its results, and
+they stay counted after the object is freed: pages of the node's store (one copy, whatever
+the number of workers, capped by its size), not of the worker. "own" is USS less the store
+pages only this worker has touched: its heap, what it alone holds. Each peak is also listed by the task the worker
 was running then (Ray titles a busy worker `ray::<task>`).
 
     .venv/bin/python bench/ray_memory.py                 # 11.8 and 47.1 MB (1x and 4x)
@@ -33,12 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-FIELDS = ("rss", "uss", "pss", "store")
+FIELDS = ("rss", "own", "pss", "store")
 
 
 class Watch:
-    """Peak RSS/USS/PSS (MB) of the driver and of each Ray worker, and by running task; `store`
-    is the part of RSS that is the object store's mapping (`/dev/shm/plasma*`)."""
+    """Peak RSS/own/PSS (MB) of the driver and of each Ray worker, and by running task: `store`
+    is the part of RSS in the object store's mapping (`/dev/shm/plasma*`), `own` is USS less
+    the store pages that only this process has touched (smaps counts those as private)."""
 
     def __init__(self, every: float = 0.25):
         import psutil
@@ -72,10 +74,12 @@ class Watch:
     def _peak(self, into: dict[str, float], p) -> dict[str, float] | None:
         try:
             info = p.memory_full_info()
-            store = sum(m.rss for m in p.memory_maps() if "/plasma" in m.path)
+            store = [mp for mp in p.memory_maps() if "/plasma" in mp.path]
         except self.psutil.Error:
             return None
-        m = {k: getattr(info, k) / 1e6 for k in FIELDS[:3]} | {"store": store / 1e6}
+        private = sum(mp.private_clean + mp.private_dirty for mp in store)
+        m = {"rss": info.rss, "own": info.uss - private, "pss": info.pss}
+        m = {k: v / 1e6 for k, v in m.items()} | {"store": sum(mp.rss for mp in store) / 1e6}
         for k in FIELDS:
             into[k] = max(into[k], m[k])
         return m
@@ -161,20 +165,21 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'corpus':>9} | largest Ray worker: RSS (store) / USS / PSS | driver RSS / USS")
+    print(f"\n{'corpus':>9} | largest Ray worker: RSS (store) / own / PSS | driver RSS / own")
     for mb, _, r in rows:
         top = {k: max(w[k] for w in r["workers"]) for k in FIELDS}
         d = r["driver"]
-        print(f"{mb:7.1f}MB | {top['rss']:14.0f} ({top['store']:4.0f}) / {top['uss']:4.0f} / "
-              f"{top['pss']:4.0f} MB | {d['rss']:6.0f} / {d['uss']:4.0f} MB")  # fmt: skip
-    print("\npeak USS (RSS) of a worker while running each task, MB")
+        print(f"{mb:7.1f}MB | {top['rss']:14.0f} ({top['store']:4.0f}) / {top['own']:4.0f} / "
+              f"{top['pss']:4.0f} MB | {d['rss']:6.0f} / {d['own']:4.0f} MB")  # fmt: skip
+    print("\npeak own (RSS) of a worker while running each task, MB (the worker's earlier tasks'")
+    print("heap included: a worker's allocator keeps its high-water mark, ~20 tasks to settle)")
     names = sorted({t for *_, r in rows for t in r["tasks"]})
     print(f"{'task':<20}" + "".join(f"{mb:>16.1f}MB" for mb, *_ in rows))
     for t in names:
         cells = []
         for *_, r in rows:
             m = r["tasks"].get(t)
-            cells.append(f"{m['uss']:>8.0f} ({m['rss']:4.0f})" if m else f"{'-':>15}")
+            cells.append(f"{m['own']:>8.0f} ({m['rss']:4.0f})" if m else f"{'-':>15}")
         print(f"{t:<20}" + "".join(f"{c:>18}" for c in cells))
 
 
