@@ -17,10 +17,10 @@ corpus is grouped across it, never per worker:
    each) cuts its range out of every unit's and keeps the first id of each hash.
 3. near dedup: MinHash signatures of the exact survivors (a task per unit), whose LSH band
    keys leave sorted; a reduce task per range of keys, as above, returns the groups of ids
-   sharing a band.
-   The driver joins the groups into connected components and keeps, in each, what the
-   one-process pass keeps: in id order, a document is dropped when it shares a band with an
-   earlier *kept* one. Components don't interact, so this is exactly the one-process result.
+   sharing a band. The driver keeps what the one-process pass keeps: in id order, a document
+   is dropped when it shares a band with an earlier *kept* one. A decision reads only the
+   document's connected component of groups, which don't interact, so one pass over all
+   candidates is exactly the one-process result.
 4. split and weights by hash, and the val/test n-grams for decontamination (a task per unit).
 5. decontamination, tokenization and the ids of each split (a task per unit); the driver
    writes the shards in unit order with the one-process `_Packer`/`ShardWriter`.
