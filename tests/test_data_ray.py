@@ -210,6 +210,34 @@ def test_near_dedup_keeps_what_the_sequential_pass_keeps():
     assert near_drops(groups).tolist() == [2, 9]
 
 
+def test_near_drops_equals_the_sequential_band_index():
+    # random band keys from a small space (many collisions, chains across bands), grouped as
+    # the band-grouping tasks return them, split over several tasks; the reference is the
+    # one-process pass: a document goes when a band key of its is in an earlier kept one's
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        n, bands = int(rng.integers(5, 80)), 3
+        keys = rng.integers(0, n // 2 + 2, size=(n, bands))
+        index: list[set] = [set() for _ in range(bands)]
+        expected = []
+        for d in range(n):
+            if any(k in index[b] for b, k in enumerate(keys[d])):
+                expected.append(d)
+            else:
+                for b, k in enumerate(keys[d]):
+                    index[b].add(k)
+        tasks: list[tuple[list, list]] = [([], []) for _ in range(3)]
+        for b in range(bands):
+            for k in np.unique(keys[:, b]):
+                ids = np.flatnonzero(keys[:, b] == k)
+                if len(ids) > 1:
+                    members, sizes = tasks[int(k) % 3]
+                    members += ids.tolist()
+                    sizes.append(len(ids))
+        groups = [(np.array(m, np.int64), np.array(z, np.int64)) for m, z in tasks]
+        assert near_drops(groups).tolist() == expected
+
+
 def test_one_process_path_never_imports_ray(corpus, tmp_path):
     code = (
         "import sys; from lmloop.cli import main; "
