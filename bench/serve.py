@@ -250,6 +250,14 @@ def run_server(name: str, cmd: list[str], ready_path: str, port: int, threads: i
         log.close()
 
 
+def has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_int8" in f.read(200_000)
+    except OSError:
+        return False
+
+
 def find_llama_server(given: str | None) -> str | None:
     if given:
         return given
@@ -320,7 +328,11 @@ def main() -> int:
                 "llama-server",
                 [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                  "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
-                 "-t", str(t), "-tb", str(t), "--no-webui"],
+                 "-t", str(t), "-tb", str(t), "--no-webui",
+                 # where the CPU reports AMX, the native build's AMX matmul for Q4_1 segfaulted
+                 # at the first batch (2026-12-02); --no-repack leaves the AVX-512 kernels, as
+                 # on CPUs without AMX (repacking has no Q4_1 layout either way)
+                 *(["--no-repack"] if has_amx() else [])],
                 "/health", port, t, args, tmp,
             )  # fmt: skip
 
