@@ -171,14 +171,17 @@ def test_sampled_outputs_and_logprobs_match_too(models, tok):
 
 
 def test_prompt_logprobs_requests_prefill_in_full(models, tok):
-    """Prompt logprobs need every prompt position's logits: no reuse for them."""
+    """Prompt logprobs need every prompt position's logits: no reuse for them; and a
+    scoring-only request (lm-eval's) stores nothing, so it cannot push out recurring prefixes."""
     rng = random.Random(4)
     prompt = _ids(rng, 40)
     score = SamplingParams(max_tokens=0, prompt_logprobs=0)
     with _engine(models, tok, ("llama", True, False), cache=True) as engine:
+        engine.complete(_ids(rng, 40), score)
+        assert len(engine.prefix) == 0
         engine.complete(prompt, GREEDY)
         first = engine.complete(prompt, score).prompt_logprobs
-        assert engine.prefilled == 2 * len(prompt)
+        assert engine.prefilled == 40 + 2 * len(prompt)
     with _engine(models, tok, ("llama", True, False), cache=False) as engine:
         ref = engine.complete(prompt, score).prompt_logprobs
     assert [x.logprob for x in first[1:]] == pytest.approx([x.logprob for x in ref[1:]], abs=1e-5)

@@ -416,7 +416,9 @@ class Engine:
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
-        if self.prefix is not None:  # at once: requests admitted next to this one share it
+        # At once, so requests admitted next to this one share it; not for scoring-only
+        # requests (lm-eval sends thousands, which would push out the prefixes that recur).
+        if self.prefix is not None and p.max_tokens > 0:
             self.prefix.store(self.runner, seq.row, seq.prompt)
         if self.encoder_decoder:
             seq.pos = 1  # decoder positions: the start token sat at 0
