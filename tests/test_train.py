@@ -397,7 +397,12 @@ def test_fsdp_two_processes_match_one_and_resume_across_world_sizes(tmp_path, da
     opt = torch.load(ck / "train_state.pt", weights_only=False)["optimizers"][0]
     ref = torch.load(one / "checkpoints/step-0000005/train_state.pt", weights_only=False)
     ref = ref["optimizers"][0]
-    assert opt["param_groups"] == ref["param_groups"] and set(opt["state"]) == set(ref["state"])
+    # `fused` is the process's kernel choice (FSDP's sharded DTensors keep the default AdamW)
+    groups = [
+        [{k: v for k, v in g.items() if k != "fused"} for g in o["param_groups"]]
+        for o in (opt, ref)
+    ]
+    assert groups[0] == groups[1] and set(opt["state"]) == set(ref["state"])
     for i, st in ref["state"].items():
         assert {k: (type(v), v.shape) for k, v in opt["state"][i].items()} == {
             k: (type(v), v.shape) for k, v in st.items()

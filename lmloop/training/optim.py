@@ -71,9 +71,15 @@ def build_optimizers(model: nn.Module, optim: Any) -> list[torch.optim.Optimizer
     ]
     groups = [g for g in groups if g["params"]]
     if groups:
-        # foreach is the default on CPU; fused isn't bit-reproducible across devices anyway.
+        # PyTorch picks neither foreach nor fused on CPU: AdamW then updates one parameter at a
+        # time (measured on a T5 shape: 36 ms of a ~210 ms step, 13 ms fused). Fused for plain
+        # CPU/CUDA tensors; FSDP's sharded DTensors keep the default path.
+        params = [p for g in groups for p in g["params"]]
+        fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
         betas = (optim.beta1, optim.beta2)
-        opts.append(torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps))
+        opts.append(
+            torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=fused or None)
+        )
     return opts
 
 
