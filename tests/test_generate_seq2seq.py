@@ -14,26 +14,16 @@ import json
 
 import pytest
 import torch
-from modelkit import tiny_tokenizer
-from test_seq2seq import greedy, lmloop_seq2seq
+from test_seq2seq import greedy, saved_seq2seq
 
 from lmloop.cli import main
-from lmloop.modelio import save_model
 
 PROMPTS = ["the cat sat on the mat", "a dog", "red blue green red"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tok = tiny_tokenizer()
-    model = lmloop_seq2seq(tok).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    d = tmp_path_factory.mktemp("s2s")
-    save_model(d, model, tok)
-    return {"dir": d, "model": model, "tok": tok}
+    return saved_seq2seq(tmp_path_factory.mktemp("s2s"))
 
 
 def _input(tok, text: str) -> torch.Tensor:

@@ -59,6 +59,20 @@ def hf_t5(tok, *, ff: str, tied: bool, seed: int = 0):
     return model
 
 
+def saved_seq2seq(directory) -> dict:
+    """A tiny seq2seq model with large random weights (outputs that vary), saved to `directory`."""
+    from lmloop.modelio import save_model
+
+    tok = tiny_tokenizer()
+    model = lmloop_seq2seq(tok).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_model(directory, model, tok)
+    return {"dir": directory, "model": model, "tok": tok}
+
+
 def lmloop_seq2seq(
     tok, *, positions: str = "relative", tied: bool = True, dec_layers: int = 3, seed: int = 0
 ):

@@ -11,15 +11,12 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import torch
-from modelkit import tiny_tokenizer
-from test_seq2seq import lmloop_seq2seq
+from test_seq2seq import saved_seq2seq
 from test_server_kit import Server
 
 from lmloop.engine import Engine, SamplingParams
 from lmloop.engine.seq2seq import encoder_input
 from lmloop.feedback.store import FeedbackStore
-from lmloop.modelio import save_model
 from lmloop.models.seq2seq import generate
 
 # Different input lengths, so rows' cross-attention caches differ in length.
@@ -34,15 +31,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tok = tiny_tokenizer()
-    model = lmloop_seq2seq(tok).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    d = tmp_path_factory.mktemp("s2s") / "model"
-    save_model(d, model, tok)
-    return {"dir": d, "model": model, "tok": tok}
+    return saved_seq2seq(tmp_path_factory.mktemp("s2s") / "model")
 
 
 def _greedy(tiny: dict, ids: list[int], n: int, stops: set[int]) -> list[int]:
