@@ -60,11 +60,23 @@ def test_greedy_ids_equal_transformers_generate(models, tok, family):
 
 
 def _runners(lm, batch=4, length=64):
+    """(runner, tolerance on logits): exact paths to 1e-4; the int8 KV cache to within 2% of
+    the logits' range (measured on this tiny model: 0.4%; a scale dropped or applied to the
+    wrong slot is off by more than 50%)."""
     model = lm.model
-    runners = [ModelRunner(model, batch, length)]
+    runners = [(ModelRunner(model, batch, length), 1e-4)]
     if type(model).__name__ == "Llama":
-        runners.append(FastLlamaRunner(model, batch, length))
+        runners.append((FastLlamaRunner(model, batch, length), 1e-4))
+        runners.append((FastLlamaRunner(model, batch, length, kv_int8=True), "2%"))
     return runners
+
+
+def _close(got, want, tol):
+    if tol == "2%":
+        err = float((got - want).abs().max()) / float(want.max() - want.min())
+        assert err < 0.02, err
+    else:
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -72,21 +84,18 @@ def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, fa
     """Rows of different lengths decoded together (and moved when one leaves) give the logits
     of a full forward over each sequence alone: padding and other rows never leak."""
     model = models[family][1].model
-    for runner in _runners(models[family][1]):
+    for runner, tol in _runners(models[family][1]):
         seqs = [list(p) for p in _prompts(tok)]
         with torch.inference_mode():
             for r, s in enumerate(seqs):
                 last = runner.prefill(r, s)
-                torch.testing.assert_close(
-                    last, model(torch.tensor([s]))[0, -1], rtol=1e-4, atol=1e-4
-                )
+                _close(last, model(torch.tensor([s]))[0, -1], tol)
             nxt = [int(runner.prefill(r, s).argmax()) for r, s in enumerate(seqs)]
             for step in range(5):
                 logits = runner.decode(nxt, [len(s) for s in seqs])
                 seqs = [s + [t] for s, t in zip(seqs, nxt)]
                 for i, s in enumerate(seqs):
-                    full = model(torch.tensor([s]))[0, -1]
-                    torch.testing.assert_close(logits[i], full, rtol=1e-4, atol=1e-4)
+                    _close(logits[i], model(torch.tensor([s]))[0, -1], tol)
                 nxt = logits.argmax(-1).tolist()
                 if step == 1:  # row 0 leaves; the last row moves into its place
                     runner.move(2, 0, len(seqs[2]))

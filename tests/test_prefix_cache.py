@@ -73,7 +73,13 @@ def _scramble(engine: Engine) -> None:
     """Overwrite every cache slot with noise, so a slot the prefix cache should have written
     and did not cannot pass for right by holding the last request's values."""
     r = engine.runner
-    for t in (r.k, r.v) if isinstance(r, FastLlamaRunner) else (r.cache.k, r.cache.v):
+    if isinstance(r, FastLlamaRunner):  # one k|v tensor, and with --int8 an int8 one + scales
+        ts = [r.kv] if r.kv_scale is None else [r.kv_scale]
+        if r.kv_scale is not None:
+            r.kv.copy_(torch.randint_like(r.kv, -127, 128))
+    else:
+        ts = [r.cache.k, r.cache.v]
+    for t in ts:
         t.copy_(torch.randn_like(t) * 10)
 
 

@@ -138,11 +138,14 @@ class Engine:
         max_len: int | None = None,
         fast: bool = True,
         int8: bool = False,
+        kv_int8: bool | None = None,
         threads: int | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         single_thread_rows: int | None = None,
     ):
-        self.model = model.eval()
+        # The engine keeps no reference to the model: its runner keeps what it reads (the fast
+        # runner its own copies), so a caller that drops the model frees its weights.
+        model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
@@ -155,10 +158,25 @@ class Engine:
         self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         if self.encoder_decoder and model.config.eos_token_id is not None:
             self._stop_ids.add(int(model.config.eos_token_id))
+        # The KV cache in int8 (the fast runner's; `lmloop.engine.fast`): default with int8
+        # weights, the memory-lean serving mode.
         self.runner = _make_runner(
-            model, max_batch, self._ctx, fast=fast, int8=int8, tokenizer=tokenizer
+            model,
+            max_batch,
+            self._ctx,
+            fast=fast,
+            int8=int8,
+            kv_int8=int8 if kv_int8 is None else kv_int8,
+            tokenizer=tokenizer,
         )
         self.int8 = int8
+        self.kv_int8 = bool(getattr(self.runner, "kv_int8", False))
+        if kv_int8 and not self.kv_int8:
+            raise UserError(
+                "an int8 KV cache needs the fast Llama-family runner; this model "
+                f"({type(model).__name__}) keeps its cache in fp32",
+                hint="serve it with --kv-cache fp32",
+            )
         self.threads = threads or default_threads()
         # Decode steps of at most this many rows run on one intra-op thread (0: never). At batch
         # 1 a step opens ~250 OpenMP parallel regions (each projection, attention matmul and
@@ -581,7 +599,14 @@ def _vocab_of(model: torch.nn.Module) -> int:
 
 
 def _make_runner(
-    model: torch.nn.Module, batch: int, max_len: int, *, fast: bool, int8: bool, tokenizer: Any
+    model: torch.nn.Module,
+    batch: int,
+    max_len: int,
+    *,
+    fast: bool,
+    int8: bool,
+    kv_int8: bool,
+    tokenizer: Any,
 ):
     if getattr(model, "is_encoder_decoder", False):
         from lmloop.engine.seq2seq import Seq2SeqRunner
@@ -594,7 +619,9 @@ def _make_runner(
         if int8:
             with torch.inference_mode():
                 calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
-        runner = fast_runner(model, batch, max_len, int8=int8, calibration_ids=calib)
+        runner = fast_runner(
+            model, batch, max_len, int8=int8, kv_int8=kv_int8, calibration_ids=calib
+        )
         if runner is not None:
             return runner
     from lmloop.engine.runner import ModelRunner

@@ -43,10 +43,24 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
 
 def _copy(m: nn.Linear) -> nn.Linear:
     out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-    out.weight = nn.Parameter(m.weight.detach(), requires_grad=False)
+    out.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
     if m.bias is not None:
-        out.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+        out.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
     return out
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A copy the runner owns. A loaded checkpoint's tensors are views of one memory-mapped file:
+    keeping a view would keep the whole file's pages (513 MB for SmolLM2-135M) resident after
+    the model itself is dropped."""
+    return t.detach().clone()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and one fp32 scale per vector along the last dim (symmetric, absmax/127):
+    x ~= q * scale."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8).div_(127)
+    return torch.round(x / scale).to(torch.int8), scale
 
 
 def quantize_linears(mods: nn.Module) -> nn.Module:
@@ -208,6 +222,13 @@ def _smooth(absmax: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None
 
 
 class FastLlamaRunner:
+    """The KV cache is one tensor (layer, k|v, row, kv head, slot, head dim), fp32, or int8 with
+    one scale per (token, kv head) vector (`kv_int8`): a quarter of the memory (SmolLM2-135M at
+    16 rows x 2,048 slots: 1,440 MB fp32, 371 MB int8 with scales) for a measured quality cost
+    (BENCHMARKS.md). Attention then reads int8 keys and values converted to fp32 and applies
+    the scales to the scores (keys) and to the probabilities (values), where they are a
+    per-slot factor: no dequantized copy of the cache is made."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -215,15 +236,17 @@ class FastLlamaRunner:
         max_len: int,
         *,
         int8: bool = False,
+        kv_int8: bool = False,
         calibration_ids: list[int] | None = None,
     ):
         cfg = model.config
         self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd
         self.C, self.I, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
         self.max_len = max_len
-        self.embed = model.model.embed_tokens.weight.detach()
+        self.embed = _own(model.model.embed_tokens.weight)
+        self.embed_scale = None  # int8 rows' scales (int8 mode)
         half = self.D // 2
-        self.cos = model.rope_cos[:max_len].detach()
+        self.cos = _own(model.rope_cos[:max_len])
         sin = model.rope_sin[:max_len].detach()
         # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
@@ -242,7 +265,7 @@ class FastLlamaRunner:
                 )
             )
             self.norms.append(
-                (blk.input_layernorm.weight.detach(), blk.post_attention_layernorm.weight.detach())
+                (_own(blk.input_layernorm.weight), _own(blk.post_attention_layernorm.weight))
             )
         with torch.no_grad():  # fold attention's 1/sqrt(D) into the query rows: one op less
             for qkv, *_ in mods:
@@ -251,17 +274,43 @@ class FastLlamaRunner:
                     qkv.bias[: self.H * self.D] *= self.D**-0.5
         self.layers = [tuple(m) for m in mods]
         self.lm_head = _copy(model.lm_head)
-        self.final_norm = model.model.norm.weight.detach()
+        self.final_norm = _own(model.model.norm.weight)
         L = cfg.num_hidden_layers
-        shape = (L, batch, self.Hkv, max_len, self.D)  # (layer, row, kv head, slot, dim)
-        self.k = torch.zeros(shape)
-        self.v = torch.zeros(shape)
+        shape = (L, 2, batch, self.Hkv, max_len, self.D)
+        self.kv_int8 = kv_int8
+        self.kv = torch.zeros(shape, dtype=torch.int8 if kv_int8 else torch.float32)
+        self.kv_scale = torch.zeros(shape[:-1] + (1,)) if kv_int8 else None
         self._slots = torch.arange(max_len)
         if int8:
             self._quantize(calibration_ids)
+            # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
+            # reads one row per token, so this costs one multiply per step.
+            self.embed, self.embed_scale = quantize_rows(self.embed)
         else:
             self.layers = [tuple(DecodeLinear(m) for m in layer) for layer in self.layers]
             self.lm_head = DecodeLinear(self.lm_head)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids)
+        if self.embed_scale is None:
+            return F.embedding(t, self.embed)
+        return self.embed[t].float() * self.embed_scale[t]
+
+    def _kv_float(self, i: int, rows: slice | int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of `rows`, slots [0, end), in fp32 (for prefill)."""
+        kv = self.kv[i, :, rows, :, :end]
+        if self.kv_scale is not None:
+            kv = kv.float() * self.kv_scale[i, :, rows, :, :end]
+        return kv[0], kv[1]
+
+    def _store(self, i: int, index: tuple, kv: torch.Tensor) -> None:
+        """Write new keys and values (k|v stacked on the axis `index` leaves for it)."""
+        if self.kv_scale is None:
+            self.kv[i][index] = kv
+        else:
+            q, scale = quantize_rows(kv)
+            self.kv[i][index] = q
+            self.kv_scale[i][index] = scale
 
     def _quantize(self, calibration_ids: list[int] | None) -> None:
         """Swap every projection for an Int8Linear, smoothed (SmoothQuant, Xiao et al. 2023).
@@ -346,21 +395,25 @@ class FastLlamaRunner:
         already: the prefix cache's `write_kv`)."""
         T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
         end = start + T
-        x = F.embedding(torch.tensor(ids), self.embed)  # (T, C)
+        x = self._embed(ids)  # (T, C)
         cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # (T, 1, D)
         mask = None  # from 0: SDPA's own causal mask; after a prefix, query t sees slots <= t
         if start:
             mask = self._slots[None, :end] <= torch.arange(start, end)[:, None]  # (T, end)
+        at = (slice(None), row, slice(None), slice(start, end))
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
             h = qkv(self._norm(x, n1))  # (T, (H + 2 Hkv) D)
             qk = self._rope(h[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
-            self.k[i, row, :, start:end] = qk[:, H:].transpose(0, 1)
-            self.v[i, row, :, start:end] = h[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1)
+            v = h[:, (H + Hkv) * D :].view(T, Hkv, D)
+            self._store(i, at, torch.stack((qk[:, H:], v)).transpose(1, 2))  # (2, Hkv, T, D)
+            # Attention reads keys and values back from the cache, so that a prompt sees the
+            # same (int8-rounded) values whether its prefix was prefilled or copied in.
+            k, v = self._kv_float(i, row, end)
             q = qk[:, :H].transpose(0, 1)[None]  # (1, H, T, D)
             y = F.scaled_dot_product_attention(
                 q,
-                self.k[i, row : row + 1, :, :end],
-                self.v[i, row : row + 1, :, :end],
+                k[None],
+                v[None],
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=1.0,  # already folded into the queries
@@ -376,55 +429,66 @@ class FastLlamaRunner:
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
         pos = torch.tensor(positions)
-        x = F.embedding(torch.tensor(tokens), self.embed)  # (n, C)
+        x = self._embed(tokens)  # (n, C)
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, D)
         span = max(positions) + 1
         p0 = positions[0]
         same = all(p == p0 for p in positions)
         # One length mask for every layer: row r sees slots <= its own position.
         mask = None
-        if not same:  # additive: 0 where visible, -inf elsewhere
+        if same:  # new keys/values (2, n, Hkv, D) go to slot p0 of rows 0..n-1
+            at, axis = (slice(None), slice(0, n), slice(None), p0), 0
+        else:  # (n, 2, Hkv, D) to each row's own slot; additive mask: -inf where not visible
+            at, axis = (slice(None), torch.arange(n), slice(None), pos), 1
             seen = self._slots[None, :span] <= pos[:, None]  # (n, span)
             mask = torch.zeros(n, 1, 1, span).masked_fill_(~seen[:, None, None, :], float("-inf"))
         rep = H // Hkv
-        rows = torch.arange(n)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
             h = qkv(self._norm(x, n1))  # (n, (H + 2 Hkv) D)
             qk = self._rope(h[:, : (H + Hkv) * D].view(n, H + Hkv, D), cos, sin)
             v = h[:, (H + Hkv) * D :].view(n, Hkv, D)
-            kc, vc = self.k[i], self.v[i]
-            if same:
-                kc[:n, :, p0] = qk[:, H:]
-                vc[:n, :, p0] = v
-            else:
-                kc[rows, :, pos] = qk[:, H:]
-                vc[rows, :, pos] = v
+            self._store(i, at, torch.stack((qk[:, H:], v), axis))
+            kc, vc = self.kv[i, 0, :n, :, :span], self.kv[i, 1, :n, :, :span]  # (n, Hkv, S, D)
             # One query per row: plain matmuls beat SDPA's dispatch here. Query heads are grouped
             # by their kv head (n, Hkv, rep, D), which is grouped-query attention without copies.
             q = qk[:, :H].reshape(n, Hkv, rep, D)
-            att = torch.matmul(q, kc[:n, :, :span].transpose(-1, -2))  # (n, Hkv, rep, S)
+            if self.kv_scale is None:
+                att = torch.matmul(q, kc.transpose(-1, -2))  # (n, Hkv, rep, S)
+            else:  # a key's scale multiplies its score; a value's, its probability
+                scale = self.kv_scale[i, :, :n, :, :span].transpose(-1, -2)  # (2, n, Hkv, 1, S)
+                att = torch.matmul(q, kc.float().transpose(-1, -2)) * scale[0]
             if mask is not None:
                 att = att + mask
-            y = torch.matmul(torch.softmax(att, dim=-1), vc[:n, :, :span])  # (n,Hkv,rep,D)
+            p = torch.softmax(att, dim=-1)
+            if self.kv_scale is None:
+                y = torch.matmul(p, vc)  # (n, Hkv, rep, D)
+            else:
+                y = torch.matmul(p * scale[1], vc.float())
             x = x + o(y.reshape(n, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
         return self.lm_head(self._norm(x, self.final_norm))
 
     def move(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+        if self.kv_scale is not None:
+            self.kv_scale[:, :, dst, :, :length] = self.kv_scale[:, :, src, :, :length]
 
     def reset(self, row: int) -> None:
         """Nothing to clear: a row's length mask comes from its positions."""
 
-    # The prefix cache's access to slots (`lmloop.engine.prefix`); k, v: (L, Hkv, T, D).
-    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[:, row, :, start:stop].clone(), self.v[:, row, :, start:stop].clone()
+    # The prefix cache's access to slots (`lmloop.engine.prefix`): copies of the cache's own
+    # storage, (layer, k|v, kv head, slot, dim) and, with an int8 cache, its scales.
+    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        parts = [self.kv[:, :, row, :, start:stop].clone()]
+        if self.kv_scale is not None:
+            parts.append(self.kv_scale[:, :, row, :, start:stop].clone())
+        return tuple(parts)
 
-    def write_kv(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        self.k[:, row, :, start : start + n] = k[:, :, :n]
-        self.v[:, row, :, start : start + n] = v[:, :, :n]
+    def write_kv(self, row: int, start: int, parts: tuple[torch.Tensor, ...], n: int) -> None:
+        self.kv[:, :, row, :, start : start + n] = parts[0][:, :, :, :n]
+        if self.kv_scale is not None:
+            self.kv_scale[:, :, row, :, start : start + n] = parts[1][:, :, :, :n]
 
 
 def fast_runner(
@@ -433,9 +497,12 @@ def fast_runner(
     max_len: int,
     *,
     int8: bool = False,
+    kv_int8: bool = False,
     calibration_ids: list[int] | None = None,
 ):
     """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
     if not supports(model):
         return None
-    return FastLlamaRunner(model, batch, max_len, int8=int8, calibration_ids=calibration_ids)
+    return FastLlamaRunner(
+        model, batch, max_len, int8=int8, kv_int8=kv_int8, calibration_ids=calibration_ids
+    )

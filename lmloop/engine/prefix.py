@@ -19,9 +19,11 @@ the blocks below it (nothing can reach them any more). A lookup touches its bloc
 deepest to the root, so roots outlive their leaves.
 
 The cache lives on the engine's worker thread (no locks). It needs two calls of the runner:
-`read_kv(row, start, stop) -> (k, v)` (copies of those slots) and `write_kv(row, start, k, v,
-n)` (the first n slots of such a copy, into slots start..start+n-1);
-a runner without them (the encoder-decoder one) gets no prefix cache.
+`read_kv(row, start, stop) -> parts` (a tuple of tensors: copies of those slots, in whatever
+layout and precision the runner's cache keeps, int8 and scales included) and `write_kv(row,
+start, parts, n)` (the first n slots of such a copy, into slots start..start+n-1); a runner
+without them (the encoder-decoder one) gets no prefix cache. A block's size is its parts' bytes,
+so an int8 cache fits ~4x the tokens of an fp32 one in the same budget.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ BLOCK = 16  # tokens per block: reuse is exact to the token; this sets the unit 
 class _Block:
     id: int
     key: tuple[int, tuple[int, ...]]  # (parent block id, 0 at the root; tokens)
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: tuple[torch.Tensor, ...]  # the runner's `read_kv` parts
     nbytes: int
 
 
@@ -94,10 +95,10 @@ class PrefixCache:
         if m + tail == 0:
             return 0
         for i, blk in enumerate(chain):
-            runner.write_kv(row, i * b, blk.k, blk.v, b)
+            runner.write_kv(row, i * b, blk.kv, b)
         if tail_blk is not None:
             self._blocks.move_to_end(tail_blk.key)
-            runner.write_kv(row, m, tail_blk.k, tail_blk.v, tail)
+            runner.write_kv(row, m, tail_blk.kv, tail)
         for blk in reversed(chain):  # deepest first: the root ends most recently used
             self._blocks.move_to_end(blk.key)
         self.hits += 1
@@ -124,15 +125,15 @@ class PrefixCache:
                 if have is not None:
                     self._blocks.move_to_end(have)
                     return
-            k, v = runner.read_kv(row, start, start + len(toks))
-            size = k.nbytes + v.nbytes
+            kv = runner.read_kv(row, start, start + len(toks))
+            size = sum(t.nbytes for t in kv)
             if not self._make_room(size, keep):
                 return
             for short in [k for k in siblings if len(k[1]) < len(toks)]:
                 if toks[: len(short[1])] == short[1]:  # a tail this block covers
                     self._evict(short)
             key = (parent, toks)
-            blk = _Block(next(self._ids), key, k, v, size)
+            blk = _Block(next(self._ids), key, kv, size)
             self._blocks[key] = blk
             self._children[parent].add(key)
             self.nbytes += size

@@ -64,11 +64,13 @@ class ModelRunner:
         """Copy row `src` (its first `length` slots) into row `dst` and free `src`."""
         move_row(self.cache, src, dst, length)
 
-    # The prefix cache's access to slots (`lmloop.engine.prefix`); k, v: (L, T, Hkv, D).
-    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The prefix cache's access to slots (`lmloop.engine.prefix`): copies of (k, v), each
+    # (layer, slot, kv head, dim).
+    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         return self.cache.k[:, row, start:stop].clone(), self.cache.v[:, row, start:stop].clone()
 
-    def write_kv(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+    def write_kv(self, row: int, start: int, parts: tuple[torch.Tensor, ...], n: int) -> None:
+        k, v = parts
         self.cache.k[:, row, start : start + n] = k[:, :n]
         self.cache.v[:, row, start : start + n] = v[:, :n]
         self.cache.valid[row, start : start + n] = True
