@@ -24,6 +24,11 @@ engine's own default), each printed on its rows:
 * `llama-cpp-py`: llama-cpp-python's server (`python -m llama_cpp.server`, one request at a
   time), when `llama_cpp` is importable.
 
+Memory: each server process's resident set (VmRSS) when ready and after every level, and its
+peak (VmHWM), with lmloop's ratio to each peer after the last level. Both servers allocate
+their KV cache for every slot up front (`--max-batch` x `--slot-ctx` tokens), so this compares
+them at the same context. `--llama-threads 1 2` runs llama-server once per thread count.
+
 A server that is not available is reported as skipped.
 """
 
@@ -196,8 +201,21 @@ async def run_level(
     }
 
 
-def bench_server(name: str, url: str, model: str, threads: int, args) -> list[dict]:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process, in MB (VmRSS, VmHWM)."""
+    got = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                got[key] = int(value.split()[0]) / 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
+def bench_server(name: str, url: str, model: str, threads: int, args, pid: int) -> list[dict]:
     rows = []
+    rss, peak = memory_mb(pid)
+    print(f"{name:12s} threads={threads} ready: resident {rss:.0f} MB, peak {peak:.0f} MB")
     for scenario in args.scenario:
         # warm-up: first-request costs (and the shared prompt's first prefill, printed as the
         # cold time to first token) out of the figures, which are then steady state
@@ -207,13 +225,15 @@ def bench_server(name: str, url: str, model: str, threads: int, args) -> list[di
             per_client = max(1, args.requests // c) if args.requests else args.requests_per_client
             row = asyncio.run(run_level(url, model, c, per_client, args.max_tokens, scenario))
             row["server"], row["threads"] = name, threads
+            row["rss_mb"], row["peak_rss_mb"] = memory_mb(pid)
             rows.append(row)
             print(
                 f"{name:12s} threads={threads} {scenario:13s} clients={c:3d} "
                 f"requests={row['requests']:3d} prompt~{row['prompt_tokens_mean']:4d} tok "
                 f"tokens={row['output_tokens']:5d} wall={row['wall_s']:7.2f}s "
                 f"throughput={row['tok_per_s']:8.2f} tok/s "
-                f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s"
+                f"ttft p50={row['ttft_p50_s']:.3f}s p95={row['ttft_p95_s']:.3f}s "
+                f"rss={row['rss_mb']:.0f} MB peak={row['peak_rss_mb']:.0f} MB"
                 + (
                     f" FAILED {row['failed_requests']}: {row['first_error']}"
                     if row["failed_requests"]
@@ -241,7 +261,7 @@ def run_server(name: str, cmd: list[str], ready_path: str, port: int, threads: i
     try:
         wait_ready(url, proc, ready_path)
         model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        return bench_server(name, url, model_id, threads, args)
+        return bench_server(name, url, model_id, threads, args, proc.pid)
     except RuntimeError as e:
         print(f"{name}: {e} (log: {tmp / (name + '.log')})")
         return []
@@ -281,7 +301,14 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="ours; llama-server's slots (-np)")
     ap.add_argument("--slot-ctx", type=int, default=2048, help="llama-server context per slot")
     ap.add_argument("--threads", type=int, default=default_threads(), help="every server's")
+    ap.add_argument(
+        "--llama-threads",
+        type=int,
+        nargs="+",
+        help="llama-server's thread counts, one run each (default: --threads)",
+    )
     ap.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
+    ap.add_argument("--kv-cache", choices=["auto", "fp32", "int8"], help="ours (default: auto)")
     ap.add_argument("--prefix-cache-mb", type=float, help="ours (default: the server's)")
     ap.add_argument(
         "--servers",
@@ -306,6 +333,8 @@ def main() -> int:
         extra = ["--int8"] if args.int8 else []
         if args.prefix_cache_mb is not None:
             extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        if args.kv_cache is not None:
+            extra += ["--kv-cache", args.kv_cache]
         results += run_server(
             "lmloop",
             [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port",
@@ -320,21 +349,22 @@ def main() -> int:
         if binary is None:
             print("llama-server: not built (run `make bench-setup`); skipped")
         else:
-            port = free_port()
-            slots = args.max_batch
-            # -np parallel slots sharing -c (so -c is slots x per-slot context), continuous
-            # batching on, -t/-tb the same thread count for decode and prompt processing
-            results += run_server(
-                "llama-server",
-                [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                 "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
-                 "-t", str(t), "-tb", str(t), "--no-webui",
-                 # where the CPU reports AMX, the native build's AMX matmul for Q4_1 segfaulted
-                 # at the first batch (2026-12-02); --no-repack leaves the AVX-512 kernels, as
-                 # on CPUs without AMX (repacking has no Q4_1 layout either way)
-                 *(["--no-repack"] if has_amx() else [])],
-                "/health", port, t, args, tmp,
-            )  # fmt: skip
+            for lt in args.llama_threads or [t]:
+                port = free_port()
+                slots = args.max_batch
+                # -np parallel slots sharing -c (so -c is slots x per-slot context), continuous
+                # batching on, -t/-tb the same thread count for decode and prompt processing
+                results += run_server(
+                    "llama-server",
+                    [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                     "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
+                     "-t", str(lt), "-tb", str(lt), "--no-webui",
+                     # where the CPU reports AMX, the native build's AMX matmul for Q4_1
+                     # segfaulted at the first batch (2026-12-02); --no-repack leaves the
+                     # AVX-512 kernels, as on CPUs without AMX (repacking has no Q4_1 layout)
+                     *(["--no-repack"] if has_amx() else [])],
+                    "/health", port, lt, args, tmp,
+                )  # fmt: skip
 
     if "llama-cpp-py" in args.servers:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -360,25 +390,41 @@ def main() -> int:
 
 
 def summarize(results: list[dict]) -> None:
-    rows = {(r["server"], r["scenario"], r["clients"]): r for r in results}
+    rows = {(r["server"], r["threads"], r["scenario"], r["clients"]): r for r in results}
     for scenario in dict.fromkeys(r["scenario"] for r in results):
-        ours = {c: r for (s, sc, c), r in rows.items() if s == "lmloop" and sc == scenario}
+        ours = {c: r for (s, _, sc, c), r in rows.items() if s == "lmloop" and sc == scenario}
         if len(ours) > 1:
             lo, hi = min(ours), max(ours)
             print(
                 f"lmloop {scenario} scaling: {hi} clients / {lo} client throughput = "
                 f"{ours[hi]['tok_per_s'] / ours[lo]['tok_per_s']:.2f}x"
             )
-        for (server, sc, c), pr in sorted(rows.items()):
+        for (server, t, sc, c), pr in sorted(rows.items()):
             if server == "lmloop" or sc != scenario or c not in ours or not pr["tok_per_s"]:
                 continue
             o = ours[c]
             print(
-                f"{scenario} clients={c}: lmloop/{server} throughput = "
+                f"{scenario} clients={c}: lmloop/{server}(t={t}) throughput = "
                 f"{o['tok_per_s'] / pr['tok_per_s']:.2f}x; ttft p50/p95 lmloop "
                 f"{o['ttft_p50_s']:.3f}/{o['ttft_p95_s']:.3f}s vs {server} "
                 f"{pr['ttft_p50_s']:.3f}/{pr['ttft_p95_s']:.3f}s"
             )
+    # Memory after every level has run (what the server holds at the same context), and peak.
+    last = {}
+    for r in results:
+        last[(r["server"], r["threads"])] = r
+    ours = [r for (s, _), r in last.items() if s == "lmloop"]
+    for (server, t), r in last.items():
+        line = (
+            f"memory {server}(t={t}): resident {r['rss_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB"
+        )
+        if ours and server != "lmloop":
+            o = ours[0]
+            line += (
+                f"; lmloop/{server} resident {o['rss_mb'] / r['rss_mb']:.2f}x, "
+                f"peak {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
+            )
+        print(line)
 
 
 if __name__ == "__main__":

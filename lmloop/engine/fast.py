@@ -41,11 +41,13 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     return out
 
 
-def _copy(m: nn.Linear) -> nn.Linear:
+def _copy(m: nn.Linear, own: bool) -> nn.Linear:
+    """The same linear; `own`: over copies of its tensors (see `_own`), else over views."""
     out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-    out.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+    take = _own if own else torch.Tensor.detach
+    out.weight = nn.Parameter(take(m.weight), requires_grad=False)
     if m.bias is not None:
-        out.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        out.bias = nn.Parameter(take(m.bias), requires_grad=False)
     return out
 
 
@@ -243,7 +245,12 @@ class FastLlamaRunner:
         self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd
         self.C, self.I, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
         self.max_len = max_len
-        self.embed = _own(model.model.embed_tokens.weight)
+        # fp32 keeps these tensors as they are: copies the runner owns. int8 replaces them with
+        # quantized ones, so it reads views while building (no fp32 copy adds to the peak).
+        own = not int8
+        self.embed = model.model.embed_tokens.weight.detach()
+        if own:
+            self.embed = _own(self.embed)
         self.embed_scale = None  # int8 rows' scales (int8 mode)
         half = self.D // 2
         self.cos = _own(model.rope_cos[:max_len])
@@ -258,9 +265,9 @@ class FastLlamaRunner:
                 nn.ModuleList(
                     [
                         _fuse([a.q_proj, a.k_proj, a.v_proj]),
-                        _copy(a.o_proj),
+                        _copy(a.o_proj, own),
                         _fuse([mlp.gate_proj, mlp.up_proj]),
-                        _copy(mlp.down_proj),
+                        _copy(mlp.down_proj, own),
                     ]
                 )
             )
@@ -273,15 +280,12 @@ class FastLlamaRunner:
                 if qkv.bias is not None:
                     qkv.bias[: self.H * self.D] *= self.D**-0.5
         self.layers = [tuple(m) for m in mods]
-        self.lm_head = _copy(model.lm_head)
+        self.lm_head = _copy(model.lm_head, own)
         self.final_norm = _own(model.model.norm.weight)
-        L = cfg.num_hidden_layers
-        shape = (L, 2, batch, self.Hkv, max_len, self.D)
         self.kv_int8 = kv_int8
-        self.kv = torch.zeros(shape, dtype=torch.int8 if kv_int8 else torch.float32)
-        self.kv_scale = torch.zeros(shape[:-1] + (1,)) if kv_int8 else None
         self._slots = torch.arange(max_len)
         if int8:
+            self._alloc_kv(1, len(calibration_ids or ()) + 1)  # calibration's, while fp32
             self._quantize(calibration_ids)
             # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
             # reads one row per token, so this costs one multiply per step.
@@ -289,6 +293,15 @@ class FastLlamaRunner:
         else:
             self.layers = [tuple(DecodeLinear(m) for m in layer) for layer in self.layers]
             self.lm_head = DecodeLinear(self.lm_head)
+        # Allocated (and zeroed: resident) last, once the fp32 copies above are gone: the peak
+        # while building is the larger of the two, not their sum.
+        self._alloc_kv(batch, max_len)
+
+    def _alloc_kv(self, batch: int, slots: int) -> None:
+        self.kv = self.kv_scale = None
+        shape = (len(self.layers), 2, batch, self.Hkv, slots, self.D)
+        self.kv = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else torch.float32)
+        self.kv_scale = torch.zeros(shape[:-1] + (1,)) if self.kv_int8 else None
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids)

@@ -21,6 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lmloop.artifacts import lmloop_home
 from lmloop.config import param
@@ -54,6 +55,11 @@ class ServeConfig:
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
     int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
+    kv_cache: Literal["auto", "fp32", "int8"] = param(
+        "auto",
+        "KV cache precision: fp32, int8 (a quarter of the memory, measured quality cost in "
+        "BENCHMARKS.md; Llama family), or auto (int8 with --int8, else fp32)",
+    )
     prefix_cache_mb: float = param(
         256.0,
         "memory for the keys/values of shared prompt prefixes (system prompt, chat history), "
@@ -77,6 +83,9 @@ class ServeConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
+
+
+KV_CACHE = {"auto": None, "fp32": False, "int8": True}  # --kv-cache -> the engine's kv_int8
 
 
 def is_loopback(host: str) -> bool:
@@ -116,6 +125,7 @@ def run(cfg: ServeConfig) -> int:
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
         int8=cfg.int8,
+        kv_int8=KV_CACHE[cfg.kv_cache],
         prefix_cache_mb=cfg.prefix_cache_mb,
     )
     app = create_app(settings)
