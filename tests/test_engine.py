@@ -452,3 +452,42 @@ def test_a_sequence_whose_sampling_fails_ends_alone(models, tok, monkeypatch):
     assert [len(o.token_ids) for o in outs[:-1]] == [1, 1, 1]
     for a, b in zip(alone, together):
         assert a.token_ids == b.token_ids and a.text == b.text and b.finish_reason == "length"
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_engine_owns_its_weights_and_frees_the_model(tok, tmp_path, int8):
+    """A server drops the loaded checkpoint once its engine is built (`lmloop.server.slot`):
+    that frees the checkpoint only when neither the engine nor any runner tensor (a view of a
+    memory-mapped file keeps the whole file resident) refers to it."""
+    import gc
+    import weakref
+
+    save_hf(hf_llama(tok.vocab_size, tied=True), tok, tmp_path)
+    lm = load_model(str(tmp_path))
+    storages = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    storages |= {b.untyped_storage().data_ptr() for b in lm.model.buffers()}
+    engine = Engine(lm.model, lm.tokenizer, max_batch=2, int8=int8)
+    r = engine.runner
+    kept = [r.embed, r.cos, r.sin, r.final_norm, r.kv, *[t for n in r.norms for t in n]]
+    if not int8:
+        kept += [m.row_weight for layer in r.layers for m in layer]
+    assert not {t.untyped_storage().data_ptr() for t in kept} & storages
+    ref = weakref.ref(lm.model)
+    ids = _prompts(tok)[0]
+    want = engine.complete(ids, GREEDY).token_ids
+    lm.model = None
+    gc.collect()
+    assert ref() is None
+    assert engine.complete(ids, GREEDY).token_ids == want
+    engine.stop()
+
+
+def test_kv_cache_precision_follows_the_weights_and_is_refused_where_unsupported(models):
+    llama, gpt2 = models["llama"][1], models["gpt2"][1]
+    assert Engine(llama.model, llama.tokenizer, int8=True).runner.kv.dtype == torch.int8
+    assert Engine(llama.model, llama.tokenizer).runner.kv.dtype == torch.float32
+    e = Engine(llama.model, llama.tokenizer, int8=True, kv_int8=False)
+    assert e.runner.kv.dtype == torch.float32 and not e.kv_int8
+    assert not Engine(gpt2.model, gpt2.tokenizer, int8=True).kv_int8  # int8 weights only
+    with pytest.raises(UserError, match="int8 KV cache"):
+        Engine(gpt2.model, gpt2.tokenizer, kv_int8=True)
