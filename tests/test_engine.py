@@ -467,14 +467,14 @@ def test_the_engine_owns_its_weights_and_frees_the_model(tok, tmp_path, int8):
     storages = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
     storages |= {b.untyped_storage().data_ptr() for b in lm.model.buffers()}
     engine = Engine(lm.model, lm.tokenizer, max_batch=2, int8=int8)
+    ids = _prompts(tok)[0]
+    want = engine.complete(ids, GREEDY).token_ids
     r = engine.runner
     kept = [r.embed, r.cos, r.sin, r.final_norm, r.kv, *[t for n in r.norms for t in n]]
     if not int8:
         kept += [m.row_weight for layer in r.layers for m in layer]
     assert not {t.untyped_storage().data_ptr() for t in kept} & storages
     ref = weakref.ref(lm.model)
-    ids = _prompts(tok)[0]
-    want = engine.complete(ids, GREEDY).token_ids
     lm.model = None
     gc.collect()
     assert ref() is None
@@ -482,12 +482,17 @@ def test_the_engine_owns_its_weights_and_frees_the_model(tok, tmp_path, int8):
     engine.stop()
 
 
+def _kv_dtype(engine):
+    engine.runner.allocate()  # the cache is allocated at the first prefill
+    return engine.runner.kv.dtype
+
+
 def test_kv_cache_precision_follows_the_weights_and_is_refused_where_unsupported(models):
     llama, gpt2 = models["llama"][1], models["gpt2"][1]
-    assert Engine(llama.model, llama.tokenizer, int8=True).runner.kv.dtype == torch.int8
-    assert Engine(llama.model, llama.tokenizer).runner.kv.dtype == torch.float32
+    assert _kv_dtype(Engine(llama.model, llama.tokenizer, int8=True)) == torch.int8
+    assert _kv_dtype(Engine(llama.model, llama.tokenizer)) == torch.float32
     e = Engine(llama.model, llama.tokenizer, int8=True, kv_int8=False)
-    assert e.runner.kv.dtype == torch.float32 and not e.kv_int8
+    assert _kv_dtype(e) == torch.float32 and not e.kv_int8
     assert not Engine(gpt2.model, gpt2.tokenizer, int8=True).kv_int8  # int8 weights only
     with pytest.raises(UserError, match="int8 KV cache"):
         Engine(gpt2.model, gpt2.tokenizer, kv_int8=True)

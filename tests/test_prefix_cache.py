@@ -74,6 +74,7 @@ def _scramble(engine: Engine) -> None:
     and did not cannot pass for right by holding the last request's values."""
     r = engine.runner
     if isinstance(r, FastLlamaRunner):  # one k|v tensor, and with --int8 an int8 one + scales
+        r.allocate()
         ts = [r.kv] if r.kv_scale is None else [r.kv_scale]
         if r.kv_scale is not None:
             r.kv.copy_(torch.randint_like(r.kv, -127, 128))

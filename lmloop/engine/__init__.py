@@ -9,7 +9,8 @@ Everything that generates text in lmloop (the `generate` and `chat` commands, ba
 HTTP server) consumes `Engine.submit` / `Engine.generate`, one streaming path.
 """
 
-from lmloop.engine.core import Engine, RequestHandle, load_engine, release_memory
+from lmloop.engine.core import Engine, RequestHandle, load_engine
+from lmloop.engine.memory import release_memory
 from lmloop.engine.params import (
     Completion,
     QueueFull,

@@ -629,23 +629,6 @@ def _make_runner(
     return ModelRunner(model, batch, max_len, int8=int8)
 
 
-def release_memory() -> None:
-    """Collect garbage and give freed heap pages back to the OS. glibc keeps freed blocks below
-    its mmap threshold in the heap, and that threshold grows with every large block freed, so
-    building an engine (copies, quantization) leaves hundreds of MB of freed pages resident
-    (measured: 470 MB for SmolLM2-135M with --int8) until `malloc_trim` returns them."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def load_engine(spec: str, *, int8: bool = False, **kw: Any) -> tuple[Engine, Any]:
     """Load a model (`lmloop.modelio.load_model`) and build an engine over it."""
     from lmloop.modelio import load_model

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmloop.engine.memory import release_memory
+
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     w = torch.cat([m.weight.detach() for m in linears], 0)
@@ -287,21 +289,32 @@ class FastLlamaRunner:
         if int8:
             self._alloc_kv(1, len(calibration_ids or ()) + 1)  # calibration's, while fp32
             self._quantize(calibration_ids)
+            self.kv = self.kv_scale = None
             # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
             # reads one row per token, so this costs one multiply per step.
             self.embed, self.embed_scale = quantize_rows(self.embed)
         else:
             self.layers = [tuple(DecodeLinear(m) for m in layer) for layer in self.layers]
             self.lm_head = DecodeLinear(self.lm_head)
-        # Allocated (and zeroed: resident) last, once the fp32 copies above are gone: the peak
-        # while building is the larger of the two, not their sum.
-        self._alloc_kv(batch, max_len)
+        # The cache is allocated (zeroed: resident) at the first prefill, not here: a server
+        # drops the loaded checkpoint once the engine is built, so the cache's pages and the
+        # checkpoint's are never resident together (peak while loading SmolLM2-135M with
+        # --int8: 1.73 GB when allocated here, BENCHMARKS.md has the figure after).
+        self.kv = self.kv_scale = None
+        self._kv_shape = (batch, max_len)
+        release_memory()
+
+    def allocate(self) -> None:
+        """Allocate the KV cache if it is not yet (prefill and `write_kv` call this)."""
+        if self.kv is None:
+            self._alloc_kv(*self._kv_shape)
 
     def _alloc_kv(self, batch: int, slots: int) -> None:
         self.kv = self.kv_scale = None
         shape = (len(self.layers), 2, batch, self.Hkv, slots, self.D)
-        self.kv = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else torch.float32)
-        self.kv_scale = torch.zeros(shape[:-1] + (1,)) if self.kv_int8 else None
+        with torch.inference_mode(False):  # a plain tensor, whichever mode the first call is in
+            self.kv = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else torch.float32)
+            self.kv_scale = torch.zeros(shape[:-1] + (1,)) if self.kv_int8 else None
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         t = torch.tensor(ids)
@@ -349,7 +362,9 @@ class FastLlamaRunner:
                 h.remove()
         I = self.I  # noqa: E741
         layers, norms = [], []
-        for (qkv, o, gu, down), (n1, n2) in zip(self.layers, self.norms):
+        for idx, (n1, n2) in enumerate(self.norms):
+            # Each fp32 layer is released as soon as its int8 one exists (a lower peak).
+            (qkv, o, gu, down), self.layers[idx] = self.layers[idx], None
             gu_w, gu_b = gu.weight.detach().clone(), gu.bias
             down_w = down.weight.detach()
             s = _smooth(stats.get(id(down)), down_w)
@@ -387,6 +402,7 @@ class FastLlamaRunner:
                 )
             )
             norms.append((n1, n2))
+        release_memory()  # the fp32 layers' pages, before the head's fp32 temporaries
         head_w = self.lm_head.weight.detach()
         s = _smooth(stats.get(id(self.lm_head)), head_w)
         if s is not None:
@@ -406,6 +422,7 @@ class FastLlamaRunner:
     ) -> torch.Tensor:
         """Tokens at positions start..start+T-1 of `row` (slots before `start` hold a prefix
         already: the prefix cache's `write_kv`)."""
+        self.allocate()
         T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
         end = start + T
         x = self._embed(ids)  # (T, C)
@@ -499,6 +516,7 @@ class FastLlamaRunner:
         return tuple(parts)
 
     def write_kv(self, row: int, start: int, parts: tuple[torch.Tensor, ...], n: int) -> None:
+        self.allocate()
         self.kv[:, :, row, :, start : start + n] = parts[0][:, :, :, :n]
         if self.kv_scale is not None:
             self.kv_scale[:, :, row, :, start : start + n] = parts[1][:, :, :, :n]
