@@ -200,6 +200,23 @@ def test_seed_gives_the_same_text_whatever_shares_the_batch(models, tok):
     assert a != c  # a different seed samples differently (16 tokens from a near-flat model)
 
 
+def test_a_draw_follows_the_probabilities_and_never_picks_a_zero():
+    from lmloop.engine.sampling import draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])  # unnormalized is fine too: x 2 below
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    counts = torch.bincount(torch.tensor([draw(probs * 2, g) for _ in range(n)]), minlength=6)
+    assert counts[[0, 2, 5]].tolist() == [0, 0, 0]
+    freq = counts.float() / n
+    assert torch.allclose(freq, probs, atol=0.02), freq  # 3 sigma at 6,000 draws: <= 0.019
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [draw(probs, g1) for _ in range(50)] == [draw(probs, g2) for _ in range(50)]
+    for bad in (torch.tensor([0.5, float("nan")]), torch.zeros(3)):
+        with pytest.raises(ValueError, match="cannot sample"):
+            draw(bad, g)
+
+
 def test_sampler_filters_and_penalties():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0, 2.9])
     pick = lambda **kw: Sampler(SamplingParams(**kw), [], 5).pick(logits)  # noqa: E731

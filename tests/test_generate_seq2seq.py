@@ -101,7 +101,9 @@ def test_seeded_sampling_is_a_softmax_draw_per_step(tiny, capsys):
             logits = model.decode(torch.tensor([[nxt]]), enc, mask, torch.tensor([[t]]), cache)
             enc = mask = None
             probs = torch.softmax(logits[0, -1].float() / 0.7, -1)
-            nxt = int(torch.multinomial(probs, 1, generator=g))
+            # the first token whose cumulative probability reaches a uniform draw in (0, 1]
+            u = 1.0 - float(torch.rand((), generator=g))
+            nxt = int((torch.cumsum(probs, 0) < u * float(probs.sum())).sum())
             if nxt in stops:
                 break
             want.append(nxt)

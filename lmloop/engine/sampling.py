@@ -9,6 +9,8 @@ the raw logits), as the OpenAI API reports them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmloop.engine.params import SamplingParams
@@ -78,7 +80,21 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return draw(probs, self.generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index i with probability probs[i] / probs.sum(), by inverting the cumulative sum at
+    a uniform draw u in (0, total]: the first i whose cumulative mass reaches u (an entry of
+    probability 0 adds no mass, so it is never chosen). Written out because torch.multinomial
+    draws one exponential per entry: measured on a 49,152-token vocabulary (one thread), 860 us
+    a call against 33 us here, a quarter of a 16-row server's decode step."""
+    c = torch.cumsum(probs, 0)
+    total = float(c[-1])
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(f"cannot sample: the probabilities sum to {total}")
+    u = (1.0 - float(torch.rand((), generator=generator))) * total
+    return min(int(torch.searchsorted(c, torch.tensor([u], dtype=c.dtype))), probs.numel() - 1)
 
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
