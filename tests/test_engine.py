@@ -79,13 +79,19 @@ def _close(got, want, tol):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("lengths", ["ragged", "equal"])  # the runners' two write paths
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, family):
+def test_cached_decode_equals_full_forward_batched_and_compacted(models, tok, family, lengths):
     """Rows of different lengths decoded together (and moved when one leaves) give the logits
-    of a full forward over each sequence alone: padding and other rows never leak."""
+    of a full forward over each sequence alone: padding and other rows never leak. Rows of one
+    length write each step's keys and values to one slot of every row."""
     model = models[family][1].model
+    prompts = _prompts(tok)
+    if lengths == "equal":
+        n = min(len(p) for p in prompts)
+        prompts = [p[:n] for p in prompts]
     for runner, tol in _runners(models[family][1]):
-        seqs = [list(p) for p in _prompts(tok)]
+        seqs = [list(p) for p in prompts]
         with torch.inference_mode():
             for r, s in enumerate(seqs):
                 last = runner.prefill(r, s)

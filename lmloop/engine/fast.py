@@ -464,12 +464,19 @@ class FastLlamaRunner:
         span = max(positions) + 1
         p0 = positions[0]
         same = all(p == p0 for p in positions)
+        # Views over every layer, taken once per step (indexing costs an op per axis per call):
+        # what attention reads (L, 2, n, Hkv, S, D), the scales (L, 2, n, Hkv, 1, S), and where
+        # the new keys/values go.
+        kv_all, scale_all = self.kv[:, :, :n, :, :span], self.kv_scale
+        if scale_all is not None:
+            scale_all = scale_all[:, :, :n, :, :span].transpose(-1, -2)
         # One length mask for every layer: row r sees slots <= its own position.
         mask = None
         if same:  # new keys/values (2, n, Hkv, D) go to slot p0 of rows 0..n-1
-            at, axis = (slice(None), slice(0, n), slice(None), p0), 0
+            dst = self.kv[:, :, :n, :, p0]
+            dst_scale = None if self.kv_scale is None else self.kv_scale[:, :, :n, :, p0]
         else:  # (n, 2, Hkv, D) to each row's own slot; additive mask: -inf where not visible
-            at, axis = (slice(None), torch.arange(n), slice(None), pos), 1
+            at = (slice(None), torch.arange(n), slice(None), pos)
             seen = self._slots[None, :span] <= pos[:, None]  # (n, span)
             mask = torch.zeros(n, 1, 1, span).masked_fill_(~seen[:, None, None, :], float("-inf"))
         rep = H // Hkv
@@ -477,23 +484,28 @@ class FastLlamaRunner:
             h = qkv(self._norm(x, n1))  # (n, (H + 2 Hkv) D)
             qk = self._rope(h[:, : (H + Hkv) * D].view(n, H + Hkv, D), cos, sin)
             v = h[:, (H + Hkv) * D :].view(n, Hkv, D)
-            self._store(i, at, torch.stack((qk[:, H:], v), axis))
-            kc, vc = self.kv[i, 0, :n, :, :span], self.kv[i, 1, :n, :, :span]  # (n, Hkv, S, D)
+            if not same:
+                self._store(i, at, torch.stack((qk[:, H:], v), 1))
+            elif dst_scale is None:
+                dst[i] = torch.stack((qk[:, H:], v))
+            else:
+                dst[i], dst_scale[i] = quantize_rows(torch.stack((qk[:, H:], v)))
+            kc, vc = kv_all[i].unbind(0)  # (n, Hkv, S, D)
             # One query per row: plain matmuls beat SDPA's dispatch here. Query heads are grouped
             # by their kv head (n, Hkv, rep, D), which is grouped-query attention without copies.
             q = qk[:, :H].reshape(n, Hkv, rep, D)
-            if self.kv_scale is None:
+            if scale_all is None:
                 att = torch.matmul(q, kc.transpose(-1, -2))  # (n, Hkv, rep, S)
             else:  # a key's scale multiplies its score; a value's, its probability
-                scale = self.kv_scale[i, :, :n, :, :span].transpose(-1, -2)  # (2, n, Hkv, 1, S)
-                att = torch.matmul(q, kc.float().transpose(-1, -2)) * scale[0]
+                ks, vs = scale_all[i].unbind(0)  # (n, Hkv, 1, S)
+                att = torch.matmul(q, kc.float().transpose(-1, -2)) * ks
             if mask is not None:
                 att = att + mask
             p = torch.softmax(att, dim=-1)
-            if self.kv_scale is None:
+            if scale_all is None:
                 y = torch.matmul(p, vc)  # (n, Hkv, rep, D)
             else:
-                y = torch.matmul(p * scale[1], vc.float())
+                y = torch.matmul(p * vs, vc.float())
             x = x + o(y.reshape(n, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
