@@ -113,18 +113,19 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-class Int8Linear(nn.Module):
+class Int8Linear:
     """int8 weights with one scale per output channel; activations quantized per call (per
     tensor, i.e. per token at batch 1) by fbgemm's dynamic linear, int32 accumulation.
 
-    `inv` divides the input channels first (SmoothQuant's smoothing, when it could not be folded
-    into the previous op). Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16, so the
+    A plain callable, not an nn.Module: a decode step makes 121 of these calls, and a module's
+    call machinery (hook checks) plus the op packet's overload lookup cost more than a
+    microsecond each. Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16, so the
     activation range is then reduced to 7 bits, as PyTorch's own dynamic quantization does."""
 
     reduce_range = not _has_vnni()
+    _op = torch.ops.quantized.linear_dynamic.default
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inv=None):
-        super().__init__()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         w = weight.detach().float()
         scale = (w.abs().amax(1).clamp(min=1e-8) / 127).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
@@ -133,13 +134,10 @@ class Int8Linear(nn.Module):
             wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(wq, b)
-        self.inv = inv
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv is not None:
-            x = x * self.inv
-        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, self.packed, self.reduce_range)
 
 
 class PackedLinear(nn.Module):
@@ -490,22 +488,20 @@ class FastLlamaRunner:
                 dst[i] = torch.stack((qk[:, H:], v))
             else:
                 dst[i], dst_scale[i] = quantize_rows(torch.stack((qk[:, H:], v)))
-            kc, vc = kv_all[i].unbind(0)  # (n, Hkv, S, D)
             # One query per row: plain matmuls beat SDPA's dispatch here. Query heads are grouped
             # by their kv head (n, Hkv, rep, D), which is grouped-query attention without copies.
             q = qk[:, :H].reshape(n, Hkv, rep, D)
             if scale_all is None:
+                kc, vc = kv_all[i].unbind(0)  # (n, Hkv, S, D)
                 att = torch.matmul(q, kc.transpose(-1, -2))  # (n, Hkv, rep, S)
             else:  # a key's scale multiplies its score; a value's, its probability
+                kc, vc = kv_all[i].float().unbind(0)  # one conversion for keys and values
                 ks, vs = scale_all[i].unbind(0)  # (n, Hkv, 1, S)
-                att = torch.matmul(q, kc.float().transpose(-1, -2)) * ks
+                att = torch.matmul(q, kc.transpose(-1, -2)) * ks
             if mask is not None:
                 att = att + mask
             p = torch.softmax(att, dim=-1)
-            if scale_all is None:
-                y = torch.matmul(p, vc)  # (n, Hkv, rep, D)
-            else:
-                y = torch.matmul(p * vs, vc.float())
+            y = torch.matmul(p if scale_all is None else p * vs, vc)  # (n, Hkv, rep, D)
             x = x + o(y.reshape(n, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
