@@ -126,6 +126,7 @@ def main() -> int:
     mem = {}
     for kv_int8 in (False, True):
         r = runner(model, tok, int8=False, kv_int8=kv_int8, batch=16, max_len=2048)
+        r.allocate()
         mem[kv_int8] = (r.kv.nbytes + (0 if r.kv_scale is None else r.kv_scale.nbytes)) / 2**20
         del r
     print(

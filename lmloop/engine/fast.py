@@ -223,6 +223,37 @@ def _smooth(absmax: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None
     return s.clamp(1e-3, 1e3)
 
 
+def _calibrate(model: nn.Module, ids: list[int] | None, max_len: int) -> dict:
+    """Per-input-channel absolute maxima of every projection's input over the calibration text,
+    from the model's own forward: {(layer, "qkv" | "o" | "gu" | "down"): (in,), "head": (C,)}.
+    q/k/v share one input, as do gate/up."""
+    stats: dict = {}
+    if not ids:
+        return stats
+
+    def recorder(key):
+        def record(mod: nn.Module, args: tuple) -> None:
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            prev = stats.get(key)
+            stats[key] = a if prev is None else torch.maximum(prev, a)
+
+        return record
+
+    watch = {"head": model.lm_head}
+    for i, blk in enumerate(model.model.layers):
+        a, mlp = blk.self_attn, blk.mlp
+        watch[i, "qkv"], watch[i, "o"] = a.q_proj, a.o_proj
+        watch[i, "gu"], watch[i, "down"] = mlp.gate_proj, mlp.down_proj
+    hooks = [m.register_forward_pre_hook(recorder(k)) for k, m in watch.items()]
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([ids[: max_len - 1]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
 class FastLlamaRunner:
     """The KV cache is one tensor (layer, k|v, row, kv head, slot, head dim), fp32, or int8 with
     one scale per (token, kv head) vector (`kv_int8`): a quarter of the memory (SmolLM2-135M at
@@ -257,47 +288,31 @@ class FastLlamaRunner:
         sin = model.rope_sin[:max_len].detach()
         # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        mods = nn.ModuleList()
-        self.norms = []
-        for blk in model.model.layers:
-            a, mlp = blk.self_attn, blk.mlp
-            mods.append(
-                nn.ModuleList(
-                    [
-                        _fuse([a.q_proj, a.k_proj, a.v_proj]),
-                        _copy(a.o_proj, own),
-                        _fuse([mlp.gate_proj, mlp.up_proj]),
-                        _copy(mlp.down_proj, own),
-                    ]
-                )
-            )
-            self.norms.append(
-                (_own(blk.input_layernorm.weight), _own(blk.post_attention_layernorm.weight))
-            )
-        with torch.no_grad():  # fold attention's 1/sqrt(D) into the query rows: one op less
-            for qkv, *_ in mods:
-                qkv.weight[: self.H * self.D] *= self.D**-0.5
-                if qkv.bias is not None:
-                    qkv.bias[: self.H * self.D] *= self.D**-0.5
-        self.layers = [tuple(m) for m in mods]
-        self.lm_head = _copy(model.lm_head, own)
+        blocks = list(model.model.layers)
+        self.norms = [
+            (_own(b.input_layernorm.weight), _own(b.post_attention_layernorm.weight))
+            for b in blocks
+        ]
         self.final_norm = _own(model.model.norm.weight)
         self.kv_int8 = kv_int8
         self._slots = torch.arange(max_len)
+        # One layer at a time: its fp32 fused copies live only until its kernels are built.
         if int8:
-            self._alloc_kv(1, len(calibration_ids or ()) + 1)  # calibration's, while fp32
-            self._quantize(calibration_ids)
-            self.kv = self.kv_scale = None
+            stats = _calibrate(model, calibration_ids, max_len)
+            self.layers = [self._int8_layer(i, b, stats) for i, b in enumerate(blocks)]
+            release_memory()  # the fp32 temporaries' pages, before the head's
+            self._int8_head(model.lm_head, stats.get("head"))
             # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
             # reads one row per token, so this costs one multiply per step.
             self.embed, self.embed_scale = quantize_rows(self.embed)
         else:
-            self.layers = [tuple(DecodeLinear(m) for m in layer) for layer in self.layers]
-            self.lm_head = DecodeLinear(self.lm_head)
+            self.layers = [tuple(DecodeLinear(m) for m in self._fp32_layer(b, own)) for b in blocks]
+            self.lm_head = DecodeLinear(_copy(model.lm_head, own))
         # The cache is allocated (zeroed: resident) at the first prefill, not here: a server
         # drops the loaded checkpoint once the engine is built, so the cache's pages and the
         # checkpoint's are never resident together (peak while loading SmolLM2-135M with
-        # --int8: 1.73 GB when allocated here, BENCHMARKS.md has the figure after).
+        # --int8: 1.73 GB when allocated here; 1.29 GB now, with the one-layer-at-a-time
+        # quantization above).
         self.kv = self.kv_scale = None
         self._kv_shape = (batch, max_len)
         release_memory()
@@ -336,77 +351,70 @@ class FastLlamaRunner:
             self.kv[i][index] = q
             self.kv_scale[i][index] = scale
 
-    def _quantize(self, calibration_ids: list[int] | None) -> None:
-        """Swap every projection for an Int8Linear, smoothed (SmoothQuant, Xiao et al. 2023).
+    def _fp32_layer(self, blk: nn.Module, own: bool) -> tuple[nn.Linear, ...]:
+        """(q|k|v, o, gate|up, down) of one block, attention's 1/sqrt(D) folded into the query
+        rows (one op less per step)."""
+        a, mlp = blk.self_attn, blk.mlp
+        qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+        with torch.no_grad():
+            qkv.weight[: self.H * self.D] *= self.D**-0.5
+            if qkv.bias is not None:
+                qkv.bias[: self.H * self.D] *= self.D**-0.5
+        gu = _fuse([mlp.gate_proj, mlp.up_proj])
+        return qkv, _copy(a.o_proj, own), gu, _copy(mlp.down_proj, own)
+
+    def _int8_layer(self, idx: int, blk: nn.Module, stats: dict) -> tuple[Int8Linear, ...]:
+        """One block's projections as Int8Linears, smoothed (SmoothQuant, Xiao et al. 2023).
 
         Activation outlier channels are what make per-token int8 activations lossy; measured
         on SmolLM2-135M, smoothing cut the mean KL to the fp32 model from 0.27 to 0.06 nats per
-        token. The smoothing factors are folded into the RMSNorm weights (q/k/v, gate/up, the
-        vocabulary head), into the up-projection rows (down) and into the value rows (o_proj),
-        so smoothing costs nothing per call."""
-        stats: dict[int, torch.Tensor] = {}
-        if calibration_ids:
-
-            def record(mod: nn.Module, args: tuple) -> None:
-                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                prev = stats.get(id(mod))
-                stats[id(mod)] = a if prev is None else torch.maximum(prev, a)
-
-            mods = [m for layer in self.layers for m in layer] + [self.lm_head]
-            hooks = [m.register_forward_pre_hook(record) for m in mods]
-            with torch.inference_mode():
-                self.prefill(0, calibration_ids[: self.max_len - 1])
-            for h in hooks:
-                h.remove()
-        I = self.I  # noqa: E741
-        layers, norms = [], []
-        for idx, (n1, n2) in enumerate(self.norms):
-            # Each fp32 layer is released as soon as its int8 one exists (a lower peak).
-            (qkv, o, gu, down), self.layers[idx] = self.layers[idx], None
-            gu_w, gu_b = gu.weight.detach().clone(), gu.bias
-            down_w = down.weight.detach()
-            s = _smooth(stats.get(id(down)), down_w)
-            if s is not None:  # up rows / s, so down's input arrives divided by s
-                gu_w[I:] /= s[:, None]
-                if gu_b is not None:
-                    gu_b = torch.cat([gu_b[:I], gu_b[I:] / s])
-                down_w = down_w * s
-            s = _smooth(stats.get(id(gu)), gu_w)
-            if s is not None:
-                gu_w, n2 = gu_w * s, n2 / s
-            qkv_w, qkv_b = qkv.weight.detach().clone(), qkv.bias
-            o_w = o.weight.detach()
-            s = _smooth(stats.get(id(o)), o_w)
-            if s is not None:
-                # o's input channel (query head h, dim d) carries v's (kv head of h, d): one
-                # factor per (kv head, d), shared by the query heads of the group, lets the
-                # division happen in v's rows instead of a multiply per call.
-                H, Hkv, D = self.H, self.Hkv, self.D
-                sg = s.view(Hkv, H // Hkv, D).amax(1)  # (Hkv, D)
-                v0 = (H + Hkv) * D
-                qkv_w[v0:] /= sg.reshape(-1, 1)
-                if qkv_b is not None:
-                    qkv_b = torch.cat([qkv_b[:v0], qkv_b[v0:] / sg.reshape(-1)])
-                o_w = o_w * sg[:, None, :].expand(Hkv, H // Hkv, D).reshape(-1)
-            s = _smooth(stats.get(id(qkv)), qkv_w)
-            if s is not None:
-                qkv_w, n1 = qkv_w * s, n1 / s
-            layers.append(
-                (
-                    Int8Linear(qkv_w, qkv_b),
-                    Int8Linear(o_w, o.bias),
-                    Int8Linear(gu_w, gu_b),
-                    Int8Linear(down_w, down.bias),
-                )
-            )
-            norms.append((n1, n2))
-        release_memory()  # the fp32 layers' pages, before the head's fp32 temporaries
-        head_w = self.lm_head.weight.detach()
-        s = _smooth(stats.get(id(self.lm_head)), head_w)
+        token. The smoothing factors are folded into the RMSNorm weights (q/k/v, gate/up), into
+        the up-projection rows (down) and into the value rows (o_proj), so smoothing costs
+        nothing per call."""
+        I, H, Hkv, D = self.I, self.H, self.Hkv, self.D  # noqa: E741
+        qkv, o, gu, down = self._fp32_layer(blk, own=False)
+        n1, n2 = self.norms[idx]
+        gu_w, gu_b = gu.weight.detach(), gu.bias
+        down_w = down.weight.detach()
+        s = _smooth(stats.get((idx, "down")), down_w)
+        if s is not None:  # up rows / s, so down's input arrives divided by s
+            gu_w[I:] /= s[:, None]
+            if gu_b is not None:
+                gu_b = torch.cat([gu_b[:I], gu_b[I:] / s])
+            down_w = down_w * s
+        s = _smooth(stats.get((idx, "gu")), gu_w)
         if s is not None:
-            head_w, self.final_norm = head_w * s, self.final_norm / s
-        self.lm_head = Int8Linear(head_w, None)
-        self.layers, self.norms = layers, norms
+            gu_w, n2 = gu_w * s, n2 / s
+        qkv_w, qkv_b = qkv.weight.detach(), qkv.bias
+        o_w = o.weight.detach()
+        s = _smooth(stats.get((idx, "o")), o_w)
+        if s is not None:
+            # o's input channel (query head h, dim d) carries v's (kv head of h, d): one factor
+            # per (kv head, d), shared by the query heads of the group, lets the division happen
+            # in v's rows instead of a multiply per call.
+            sg = s.view(Hkv, H // Hkv, D).amax(1)  # (Hkv, D)
+            v0 = (H + Hkv) * D
+            qkv_w[v0:] /= sg.reshape(-1, 1)
+            if qkv_b is not None:
+                qkv_b = torch.cat([qkv_b[:v0], qkv_b[v0:] / sg.reshape(-1)])
+            o_w = o_w * sg[:, None, :].expand(Hkv, H // Hkv, D).reshape(-1)
+        s = _smooth(stats.get((idx, "qkv")), qkv_w)
+        if s is not None:
+            qkv_w, n1 = qkv_w * s, n1 / s
+        self.norms[idx] = (n1, n2)
+        return (
+            Int8Linear(qkv_w, qkv_b),
+            Int8Linear(o_w, o.bias),
+            Int8Linear(gu_w, gu_b),
+            Int8Linear(down_w, down.bias),
+        )
+
+    def _int8_head(self, head: nn.Linear, absmax: torch.Tensor | None) -> None:
+        w = head.weight.detach()
+        s = _smooth(absmax, w)
+        if s is not None:  # folded into the final norm
+            w, self.final_norm = w * s, self.final_norm / s
+        self.lm_head = Int8Linear(w, None)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # Spelled out: F.rms_norm's composite kernel costs ~4x more per call at batch 1.
