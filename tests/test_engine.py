@@ -384,6 +384,7 @@ def test_queue_full_and_bad_requests(models, tok):
 def test_int8_weights_stay_close(models, tok, family):
     lm = models[family][1]
     ids = _prompts(tok)[0]
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     with Engine(lm.model, lm.tokenizer, int8=True) as engine:
         with torch.inference_mode():
             q = engine.runner.prefill(0, ids)
@@ -392,6 +393,8 @@ def test_int8_weights_stay_close(models, tok, family):
         ref = lm.model(torch.tensor([ids]))[0, -1]
     assert float((q - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-3
     assert all(isinstance(p, torch.nn.Parameter) for p in lm.model.parameters())  # untouched
+    after = lm.model.state_dict()  # smoothing and folding worked on copies
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow
