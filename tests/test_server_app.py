@@ -3,6 +3,7 @@ slow to reach: the per-request timeout, admin calls without a key, CORS defaults
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -116,3 +117,27 @@ def test_shutdown_lets_running_requests_finish(model):
         outs = list(handle)
         assert outs[-1].finish_reason == want, timeout
         assert slot.current is None and not engine.alive
+
+
+def test_a_model_loads_in_a_thread_that_ends(model):
+    """Loading runs torch ops, which give the loading thread an OpenMP team for as long as it
+    lives; a live second team makes libgomp throttle the engine threads' spinning (2-thread
+    decode 2.7x slower, `lmloop.server.slot.in_own_thread`). So the loader runs in a thread of
+    its own that is gone once the model is served, never in the caller's (an executor thread
+    that outlives the load)."""
+    from lmloop.server.slot import ModelSlot, default_loader, in_own_thread
+
+    seen = []
+
+    def loader(spec, kw):
+        seen.append(threading.current_thread())
+        return default_loader(spec, kw)
+
+    slot = ModelSlot(str(model), loader=loader)
+    served = slot.load()
+    assert served.loaded.model is None  # the server keeps the engine, not the checkpoint
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    slot.shutdown(5.0)
+    with pytest.raises(ZeroDivisionError):
+        in_own_thread(lambda: 1 / 0)
+    assert in_own_thread(lambda a, b: a + b, 2, 3) == 5
