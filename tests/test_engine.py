@@ -525,3 +525,31 @@ def test_kv_cache_precision_follows_the_weights_and_is_refused_where_unsupported
     assert not Engine(gpt2.model, gpt2.tokenizer, int8=True).kv_int8  # int8 weights only
     with pytest.raises(UserError, match="int8 KV cache"):
         Engine(gpt2.model, gpt2.tokenizer, kv_int8=True)
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_starting_an_engine_releases_the_callers_openmp_team(models):
+    """A second live OpenMP team throttles the engine's threads (`lmloop.engine.threads`): the
+    thread that starts an engine gives its own worker threads back first."""
+    from lmloop.engine.threads import release_openmp_team
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.randn(1 << 22).exp_()  # a parallel op: this thread now has a team of 2
+        with_team = _os_threads()
+        assert release_openmp_team()
+        assert _os_threads() < with_team  # its worker thread exited
+        torch.randn(1 << 22).exp_()  # a new team
+        assert _os_threads() == with_team
+        lm = models["llama"][1]
+        engine = Engine(lm.model, lm.tokenizer, threads=1).start()  # its worker: 1 thread
+        assert _os_threads() == with_team  # ours gone, the engine's worker thread came
+        engine.stop()
+    finally:
+        torch.set_num_threads(before)

@@ -122,10 +122,11 @@ def test_shutdown_lets_running_requests_finish(model):
 def test_a_model_loads_in_a_thread_that_ends(model):
     """Loading runs torch ops, which give the loading thread an OpenMP team for as long as it
     lives; a live second team makes libgomp throttle the engine threads' spinning (2-thread
-    decode 2.7x slower, `lmloop.server.slot.in_own_thread`). So the loader runs in a thread of
-    its own that is gone once the model is served, never in the caller's (an executor thread
-    that outlives the load)."""
-    from lmloop.server.slot import ModelSlot, default_loader, in_own_thread
+    decode 2.7x slower, `lmloop.engine.threads`). So the loader runs in a thread of its own that
+    is gone once the model is served, never in the caller's (an executor thread that outlives
+    the load)."""
+    from lmloop.engine.threads import in_own_thread
+    from lmloop.server.slot import ModelSlot, default_loader
 
     seen = []
 

@@ -39,6 +39,7 @@ from lmloop.engine.prefix import PrefixCache
 from lmloop.engine.prefix import supports as prefix_supports
 from lmloop.engine.sampling import Sampler, top_logprobs
 from lmloop.engine.text import TextStream
+from lmloop.engine.threads import release_openmp_team
 from lmloop.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,9 @@ class Engine:
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is None or not self._thread.is_alive():
+            # The caller's OpenMP team (from loading the model) would throttle the worker's
+            # threads for as long as it lives (`lmloop.engine.threads`).
+            release_openmp_team()
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="lmloop-engine", daemon=True)
             self._thread.start()
@@ -583,8 +587,8 @@ def default_threads() -> int:
 
     Measured on this project's idle 2-core machine (`lmloop serve --int8`, SmolLM2-135M, issue
     18): 2 threads serve 1 / 4 / 16 clients at 70.5 / 170 / 376 tok/s against 49.2 / 124 / 263
-    on 1, once no other OpenMP team is alive in the process (`lmloop.server.slot.in_own_thread`;
-    before that fix 2 threads were 2x slower than 1). Above 4 cores nothing is measured yet, so
+    on 1, once no other OpenMP team is alive in the process (`lmloop.engine.threads`; before that
+    fix 2 threads were 2x slower than 1). Above 4 cores nothing is measured yet, so
     the earlier rule stays there: half the cores, leaving the rest to the event loop and HTTP.
     On shared, loaded cores spinning OpenMP threads stall each other: pin it with the variable."""
     env = os.environ.get("LMLOOP_ENGINE_THREADS")

@@ -79,31 +79,6 @@ def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str 
     return engine, loaded, None
 
 
-def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a thread that ends when it returns (its exception re-raised here).
-
-    Loading a model runs torch ops, and the first parallel op of a thread gives that thread an
-    OpenMP team, which lives as long as the thread. The server's executor threads live as long
-    as the server, and with a second team alive libgomp counts more managed threads than cores
-    and throttles its spin-waiting: the engine's own threads then sleep and wake between every
-    op. Measured on SmolLM2-135M --int8 with 2 engine threads on 2 cores: 13.1 ms a decode step
-    alone, 35.2 ms with one other team alive. A load thread that exits takes its team along."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="lmloop-load", daemon=True)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 class ModelSlot:
     def __init__(
         self,
@@ -136,6 +111,10 @@ class ModelSlot:
         spec = spec or self.spec
         with self._reload_lock:
             t0 = time.perf_counter()
+            # In a thread that exits: loading's OpenMP team must not outlive it (executor threads
+            # live as long as the server; `lmloop.engine.threads`).
+            from lmloop.engine.threads import in_own_thread
+
             engine, loaded, version = in_own_thread(self.loader, spec, self.engine_kw)
             reg = split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
             mid = model_id or reg or self.model_id or spec
