@@ -17,12 +17,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-_OPENMP_NAMES = ("libgomp", "libomp", "libiomp5")
+# GNU OpenMP only (torch's Linux wheels ship it): its pause releases the calling thread's pool
+# and nothing else (libgomp's team.c, gomp_pause_host). LLVM's and Intel's runtimes pause the
+# whole runtime, which could stall a running engine: there this is a no-op.
+_OPENMP_NAMES = ("libgomp",)
 OMP_PAUSE_SOFT = 1
 
 
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (found among the process's mapped libraries)."""
+    """The GNU OpenMP runtime torch loaded (found among the process's mapped libraries)."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
             paths = {line.split()[-1] for line in f if "/" in line}
