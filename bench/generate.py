@@ -129,7 +129,7 @@ def main() -> None:
         "--threads",
         type=int,
         default=0,
-        help="threads for every contender (0: the engine default, half the cores)",
+        help="threads for every contender (0: the engine default)",
     )
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--skip-hf", action="store_true")
