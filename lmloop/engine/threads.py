@@ -5,17 +5,14 @@ team lives as long as that thread. When more pool threads are alive than there a
 libgomp throttles spin-waiting to almost nothing, so the engine's threads go to sleep and are
 woken for every op. Measured on SmolLM2-135M --int8 with 2 engine threads on 2 cores: 13.1 ms a
 batch-1 decode step alone, 35.2 ms with one other team alive (the thread that loaded the model),
-11.4 ms after that thread released its team. So whoever loads a model and starts an engine gives
-its own team back first (`release_openmp_team`), and the server loads in a thread that exits
-(`in_own_thread`).
+11.4 ms after that thread released its team. So the thread that starts an engine gives its own
+team back first (`release_openmp_team`, called by `Engine.start`): the server's loader thread and
+a CLI's main thread alike.
 """
 
 from __future__ import annotations
 
 import ctypes
-import threading
-from collections.abc import Callable
-from typing import Any
 
 # GNU OpenMP only (torch's Linux wheels ship it): its pause releases the calling thread's pool
 # and nothing else (libgomp's team.c, gomp_pause_host). LLVM's and Intel's runtimes pause the
@@ -52,22 +49,3 @@ def release_openmp_team() -> bool:
         return False
     fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn(OMP_PAUSE_SOFT) == 0
-
-
-def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a thread that ends when it returns (its exception re-raised here): the
-    OpenMP team that fn's torch ops give that thread ends with it."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="lmloop-load", daemon=True)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]

@@ -111,11 +111,7 @@ class ModelSlot:
         spec = spec or self.spec
         with self._reload_lock:
             t0 = time.perf_counter()
-            # In a thread that exits: loading's OpenMP team must not outlive it (executor threads
-            # live as long as the server; `lmloop.engine.threads`).
-            from lmloop.engine.threads import in_own_thread
-
-            engine, loaded, version = in_own_thread(self.loader, spec, self.engine_kw)
+            engine, loaded, version = self.loader(spec, self.engine_kw)
             reg = split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
             mid = model_id or reg or self.model_id or spec
             served = Served(
