@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                       # SmolLM2-135M, 1/4/16/32 clients
     .venv/bin/python bench/serve.py --concurrency 1 4 --max-tokens 32
     .venv/bin/python bench/serve.py --scenario shared-prompt --int8
+    .venv/bin/python bench/serve.py --int4 --concurrency 1 --servers lmloop llama-server
 
 Each concurrency level runs that many streaming chat clients at once, each sending
 `--requests-per-client` requests one after another (different prompts, `--max-tokens` each).
@@ -307,7 +308,9 @@ def main() -> int:
         nargs="+",
         help="llama-server's thread counts, one run each (default: --threads)",
     )
-    ap.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
+    weights = ap.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
+    weights.add_argument("--int4", action="store_true", help="serve ours with 4-bit weights")
     ap.add_argument("--kv-cache", choices=["auto", "fp32", "int8"], help="ours (default: auto)")
     ap.add_argument("--prefix-cache-mb", type=float, help="ours (default: the server's)")
     ap.add_argument(
@@ -330,7 +333,7 @@ def main() -> int:
 
     if "lmloop" in args.servers:
         port = free_port()
-        extra = ["--int8"] if args.int8 else []
+        extra = ["--int8"] if args.int8 else ["--int4"] if args.int4 else []
         if args.prefix_cache_mb is not None:
             extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
         if args.kv_cache is not None:

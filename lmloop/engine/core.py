@@ -139,6 +139,7 @@ class Engine:
         max_len: int | None = None,
         fast: bool = True,
         int8: bool = False,
+        int4: bool = False,
         kv_int8: bool | None = None,
         threads: int | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
@@ -159,18 +160,21 @@ class Engine:
         self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         if self.encoder_decoder and model.config.eos_token_id is not None:
             self._stop_ids.add(int(model.config.eos_token_id))
-        # The KV cache in int8 (the fast runner's; `lmloop.engine.fast`): default with int8
-        # weights, the memory-lean serving mode.
+        if int8 and int4:
+            raise UserError("--int8 and --int4 exclude each other", hint="choose one")
+        # The KV cache in int8 (the fast runner's; `lmloop.engine.fast`): default with int8 or
+        # int4 weights, the memory-lean serving modes.
         self.runner = _make_runner(
             model,
             max_batch,
             self._ctx,
             fast=fast,
             int8=int8,
-            kv_int8=int8 if kv_int8 is None else kv_int8,
+            int4=int4,
+            kv_int8=(int8 or int4) if kv_int8 is None else kv_int8,
             tokenizer=tokenizer,
         )
-        self.int8 = int8
+        self.int8, self.int4 = int8, int4
         self.kv_int8 = bool(getattr(self.runner, "kv_int8", False))
         if kv_int8 and not self.kv_int8:
             raise UserError(
@@ -618,7 +622,10 @@ def _make_runner(
     int8: bool,
     kv_int8: bool,
     tokenizer: Any,
+    int4: bool = False,
 ):
+    if int4:
+        return _int4_runner(model, batch, max_len, kv_int8=kv_int8, tokenizer=tokenizer)
     if getattr(model, "is_encoder_decoder", False):
         from lmloop.engine.seq2seq import Seq2SeqRunner
 
@@ -640,9 +647,40 @@ def _make_runner(
     return ModelRunner(model, batch, max_len, int8=int8)
 
 
-def load_engine(spec: str, *, int8: bool = False, **kw: Any) -> tuple[Engine, Any]:
+def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer):
+    """The fast runner over 4-bit weights, or a UserError saying why there is none."""
+    from lmloop.engine import kernels
+    from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
+    from lmloop.engine.fast import supports as fast_supports
+
+    try:
+        kernels.library()
+    except kernels.KernelUnavailable as e:
+        raise UserError(f"--int4 needs its C kernel: {e}", hint="serve with --int8") from None
+    cfg = model.config
+    widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
+    if fast_supports(model) and any(w % kernels.QK for w in widths):
+        raise UserError(
+            f"--int4 needs layer widths that are multiples of {kernels.QK} (this model: "
+            f"{widths[0]} and {widths[1]})",
+            hint="serve with --int8",
+        )
+    with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)
+        calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
+    runner = fast_runner(model, batch, max_len, int4=True, kv_int8=kv_int8, calibration_ids=calib)
+    if runner is None:
+        raise UserError(
+            f"--int4 needs a Llama-family fp32 model on the CPU; this is {type(model).__name__}",
+            hint="serve with --int8",
+        )
+    return runner
+
+
+def load_engine(
+    spec: str, *, int8: bool = False, int4: bool = False, **kw: Any
+) -> tuple[Engine, Any]:
     """Load a model (`lmloop.modelio.load_model`) and build an engine over it."""
     from lmloop.modelio import load_model
 
     loaded = load_model(spec)
-    return Engine(loaded.model, loaded.tokenizer, int8=int8, **kw), loaded
+    return Engine(loaded.model, loaded.tokenizer, int8=int8, int4=int4, **kw), loaded

@@ -273,6 +273,7 @@ class FastLlamaRunner:
         max_len: int,
         *,
         int8: bool = False,
+        int4: bool = False,
         kv_int8: bool = False,
         calibration_ids: list[int] | None = None,
     ):
@@ -282,7 +283,7 @@ class FastLlamaRunner:
         self.max_len = max_len
         # fp32 keeps these tensors as they are: copies the runner owns. int8 replaces them with
         # quantized ones, so it reads views while building (no fp32 copy adds to the peak).
-        own = not int8
+        own = not (int8 or int4)
         self.embed = model.model.embed_tokens.weight.detach()
         if own:
             self.embed = _own(self.embed)
@@ -302,9 +303,18 @@ class FastLlamaRunner:
         self._scratch = torch.empty(0)
         self._slots = torch.arange(max_len)
         # One layer at a time: its fp32 fused copies live only until its kernels are built.
-        if int8:
+        # int4: 4-bit copies of the projections for decode steps of one row (bytes bound), the
+        # int8 ones for prompts and batched steps (compute bound, where fbgemm's int8 GEMM
+        # measured 4-6x faster per row than the 4-bit kernel), over the unsmoothed norms.
+        self.layers4 = self.norms4 = None
+        self.fuse_one = True  # batch-1 steps on 4-bit weights go through `_decode_one`
+        if int8 or int4:
             stats = _calibrate(model, calibration_ids, max_len)
-            self.layers = [self._int8_layer(i, b, stats) for i, b in enumerate(blocks)]
+            if int4:
+                self.norms4, self.layers4 = list(self.norms), []
+            self.layers = []
+            for i, b in enumerate(blocks):
+                self.layers.append(self._int8_layer(i, b, stats, self.layers4))
             release_memory()  # the fp32 temporaries' pages, before the head's
             self._int8_head(model.lm_head, stats.get("head"))
             # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
@@ -383,17 +393,28 @@ class FastLlamaRunner:
         gu = _fuse([mlp.gate_proj, mlp.up_proj])
         return qkv, _copy(a.o_proj, own), gu, _copy(mlp.down_proj, own)
 
-    def _int8_layer(self, idx: int, blk: nn.Module, stats: dict) -> tuple[Int8Linear, ...]:
+    def _int8_layer(
+        self, idx: int, blk: nn.Module, stats: dict, int4: list | None = None
+    ) -> tuple[Int8Linear, ...]:
         """One block's projections as Int8Linears, smoothed (SmoothQuant, Xiao et al. 2023).
 
         Activation outlier channels are what make per-token int8 activations lossy; measured
         on SmolLM2-135M, smoothing cut the mean KL to the fp32 model from 0.27 to 0.06 nats per
         token. The smoothing factors are folded into the RMSNorm weights (q/k/v, gate/up), into
         the up-projection rows (down) and into the value rows (o_proj), so smoothing costs
-        nothing per call."""
+        nothing per call.
+
+        `int4`: also append the block's 4-bit projections (`lmloop.engine.kernels`; 32
+        weights share a scale and an offset and activations are quantized 32 at a time, so
+        they need no smoothing), except the value rows' factor: the KV cache both share holds
+        values divided by it."""
+        from lmloop.engine.kernels import Q4Linear
+
         I, H, Hkv, D = self.I, self.H, self.Hkv, self.D  # noqa: E741
         qkv, o, gu, down = self._fp32_layer(blk, own=False)
         n1, n2 = self.norms[idx]
+        if int4 is not None:  # packed now: the smoothing below changes these in place
+            gu4, down4 = Q4Linear(gu.weight, gu.bias), Q4Linear(down.weight, down.bias)
         gu_w, gu_b = gu.weight.detach(), gu.bias
         down_w = down.weight.detach()
         s = _smooth(stats.get((idx, "down")), down_w)
@@ -418,6 +439,8 @@ class FastLlamaRunner:
             if qkv_b is not None:
                 qkv_b = torch.cat([qkv_b[:v0], qkv_b[v0:] / sg.reshape(-1)])
             o_w = o_w * sg[:, None, :].expand(Hkv, H // Hkv, D).reshape(-1)
+        if int4 is not None:
+            int4.append((Q4Linear(qkv_w, qkv_b), Q4Linear(o_w, o.bias), gu4, down4))
         s = _smooth(stats.get((idx, "qkv")), qkv_w)
         if s is not None:
             qkv_w, n1 = qkv_w * s, n1 / s
@@ -482,8 +505,31 @@ class FastLlamaRunner:
             return self.lm_head(self._norm(x, self.final_norm))
         return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
 
+    def _decode_one(self, token: int, pos: int) -> torch.Tensor:
+        """A decode step of row 0 alone over 4-bit weights and the int8 cache: five C calls a
+        layer (`lmloop.engine.kernels`) and no torch op between them. RMSNorm, SwiGLU and the
+        residual adds are fused into the linears; rotary positions, the cache write and
+        attention are one call. Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
+        from lmloop.engine.kernels import attend
+
+        H, Hkv, D = self.H, self.Hkv, self.D
+        x = self._embed([token])  # (1, C), the residual stream, updated in place
+        h = torch.empty(1, (H + 2 * Hkv) * D)
+        y = torch.empty(1, H * D)
+        g = torch.empty(1, 2 * self.I)
+        cos, sin = self.cos[pos], self.sin[pos]
+        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers4, self.norms4)):
+            qkv(x, norm=n1, eps=self.eps, out=h)
+            attend(h, (H, Hkv, D), cos, sin, self.kv, self.kv_scale, i, pos, y)
+            o(y, out=x, add=True)
+            gu(x, norm=n2, eps=self.eps, out=g)
+            down(g, swiglu=True, out=x, add=True)
+        return self.lm_head(self._norm(x, self.final_norm))
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
+        if n == 1 and self.fuse_one and self.layers4 is not None and self.kv_scale is not None:
+            return self._decode_one(tokens[0], positions[0])
         pos = torch.tensor(positions)
         x = self._embed(tokens)  # (n, C)
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, D)
@@ -507,7 +553,10 @@ class FastLlamaRunner:
             seen = self._slots[None, :span] <= pos[:, None]  # (n, span)
             mask = torch.zeros(n, 1, 1, span).masked_fill_(~seen[:, None, None, :], float("-inf"))
         rep = H // Hkv
-        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
+        layers, norms = self.layers, self.norms
+        if n == 1 and self.layers4 is not None:
+            layers, norms = self.layers4, self.norms4
+        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(layers, norms)):
             h = qkv(self._norm(x, n1))  # (n, (H + 2 Hkv) D)
             qk = self._rope(h[:, : (H + Hkv) * D].view(n, H + Hkv, D), cos, sin)
             v = h[:, (H + Hkv) * D :].view(n, Hkv, D)
@@ -568,6 +617,7 @@ def fast_runner(
     max_len: int,
     *,
     int8: bool = False,
+    int4: bool = False,
     kv_int8: bool = False,
     calibration_ids: list[int] | None = None,
 ):
@@ -575,5 +625,6 @@ def fast_runner(
     if not supports(model):
         return None
     return FastLlamaRunner(
-        model, batch, max_len, int8=int8, kv_int8=kv_int8, calibration_ids=calibration_ids
-    )
+        model, batch, max_len, int8=int8, int4=int4, kv_int8=kv_int8,
+        calibration_ids=calibration_ids,
+    )  # fmt: skip

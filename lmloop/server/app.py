@@ -71,6 +71,7 @@ class ServerSettings:
     registry_poll: float = 5.0  # seconds between checks of a `registry:NAME` model's current
     cors_origins: list[str] = field(default_factory=list)
     int8: bool = False  # int8 weights for faster CPU decode (the engine's option)
+    int4: bool = False  # 4-bit block weights in the C kernel (the engine's option)
     kv_int8: bool | None = None  # int8 KV cache (None: with int8 weights; the engine's option)
     prefix_cache_mb: float = 256.0  # the engine's prefix cache (0: off)
 
@@ -108,6 +109,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
             "max_waiting": settings.max_waiting,
             "max_len": settings.max_len,
             "int8": settings.int8,
+            "int4": settings.int4,
             "kv_int8": settings.kv_int8,
             "prefix_cache_mb": settings.prefix_cache_mb,
         },

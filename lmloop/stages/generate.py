@@ -44,6 +44,10 @@ class GenerateConfig:
     logprobs: int | None = param(None, "with --json: log-probabilities, plus this many top ones")
     json: bool = param(False, "print one JSON object (text, token counts) instead of streaming")
     int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
+    int4: bool = param(
+        False,
+        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
+    )
     threads: int = param(0, "torch CPU threads (0 = torch's default)")
     max_batch: int = param(16, "with --prompts: sequences decoded together")
 
@@ -56,6 +60,10 @@ class ChatConfig:
         SamplingSpec(max_tokens=256, temperature=0.7), "sampling settings", inline=True
     )
     int8: bool = param(False, "int8 weights for faster CPU decode")
+    int4: bool = param(
+        False,
+        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
+    )
     threads: int = param(0, "torch CPU threads (0 = torch's default)")
 
 
@@ -67,7 +75,7 @@ def _load(cfg: Any, **kw: Any):
     """(engine, loaded model)."""
     from lmloop.engine import load_engine
 
-    return load_engine(cfg.model, int8=cfg.int8, threads=cfg.threads or None, **kw)
+    return load_engine(cfg.model, int8=cfg.int8, int4=cfg.int4, threads=cfg.threads or None, **kw)
 
 
 def _read_prompts(path: str) -> list[dict[str, Any]]:

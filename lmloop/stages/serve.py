@@ -55,10 +55,14 @@ class ServeConfig:
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
     int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
+    int4: bool = param(
+        False,
+        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
+    )
     kv_cache: Literal["auto", "fp32", "int8"] = param(
         "auto",
         "KV cache precision: fp32, int8 (a quarter of the memory, measured quality cost in "
-        "BENCHMARKS.md; Llama family), or auto (int8 with --int8, else fp32)",
+        "BENCHMARKS.md; Llama family), or auto (int8 with --int8 or --int4, else fp32)",
     )
     prefix_cache_mb: float = param(
         256.0,
@@ -125,6 +129,7 @@ def run(cfg: ServeConfig) -> int:
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
         int8=cfg.int8,
+        int4=cfg.int4,
         kv_int8=KV_CACHE[cfg.kv_cache],
         prefix_cache_mb=cfg.prefix_cache_mb,
     )

@@ -1,0 +1,291 @@
+/* A 4-bit block-quantized linear for CPU decode (lmloop.engine.kernels builds and loads this).
+ *
+ * Written by hand because decode at batch 1 streams every weight once per token: the bytes
+ * per weight set the speed, and PyTorch ships no fast CPU kernel for 4-bit weights (its
+ * int4 packed matmul measured 18-40x slower than fbgemm's int8 here). The formats:
+ *
+ *   q4  32 weights along the input dim: w ~= d * q + m, q in 0..15, two per byte
+ *       (byte j holds q[j] low and q[j + 16] high): 16 bytes of codes and (d, m) as two
+ *       halves in a separate array, 0.625 byte per weight (llama.cpp's Q4_1 size);
+ *   a8  activations, quantized per call, 32 at a time: x ~= d * q, with s = d * sum(q)
+ *       (the q4 offset's share: sum_j m * x_j = m * s).
+ *
+ * Codes and scales live in two arrays so that code loads stay aligned.
+ *
+ * y[r, n] = sum over blocks of d_w * d_x * (integer dot of the 32 pairs) + m_w * s_x,
+ * with 8-bit integer products summed in 32 bits (AVX-VNNI or AVX2 where compiled with them,
+ * plain C elsewhere). Output rows are split among the calling thread's OpenMP team: this file
+ * is linked against PyTorch's own OpenMP runtime, so the team is the one torch.set_num_threads
+ * sized, not a second pool of threads competing for the cores.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LM_AVX2 1
+#endif
+
+#define QK 32
+
+typedef struct {
+    float d, s;
+    int8_t q[32];
+} blk_a8;
+
+typedef uint16_t f16; /* IEEE half: weight scales, as GGUF stores them */
+
+static inline float f16_to_f32(f16 h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+int lm_sizeof_a8(void) { return (int)sizeof(blk_a8); }
+
+int lm_simd(void) {
+#if defined(LM_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+    return 2; /* VNNI */
+#elif defined(LM_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static void quantize_a8(const float *x, blk_a8 *out, int nb) {
+    for (int b = 0; b < nb; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)nearbyintf(v[j] * id);
+            out[b].q[j] = (int8_t)q;
+            sum += q;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+    }
+}
+
+#ifdef LM_AVX2
+/* 8 sums of 4 (unsigned 8-bit x signed 8-bit) products */
+static inline __m256i dot_us8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Dot products of R consecutive weight rows with one activation row: R independent
+ * accumulators keep the FMA latency chains apart, and each activation block is loaded once. */
+#define R 4
+#ifndef PF
+#define PF 8192
+#endif
+
+/* Codes of weight row i, block b at c + (i * nb + b) * 16, its scales (d, m) at
+ * p[2 * (i * nb + b)] (halves). Both streams
+ * are prefetched PF bytes of codes ahead: a core's own prefetchers left this loop at about half
+ * the bandwidth it reaches with them (72 against 217 us for a 3072 x 576 q4 weight). */
+static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
+                   float *out) {
+#ifdef LM_AVX2
+    if (nrows == R) {
+        __m256 acc[R];
+        float off[R];
+        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;
+        const __m128i low = _mm_set1_epi8(0x0F);
+        for (int b = 0; b < nb; b++) {
+            __m256i aq = _mm256_loadu_si256((const __m256i *)a[b].q);
+            float da = a[b].d, sa = a[b].s;
+            for (int i = 0; i < R; i++) {
+                size_t k = (size_t)i * nb + b;
+                _mm_prefetch((const char *)(c + 16 * k) + PF, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 2 * k) + PF / 4, _MM_HINT_T0);
+                __m128i raw = _mm_loadu_si128((const __m128i *)(c + 16 * k));
+                __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),
+                                              _mm_and_si128(raw, low));
+                __m256 prod = _mm256_cvtepi32_ps(dot_us8(wq, aq));
+                acc[i] = _mm256_fmadd_ps(prod, _mm256_set1_ps(f16_to_f32(p[2 * k]) * da), acc[i]);
+                off[i] += f16_to_f32(p[2 * k + 1]) * sa;
+            }
+        }
+        for (int i = 0; i < R; i++) out[i] = hsum(acc[i]) + off[i];
+        return;
+    }
+#endif
+    for (int i = 0; i < nrows; i++) {
+        float acc = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            size_t k = (size_t)i * nb + b;
+            const uint8_t *q = c + 16 * k;
+            int s = 0;
+            for (int j = 0; j < 16; j++) {
+                s += (q[j] & 0x0F) * a[b].q[j];
+                s += (q[j] >> 4) * a[b].q[j + 16];
+            }
+            acc += f16_to_f32(p[2 * k]) * a[b].d * (float)s + f16_to_f32(p[2 * k + 1]) * a[b].s;
+        }
+        out[i] = acc;
+    }
+}
+
+/* The input a row feeds to the kernel: x itself, RMSNorm(x) * norm_w, or (swiglu) the row
+ * holds gate | up, k each, and the input is silu(gate) * up. Fusing these saves the decode
+ * step a dozen small torch ops per layer (~1 us each, more than the 4-bit matmuls' runtime
+ * share at this model size). */
+static void prep_row(const float *x, int k, const float *norm_w, float eps, int swiglu,
+                     float *out) {
+    if (swiglu) {
+        for (int j = 0; j < k; j++) out[j] = x[j] / (1.0f + expf(-x[j])) * x[k + j];
+    } else if (norm_w) {
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int j = 0; j < k; j++) ss += x[j] * x[j];
+        float r = 1.0f / sqrtf(ss / (float)k + eps);
+        for (int j = 0; j < k; j++) out[j] = x[j] * r * norm_w[j];
+    } else {
+        memcpy(out, x, sizeof(float) * (size_t)k);
+    }
+}
+
+/* y (rows, n_out) = f(x) (rows, k) @ W^T (+ bias), or y += that (accumulate): W is n_out rows
+ * of k / 32 q4 blocks (`codes` and `scales` as above), f is prep_row's (x rows are 2k wide
+ * with swiglu). Returns 0, or -1 when k is not a multiple of 32 or memory ran out. */
+int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const float *x,
+               int rows, float *y, const float *bias, const float *norm_w, float eps,
+               int swiglu, int accumulate) {
+    if (k % QK != 0 || rows <= 0) return -1;
+    int nb = k / QK;
+    blk_a8 *a = (blk_a8 *)malloc(sizeof(blk_a8) * (size_t)nb * (size_t)rows);
+    float *row = (float *)malloc(sizeof(float) * (size_t)k);
+    if (a == NULL || row == NULL) {
+        free(a), free(row);
+        return -1;
+    }
+    size_t width = swiglu ? 2 * (size_t)k : (size_t)k;
+    for (int r = 0; r < rows; r++) {
+        prep_row(x + (size_t)r * width, k, norm_w, eps, swiglu, row);
+        quantize_a8(row, a + (size_t)r * nb, nb);
+    }
+    free(row);
+    /* each group of R weight rows is streamed once and used for every activation row (made
+     * for one row: decode at batch 1; more rows unpack the codes again for each) */
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < n_out; n0 += R) {
+        int nrows = n_out - n0 < R ? n_out - n0 : R;
+        size_t k0 = (size_t)n0 * nb;
+        float out[R];
+        for (int r = 0; r < rows; r++) {
+            dot_q4(codes + 16 * k0, scales + 2 * k0, nrows, a + (size_t)r * nb, nb, out);
+            float *yr = y + (size_t)r * n_out + n0;
+            for (int i = 0; i < nrows; i++) {
+                float v = out[i] + (bias ? bias[n0 + i] : 0.0f);
+                yr[i] = accumulate ? yr[i] + v : v;
+            }
+        }
+    }
+    free(a);
+    return 0;
+}
+
+/* One decode step's attention for cache row 0 of layer `layer`, over an int8 KV cache laid
+ * out as the fast runner's (layer, k|v, row, kv head, slot, dim) with one fp32 scale per
+ * (layer, k|v, row, kv head, slot). h = q | k | v of the new token (H, Hkv, Hkv heads of D);
+ * queries carry 1/sqrt(D) already. Rotary positions (x * cos + roll(x, D/2) * sin, sin's
+ * first half negated) go on q and k; k and v are quantized (absmax / 127 per head, as the
+ * runner's quantize_rows) into slot `pos`; then y (H * D) = softmax(q . k * k_scale) over
+ * slots 0..pos, times v * v_scale. Returns 0, or -1 when memory ran out. */
+int lm_attend(const float *h, int H, int Hkv, int D, const float *cos, const float *sin,
+              int8_t *kv, float *kv_scale, int layer, int B, int S, int pos, float *y) {
+    size_t head = (size_t)S * D, part = (size_t)B * Hkv * head; /* row 0's heads come first */
+    int8_t *kc = kv + (size_t)layer * 2 * part, *vc = kc + part;
+    float *ks = kv_scale + (size_t)layer * 2 * (part / D), *vs = ks + part / D;
+    float *q = (float *)malloc(sizeof(float) * (size_t)(H + Hkv) * D);
+    if (q == NULL) return -1;
+    int half = D / 2;
+    for (int t = 0; t < H + Hkv; t++) { /* rotary, queries then keys */
+        const float *x = h + (size_t)t * D;
+        for (int d = 0; d < D; d++) q[(size_t)t * D + d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
+    }
+    for (int g = 0; g < Hkv; g++) { /* the new key and value into slot pos */
+        const float *src[2] = {q + (size_t)(H + g) * D, h + (size_t)(H + Hkv + g) * D};
+        int8_t *dst[2] = {kc + g * head + (size_t)pos * D, vc + g * head + (size_t)pos * D};
+        float *sc[2] = {ks + (size_t)g * S + pos, vs + (size_t)g * S + pos};
+        for (int c = 0; c < 2; c++) {
+            float amax = 0.0f;
+            for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(src[c][d]));
+            float scale = fmaxf(amax, 1e-8f) / 127.0f;
+            for (int d = 0; d < D; d++) dst[c][d] = (int8_t)nearbyintf(src[c][d] / scale);
+            *sc[c] = scale;
+        }
+    }
+    int n = pos + 1, failed = 0;
+#pragma omp parallel for schedule(static) if ((size_t)H * n * D > 65536)
+    for (int hq = 0; hq < H; hq++) {
+        int g = hq / (H / Hkv);
+        const float *qh = q + (size_t)hq * D;
+        const int8_t *kh = kc + g * head, *vh = vc + g * head;
+        const float *ksh = ks + (size_t)g * S, *vsh = vs + (size_t)g * S;
+        float *p = (float *)malloc(sizeof(float) * (size_t)n), *out = y + (size_t)hq * D;
+        if (p == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            const int8_t *kt = kh + (size_t)t * D;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; d++) dot += qh[d] * (float)kt[d];
+            p[t] = dot * ksh[t];
+            mx = fmaxf(mx, p[t]);
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < n; t++) sum += (p[t] = expf(p[t] - mx));
+        float inv = 1.0f / sum;
+        for (int d = 0; d < D; d++) out[d] = 0.0f;
+        for (int t = 0; t < n; t++) {
+            float w = p[t] * inv * vsh[t];
+            const int8_t *vt = vh + (size_t)t * D;
+            for (int d = 0; d < D; d++) out[d] += w * (float)vt[d];
+        }
+        free(p);
+    }
+    free(q);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,208 @@
+"""A 4-bit block-quantized linear: our C kernel (`csrc/qlinear.c`), built on first use.
+
+Decode at batch 1 reads every weight once per token, so its speed is the weights' bytes over
+memory bandwidth plus per-op overhead. PyTorch's int8 dynamic linear (fbgemm) reads 1 byte per
+weight; its CPU 4-bit matmul measured 18-40x slower than that, so it is no path. This module
+compiles a small C file with the machine's own C compiler (`-O3 -march=native`: AVX-VNNI or AVX2
+where the CPU has them) into `$LMLOOP_CACHE/kernels/`, keyed by the source, the compiler and the
+CPU, and loads it with ctypes (which releases the GIL for the call). The OpenMP pragmas link
+against the OpenMP runtime torch itself loaded, so the kernel's threads are torch's intra-op team.
+
+The format (the C file documents it): 32 weights in 16 bytes of codes plus a half-precision
+scale and offset, llama.cpp's Q4_1 size (0.625 byte per weight). A GGUF model quantized to
+Q4_1 and dequantized on load re-quantizes to exactly its own grid (the block's minimum and range
+are recovered), so the weights match what llama.cpp reads from the same file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
+QK = 32
+
+
+class KernelUnavailable(RuntimeError):
+    """The C kernel could not be built or loaded here (no compiler, a failed build)."""
+
+
+def _torch_openmp() -> Path | None:
+    """The GNU OpenMP runtime shipped inside torch's wheel (Linux), if any."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    return cc if cc and shutil.which(cc) else shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str, out: Path, omp: Path | None) -> None:
+    flags = ["-O3", "-march=native", "-fPIC", "-std=c11", "-Wall"]
+    with tempfile.TemporaryDirectory(prefix="lmloop-kernel-") as tmp:
+        obj, so = Path(tmp) / "qlinear.o", Path(tmp) / "qlinear.so"
+        # without torch's runtime, only the loops' SIMD pragmas (serial, never a second team)
+        compile_ = [cc, *flags, "-fopenmp" if omp else "-fopenmp-simd", "-c"]
+        link = [cc, "-shared", str(obj), "-o", str(so), "-lm"]
+        if omp:  # torch's own runtime: one OpenMP team per thread, shared with torch's ops
+            link += [str(omp), f"-Wl,-rpath,{omp.parent}"]
+        for cmd in (compile_ + [str(SOURCE), "-o", str(obj)], link):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise KernelUnavailable(
+                    f"building {SOURCE.name} failed: {done.stderr.strip()[-400:]}"
+                )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(so, out)  # whole or not at all: a concurrent builder writes the same bytes
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The compiled kernel (built on the first call of a process when not cached)."""
+    from lmloop.artifacts import cache_dir
+
+    cc = _compiler()
+    if cc is None:
+        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+    omp = _torch_openmp()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), version, _cpu_flags(), str(omp), cc))
+    ).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"qlinear-{key}.so"
+    if not path.exists():
+        _build(cc, path, omp)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"loading {path} failed: {e}") from None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
+    lib.lm_qlinear.restype = i
+    lib.lm_attend.argtypes = [p, i, i, i, p, p, p, p, i, i, i, i, p]
+    lib.lm_attend.restype = i
+    return lib
+
+
+def available() -> bool:
+    try:
+        library()
+    except KernelUnavailable:
+        return False
+    return True
+
+
+def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) fp32 -> codes (N, K/32, 16) uint8 and scales (N, K/32, 2) fp16: per block of 32,
+    w ~= d * q + m with q in 0..15 (byte j holds q[j] and q[j + 16])."""
+    n, k = w.shape
+    b = w.detach().float().reshape(n, k // QK, QK)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = (hi - lo) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = ((b - lo) * inv).round_().clamp_(0, 15).to(torch.uint8)
+    codes = (q[..., :16] | (q[..., 16:] << 4)).contiguous()
+    return codes, torch.cat([d, lo], -1).half().contiguous()
+
+
+def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights packed codes and scales stand for (tests, quality checks)."""
+    n, nb, _ = codes.shape
+    scales = scales.float()
+    q = torch.cat([codes & 0x0F, codes >> 4], -1).float()
+    return (q * scales[..., :1] + scales[..., 1:]).reshape(n, nb * QK)
+
+
+class Q4Linear:
+    """A linear over q4 block weights: y = x @ W^T + b, x (rows, K) fp32. Made for one row
+    (decode at batch 1); more rows are correct but unpack the codes once per row.
+
+    A plain callable, as `Int8Linear` (a decode step makes 120 of these calls)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        if k % QK:
+            raise ValueError(f"input size {k} is not a multiple of {QK}")
+        self.lib = library()
+        self.out_features, self.in_features = n, k
+        self.codes, self.scales = pack_q4(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous().clone()
+        self._w, self._s = self.codes.data_ptr(), self.scales.data_ptr()
+        self._b = None if self.bias is None else self.bias.data_ptr()
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        swiglu: bool = False,
+        out: torch.Tensor | None = None,
+        add: bool = False,
+    ) -> torch.Tensor:
+        """x (rows, K) -> (rows, N). Fused on the way in: `norm` (RMSNorm with this weight and
+        `eps` first) or `swiglu` (x is gate | up, 2K wide: silu(gate) * up). `out`: write
+        there (fp32, contiguous), or with `add` add to it (a residual stream)."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        rows = x.shape[0]
+        if x.shape[-1] != self.in_features * (2 if swiglu else 1):
+            raise ValueError(f"input width {x.shape[-1]} for a {self.in_features}-wide linear")
+        y = torch.empty(rows, self.out_features) if out is None else out
+        rc = self.lib.lm_qlinear(
+            self._w, self._s, self.out_features, self.in_features, x.data_ptr(), rows,
+            y.data_ptr(), self._b, None if norm is None else norm.data_ptr(), eps, int(swiglu),
+            int(add),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("the 4-bit linear could not allocate its activation blocks")
+        return y
+
+    def weight(self) -> torch.Tensor:
+        return unpack(self.codes, self.scales)
+
+
+def attend(
+    h: torch.Tensor,
+    heads: tuple[int, int, int],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv: torch.Tensor,
+    kv_scale: torch.Tensor,
+    layer: int,
+    pos: int,
+    y: torch.Tensor,
+) -> None:
+    """One decode step's attention for cache row 0 (the C file documents it): rotary
+    positions on h's queries and keys, the new key and value quantized into slot `pos` of
+    `kv` (the fast runner's int8 cache) and `kv_scale`, softmax attention over slots 0..pos
+    into y (H * D). Every tensor fp32 (kv int8) and contiguous."""
+    H, Hkv, D = heads
+    _, _, rows, _, slots, _ = kv.shape
+    rc = library().lm_attend(
+        h.data_ptr(), H, Hkv, D, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
+        kv_scale.data_ptr(), layer, rows, slots, pos, y.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention could not allocate its scores")

@@ -1,0 +1,140 @@
+"""The 4-bit C kernel: packing, the fused linear, and the fused batch-1 decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
+
+from lmloop.engine import Engine, SamplingParams, kernels
+from lmloop.engine.fast import FastLlamaRunner
+from lmloop.errors import UserError
+from lmloop.modelio import load_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    save_hf(hf_llama(tok.vocab_size, tied=False), tok, d)
+    return load_model(str(d))
+
+
+def test_packing_recovers_a_q4_grid_exactly():
+    """Weights that are already 4-bit (a GGUF Q4_1 model, dequantized on load) pack back to
+    their own codes, scales and offsets: the kernel reads the weights the file holds."""
+    g = torch.Generator().manual_seed(0)
+    n, nb = 8, 3
+    d = (torch.rand(n, nb, 1, generator=g) * 0.1 + 0.01).half().float()
+    m = (torch.randn(n, nb, 1, generator=g) * 0.1).half().float()
+    q = torch.randint(0, 16, (n, nb, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every block spans the whole code range
+    w = (q * d + m).reshape(n, nb * 32)
+    codes, scales = kernels.pack_q4(w)
+    assert codes.shape == (n, nb, 16) and codes.dtype == torch.uint8
+    assert torch.equal(kernels.unpack(codes, scales), w)
+    assert torch.equal(scales.float(), torch.cat([d, m], -1))
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_linear_and_its_fused_inputs_match_torch(rows):
+    g = torch.Generator().manual_seed(1)
+    n, k = 72, 64  # 72 output rows: 18 groups of 4, then none left over
+    lin = kernels.Q4Linear(torch.randn(n, k, generator=g), torch.randn(n, generator=g))
+    w, b = lin.weight(), lin.bias
+    x = torch.randn(rows, k, generator=g)
+
+    def close(got, want):  # activations are quantized 32 at a time: ~0.5% relative error
+        assert float((got - want).norm() / want.norm()) < 0.02
+
+    close(lin(x), x @ w.T + b)
+    norm = torch.rand(k, generator=g) + 0.5
+    close(lin(x, norm=norm, eps=1e-5), _rms(x, norm, 1e-5) @ w.T + b)
+    gate_up = torch.randn(rows, 2 * k, generator=g)
+    close(lin(gate_up, swiglu=True), (F.silu(gate_up[:, :k]) * gate_up[:, k:]) @ w.T + b)
+    acc = torch.randn(rows, n, generator=g)
+    start = acc.clone()
+    lin(x, out=acc, add=True)
+    close(acc - start, x @ w.T + b)
+    with pytest.raises(ValueError):
+        lin(x, swiglu=True)  # a gate | up input is twice as wide
+
+
+def _greedy(runner, ids, steps):
+    logits = runner.prefill(0, ids)
+    out, pos = [], len(ids)
+    for _ in range(steps):
+        t = int(logits.argmax())
+        out.append(logits)
+        logits = runner.decode([t], [pos])[0]
+        pos += 1
+    return torch.stack(out)
+
+
+def test_the_fused_decode_step_equals_the_op_by_op_one(llama, tok, monkeypatch):
+    """`_decode_one` (norms, SwiGLU and residuals fused into the 4-bit linears; rotary
+    positions, the int8 cache write and attention in one C call) against the same runner's
+    torch path over the same 4-bit weights."""
+    ids = tok.encode("Once upon a time there was")
+    fused = FastLlamaRunner(llama.model, 2, 48, int4=True, kv_int8=True)
+    plain = FastLlamaRunner(llama.model, 2, 48, int4=True, kv_int8=True)
+    plain.fuse_one = False
+    calls = []
+    real = FastLlamaRunner._decode_one
+    monkeypatch.setattr(
+        FastLlamaRunner, "_decode_one", lambda self, *a: calls.append(1) or real(self, *a)
+    )
+    with torch.inference_mode():
+        a, b = _greedy(fused, ids, 20), _greedy(plain, ids, 20)
+    assert len(calls) == 20  # every decode step took the fused path
+    assert float((a - b).abs().max()) < 1e-3 * float(b.abs().max())
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    end = len(ids) + 20  # the caches agree slot by slot (int8 codes within one step)
+    ka, kb = fused.kv[:, :, 0, :, :end].int(), plain.kv[:, :, 0, :, :end].int()
+    assert int((ka - kb).abs().max()) <= 1
+    assert torch.allclose(fused.kv_scale[:, :, 0, :, :end], plain.kv_scale[:, :, 0, :, :end])
+
+
+def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
+    ids = tok.encode("The quick brown fox")
+    with torch.inference_mode():
+        ref = llama.model(torch.tensor([ids]))[0, -1]
+    before = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    with Engine(llama.model, llama.tokenizer, int4=True) as engine:
+        assert engine.kv_int8 and engine.runner.layers4 is not None
+        with torch.inference_mode():  # the first decode step alone (4-bit) vs the model
+            engine.runner.prefill(0, ids[:-1])
+            got = engine.runner.decode([ids[-1]], [len(ids) - 1])[0]
+        assert float((got - ref).abs().max()) < 0.1 * float(ref.abs().max())
+        alone = engine.complete(ids, p)
+        handles = [engine.submit(ids, p), engine.submit(tok.encode("12 apples"), p)]
+        both = [h.result() for h in handles]  # two rows: the int8 path
+    assert alone.completion_tokens == 10 and [c.completion_tokens for c in both] == [10, 10]
+    after = llama.model.state_dict()  # packing worked on copies
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_int4_is_refused_with_a_reason(llama, tok, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="exclude"):
+        Engine(llama.model, llama.tokenizer, int8=True, int4=True)
+    save_hf(hf_gpt2(tok.vocab_size), tok, tmp_path / "gpt2")
+    gpt2 = load_model(str(tmp_path / "gpt2"))
+    with pytest.raises(UserError, match="Llama-family"):
+        Engine(gpt2.model, gpt2.tokenizer, int4=True)
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels.library.cache_clear()
+    try:
+        with pytest.raises(UserError, match="C compiler"):
+            Engine(llama.model, llama.tokenizer, int4=True)
+    finally:
+        kernels.library.cache_clear()
