@@ -1,0 +1,112 @@
+"""4-bit weights (`--int4`) against int8 and fp32: quality and batch-1 decode speed (issue 18).
+
+    .venv/bin/python bench/int4.py                       # SmolLM2-135M-Instruct
+    .venv/bin/python bench/int4.py --threads 1 2 --spans 128 1024
+
+Quality, as bench/kv_cache.py measures it: one text (WikiText-2's validation split from
+../shared/data when it is there, else a built-in paragraph) is fed teacher-forced through the
+fast runner, a short prompt prefilled and every following token decoded one step at a time
+from the cache, so each step runs the batch-1 decode path being measured. Each configuration
+is compared with fp32 weights and an fp32 cache at the same positions: mean KL divergence
+(nats per token) and top-1 agreement.
+
+Speed: milliseconds per batch-1 decode step with the cache filled to each of `--spans` tokens,
+per thread count, for int8 weights (fbgemm, op by op), 4-bit weights op by op (the same torch
+ops with the 4-bit linears swapped in) and 4-bit weights through the fused step (`_decode_one`:
+five C calls a layer). The served comparison with llama-server is bench/serve.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kv_cache import teacher_forced, text_ids  # noqa: E402
+
+from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner  # noqa: E402
+from lmloop.modelio import load_model  # noqa: E402
+
+MODES = {  # name: (runner keywords, fused batch-1 step)
+    "fp32": ({}, False),
+    "int8": ({"int8": True}, False),
+    "int4 op by op": ({"int4": True}, False),
+    "int4 fused": ({"int4": True}, True),
+}
+
+
+def runner(model, tok, mode: str, *, kv_int8: bool, max_len: int) -> FastLlamaRunner:
+    kw, fused = MODES[mode]
+    calib = tok.encode(CALIBRATION_TEXT) if kw else None
+    r = FastLlamaRunner(model, 1, max_len, kv_int8=kv_int8, calibration_ids=calib, **kw)
+    r.fuse_one = fused
+    return r
+
+
+def step_ms(r, span: int, steps: int) -> float:
+    with torch.inference_mode():
+        r.prefill(0, [(7 * i) % 1000 + 10 for i in range(span)])
+        times = []
+        for k in range(steps + 3):
+            t0 = time.perf_counter()
+            r.decode([11], [span + k])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:]) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--positions", type=int, default=512, help="tokens of text, prompt included")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--spans", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    loaded = load_model(args.model)
+    model, tok = loaded.model, loaded.tokenizer
+    ids, source = text_ids(tok, args.positions)
+    print(f"model {args.model}; text {source}: {len(ids)} tokens, prompt {args.prompt}")
+    print(f"cpus {os.cpu_count()}, load {os.getloadavg()}")
+
+    torch.set_num_threads(1)
+    ref = teacher_forced(runner(model, tok, "fp32", kv_int8=False, max_len=len(ids)), ids, 32)
+    print("| weights | KV cache | mean KL to fp32/fp32 (nats/token) | top-1 agreement |")
+    print("|---|---|--:|--:|")
+    for mode in ("int8", "int4 op by op", "int4 fused"):
+        r = runner(model, tok, mode, kv_int8=True, max_len=len(ids))
+        lp = teacher_forced(r, ids, args.prompt)
+        kl = F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).mean()
+        top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean()
+        print(f"| {mode} | int8 | {float(kl):.4f} | {float(top1) * 100:.1f}% |", flush=True)
+
+    print("\nms per batch-1 decode step (int8 cache; median of --steps)")
+    print("| threads | cache span | int8 | int4 op by op | int4 fused | int8 / int4 fused |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for span in args.spans:
+            got = {}
+            for mode in ("int8", "int4 op by op", "int4 fused"):
+                r = runner(model, tok, mode, kv_int8=True, max_len=span + args.steps + 8)
+                got[mode] = step_ms(r, span, args.steps)
+                del r
+            print(
+                f"| {threads} | {span} | {got['int8']:.2f} | {got['int4 op by op']:.2f} | "
+                f"{got['int4 fused']:.2f} | {got['int8'] / got['int4 fused']:.2f}x |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
