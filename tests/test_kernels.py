@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,22 @@ def tok():
 def llama(tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     save_hf(hf_llama(tok.vocab_size, tied=False), tok, d)
+    return load_model(str(d))
+
+
+@pytest.fixture(scope="module")
+def llama64(tok, tmp_path_factory):
+    """Heads of 64 dims (SmolLM2's), which the attention's vector path is written for."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    d = tmp_path_factory.mktemp("llama64")
+    save_hf(LlamaForCausalLM(cfg).eval(), tok, d)
     return load_model(str(d))
 
 
@@ -69,6 +87,37 @@ def test_the_linear_and_its_fused_inputs_match_torch(rows):
         lin(x, swiglu=True)  # a gate | up input is twice as wide
 
 
+@pytest.mark.parametrize("D", [8, 64])
+def test_attention_writes_the_slot_and_attends_like_torch(D):
+    """`attend` against torch on the same int8 cache: the new key (rotary applied) and value
+    quantized into slot `pos` of the right layer and row, and softmax attention over slots
+    0..pos of the dequantized cache (grouped queries: 3 query heads per kv head)."""
+    from lmloop.engine.fast import quantize_rows
+
+    g = torch.Generator().manual_seed(D)
+    H, Hkv, L, B, S, pos, layer = 6, 2, 2, 2, 40, 33, 1
+    kv = torch.randint(-127, 128, (L, 2, B, Hkv, S, D), generator=g, dtype=torch.int8)
+    scale = torch.rand(L, 2, B, Hkv, S, 1, generator=g) * 0.02 + 0.001
+    kv0, scale0 = kv.clone(), scale.clone()
+    h = torch.randn(1, (H + 2 * Hkv) * D, generator=g)
+    cos, sin = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    y = torch.empty(1, H * D)
+    kernels.attend(h, (H, Hkv, D), cos, sin, kv, scale, layer, pos, y)
+
+    x = h.view(H + 2 * Hkv, D)
+    qk = x[: H + Hkv] * cos + torch.roll(x[: H + Hkv], D // 2, dims=-1) * sin
+    new_q, new_s = quantize_rows(torch.stack((qk[H:], x[H + Hkv :])))  # (2, Hkv, D)
+    assert torch.equal(kv[layer, :, 0, :, pos], new_q)
+    assert torch.equal(scale[layer, :, 0, :, pos], new_s)
+    kv0[layer, :, 0, :, pos], scale0[layer, :, 0, :, pos] = new_q, new_s
+    assert torch.equal(kv, kv0) and torch.equal(scale, scale0)  # nothing else written
+    k = kv[layer, 0, 0, :, : pos + 1].float() * scale[layer, 0, 0, :, : pos + 1]
+    v = kv[layer, 1, 0, :, : pos + 1].float() * scale[layer, 1, 0, :, : pos + 1]
+    q = qk[:H].view(Hkv, H // Hkv, D)
+    want = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # (Hkv, 3, D)
+    assert torch.allclose(y.view(Hkv, H // Hkv, D), want, atol=1e-5, rtol=1e-4)
+
+
 def _greedy(runner, ids, steps):
     logits = runner.prefill(0, ids)
     out, pos = [], len(ids)
@@ -80,13 +129,15 @@ def _greedy(runner, ids, steps):
     return torch.stack(out)
 
 
-def test_the_fused_decode_step_equals_the_op_by_op_one(llama, tok, monkeypatch):
+@pytest.mark.parametrize("heads", ["d8", "d64"])
+def test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monkeypatch):
     """`_decode_one` (norms, SwiGLU and residuals fused into the 4-bit linears; rotary
     positions, the int8 cache write and attention in one C call) against the same runner's
     torch path over the same 4-bit weights."""
+    model = request.getfixturevalue("llama" if heads == "d8" else "llama64").model
     ids = tok.encode("Once upon a time there was")
-    fused = FastLlamaRunner(llama.model, 2, 48, int4=True, kv_int8=True)
-    plain = FastLlamaRunner(llama.model, 2, 48, int4=True, kv_int8=True)
+    fused = FastLlamaRunner(model, 2, 48, int4=True, kv_int8=True)
+    plain = FastLlamaRunner(model, 2, 48, int4=True, kv_int8=True)
     plain.fuse_one = False
     calls = []
     real = FastLlamaRunner._decode_one
@@ -96,12 +147,15 @@ def test_the_fused_decode_step_equals_the_op_by_op_one(llama, tok, monkeypatch):
     with torch.inference_mode():
         a, b = _greedy(fused, ids, 20), _greedy(plain, ids, 20)
     assert len(calls) == 20  # every decode step took the fused path
-    assert float((a - b).abs().max()) < 1e-3 * float(b.abs().max())
+    # The same math in another order: a last-bit difference can move an activation across
+    # an int8 rounding boundary in the next layer, so agreement is to ~1%, not to fp32's 1e-6.
+    assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     end = len(ids) + 20  # the caches agree slot by slot (int8 codes within one step)
     ka, kb = fused.kv[:, :, 0, :, :end].int(), plain.kv[:, :, 0, :, :end].int()
     assert int((ka - kb).abs().max()) <= 1
-    assert torch.allclose(fused.kv_scale[:, :, 0, :, :end], plain.kv_scale[:, :, 0, :, :end])
+    sa, sb = fused.kv_scale[:, :, 0, :, :end], plain.kv_scale[:, :, 0, :, :end]
+    assert torch.allclose(sa, sb, rtol=0.02)
 
 
 def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
@@ -138,3 +192,34 @@ def test_int4_is_refused_with_a_reason(llama, tok, tmp_path, monkeypatch):
             Engine(llama.model, llama.tokenizer, int4=True)
     finally:
         kernels.library.cache_clear()
+
+
+def _x86_flags() -> str:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return next((line for line in f if line.startswith("flags")), "")
+
+
+# The kernel is compiled for the machine it runs on (-march=native): these build the same
+# source for the paths other CPUs take and check them here. Only x86-64 can run them.
+ARCHES = [("x86-64", 0, "sse2"), ("haswell", 1, "avx2")]
+
+
+@pytest.mark.parametrize(("arch", "simd", "flag"), ARCHES, ids=[a[0] for a in ARCHES])
+def test_the_plain_c_and_avx2_paths_agree_with_torch(
+    arch, simd, flag, request, tok, tmp_path, monkeypatch
+):
+    if f" {flag} " not in _x86_flags() + " ":
+        pytest.skip(f"this CPU cannot run {arch} code")  # not x86-64 (or no AVX2)
+    path = tmp_path / f"qlinear-{arch}.so"
+    kernels._build(kernels._compiler(), path, kernels._torch_openmp(), arch=arch)
+    lib = kernels.load(path)
+    assert lib.lm_simd() == simd
+    monkeypatch.setattr(kernels, "library", lambda: lib)
+    test_the_linear_and_its_fused_inputs_match_torch(1)
+    test_the_linear_and_its_fused_inputs_match_torch(3)
+    test_attention_writes_the_slot_and_attends_like_torch(8)
+    test_attention_writes_the_slot_and_attends_like_torch(64)
+    for heads in ("d8", "d64"):
+        test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monkeypatch)

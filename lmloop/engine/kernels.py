@@ -58,8 +58,10 @@ def _compiler() -> str | None:
     return cc if cc and shutil.which(cc) else shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(cc: str, out: Path, omp: Path | None) -> None:
-    flags = ["-O3", "-march=native", "-fPIC", "-std=c11", "-Wall"]
+def _build(cc: str, out: Path, omp: Path | None, arch: str = "native") -> None:
+    """Compile and link into `out` (tests build other `arch`es: the AVX2-only and plain C
+    paths of the same source)."""
+    flags = ["-O3", f"-march={arch}", "-fPIC", "-std=c11", "-Wall"]
     with tempfile.TemporaryDirectory(prefix="lmloop-kernel-") as tmp:
         obj, so = Path(tmp) / "qlinear.o", Path(tmp) / "qlinear.so"
         # without torch's runtime, only the loops' SIMD pragmas (serial, never a second team)
@@ -93,6 +95,11 @@ def library() -> ctypes.CDLL:
     path = cache_dir() / "kernels" / f"qlinear-{key}.so"
     if not path.exists():
         _build(cc, path, omp)
+    return load(path)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library with its functions' signatures declared."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

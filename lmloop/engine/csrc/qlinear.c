@@ -222,6 +222,66 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
     return 0;
 }
 
+/* p[t] = q . k_t for t < n, k rows int8 (D apart). The AVX2 path keeps q in registers for
+ * D = 64 and reduces four rows' sums at once: one horizontal sum per slot was most of the
+ * attention's time at long spans. */
+static void scores(const float *q, const int8_t *k, int D, int n, float *p) {
+    int t = 0;
+#ifdef LM_AVX2
+    if (D == 64) {
+        __m256 qv[8];
+        for (int c = 0; c < 8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
+        for (; t + 4 <= n; t += 4) {
+            __m256 acc[4];
+            for (int j = 0; j < 4; j++) {
+                const int8_t *kt = k + (size_t)(t + j) * D;
+                __m256 a = _mm256_setzero_ps();
+                for (int c = 0; c < 8; c++) {
+                    __m128i raw = _mm_loadl_epi64((const __m128i *)(kt + 8 * c));
+                    a = _mm256_fmadd_ps(qv[c], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), a);
+                }
+                acc[j] = a;
+            }
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(p + t, r);
+        }
+    }
+#endif
+    for (; t < n; t++) {
+        const int8_t *kt = k + (size_t)t * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; d++) dot += q[d] * (float)kt[d];
+        p[t] = dot;
+    }
+}
+
+/* out (D) = sum over t < n of w[t] * v_t, v rows int8 (D apart). */
+static void mix(const float *w, const int8_t *v, int D, int n, float *out) {
+#ifdef LM_AVX2
+    if (D == 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (int t = 0; t < n; t++) {
+            const int8_t *vt = v + (size_t)t * D;
+            __m256 wt = _mm256_set1_ps(w[t]);
+            for (int c = 0; c < 8; c++) {
+                __m128i raw = _mm_loadl_epi64((const __m128i *)(vt + 8 * c));
+                acc[c] = _mm256_fmadd_ps(wt, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), acc[c]);
+            }
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+        return;
+    }
+#endif
+    for (int d = 0; d < D; d++) out[d] = 0.0f;
+    for (int t = 0; t < n; t++) {
+        const int8_t *vt = v + (size_t)t * D;
+        for (int d = 0; d < D; d++) out[d] += w[t] * (float)vt[d];
+    }
+}
+
 /* One decode step's attention for cache row 0 of layer `layer`, over an int8 KV cache laid
  * out as the fast runner's (layer, k|v, row, kv head, slot, dim) with one fp32 scale per
  * (layer, k|v, row, kv head, slot). h = q | k | v of the new token (H, Hkv, Hkv heads of D);
@@ -266,24 +326,17 @@ int lm_attend(const float *h, int H, int Hkv, int D, const float *cos, const flo
             failed = 1;
             continue;
         }
+        scores(qh, kh, D, n, p);
         float mx = -INFINITY;
         for (int t = 0; t < n; t++) {
-            const int8_t *kt = kh + (size_t)t * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; d++) dot += qh[d] * (float)kt[d];
-            p[t] = dot * ksh[t];
+            p[t] *= ksh[t];
             mx = fmaxf(mx, p[t]);
         }
         float sum = 0.0f;
         for (int t = 0; t < n; t++) sum += (p[t] = expf(p[t] - mx));
         float inv = 1.0f / sum;
-        for (int d = 0; d < D; d++) out[d] = 0.0f;
-        for (int t = 0; t < n; t++) {
-            float w = p[t] * inv * vsh[t];
-            const int8_t *vt = vh + (size_t)t * D;
-            for (int d = 0; d < D; d++) out[d] += w * (float)vt[d];
-        }
+        for (int t = 0; t < n; t++) p[t] *= inv * vsh[t];
+        mix(p, vh, D, n, out);
         free(p);
     }
     free(q);
