@@ -16,7 +16,10 @@ a few microseconds times ~20 ops per layer. This runner reads the same weights a
 * folds constants into weights (attention's 1/sqrt(D) into the query rows),
 * optionally quantizes every projection, vocabulary head included, to int8 with per-channel
   scales and SmoothQuant smoothing (fbgemm's dynamic int8 linear): decode reads 4x fewer
-  weight bytes.
+  weight bytes,
+* optionally (`int4`) also keeps the projections in 4-bit blocks for decode steps of one
+  sequence, which then run as five calls a layer into our C kernel (`_decode_one`,
+  `lmloop.engine.kernels`): 6.4x fewer weight bytes than fp32 and no torch op in the layer.
 
 Models that are not plain Llama (GPT-2 family, already-quantized modules) use `ModelRunner`.
 """

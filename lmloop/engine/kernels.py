@@ -207,6 +207,8 @@ def attend(
     into y (H * D). Every tensor fp32 (kv int8) and contiguous."""
     H, Hkv, D = heads
     _, _, rows, _, slots, _ = kv.shape
+    if not 0 <= pos < slots or not (kv.is_contiguous() and kv_scale.is_contiguous()):
+        raise ValueError(f"slot {pos} of a {slots}-slot cache, or a non-contiguous cache")
     rc = library().lm_attend(
         h.data_ptr(), H, Hkv, D, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
         kv_scale.data_ptr(), layer, rows, slots, pos, y.data_ptr(),
