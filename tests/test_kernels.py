@@ -88,34 +88,40 @@ def test_the_linear_and_its_fused_inputs_match_torch(rows):
 
 
 @pytest.mark.parametrize("D", [8, 64])
-def test_attention_writes_the_slot_and_attends_like_torch(D):
-    """`attend` against torch on the same int8 cache: the new key (rotary applied) and value
-    quantized into slot `pos` of the right layer and row, and softmax attention over slots
-    0..pos of the dequantized cache (grouped queries: 3 query heads per kv head)."""
+def test_attention_writes_the_slots_and_attends_like_torch(D):
+    """`attend` against torch on the same int8 cache, three rows at their own positions: each
+    new key (rotary applied) and value quantized into its row's slot of the right layer, and
+    softmax attention over that row's slots 0..position of the dequantized cache (grouped
+    queries: 3 query heads per kv head)."""
     from lmloop.engine.fast import quantize_rows
 
     g = torch.Generator().manual_seed(D)
-    H, Hkv, L, B, S, pos, layer = 6, 2, 2, 2, 40, 33, 1
+    H, Hkv, L, B, S, layer = 6, 2, 2, 4, 40, 1
+    positions = [33, 0, 17]
+    n = len(positions)
     kv = torch.randint(-127, 128, (L, 2, B, Hkv, S, D), generator=g, dtype=torch.int8)
     scale = torch.rand(L, 2, B, Hkv, S, 1, generator=g) * 0.02 + 0.001
     kv0, scale0 = kv.clone(), scale.clone()
-    h = torch.randn(1, (H + 2 * Hkv) * D, generator=g)
-    cos, sin = torch.randn(D, generator=g), torch.randn(D, generator=g)
-    y = torch.empty(1, H * D)
-    kernels.attend(h, (H, Hkv, D), cos, sin, kv, scale, layer, pos, y)
+    h = torch.randn(n, (H + 2 * Hkv) * D, generator=g)
+    cos, sin = torch.randn(S, D, generator=g), torch.randn(S, D, generator=g)
+    y = torch.empty(n, H * D)
+    kernels.attend(h, positions, (H, Hkv, D), cos, sin, kv, scale, layer, y)
 
-    x = h.view(H + 2 * Hkv, D)
-    qk = x[: H + Hkv] * cos + torch.roll(x[: H + Hkv], D // 2, dims=-1) * sin
-    new_q, new_s = quantize_rows(torch.stack((qk[H:], x[H + Hkv :])))  # (2, Hkv, D)
-    assert torch.equal(kv[layer, :, 0, :, pos], new_q)
-    assert torch.equal(scale[layer, :, 0, :, pos], new_s)
-    kv0[layer, :, 0, :, pos], scale0[layer, :, 0, :, pos] = new_q, new_s
+    for r, pos in enumerate(positions):
+        x = h[r].view(H + 2 * Hkv, D)
+        qk = x[: H + Hkv] * cos[pos] + torch.roll(x[: H + Hkv], D // 2, dims=-1) * sin[pos]
+        new_q, new_s = quantize_rows(torch.stack((qk[H:], x[H + Hkv :])))  # (2, Hkv, D)
+        assert torch.equal(kv[layer, :, r, :, pos], new_q)
+        assert torch.equal(scale[layer, :, r, :, pos], new_s)
+        kv0[layer, :, r, :, pos], scale0[layer, :, r, :, pos] = new_q, new_s
+        k = kv[layer, 0, r, :, : pos + 1].float() * scale[layer, 0, r, :, : pos + 1]
+        v = kv[layer, 1, r, :, : pos + 1].float() * scale[layer, 1, r, :, : pos + 1]
+        q = qk[:H].view(Hkv, H // Hkv, D)
+        want = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # (Hkv, 3, D)
+        assert torch.allclose(y[r].view(Hkv, H // Hkv, D), want, atol=1e-5, rtol=1e-4)
     assert torch.equal(kv, kv0) and torch.equal(scale, scale0)  # nothing else written
-    k = kv[layer, 0, 0, :, : pos + 1].float() * scale[layer, 0, 0, :, : pos + 1]
-    v = kv[layer, 1, 0, :, : pos + 1].float() * scale[layer, 1, 0, :, : pos + 1]
-    q = qk[:H].view(Hkv, H // Hkv, D)
-    want = torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # (Hkv, 3, D)
-    assert torch.allclose(y.view(Hkv, H // Hkv, D), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError):
+        kernels.attend(h, [40, 0, 0], (H, Hkv, D), cos, sin, kv, scale, layer, y)
 
 
 def _greedy(runner, ids, steps):
@@ -220,7 +226,31 @@ def test_the_plain_c_and_avx2_paths_agree_with_torch(
     monkeypatch.setattr(kernels, "library", lambda: lib)
     test_the_linear_and_its_fused_inputs_match_torch(1)
     test_the_linear_and_its_fused_inputs_match_torch(3)
-    test_attention_writes_the_slot_and_attends_like_torch(8)
-    test_attention_writes_the_slot_and_attends_like_torch(64)
+    test_attention_writes_the_slots_and_attends_like_torch(8)
+    test_attention_writes_the_slots_and_attends_like_torch(64)
     for heads in ("d8", "d64"):
         test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monkeypatch)
+
+
+def test_batched_steps_attend_in_c_like_the_torch_path(llama64, tok):
+    """Rows of different lengths decoded together over the int8 cache: the C attention
+    (`_decode_rows`) against the torch path of the same int8 runner."""
+    prompts = [tok.encode(t) for t in ("Once upon a time", "The quick brown fox jumps", "12")]
+    runs = []
+    for c in (True, False):
+        r = FastLlamaRunner(llama64.model, 4, 48, int8=True, kv_int8=True)
+        assert r.c_attention  # the kernel builds here
+        r.c_attention = c
+        with torch.inference_mode():
+            for row, ids in enumerate(prompts):
+                r.prefill(row, ids)
+            pos, toks, out = [len(p) for p in prompts], [5, 6, 7], []
+            for _ in range(8):
+                logits = r.decode(toks, pos)
+                out.append(logits)
+                toks, pos = logits.argmax(-1).tolist(), [p + 1 for p in pos]
+        runs.append((torch.stack(out), r.kv.clone()))
+    (a, ka), (b, kb) = runs
+    assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert int((ka.int() - kb.int()).abs().max()) <= 1

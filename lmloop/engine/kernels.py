@@ -107,7 +107,7 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
     lib.lm_qlinear.restype = i
-    lib.lm_attend.argtypes = [p, i, i, i, p, p, p, p, i, i, i, i, p]
+    lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
     return lib
 
@@ -192,26 +192,31 @@ class Q4Linear:
 
 def attend(
     h: torch.Tensor,
+    positions: list[int],
     heads: tuple[int, int, int],
     cos: torch.Tensor,
     sin: torch.Tensor,
     kv: torch.Tensor,
     kv_scale: torch.Tensor,
     layer: int,
-    pos: int,
     y: torch.Tensor,
 ) -> None:
-    """One decode step's attention for cache row 0 (the C file documents it): rotary
-    positions on h's queries and keys, the new key and value quantized into slot `pos` of
-    `kv` (the fast runner's int8 cache) and `kv_scale`, softmax attention over slots 0..pos
-    into y (H * D). Every tensor fp32 (kv int8) and contiguous."""
+    """One decode step's attention for cache rows 0..n-1 (the C file documents it): h (n, ...)
+    holds each row's new queries, key and value; rotary positions from rows `positions` of the
+    `cos` / `sin` tables; the new key and value quantized into each row's slot of `kv` (the
+    fast runner's int8 cache) and `kv_scale`; softmax attention over each row's slots
+    0..position into y (n, H * D). Every tensor fp32 (kv int8) and contiguous."""
     H, Hkv, D = heads
     _, _, rows, _, slots, _ = kv.shape
-    if not 0 <= pos < slots or not (kv.is_contiguous() and kv_scale.is_contiguous()):
-        raise ValueError(f"slot {pos} of a {slots}-slot cache, or a non-contiguous cache")
+    n = len(positions)
+    if n > rows or not all(0 <= p < slots for p in positions):
+        raise ValueError(f"positions {positions} do not fit a {rows} x {slots} cache")
+    if not all(t.is_contiguous() for t in (h, cos, sin, kv, kv_scale, y)):
+        raise ValueError("attend needs contiguous tensors")
+    pos = (ctypes.c_int * n)(*positions)
     rc = library().lm_attend(
-        h.data_ptr(), H, Hkv, D, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
-        kv_scale.data_ptr(), layer, rows, slots, pos, y.data_ptr(),
+        h.data_ptr(), n, pos, H, Hkv, D, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
+        kv_scale.data_ptr(), layer, rows, slots, y.data_ptr(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("attention could not allocate its scores")

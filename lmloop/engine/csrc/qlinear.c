@@ -282,61 +282,73 @@ static void mix(const float *w, const int8_t *v, int D, int n, float *out) {
     }
 }
 
-/* One decode step's attention for cache row 0 of layer `layer`, over an int8 KV cache laid
- * out as the fast runner's (layer, k|v, row, kv head, slot, dim) with one fp32 scale per
- * (layer, k|v, row, kv head, slot). h = q | k | v of the new token (H, Hkv, Hkv heads of D);
- * queries carry 1/sqrt(D) already. Rotary positions (x * cos + roll(x, D/2) * sin, sin's
- * first half negated) go on q and k; k and v are quantized (absmax / 127 per head, as the
- * runner's quantize_rows) into slot `pos`; then y (H * D) = softmax(q . k * k_scale) over
- * slots 0..pos, times v * v_scale. Returns 0, or -1 when memory ran out. */
-int lm_attend(const float *h, int H, int Hkv, int D, const float *cos, const float *sin,
-              int8_t *kv, float *kv_scale, int layer, int B, int S, int pos, float *y) {
-    size_t head = (size_t)S * D, part = (size_t)B * Hkv * head; /* row 0's heads come first */
+/* One decode step's attention for cache rows 0..n-1 of layer `layer`, over an int8 KV cache
+ * laid out as the fast runner's (layer, k|v, row, kv head, slot, dim) with one fp32 scale per
+ * (layer, k|v, row, kv head, slot). Row r's new token sits at position pos[r]; h (n rows) =
+ * q | k | v (H, Hkv, Hkv heads of D); queries carry 1/sqrt(D) already. Rotary positions
+ * (x * cos + roll(x, D/2) * sin, rows pos[r] of the tables, sin's first half negated) go on q
+ * and k; k and v are quantized (absmax / 127 per head, as the runner's quantize_rows) into
+ * slot pos[r] of row r; then y (n, H * D) = softmax(q . k * k_scale) over that row's slots
+ * 0..pos[r], times v * v_scale. Returns 0, or -1 when memory ran out. */
+int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, const float *cos_tab,
+              const float *sin_tab, int8_t *kv, float *kv_scale, int layer, int B, int S,
+              float *y) {
+    size_t head = (size_t)S * D, part = (size_t)B * Hkv * head, width = (size_t)(H + 2 * Hkv) * D;
     int8_t *kc = kv + (size_t)layer * 2 * part, *vc = kc + part;
     float *ks = kv_scale + (size_t)layer * 2 * (part / D), *vs = ks + part / D;
-    float *q = (float *)malloc(sizeof(float) * (size_t)(H + Hkv) * D);
+    float *q = (float *)malloc(sizeof(float) * (size_t)n * (H + Hkv) * D);
     if (q == NULL) return -1;
-    int half = D / 2;
-    for (int t = 0; t < H + Hkv; t++) { /* rotary, queries then keys */
-        const float *x = h + (size_t)t * D;
-        for (int d = 0; d < D; d++) q[(size_t)t * D + d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
-    }
-    for (int g = 0; g < Hkv; g++) { /* the new key and value into slot pos */
-        const float *src[2] = {q + (size_t)(H + g) * D, h + (size_t)(H + Hkv + g) * D};
-        int8_t *dst[2] = {kc + g * head + (size_t)pos * D, vc + g * head + (size_t)pos * D};
-        float *sc[2] = {ks + (size_t)g * S + pos, vs + (size_t)g * S + pos};
-        for (int c = 0; c < 2; c++) {
-            float amax = 0.0f;
-            for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(src[c][d]));
-            float scale = fmaxf(amax, 1e-8f) / 127.0f;
-            for (int d = 0; d < D; d++) dst[c][d] = (int8_t)nearbyintf(src[c][d] / scale);
-            *sc[c] = scale;
+    int half = D / 2, maxn = 0;
+    for (int r = 0; r < n; r++) {
+        const float *hr = h + r * width, *cos = cos_tab + (size_t)pos[r] * D;
+        const float *sin = sin_tab + (size_t)pos[r] * D;
+        float *qr = q + (size_t)r * (H + Hkv) * D;
+        for (int t = 0; t < H + Hkv; t++) { /* rotary, queries then keys */
+            const float *x = hr + (size_t)t * D;
+            for (int d = 0; d < D; d++)
+                qr[(size_t)t * D + d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
         }
+        for (int g = 0; g < Hkv; g++) { /* the new key and value into slot pos[r] of row r */
+            size_t at = ((size_t)r * Hkv + g) * head + (size_t)pos[r] * D;
+            size_t sat = ((size_t)r * Hkv + g) * S + pos[r];
+            const float *src[2] = {qr + (size_t)(H + g) * D, hr + (size_t)(H + Hkv + g) * D};
+            int8_t *dst[2] = {kc + at, vc + at};
+            float *sc[2] = {ks + sat, vs + sat};
+            for (int c = 0; c < 2; c++) {
+                float amax = 0.0f;
+                for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(src[c][d]));
+                float scale = fmaxf(amax, 1e-8f) / 127.0f;
+                for (int d = 0; d < D; d++) dst[c][d] = (int8_t)nearbyintf(src[c][d] / scale);
+                *sc[c] = scale;
+            }
+        }
+        if (pos[r] + 1 > maxn) maxn = pos[r] + 1;
     }
-    int n = pos + 1, failed = 0;
-#pragma omp parallel for schedule(static) if ((size_t)H * n * D > 65536)
-    for (int hq = 0; hq < H; hq++) {
-        int g = hq / (H / Hkv);
-        const float *qh = q + (size_t)hq * D;
-        const int8_t *kh = kc + g * head, *vh = vc + g * head;
-        const float *ksh = ks + (size_t)g * S, *vsh = vs + (size_t)g * S;
-        float *p = (float *)malloc(sizeof(float) * (size_t)n), *out = y + (size_t)hq * D;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) if ((size_t)n * H * maxn * D > 65536)
+    for (int task = 0; task < n * H; task++) {
+        int r = task / H, hq = task % H, g = hq / (H / Hkv), m = pos[r] + 1;
+        const float *qh = q + ((size_t)r * (H + Hkv) + hq) * D;
+        const int8_t *kh = kc + ((size_t)r * Hkv + g) * head, *vh = vc + ((size_t)r * Hkv + g) * head;
+        const float *ksh = ks + ((size_t)r * Hkv + g) * S, *vsh = vs + ((size_t)r * Hkv + g) * S;
+        float *p = (float *)malloc(sizeof(float) * (size_t)m);
+        float *out = y + ((size_t)r * H + hq) * D;
         if (p == NULL) {
 #pragma omp atomic write
             failed = 1;
             continue;
         }
-        scores(qh, kh, D, n, p);
+        scores(qh, kh, D, m, p);
         float mx = -INFINITY;
-        for (int t = 0; t < n; t++) {
+        for (int t = 0; t < m; t++) {
             p[t] *= ksh[t];
             mx = fmaxf(mx, p[t]);
         }
         float sum = 0.0f;
-        for (int t = 0; t < n; t++) sum += (p[t] = expf(p[t] - mx));
+        for (int t = 0; t < m; t++) sum += (p[t] = expf(p[t] - mx));
         float inv = 1.0f / sum;
-        for (int t = 0; t < n; t++) p[t] *= inv * vsh[t];
-        mix(p, vh, D, n, out);
+        for (int t = 0; t < m; t++) p[t] *= inv * vsh[t];
+        mix(p, vh, D, m, out);
         free(p);
     }
     free(q);
