@@ -8,7 +8,10 @@ Quality, as bench/kv_cache.py measures it: one text (WikiText-2's validation spl
 fast runner, a short prompt prefilled and every following token decoded one step at a time
 from the cache, so each step runs the batch-1 decode path being measured. Each configuration
 is compared with fp32 weights and an fp32 cache at the same positions: mean KL divergence
-(nats per token) and top-1 agreement.
+(nats per token) and top-1 agreement. Prompts too: 10 chat prompts (the model's template) and 10
+200-token stretches of the same text, prefilled at once (several rows per projection, where
+int8 activations share one quantization scale unless rows are scaled first), every prompt
+position against fp32.
 
 Speed: milliseconds per batch-1 decode step with the cache filled to each of `--spans` tokens,
 per thread count, for int8 weights (fbgemm, op by op), 4-bit weights op by op (the same torch
@@ -52,6 +55,27 @@ def runner(model, tok, mode: str, *, kv_int8: bool, max_len: int) -> FastLlamaRu
     return r
 
 
+QUESTIONS = [
+    "What is the capital of France?", "Give me three tips for learning to cook.",
+    "What is 12 times 3?", "Name the primary colors.", "Who wrote Romeo and Juliet?",
+    "Translate 'good morning' to Spanish.", "Write a short poem about the sea.",
+    "Explain what a language model is in two sentences.",
+    "How do plants make food from sunlight?", "Tell me a story about a brave mouse.",
+]  # fmt: skip
+
+
+def prefill_quality(model, tok, mode: str, prompts: list[list[int]], ref: list) -> str:
+    r = runner(model, tok, mode, kv_int8=mode != "fp32", max_len=max(map(len, prompts)) + 1)
+    kls, top = [], []
+    with torch.inference_mode():
+        for p, want in zip(prompts, ref):
+            lp = torch.log_softmax(r.prefill(0, p, every_position=True).float(), -1)
+            kls.append(F.kl_div(lp, want, log_target=True, reduction="none").sum(-1).mean())
+            top.append((lp.argmax(-1) == want.argmax(-1)).float().mean())
+    kl, agree = float(torch.stack(kls).mean()), float(torch.stack(top).mean()) * 100
+    return f"| {mode} | {kl:.4f} | {agree:.1f}% |"
+
+
 def step_ms(r, span: int, steps: int) -> float:
     with torch.inference_mode():
         r.prefill(0, [(7 * i) % 1000 + 10 for i in range(span)])
@@ -88,6 +112,19 @@ def main() -> int:
         kl = F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).mean()
         top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean()
         print(f"| {mode} | int8 | {float(kl):.4f} | {float(top1) * 100:.1f}% |", flush=True)
+
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS
+    ]
+    text, _ = text_ids(tok, 20 * 300)
+    prompts += [text[i * 300 : i * 300 + 200] for i in range(10) if len(text) >= i * 300 + 200]
+    r = runner(model, tok, "fp32", kv_int8=False, max_len=max(map(len, prompts)) + 1)
+    with torch.inference_mode():
+        ref = [torch.log_softmax(r.prefill(0, p, every_position=True).float(), -1) for p in prompts]
+    print(f"\nprompts: {len(prompts)} prefilled at once, every position against fp32")
+    print("| weights (prompts run int8 in both int modes) | mean KL (nats/token) | top-1 |")
+    print("|---|--:|--:|")
+    print(prefill_quality(model, tok, "int8", prompts, ref), flush=True)
 
     print("\nms per batch-1 decode step (int8 cache; median of --steps)")
     print("| threads | cache span | int8 | int4 op by op | int4 fused | int8 / int4 fused |")

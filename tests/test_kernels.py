@@ -254,3 +254,21 @@ def test_batched_steps_attend_in_c_like_the_torch_path(llama64, tok):
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     assert int((ka.int() - kb.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_rows_keep_their_own_precision_beside_a_massive_one(bias):
+    """One token with activations 1,000x the others' (a prompt's first token) must not set
+    the quantization scale of the rest of a prompt or a batched step."""
+    from lmloop.engine.fast import Int8Linear
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g)
+    b = torch.randn(48, generator=g) if bias else None
+    lin = Int8Linear(w, b)
+    x = torch.randn(5, 64, generator=g)
+    x[0] *= 1000
+    got, want = lin(x), F.linear(x, w, b)
+    for r in range(5):
+        assert float((got[r] - want[r]).norm() / want[r].norm()) < 0.03, r
+    assert torch.allclose(lin(x[1:2]), want[1:2], rtol=0.03, atol=0.03 * float(want[1].abs().max()))

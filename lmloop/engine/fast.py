@@ -123,8 +123,16 @@ def _has_vnni() -> bool:
 
 
 class Int8Linear:
-    """int8 weights with one scale per output channel; activations quantized per call (per
-    tensor, i.e. per token at batch 1) by fbgemm's dynamic linear, int32 accumulation.
+    """int8 weights with one scale per output channel; activations quantized per call by
+    fbgemm's dynamic linear, int32 accumulation.
+
+    fbgemm quantizes the whole input with one scale. At one row that is per token; at several
+    (a prompt, a batched step) one token with massive activations (a prompt's first token
+    reaches hundreds of times the others' magnitude in SmolLM2's down projection) would set the
+    scale for all and leave the rest a few levels. So several rows are scaled to the same
+    magnitude first and the outputs scaled back (a linear map commutes with a per-row factor):
+    per-token precision for two elementwise ops. Measured on SmolLM2-135M (20 prompts, every
+    prompt position against fp32): mean KL 0.455 -> 0.045 nats, top-1 agreement 66.7 -> 88.3%.
 
     A plain callable, not an nn.Module: a decode step makes 121 of these calls, and a module's
     call machinery (hook checks) plus the op packet's overload lookup cost more than a
@@ -147,10 +155,17 @@ class Int8Linear:
             wq = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(wq, b)
+        self.bias = b
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x, self.packed, self.reduce_range)
+        if x.shape[0] == 1:
+            return self._op(x, self.packed, self.reduce_range)
+        m = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8)
+        y = self._op(x / m, self.packed, self.reduce_range).mul_(m)
+        if self.bias is not None:  # the packed bias came out scaled too: (Wx/m + b) * m
+            y += self.bias * (1 - m)
+        return y
 
 
 class PackedLinear(nn.Module):
