@@ -14,9 +14,10 @@ int8 activations share one quantization scale unless rows are scaled first), eve
 position against fp32.
 
 Speed: milliseconds per batch-1 decode step with the cache filled to each of `--spans` tokens,
-per thread count, for int8 weights (fbgemm, op by op), 4-bit weights op by op (the same torch
-ops with the 4-bit linears swapped in) and 4-bit weights through the fused step (`_decode_one`:
-five C calls a layer). The served comparison with llama-server is bench/serve.py's.
+per thread count, for int8 weights (fbgemm projections, torch ops around them, attention in C:
+`_decode_rows`), 4-bit weights op by op (the same, with the 4-bit linears swapped in) and
+4-bit weights through the fused step (`_decode_one`: five C calls a layer). The served
+comparison with llama-server is bench/serve.py's.
 """
 
 from __future__ import annotations
