@@ -131,3 +131,18 @@ def test_the_server_keeps_the_engine_not_the_checkpoint(model):
     p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     assert e.complete(e.encode_prompt("Hi"), p).completion_tokens == 4
     slot.shutdown(5.0)
+
+
+def test_a_stream_event_is_one_line_whatever_the_text():
+    """Sampled text can hold U+2028, U+2029 or U+0085, which str.splitlines() (httpx's
+    iter_lines) reads as line ends; each event's JSON must stay on one line and round-trip."""
+    import json
+
+    from lmloop.server.app import sse_data
+
+    obj = {"choices": [{"delta": {"content": "a\u2028b\x85c\u2029d\ne é"}}]}
+    event = sse_data(obj)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    lines = event[:-2].splitlines()
+    assert len(lines) == 1 and json.loads(lines[0][6:]) == obj
+    assert "é" in event  # other text stays as it is (ensure_ascii=False)

@@ -252,6 +252,17 @@ def _too_large(max_bytes: int) -> APIError:
     )
 
 
+# Characters str.splitlines() (and clients that split a stream with it, httpx's iter_lines among
+# them) treat as line ends, which json.dumps(ensure_ascii=False) leaves raw: a sampled token
+# holding one cut an event in two. Escaped, the JSON is the same.
+_LINE_ENDS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def sse_data(obj: Any) -> str:
+    """One server-sent event carrying `obj` as JSON on a single line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_ENDS)}\n\n"
+
+
 async def _send_error(send: Any, err: APIError) -> None:
     body = json.dumps(err.body()).encode()
     await send(
@@ -864,7 +875,7 @@ class _Context:
             data = {"object": obj, **common, "choices": choices}
             if with_usage:
                 data["usage"] = usage
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            return sse_data(data)
 
         if self.job.chat:  # the role comes first, as OpenAI sends it
             yield sse(
