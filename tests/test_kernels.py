@@ -272,3 +272,24 @@ def test_int8_rows_keep_their_own_precision_beside_a_massive_one(bias):
     for r in range(5):
         assert float((got[r] - want[r]).norm() / want[r].norm()) < 0.03, r
     assert torch.allclose(lin(x[1:2]), want[1:2], rtol=0.03, atol=0.03 * float(want[1].abs().max()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_dynamic_int8_rows_keep_their_own_precision_too(bias):
+    """The same for the int8 modules other model families run on (`quantize_linears`), with the
+    (batch, tokens, features) inputs their forward passes."""
+    from lmloop.engine.fast import quantize_linears
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g))
+    want_w, want_b = lin.weight.detach().clone(), None if not bias else lin.bias.detach().clone()
+    q = quantize_linears(torch.nn.Sequential(lin))
+    x = torch.randn(2, 3, 64, generator=g)
+    x[0, 0] *= 1000
+    with torch.inference_mode():
+        got = q(x)
+    want = F.linear(x, want_w, want_b)
+    rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max()
+    assert float(rel) < 0.03

@@ -72,13 +72,39 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_linears(mods: nn.Module) -> nn.Module:
     """int8 weights (per output channel) for every nn.Linear inside `mods` (dynamic quantization:
-    activations are quantized per call, accumulation in int32, result in fp32)."""
+    activations are quantized per call, accumulation in int32, result in fp32). As in
+    `Int8Linear`, an input of several rows is scaled to one magnitude per row first (hooks), so
+    one row with massive activations does not set the quantization scale of the others."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the kernels still ship
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         spec = {nn.Linear: per_channel_dynamic_qconfig}
-        return quantize_dynamic(mods, spec, dtype=torch.qint8, inplace=True)
+        out = quantize_dynamic(mods, spec, dtype=torch.qint8, inplace=True)
+    for m in out.modules():
+        if isinstance(m, DynamicLinear):
+            m.register_forward_pre_hook(_rows_in)
+            m.register_forward_hook(_rows_out)
+    return out
+
+
+def _rows_in(mod: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    mod._row_scale = None
+    if x.numel() == x.shape[-1]:  # one row: per tensor is per token already
+        return None
+    mod._row_scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8)
+    return (x / mod._row_scale, *args[1:])
+
+
+def _rows_out(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    m, mod._row_scale = mod._row_scale, None
+    if m is None:
+        return None
+    out = out * m
+    b = mod.bias()
+    return out if b is None else out + b * (1 - m)  # the bias came out scaled too
 
 
 def _kernel_available() -> bool:
