@@ -89,22 +89,30 @@ def quantize_linears(mods: nn.Module) -> nn.Module:
     return out
 
 
-def _rows_in(mod: nn.Module, args: tuple) -> tuple | None:
-    x = args[0]
-    mod._row_scale = None
+def scale_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x with every row (last dim) at absmax 1, the rows' factors), or (x, None) for one row:
+    what a dynamic int8 linear, which quantizes its whole input with one scale, needs to keep
+    per-token precision (`Int8Linear`)."""
     if x.numel() == x.shape[-1]:  # one row: per tensor is per token already
-        return None
-    mod._row_scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8)
-    return (x / mod._row_scale, *args[1:])
+        return x, None
+    m = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8)
+    return x / m, m
+
+
+def unscale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The linear's output for the unscaled rows: (W x/m + b) * m, less the bias's scaling."""
+    y = y.mul_(m)
+    return y if bias is None else y.add_(bias * (1 - m))
+
+
+def _rows_in(mod: nn.Module, args: tuple) -> tuple:
+    x, mod._row_scale = scale_rows(args[0])
+    return (x, *args[1:])
 
 
 def _rows_out(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
     m, mod._row_scale = mod._row_scale, None
-    if m is None:
-        return None
-    out = out * m
-    b = mod.bias()
-    return out if b is None else out + b * (1 - m)  # the bias came out scaled too
+    return None if m is None else unscale_rows(out, m, mod.bias())
 
 
 def _kernel_available() -> bool:
@@ -185,13 +193,9 @@ class Int8Linear:
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return self._op(x, self.packed, self.reduce_range)
-        m = x.abs().amax(-1, keepdim=True).clamp_(min=1e-8)
-        y = self._op(x / m, self.packed, self.reduce_range).mul_(m)
-        if self.bias is not None:  # the packed bias came out scaled too: (Wx/m + b) * m
-            y += self.bias * (1 - m)
-        return y
+        x, m = scale_rows(x)
+        y = self._op(x, self.packed, self.reduce_range)
+        return y if m is None else unscale_rows(y, m, self.bias)
 
 
 class PackedLinear(nn.Module):
@@ -563,16 +567,17 @@ class FastLlamaRunner:
         layer (`lmloop.engine.kernels`) and no torch op between them. RMSNorm, SwiGLU and the
         residual adds are fused into the linears; rotary positions, the cache write and
         attention are one call. Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
-        from lmloop.engine.kernels import attend
+        from lmloop.engine.kernels import attend, positions_arg
 
         H, Hkv, D = self.H, self.Hkv, self.D
+        at = positions_arg([pos], self.kv)
         x = self._embed([token])  # (1, C), the residual stream, updated in place
         h = torch.empty(1, (H + 2 * Hkv) * D)
         y = torch.empty(1, H * D)
         g = torch.empty(1, 2 * self.I)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers4, self.norms4)):
             qkv(x, norm=n1, eps=self.eps, out=h)
-            attend(h, [pos], (H, Hkv, D), self.cos, self.sin, self.kv, self.kv_scale, i, y)
+            attend(h, at, (H, Hkv, D), self.cos, self.sin, self.kv, self.kv_scale, i, y)
             o(y, out=x, add=True)
             gu(x, norm=n2, eps=self.eps, out=g)
             down(g, swiglu=True, out=x, add=True)
@@ -581,14 +586,15 @@ class FastLlamaRunner:
     def _decode_rows(self, tokens: list[int], positions: list[int], layers, norms) -> torch.Tensor:
         """A decode step of rows 0..n-1 over the int8 cache: rotary positions, the cache writes
         and each row's attention (its own length, no mask) are one C call a layer."""
-        from lmloop.engine.kernels import attend
+        from lmloop.engine.kernels import attend, positions_arg
 
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
+        at = positions_arg(positions, self.kv)
         x = self._embed(tokens)  # (n, C)
         y = torch.empty(n, H * D)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(layers, norms)):
             h = qkv(self._norm(x, n1)).contiguous()  # (n, (H + 2 Hkv) D)
-            attend(h, positions, (H, Hkv, D), self.cos, self.sin, self.kv, self.kv_scale, i, y)
+            attend(h, at, (H, Hkv, D), self.cos, self.sin, self.kv, self.kv_scale, i, y)
             x = x + o(y)
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])

@@ -190,9 +190,18 @@ class Q4Linear:
         return unpack(self.codes, self.scales)
 
 
+def positions_arg(positions: list[int], kv: torch.Tensor) -> ctypes.Array:
+    """Rows' positions as `attend` passes them to C, checked against the cache once (a decode
+    step makes one and uses it in every layer)."""
+    _, _, rows, _, slots, _ = kv.shape
+    if len(positions) > rows or not all(0 <= p < slots for p in positions):
+        raise ValueError(f"positions {positions} do not fit a {rows} x {slots} cache")
+    return (ctypes.c_int * len(positions))(*positions)
+
+
 def attend(
     h: torch.Tensor,
-    positions: list[int],
+    positions: list[int] | ctypes.Array,
     heads: tuple[int, int, int],
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -205,18 +214,17 @@ def attend(
     holds each row's new queries, key and value; rotary positions from rows `positions` of the
     `cos` / `sin` tables; the new key and value quantized into each row's slot of `kv` (the
     fast runner's int8 cache) and `kv_scale`; softmax attention over each row's slots
-    0..position into y (n, H * D). Every tensor fp32 (kv int8) and contiguous."""
+    0..position into y (n, H * D). Every tensor fp32 (kv int8) and contiguous. `positions`: a
+    list (checked here) or `positions_arg`'s array (checked already)."""
     H, Hkv, D = heads
     _, _, rows, _, slots, _ = kv.shape
-    n = len(positions)
-    if n > rows or not all(0 <= p < slots for p in positions):
-        raise ValueError(f"positions {positions} do not fit a {rows} x {slots} cache")
-    if not all(t.is_contiguous() for t in (h, cos, sin, kv, kv_scale, y)):
-        raise ValueError("attend needs contiguous tensors")
-    pos = (ctypes.c_int * n)(*positions)
+    if isinstance(positions, list):
+        positions = positions_arg(positions, kv)
+        if not all(t.is_contiguous() for t in (h, cos, sin, kv, kv_scale, y)):
+            raise ValueError("attend needs contiguous tensors")
     rc = library().lm_attend(
-        h.data_ptr(), n, pos, H, Hkv, D, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(),
-        kv_scale.data_ptr(), layer, rows, slots, y.data_ptr(),
+        h.data_ptr(), len(positions), positions, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
+        kv.data_ptr(), kv_scale.data_ptr(), layer, rows, slots, y.data_ptr(),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("attention could not allocate its scores")
