@@ -13,6 +13,13 @@ is compared with fp32 weights and an fp32 cache at the same positions: mean KL d
 int8 activations share one quantization scale unless rows are scaled first), every prompt
 position against fp32.
 
+Prompts are measured twice in one run, with int8 rows scaled to one magnitude before fbgemm's
+single-scale quantization (the engine's way, `fast.scale_rows`) and without (the control): the
+KL table, then milliseconds per 1,000-token prompt and per 16-row decode step for both.
+
+One projection: microseconds per call of a 3,072 x 576 projection at one row, one thread,
+cycling through 30 such weights so none stays in L2: the 4-bit kernel against fbgemm's int8.
+
 Speed: milliseconds per batch-1 decode step with the cache filled to each of `--spans` tokens,
 per thread count, for int8 weights (fbgemm projections, torch ops around them, attention in C:
 `_decode_rows`), 4-bit weights op by op (the same, with the 4-bit linears swapped in) and
@@ -37,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kv_cache import teacher_forced, text_ids  # noqa: E402
 
-from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner  # noqa: E402
+from lmloop.engine import fast  # noqa: E402
+from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, Int8Linear  # noqa: E402
+from lmloop.engine.kernels import Q4Linear  # noqa: E402
 from lmloop.modelio import load_model  # noqa: E402
 
 MODES = {  # name: (runner keywords, fused batch-1 step)
@@ -75,6 +84,47 @@ def prefill_quality(model, tok, mode: str, prompts: list[list[int]], ref: list) 
             top.append((lp.argmax(-1) == want.argmax(-1)).float().mean())
     kl, agree = float(torch.stack(kls).mean()), float(torch.stack(top).mean()) * 100
     return f"| {mode} | {kl:.4f} | {agree:.1f}% |"
+
+
+def unscaled(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """The control: every input quantized with one scale, as fbgemm alone does."""
+    return x, None
+
+
+def best_ms(fn, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
+def rows_ms(model, tok) -> tuple[float, float]:
+    """(ms per 1,000-token prompt, ms per 16-row decode step at ~100 slots), int8, 2 threads."""
+    r = runner(model, tok, "int8", kv_int8=True, max_len=1100)
+    r16 = FastLlamaRunner(model, 16, 160, int8=True, kv_int8=True,
+                          calibration_ids=tok.encode(CALIBRATION_TEXT))  # fmt: skip
+    ids = [(7 * i) % 1000 + 10 for i in range(1000)]
+    with torch.inference_mode():
+        prompt = best_ms(lambda: r.prefill(0, ids))
+        for row in range(16):
+            r16.prefill(row, ids[: 90 + row])
+        pos = [90 + row for row in range(16)]
+        step = best_ms(lambda: r16.decode([11] * 16, pos), reps=15)
+    return prompt, step
+
+
+def projection_us() -> dict[str, float]:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(3072, 576, generator=g) for _ in range(30)]
+    x = torch.randn(1, 576, generator=g)
+    out = {}
+    for name, cls in (("4-bit kernel", Q4Linear), ("fbgemm int8", Int8Linear)):
+        layers = [cls(w, None) for w in weights]
+        out[name] = best_ms(lambda fs=layers: [f(x) for f in fs], reps=7) / len(layers) * 1e3
+    return out
 
 
 def step_ms(r, span: int, steps: int) -> float:
@@ -126,6 +176,27 @@ def main() -> int:
     print("| weights (prompts run int8 in both int modes) | mean KL (nats/token) | top-1 |")
     print("|---|--:|--:|")
     print(prefill_quality(model, tok, "int8", prompts, ref), flush=True)
+    scale_rows = fast.scale_rows
+    fast.scale_rows = unscaled
+    try:
+        print(
+            prefill_quality(model, tok, "int8", prompts, ref).replace(
+                "int8", "int8, rows not scaled"
+            )
+        )
+        torch.set_num_threads(2)
+        plain = rows_ms(model, tok)
+    finally:
+        fast.scale_rows = scale_rows
+    scaled = rows_ms(model, tok)
+    print("\nint8, 2 threads | rows scaled | not scaled (control)")
+    print("|---|--:|--:|")
+    print(f"| ms per 1,000-token prompt | {scaled[0]:.1f} | {plain[0]:.1f} |")
+    print(f"| ms per 16-row decode step | {scaled[1]:.2f} | {plain[1]:.2f} |", flush=True)
+
+    us = projection_us()
+    print("\nus per 3,072 x 576 projection, one row, one thread, 30 weights cycled")
+    print(" | ".join(f"{k} {v:.1f}" for k, v in us.items()), flush=True)
 
     print("\nms per batch-1 decode step (int8 cache; median of --steps)")
     print("| threads | cache span | int8 | int4 op by op | int4 fused | int8 / int4 fused |")
