@@ -165,8 +165,8 @@ class Int8Linear:
     reaches hundreds of times the others' magnitude in SmolLM2's down projection) would set the
     scale for all and leave the rest a few levels. So several rows are scaled to the same
     magnitude first and the outputs scaled back (a linear map commutes with a per-row factor):
-    per-token precision for two elementwise ops. Measured on SmolLM2-135M (20 prompts, every
-    prompt position against fp32): mean KL 0.455 -> 0.045 nats, top-1 agreement 66.7 -> 88.3%.
+    per-token precision for two elementwise ops. Measured on SmolLM2-135M (`bench/int4.py`: 20
+    prompts, every position against fp32): mean KL 0.455 -> 0.044 nats, top-1 66.8 -> 89.8%.
 
     A plain callable, not an nn.Module: a decode step makes 121 of these calls, and a module's
     call machinery (hook checks) plus the op packet's overload lookup cost more than a

@@ -242,7 +242,8 @@ static void scores(const float *q, const int8_t *k, int D, int n, float *p) {
                 }
                 acc[j] = a;
             }
-            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+            __m256 h = _mm256_hadd_ps(h01, h23);
             __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
             _mm_storeu_ps(p + t, r);
         }
@@ -329,8 +330,9 @@ int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, cons
     for (int task = 0; task < n * H; task++) {
         int r = task / H, hq = task % H, g = hq / (H / Hkv), m = pos[r] + 1;
         const float *qh = q + ((size_t)r * (H + Hkv) + hq) * D;
-        const int8_t *kh = kc + ((size_t)r * Hkv + g) * head, *vh = vc + ((size_t)r * Hkv + g) * head;
-        const float *ksh = ks + ((size_t)r * Hkv + g) * S, *vsh = vs + ((size_t)r * Hkv + g) * S;
+        size_t rg = (size_t)r * Hkv + g;
+        const int8_t *kh = kc + rg * head, *vh = vc + rg * head;
+        const float *ksh = ks + rg * S, *vsh = vs + rg * S;
         float *p = (float *)malloc(sizeof(float) * (size_t)m);
         float *out = y + ((size_t)r * H + hq) * D;
         if (p == NULL) {
