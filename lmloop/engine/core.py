@@ -656,14 +656,14 @@ def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: b
     try:
         kernels.library()
     except kernels.KernelUnavailable as e:
-        raise UserError(f"--int4 needs its C kernel: {e}", hint="serve with --int8") from None
+        raise UserError(f"--int4 needs its C kernel: {e}", hint="use --int8 instead") from None
     cfg = model.config
     widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
     if fast_supports(model) and any(w % kernels.QK for w in widths):
         raise UserError(
             f"--int4 needs layer widths that are multiples of {kernels.QK} (this model: "
             f"{widths[0]} and {widths[1]})",
-            hint="serve with --int8",
+            hint="use --int8 instead",
         )
     with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)
         calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
@@ -671,7 +671,7 @@ def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: b
     if runner is None:
         raise UserError(
             f"--int4 needs a Llama-family fp32 model on the CPU; this is {type(model).__name__}",
-            hint="serve with --int8",
+            hint="use --int8 instead",
         )
     return runner
 
