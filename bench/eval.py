@@ -96,8 +96,8 @@ def main() -> int:
     import torch
 
     from lmloop.data.sources import iter_documents
-    from lmloop.modelio import load_model
-    from lmloop.perplexity import evaluate_texts
+    from lmloop.evaluation.perplexity import evaluate_texts
+    from lmloop.models.io import load_model
 
     pages = [p for p in iter_documents(str(WIKI)) if p.strip()][: args.articles]
     print(f"{len(pages)} WikiText-2 test articles, {sum(len(p.encode()) for p in pages):,} bytes; "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmloop.modelio import load_model
+from lmloop.models.io import load_model
 from lmloop.stages.export import ExportConfig
 from lmloop.stages.export import run as export_run
 

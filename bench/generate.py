@@ -140,7 +140,7 @@ def main() -> None:
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)  # transformers runs in this thread
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     lm = load_model(args.model)
     ids = lm.tokenizer.encode(PROMPT)

@@ -47,7 +47,7 @@ from kv_cache import teacher_forced, text_ids  # noqa: E402
 from lmloop.engine import fast  # noqa: E402
 from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, Int8Linear  # noqa: E402
 from lmloop.engine.kernels import Q4Linear  # noqa: E402
-from lmloop.modelio import load_model  # noqa: E402
+from lmloop.models.io import load_model  # noqa: E402
 
 MODES = {  # name: (runner keywords, fused batch-1 step)
     "fp32": ({}, False),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner  # noqa: E402
-from lmloop.modelio import load_model  # noqa: E402
+from lmloop.models.io import load_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -140,7 +140,7 @@ def main() -> None:
         out=str(work / "base"), tokenizer=MODEL, val_fraction=0.05, test_fraction=0.0,
         min_chars=32,
     ))  # fmt: skip
-    from lmloop.modelspec import locate
+    from lmloop.registry.spec import locate
 
     registry = Registry()
     registry.register("assistant", locate(MODEL).path, lineage={"note": "the shipped model"})

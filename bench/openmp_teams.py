@@ -29,7 +29,7 @@ def run_case(case: str, model: str, threads: int, steps: int) -> float:
 
     from lmloop.engine.core import _make_runner
     from lmloop.engine.threads import release_openmp_team
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     loaded = load_model(model)
     ready, stop = threading.Event(), threading.Event()

@@ -147,7 +147,7 @@ def quality(args, root: Path) -> dict:
     from lmloop.data import shards
     from lmloop.data.synthetic import summary_pairs
     from lmloop.log import read_metrics
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
     from lmloop.models.seq2seq import generate as greedy
     from lmloop.stages import train
     from lmloop.stages.evaluate_seq2seq import evaluate_pairs, generation_metrics

@@ -45,7 +45,7 @@ def child(cfg: dict) -> dict:
     import torch
 
     from lmloop.engine import Engine, SamplingParams
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     lm = load_model(cfg["model"])
     ids = lm.tokenizer.encode(PROMPT)

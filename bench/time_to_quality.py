@@ -14,7 +14,7 @@ The figure is the training wall time (evaluation and checkpointing left out, as 
 `elapsed_s` counts it) our recipe needs to reach the validation loss the baseline ends at, over
 the baseline's whole time; target <= 0.8. Steps to that loss are printed too, since they do not
 depend on how loaded the machine is. Finally both models' bits per byte on WikiText-2 test
-(`wiki.test.raw`, joined, disjoint windows of the training length) through lmloop.perplexity.
+(`wiki.test.raw`, joined, disjoint windows of the training length) through lmloop.evaluation.perplexity.
 
 Offline, the data is WikiText-2 *valid* (train; 10% held out as val) and the test file is kept
 out of training by the data stage's decontamination.
@@ -58,8 +58,8 @@ def train(data: Path, out: Path, steps: int, overrides: list[str]) -> list[dict]
 
 
 def test_bpb(run_dir: Path, window: int, max_chars: int) -> float:
-    from lmloop.modelio import load_model
-    from lmloop.perplexity import evaluate_texts
+    from lmloop.evaluation.perplexity import evaluate_texts
+    from lmloop.models.io import load_model
 
     text = (SHARED / "wiki.test.raw").read_text(encoding="utf-8")
     if max_chars:
@@ -70,8 +70,8 @@ def test_bpb(run_dir: Path, window: int, max_chars: int) -> float:
 
 def smollm2_lora(root: Path, steps: int, test_chars: int, window: int, overrides: list) -> dict:
     """SmolLM2-135M-Instruct LoRA-tuned on WikiText-2 valid: test perplexity before and after."""
-    from lmloop.modelio import load_model
-    from lmloop.perplexity import evaluate_texts
+    from lmloop.evaluation.perplexity import evaluate_texts
+    from lmloop.models.io import load_model
 
     data = root / "wt2-smol"
     cmd = [sys.executable, "-m", "lmloop.cli", "data", "--source", str(SHARED / "wiki.valid.raw"),

@@ -15,8 +15,8 @@ from modelkit import (
 )
 
 from lmloop.errors import UserError
-from lmloop.modelio import load_model
 from lmloop.models import adapter
+from lmloop.models.io import load_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

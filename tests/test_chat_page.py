@@ -56,7 +56,7 @@ def _teach(model_dir) -> None:
     import torch
     import torch.nn.functional as F
 
-    from lmloop.modelio import load_model, save_model
+    from lmloop.models.io import load_model, save_model
 
     lm = load_model(model_dir)
     model, tok = lm.model.train(), lm.tokenizer

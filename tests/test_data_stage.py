@@ -203,7 +203,7 @@ def test_bad_inputs_exit_2_without_output(corpus, tmp_path, capsys):
 
 
 def test_tokenizer_by_installed_model_name(corpus, tmp_path, monkeypatch):
-    from lmloop import modelspec
+    from lmloop.registry import spec as modelspec
 
     tok_dir = tmp_path / "tok"
     assert main(["tokenizer", "train", "--source", str(corpus["path"]), "--vocab-size", "300",

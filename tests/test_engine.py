@@ -17,8 +17,8 @@ from lmloop.engine.runner import ModelRunner
 from lmloop.engine.sampling import Sampler
 from lmloop.engine.text import TextStream
 from lmloop.errors import UserError
-from lmloop.modelio import load_model
 from lmloop.models.cache import KVCache
+from lmloop.models.io import load_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -22,8 +22,8 @@ from test_seq2seq import greedy, lmloop_seq2seq
 
 from lmloop.cli import main
 from lmloop.data.shards import open_pairs
-from lmloop.modelio import load_model, save_model
 from lmloop.models import build_model
+from lmloop.models.io import load_model, save_model
 from lmloop.models.seq2seq import Seq2SeqConfig
 from lmloop.stages import evaluate, evaluate_seq2seq
 from lmloop.tokenizer import Tokenizer

@@ -125,8 +125,8 @@ def _prepared_dir(root: Path, tok, texts: list[str]) -> Path:
 
 
 def test_prepared_shards_score_like_their_text(hf_dir: Path, tmp_path: Path) -> None:
-    from lmloop.modelio import load_model
-    from lmloop.perplexity import evaluate_texts
+    from lmloop.evaluation.perplexity import evaluate_texts
+    from lmloop.models.io import load_model
 
     loaded = load_model(str(hf_dir))
     data = _prepared_dir(tmp_path / "data", loaded.tokenizer, CORPUS)
@@ -143,7 +143,7 @@ def test_prepared_shards_score_like_their_text(hf_dir: Path, tmp_path: Path) -> 
 
 
 def test_prepared_shards_with_another_tokenizer_exit_2(tmp_path: Path, capsys) -> None:
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     # Same model shape, but its tokenizer is trained on different text: another vocabulary.
     other = make_hf_model(tmp_path / "other")

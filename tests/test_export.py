@@ -11,7 +11,7 @@ from modelkit import greedy, lmloop_gpt, lmloop_llama, tiny_tokenizer
 
 from lmloop.artifacts import atomic_dir, read_meta
 from lmloop.cli import main
-from lmloop.modelio import load_model, save_model
+from lmloop.models.io import load_model, save_model
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 PROMPT = "Once upon a time"

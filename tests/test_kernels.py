@@ -12,7 +12,7 @@ from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
 from lmloop.engine import Engine, SamplingParams, kernels
 from lmloop.engine.fast import FastLlamaRunner
 from lmloop.errors import UserError
-from lmloop.modelio import load_model
+from lmloop.models.io import load_model
 
 
 @pytest.fixture(scope="module")

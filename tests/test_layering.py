@@ -13,18 +13,19 @@ PKG = Path(__file__).resolve().parents[1] / "lmloop"
 # The only modules at the top of the package: the foundation and the core. Anything else belongs
 # in a folder of its layer (data/, feedback/, models/, engine/, training/, server/, stages/).
 TOP_LEVEL = {
-    "__init__", "artifacts", "cli", "config", "errors", "log", "registry", "sampling",  # foundation
-    "modelio", "modelspec", "perplexity", "tokenizer",  # core
+    "__init__", "artifacts", "cli", "config", "errors", "log",  # foundation
 }  # fmt: skip
 # Never import torch, transformers or the layers that do: `lmloop --help`, config validation, the
 # data pipeline and the feedback store stay fast and light.
 TORCH_FREE = (
     "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
-    "lmloop.registry", "lmloop.modelspec", "lmloop.data.sources", "lmloop.data.preprocess",
+    "lmloop.registry", "lmloop.registry.spec", "lmloop.data.sources", "lmloop.data.preprocess",
     "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
+    "lmloop.engine.spec", "lmloop.engine.params",
 )  # fmt: skip
-HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.modelio",
-         "lmloop.training", "lmloop.data.synthetic")  # fmt: skip
+HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.training",
+         "lmloop.data.synthetic")  # fmt: skip
+LIGHT = ("lmloop.engine.spec", "lmloop.engine.params")  # torch-free modules inside a heavy package
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 
@@ -63,7 +64,9 @@ def test_torch_free_layers_never_import_torch_or_the_model_layers():
         if _within(name, TORCH_FREE):
             checked.add(name)
             for mod, _ in _imports(f):
-                assert not _within(mod, HEAVY), f"torch-free module {name} imports {mod}"
+                assert not _within(mod, HEAVY) or _within(mod, LIGHT), (
+                    f"torch-free module {name} imports {mod}"
+                )
     assert {"lmloop.data.sources", "lmloop.feedback.store", "lmloop.cli"} <= checked
 
 

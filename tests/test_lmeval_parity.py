@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_perplexity import CORPUS, make_hf_model
 
-from lmloop import perplexity as ppl
+from lmloop.evaluation import perplexity as ppl
 
 TASK_DIR = Path(__file__).parent / "data" / "lmeval_wikitext_local"
 TASK = "lmloop_wikitext_local"
@@ -60,7 +60,7 @@ def test_word_byte_figures_equal_lm_eval_wikitext(tmp_path: Path, monkeypatch) -
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     # Context 32: the longer pages span several rolling windows on both sides.
     model_dir = make_hf_model(tmp_path / "model", context=32)

@@ -21,7 +21,7 @@ from test_seq2seq import lmloop_seq2seq
 
 from lmloop.cli import main
 from lmloop.feedback.store import FeedbackStore
-from lmloop.modelio import load_model, save_model
+from lmloop.models.io import load_model, save_model
 
 WORDS = "red blue green fox dog cat sun tree ran sat saw home park river hill boat".split()
 

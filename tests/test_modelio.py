@@ -9,12 +9,13 @@ import pytest
 import torch
 from modelkit import lmloop_gpt, lmloop_llama, tiny_tokenizer
 
-from lmloop import modelio, modelspec
 from lmloop.artifacts import atomic_dir, read_meta, write_json
 from lmloop.errors import UserError
-from lmloop.modelio import load_model, save_model
-from lmloop.modelspec import installed_models
+from lmloop.models import io as modelio
+from lmloop.models.io import load_model, save_model
+from lmloop.registry import spec as modelspec
 from lmloop.registry import split_spec
+from lmloop.registry.spec import installed_models
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from modelkit import hf_llama, lmloop_llama, tiny_tokenizer
 
-from lmloop import modelspec
 from lmloop.artifacts import atomic_dir, write_json
 from lmloop.cli import main
 from lmloop.errors import UserError
-from lmloop.modelio import load_model, save_model
-from lmloop.modelspec import locate, run_checkpoint
+from lmloop.models.io import load_model, save_model
 from lmloop.registry import Registry
+from lmloop.registry import spec as modelspec
+from lmloop.registry.spec import locate, run_checkpoint
 
 
 @pytest.fixture(scope="module")

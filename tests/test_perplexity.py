@@ -1,8 +1,8 @@
-"""Perplexity parity: lmloop.perplexity against the reference tools' own code.
+"""Perplexity parity: lmloop.evaluation.perplexity against the reference tools' own code.
 
 - token perplexity equals the Hugging Face strided loop and lm-eval's rolling windows, both
   computed with transformers' own `LlamaForCausalLM` on a tiny random model that we load through
-  `lmloop.modelio.load_model` (relative 1e-5, fp32);
+  `lmloop.models.io.load_model` (relative 1e-5, fp32);
 - our windows are lm-eval's `get_rolling_token_windows` + `make_disjoint_window`;
 - our WikiText detokenizer and word count are lm-eval's `wikitext` task's.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmloop import perplexity as ppl
+from lmloop.evaluation import perplexity as ppl
 
 CORPUS = [
     " = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles is a "
@@ -86,7 +86,7 @@ def hf_model(hf_dir: Path):
 
 @pytest.fixture(scope="module")
 def loaded(hf_dir: Path):
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     return load_model(str(hf_dir))
 

@@ -50,7 +50,7 @@ def _hf_tok(tok):
 
 def _ours(hf_model, tok, tmp: Path):
     """The same weights through lmloop's own loader."""
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     hf_model.save_pretrained(str(tmp))
     tok.save(tmp)
@@ -167,8 +167,8 @@ WORDS = "red blue green small big old young happy sad river hill house garden mo
 
 def _model_dir(path: Path, tok) -> Path:
     from lmloop.artifacts import atomic_dir
-    from lmloop.modelio import save_model
     from lmloop.models import build_model
+    from lmloop.models.io import save_model
     from lmloop.models.llama import LlamaConfig
 
     torch.manual_seed(0)

@@ -50,8 +50,8 @@ def _run(out, capsys) -> str:
 @pytest.mark.slow
 def test_quickstart_promoted_path(out, monkeypatch, capsys):
     from lmloop.artifacts import sha256_tree
-    from lmloop.modelspec import run_checkpoint
     from lmloop.registry import Registry
+    from lmloop.registry.spec import run_checkpoint
 
     monkeypatch.setenv("LMLOOP_HOME", str(out.parent / "home"))  # the teacher's corpus cache
     _force_gate(monkeypatch, True)

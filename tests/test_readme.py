@@ -253,7 +253,7 @@ def _export_hf(tmp: Path, done) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     out = tmp / "exports" / "mine-hf"
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()

@@ -12,8 +12,8 @@ import torch
 from modelkit import tiny_tokenizer
 
 from lmloop.errors import UserError
-from lmloop.modelio import load_model, save_model
 from lmloop.models import adapter, build_model
+from lmloop.models.io import load_model, save_model
 from lmloop.models.seq2seq import Seq2SeqConfig, relative_bucket, shift_right
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -61,7 +61,7 @@ def hf_t5(tok, *, ff: str, tied: bool, seed: int = 0):
 
 def saved_seq2seq(directory) -> dict:
     """A tiny seq2seq model with large random weights (outputs that vary), saved to `directory`."""
-    from lmloop.modelio import save_model
+    from lmloop.models.io import save_model
 
     tok = tiny_tokenizer()
     model = lmloop_seq2seq(tok).eval()

@@ -2,7 +2,7 @@
 
 Holds no tests itself. The model is lmloop's own Llama family at toy size (hidden 32, 2 layers)
 with a byte-level BPE tokenizer trained here on a few sentences, saved with
-`lmloop.modelio.save_model`, so the server loads and runs it exactly as it would a real one.
+`lmloop.models.io.save_model`, so the server loads and runs it exactly as it would a real one.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def make_tiny_model(directory: Path, *, seed: int = 0, max_len: int = 2048) -> P
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from lmloop.modelio import save_model
     from lmloop.models import build_model
+    from lmloop.models.io import save_model
     from lmloop.models.llama import LlamaConfig
     from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
 

@@ -133,7 +133,7 @@ def test_train_writes_metrics_checkpoints_meta_and_plot(tmp_path, data_dir, caps
     assert "val bpb" in out.out and "step 8/8 | loss" in out.err
 
     # the run dir is what --model accepts everywhere else
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     lm = load_model(run)
     assert lm.model.config.hidden_size == 64 and lm.tokenizer.vocab_size == 300
@@ -223,8 +223,8 @@ def _tiny_model_dir(path: Path, tok, seed: int = 0) -> Path:
     import torch
 
     from lmloop.artifacts import atomic_dir
-    from lmloop.modelio import save_model
     from lmloop.models import build_model
+    from lmloop.models.io import save_model
     from lmloop.models.llama import LlamaConfig
 
     torch.manual_seed(seed)
@@ -389,7 +389,7 @@ def test_fsdp_two_processes_match_one_and_resume_across_world_sizes(tmp_path, da
     import torch
     from safetensors.torch import load_file
 
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     ck = fsdp / "checkpoints" / "step-0000003"
     w = load_file(str(ck / "model.safetensors"))
@@ -467,7 +467,7 @@ def test_lora_trains_adapters_merges_and_resumes(tmp_path, data_dir, tok):
         changed = not np.array_equal(w0[k].numpy(), w1[k].numpy())
         assert changed == ("q_proj" in k or "v_proj" in k), k
     # the merged checkpoint loads as an ordinary model
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     assert load_model(tmp_path / "full").model.config.hidden_size == 32
     # a LoRA run stopped at step 2 and resumed reproduces the uninterrupted one exactly

@@ -15,8 +15,8 @@ from test_seq2seq import hf_t5
 
 from lmloop.cli import main
 from lmloop.log import read_metrics
-from lmloop.modelio import load_model
 from lmloop.models import adapter, build_model, num_params
+from lmloop.models.io import load_model
 from lmloop.models.seq2seq import Seq2SeqConfig
 from lmloop.training.preference import Seq2SeqObjective
 

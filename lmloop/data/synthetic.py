@@ -281,7 +281,7 @@ def _files_digest(spec: str) -> str | None:
     and tokenizer), so a cached corpus is reused without the seconds a load takes; None when the
     spec is not such a file or folder."""
     from lmloop.artifacts import sha256_bytes, sha256_file
-    from lmloop.modelspec import locate
+    from lmloop.registry.spec import locate
 
     path = Path(locate(spec).path)
     if path.is_file():

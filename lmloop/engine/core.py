@@ -679,8 +679,8 @@ def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: b
 def load_engine(
     spec: str, *, int8: bool = False, int4: bool = False, **kw: Any
 ) -> tuple[Engine, Any]:
-    """Load a model (`lmloop.modelio.load_model`) and build an engine over it."""
-    from lmloop.modelio import load_model
+    """Load a model (`lmloop.models.io.load_model`) and build an engine over it."""
+    from lmloop.models.io import load_model
 
     loaded = load_model(spec)
     return Engine(loaded.model, loaded.tokenizer, int8=int8, int4=int4, **kw), loaded

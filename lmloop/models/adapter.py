@@ -16,7 +16,7 @@
   interleaved rotary layout, the reverse of what transformers' GGUF reader un-permutes).
 
 Everything here works on plain config dicts (`config.json` contents) and state dicts of tensors;
-unsupported configurations raise `UserError` naming the field. Used by `lmloop.modelio` (load,
+unsupported configurations raise `UserError` naming the field. Used by `lmloop.models.io` (load,
 save) and the export stage; `tests/test_adapter.py` checks logits against transformers.
 """
 

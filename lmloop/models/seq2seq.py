@@ -491,7 +491,7 @@ def batch_groups(lengths: list[int], budget: int, batch_size: int | None) -> lis
 def batch_tokens(model: torch.nn.Module) -> int:
     """Padded tokens per forward pass: 8,192, fewer for a large vocabulary, so one batch's
     (B, T, V) fp32 logits stay under 512 MiB."""
-    from lmloop.perplexity import DEFAULT_BATCH_TOKENS
+    from lmloop.evaluation.perplexity import DEFAULT_BATCH_TOKENS
 
     return max(1, min(DEFAULT_BATCH_TOKENS, 2**27 // int(model.config.vocab_size)))
 

@@ -30,7 +30,7 @@ class Served:
     """One loaded model version and its engine."""
 
     engine: Any  # lmloop.engine.Engine
-    loaded: Any  # lmloop.modelio.LoadedModel
+    loaded: Any  # lmloop.models.io.LoadedModel
     model_id: str  # the id the API reports and accepts
     version: str
     spec: str
@@ -63,7 +63,7 @@ def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str 
     """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
 
     A `registry:NAME` model is labelled with the registry's own version string (the one
-    `lmloop models list` shows) by `lmloop.modelio`, so no override is needed here.
+    `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
     """
     import dataclasses
 

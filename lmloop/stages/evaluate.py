@@ -4,12 +4,12 @@
         --documents --detokenize wikitext --window 1024 --out runs/eval-smollm2
     lmloop eval compare runs/eval-a runs/eval-b
 
-`eval` loads any model `lmloop.modelio.load_model` can (lmloop checkpoints, train run dirs,
+`eval` loads any model `lmloop.models.io.load_model` can (lmloop checkpoints, train run dirs,
 Hugging Face folders, GGUF files, installed short names), reads documents from any source
 `lmloop.data.sources.iter_documents` can, or from a prepared data dir (`lmloop data` output: the
 split's token shards are scored as stored and decoded for word and byte counts). It prints a
 markdown summary, and with `--out` writes `report.json` (figures + the whole protocol),
-`report.md` and `meta.json` (schema "lmloop.eval"). The scoring itself is `lmloop.perplexity`.
+`report.md` and `meta.json` (schema "lmloop.eval"). The scoring itself is `lmloop.evaluation.perplexity`.
 
 An encoder-decoder (seq2seq) model is evaluated on a paired data dir (`lmloop data
 --input-field IN --target-field OUT` output) instead: target-token perplexity and greedy-decode
@@ -88,7 +88,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         # Checks that need no model fail here, before a model loads; the rest are in
-        # `lmloop.perplexity.check_protocol` (window vs the model's context, tokenizer vs vocab).
+        # `lmloop.evaluation.perplexity.check_protocol` (window vs the model's context, tokenizer vs vocab).
         if self.window is not None and self.window < 2:
             raise UserError(f"window {self.window} is too short: expected at least 2 tokens")
         if self.stride is not None and self.stride < 1:
@@ -363,8 +363,8 @@ def _check_model_and_text(cfg: EvalConfig, loaded: Any, schema: str | None) -> N
 
 
 def run(cfg: EvalConfig) -> EvalResult:
-    from lmloop.modelio import load_model
-    from lmloop.perplexity import evaluate_texts, evaluate_tokens, greedy_generate
+    from lmloop.evaluation.perplexity import evaluate_texts, evaluate_tokens, greedy_generate
+    from lmloop.models.io import load_model
 
     loaded = load_model(cfg.model, device=cfg.device)
     text_path = Path(cfg.text.split("::")[0])

@@ -9,7 +9,7 @@ Two kinds of figure, each with its protocol on the label:
   batch and the loss are the training objective's own (`Seq2SeqObjective.collate` / `.step`), so
   eval measures exactly what `lmloop train` minimizes. Word/byte perplexity and bits per byte
   divide the same summed NLL by the words/bytes of the scored target text (lm-eval's
-  definitions, `lmloop.perplexity.figures`), which makes models with different tokenizers
+  definitions, `lmloop.evaluation.perplexity.figures`), which makes models with different tokenizers
   comparable on the same pairs.
 - generation: each input is greedily decoded (batched, through the model's KV cache, stopping at
   EOS or after `max_new_tokens`), and the outputs are scored against the reference targets with
@@ -110,7 +110,7 @@ def evaluate_pairs(
 ) -> dict[str, Any]:
     """Target perplexity and greedy-decode metrics of (input ids, target ids) pairs, each side
     ending in EOS (`lmloop.data.shards.Pairs`); the same shape as `evaluate_tokens`' result."""
-    from lmloop.perplexity import check_protocol, count_bytes, count_words, figures
+    from lmloop.evaluation.perplexity import check_protocol, count_bytes, count_words, figures
     from lmloop.training.preference import _keep_eos  # a side cut as training cuts it
 
     if not rows:

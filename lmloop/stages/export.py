@@ -58,8 +58,8 @@ class ExportResult:
 def run(cfg: ExportConfig) -> ExportResult:
     import torch
 
-    from lmloop.modelio import load_model
     from lmloop.models import num_params
+    from lmloop.models.io import load_model
 
     out = Path(cfg.out).expanduser()
     if cfg.format == "gguf" and out.is_dir():
@@ -87,8 +87,8 @@ def export_hf(lm: Any, out: Path, *, dtype: str = "float32", config: Any = None)
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from lmloop.modelio import model_state
     from lmloop.models.adapter import hf_config_object, to_hf
+    from lmloop.models.io import model_state
 
     tok = lm.tokenizer
     kw, sd = to_hf(lm.model.config, model_state(lm.model))
@@ -142,8 +142,8 @@ def export_gguf(lm: Any, out: Path, *, dtype: str = "float32") -> None:
     import gguf
     import numpy as np
 
-    from lmloop.modelio import model_state
     from lmloop.models.adapter import llama_to_gguf_tensors
+    from lmloop.models.io import model_state
 
     cfg = lm.model.config
     tensors = llama_to_gguf_tensors(cfg, model_state(lm.model))

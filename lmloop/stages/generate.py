@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lmloop.config import param
+from lmloop.engine.spec import SamplingSpec
 from lmloop.errors import UserError
-from lmloop.sampling import SamplingSpec
 
 LINE_OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
 

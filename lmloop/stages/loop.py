@@ -531,7 +531,7 @@ def _train(
 ) -> str:
     """One fine-tuning stage (`overrides`: more `cfg.train` fields); returns its best (merged)
     checkpoint."""
-    from lmloop.modelspec import run_checkpoint
+    from lmloop.registry.spec import run_checkpoint
     from lmloop.stages import train as train_stage
 
     child = replace(cfg.train, task=task, data=data, out=str(out), init_from=init,
@@ -585,7 +585,7 @@ def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
 
 def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[str, Any]:
     """Each held-out pair scored by both models: margins, accuracies, the gain's interval."""
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
     from lmloop.training.preference import read_pairs, score_pairs
 
     lines = heldout.read_text("utf-8").strip()
@@ -624,7 +624,7 @@ def _target_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict
     token, teacher-forced, as `lmloop eval` and training compute it) under both versions; the
     gain (current minus candidate) and its interval."""
     from lmloop.data.preprocess import normalize_text
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
     from lmloop.stages.evaluate_seq2seq import target_loglik
 
     recs = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]

@@ -8,7 +8,7 @@
     lmloop models rollback tiny        # back to the version that was current before
 
 Every command takes `--registry PATH` (default `$LMLOOP_HOME/registry`, i.e.
-`~/.lmloop/registry`). The registry itself lives in `lmloop/registry.py`.
+`~/.lmloop/registry`). The registry itself lives in `lmloop/registry/store.py`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 from lmloop.config import param
 from lmloop.errors import UserError
-from lmloop.modelspec import locate
 from lmloop.registry import Registry, split_spec
+from lmloop.registry.spec import locate
 
 _REGISTRY_HELP = "registry folder (default: $LMLOOP_HOME/registry, i.e. ~/.lmloop/registry)"
 

@@ -253,8 +253,8 @@ def _train_from_scratch(cfg: QuickstartConfig, data_dir: Path, run_dir: Path) ->
 def run(cfg: QuickstartConfig) -> int:
     from lmloop.data.sources import SourceSpec
     from lmloop.data.synthetic import synthetic_stories
-    from lmloop.modelspec import locate, run_checkpoint
     from lmloop.registry import Registry
+    from lmloop.registry.spec import locate, run_checkpoint
     from lmloop.stages import data as data_stage
     from lmloop.stages import evaluate as eval_stage
     from lmloop.stages import loop as loop_stage
@@ -329,7 +329,7 @@ def run(cfg: QuickstartConfig) -> int:
           f"{r['word_perplexity']:.1f}, bits/byte {r['bits_per_byte']:.3f}")  # fmt: skip
     prompt = "Once upon a time"
     conts = _continuations(str(best), cfg, prompt)
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     teacher = load_model(cfg.teacher)
     quality = {

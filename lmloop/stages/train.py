@@ -456,7 +456,7 @@ def _setup(cfg: TrainConfig, d: _Dist) -> _Run | None:
     # the reference of a preference run: the starting model, frozen (LoRA: adapters off)
     frozen_ref = None
     if task in ("dpo", "kto") and cfg.lora.r == 0:
-        from lmloop.modelio import load_model
+        from lmloop.models.io import load_model
 
         start_model = load_model(base["spec"]).model if state is not None else model
         frozen_ref = copy.deepcopy(start_model).eval().requires_grad_(False)
@@ -615,7 +615,7 @@ def _start_model(
     cfg: TrainConfig, run_dir: Path | None, state: dict | None, existing: Any
 ) -> tuple[Any, dict[str, str] | None]:
     """The loaded model a run starts from (None: from scratch), and the base it names."""
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
 
     if state is not None and state.get("lora") is not None:
         base = state["base"]
@@ -901,7 +901,7 @@ def _evaluate(r: _Run) -> dict[str, float] | None:
 
 def _save(r: _Run, step: int, val_loss: float | None) -> None:
     """A checkpoint (weights, tokenizer, training state) and the run's meta.json; prunes."""
-    from lmloop.modelio import save_model
+    from lmloop.models.io import save_model
     from lmloop.training import checkpoint as ck
     from lmloop.training import lora as tl
 

@@ -1,6 +1,6 @@
 """Checkpoints of a training run and the run's meta.json.
 
-Layout (read by `lmloop.modelio.load_model`, which accepts a RUN_DIR or one checkpoint folder):
+Layout (read by `lmloop.models.io.load_model`, which accepts a RUN_DIR or one checkpoint folder):
 
     RUN_DIR/meta.json                     schema "lmloop.run": latest, best, checkpoints, status
     RUN_DIR/metrics.jsonl                 one JSON object per logged step

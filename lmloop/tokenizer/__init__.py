@@ -68,7 +68,7 @@ class Tokenizer:
     def load(cls, spec: str | Path) -> Tokenizer:
         """From a tokenizer.json, a folder holding one (or `tokenizer/`), a .gguf file, a train
         run (its best checkpoint's), or an installed model's short name."""
-        from lmloop import modelspec
+        from lmloop.registry import spec as modelspec
 
         p = Path(spec).expanduser()
         if p.is_dir() and modelspec.is_run_dir(p):

@@ -6,7 +6,7 @@
     locate("path/to/hf-folder")      # a checkpoint/model folder, a Hugging Face folder, a .gguf
 
 `--model`, `--init-from`, `--tokenizer` and `lmloop models register` all resolve here;
-`lmloop.modelio.load_model` then loads what it names (`hf:ORG/NAME`, the one spec that may reach
+`lmloop.models.io.load_model` then loads what it names (`hf:ORG/NAME`, the one spec that may reach
 the hub, is modelio's alone). This module never imports torch.
 """
 
@@ -22,7 +22,7 @@ from typing import Literal
 
 from lmloop.artifacts import peek_schema
 from lmloop.errors import UserError, did_you_mean
-from lmloop.registry import Registry
+from lmloop.registry.store import Registry
 
 MODEL_SCHEMAS = ("lmloop.model", "lmloop.checkpoint")
 RUN_SCHEMA = "lmloop.run"

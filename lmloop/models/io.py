@@ -1,6 +1,6 @@
 """Loading and saving models: every `--model` / `--init-from` spec loads here.
 
-    from lmloop.modelio import load_model
+    from lmloop.models.io import load_model
     lm = load_model("smollm2-135m-instruct")        # installed short name (GGUF, dequantized)
     lm = load_model("runs/tiny")                     # a train RUN_DIR: its best checkpoint
     lm = load_model("path/to/hf-folder")             # LlamaForCausalLM / GPT2LMHeadModel folder
@@ -13,7 +13,7 @@ files through `lmloop.models.adapter`); a `.gguf` file (dequantized by transform
 the converted model is cached under `$LMLOOP_HOME/cache/` keyed by the file's sha256, so only the
 first load is slow); an installed short name; `registry:NAME`, `NAME@VERSION`, or a bare
 registered name; `hf:org/name` (the only spec that may reach the Hugging Face hub). Where a
-spec points is `lmloop.modelspec.locate`'s answer; this module loads what it finds.
+spec points is `lmloop.registry.spec.locate`'s answer; this module loads what it finds.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lmloop.artifacts import (
 )
 from lmloop.errors import UserError
 from lmloop.log import heartbeat
-from lmloop.modelspec import MODEL_SCHEMAS, locate, read_json
+from lmloop.registry.spec import MODEL_SCHEMAS, locate, read_json
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmloop.config import param
+from lmloop.engine.params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,7 @@ class SamplingSpec:
     seed: int | None = param(None, "sampling seed: the same seed and prompt give the same text")
     stop: list[str] = param([], "stop string (repeatable); never included in the output")
 
-    def params(self, **over: Any):
+    def params(self, **over: Any) -> SamplingParams:
         """The engine's validated `SamplingParams`, with `over` (e.g. a prompt's own values)."""
-        from lmloop.engine.params import SamplingParams
-
         kw = {**dataclasses.asdict(self), "stop": list(self.stop), **over}
         return SamplingParams(**kw).validate()

@@ -26,7 +26,7 @@ Windows of every document are batched (right-padded: a causal model's real posit
 the padding), and the output head runs only on the scored positions, in row chunks, so a 49k
 vocabulary at 8k tokens never needs a full logits tensor (see `_HeadTap`).
 
-    from lmloop.perplexity import evaluate_texts
+    from lmloop.evaluation.perplexity import evaluate_texts
     figures = evaluate_texts(loaded, ["some text", ...], window=1024, documents=True)
 """
 

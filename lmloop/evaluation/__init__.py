@@ -1,0 +1,1 @@
+"""Evaluation: perplexity under a stated protocol, and the seq2seq metrics."""
