@@ -1,8 +1,8 @@
 """The `lmloop` command: a static table of stages, each imported only when it runs.
 
 `lmloop --help` must not import torch and must answer fast, so the table below names modules
-as strings. Each entry points at a stage module holding a frozen config dataclass and a
-`run(cfg)` function. User mistakes (`UserError`) print one line and exit with status 2;
+as strings. Each entry names a frozen config dataclass in a torch-free module (so `--help` and
+config validation stay light) and the stage's `run(cfg)`, whose module is imported only to run. User mistakes (`UserError`) print one line and exit with status 2;
 `--debug` shows the traceback.
 """
 
@@ -15,27 +15,27 @@ import sys
 from lmloop import __version__
 from lmloop.errors import UserError, did_you_mean
 
-# command -> (module, config class, run function, one-line description).
+# command -> ("module:ConfigClass", "module:run_function", one-line description).
 # Order is the order of the loop; `lmloop --help` prints it as is.
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "data": ("lmloop.stages.data", "DataConfig", "run", "collect and preprocess text into token shards"),
-    "tokenizer train": ("lmloop.stages.tokenizer", "TokenizerConfig", "run", "train a byte-level BPE tokenizer"),
-    "train": ("lmloop.stages.train", "TrainConfig", "run", "train a Transformer from scratch or fine-tune one"),
-    "eval": ("lmloop.stages.evaluate", "EvalConfig", "run", "measure perplexity (token, word, byte) under a stated protocol"),
-    "eval compare": ("lmloop.stages.evaluate", "CompareConfig", "run_compare", "compare eval reports, refusing mismatched protocols"),
-    "generate": ("lmloop.stages.generate", "GenerateConfig", "run", "generate text from a prompt or a JSONL of prompts"),
-    "chat": ("lmloop.stages.generate", "ChatConfig", "run_chat", "interactive terminal chat with a model"),
-    "serve": ("lmloop.stages.serve", "ServeConfig", "run", "OpenAI-compatible API and chat page, recording feedback"),
-    "feedback export": ("lmloop.stages.feedback", "ExportConfig", "run_export", "export conversations and ratings as training data"),
-    "feedback stats": ("lmloop.stages.feedback", "StatsConfig", "run_stats", "counts and ratings per model version"),
-    "models list": ("lmloop.stages.models", "ListConfig", "run_list", "list registered model versions"),
-    "models show": ("lmloop.stages.models", "ShowConfig", "run_show", "show one model version and its lineage"),
-    "models promote": ("lmloop.stages.models", "PromoteConfig", "run_promote", "make a version the current one"),
-    "models rollback": ("lmloop.stages.models", "RollbackConfig", "run_rollback", "go back to the previous current version"),
-    "models register": ("lmloop.stages.models", "RegisterConfig", "run_register", "copy a model folder into the registry as a new version"),
-    "loop": ("lmloop.stages.loop", "LoopConfig", "run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
-    "export": ("lmloop.stages.export", "ExportConfig", "run", "export a model as a Hugging Face folder or a GGUF file"),
-    "quickstart": ("lmloop.stages.quickstart", "QuickstartConfig", "run", "the whole loop on the embedded default, end to end"),
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("lmloop.stages.data:DataConfig", "lmloop.stages.data:run", "collect and preprocess text into token shards"),
+    "tokenizer train": ("lmloop.stages.tokenizer:TokenizerConfig", "lmloop.stages.tokenizer:run", "train a byte-level BPE tokenizer"),
+    "train": ("lmloop.stages.train:TrainConfig", "lmloop.stages.train:run", "train a Transformer from scratch or fine-tune one"),
+    "eval": ("lmloop.stages.evaluate:EvalConfig", "lmloop.stages.evaluate:run", "measure perplexity (token, word, byte) under a stated protocol"),
+    "eval compare": ("lmloop.stages.evaluate:CompareConfig", "lmloop.stages.evaluate:run_compare", "compare eval reports, refusing mismatched protocols"),
+    "generate": ("lmloop.stages.generate:GenerateConfig", "lmloop.stages.generate:run", "generate text from a prompt or a JSONL of prompts"),
+    "chat": ("lmloop.stages.generate:ChatConfig", "lmloop.stages.generate:run_chat", "interactive terminal chat with a model"),
+    "serve": ("lmloop.stages.serve:ServeConfig", "lmloop.stages.serve:run", "OpenAI-compatible API and chat page, recording feedback"),
+    "feedback export": ("lmloop.stages.feedback:ExportConfig", "lmloop.stages.feedback:run_export", "export conversations and ratings as training data"),
+    "feedback stats": ("lmloop.stages.feedback:StatsConfig", "lmloop.stages.feedback:run_stats", "counts and ratings per model version"),
+    "models list": ("lmloop.stages.models:ListConfig", "lmloop.stages.models:run_list", "list registered model versions"),
+    "models show": ("lmloop.stages.models:ShowConfig", "lmloop.stages.models:run_show", "show one model version and its lineage"),
+    "models promote": ("lmloop.stages.models:PromoteConfig", "lmloop.stages.models:run_promote", "make a version the current one"),
+    "models rollback": ("lmloop.stages.models:RollbackConfig", "lmloop.stages.models:run_rollback", "go back to the previous current version"),
+    "models register": ("lmloop.stages.models:RegisterConfig", "lmloop.stages.models:run_register", "copy a model folder into the registry as a new version"),
+    "loop": ("lmloop.stages.loop:LoopConfig", "lmloop.stages.loop:run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
+    "export": ("lmloop.stages.export:ExportConfig", "lmloop.stages.export:run", "export a model as a Hugging Face folder or a GGUF file"),
+    "quickstart": ("lmloop.stages.quickstart:QuickstartConfig", "lmloop.stages.quickstart:run", "the whole loop on the embedded default, end to end"),
 }  # fmt: skip
 
 
@@ -57,7 +57,7 @@ def main_help() -> str:
         "commands:",
     ]
     width = max(len(n) for n in COMMANDS) + 2
-    for name, (_, _, _, desc) in COMMANDS.items():
+    for name, (_, _, desc) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}{desc}")
     lines += [
         "",
@@ -92,10 +92,19 @@ def resolve(argv: list[str]) -> tuple[str, list[str]]:
     )
 
 
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_config(name: str) -> type:
+    """The command's config class; its module is torch-free."""
+    return _load(COMMANDS[name][0])
+
+
 def load_command(name: str):
-    module_name, cfg_name, run_name, _ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, cfg_name), getattr(module, run_name)
+    """(config class, run function): imports the stage, so only to run it."""
+    return load_config(name), _load(COMMANDS[name][1])
 
 
 def reference() -> str:
@@ -112,8 +121,8 @@ def reference() -> str:
         main_help(),
         "```",
     ]
-    for name, (_, _, _, desc) in COMMANDS.items():
-        cfg_cls, _ = load_command(name)
+    for name, (_, _, desc) in COMMANDS.items():
+        cfg_cls = load_config(name)
         parts += ["", f"## lmloop {name}", "", "```text", format_help(cfg_cls, name, desc), "```"]
     return "\n".join(parts) + "\n"
 
@@ -136,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(debug)
     try:
         name, rest = resolve(argv)
-        cfg_cls, run = load_command(name)
+        cfg_cls = load_config(name)
         if "-h" in rest or "--help" in rest:
             from lmloop.config import format_help
 
-            print(format_help(cfg_cls, name, COMMANDS[name][3]))
+            print(format_help(cfg_cls, name, COMMANDS[name][2]))
             return 0
         print_config = "--print-config" in rest
         rest = [a for a in rest if a != "--print-config"]
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if print_config:
             sys.stdout.write(to_yaml(cfg))
             return 0
+        _, run = load_command(name)
         result = run(cfg)
         return result if isinstance(result, int) else 0
     except UserError as e:

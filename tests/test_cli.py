@@ -26,7 +26,7 @@ def test_top_help_lists_every_stage_without_importing_torch():
         "print(buf.getvalue())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    for name, (_, _, _, desc) in COMMANDS.items():
+    for name, (_, _, desc) in COMMANDS.items():
         assert name in out.stdout and desc in out.stdout
 
 
@@ -103,3 +103,15 @@ def test_cli_reference_is_up_to_date():
 
     committed = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == reference(), "regenerate: python -m lmloop.cli --reference > docs/cli.md"
+
+
+def test_every_config_loads_without_torch():
+    """`lmloop X --help` and config validation read only torch-free config modules."""
+    code = (
+        "import sys; from lmloop.cli import COMMANDS, load_config\n"
+        "for name in COMMANDS: load_config(name)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
