@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+from lmloop.engine import kernels, seq2seq
+from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
+from lmloop.engine.fast import supports as fast_supports
 from lmloop.engine.params import (
     Completion,
     QueueFull,
@@ -37,10 +40,14 @@ from lmloop.engine.params import (
 )
 from lmloop.engine.prefix import PrefixCache
 from lmloop.engine.prefix import supports as prefix_supports
+from lmloop.engine.runner import ModelRunner
 from lmloop.engine.sampling import Sampler, top_logprobs
+from lmloop.engine.spec import EngineSpec
 from lmloop.engine.text import TextStream
 from lmloop.engine.threads import release_openmp_team
 from lmloop.errors import UserError
+from lmloop.models.io import LoadedModel, load_model
+from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +139,7 @@ class Engine:
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         *,
         max_batch: int = 16,
         max_waiting: int = 64,
@@ -270,9 +277,7 @@ class Engine:
         if prompt_tokens == 0:
             raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
         if self.encoder_decoder:
-            from lmloop.engine.seq2seq import check_request
-
-            return check_request(prompt_tokens, params, ctx)
+            return seq2seq.check_request(prompt_tokens, params, ctx)
         if prompt_tokens >= ctx + (params.max_tokens == 0):  # scoring only: the whole context
             raise UserError(
                 f"the prompt is {prompt_tokens} tokens, longer than the context of {ctx} tokens",
@@ -326,9 +331,7 @@ class Engine:
     def encode_prompt(self, text: str) -> list[int]:
         """A plain prompt's ids, with the special tokens the model's tokenizer adds (HF's way)."""
         if self.encoder_decoder:
-            from lmloop.engine.seq2seq import encoder_input
-
-            return encoder_input(self.tokenizer, text)
+            return seq2seq.encoder_input(self.tokenizer, text)
         hf = getattr(self.tokenizer, "hf", None)
         if hf is not None:
             return list(hf.encode(text, add_special_tokens=True))
@@ -338,9 +341,7 @@ class Engine:
         """A conversation rendered with the model's chat template, ready for an answer (an
         encoder-decoder model's input is the last user turn)."""
         if self.encoder_decoder:
-            from lmloop.engine.seq2seq import chat_input
-
-            return chat_input(self.tokenizer, messages)
+            return seq2seq.chat_input(self.tokenizer, messages)
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
     def generate_text(self, prompt: str, params: SamplingParams | None = None) -> str:
@@ -627,12 +628,8 @@ def _make_runner(
     if int4:
         return _int4_runner(model, batch, max_len, kv_int8=kv_int8, tokenizer=tokenizer)
     if getattr(model, "is_encoder_decoder", False):
-        from lmloop.engine.seq2seq import Seq2SeqRunner
-
-        return Seq2SeqRunner(model, batch, max_len, int8=int8)
+        return seq2seq.Seq2SeqRunner(model, batch, max_len, int8=int8)
     if fast:
-        from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
-
         calib = None
         if int8:
             with torch.inference_mode():
@@ -642,17 +639,13 @@ def _make_runner(
         )
         if runner is not None:
             return runner
-    from lmloop.engine.runner import ModelRunner
-
     return ModelRunner(model, batch, max_len, int8=int8)
 
 
-def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer):
+def _int4_runner(
+    model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer: Tokenizer
+):
     """The fast runner over 4-bit weights, or a UserError saying why there is none."""
-    from lmloop.engine import kernels
-    from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
-    from lmloop.engine.fast import supports as fast_supports
-
     try:
         kernels.library()
     except kernels.KernelUnavailable as e:
@@ -677,10 +670,10 @@ def _int4_runner(model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: b
 
 
 def load_engine(
-    spec: str, *, int8: bool = False, int4: bool = False, **kw: Any
-) -> tuple[Engine, Any]:
-    """Load a model (`lmloop.models.io.load_model`) and build an engine over it."""
-    from lmloop.models.io import load_model
-
+    spec: str, engine: EngineSpec | None = None, **kw: Any
+) -> tuple[Engine, LoadedModel]:
+    """Load a model (`lmloop.models.io.load_model`) and build an engine over it, run as
+    `engine` says; `kw` overrides single `Engine` arguments (a batch job's queue length)."""
     loaded = load_model(spec)
-    return Engine(loaded.model, loaded.tokenizer, int8=int8, int4=int4, **kw), loaded
+    args = {**(engine or EngineSpec()).engine_kwargs(), **kw}
+    return Engine(loaded.model, loaded.tokenizer, **args), loaded

@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmloop.engine import kernels
+from lmloop.engine.kernels import Q4Linear, attend, positions_arg
 from lmloop.engine.memory import release_memory
+from lmloop.models.llama import Llama
 
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:
@@ -116,14 +119,10 @@ def _rows_out(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | 
 
 
 def _kernel_available() -> bool:
-    from lmloop.engine import kernels
-
     return kernels.available()
 
 
 def supports(model: nn.Module) -> bool:
-    from lmloop.models.llama import Llama
-
     if not isinstance(model, Llama):
         return False
     for m in model.modules():
@@ -465,8 +464,6 @@ class FastLlamaRunner:
         weights share a scale and an offset and activations are quantized 32 at a time, so
         they need no smoothing), except the value rows' factor: the KV cache both share holds
         values divided by it."""
-        from lmloop.engine.kernels import Q4Linear
-
         I, H, Hkv, D = self.I, self.H, self.Hkv, self.D  # noqa: E741
         qkv, o, gu, down = self._fp32_layer(blk, own=False)
         n1, n2 = self.norms[idx]
@@ -567,8 +564,6 @@ class FastLlamaRunner:
         layer (`lmloop.engine.kernels`) and no torch op between them. RMSNorm, SwiGLU and the
         residual adds are fused into the linears; rotary positions, the cache write and
         attention are one call. Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
-        from lmloop.engine.kernels import attend, positions_arg
-
         H, Hkv, D = self.H, self.Hkv, self.D
         at = positions_arg([pos], self.kv)
         x = self._embed([token])  # (1, C), the residual stream, updated in place
@@ -586,8 +581,6 @@ class FastLlamaRunner:
     def _decode_rows(self, tokens: list[int], positions: list[int], layers, norms) -> torch.Tensor:
         """A decode step of rows 0..n-1 over the int8 cache: rotary positions, the cache writes
         and each row's attention (its own length, no mask) are one C call a layer."""
-        from lmloop.engine.kernels import attend, positions_arg
-
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
         at = positions_arg(positions, self.kv)
         x = self._embed(tokens)  # (n, C)

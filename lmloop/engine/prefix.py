@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -46,7 +46,15 @@ class _Block:
     nbytes: int
 
 
-def supports(runner: Any) -> bool:
+class SlotRunner(Protocol):
+    """What the prefix cache needs of a runner: copy a row's cache slots out and back in."""
+
+    def read_kv(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, ...]: ...
+
+    def write_kv(self, row: int, start: int, parts: tuple[torch.Tensor, ...], n: int) -> None: ...
+
+
+def supports(runner: object) -> bool:
     return hasattr(runner, "read_kv") and hasattr(runner, "write_kv")
 
 
@@ -77,7 +85,7 @@ class PrefixCache:
             parent = blk.id
         return out
 
-    def load(self, runner: Any, row: int, prompt: list[int]) -> int:
+    def load(self, runner: SlotRunner, row: int, prompt: list[int]) -> int:
         """Copy the longest stored prefix of `prompt` (at most len - 1 tokens) into `row`'s
         slots 0..m-1; return m (0 when nothing matches)."""
         self.lookups += 1
@@ -105,7 +113,7 @@ class PrefixCache:
         self.tokens_reused += m + tail
         return m + tail
 
-    def store(self, runner: Any, row: int, ids: list[int]) -> None:
+    def store(self, runner: SlotRunner, row: int, ids: list[int]) -> None:
         """Remember `ids`, whose keys and values are in `row`'s slots 0..len(ids)-1: whole
         blocks, then what is left as a shorter block (dropped again once a block that starts
         with it arrives). Blocks already stored are only touched."""

@@ -8,8 +8,11 @@ view with no copy. `ModelRunner` drives any lmloop model through its public `for
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from lmloop.engine.fast import quantize_linears
 from lmloop.models.cache import KVCache
 
 
@@ -29,10 +32,6 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *, int8: bool = False):
         if int8:  # quantize a copy: the caller's model stays as it was
-            import copy
-
-            from lmloop.engine.fast import quantize_linears
-
             model = quantize_linears(copy.deepcopy(model))
         self.model = model
         self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")

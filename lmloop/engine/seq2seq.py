@@ -22,20 +22,20 @@ code is the decoder-only path with that one difference; the prefix cache does no
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from lmloop.engine.params import SamplingParams
 from lmloop.engine.runner import CacheRows, move_row
 from lmloop.errors import UserError
 from lmloop.models.seq2seq import Seq2SeqCache
+from lmloop.tokenizer import Tokenizer
 
 
 def is_seq2seq(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_encoder_decoder", False))
 
 
-def encoder_input(tokenizer: Any, text: str) -> list[int]:
+def encoder_input(tokenizer: Tokenizer, text: str) -> list[int]:
     """A plain text's encoder input: its tokens plus EOS, as `lmloop data` ends a pair's input
     (and Hugging Face's T5 tokenizer adds `</s>`). Empty text gives no ids."""
     ids = list(tokenizer.encode(text))
@@ -43,7 +43,7 @@ def encoder_input(tokenizer: Any, text: str) -> list[int]:
     return ids + [eos] if ids and eos is not None else ids
 
 
-def chat_input(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_input(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """A conversation's encoder input: its last user turn (a seq2seq model has no chat
     template; earlier turns are not part of the input)."""
     user = [m for m in messages if m.get("role") == "user"]
@@ -56,7 +56,7 @@ def chat_input(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return encoder_input(tokenizer, str(user[-1].get("content") or ""))
 
 
-def check_request(input_tokens: int, params: Any, ctx: int) -> None:
+def check_request(input_tokens: int, params: SamplingParams, ctx: int) -> None:
     """Raise UserError when a request cannot run: the input and the output each get `ctx`
     positions (the encoder's and the decoder's; they do not share one context)."""
     if params.prompt_logprobs is not None:

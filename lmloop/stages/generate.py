@@ -17,65 +17,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmloop.config import param
-from lmloop.engine.spec import SamplingSpec
+from lmloop.artifacts import atomic_write
+from lmloop.engine.config import LINE_OVERRIDES, ChatConfig, GenerateConfig
+from lmloop.engine.core import Engine, load_engine
+from lmloop.engine.params import Completion, SamplingParams
 from lmloop.errors import UserError
-
-LINE_OVERRIDES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    model: str = param(
-        "smollm2-135m-instruct",
-        "model: an lmloop model/checkpoint folder, a train run folder, a Hugging Face folder, "
-        "a .gguf file, registry:NAME, or an installed short name",
-    )
-    prompt: str = param("", "the prompt to continue (or use --prompts)")
-    prompts: str = param("", "a JSONL file of prompts ({'prompt': ...} or {'messages': [...]})")
-    out: str = param("", "with --prompts: write results here as JSONL (default: stdout)")
-    chat: bool = param(False, "render --prompt as a user message with the model's chat template")
-    system: str = param("", "with --chat: a system message")
-    sampling: SamplingSpec = param(SamplingSpec(), "sampling settings", inline=True)
-    logprobs: int | None = param(None, "with --json: log-probabilities, plus this many top ones")
-    json: bool = param(False, "print one JSON object (text, token counts) instead of streaming")
-    int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
-    int4: bool = param(
-        False,
-        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
-    )
-    threads: int = param(0, "torch CPU threads (0 = torch's default)")
-    max_batch: int = param(16, "with --prompts: sequences decoded together")
+from lmloop.log import progress
+from lmloop.models.io import LoadedModel
 
 
-@dataclass(frozen=True)
-class ChatConfig:
-    model: str = param("smollm2-135m-instruct", "model spec (as for `lmloop generate`)")
-    system: str = param("", "a system message starting the conversation")
-    sampling: SamplingSpec = param(
-        SamplingSpec(max_tokens=256, temperature=0.7), "sampling settings", inline=True
-    )
-    int8: bool = param(False, "int8 weights for faster CPU decode")
-    int4: bool = param(
-        False,
-        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
-    )
-    threads: int = param(0, "torch CPU threads (0 = torch's default)")
-
-
-def _params(cfg: Any, **over: Any):
+def _params(cfg: GenerateConfig | ChatConfig, **over: Any) -> SamplingParams:
     return cfg.sampling.params(**{"logprobs": getattr(cfg, "logprobs", None), **over})
-
-
-def _load(cfg: Any, **kw: Any):
-    """(engine, loaded model)."""
-    from lmloop.engine import load_engine
-
-    return load_engine(cfg.model, int8=cfg.int8, int4=cfg.int4, threads=cfg.threads or None, **kw)
 
 
 def _read_prompts(path: str) -> list[dict[str, Any]]:
@@ -105,7 +60,7 @@ def _read_prompts(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _encode(engine: Any, cfg: GenerateConfig, row: dict[str, Any]) -> list[int]:
+def _encode(engine: Engine, cfg: GenerateConfig, row: dict[str, Any]) -> list[int]:
     if "messages" in row:
         return engine.encode_chat(row["messages"])
     if cfg.chat:
@@ -131,8 +86,10 @@ def run(cfg: GenerateConfig) -> int:
             line_params.append(_params(cfg, **over) if over else base)
         except (UserError, TypeError) as e:
             raise UserError(f"{cfg.prompts}:{row['_line']}: {e}") from None
-    batch = max(1, min(cfg.max_batch, len(rows)))  # cache rows cost memory: no more than used
-    engine, loaded = _load(cfg, max_batch=batch, max_waiting=len(rows) + 1)
+    batch = max(
+        1, min(cfg.engine.max_batch, len(rows))
+    )  # cache rows cost memory: no more than used
+    engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=batch, max_waiting=len(rows) + 1)
     try:
         encoded = []
         for row, p in zip(rows, line_params):
@@ -153,9 +110,9 @@ def run(cfg: GenerateConfig) -> int:
         engine.stop()
 
 
-def _run_one(cfg: GenerateConfig, engine: Any, loaded: Any, ids: list[int], params: Any) -> int:
-    from lmloop.engine import Completion
-
+def _run_one(
+    cfg: GenerateConfig, engine: Engine, loaded: LoadedModel, ids: list[int], params: SamplingParams
+) -> int:
     t0 = time.perf_counter()
     first, steps = None, []
     for out in engine.generate(ids, params):
@@ -197,14 +154,12 @@ def _run_one(cfg: GenerateConfig, engine: Any, loaded: Any, ids: list[int], para
 
 def _run_batch(
     cfg: GenerateConfig,
-    engine: Any,
-    loaded: Any,
+    engine: Engine,
+    loaded: LoadedModel,
     rows: list[dict[str, Any]],
     encoded: list[list[int]],
-    params: list[Any],
+    params: list[SamplingParams],
 ) -> int:
-    from lmloop.log import progress
-
     t0 = time.perf_counter()
     handles = [engine.submit(ids, p) for ids, p in zip(encoded, params)]
     done = [h.result() for h in progress(handles, total=len(rows), desc="generate", unit="prompt")]
@@ -212,11 +167,13 @@ def _run_batch(
 
 
 def _write_results(
-    cfg: GenerateConfig, loaded: Any, rows: list[dict[str, Any]], done: list[Any], t0: float
+    cfg: GenerateConfig,
+    loaded: LoadedModel,
+    rows: list[dict[str, Any]],
+    done: list[Completion],
+    t0: float,
 ) -> int:
     """--prompts: one JSON line per prompt, in input order, to --out or stdout."""
-    from lmloop.artifacts import atomic_write
-
     results, new_tokens = [], 0
     for row, c in zip(rows, done):
         new_tokens += c.completion_tokens
@@ -248,10 +205,8 @@ CHAT_HELP = "commands: /reset (forget the conversation), /save PATH (write it as
 
 
 def run_chat(cfg: ChatConfig) -> int:
-    from lmloop.artifacts import atomic_write
-
     base = _params(cfg)
-    engine, loaded = _load(cfg, max_batch=1, max_waiting=2)
+    engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=1, max_waiting=2)
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
@@ -316,7 +271,9 @@ def run_chat(cfg: ChatConfig) -> int:
     return 0
 
 
-def _fit(engine: Any, messages: list[dict[str, str]], start: list[dict[str, str]]):
+def _fit(
+    engine: Engine, messages: list[dict[str, str]], start: list[dict[str, str]]
+) -> list[int] | None:
     """The conversation's ids, dropping the oldest turns (never the system message) to leave
     room for an answer; None when even the last message alone does not fit."""
     need = 0 if engine.encoder_decoder else min(64, engine.context_length // 4)  # the answer's
