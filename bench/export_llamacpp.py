@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lmloop.export.config import ExportConfig
 from lmloop.models.io import load_model
-from lmloop.stages.export import ExportConfig
 from lmloop.stages.export import run as export_run
 
 

@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models rollback": ("lmloop.stages.models:RollbackConfig", "lmloop.stages.models:run_rollback", "go back to the previous current version"),
     "models register": ("lmloop.stages.models:RegisterConfig", "lmloop.stages.models:run_register", "copy a model folder into the registry as a new version"),
     "loop": ("lmloop.stages.loop:LoopConfig", "lmloop.stages.loop:run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
-    "export": ("lmloop.stages.export:ExportConfig", "lmloop.stages.export:run", "export a model as a Hugging Face folder or a GGUF file"),
+    "export": ("lmloop.export.config:ExportConfig", "lmloop.stages.export:run", "export a model as a Hugging Face folder or a GGUF file"),
     "quickstart": ("lmloop.stages.quickstart:QuickstartConfig", "lmloop.stages.quickstart:run", "the whole loop on the embedded default, end to end"),
 }  # fmt: skip
 

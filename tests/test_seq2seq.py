@@ -174,7 +174,7 @@ def test_hf_t5_folder_loads_with_equal_logits_and_greedy(tmp_path, tok, ff, tied
 def test_export_to_t5_folder_transformers_loads_equal(tmp_path, tok, tied):
     from transformers import T5ForConditionalGeneration
 
-    from lmloop.stages.export import ExportConfig
+    from lmloop.export.config import ExportConfig
     from lmloop.stages.export import run as export
 
     ours = lmloop_seq2seq(tok, tied=tied, dec_layers=2)  # 2: generate() needs equal stacks
