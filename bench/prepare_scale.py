@@ -158,7 +158,7 @@ def child_lmloop(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
         init = time.perf_counter() - t
-        import lmloop.stages.data_ray  # noqa: F401
+        import lmloop.data.ray_engine  # noqa: F401
     argv = ["data", "--source", args.corpus, "--out", args.out, "--tokenizer", args.tokenizer]
     argv += ["val_fraction=0", "test_fraction=0", "decontaminate=false"]
     argv += [f"engine={'ray' if args.workers else 'local'}"]

@@ -7,6 +7,7 @@ across the whole corpus finds them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -19,8 +20,9 @@ import pytest
 import ray
 
 from lmloop.cli import main
-from lmloop.stages import data_ray
-from lmloop.stages.data_ray import FAULTS_ENV, near_drops
+from lmloop.data import ray_engine
+from lmloop.data.pipeline import Packer
+from lmloop.data.ray_engine import near_drops
 
 WORDS = (
     "the a cat dog sat ran on under big small red blue house tree river stone bird sang morning "
@@ -36,16 +38,30 @@ def _story(rng: random.Random, n: int) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     faults = tmp_path_factory.mktemp("faults")
-    os.environ[FAULTS_ENV] = str(faults)  # before init: the workers inherit it
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield faults
     ray.shutdown()
-    os.environ.pop(FAULTS_ENV, None)
+
+
+def _dies_once(folder: Path) -> ray_engine.Probe:
+    """A probe for the tasks: the first task to reach `point` while `folder/point` exists
+    removes the file and kills its own worker process, as a lost node would. (A nested
+    function: Ray pickles it by value, so the workers need not import this test module.)"""
+    faults = str(folder)
+
+    def probe(point: str) -> None:
+        try:
+            os.unlink(os.path.join(faults, point))
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+    return probe
 
 
 @pytest.fixture(autouse=True)
 def one_file_per_unit(monkeypatch):
-    monkeypatch.setattr(data_ray, "UNIT_BYTES", 1)
+    monkeypatch.setattr(ray_engine, "UNIT_BYTES", 1)
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +142,11 @@ def test_given_tokenizer_streaming_pii_and_eval_set(cluster, corpus, tmp_path):
     assert meta["removed"]["contaminated"] >= 1 and meta["pii"]["email"] == 3
 
 
-def test_killed_workers_are_retried_with_the_same_output(cluster, corpus, tmp_path):
+def test_killed_workers_are_retried_with_the_same_output(cluster, corpus, tmp_path, monkeypatch):
     for point in ("read", "bands", "encode"):  # each kills the worker of one task, once
         (cluster / point).touch()
+    probed = functools.partial(ray_engine.tokenize_and_pack, probe=_dies_once(cluster))
+    monkeypatch.setattr(ray_engine, "tokenize_and_pack", probed)
     _both(tmp_path, ["--source", str(corpus / "*.jsonl"), *BASE])
     assert not list(cluster.iterdir())  # every fault fired
 
@@ -143,8 +161,6 @@ def test_file_url_source(cluster, corpus, tmp_path):
 
 
 def test_interrupted_or_failed_job_leaves_no_output(cluster, corpus, tmp_path, monkeypatch, capsys):
-    from lmloop.stages import data
-
     calls = []
 
     def interrupted(self, flat):
@@ -152,7 +168,7 @@ def test_interrupted_or_failed_job_leaves_no_output(cluster, corpus, tmp_path, m
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(data._Packer, "write", interrupted)
+    monkeypatch.setattr(Packer, "write", interrupted)
     out = tmp_path / "out"
     args = ["data", "--source", str(corpus / "*.jsonl"), *BASE, "--engine", "ray"]
     assert main([*args, "--out", str(out)]) != 0
@@ -189,11 +205,11 @@ def test_dedup_tasks_each_hold_a_bounded_share_of_the_hashes(
 ):
     # the corpus-wide dedup steps run in as many tasks as keep each one's rows near
     # SHUFFLE_ROWS (more than one per CPU here), each a range of hashes; same bytes
-    monkeypatch.setattr(data_ray, "SHUFFLE_ROWS", 40)
-    exact = _Counted(data_ray._exact_duplicates, 1)
-    bands = _Counted(data_ray._band_groups, 2)
-    monkeypatch.setattr(data_ray, "_exact_duplicates", exact)
-    monkeypatch.setattr(data_ray, "_band_groups", bands)
+    monkeypatch.setattr(ray_engine, "SHUFFLE_ROWS", 40)
+    exact = _Counted(ray_engine._exact_duplicates, 1)
+    bands = _Counted(ray_engine._band_groups, 2)
+    monkeypatch.setattr(ray_engine, "_exact_duplicates", exact)
+    monkeypatch.setattr(ray_engine, "_band_groups", bands)
     _both(tmp_path, ["--source", str(corpus / "*.jsonl"), *BASE])
     for task, per_row in ((exact, 1), (bands, 9)):  # 9 LSH bands a document
         held = [n for n, _ in task.rows]

@@ -145,8 +145,8 @@ def test_decontaminate_against_an_eval_set(corpus, tmp_path):
 
 
 def test_long_documents_are_cut_where_tokenization_agrees(tmp_path):
+    from lmloop.data.pipeline import pieces
     from lmloop.data.preprocess import train_bpe
-    from lmloop.stages.data import pieces
 
     rng = random.Random(1)
     text = "\n".join(_story(rng, 30) for _ in range(200))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from lmloop import __version__
@@ -29,40 +28,20 @@ from lmloop.artifacts import (
     sha256_json,
     write_meta,
 )
-from lmloop.config import param, to_dict
-from lmloop.data.preprocess import (
-    MAX_VOCAB,
-    MIN_VOCAB,
-    check_vocab_size,
-    clean_batch,
-    train_bpe,
-)
-from lmloop.data.sources import SourceSpec, fingerprint, iter_documents
+from lmloop.config import to_dict
+from lmloop.data.config import TokenizerConfig
+from lmloop.data.preprocess import check_vocab_size, clean_batch, train_bpe
+from lmloop.data.sources import fingerprint, iter_documents
 from lmloop.data.synthetic import teacher_documents
 from lmloop.errors import UserError
 from lmloop.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+__all__ = ["TokenizerConfig", "run"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "lmloop.tokenizer"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    """What to train a byte-level BPE on, and how big."""
-
-    source: list[SourceSpec] = param(
-        [], "training text (repeatable): PATH[::key=value,...], hf:NAME, or a prepared data folder"
-    )
-    out: str = param("", "output folder (tokenizer.json, tokenizer_config.json, meta.json)")
-    vocab_size: int = param(8192, f"vocabulary size, {MIN_VOCAB}..{MAX_VOCAB}")
-    min_frequency: int = param(2, "a pair must occur this often to be merged")
-    min_chars: int = param(1, "skip documents shorter than this after cleaning")
-    strict_utf8: bool = param(
-        False, "fail on invalid UTF-8 (file, byte offset) instead of replacing"
-    )
-    force: bool = param(False, "retrain even when the output is up to date")
 
 
 def _check(cfg: TokenizerConfig) -> Path:

@@ -11,7 +11,8 @@ and target hashed together, so one input with two different targets keeps both) 
 that share a 13-gram with any val/test input or target (or a `decontaminate_with` set) -> train
 a BPE on both sides of train when no tokenizer is given -> two shard streams per split
 (`lmloop.data.shards`, schema `lmloop.pairs`): `train-input-*.bin` and `train-target-*.bin`, EOS after
-each side. The report counts pairs and tokens per split and plots both sides' length histograms.
+each side. The report (`lmloop.data.report.pairs_report`) counts pairs and tokens per split and
+plots both sides' length histograms.
 
 Kept pairs are held in memory until val/test are known (decontamination needs them first): fine
 for the pair corpora seq2seq models train on (millions of short pairs), unlike the text path's
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lmloop.artifacts import atomic_dir, check_output, write_meta
+from lmloop.data.config import DataConfig
 from lmloop.data.pii import PII_KINDS, scrub_batch
 from lmloop.data.preprocess import (
     NearDedup,
@@ -41,25 +42,10 @@ from lmloop.data.preprocess import (
     sorted_unique,
     train_bpe,
 )
-from lmloop.data.shards import (
-    PAIRS_FORMAT_VERSION,
-    PAIRS_SCHEMA,
-    SIDES,
-    SPLITS,
-    ShardWriter,
-    dtype_for_vocab,
-)
-from lmloop.data.sources import iter_pairs
+from lmloop.data.shards import SIDES, SPLITS, ShardWriter, dtype_for_vocab
+from lmloop.data.sources import iter_documents, iter_pairs
 from lmloop.errors import UserError
 from lmloop.log import progress
-from lmloop.stages.data import (
-    DataConfig,
-    DataResult,
-    _fingerprint,
-    plot_lengths,
-    stage_meta,
-    up_to_date,
-)
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,7 +54,9 @@ REMOVED = ("empty", "too_short", "too_long", "exact_duplicates", "near_duplicate
 
 
 @dataclass
-class _Pair:
+class Pair:
+    """A cleaned pair, placed: its split and how often it is used."""
+
     input: str
     target: str
     split: str
@@ -76,7 +64,9 @@ class _Pair:
 
 
 @dataclass
-class _Stats:
+class PairStats:
+    """The counts a pairs folder's meta.json and report hold."""
+
     removed: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys([*REMOVED, "contaminated", "sampled_out"], 0)
     )
@@ -96,7 +86,9 @@ class _Stats:
     )
 
 
-def _clean(cfg: DataConfig, pair: tuple[str, str] | None, stats: _Stats) -> tuple[str, str] | None:
+def _clean(
+    cfg: DataConfig, pair: tuple[str, str] | None, stats: PairStats
+) -> tuple[str, str] | None:
     if pair is None:
         stats.removed["empty"] += 1
         return None
@@ -112,11 +104,11 @@ def _clean(cfg: DataConfig, pair: tuple[str, str] | None, stats: _Stats) -> tupl
     return None
 
 
-def _collect(cfg: DataConfig, stats: _Stats) -> list[_Pair]:
+def collect(cfg: DataConfig, stats: PairStats) -> list[Pair]:
     """Cleaned, deduplicated, split and weighted pairs, in source order."""
     seen: set[bytes] = set()
     near = NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
-    kept: list[_Pair] = []
+    kept: list[Pair] = []
     for spec in cfg.source:
         utf8: dict[str, int] = {}
         info = {"path": spec.path, "kind": spec.kind, "weight": spec.weight}
@@ -150,17 +142,15 @@ def _collect(cfg: DataConfig, stats: _Stats) -> list[_Pair]:
                 stats.removed["sampled_out"] += 1
                 continue
             info["pairs_kept"] += 1
-            kept.append(_Pair(a, b, split, n))
+            kept.append(Pair(a, b, split, n))
         stats.replaced["invalid_utf8"] += utf8.get("invalid_utf8", 0)
     return kept
 
 
-def _decontaminate(cfg: DataConfig, pairs: list[_Pair], stats: _Stats) -> list[_Pair]:
+def decontaminate(cfg: DataConfig, pairs: list[Pair], stats: PairStats) -> list[Pair]:
     """Drop train pairs sharing an n-gram (either side) with a val/test pair or an eval set."""
     if not cfg.decontaminate:
         return pairs
-    from lmloop.data.sources import iter_documents
-
     cache = WordHashes()
     parts = [
         ngram_hashes(text, cfg.ngram, cache)
@@ -185,8 +175,10 @@ def _decontaminate(cfg: DataConfig, pairs: list[_Pair], stats: _Stats) -> list[_
     return out
 
 
-def _write(cfg: DataConfig, tmp: Path, tok: Tokenizer, pairs: list[_Pair], stats: _Stats):
-    """Encode both sides and write each split's two shard streams; returns (shards, dtype)."""
+def write_shards(
+    cfg: DataConfig, tmp: Path, tok: Tokenizer, pairs: list[Pair], stats: PairStats
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], np.dtype, int]:
+    """Encode both sides and write each split's two shard streams: (shards, dtype, EOS id)."""
     eos = tok.separator_id
     dtype = dtype_for_vocab(max(tok.vocab_size, eos + 1))
     shards: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -218,61 +210,12 @@ def _write(cfg: DataConfig, tmp: Path, tok: Tokenizer, pairs: list[_Pair], stats
     return shards, dtype, eos
 
 
-def _report(meta: dict[str, Any], out_name: str) -> str:
-    lines = [f"# Data report (input/target pairs): {out_name}", ""]
-    f = meta["pairs"]
-    lines += [f"Input field `{f['input_field']}`, target field `{f['target_field']}`.", ""]
-    lines += [
-        "| split | pairs | input tokens | target tokens | bytes |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for s, v in meta["splits"].items():
-        lines.append(
-            f"| {s} | {v['pairs']:,} | {v['input_tokens']:,} | {v['target_tokens']:,} | "
-            f"{v['bytes']:,} |"
-        )
-    lines += ["", "Removed (pairs):", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v:,}" for k, v in meta["removed"].items()]
-    lines += [f"- invalid UTF-8 sequences replaced: {meta['replaced']['invalid_utf8']:,}"]
-    lines += ["", "| source | weight | read | kept |", "|---|---:|---:|---:|"]
-    for s in meta["sources"]:
-        lines.append(
-            f"| `{s['path']}` | {s['weight']:g} | {s['pairs_read']:,} | {s['pairs_kept']:,} |"
-        )
-    lines += ["", "Length histogram (pairs per log2 bin of tokens, EOS included):", ""]
-    for side in SIDES:
-        hist = meta["lengths_log2"][side]
-        top = max((max(np.nonzero(h)[0], default=0) for h in hist.values()), default=0)
-        lines += [
-            f"| {side} tokens | " + " | ".join(SPLITS) + " |",
-            "|---:|" + "---:|" * len(SPLITS),
-        ]
-        for b in range(int(top) + 1):
-            row = " | ".join(f"{hist[s][b]:,}" for s in SPLITS)
-            lines.append(f"| {1 << b}-{(2 << b) - 1} | {row} |")
-        lines.append("")
-    tok = meta["tokenizer"]
-    lines += [
-        f"Tokenizer: {tok['source']} (vocab {tok['vocab_size']:,}, EOS id {tok['eos_id']}); "
-        f"shards: {meta['dtype']}.",
-        "",
-        "![lengths](lengths.png)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def run_pairs(cfg: DataConfig) -> DataResult:
-    out = Path(cfg.out).expanduser()
-    check_output(out, PAIRS_SCHEMA)
-    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    key, inputs = _fingerprint(cfg, tok)
-    old = up_to_date(out, PAIRS_SCHEMA, PAIRS_FORMAT_VERSION, key, cfg.force)
-    if old is not None:
-        _summary(old, out, reused=True)
-        return DataResult(out, old, reused=True)
-    stats = _Stats()
-    pairs = _decontaminate(cfg, _collect(cfg, stats), stats)
+def prepare(
+    cfg: DataConfig, tok: Tokenizer | None, stats: PairStats
+) -> tuple[list[Pair], Tokenizer]:
+    """The kept pairs (collected, deduplicated, split, decontaminated) and the tokenizer: `tok`,
+    or a BPE trained on both sides of the train pairs."""
+    pairs = decontaminate(cfg, collect(cfg, stats), stats)
     train = [p for p in pairs if p.split == "train"]
     if not train:
         read = sum(s["pairs_read"] for s in stats.sources)
@@ -284,27 +227,4 @@ def run_pairs(cfg: DataConfig) -> DataResult:
     if tok is None:
         texts = (t for p in train for t in (p.input, p.target))
         tok = Tokenizer.from_backend(train_bpe(texts, cfg.vocab_size))
-    with atomic_dir(out) as tmp:
-        shards, dtype, eos = _write(cfg, tmp, tok, pairs, stats)
-        inputs["tokenizer"] = tok.sha256
-        tok.save(tmp / "tokenizer")
-        lengths = {side: {s: stats.lengths[side][s].tolist() for s in SPLITS} for side in SIDES}
-        meta = stage_meta(cfg, PAIRS_SCHEMA, PAIRS_FORMAT_VERSION, inputs, key, stats, shards, tok,
-                          eos, dtype, lengths,
-                          pairs={"input_field": cfg.input_field, "target_field": cfg.target_field})  # fmt: skip
-        write_meta(tmp, meta)
-        plot_lengths(tmp / "lengths.png", stats.lengths, "pairs")
-        (tmp / "report.md").write_text(_report(meta, out.name))
-    _summary(meta, out, reused=False)
-    return DataResult(out, meta, reused=False)
-
-
-def _summary(meta: dict[str, Any], out: Path, *, reused: bool) -> None:
-    sp = meta["splits"]
-    parts = [
-        f"{s} {sp[s]['pairs']:,} pairs / {sp[s]['input_tokens']:,}+{sp[s]['target_tokens']:,} "
-        "tokens"
-        for s in SPLITS
-    ]
-    removed = ", ".join(f"{k} {v:,}" for k, v in meta["removed"].items() if v) or "nothing"
-    print(f"{out}: {'up to date' if reused else 'prepared'}: {'; '.join(parts)}; removed {removed}")
+    return pairs, tok

@@ -7,7 +7,7 @@ The corpus is cut into units (a file of a file source, or several small consecut
 hf, data or synthetic source is one unit) numbered in reading order, and a document's id is
 `unit << 32 | position`, so id order is the one-process reading order. Per unit, tasks run the
 functions the one-process path runs (`clean`, `doc_key`, `NearDedup.signature`, `place`,
-`is_contaminated`, the tokenizer, `pack_ids` in `lmloop.stages.data`); what needs the whole
+`is_contaminated`, the tokenizer, `pack_ids` in `lmloop.data.pipeline`); what needs the whole
 corpus is grouped across it, never per worker:
 
 1. read, clean, scrub, hash: one task per unit. Its cleaned texts stay in Ray's object store
@@ -23,7 +23,7 @@ corpus is grouped across it, never per worker:
    candidates is exactly the one-process result.
 4. split and weights by hash, and the val/test n-grams for decontamination (a task per unit).
 5. decontamination, tokenization and the ids of each split (a task per unit); the driver
-   writes the shards in unit order with the one-process `_Packer`/`ShardWriter`.
+   writes the shards in unit order with the one-process `Packer`/`ShardWriter`.
 
 Without `--tokenizer`, the BPE is trained on the driver from the train texts in order, as in
 one process (pass a tokenizer for large corpora). A task whose worker dies is retried
@@ -38,11 +38,12 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmloop.errors import UserError
 
@@ -53,6 +54,22 @@ except ImportError:  # an extra: say how to get it, in one line
         "engine=ray needs Ray, which is not installed",
         hint="pip install 'lmloop[ray]', or drop --engine ray to run in one process",
     ) from None
+from lmloop.data.config import DataConfig
+from lmloop.data.pipeline import (
+    Doc,
+    Packer,
+    Stats,
+    clean,
+    doc_batches,
+    empty_error,
+    encoder_input,
+    extra_eval_ngrams,
+    keyed,
+    pack_ids,
+    place,
+    rebatch,
+    source_info,
+)
 from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
@@ -65,40 +82,31 @@ from lmloop.data.preprocess import (
 from lmloop.data.shards import SPLITS
 from lmloop.data.sources import RemoteFile, iter_documents, source_files
 from lmloop.data.synthetic import teacher_documents
-from lmloop.stages.data import (
-    DataConfig,
-    _Doc,
-    _doc_batches,
-    _empty_error,
-    _eval_ngrams,
-    _Packer,
-    _rebatch,
-    _Stats,
-    clean,
-    encoder_input,
-    keyed,
-    pack_ids,
-    place,
-    source_info,
-)
 from lmloop.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    import tokenizers
+
 log = logging.getLogger(__name__)
+
+# Called inside a task's worker with the name of a point the task reached, when
+# `tokenize_and_pack` is given one (the stage gives none; tests pass one that kills the worker,
+# as a lost node would). It travels to the workers as a task argument, so it must pickle.
+Probe = Callable[[str], None]
 
 UNIT_BYTES = 16 << 20  # consecutive files of a source are read together up to this size
 MAX_RETRIES = 3  # per task, when its worker dies
 SHUFFLE_ROWS = 1 << 21  # hashes a dedup reduce task holds, about: more tasks as the corpus grows
-FAULTS_ENV = "LMLOOP_RAY_FAULTS"  # tests: a folder of fault points (see `_fault`)
 _COUNTS = ("documents_read", "documents_kept", "train_tokens")
 
 
 # ---- helpers shared by the driver and the tasks ------------------------------------------------
-def _delta(cfg: DataConfig) -> _Stats:
+def _delta(cfg: DataConfig) -> Stats:
     """Empty counters a task fills and the driver adds up (`_merge`)."""
-    return _Stats(sources=[dict.fromkeys(_COUNTS, 0) for _ in cfg.source])
+    return Stats(sources=[dict.fromkeys(_COUNTS, 0) for _ in cfg.source])
 
 
-def _merge(into: _Stats, delta: _Stats) -> None:
+def _merge(into: Stats, delta: Stats) -> None:
     for name in ("removed", "replaced", "pii"):
         mine = getattr(into, name)
         for k, v in getattr(delta, name).items():
@@ -112,16 +120,10 @@ def _merge(into: _Stats, delta: _Stats) -> None:
             mine[k] += theirs[k]
 
 
-def _fault(point: str) -> None:
-    """Test hook: the first task to reach `point` while `$LMLOOP_RAY_FAULTS/point` exists
-    removes the file and kills its own worker process, as a lost node would."""
-    folder = os.environ.get(FAULTS_ENV)
-    if folder:
-        try:
-            os.unlink(os.path.join(folder, point))
-        except FileNotFoundError:
-            return
-        os._exit(1)
+def _reached(probe: Probe | None, point: str) -> None:
+    """Tell `probe` (in the worker) that a task reached `point`: "read", "bands" or "encode"."""
+    if probe is not None:
+        probe(point)
 
 
 def _one_thread() -> None:
@@ -162,7 +164,14 @@ def _within(keys: np.ndarray, lo: int, hi: int) -> slice:
 
 # ---- tasks ---------------------------------------------------------------------------------
 @ray.remote(max_retries=MAX_RETRIES)
-def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, dedup: bool) -> Any:
+def _read(
+    cfg: DataConfig,
+    si: int,
+    files: list[Path] | None,
+    uid: int,
+    dedup: bool,
+    probe: Probe | None = None,
+) -> Any:
     """Read, clean, scrub and hash one unit. Returns (texts, keys), a summary, and with
     `dedup` its (ids, first halves, second halves) of the 16-byte hashes, sorted by the first
     half, from which each exact dedup task cuts its range."""
@@ -174,14 +183,14 @@ def _read(cfg: DataConfig, si: int, files: list[Path] | None, uid: int, dedup: b
     raw = iter_documents(
         spec, strict_utf8=cfg.strict_utf8, stats=utf8, files=files, teacher=teacher_documents
     )
-    for batch in _doc_batches(raw, 1024, cfg.batch_chars):
+    for batch in doc_batches(raw, 1024, cfg.batch_chars):
         stats.sources[si]["documents_read"] += len(batch)
         chars += sum(map(len, batch))
         cleaned = clean(cfg, batch, stats)
         texts += cleaned
         keys += [doc_key(t) for t in cleaned] if is_keyed else [b""] * len(cleaned)
     stats.replaced["invalid_utf8"] += utf8.get("invalid_utf8", 0)
-    _fault("read")
+    _reached(probe, "read")
     read = stats.sources[si]["documents_read"]
     summary = {"stats": stats, "documents": read, "kept": len(texts), "chars": chars}
     out: list[Any] = [(texts, keys), summary]
@@ -210,6 +219,7 @@ def _bands(
     payload: tuple[list[str], list[bytes]],
     dropped: np.ndarray,
     uid: int,
+    probe: Probe | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LSH band keys of a unit's exact survivors: (ids, band, key), sorted by key, from which
     each band-grouping task cuts its range."""
@@ -223,7 +233,7 @@ def _bands(
     band = np.tile(np.arange(near.bands, dtype=np.int16), len(keep))
     flat = keys.reshape(-1)
     order = np.argsort(flat, kind="stable")
-    _fault("bands")
+    _reached(probe, "bands")
     return ids[order], band[order], flat[order]
 
 
@@ -249,7 +259,7 @@ def _split(
     payload: tuple[list[str], list[bytes]],
     dropped: np.ndarray,
     own_eval: bool,
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], _Stats, np.ndarray]:
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Stats, np.ndarray]:
     """Split and copies of each surviving document (positions, split codes, copies), the
     counts, and the sorted n-gram hashes of its val/test documents when they decontaminate."""
     texts, keys = payload
@@ -298,10 +308,11 @@ def _encode(
     table: Any,
     eval_ngrams: np.ndarray | None,
     flags: np.ndarray | None,
-    backend: Any,
+    backend: tokenizers.Tokenizer,
     eos: int,
     dtype: np.dtype,
-) -> tuple[dict[str, np.ndarray], _Stats]:
+    probe: Probe | None = None,
+) -> tuple[dict[str, np.ndarray], Stats]:
     """Decontaminate, tokenize and pack one unit: each split's ids in document order."""
     _one_thread()
     texts = payload[0]
@@ -311,19 +322,19 @@ def _encode(
     stats.removed["contaminated"] += int(flags.sum())
     pos, code, n = table
     docs = [
-        _Doc(texts[i], b"", SPLITS[c], int(k), si)
+        Doc(texts[i], b"", SPLITS[c], int(k), si)
         for i, c, k, bad in zip(pos.tolist(), code.tolist(), n.tolist(), flags.tolist())
         if not bad
     ]
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     # one array per batch: a unit's ids as Python ints would take ~40 bytes each, not 2-4
     flat: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for batch in _rebatch(docs, cfg.batch_chars):
+    for batch in rebatch(docs, cfg.batch_chars):
         inputs, counts = encoder_input(batch)
         part = pack_ids(batch, counts, encode(inputs, add_special_tokens=False), eos, stats)
         for s in SPLITS:
             flat[s].append(np.array(part[s], dtype=dtype))
-    _fault("encode")
+    _reached(probe, "encode")
     return {s: np.concatenate([np.zeros(0, dtype), *flat[s]]) for s in SPLITS}, stats
 
 
@@ -399,8 +410,6 @@ class _Rate:
     """A progress bar in input bytes with documents/s beside it (LMLOOP_NO_PROGRESS=1: none)."""
 
     def __init__(self, desc: str, total: int | None):
-        from tqdm.auto import tqdm
-
         disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
         self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=disable)
         self.t0, self.docs, self.bytes = time.perf_counter(), 0, 0
@@ -449,17 +458,27 @@ def _connect(cfg: DataConfig) -> bool:
     return True
 
 
-def tokenize_and_pack(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
-    """The Ray twin of `lmloop.stages.data._tokenize_and_pack`: same `stats`, same shards."""
+def tokenize_and_pack(
+    cfg: DataConfig,
+    tmp: Path,
+    tok: Tokenizer | None,
+    stats: Stats,
+    *,
+    probe: Probe | None = None,
+) -> tuple[Tokenizer, Packer]:
+    """The Ray twin of `lmloop.data.pipeline.tokenize_and_pack`: same `stats`, same shards.
+    `probe` (see `Probe`) is called in the workers of the read, bands and encode tasks."""
     started = _connect(cfg)
     try:
-        return _run(cfg, tmp, tok, stats)
+        return _run(cfg, tmp, tok, stats, probe)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Packer]:
+def _run(
+    cfg: DataConfig, tmp: Path, tok: Tokenizer | None, stats: Stats, probe: Probe | None
+) -> tuple[Tokenizer, Packer]:
     units = _units(cfg)
     stats.sources.extend(source_info(spec) for spec in cfg.source)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -467,7 +486,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
 
     # 1. read, clean, hash; each unit's hashes leave sorted, for exact dedup
     reads = [
-        _read.options(num_returns=2 + cfg.dedup).remote(cfg, si, files, uid, cfg.dedup)
+        _read.options(num_returns=2 + cfg.dedup).remote(cfg, si, files, uid, cfg.dedup, probe)
         for uid, (si, files, _) in enumerate(units)
     ]
     payloads = [r[0] for r in reads]
@@ -497,7 +516,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
     # connected components
     if cfg.near_dedup:
         bands = [
-            _bands.remote(cfg, payloads[uid], _positions(dropped, uid), uid)
+            _bands.remote(cfg, payloads[uid], _positions(dropped, uid), uid, probe)
             for uid in range(len(units))
         ]
         rows = (kept - len(dropped)) * _near(cfg.near_dedup_threshold).bands
@@ -518,7 +537,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
     tables = [s[0] for s in splits]  # stay in the object store: ~17 bytes a document
     for delta in _get([s[1] for s in splits]):
         _merge(stats, delta)
-    eval_parts = _eval_ngrams(cfg, WordHashes()) if cfg.decontaminate else []
+    eval_parts = extra_eval_ngrams(cfg, WordHashes()) if cfg.decontaminate else []
     if own_eval:
         eval_parts += _get([s[2] for s in splits])
     del splits
@@ -543,11 +562,11 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
                         yield texts[i]
 
         if next(train_texts(), None) is None:  # fail before training a tokenizer on nothing
-            raise _empty_error(stats)
+            raise empty_error(stats)
         tok = Tokenizer.from_backend(train_bpe(train_texts(), cfg.vocab_size))
 
     # 6. decontaminate, tokenize; shards written here, in unit order
-    packer = _Packer(tok, tok.separator_id, tmp, cfg, stats)
+    packer = Packer(tok, tok.separator_id, tmp, cfg, stats)
     backend = ray.put(tok.backend)
     encoded = [
         _encode.remote(
@@ -560,6 +579,7 @@ def _run(cfg: DataConfig, tmp: Path, tok: Any, stats: _Stats) -> tuple[Any, _Pac
             backend,
             packer.eos,
             packer.dtype,
+            probe,
         )  # fmt: skip
         for uid, (si, _, _) in enumerate(units)
     ]
