@@ -17,11 +17,14 @@ import json
 import logging
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from lmloop import artifacts
-from lmloop.artifacts import atomic_write, sha256_json
+from lmloop.artifacts import atomic_write, sha256_bytes, sha256_file, sha256_json
+from lmloop.log import progress_bar
+from lmloop.registry.spec import locate
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +218,9 @@ def _teacher_writes(
     `prompts`; an answer cleaned to nothing is ''), and the cache file that holds them,
     `cache_dir()/{name}-{digest}.jsonl` (read when it exists), where the digest hashes `key` and
     the teacher's weights."""
-    import time
-
+    # The engine (torch) only when the teacher runs: the data stage imports this module for
+    # every corpus, and torch adds ~2.4 s to its start-up.
     from lmloop.engine import SamplingParams, load_engine
-    from lmloop.log import progress_bar
 
     n = len(prompts)
     engine = loaded = None
@@ -238,7 +240,7 @@ def _teacher_writes(
         return [json.loads(ln)["text"] for ln in path.read_text("utf-8").splitlines()], path
     if engine is None:
         # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
-        # distribution within ~0.05 nats of fp32 (BENCHMARKS.md, Generate)
+        # distribution within 0.013 nats/token of fp32 (BENCHMARKS.md, int8 and int4 weights)
         engine, loaded = load_engine(
             teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
         )
@@ -280,9 +282,6 @@ def _files_digest(spec: str) -> str | None:
     """sha256 of a model's files found without loading it (a .gguf file, or a folder's weights
     and tokenizer), so a cached corpus is reused without the seconds a load takes; None when the
     spec is not such a file or folder."""
-    from lmloop.artifacts import sha256_bytes, sha256_file
-    from lmloop.registry.spec import locate
-
     path = Path(locate(spec).path)
     if path.is_file():
         return sha256_file(path)
