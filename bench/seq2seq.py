@@ -146,11 +146,11 @@ def decoder_eval(model, tok, records: list[dict[str, str]], max_new: int) -> dic
 def quality(args, root: Path) -> dict:
     from lmloop.data import shards
     from lmloop.data.synthetic import summary_pairs
+    from lmloop.evaluation.seq2seq import evaluate_pairs, generation_metrics
     from lmloop.log import read_metrics
     from lmloop.models.io import load_model
     from lmloop.models.seq2seq import generate as greedy
     from lmloop.stages import train
-    from lmloop.stages.evaluate_seq2seq import evaluate_pairs, generation_metrics
     from lmloop.tokenizer import Tokenizer
 
     report: dict = {}

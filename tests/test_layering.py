@@ -21,7 +21,7 @@ TORCH_FREE = (
     "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
     "lmloop.registry", "lmloop.registry.spec", "lmloop.data.sources", "lmloop.data.preprocess",
     "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
-    "lmloop.engine.spec", "lmloop.engine.params",
+    "lmloop.engine.spec", "lmloop.engine.params", "lmloop.evaluation.config",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.training",
          "lmloop.data.synthetic")  # fmt: skip

@@ -36,6 +36,8 @@ import contextlib
 import logging
 import math
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,12 +45,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmloop.engine.fast import PackedLinear
 from lmloop.errors import UserError
+from lmloop.log import progress
+from lmloop.models.base import DEFAULT_BATCH_TOKENS
 
 log = logging.getLogger(__name__)
-
-# Tokens per forward batch when the caller does not say; bounds the logits tensor's size.
-DEFAULT_BATCH_TOKENS = 8192
 
 
 # ---- text normalisation and counts (lm-eval's definitions) -----------------------------------
@@ -230,8 +232,6 @@ class _HeadTap:
     """
 
     def __init__(self, model: torch.nn.Module):
-        import threading
-
         head = getattr(model, "lm_head", None)
         self.head = head if isinstance(head, torch.nn.Linear) else None
         self.owner = threading.get_ident()
@@ -243,8 +243,6 @@ class _HeadTap:
     def __enter__(self) -> _HeadTap:
         if self.head is not None:
             self._handle = self.head.register_forward_pre_hook(self._pre)
-            from lmloop.engine.fast import PackedLinear
-
             packed = PackedLinear.pack(self.head)  # chunks of rows: packed is faster
             self._head_fn = packed if packed is not self.head else None
         return self
@@ -254,8 +252,6 @@ class _HeadTap:
             self._handle.remove()
 
     def _pre(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
-        import threading
-
         if self.select is None or threading.get_ident() != self.owner:
             return None
         rows, pos = self.select
@@ -280,8 +276,6 @@ def _packed_linears(model: torch.nn.Module):
     is ~1.5x faster than the stock sgemm on this project's CPU (see lmloop.engine.fast). The
     same weights, so figures move by float rounding only (tested against the reference loops).
     The output head is left in place: `_HeadTap` packs its own copy."""
-    from lmloop.engine.fast import PackedLinear
-
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     head = getattr(model, "lm_head", None)
     for mod in list(model.modules()):
@@ -310,8 +304,6 @@ def score_windows(
     loss_chunk: int = 2048,
 ) -> Scores:
     """Run every window through `model` and sum the target log-probabilities per document."""
-    from lmloop.log import progress
-
     device = next(model.parameters()).device
     loglik = [0.0] * n_docs
     counts = [0] * n_docs
@@ -446,8 +438,6 @@ def evaluate_tokens(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Score pre-tokenized documents; `texts` are their original texts (for words and bytes)."""
-    import time
-
     w = check_protocol(model, tokenizer, window, stride)
     if not docs or not any(len(d) for d in docs):
         raise UserError("nothing to evaluate: the text is empty", hint="pass a non-empty text")
