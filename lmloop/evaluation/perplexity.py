@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,10 @@ from lmloop.engine.fast import PackedLinear
 from lmloop.errors import UserError
 from lmloop.log import progress
 from lmloop.models.base import DEFAULT_BATCH_TOKENS
+
+if TYPE_CHECKING:
+    from lmloop.models.io import LoadedModel
+    from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +242,7 @@ class _HeadTap:
         self.select: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hidden: torch.Tensor | None = None
         self._handle = None
-        self._head_fn: Any = None
+        self._head_fn: torch.nn.Module | None = None
 
     def __enter__(self) -> _HeadTap:
         if self.head is not None:
@@ -351,7 +355,7 @@ def score_windows(
 
 # ---- checks ------------------------------------------------------------------------------------
 def check_protocol(
-    model: torch.nn.Module, tokenizer: Any, window: int | None, stride: int | None
+    model: torch.nn.Module, tokenizer: Tokenizer, window: int | None, stride: int | None
 ) -> int:
     """Validate window/stride and the tokenizer against the model; return the window to use."""
     ctx = int(model.max_seq_len)
@@ -382,7 +386,7 @@ def check_protocol(
     return w
 
 
-def prefix_token(tokenizer: Any) -> int:
+def prefix_token(tokenizer: Tokenizer) -> int:
     """lm-eval's prefix token: BOS when the tokenizer has one, else EOS."""
     tok = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if tok is None:
@@ -426,7 +430,7 @@ def figures(loglik: float, tokens: int, words: int, nbytes: int) -> dict[str, fl
 
 def evaluate_tokens(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     docs: Sequence[Sequence[int]],
     texts: Sequence[str],
     *,
@@ -489,7 +493,7 @@ def evaluate_tokens(
 
 
 def evaluate_texts(
-    loaded: Any,
+    loaded: LoadedModel,
     texts: Sequence[str],
     window: int | None = None,
     stride: int | None = None,
@@ -499,7 +503,7 @@ def evaluate_texts(
     batch_size: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Figures for `texts` under a protocol; `loaded` is a `modelio.LoadedModel` (model+tokenizer).
+    """Figures for `texts` under a protocol; `loaded` is a loaded model (model + tokenizer).
 
     Words and bytes are counted on `texts` as given; with `detokenize="wikitext"` the model
     scores the detokenized text (lm-eval's `wikitext` task), counts stay on the original.
@@ -529,7 +533,7 @@ def evaluate_texts(
 # ---- sample generations ------------------------------------------------------------------------
 @torch.inference_mode()
 def greedy_generate(
-    model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 32
 ) -> str:
     """Greedy continuation over the model's KV cache (deterministic, for the report)."""
     ids = tokenizer.encode(prompt)
