@@ -203,7 +203,8 @@ def quality(args, root: Path) -> dict:
     refs = [side_text(tok, b) for _, b in test]
 
     # seq2seq: target perplexity by the eval stage (its generation skipped), greedy outputs by
-    # the model's own decode (the one `lmloop eval` scores), both through the same scorer below
+    # the model's own decode (equal to the engine's, which `lmloop eval` scores), both through
+    # the same scorer below
     model = results["seq2seq"]["model"]
     ev = evaluate_pairs(model, tok, test, max_new_tokens=0, show_progress=False)
     stops = {int(t) for t in tok.stop_ids} | {int(model.config.eos_token_id)}
