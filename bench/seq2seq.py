@@ -146,11 +146,11 @@ def decoder_eval(model, tok, records: list[dict[str, str]], max_new: int) -> dic
 def quality(args, root: Path) -> dict:
     from lmloop.data import shards
     from lmloop.data.synthetic import summary_pairs
+    from lmloop.evaluation.seq2seq import evaluate_pairs, generation_metrics
     from lmloop.log import read_metrics
     from lmloop.models.io import load_model
     from lmloop.models.seq2seq import generate as greedy
     from lmloop.stages import train
-    from lmloop.stages.evaluate_seq2seq import evaluate_pairs, generation_metrics
     from lmloop.tokenizer import Tokenizer
 
     report: dict = {}
@@ -203,7 +203,8 @@ def quality(args, root: Path) -> dict:
     refs = [side_text(tok, b) for _, b in test]
 
     # seq2seq: target perplexity by the eval stage (its generation skipped), greedy outputs by
-    # the model's own decode (the one `lmloop eval` scores), both through the same scorer below
+    # the model's own decode (equal to the engine's, which `lmloop eval` scores), both through
+    # the same scorer below
     model = results["seq2seq"]["model"]
     ev = evaluate_pairs(model, tok, test, max_new_tokens=0, show_progress=False)
     stops = {int(t) for t in tok.stop_ids} | {int(model.config.eos_token_id)}

@@ -22,10 +22,11 @@ from test_seq2seq import greedy, lmloop_seq2seq
 
 from lmloop.cli import main
 from lmloop.data.shards import open_pairs
+from lmloop.evaluation import seq2seq as evaluate_seq2seq
 from lmloop.models import build_model
 from lmloop.models.io import load_model, save_model
 from lmloop.models.seq2seq import Seq2SeqConfig
-from lmloop.stages import evaluate, evaluate_seq2seq
+from lmloop.stages import evaluate
 from lmloop.tokenizer import Tokenizer
 
 WORDS = "red blue green cat dog bird sun moon tree river stone house".split()
@@ -173,7 +174,7 @@ def test_batched_greedy_equals_one_at_a_time():
     assert min(map(len, want)) < 9 and max(map(len, want)) == 10 and len(set(map(tuple, want))) > 3
     for bs in (3, None):
         got = evaluate_seq2seq.greedy_decode(
-            model, inputs, max_new_tokens=10, stop_ids=stops, pad_id=tok.pad_id, batch_size=bs,
+            model, inputs, tokenizer=tok, max_new_tokens=10, stop_ids=stops, batch_size=bs,
             show_progress=False,
         )  # fmt: skip
         assert got == want

@@ -17,6 +17,8 @@ import torch
 from test_seq2seq import greedy, saved_seq2seq
 
 from lmloop.cli import main
+from lmloop.engine.core import Engine
+from lmloop.evaluation import seq2seq as eval_seq2seq
 
 PROMPTS = ["the cat sat on the mat", "a dog", "red blue green red"]
 
@@ -148,8 +150,18 @@ def test_bad_input_is_one_line_and_exit_2(tiny, capsys, tmp_path):
         assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
 
 
-def test_eval_still_decodes_through_the_shared_decode():
-    from lmloop.models import seq2seq
-    from lmloop.stages import evaluate_seq2seq
-
-    assert evaluate_seq2seq.greedy_decode is seq2seq.generate
+def test_eval_decodes_through_the_engine_like_generate(tiny, monkeypatch):
+    """One decode path: `lmloop eval`'s greedy outputs come from the engine `generate` runs on,
+    each input submitted to it, and equal the one-at-a-time greedy decode."""
+    tok, model = tiny["tok"], tiny["model"]
+    submitted: list[list[int]] = []
+    submit = Engine.submit
+    monkeypatch.setattr(
+        Engine, "submit", lambda e, ids, p=None: submitted.append(ids) or submit(e, ids, p)
+    )
+    inputs = [_input(tok, p)[0].tolist() for p in PROMPTS]
+    stops = set(tok.stop_ids) | {model.config.eos_token_id}
+    got = eval_seq2seq.greedy_decode(model, inputs, tokenizer=tok, max_new_tokens=12,
+                                     stop_ids=stops, show_progress=False)  # fmt: skip
+    assert submitted == inputs
+    assert got == [_want(tiny, p, 12) for p in PROMPTS]

@@ -21,7 +21,8 @@ TORCH_FREE = (
     "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
     "lmloop.registry", "lmloop.registry.spec", "lmloop.data.sources", "lmloop.data.preprocess",
     "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
-    "lmloop.engine.spec", "lmloop.engine.params", "lmloop.engine.config",
+    "lmloop.engine.spec", "lmloop.engine.params", "lmloop.engine.config", "lmloop.evaluation.config",
+    "lmloop.evaluation.report",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.training",
          "lmloop.data.synthetic")  # fmt: skip
@@ -37,8 +38,16 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     """(module, at_top_level) for every import in a file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = set(map(id, tree.body))
+    typing_only = {  # `if TYPE_CHECKING:` imports name types; nothing is imported at run time
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for n in ast.walk(block)
+    }
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, id(node) in top) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -89,25 +89,27 @@ class Seq2SeqRunner:
         c = model.config
         self.model = model
         self.max_len = max_len  # decoder positions and input tokens, each
-        self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu").self_attn
+        # The caches live where the weights do (`lmloop eval --device cuda` decodes here too).
+        self.device = dev = next(model.parameters()).device
+        self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device=dev).self_attn
         shape = (c.decoder_layers, batch, c.num_heads, max_len, c.d_kv)  # (L, B, H, S, D)
-        self.cross_k = torch.zeros(shape, dtype=torch.float32)
-        self.cross_v = torch.zeros(shape, dtype=torch.float32)
+        self.cross_k = torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.cross_v = torch.zeros(shape, dtype=torch.float32, device=dev)
         self.input_len = [0] * batch  # valid cross slots of each row
         self.start = int(c.decoder_start_token_id)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, stop: int):
         """One decoder step for rows [start, stop): logits (n, V)."""
         n = stop - start
-        lens = torch.tensor(self.input_len[start:stop])
+        lens = torch.tensor(self.input_len[start:stop], device=self.device)
         span = int(lens.max())
         cache = Seq2SeqCache(CacheRows(self.cache, start, stop))
         cache.cross = [
             (self.cross_k[i, start:stop, :, :span], self.cross_v[i, start:stop, :, :span])
             for i in range(self.cross_k.shape[0])
         ]  # (n, H, span, D) each: views, no copy
-        pad = torch.arange(span)[None] >= lens[:, None]  # (n, span) True past each input's end
-        bias = torch.zeros((n, span), dtype=torch.float32)
+        pad = torch.arange(span, device=self.device)[None] >= lens[:, None]  # (n, span) True
+        bias = torch.zeros((n, span), dtype=torch.float32, device=self.device)  # past the input
         cache.cross_bias = bias.masked_fill(pad, torch.finfo(torch.float32).min)[:, None, None]
         return self.model.decode(tokens, positions=positions, cache=cache)[:, -1]
 
@@ -117,7 +119,7 @@ class Seq2SeqRunner:
         if every_position:
             raise UserError("prompt logprobs apply to decoder-only models only")
         self.reset(row)
-        x = torch.tensor([ids], dtype=torch.long)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
         enc, _ = self.model.encode(x)  # (1, S, C): one unpadded input
         S = len(ids)
         for i, block in enumerate(self.model.model.decoder.layers):
@@ -125,14 +127,15 @@ class Seq2SeqRunner:
             self.cross_k[i, row, :, :S] = k[0]
             self.cross_v[i, row, :, :S] = v[0]
         self.input_len[row] = S
-        tok = torch.tensor([[self.start]])
-        return self._step(tok, torch.zeros((1, 1), dtype=torch.long), row, row + 1)[0]
+        tok = torch.tensor([[self.start]], device=self.device)
+        pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        return self._step(tok, pos, row, row + 1)[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own decoder position; logits (n, V)."""
         n = len(tokens)
-        x = torch.tensor(tokens, dtype=torch.long)[:, None]
-        pos = torch.tensor(positions, dtype=torch.long)[:, None]
+        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]
         return self._step(x, pos, 0, n)
 
     def reset(self, row: int) -> None:

@@ -36,19 +36,25 @@ import contextlib
 import logging
 import math
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from lmloop.engine.fast import PackedLinear
 from lmloop.errors import UserError
+from lmloop.log import progress
+from lmloop.models.base import DEFAULT_BATCH_TOKENS
+
+if TYPE_CHECKING:
+    from lmloop.models.io import LoadedModel
+    from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-# Tokens per forward batch when the caller does not say; bounds the logits tensor's size.
-DEFAULT_BATCH_TOKENS = 8192
 
 
 # ---- text normalisation and counts (lm-eval's definitions) -----------------------------------
@@ -230,21 +236,17 @@ class _HeadTap:
     """
 
     def __init__(self, model: torch.nn.Module):
-        import threading
-
         head = getattr(model, "lm_head", None)
         self.head = head if isinstance(head, torch.nn.Linear) else None
         self.owner = threading.get_ident()
         self.select: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hidden: torch.Tensor | None = None
         self._handle = None
-        self._head_fn: Any = None
+        self._head_fn: torch.nn.Module | None = None
 
     def __enter__(self) -> _HeadTap:
         if self.head is not None:
             self._handle = self.head.register_forward_pre_hook(self._pre)
-            from lmloop.engine.fast import PackedLinear
-
             packed = PackedLinear.pack(self.head)  # chunks of rows: packed is faster
             self._head_fn = packed if packed is not self.head else None
         return self
@@ -254,8 +256,6 @@ class _HeadTap:
             self._handle.remove()
 
     def _pre(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
-        import threading
-
         if self.select is None or threading.get_ident() != self.owner:
             return None
         rows, pos = self.select
@@ -280,8 +280,6 @@ def _packed_linears(model: torch.nn.Module):
     is ~1.5x faster than the stock sgemm on this project's CPU (see lmloop.engine.fast). The
     same weights, so figures move by float rounding only (tested against the reference loops).
     The output head is left in place: `_HeadTap` packs its own copy."""
-    from lmloop.engine.fast import PackedLinear
-
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     head = getattr(model, "lm_head", None)
     for mod in list(model.modules()):
@@ -310,8 +308,6 @@ def score_windows(
     loss_chunk: int = 2048,
 ) -> Scores:
     """Run every window through `model` and sum the target log-probabilities per document."""
-    from lmloop.log import progress
-
     device = next(model.parameters()).device
     loglik = [0.0] * n_docs
     counts = [0] * n_docs
@@ -359,7 +355,7 @@ def score_windows(
 
 # ---- checks ------------------------------------------------------------------------------------
 def check_protocol(
-    model: torch.nn.Module, tokenizer: Any, window: int | None, stride: int | None
+    model: torch.nn.Module, tokenizer: Tokenizer, window: int | None, stride: int | None
 ) -> int:
     """Validate window/stride and the tokenizer against the model; return the window to use."""
     ctx = int(model.max_seq_len)
@@ -390,7 +386,7 @@ def check_protocol(
     return w
 
 
-def prefix_token(tokenizer: Any) -> int:
+def prefix_token(tokenizer: Tokenizer) -> int:
     """lm-eval's prefix token: BOS when the tokenizer has one, else EOS."""
     tok = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if tok is None:
@@ -434,7 +430,7 @@ def figures(loglik: float, tokens: int, words: int, nbytes: int) -> dict[str, fl
 
 def evaluate_tokens(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     docs: Sequence[Sequence[int]],
     texts: Sequence[str],
     *,
@@ -446,8 +442,6 @@ def evaluate_tokens(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Score pre-tokenized documents; `texts` are their original texts (for words and bytes)."""
-    import time
-
     w = check_protocol(model, tokenizer, window, stride)
     if not docs or not any(len(d) for d in docs):
         raise UserError("nothing to evaluate: the text is empty", hint="pass a non-empty text")
@@ -499,7 +493,7 @@ def evaluate_tokens(
 
 
 def evaluate_texts(
-    loaded: Any,
+    loaded: LoadedModel,
     texts: Sequence[str],
     window: int | None = None,
     stride: int | None = None,
@@ -509,7 +503,7 @@ def evaluate_texts(
     batch_size: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Figures for `texts` under a protocol; `loaded` is a `modelio.LoadedModel` (model+tokenizer).
+    """Figures for `texts` under a protocol; `loaded` is a loaded model (model + tokenizer).
 
     Words and bytes are counted on `texts` as given; with `detokenize="wikitext"` the model
     scores the detokenized text (lm-eval's `wikitext` task), counts stay on the original.
@@ -539,7 +533,7 @@ def evaluate_texts(
 # ---- sample generations ------------------------------------------------------------------------
 @torch.inference_mode()
 def greedy_generate(
-    model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 32
 ) -> str:
     """Greedy continuation over the model's KV cache (deterministic, for the report)."""
     ids = tokenizer.encode(prompt)

@@ -12,6 +12,10 @@ non-embedding count leaves out `embed_*` and `lm_head`, as `lmloop.models.num_pa
 
 from __future__ import annotations
 
+# Tokens per forward batch when the caller does not say (perplexity scoring, seq2seq target
+# scoring); bounds the size of one batch's logits tensor.
+DEFAULT_BATCH_TOKENS = 8192
+
 
 class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:

@@ -24,7 +24,7 @@ from the encoding on the first decode call and reused by every later step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmloop.errors import UserError
-from lmloop.models.base import ModelConfig
+from lmloop.log import progress
+from lmloop.models.base import DEFAULT_BATCH_TOKENS, ModelConfig
 from lmloop.models.cache import KVCache, padding_mask
 from lmloop.models.gpt import sinusoidal_table
 from lmloop.models.llama import RMSNorm
@@ -491,8 +492,6 @@ def batch_groups(lengths: list[int], budget: int, batch_size: int | None) -> lis
 def batch_tokens(model: torch.nn.Module) -> int:
     """Padded tokens per forward pass: 8,192, fewer for a large vocabulary, so one batch's
     (B, T, V) fp32 logits stay under 512 MiB."""
-    from lmloop.evaluation.perplexity import DEFAULT_BATCH_TOKENS
-
     return max(1, min(DEFAULT_BATCH_TOKENS, 2**27 // int(model.config.vocab_size)))
 
 
@@ -505,19 +504,16 @@ def generate(
     stop_ids: set[int],
     pad_id: int,
     batch_size: int | None = None,
-    pickers: Sequence[Callable[[torch.Tensor], int]] | None = None,
     show_progress: bool = True,
 ) -> list[list[int]]:
-    """Each input's decoded output (stop token excluded), in order; batched over inputs, through
-    the cache, until a stop token or `max_new_tokens`. Greedy, unless `pickers` gives one
-    function per input that chooses its next token from the step's raw logits (V,) (`lmloop
-    generate` passes the engine's seeded samplers; `lmloop eval` decodes greedily).
+    """Each input's greedy output (stop token excluded), in order; batched over inputs, through
+    the cache, until a stop token or `max_new_tokens`. The model's own reference decode, which
+    the engine's (`lmloop.engine.seq2seq`) is tested and benchmarked against; every command
+    decodes through the engine.
 
     Inputs are right-padded and masked; every row of a batch decodes the same position at each
     step (the decoder has no padding), so a row's output does not depend on its batch.
     """
-    from lmloop.log import progress
-
     if max_new_tokens < 1 or not inputs:
         return [[] for _ in inputs]
     device = next(model.parameters()).device
@@ -547,11 +543,7 @@ def generate(
             pos = torch.full((B, 1), t, dtype=torch.long, device=device)
             logits = model.decode(nxt, enc, mask, positions=pos, cache=cache)  # (B, 1, V)
             enc = mask = None  # the cache holds the cross-attention keys/values from now on
-            if pickers is None:
-                tok = logits[:, -1].argmax(-1)  # (B,)
-            else:
-                picked = [pickers[order[i]](logits[r, -1]) for r, i in enumerate(g)]
-                tok = torch.tensor(picked, dtype=torch.long, device=device)
+            tok = logits[:, -1].argmax(-1)  # (B,)
             done = done | torch.isin(tok, stops)
             new.append(torch.where(done, -1, tok))  # -1: this row has stopped
             if bool(done.all()):

@@ -624,8 +624,8 @@ def _target_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict
     token, teacher-forced, as `lmloop eval` and training compute it) under both versions; the
     gain (current minus candidate) and its interval."""
     from lmloop.data.preprocess import normalize_text
+    from lmloop.evaluation.seq2seq import target_loglik
     from lmloop.models.io import load_model
-    from lmloop.stages.evaluate_seq2seq import target_loglik
 
     recs = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]
     if not recs:

@@ -301,9 +301,7 @@ class Seq2SeqObjective:
         return self.collate([self.pairs[self.index(i)] for i in samples])
 
     def collate(self, rows: list) -> Any:
-        cut = [
-            (_keep_eos(list(a), self.seq_len), _keep_eos(list(b), self.seq_len)) for a, b in rows
-        ]
+        cut = [(keep_eos(list(a), self.seq_len), keep_eos(list(b), self.seq_len)) for a, b in rows]
         S, T = max(len(a) for a, _ in cut), max(len(b) for _, b in cut)
         x = torch.full((len(cut), S), self.pad_id, dtype=torch.long)
         y = torch.full((len(cut), T), IGNORE, dtype=torch.long)
@@ -326,7 +324,7 @@ class Seq2SeqObjective:
         return Step(ls, self.units(batch), {})
 
 
-def _keep_eos(ids: list[int], n: int) -> list[int]:
+def keep_eos(ids: list[int], n: int) -> list[int]:
     """At most n ids; a cut sequence keeps its last (EOS) token at the end."""
     return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
 

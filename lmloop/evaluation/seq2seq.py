@@ -11,13 +11,16 @@ Two kinds of figure, each with its protocol on the label:
   divide the same summed NLL by the words/bytes of the scored target text (lm-eval's
   definitions, `lmloop.evaluation.perplexity.figures`), which makes models with different tokenizers
   comparable on the same pairs.
-- generation: each input is greedily decoded (batched, through the model's KV cache, stopping at
-  EOS or after `max_new_tokens`), and the outputs are scored against the reference targets with
+- generation: each input is greedily decoded by the engine (`lmloop.engine.Engine`, the decode
+  path of `lmloop generate` and `lmloop serve`: continuous batching over the encoder-decoder
+  runner, stopping at EOS or after `max_new_tokens`), and the outputs are scored against the
+  reference targets with
   sacrebleu's corpus chrF and BLEU (default settings; their signature strings go into the
   report) and rouge-score's ROUGE-L F (`RougeScorer(["rougeL"])`: lower-cased, alphanumeric
   tokens, no stemming), averaged over pairs.
 
-Only `lmloop.stages.evaluate.run` imports this module (as `data_pairs` is the data stage's).
+`lmloop.stages.evaluate.run` scores paired data with `evaluate_pairs`; the loop's gate scores
+held-out pairs with `target_loglik`.
 """
 
 from __future__ import annotations
@@ -27,13 +30,22 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from sacrebleu.metrics import BLEU, CHRF
 
+from lmloop.engine.core import Engine
+from lmloop.engine.params import SamplingParams
 from lmloop.errors import UserError
+from lmloop.evaluation.perplexity import check_protocol, count_bytes, count_words, figures
+from lmloop.log import progress
 from lmloop.models.seq2seq import batch_groups, batch_tokens
-from lmloop.models.seq2seq import generate as greedy_decode  # greedy: no pickers
+from lmloop.training.preference import Seq2SeqObjective, keep_eos
+
+if TYPE_CHECKING:
+    from lmloop.models.seq2seq import Seq2Seq
+    from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +55,12 @@ LOSS = (
 )
 GENERATION = ("chrf", "bleu", "rougeL")
 N_SAMPLES = 3  # (input, reference, output) examples kept in the report
+DECODE_ROWS = 16  # sequences the engine decodes at once unless batch_size says
 
 
 @torch.inference_mode()
 def target_loglik(
-    model: torch.nn.Module,
+    model: Seq2Seq,
     rows: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     window: int,
@@ -56,9 +69,6 @@ def target_loglik(
     show_progress: bool = True,
 ) -> tuple[float, int]:
     """(summed log-likelihood of the target tokens given the input, target tokens scored)."""
-    from lmloop.log import progress
-    from lmloop.training.preference import Seq2SeqObjective
-
     obj = Seq2SeqObjective(rows, pad_id=pad_id, seed=0, seq_len=window)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -max(len(rows[i][0]), len(rows[i][1])))
@@ -77,8 +87,9 @@ def target_loglik(
 def generation_metrics(hyps: list[str], refs: list[str]) -> dict[str, Any]:
     """sacrebleu's corpus chrF and BLEU (default settings), rouge-score's ROUGE-L F averaged over
     pairs; with the signatures that say exactly how each was computed."""
+    # Here, not at the top: rouge-score imports nltk, 1.3 s measured on this project's CPU (after
+    # torch), which only a seq2seq report with outputs to score should pay.
     from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU, CHRF
 
     chrf, bleu = CHRF(), BLEU()
     c = chrf.corpus_score(hyps, [refs])
@@ -98,9 +109,52 @@ def generation_metrics(hyps: list[str], refs: list[str]) -> dict[str, Any]:
     }
 
 
+def greedy_decode(
+    model: Seq2Seq,
+    inputs: Sequence[Sequence[int]],
+    *,
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """Each input's greedy output (its stop token dropped), in order: up to `max_new_tokens`
+    tokens or a token of `stop_ids`, decoded by the engine with greedy `SamplingParams`,
+    `batch_size` (default 16) sequences at a time. An output does not depend on the others
+    decoded beside it."""
+    if max_new_tokens < 1 or not inputs:
+        return [[] for _ in inputs]
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=0.0, stop_token_ids=sorted(stop_ids),
+        ignore_eos=True,  # `stop_ids` alone end an output
+    )  # fmt: skip
+    engine = Engine(
+        model, tokenizer, max_batch=min(len(inputs), batch_size or DECODE_ROWS),
+        max_waiting=len(inputs), max_len=max(max_new_tokens, *(len(x) for x in inputs)),
+        prefix_cache_mb=0,
+    )  # fmt: skip
+    outs: list[list[int]] = []
+    with engine:
+        handles = [engine.submit(list(x), params) for x in inputs]
+        it = (
+            progress(handles, total=len(handles), desc="decode", unit="pair")
+            if show_progress
+            else handles
+        )
+        for h in it:
+            ids: list[int] = []
+            for step in h:
+                if step.finish_reason == "error":
+                    raise RuntimeError(f"decoding failed: {step.error}")
+                ids += step.token_ids
+            outs.append(ids[:-1] if ids and ids[-1] in stop_ids else ids)
+    return outs
+
+
 def evaluate_pairs(
-    model: torch.nn.Module,
-    tokenizer: Any,
+    model: Seq2Seq,
+    tokenizer: Tokenizer,
     rows: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     window: int | None = None,
@@ -110,9 +164,6 @@ def evaluate_pairs(
 ) -> dict[str, Any]:
     """Target perplexity and greedy-decode metrics of (input ids, target ids) pairs, each side
     ending in EOS (`lmloop.data.shards.Pairs`); the same shape as `evaluate_tokens`' result."""
-    from lmloop.evaluation.perplexity import check_protocol, count_bytes, count_words, figures
-    from lmloop.training.preference import _keep_eos  # a side cut as training cuts it
-
     if not rows:
         raise UserError("nothing to evaluate: no input/target pairs", hint="pass a non-empty split")
     w = check_protocol(model, tokenizer, window, None)
@@ -140,20 +191,20 @@ def evaluate_pairs(
     def text(ids: Sequence[int]) -> str:  # a side without its EOS
         return tokenizer.decode(list(ids)[:-1], skip_special_tokens=True).strip()
 
-    # Words and bytes of what was scored: the targets as cut to the window.
-    scored = [text(_keep_eos(list(b), w)) for _, b in rows]
+    # Words and bytes of what was scored: the targets as cut to the window (as training cuts).
+    scored = [text(keep_eos(list(b), w)) for _, b in rows]
     words, nbytes = sum(count_words(t) for t in scored), sum(count_bytes(t) for t in scored)
     out: dict[str, Any] = figures(loglik, tokens, words, nbytes)
     eos = model.config.eos_token_id
     stops = {int(t) for t in tokenizer.stop_ids} | ({int(eos)} if eos is not None else set())
-    inputs = [_keep_eos(list(a), w) for a, _ in rows]
+    inputs = [keep_eos(list(a), w) for a, _ in rows]
     t0 = time.perf_counter()
     gen_ids = greedy_decode(
         model,
         inputs,
+        tokenizer=tokenizer,
         max_new_tokens=max_new_tokens,
         stop_ids=stops,
-        pad_id=pad,
         batch_size=batch_size,
         show_progress=show_progress,
     )
