@@ -13,18 +13,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from lmloop.engine.core import RequestHandle
 from lmloop.engine.params import QueueFull, SamplingParams, StepOutput
 from lmloop.errors import UserError
 from lmloop.server.errors import APIError
 from lmloop.server.slot import Served, outputs
 from lmloop.server.state import ServerState
-
-if TYPE_CHECKING:
-    from lmloop.engine.core import RequestHandle
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,7 @@ A `ModelSlot` holds the `Served` model version that takes new requests. A reques
 current one and keeps it until it finishes, so a reload (admin call, or a registry promotion the
 slot follows) only changes where *new* requests go: the new engine starts taking requests, and
 the old one is stopped in the background once its last request is released. Loading and
-stopping run in worker threads, never on the event loop. This module imports torch only through
-`lmloop.engine`, lazily, when a model is loaded.
+stopping run in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -17,15 +16,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lmloop.engine.core import Engine, RequestHandle, load_engine
+from lmloop.engine.memory import release_memory
 from lmloop.engine.params import StepOutput
+from lmloop.models.io import LoadedModel
 from lmloop.registry import Registry, split_spec
-
-if TYPE_CHECKING:
-    from lmloop.engine.core import Engine, RequestHandle
-    from lmloop.models.io import LoadedModel
-    from lmloop.tokenizer import Tokenizer
+from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,7 @@ class Served:
         }
 
 
-Loader = Callable[[str, dict[str, Any]], "tuple[Engine, LoadedModel, str | None]"]
+Loader = Callable[[str, dict[str, Any]], tuple[Engine, LoadedModel, str | None]]
 
 
 def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Engine, LoadedModel, str | None]:
@@ -75,11 +73,6 @@ def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Engine, Loaded
     A `registry:NAME` model is labelled with the registry's own version string (the one
     `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
     """
-    # Lazy: lmloop.engine.core imports torch (about 1 s), and the server package must import
-    # without it, since `lmloop serve --help` reads ServeConfig from lmloop.server.settings
-    # (tests/test_cli.py::test_every_config_loads_without_torch).
-    from lmloop.engine import load_engine, release_memory
-
     engine, loaded = load_engine(spec, **engine_kw)
     # The server needs the engine, not the model: the engine's runner keeps what it reads, so
     # dropping the checkpoint frees its weights (SmolLM2-135M with --int8: 1.9 GB resident
