@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval compare": ("lmloop.evaluation.config:CompareConfig", "lmloop.stages.evaluate:run_compare", "compare eval reports, refusing mismatched protocols"),
     "generate": ("lmloop.engine.config:GenerateConfig", "lmloop.stages.generate:run", "generate text from a prompt or a JSONL of prompts"),
     "chat": ("lmloop.engine.config:ChatConfig", "lmloop.stages.generate:run_chat", "interactive terminal chat with a model"),
-    "serve": ("lmloop.stages.serve:ServeConfig", "lmloop.stages.serve:run", "OpenAI-compatible API and chat page, recording feedback"),
+    "serve": ("lmloop.server.settings:ServeConfig", "lmloop.stages.serve:run", "OpenAI-compatible API and chat page, recording feedback"),
     "feedback export": ("lmloop.stages.feedback:ExportConfig", "lmloop.stages.feedback:run_export", "export conversations and ratings as training data"),
     "feedback stats": ("lmloop.stages.feedback:StatsConfig", "lmloop.stages.feedback:run_stats", "counts and ratings per model version"),
     "models list": ("lmloop.stages.models:ListConfig", "lmloop.stages.models:run_list", "list registered model versions"),

@@ -138,7 +138,7 @@ def test_a_stream_event_is_one_line_whatever_the_text():
     iter_lines) reads as line ends; each event's JSON must stay on one line and round-trip."""
     import json
 
-    from lmloop.server.app import sse_data
+    from lmloop.server.responses import sse_data
 
     obj = {"choices": [{"delta": {"content": "a\u2028b\x85c\u2029d\ne é"}}]}
     event = sse_data(obj)

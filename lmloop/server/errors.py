@@ -75,6 +75,13 @@ def error_response(status: int, message: str, **kw: Any) -> JSONResponse:
     return APIError(status, message, **kw).response()
 
 
+def too_large(max_bytes: int) -> APIError:
+    """413 for a request body over the cap (the body-size middleware and `read_json_body`)."""
+    return APIError(
+        413, f"request body too large: the limit is {max_bytes} bytes", code="request_too_large"
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:

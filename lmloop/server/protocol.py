@@ -6,6 +6,10 @@ wrong content type, invalid UTF-8, invalid JSON, NaN/Infinity or a non-object bo
 not a number, a bool is not an integer) and range-check every sampling value the way OpenAI
 does, answering 400 with the offending field in `param`. Unknown fields are ignored, as OpenAI
 clients send fields this server does not implement (`user`, `metadata`, ...).
+
+A parsed request then becomes what the engine takes: `prompt_ids` (token ids per prompt, and
+the conversation to record), `max_tokens_for` (checked against the context) and
+`sampling_params` (one `SamplingParams` per choice).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmloop.server.errors import APIError
+from lmloop.engine.params import SamplingParams
+from lmloop.errors import UserError
+from lmloop.server.errors import APIError, too_large
+from lmloop.server.slot import Served
 
 MAX_N = 8  # choices per request: each is a separate sequence in the batch
 
@@ -38,7 +45,7 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     if declared is not None:
         try:
             if int(declared) > max_bytes:
-                raise _too_large(max_bytes)
+                raise too_large(max_bytes)
         except ValueError:
             raise APIError(400, "invalid Content-Length header") from None
     chunks: list[bytes] = []
@@ -46,7 +53,7 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:  # a lying or missing Content-Length (chunked upload)
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
@@ -71,12 +78,6 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
             400, "the request body holds an invalid \\u escape (lone surrogate)"
         ) from None
     return body
-
-
-def _too_large(max_bytes: int) -> APIError:
-    return APIError(
-        413, f"request body too large: the limit is {max_bytes} bytes", code="request_too_large"
-    )
 
 
 def json_kind(v: Any) -> str:
@@ -194,3 +195,135 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
             param="max_tokens", code="invalid_value",
         )  # fmt: skip
     return req
+
+
+# ---- a parsed request -> the engine's prompts and sampling settings ----------------------------
+
+
+def sampling_params(
+    req: ChatRequest | CompletionRequest, max_tokens: int, index: int
+) -> SamplingParams:
+    """The engine's sampling settings for choice `index` of a request (its seed is offset by the
+    index, so the choices differ yet repeat); 400 for a combination the engine refuses."""
+    prompt_logprobs = None
+    if isinstance(req, ChatRequest):
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
+        if req.echo and (logprobs is not None or max_tokens == 0):
+            prompt_logprobs = logprobs or 0
+    seed = None if req.seed is None else (req.seed + index) % (2**63)
+    p = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        stop=list(req.stop or []),
+        seed=seed,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    try:
+        return p.validate()
+    except UserError as e:
+        raise APIError(400, e.line(), code="invalid_value") from None
+
+
+def params_record(req: ChatRequest | CompletionRequest, max_tokens: int) -> dict[str, Any]:
+    keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty")
+    out = {k: getattr(req, k) for k in keys}
+    out.update(max_tokens=max_tokens, seed=req.seed, stop=list(req.stop or []), n=req.n)
+    return out
+
+
+def prompt_ids(
+    served: Served, req: ChatRequest | CompletionRequest
+) -> list[tuple[list[int], list[dict]]]:
+    """[(prompt ids, conversation to record)] — one per prompt (a completion may send several)."""
+    tok = served.tokenizer
+    if isinstance(req, ChatRequest):
+        conv = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        if is_encoder_decoder(served):  # the last user turn is the encoder's input
+            try:
+                return [(served.engine.encode_chat(conv), conv)]
+            except UserError as e:
+                raise APIError(400, e.line(), param="messages") from None
+        try:
+            text = tok.apply_chat_template(conv, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a model's template may reject a conversation
+            raise APIError(
+                400, f"the model's chat template rejected the messages: {e}", param="messages"
+            ) from None
+        return [(tok.encode(text), conv)]
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt = [prompt]  # one prompt of token ids
+    out = []
+    for p in [prompt] if isinstance(prompt, str) else prompt:
+        if isinstance(p, list):  # token ids
+            vocab = tok.vocab_size
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})",
+                    param="prompt",
+                )  # fmt: skip
+            out.append((list(p), [{"role": "user", "content": tok.decode(list(p))}]))
+            continue
+        ids = served.engine.encode_prompt(p)  # as `lmloop generate` encodes a plain prompt
+        if not ids:
+            raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
+        out.append((ids, [{"role": "user", "content": p}]))
+    return out
+
+
+def is_encoder_decoder(served: Served) -> bool:
+    return bool(getattr(served.engine, "encoder_decoder", False))
+
+
+def max_tokens_for(
+    req: ChatRequest | CompletionRequest, served: Served, n_prompt: int, default_max_tokens: int
+) -> int:
+    """Tokens to generate for a prompt of `n_prompt` tokens: the request's, or the default
+    capped by the context left; 400 (context_length_exceeded) when they do not fit."""
+    ctx = served.context_length
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if is_encoder_decoder(served):  # input and output each get the whole context
+        if n_prompt > ctx or (asked or 0) > ctx:
+            raise _context_error(ctx, n_prompt, asked or 1, encoder_decoder=True)
+        return min(default_max_tokens, ctx) if asked is None else asked
+    if asked is None:
+        if n_prompt >= ctx:
+            raise _context_error(ctx, n_prompt, 1)
+        return min(default_max_tokens, ctx - n_prompt)
+    if n_prompt + asked > ctx:
+        raise _context_error(ctx, n_prompt, asked)
+    return asked
+
+
+def _context_error(ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = False) -> APIError:
+    if encoder_decoder:
+        return APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens for the input and {ctx} for "
+            f"the completion. However, you requested {n_prompt} tokens in the prompt and "
+            f"{asked} for the completion. Please reduce the prompt or the maximum number of "
+            "tokens to generate.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return APIError(
+        400,
+        f"This model's maximum context length is {ctx} tokens. However, you requested "
+        f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). "
+        "Please reduce the prompt or the maximum number of tokens to generate.",
+        param="messages",
+        code="context_length_exceeded",
+    )

@@ -4,13 +4,13 @@ A `ModelSlot` holds the `Served` model version that takes new requests. A reques
 current one and keeps it until it finishes, so a reload (admin call, or a registry promotion the
 slot follows) only changes where *new* requests go: the new engine starts taking requests, and
 the old one is stopped in the background once its last request is released. Loading and
-stopping run in worker threads, never on the event loop. This module imports torch only through
-`lmloop.engine`, lazily, when a model is loaded.
+stopping run in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmloop.engine.core import Engine, RequestHandle, load_engine
+from lmloop.engine.memory import release_memory
+from lmloop.engine.params import StepOutput
+from lmloop.models.io import LoadedModel
 from lmloop.registry import Registry, split_spec
+from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +34,8 @@ REGISTRY_PREFIX = "registry:"
 class Served:
     """One loaded model version and its engine."""
 
-    engine: Any  # lmloop.engine.Engine
-    loaded: Any  # lmloop.models.io.LoadedModel
+    engine: Engine
+    loaded: LoadedModel  # without its model: the engine's runner holds the weights
     model_id: str  # the id the API reports and accepts
     version: str
     spec: str
@@ -39,7 +44,7 @@ class Served:
     loaded_at: float = field(default_factory=time.time)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.loaded.tokenizer
 
     @property
@@ -59,16 +64,15 @@ class Served:
         }
 
 
-def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Any, Any, str | None]:
+Loader = Callable[[str, dict[str, Any]], tuple[Engine, LoadedModel, str | None]]
+
+
+def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Engine, LoadedModel, str | None]:
     """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
 
     A `registry:NAME` model is labelled with the registry's own version string (the one
     `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
     """
-    import dataclasses
-
-    from lmloop.engine import load_engine, release_memory
-
     engine, loaded = load_engine(spec, **engine_kw)
     # The server needs the engine, not the model: the engine's runner keeps what it reads, so
     # dropping the checkpoint frees its weights (SmolLM2-135M with --int8: 1.9 GB resident
@@ -86,7 +90,7 @@ class ModelSlot:
         *,
         model_id: str | None = None,
         engine_kw: dict[str, Any] | None = None,
-        loader: Callable[[str, dict[str, Any]], tuple[Any, Any, str | None]] = default_loader,
+        loader: Loader = default_loader,
         drain_timeout: float = 30.0,
     ):
         self.spec = spec
@@ -201,21 +205,21 @@ class ModelSlot:
         return cur + [s for s in self._retired if s is not self.current]
 
 
-def _busy(engine: Any) -> bool:
+def _busy(engine: Engine) -> bool:
     try:
         return bool(engine.alive and (engine.num_running or engine.num_waiting))
     except Exception:  # noqa: BLE001 - a broken engine has nothing left to drain
         return False
 
 
-def _stop_engine(engine: Any, timeout: float) -> None:
+def _stop_engine(engine: Engine, timeout: float) -> None:
     try:
         engine.stop(timeout=timeout)
     except Exception as e:  # noqa: BLE001 - stopping is best effort
         log.warning("engine stop failed: %s", e)
 
 
-async def outputs(handle: Any) -> AsyncIterator[Any]:
+async def outputs(handle: RequestHandle) -> AsyncIterator[StepOutput]:
     """Iterate a RequestHandle's StepOutputs without blocking the event loop."""
     if hasattr(handle, "__aiter__"):
         async for out in handle:

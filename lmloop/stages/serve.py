@@ -19,77 +19,16 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+
+import uvicorn
 
 from lmloop.artifacts import lmloop_home
-from lmloop.config import param
 from lmloop.errors import UserError
+from lmloop.server import ServerSettings, create_app
+from lmloop.server.settings import KV_CACHE, ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: str = param(
-        "",
-        "model to serve: a model or checkpoint folder, a train run folder, a Hugging Face folder, "
-        "a .gguf file, an installed short name (smollm2-135m-instruct) or registry:NAME",
-    )
-    model_name: str | None = param(None, "model id the API reports (default: --model as given)")
-    host: str = param("127.0.0.1", "address to bind; non-loopback needs --api-key or --insecure")
-    port: int = param(8000, "TCP port")
-    api_key: str | None = param(
-        None, "require this key on every route but /health (default: $LMLOOP_API_KEY)"
-    )
-    insecure: bool = param(False, "allow a non-loopback bind without an API key")
-    db: str | None = param(None, "feedback database (default: $LMLOOP_HOME/feedback.db)")
-    max_batch: int = param(16, "sequences decoded together (continuous batching)")
-    max_waiting: int = param(64, "requests queued beyond the batch; more get 429")
-    max_len: int | None = param(None, "KV-cache length per sequence (default: model context)")
-    max_body_bytes: int = param(1 << 20, "largest request body accepted (413 beyond)")
-    request_timeout: float = param(300.0, "seconds one request may generate before it is cut off")
-    default_max_tokens: int = param(512, "tokens generated when a request sets no max_tokens")
-    drain_timeout: float = param(30.0, "seconds in-flight requests get to finish on shutdown")
-    registry_poll: float = param(5.0, "seconds between checks for a new registry version")
-    cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
-    int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
-    int4: bool = param(
-        False,
-        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
-    )
-    kv_cache: Literal["auto", "fp32", "int8"] = param(
-        "auto",
-        "KV cache precision: fp32, int8 (a quarter of the memory, measured quality cost in "
-        "BENCHMARKS.md; Llama family), or auto (int8 with --int8 or --int4, else fp32)",
-    )
-    prefix_cache_mb: float = param(
-        256.0,
-        "memory for the keys/values of shared prompt prefixes (system prompt, chat history), "
-        "reused instead of prefilled again; 0 turns the prefix cache off",
-    )
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise UserError("--model is required", hint="e.g. --model smollm2-135m-instruct")
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port {self.port} is not a TCP port (0-65535)")
-        for name in ("max_batch", "max_waiting", "max_body_bytes", "default_max_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if not self.prefix_cache_mb >= 0:
-            raise UserError(f"--prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
-        for name in ("request_timeout", "drain_timeout", "registry_poll"):
-            if not getattr(self, name) > 0:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
-                )
-
-
-KV_CACHE = {"auto": None, "fp32": False, "int8": True}  # --kv-cache -> the engine's kv_int8
 
 
 def is_loopback(host: str) -> bool:
@@ -109,10 +48,6 @@ def run(cfg: ServeConfig) -> int:
             "the model and write to the feedback database",
             hint="set --api-key (or LMLOOP_API_KEY), or pass --insecure if that is intended",
         )
-    import uvicorn
-
-    from lmloop.server import ServerSettings, create_app
-
     db = Path(cfg.db).expanduser() if cfg.db else lmloop_home() / "feedback.db"
     settings = ServerSettings(
         model=cfg.model,

@@ -1,0 +1,228 @@
+"""The HTTP routes: the OpenAI API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`),
+`/health`, `/metrics`, `POST /admin/reload` and the chat page at `/`.
+
+A completion request is parsed (lmloop.server.protocol), turned into prompts and sampling
+settings, run as one `Job` on the served engine (lmloop.server.generation) and answered whole or
+streamed (lmloop.server.responses). The model version a request acquired serves it to the end,
+whatever a reload does meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from lmloop.errors import UserError
+from lmloop.server.errors import APIError
+from lmloop.server.generation import Job
+from lmloop.server.metrics import CONTENT_TYPE
+from lmloop.server.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    max_tokens_for,
+    parse_chat,
+    parse_completion,
+    prompt_ids,
+    read_json_body,
+    sampling_params,
+)
+from lmloop.server.responses import ResponseBuilder, model_card
+from lmloop.server.slot import Served
+from lmloop.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+VERSION_HEADER = "x-lmloop-model-version"
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    """The OpenAI routes, the health and metrics endpoints, admin reload and the chat page."""
+    settings = state.settings
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        slot = state.slot
+        if slot.error is not None:
+            return JSONResponse({"status": "error", "error": slot.error}, status_code=503)
+        cur = slot.current
+        if cur is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        engine = cur.engine
+        body = {
+            "status": "ok",
+            "model": cur.model_id,
+            "model_version": cur.version,
+            "running": int(engine.num_running),
+            "waiting": int(engine.num_waiting),
+        }
+        if not engine.alive:  # the worker thread died, or has work but stopped stepping
+            body["status"] = "engine not running or stalled"
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        cur = _ready(state)
+        return JSONResponse({"object": "list", "data": [model_card(cur)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        cur = _ready(state)
+        if not cur.accepts(model_id):
+            raise _unknown_model(model_id, cur)
+        return JSONResponse(model_card(cur))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_json_body(request, settings.max_body_bytes)
+        req = parse_chat(body)
+        return await _serve(state, request, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_json_body(request, settings.max_body_bytes)
+        req = parse_completion(body)
+        return await _serve(state, request, req, chat=False)
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> JSONResponse:
+        if not settings.api_key:
+            # Loading any path (or a hub id) on request is only for a caller who proved a key.
+            raise APIError(
+                403,
+                "admin calls need a server started with --api-key (or LMLOOP_API_KEY)",
+                code="admin_disabled",
+            )
+        body = await read_json_body(request, settings.max_body_bytes)
+        spec = body.get("model", state.slot.spec)
+        name = body.get("name")
+        if not isinstance(spec, str) or not spec.strip():
+            raise APIError(400, "'model' must be a model spec string", param="model")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise APIError(400, "'name' must be a non-empty string", param="name")
+        previous = state.slot.current
+        try:
+            served = await asyncio.to_thread(state.slot.load, spec, model_id=name)
+        except UserError as e:
+            raise APIError(400, f"reload failed: {e.line()}", param="model") from None
+        except Exception as e:  # noqa: BLE001 - the old version keeps serving
+            log.exception("reload of %s failed", spec)
+            raise APIError(400, f"reload failed: {type(e).__name__}: {e}", param="model") from None
+        return JSONResponse(
+            {
+                "object": "reload",
+                "model": served.model_id,
+                "model_version": served.version,
+                "previous_version": previous.version if previous else None,
+            }
+        )
+
+
+def _ready(state: ServerState) -> Served:
+    cur = state.slot.current
+    if cur is None:
+        msg = state.slot.error or "the model is still loading; retry shortly"
+        raise APIError(503, msg, code="model_not_ready", headers={"retry-after": "2"})
+    return cur
+
+
+def _unknown_model(name: str, cur: Served) -> APIError:
+    return APIError(
+        404,
+        f"the model '{name[:200]}' does not exist; this server serves '{cur.model_id}'",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def _serve(
+    state: ServerState, request: Request, req: ChatRequest | CompletionRequest, *, chat: bool
+) -> Response:
+    cur = _ready(state)
+    if req.model is not None and not cur.accepts(req.model):
+        raise _unknown_model(req.model, cur)
+    served = state.slot.acquire()
+    if served is None:
+        raise APIError(503, "the model is not loaded", code="model_not_ready")
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            state.slot.release(served)
+
+    try:
+        prompts = prompt_ids(served, req)
+        default = state.settings.default_max_tokens
+        maxes = [max_tokens_for(req, served, len(ids), default) for ids, _ in prompts]
+        job = Job(state, served, request, chat)
+        # choice k = prompt k // n, sample k % n (OpenAI's order for several prompts)
+        choice_prompts = [p for p, _ in prompts for _ in range(req.n)]
+        choice_max = [m for m in maxes for _ in range(req.n)]
+        params = [sampling_params(req, m, k % req.n) for k, m in enumerate(choice_max)]
+        job.submit(choice_prompts, params)
+    except BaseException:
+        release()
+        raise
+    ctx = ResponseBuilder(job, req, prompts, maxes, params)
+    headers = {VERSION_HEADER: served.version, "x-lmloop-model": served.model_id}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in ctx.stream(include_usage):
+                    yield chunk
+            finally:
+                release()
+
+        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    try:
+        result = await _until_disconnect(request, ctx.collect(), job)
+    finally:
+        release()
+    if result is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    return JSONResponse(result, headers=headers)
+
+
+async def _until_disconnect(
+    request: Request, coro: Coroutine[Any, Any, dict[str, Any]], job: Job
+) -> dict[str, Any] | None:
+    """Run `coro`, cancelling it (and the generation) if the client disconnects first."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
