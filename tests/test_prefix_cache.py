@@ -223,13 +223,16 @@ def test_the_server_counts_what_the_prefix_cache_saved(tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
     from test_server_kit import make_tiny_model
 
+    from lmloop.engine.spec import EngineSpec
     from lmloop.server import ServerSettings, create_app
 
     model = make_tiny_model(tmp_path / "model", max_len=512)
     system = {"role": "system", "content": "You answer briefly and politely. " * 6}
     chats = [[system, {"role": "user", "content": q}] for q in ("Hi there.", "What now?")]
     for mb in (64.0, 0.0):
-        with TestClient(create_app(ServerSettings(model=str(model), prefix_cache_mb=mb))) as c:
+        with TestClient(
+            create_app(ServerSettings(model=str(model), engine=EngineSpec(prefix_cache_mb=mb)))
+        ) as c:
             deadline = time.time() + 60
             while c.get("/health").status_code != 200:
                 assert time.time() < deadline

@@ -51,15 +51,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     slot = slot or ModelSlot(
         settings.model,
         model_id=settings.model_name or settings.model,
-        engine_kw={
-            "max_batch": settings.max_batch,
-            "max_waiting": settings.max_waiting,
-            "max_len": settings.max_len,
-            "int8": settings.int8,
-            "int4": settings.int4,
-            "kv_int8": settings.kv_int8,
-            "prefix_cache_mb": settings.prefix_cache_mb,
-        },
+        engine=settings.engine,
         drain_timeout=settings.drain_timeout,
     )
     state = ServerState(settings, slot)

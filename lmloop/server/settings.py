@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from lmloop.config import param
+from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
 
 
@@ -23,16 +23,10 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 300.0  # seconds a generation may run before it is cut off
     default_max_tokens: int = 512  # when a request gives none (capped by the context left)
-    max_batch: int = 16
-    max_waiting: int = 64
-    max_len: int | None = None
+    engine: EngineSpec = field(default_factory=EngineSpec)  # how the model runs (the engine's spec)
     drain_timeout: float = 30.0  # graceful shutdown / retired engines: finish within this
     registry_poll: float = 5.0  # seconds between checks of a `registry:NAME` model's current
     cors_origins: list[str] = field(default_factory=list)
-    int8: bool = False  # int8 weights for faster CPU decode (the engine's option)
-    int4: bool = False  # 4-bit block weights in the C kernel (the engine's option)
-    kv_int8: bool | None = None  # int8 KV cache (None: with int8 weights; the engine's option)
-    prefix_cache_mb: float = 256.0  # the engine's prefix cache (0: off)
 
 
 @dataclass(frozen=True)
@@ -50,48 +44,26 @@ class ServeConfig:
     )
     insecure: bool = param(False, "allow a non-loopback bind without an API key")
     db: str | None = param(None, "feedback database (default: $LMLOOP_HOME/feedback.db)")
-    max_batch: int = param(16, "sequences decoded together (continuous batching)")
-    max_waiting: int = param(64, "requests queued beyond the batch; more get 429")
-    max_len: int | None = param(None, "KV-cache length per sequence (default: model context)")
+    engine: EngineSpec = param(EngineSpec(), "how the model runs", inline=True)
     max_body_bytes: int = param(1 << 20, "largest request body accepted (413 beyond)")
     request_timeout: float = param(300.0, "seconds one request may generate before it is cut off")
     default_max_tokens: int = param(512, "tokens generated when a request sets no max_tokens")
     drain_timeout: float = param(30.0, "seconds in-flight requests get to finish on shutdown")
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
-    int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
-    int4: bool = param(
-        False,
-        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the fastest CPU decode; Llama family",
-    )
-    kv_cache: Literal["auto", "fp32", "int8"] = param(
-        "auto",
-        "KV cache precision: fp32, int8 (a quarter of the memory, measured quality cost in "
-        "BENCHMARKS.md; Llama family), or auto (int8 with --int8 or --int4, else fp32)",
-    )
-    prefix_cache_mb: float = param(
-        256.0,
-        "memory for the keys/values of shared prompt prefixes (system prompt, chat history), "
-        "reused instead of prefilled again; 0 turns the prefix cache off",
-    )
 
     def __post_init__(self) -> None:
         if not self.model:
             raise UserError("--model is required", hint="e.g. --model smollm2-135m-instruct")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a TCP port (0-65535)")
-        for name in ("max_batch", "max_waiting", "max_body_bytes", "default_max_tokens"):
+        for name in ("max_body_bytes", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        if not self.prefix_cache_mb >= 0:
-            raise UserError(f"--prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
         for name in ("request_timeout", "drain_timeout", "registry_poll"):
             if not getattr(self, name) > 0:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
-
-
-KV_CACHE = {"auto": None, "fp32": False, "int8": True}  # --kv-cache -> the engine's kv_int8

@@ -16,11 +16,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmloop.engine.core import Engine, RequestHandle, load_engine
 from lmloop.engine.memory import release_memory
 from lmloop.engine.params import StepOutput
+from lmloop.engine.spec import EngineSpec
 from lmloop.models.io import LoadedModel
 from lmloop.registry import Registry, split_spec
 from lmloop.tokenizer import Tokenizer
@@ -64,19 +64,19 @@ class Served:
         }
 
 
-Loader = Callable[[str, dict[str, Any]], tuple[Engine, LoadedModel, str | None]]
+Loader = Callable[[str, EngineSpec], tuple[Engine, LoadedModel, str | None]]
 
 
-def default_loader(spec: str, engine_kw: dict[str, Any]) -> tuple[Engine, LoadedModel, str | None]:
+def default_loader(spec: str, how: EngineSpec) -> tuple[Engine, LoadedModel, str | None]:
     """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
 
     A `registry:NAME` model is labelled with the registry's own version string (the one
     `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
     """
-    engine, loaded = load_engine(spec, **engine_kw)
+    engine, loaded = load_engine(spec, how)
     # The server needs the engine, not the model: the engine's runner keeps what it reads, so
     # dropping the checkpoint frees its weights (SmolLM2-135M with --int8: 1.9 GB resident
-    # before, 0.96 GB after; BENCHMARKS.md).
+    # before, 0.96 GB after, measured when this was written).
     loaded = dataclasses.replace(loaded, model=None)
     release_memory()
     engine.start()
@@ -89,13 +89,13 @@ class ModelSlot:
         spec: str,
         *,
         model_id: str | None = None,
-        engine_kw: dict[str, Any] | None = None,
+        engine: EngineSpec | None = None,
         loader: Loader = default_loader,
         drain_timeout: float = 30.0,
     ):
         self.spec = spec
         self.model_id = model_id
-        self.engine_kw = dict(engine_kw or {})
+        self.engine = engine or EngineSpec()
         self.loader = loader
         self.drain_timeout = drain_timeout
         self.current: Served | None = None
@@ -115,7 +115,7 @@ class ModelSlot:
         spec = spec or self.spec
         with self._reload_lock:
             t0 = time.perf_counter()
-            engine, loaded, version = self.loader(spec, self.engine_kw)
+            engine, loaded, version = self.loader(spec, self.engine)
             reg = split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
             mid = model_id or reg or self.model_id or spec
             served = Served(

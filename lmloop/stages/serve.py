@@ -26,7 +26,7 @@ import uvicorn
 from lmloop.artifacts import lmloop_home
 from lmloop.errors import UserError
 from lmloop.server import ServerSettings, create_app
-from lmloop.server.settings import KV_CACHE, ServeConfig
+from lmloop.server.settings import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,10 @@ def run(cfg: ServeConfig) -> int:
         max_body_bytes=cfg.max_body_bytes,
         request_timeout=cfg.request_timeout,
         default_max_tokens=cfg.default_max_tokens,
-        max_batch=cfg.max_batch,
-        max_waiting=cfg.max_waiting,
-        max_len=cfg.max_len,
+        engine=cfg.engine,
         drain_timeout=cfg.drain_timeout,
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
-        int8=cfg.int8,
-        int4=cfg.int4,
-        kv_int8=KV_CACHE[cfg.kv_cache],
-        prefix_cache_mb=cfg.prefix_cache_mb,
     )
     app = create_app(settings)
     server = uvicorn.Server(
