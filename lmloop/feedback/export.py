@@ -1,8 +1,8 @@
-"""`lmloop feedback export|stats`: what users said, as training data TRL reads unchanged.
+"""What users said, as training data TRL reads unchanged (`lmloop feedback export`, and every
+format at once, split together, for `lmloop loop`).
 
-    lmloop feedback export --db feedback.db --format dpo --out data/fb.jsonl --heldout-fraction 0.1
+    export_feedback(db, "dpo", "data/fb.jsonl", heldout_fraction=0.1)
     -> data/fb.jsonl (train), data/fb.heldout.jsonl (held-out), data/fb.meta.json (counts, hashes)
-    lmloop feedback stats --db feedback.db
 
 Formats (one JSON object per line; conversational TRL records):
 - `sft`:  {"messages": [...prefix, {"role": "assistant", "content": answer}]} for every liked
@@ -34,53 +34,19 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lmloop.artifacts import atomic_write, make_meta, sha256_file, write_json
-from lmloop.config import param
 from lmloop.data.pii import PII_KINDS, scrub_pii
+from lmloop.data.preprocess import NearDedup
 from lmloop.errors import UserError
+from lmloop.feedback.config import FeedbackExportConfig
 from lmloop.feedback.store import FeedbackStore, parse_time
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("sft", "dpo", "kto", "text")
 EXPORT_SCHEMA = "lmloop.feedback_export"
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    db: str = param(help="the feedback database (SQLite) `lmloop serve` records into")
-    out: str = param(
-        help="train JSONL to write (must end in .jsonl); the held-out records go to the sibling "
-        "NAME.heldout.jsonl and counts/hashes to NAME.meta.json"
-    )
-    format: Literal["sft", "dpo", "kto", "text"] = param(
-        "sft",
-        "TRL record format: sft {messages}, dpo {prompt, chosen, rejected}, "
-        "kto {prompt, completion, label}, text {text}",
-    )
-    since: str | None = param(None, "use only feedback given at or after this ISO time/date")
-    model_version: list[str] = param([], "only answers from these model versions (repeatable)")
-    min_rating: int | None = param(None, "only answers whose latest rating is at least this")
-    heldout_fraction: float = param(0.1, "share of conversations held out (by conversation hash)")
-    scrub_pii: bool = param(
-        True, "replace PII with tags (lmloop.data.pii: e-mail, phone, card, key...)"
-    )
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.min_rating is not None and not 1 <= self.min_rating <= 5:
-            raise ValueError(f"min_rating must be 1-5, got {self.min_rating}")
-        if not str(self.out).endswith(".jsonl"):
-            raise ValueError(f"out must be a .jsonl file, got '{self.out}'")
-
-
-@dataclass(frozen=True)
-class StatsConfig:
-    db: str = param(help="the feedback database (SQLite)")
-    json: bool = param(False, "print JSON instead of a table")
 
 
 @dataclass
@@ -310,7 +276,7 @@ def export_feedback(
     min_rating: int | None = None,
     heldout_fraction: float = 0.1,
     scrub: bool = True,
-    config: Any = None,
+    config: FeedbackExportConfig | None = None,
 ) -> ExportResult:
     """Write `out` (train), its `.heldout.jsonl` and `.meta.json` siblings; see the module doc."""
     if fmt not in FORMATS:
@@ -394,57 +360,6 @@ def export_feedback(
     return result
 
 
-def run_export(cfg: ExportConfig) -> ExportResult:
-    result = export_feedback(
-        cfg.db,
-        cfg.format,
-        cfg.out,
-        since=cfg.since,
-        model_versions=cfg.model_version,
-        min_rating=cfg.min_rating,
-        heldout_fraction=cfg.heldout_fraction,
-        scrub=cfg.scrub_pii,
-        config=cfg,
-    )
-    pii = ", ".join(f"{k} {v}" for k, v in result.pii.items() if v) or "none"
-    print(
-        f"{result.format}: {result.train_records} train records -> {result.train_path}, "
-        f"{result.heldout_records} held-out -> {result.heldout_path} "
-        f"({result.duplicates} duplicates dropped; PII replaced: {pii})"
-    )
-    return result
-
-
-def run_stats(cfg: StatsConfig) -> list[dict[str, Any]]:
-    """Print counts and ratings per model version; return them."""
-    with FeedbackStore(cfg.db, create=False) as store:
-        rows = store.stats_by_version()
-        totals = store.counts()
-    if cfg.json:
-        print(json.dumps({"versions": rows, "totals": totals}, indent=2))
-        return rows
-    head = ["model", "version", "responses", "feedback", "up", "down", "ratings", "mean",
-            "flags", "corrections", "prefs"]  # fmt: skip
-    table = [head] + [
-        [
-            r["model_name"], r["model_version"], r["responses"], r["feedback"], r["thumbs_up"],
-            r["thumbs_down"], r["ratings"],
-            "-" if r["mean_rating"] is None else f"{r['mean_rating']:.2f}",
-            r["flags"], r["corrections"], r["preferences"],
-        ]
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    for row in table:
-        print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
-                        for i, (v, w) in enumerate(zip(row, widths))))  # fmt: skip
-    print(
-        f"total: {totals['conversations']} conversations, {totals['responses']} responses, "
-        f"{totals['feedback']} feedback"
-    )
-    return rows
-
-
 # ---- the loop's export: every format at once, one split -------------------------------------
 
 _PUNCT = re.compile(r"[^\w\s]+")
@@ -493,8 +408,6 @@ def heldout_assignment(
     exact Jaccard of their bigram sets >= `threshold`), and records teaching the same answer are
     joined into one group (union-find); each group goes wholly to one side, by a hash of its
     smallest conversation id."""
-    from lmloop.data.preprocess import NearDedup
-
     parent = list(range(len(items)))
 
     def find(i: int) -> int:
