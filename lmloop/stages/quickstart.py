@@ -301,10 +301,10 @@ def run(cfg: QuickstartConfig) -> int:
     dep = deploy_and_collect_feedback(cfg, ws, corpus, student)
     try:
         cycle = run_loop_cycle(cfg, ws, dep)
+        if not cfg.serve:  # --serve: it keeps serving the assistant after the summary
+            dep.server.stop()
+        summarize(cfg, ws, time.monotonic() - t_start, corpus, student, judged, dep, cycle)
     except BaseException:
-        dep.server.stop()
+        dep.server.stop()  # never leave the child server running
         raise
-    if not cfg.serve:  # --serve: it keeps serving the assistant after the summary
-        dep.server.stop()
-    summarize(cfg, ws, time.monotonic() - t_start, corpus, student, judged, dep, cycle)
     return 0
