@@ -4,7 +4,7 @@
     .venv/bin/python bench/loop.py --conversations 32 --skip-text --skip-coin   # quicker
 
 1. SmolLM2-135M-Instruct is registered as `assistant` v1 and served by `lmloop serve` (int8).
-2. Simulated users (`lmloop.stages.users`) state their preference: two sentences, a short
+2. Simulated users (`lmloop.loop.users`) state their preference: two sentences, a short
    answer (at least four words) then a question back. They hold one conversation per training
    topic through the HTTP API (temperature 0.7, 8 users at once), rate every answer, and correct
    each bad one with a compliant rewrite.
@@ -70,7 +70,7 @@ def serve(model: str, db: Path, log: Path, env: dict) -> tuple[subprocess.Popen,
 
 
 def share(answers: list[str]) -> float:
-    from lmloop.stages.users import complies
+    from lmloop.loop.users import complies
 
     return sum(complies(a) for a in answers) / len(answers)
 
@@ -128,10 +128,10 @@ def main() -> None:
     env = dict(os.environ)
 
     from lmloop.data.sources import SourceSpec
+    from lmloop.loop.users import HELDOUT_TOPICS, PREFERENCE, TRAIN_TOPICS, answer_all, converse
     from lmloop.registry import Registry
     from lmloop.stages import data as data_stage
     from lmloop.stages import loop as loop_stage
-    from lmloop.stages.users import HELDOUT_TOPICS, PREFERENCE, TRAIN_TOPICS, answer_all, converse
 
     figures: dict = {"preference": PREFERENCE}
     t0 = time.monotonic()
@@ -168,7 +168,7 @@ def main() -> None:
                 name="assistant", db=str(store), base_data=str(base.out),
                 work_dir=str(work / f"loop-{name}"), sft_steps=args.sft_steps,
                 pref_steps=args.pref_steps, max_eval_documents=60, eval_window=512,
-                gate=loop_stage.GateSpec(rule="lmloop.stages.users:complies", rule_tokens=96),
+                gate=loop_stage.GateSpec(rule="lmloop.loop.users:complies", rule_tokens=96),
                 train=replace(loop_stage.LOOP_TRAIN,
                               optim=replace(loop_stage.LOOP_TRAIN.optim, lr=args.lr)),
                 **kw,
@@ -226,7 +226,8 @@ def main() -> None:
         figures["coin_pairs"] = coin_store(db, coin)
         figures["coin_cycle"] = cycle("coin", coin, promote=False)
 
-    from lmloop.stages.users import prompts as questions
+    from lmloop.loop.gate import answer_greedily
+    from lmloop.loop.users import prompts as questions
 
     chats = [[{"role": "user", "content": q}] for _, q in questions(held, 1)]
     offline = {"base": MODEL}
@@ -234,7 +235,7 @@ def main() -> None:
         if f"{name}_cycle" in figures:
             offline[name] = figures[f"{name}_cycle"]["candidate"]
     figures["offline_share"] = {
-        name: share(loop_stage.answer_greedily(spec, chats, 96)) for name, spec in offline.items()
+        name: share(answer_greedily(spec, chats, 96)) for name, spec in offline.items()
     }
     print_table(figures)
     if args.json:

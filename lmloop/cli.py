@@ -26,16 +26,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("lmloop.engine.config:GenerateConfig", "lmloop.stages.generate:run", "generate text from a prompt or a JSONL of prompts"),
     "chat": ("lmloop.engine.config:ChatConfig", "lmloop.stages.generate:run_chat", "interactive terminal chat with a model"),
     "serve": ("lmloop.server.settings:ServeConfig", "lmloop.stages.serve:run", "OpenAI-compatible API and chat page, recording feedback"),
-    "feedback export": ("lmloop.stages.feedback:ExportConfig", "lmloop.stages.feedback:run_export", "export conversations and ratings as training data"),
-    "feedback stats": ("lmloop.stages.feedback:StatsConfig", "lmloop.stages.feedback:run_stats", "counts and ratings per model version"),
+    "feedback export": ("lmloop.feedback.config:FeedbackExportConfig", "lmloop.stages.feedback:run_export", "export conversations and ratings as training data"),
+    "feedback stats": ("lmloop.feedback.config:StatsConfig", "lmloop.stages.feedback:run_stats", "counts and ratings per model version"),
     "models list": ("lmloop.stages.models:ListConfig", "lmloop.stages.models:run_list", "list registered model versions"),
     "models show": ("lmloop.stages.models:ShowConfig", "lmloop.stages.models:run_show", "show one model version and its lineage"),
     "models promote": ("lmloop.stages.models:PromoteConfig", "lmloop.stages.models:run_promote", "make a version the current one"),
     "models rollback": ("lmloop.stages.models:RollbackConfig", "lmloop.stages.models:run_rollback", "go back to the previous current version"),
     "models register": ("lmloop.stages.models:RegisterConfig", "lmloop.stages.models:run_register", "copy a model folder into the registry as a new version"),
-    "loop": ("lmloop.stages.loop:LoopConfig", "lmloop.stages.loop:run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
+    "loop": ("lmloop.loop.config:LoopConfig", "lmloop.stages.loop:run", "one flywheel cycle: feedback -> data -> fine-tune -> eval -> gate -> promote"),
     "export": ("lmloop.export.config:ExportConfig", "lmloop.stages.export:run", "export a model as a Hugging Face folder or a GGUF file"),
-    "quickstart": ("lmloop.stages.quickstart:QuickstartConfig", "lmloop.stages.quickstart:run", "the whole loop on the embedded default, end to end"),
+    "quickstart": ("lmloop.loop.config:QuickstartConfig", "lmloop.stages.quickstart:run", "the whole loop on the embedded default, end to end"),
 }  # fmt: skip
 
 

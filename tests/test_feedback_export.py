@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from lmloop.cli import main
+from lmloop.feedback.export import FORMATS, export_feedback, heldout_path, meta_path
 from lmloop.feedback.store import FeedbackStore
-from lmloop.stages.feedback import FORMATS, export_feedback, heldout_path, meta_path
 
 GOLDEN = Path(__file__).parent / "golden"
 SYS = {"role": "system", "content": "You are a helpful assistant."}

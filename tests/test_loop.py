@@ -22,7 +22,8 @@ import pytest
 
 from lmloop.cli import main
 from lmloop.feedback.store import FeedbackStore
-from lmloop.stages.loop import GateSpec, bootstrap_interval, decide
+from lmloop.loop.config import GateSpec
+from lmloop.loop.gate import bootstrap_interval, decide
 
 WORDS = (
     "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park "
@@ -90,7 +91,7 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence():
 
 
 def test_heldout_split_keeps_near_duplicate_prompts_and_shared_answers_together():
-    from lmloop.stages.feedback import heldout_assignment
+    from lmloop.feedback.export import heldout_assignment
 
     rng = random.Random(5)
     items = []

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from lmloop.stages.users import complies, rewrite, sentences
+from lmloop.loop.users import complies, rewrite, sentences
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ The rule asks for a statement of at least four words before the question, so a m
 satisfy it by answering every question with a question (what an over-optimised preference stage
 drifts to: "What's a penguin?").
 
-    lmloop loop ... gate.rule=lmloop.stages.users:complies
+    lmloop loop ... gate.rule=lmloop.loop.users:complies
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 PREFERENCE = "two sentences: a short answer, then a question back to me"
 
@@ -117,8 +120,6 @@ class Exchange:
 
 
 def _chat(url: str, model: str, prompt: str, **params: Any) -> dict[str, Any]:
-    import httpx
-
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **params}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
     r.raise_for_status()
@@ -134,7 +135,6 @@ def converse(url: str, model: str, topics: list[str], *, max_tokens: int, seed: 
     `users` conversations run at once (the server batches them); each has its own random
     stream, so the answers and rewrites do not depend on the order requests finish in.
     `progress` is called with the exchanges so far after each one."""
-    import httpx
 
     def one(i: int, topic: str, prompt: str) -> Exchange:
         rng = random.Random(f"{seed}-{i}")
@@ -167,8 +167,6 @@ def answer_all(url: str, model: str, topics: list[str], *, max_tokens: int, seed
 def _concurrently(fn: Callable, items: list[tuple[str, str]], workers: int,
                   progress: Callable | None) -> list:  # fmt: skip
     """fn(i, *item) for every item, `workers` at a time; results in the items' order."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     results: list[Any] = [None] * len(items)
     done: list[Any] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
