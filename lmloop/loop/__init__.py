@@ -1,0 +1,1 @@
+"""The loop's own pieces: recipe, gate, judges and the simulated users."""
