@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from lmloop.loop import users
 from lmloop.loop.users import complies, rewrite, sentences
 
 
@@ -45,3 +46,72 @@ def test_rewrite_always_complies_and_keeps_the_first_sentence(answer):
     first = sentences(answer)[0] if answer else ""
     if len(first.split()) >= 4:
         assert fixed.startswith(" ".join(first.rstrip("?!.").split()[:25]))
+
+
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("1. Lions hunt at night.\n2. Lions live in prides.\n3. Lions sleep a lot.", True),
+        ("1) Lions hunt at night.\n\n2) Lions live in prides.\n3) Lions sleep a lot.", True),
+        ("1. Lions hunt at night.\n2. Lions live in prides.", False),  # two points
+        ("1. Lions hunt.\n2. Lions live in prides.\n3. Lions sleep a lot.", False),  # 2 words
+        ("Here they are:\n1. Lions hunt at night.\n2. Lions live in prides.\n3. Lions sleep.",
+         False),  # an intro line
+        ("1. Lions hunt at night.\n3. Lions live in prides.\n2. Lions sleep a lot.", False),
+        ("Lions hunt at night. Lions live in prides. Lions sleep a lot.", False),
+    ],
+)  # fmt: skip
+def test_three_points_wants_exactly_three_numbered_lines(text, ok):
+    assert users.is_three_points(text) is ok
+
+
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("Lions hunt at night and live in prides.", True),
+        ("Lions are amazing!", False),
+        ("I think lions hunt at night.", False),
+        ("Let me explain: lions hunt at night.", False),
+        ("In my view, lions hunt at night.", False),
+        ("Lions live in Iowa zoos, Imagine that.", True),  # "I" only as a whole word
+        ("", False),
+    ],
+)
+def test_formal_means_no_exclamation_and_no_first_person(text, ok):
+    assert users.is_formal(text) is ok
+
+
+@pytest.mark.parametrize("answer", ["", "Yes!", "Lions hunt. At night they roam far and wide."])
+def test_three_points_rewrite_complies(answer):
+    for seed in range(20):
+        assert users.is_three_points(users.three_points(answer, "lions", random.Random(seed)))
+
+
+def test_users_are_noisy_the_way_the_docstring_says():
+    fam = users.FAMILIES["ask-back"]
+    rng = random.Random(0)
+    bad, good = "Lions hunt at night.", "Lions hunt at night. Have you seen one?"
+    bodies = [users.judge(fam, bad, "lions", rng) for _ in range(4000)]
+    ups = sum(b["thumb"] == "up" for b in bodies) / len(bodies)
+    fixed = sum("correction" in b for b in bodies) / len(bodies)
+    assert 0.08 < ups < 0.12  # 10% of thumbs flipped
+    assert 0.66 < fixed < 0.74  # 70% of bad answers corrected, the rest only rated
+    assert len({b["correction"] for b in bodies if "correction" in b}) > 20  # varied wording
+    assert all(users.complies(b["correction"]) for b in bodies if "correction" in b)
+    goods = [users.judge(fam, good, "lions", rng) for _ in range(1000)]
+    assert not any("correction" in b for b in goods)
+    thumbs_only = users.FAMILIES["formal"]
+    assert not any("correction" in users.judge(thumbs_only, bad + "!", "lions", rng)
+                   for _ in range(200))  # fmt: skip
+
+
+def test_heldout_questions_use_forms_training_never_does():
+    assert not set(users.TRAIN_FORMS) & set(users.HELDOUT_FORMS)
+    train = {q for _, q in users.prompts(users.TRAIN_TOPICS, 0)}
+    held = {q for _, q in users.prompts(users.HELDOUT_TOPICS, 1, users.HELDOUT_FORMS)}
+    strip = lambda q, t: q.replace(t, "{}")  # noqa: E731
+    train_forms = {strip(q, t) for t, q in users.prompts(users.TRAIN_TOPICS, 0)}
+    held_forms = {
+        strip(q, t) for t, q in users.prompts(users.HELDOUT_TOPICS, 1, users.HELDOUT_FORMS)
+    }
+    assert train and held and not train_forms & held_forms

@@ -1,17 +1,26 @@
 """Simulated users with a stated preference: the quickstart's and `bench/loop.py`'s.
 
-The preference (shown on screen by both): **two sentences: a short answer, then a question back
-to the user.** A simulated user asks a question through the HTTP API, judges the answer with
-`complies`, rates it up when it complies, and otherwise rates it down and sends a compliant
-rewrite as the correction: the answer's first sentence (cut to 25 words) followed by a question
-back about the topic. Nothing here reads the model: the rule and the rewrite are plain text
-functions, so the same judge scores held-out answers before and after a loop cycle.
+A benchmark and demo tool, not part of the loop: the loop and its gate never read it. Each
+**family** states a preference on screen, judges an answer with a plain text rule (`complies`),
+and answers it the way people do, imperfectly:
 
-The rule asks for a statement of at least four words before the question, so a model cannot
-satisfy it by answering every question with a question (what an over-optimised preference stage
-drifts to: "What's a penguin?").
+- a thumb on every answer, up when it complies; 10% of thumbs are flipped (a slip, a mood);
+- in the families that correct, a bad answer gets a rewrite in the preferred shape only some of
+  the time (`correct_share`); the rest are rated and left;
+- rewrites are assembled from the answer itself and a phrase grammar, so no two users word them
+  the same way;
+- held-out questions are asked in forms the training questions never use (`HELDOUT_FORMS`).
 
-    lmloop loop ... gate.rule=lmloop.loop.users:complies
+Families (`FAMILIES`):
+
+- `ask-back` (corrections): two sentences, a short answer (at least four words), then a question
+  back to the user. The rule asks for a statement before the question, so answering every
+  question with a question ("What's a penguin?") does not comply.
+- `three-points` (corrections): a numbered list of exactly three points, one per line.
+- `formal` (thumbs only, no corrections): no exclamation marks and no "I", "me" or "my".
+
+The rules are the benchmark's answer key: they score held-out answers before and after a cycle.
+The gate learns its own judge from the feedback and never sees them.
 """
 
 from __future__ import annotations
@@ -24,8 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-
-PREFERENCE = "two sentences: a short answer, then a question back to me"
 
 # Questions users ask while their feedback is collected ...
 TRAIN_TOPICS = [
@@ -46,17 +53,16 @@ HELDOUT_TOPICS = [
     "jellyfish", "batteries", "the camera", "lemons", "skiing", "pirates", "the solar system",
     "bamboo", "soap", "hummingbirds", "the guitar",
 ]  # fmt: skip
-FORMS = [
+TRAIN_FORMS = [
     "Can you tell me about {}?", "What should I know about {}?", "Explain {} to me.",
     "Why are {} interesting?", "I want to learn about {}.", "Give me a quick overview of {}.",
 ]  # fmt: skip
-ASK_BACK = [
-    "What would you like to know next about {}?",
-    "Which part of {} interests you most?",
-    "Have you ever seen {} yourself?",
-    "Shall I tell you more about {}?",
-    "What made you curious about {}?",
-]
+# Never used while feedback is collected: a judge or a recipe that keys on the question's
+# wording does not carry over to these.
+HELDOUT_FORMS = [
+    "What is special about {}?", "Teach me something about {}.", "Describe {} briefly.",
+    "How would you introduce {} to a friend?", "Tell me the basics of {}.",
+]  # fmt: skip
 
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
@@ -76,11 +82,43 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+def _clip(sentence: str, words: int) -> str:
+    """A sentence cut to `words` words, ending with a full stop."""
+    kept = sentence.rstrip("?!.").split()[:words]
+    return " ".join(kept).rstrip(",;:") + "." if kept else ""
+
+
+# A small phrase grammar for what users write, so that corrections and their reasons vary.
+_ASK = [
+    ("What would you like to know", "about {t}"), ("Which part of {t}", "interests you most"),
+    ("Have you ever seen {t}", "yourself"), ("Shall I tell you more", "about {t}"),
+    ("What made you curious", "about {t}"), ("Do you want the history", "of {t}"),
+    ("Would a comparison help", "with {t}"), ("Is there one thing", "about {t} you wonder about"),
+    ("Are you asking for school", "or for fun"), ("Should I go deeper", "into {t}"),
+]  # fmt: skip
+_ASK_TAIL = ["", " next", " now", " today", " first"]
+_FILLER = [
+    "{T} have a long history.", "People study {t} in many ways.", "{T} matter in daily life.",
+    "There is more to {t} than most people think.", "{T} change over time.",
+    "Scientists still learn new things about {t}.", "{T} can be seen in many places.",
+]  # fmt: skip
+_REASONS = [
+    "I prefer {p}.", "Please answer as {p}.", "Next time: {p}.", "Shorter please: {p}.",
+    "My preference is {p}.", "Could you keep to {p}?", "That is not what I asked for ({p}).",
+]  # fmt: skip
+
+
+def _filler(topic: str, rng: random.Random) -> str:
+    return rng.choice(_FILLER).format(t=topic, T=topic[:1].upper() + topic[1:])
+
+
+# ---- the families --------------------------------------------------------------------------------
+
 MIN_ANSWER_WORDS = 4
 
 
 def complies(text: str) -> bool:
-    """The stated preference: a statement (>= 4 words, not a question), then one question."""
+    """ask-back: a statement (>= 4 words, not a question), then one question."""
     s = sentences(text)
     return (
         len(s) == 2
@@ -91,21 +129,80 @@ def complies(text: str) -> bool:
 
 
 def rewrite(answer: str, topic: str, rng: random.Random) -> str:
-    """A compliant rewrite of an answer: its first sentence (<= 25 words), then a question."""
-    first = sentences(answer)[0] if answer.strip() else f"{topic.capitalize()} are fascinating."
-    words = first.rstrip("?!.").split()
-    if len(words) > 25:
-        words = words[:25]
-    statement = " ".join(words).rstrip(",;:") + "."
-    if len(words) < MIN_ANSWER_WORDS:
-        statement = f"There is a lot to say about {topic}."
-    return f"{statement} {rng.choice(ASK_BACK).format(topic)}"
+    """ask-back: the answer's first sentence (<= 25 words), then a question back."""
+    first = sentences(answer)[0] if answer.strip() else ""
+    statement = _clip(first, 25)
+    if len(statement.split()) < MIN_ANSWER_WORDS:
+        statement = _filler(topic, rng)
+    head, tail = rng.choice(_ASK)
+    question = f"{head} {tail}".format(t=topic) + rng.choice(_ASK_TAIL) + "?"
+    return f"{statement} {question}"
 
 
-def prompts(topics: list[str], seed: int) -> list[tuple[str, str]]:
-    """(topic, question) for each topic, the question's wording drawn from FORMS."""
+_POINT = re.compile(r"^\s*([1-9])[.)]\s+(\S.*)$")
+
+
+def is_three_points(text: str) -> bool:
+    """three-points: exactly three non-empty lines numbered 1, 2, 3, each of >= 3 words."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) != 3:
+        return False
+    for want, line in enumerate(lines, 1):
+        m = _POINT.match(line)
+        if not m or int(m.group(1)) != want or len(m.group(2).split()) < 3:
+            return False
+    return True
+
+
+def three_points(answer: str, topic: str, rng: random.Random) -> str:
+    """three-points: up to three of the answer's sentences (<= 16 words each), topped up with
+    general statements, numbered `1.` or `1)` as the user happens to type it."""
+    points = [_clip(s, 16) for s in sentences(answer) if len(s.split()) >= 3][:3]
+    while len(points) < 3:
+        extra = _filler(topic, rng)
+        if extra not in points:
+            points.append(extra)
+    mark = rng.choice([".", ")"])
+    return "\n".join(f"{i}{mark} {p}" for i, p in enumerate(points, 1))
+
+
+_FIRST_PERSON = re.compile(r"\b(I|I'm|I'd|I've|I'll)\b|\b(me|my|mine|myself)\b", re.IGNORECASE)
+
+
+def is_formal(text: str) -> bool:
+    """formal: an answer with no exclamation mark and no first person singular."""
+    return bool(text.strip()) and "!" not in text and not _FIRST_PERSON.search(text)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    preference: str  # stated on screen
+    complies: Callable[[str], bool]
+    correct: Callable[[str, str, random.Random], str] | None  # None: thumbs only
+    correct_share: float = 0.7  # of the bad answers, the share a user rewrites
+    flip: float = 0.1  # share of thumbs given the wrong way
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family("ask-back", "two sentences: a short answer, then a question back to me",
+               complies, rewrite),
+        Family("three-points", "a numbered list of exactly three points, one per line",
+               is_three_points, three_points),
+        Family("formal", "a formal register: no exclamation marks, and no 'I', 'me' or 'my' "
+               "(thumbs only, no corrections)", is_formal, None),
+    )
+}  # fmt: skip
+ASK_BACK = FAMILIES["ask-back"]
+PREFERENCE = ASK_BACK.preference
+
+
+def prompts(topics: list[str], seed: int, forms: list[str] = TRAIN_FORMS) -> list[tuple[str, str]]:
+    """(topic, question) for each topic, the question's wording drawn from `forms`."""
     rng = random.Random(seed)
-    return [(t, rng.choice(FORMS).format(t)) for t in topics]
+    return [(t, rng.choice(forms).format(t)) for t in topics]
 
 
 @dataclass
@@ -115,7 +212,8 @@ class Exchange:
     answer: str
     response_id: str
     version: str | None
-    complied: bool
+    complied: bool  # by the family's rule (the truth, whatever the thumb says)
+    thumb: str
     correction: str | None
 
 
@@ -126,14 +224,27 @@ def _chat(url: str, model: str, prompt: str, **params: Any) -> dict[str, Any]:
     return r.json()
 
 
+def judge(family: Family, answer: str, topic: str, rng: random.Random) -> dict[str, Any]:
+    """What one simulated user sends about one answer: a thumb (sometimes the wrong way), a
+    rating, and for a bad answer sometimes a correction with a reason in their own words."""
+    ok = family.complies(answer)
+    thumb_up = ok != (rng.random() < family.flip)
+    body: dict[str, Any] = {"thumb": "up" if thumb_up else "down", "rating": 5 if thumb_up else 1}
+    if not ok and family.correct is not None and rng.random() < family.correct_share:
+        body["correction"] = family.correct(answer, topic, rng)
+        body["reason"] = rng.choice(_REASONS).format(p=family.preference)
+    return body
+
+
 def converse(url: str, model: str, topics: list[str], *, max_tokens: int, seed: int = 0,
-             temperature: float = 0.7, users: int = 8,
+             family: Family = ASK_BACK, temperature: float = 0.7, users: int = 8,
              progress: Callable[[list[Exchange]], None] | None = None) -> list[Exchange]:  # fmt: skip
     """One conversation per topic through the server at `url` (the OpenAI chat API), each
-    answer judged and rated through POST /v1/feedback, as a user of the chat page would.
+    answer judged by `family` and rated through POST /v1/feedback, as a user of the chat page
+    would.
 
     `users` conversations run at once (the server batches them); each has its own random
-    stream, so the answers and rewrites do not depend on the order requests finish in.
+    stream, so the answers and feedback do not depend on the order requests finish in.
     `progress` is called with the exchanges so far after each one."""
 
     def one(i: int, topic: str, prompt: str) -> Exchange:
@@ -141,27 +252,25 @@ def converse(url: str, model: str, topics: list[str], *, max_tokens: int, seed: 
         r = _chat(url, model, prompt, max_tokens=max_tokens, temperature=temperature,
                   seed=rng.randrange(1 << 30))  # fmt: skip
         answer = r["choices"][0]["message"]["content"] or ""
-        ok = complies(answer)
-        fix = None if ok else rewrite(answer, topic, rng)
-        body: dict[str, Any] = {"response_id": r["id"], "thumb": "up" if ok else "down",
-                                "rating": 5 if ok else 1}  # fmt: skip
-        if fix:
-            body |= {"correction": fix, "reason": f"I prefer {PREFERENCE}"}
-        httpx.post(url + "/v1/feedback", json=body, timeout=60).raise_for_status()
-        return Exchange(topic, prompt, answer, r["id"], r.get("model_version"), ok, fix)
+        body = judge(family, answer, topic, rng)
+        httpx.post(url + "/v1/feedback", json={"response_id": r["id"], **body},
+                   timeout=60).raise_for_status()  # fmt: skip
+        return Exchange(topic, prompt, answer, r["id"], r.get("model_version"),
+                        family.complies(answer), body["thumb"], body.get("correction"))  # fmt: skip
 
     return _concurrently(one, prompts(topics, seed), users, progress)
 
 
 def answer_all(url: str, model: str, topics: list[str], *, max_tokens: int, seed: int = 1,
                users: int = 8) -> list[tuple[str, str, str | None]]:  # fmt: skip
-    """Greedy answers to held-out questions: (question, answer, the version that wrote it)."""
+    """Greedy answers to held-out questions (in the held-out forms): (question, answer, the
+    version that wrote it)."""
 
     def one(i: int, topic: str, prompt: str) -> tuple[str, str, str | None]:
         r = _chat(url, model, prompt, max_tokens=max_tokens, temperature=0)
         return prompt, r["choices"][0]["message"]["content"] or "", r.get("model_version")
 
-    return _concurrently(one, prompts(topics, seed), users, None)
+    return _concurrently(one, prompts(topics, seed, HELDOUT_FORMS), users, None)
 
 
 def _concurrently(fn: Callable, items: list[tuple[str, str]], workers: int,

@@ -215,7 +215,7 @@ def deploy_and_collect_feedback(
     except BaseException:
         server.stop()
         raise
-    bad = next((e for e in exchanges if not e.complied), exchanges[0])
+    bad = next((e for e in exchanges if e.correction), exchanges[0])
     print(f"   e.g. Q: {bad.prompt}\n        A: {short(bad.answer, 150)}\n"
           f"        correction: {bad.correction}")  # fmt: skip
     return Deployment(server, v1, base_dir, db, held, before, exchanges)
