@@ -36,11 +36,19 @@ LEAK = "Story 7: the secret validation story that must never be trained on by th
 # ---- the gate, rule by rule -------------------------------------------------------------------
 
 
-def _figures(*, base=(100.0, 101.0), n=30, gain=(0.5, 0.2, 0.8), rule=None) -> dict:
+def _figures(*, base=(100.0, 101.0), n=30, gain=(0.5, 0.2, 0.8), rule=None, judge_low=0.7,
+             win=(0.8, 0.65, 0.95), prompts=24, degenerate=(0.25, 0.25)) -> dict:  # fmt: skip
     pairs = {"what": "held-out pairs", "n": n, "gain": gain[0], "gain_low": gain[1],
              "gain_high": gain[2], "current_accuracy": 0.4, "candidate_accuracy": 0.8}  # fmt: skip
+    judge = {"trained_on": {"pairs": 60, "thumbs": 0}, "clears_chance": judge_low > 0.5,
+             "pairs": {"n": 30, "accuracy": 0.9, "interval": [judge_low, 0.97], "votes": True}}  # fmt: skip
+    answers = {"what": "held-out prompts", "n": prompts,
+               "win": {"win_rate": win[0], "interval": [win[1], win[2]], "wins": 18, "ties": 2,
+                       "losses": 4},
+               "degenerate": {"current": {"share": degenerate[0]},
+                              "candidate": {"share": degenerate[1]}}}  # fmt: skip
     return {"current_base_ppl": base[0], "candidate_base_ppl": base[1], "pairs": pairs,
-            "rule": rule or {}}  # fmt: skip
+            "judge": judge, "answers": answers, "rule": rule or {}}  # fmt: skip
 
 
 def test_gate_promotes_a_clear_gain_at_the_defaults():
@@ -55,10 +63,41 @@ def test_gate_refuses_a_base_regression_beyond_the_limit():
 
 
 def test_gate_refuses_too_little_evidence():
-    ok, why = decide(_figures(n=GateSpec().min_heldout - 1), GateSpec())
+    ok, why = decide(_figures(prompts=GateSpec().min_heldout - 1), GateSpec())
     assert not ok and "not enough evidence" in why
-    ok, why = decide(_figures(n=0), GateSpec())
+    ok, why = decide(_figures(prompts=0), GateSpec())
     assert not ok and "not enough evidence" in why
+    # a few held-out pairs are reported, but too few to block the judged answers
+    assert decide(_figures(n=GateSpec().min_heldout - 1, gain=(0.1, -0.5, 0.6)), GateSpec())[0]
+
+
+def test_gate_needs_a_judge_that_beats_chance():
+    ok, why = decide(_figures(judge_low=0.45), GateSpec())
+    assert not ok and "not enough signal" in why
+
+
+def test_gate_needs_the_candidate_to_win_on_held_out_answers():
+    ok, why = decide(_figures(win=(0.6, 0.48, 0.72)), GateSpec())
+    assert not ok and "do not win" in why
+    assert decide(_figures(win=(0.6, 0.51, 0.72)), GateSpec())[0]
+
+
+def test_gate_refuses_more_degenerate_answers():
+    ok, why = decide(_figures(degenerate=(0.25, 0.30)), GateSpec())
+    assert not ok and "degenerate" in why
+    assert decide(_figures(degenerate=(0.25, 0.30)), GateSpec(max_degenerate_rise=0.1))[0]
+    assert decide(_figures(degenerate=(0.25, 0.0)), GateSpec())[0]
+
+
+def test_a_judge_or_rule_that_fails_refuses_with_the_error_named():
+    f = _figures()
+    f["answers"]["error"] = "ValueError: bad answer"
+    ok, why = decide(f, GateSpec())
+    assert not ok and "the judge failed" in why and "ValueError: bad answer" in why
+    rule = {"what": "held-out prompts", "n": 24, "error": "ZeroDivisionError: x", "current": 0.0,
+            "candidate": float("nan"), "gain": 0.0, "gain_low": 0.0, "gain_high": 0.0}  # fmt: skip
+    ok, why = decide(_figures(rule=rule), GateSpec(rule="m:f"))
+    assert not ok and "gate.rule failed" in why and "ZeroDivisionError" in why
 
 
 def test_gate_refuses_a_gain_whose_interval_reaches_zero():
@@ -212,10 +251,11 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
     _fill_store(coin, signal="coin")
     before = Registry().current("demo")[0]
 
-    assert main(_loop(world, coin, "loop-coin", "promote=false")) == 0
-    d = _decision(world, "loop-coin")
-    assert not d["passed"], d["reason"]
-    assert "not shown" in d["reason"] or "regression" in d["reason"]
+    # coin flips teach the judge nothing it can check on held-out feedback: the cycle stops
+    # before any training, and leaves nothing behind
+    assert main(_loop(world, coin, "loop-coin", "promote=false")) == 2
+    assert "not enough signal" in capsys.readouterr().err
+    assert not list((world["root"] / "loop-coin").glob("cycle-*"))
     assert Registry().current("demo")[0] == before
 
     assert main(_loop(world, good, "loop-good", "promote=false")) == 0
@@ -372,3 +412,14 @@ def test_cycle_through_the_real_server_hot_reloads_and_resumes(world, capsys, mo
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_rule_that_raises_on_an_answer_is_a_figure_not_a_crash():
+    from lmloop.loop.gate import rule_figures
+
+    got = rule_figures(GateSpec(rule="json:loads"), {"current": ["7"], "candidate": ["not json"]})
+    assert "JSONDecodeError" in got["error"] and got["n"] == 1
+    ok = rule_figures(
+        GateSpec(rule="regex:\\?$"), {"current": ["a.", "b?"], "candidate": ["c?"] * 2}
+    )
+    assert ok["current"] == 0.5 and ok["candidate"] == 1.0 and "error" not in ok

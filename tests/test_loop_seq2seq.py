@@ -108,7 +108,7 @@ def _target_nll(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
 
 
 def test_corrections_become_pairs_the_next_version_learns(world):
-    assert main(_loop(world, "work", "gate.rule=regex:the", "gate.rule_tokens=8")) == 0
+    assert main(_loop(world, "work", "gate.rule=regex:the", "gate.answer_tokens=8")) == 0
     cycle = world["root"] / "work" / "cycle-1"
     # the exported pairs are the store's corrections and liked answers, nothing else
     exported = set()

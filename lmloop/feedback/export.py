@@ -462,6 +462,7 @@ class LoopExport:
     thumbs: dict[str, int]  # {"up": n, "down": n} over the exported answers
     groups: int  # independent groups the split was drawn over
     pii: dict[str, int]
+    corrections: dict[str, int]  # {"total": n, "unchanged": n}: corrections equal to the answer
 
 
 def export_for_loop(
@@ -509,4 +510,9 @@ def export_for_loop(
         "up": sum(a.thumb == "up" for a in answers),
         "down": sum(a.thumb == "down" for a in answers),
     }
-    return LoopExport(files, counts, thumbs, n_groups, pii)
+    fixed = [a for a in answers if a.correction is not None]
+    corrections = {
+        "total": len(fixed),
+        "unchanged": sum(a.correction.strip() == a.text.strip() for a in fixed),
+    }
+    return LoopExport(files, counts, thumbs, n_groups, pii, corrections)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmloop.config import param
+from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
 
 # The train stage's settings, nested under `train.*`. They stay torch-free where they live; the
@@ -47,27 +48,46 @@ LOOP_TRAIN = TrainConfig(
 
 @dataclass(frozen=True)
 class GateSpec:
+    """What a candidate must show to replace the current version (docs/loop.md, "The gate").
+
+    Current and candidate answer the held-out prompts as the server would (`LoopConfig.engine`,
+    `temperature`); a judge learned from the training split of the feedback scores the answers.
+    No rule is needed: `rule` is an extra check a user may state."""
+
     max_base_regression: float = param(
         0.02, "largest allowed rise of base-validation perplexity, as a fraction (0.02 = 2%)"
     )
-    min_heldout: int = param(10, "fewest held-out pairs (or rule prompts) the gate decides on")
+    min_heldout: int = param(
+        10, "fewest held-out prompts, pairs or thumbs a judge or a figure decides on"
+    )
     min_effect: float = param(
         0.0, "the margin gain's interval must lie above this (nats of implicit reward / beta)"
     )
     confidence: float = param(0.95, "confidence of the bootstrap intervals")
     bootstrap: int = param(2000, "bootstrap resamples")
+    answer_tokens: int = param(160, "most tokens per held-out answer the gate generates")
+    temperature: float = param(0.0, "sampling temperature of those answers (0: greedy)")
+    max_degenerate_rise: float = param(
+        0.0, "largest allowed rise of the share of held-out answers that are empty, cut off at "
+        "answer_tokens or stuck in a loop (0: no more than the current version's)"
+    )  # fmt: skip
     rule: str = param(
-        "", "optional compliance rule for greedy answers: `regex:PATTERN` or `module:function`"
-    )
-    rule_tokens: int = param(96, "tokens per greedy answer scored by the rule")
+        "", "optional extra check on the held-out answers, never needed to promote: "
+        "`regex:PATTERN` or `module:function` (1 when an answer complies)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+            raise UserError(f"gate.confidence must be in (0, 1), got {self.confidence}")
         if self.min_heldout < 1 or self.bootstrap < 100:
-            raise ValueError("min_heldout must be >= 1 and bootstrap >= 100")
+            raise UserError("gate.min_heldout must be >= 1 and gate.bootstrap >= 100")
+        if self.answer_tokens < 1 or self.temperature < 0 or self.max_degenerate_rise < 0:
+            raise UserError("gate.answer_tokens must be >= 1, gate.temperature and "
+                            "gate.max_degenerate_rise >= 0")  # fmt: skip
         if self.rule and not (self.rule.startswith("regex:") or ":" in self.rule):
-            raise ValueError(f"rule must be `regex:PATTERN` or `module:function`, got {self.rule}")
+            raise UserError(
+                f"gate.rule must be `regex:PATTERN` or `module:function`, got {self.rule}"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,10 @@ class LoopConfig:
     promote: bool = param(True, "promote a candidate that passes the gate")
     new_cycle: bool = param(False, "start a new cycle even if the last one is unfinished")
     gate: GateSpec = param(GateSpec(), "promotion rule")
+    engine: EngineSpec = param(
+        EngineSpec(), "how `lmloop serve` runs the model (engine.*: match its flags); the gate "
+        "judges answers generated this way"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.db:

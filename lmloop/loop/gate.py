@@ -1,11 +1,21 @@
-"""The gate: whether a candidate may replace the current version, on held-out evidence.
+"""The gate: whether a candidate may replace the current version, judged on what users will see.
 
-Held-out pairs (prompts no training record shares) are scored by both versions: for a
-decoder-only model the implicit reward margin (log-likelihood of the preferred answer minus the
-rejected one's), for a seq2seq model the target cross-entropy; the candidate must improve it with
-the bootstrap interval of the mean gain above `gate.min_effect`. Base-validation perplexity may
-rise by at most `gate.max_base_regression`, and an optional rule (`regex:PATTERN` or
-`module:function`) judges greedy answers to the held-out prompts, which must comply more often.
+Current and candidate answer the held-out prompts (prompts no training record shares) as the
+server would run them (`LoopConfig.engine`, `gate.temperature`). A judge that knows no rule
+scores the answers: a reward learned from the *training* split of the feedback only (preference
+pairs, corrections and thumbs; `lmloop.loop.judge`). It votes only when its own held-out accuracy
+(pairs) or AUC (thumbs) clears chance, else the cycle stops with "not enough signal" before any
+training. To be promoted the candidate must
+
+- win on the held-out prompts: the interval of its win rate against the current answers above 50%;
+- not answer degenerately more often (empty, cut off at `gate.answer_tokens`, stuck in a loop)
+  than the current version, beyond `gate.max_degenerate_rise`;
+- keep base-validation perplexity within `gate.max_base_regression`;
+- with held-out preference pairs, rank the preferred answer higher by likelihood than the current
+  version does (bootstrap interval of the margin gain above `gate.min_effect`);
+- with a `gate.rule` (never needed), comply more often.
+
+A seq2seq model is judged on its held-out target cross-entropy instead of answers.
 """
 
 from __future__ import annotations
@@ -24,9 +34,12 @@ import numpy as np
 from lmloop.artifacts import write_json
 from lmloop.engine.core import load_engine
 from lmloop.engine.params import SamplingParams
+from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
 from lmloop.loop.config import GateSpec
+from lmloop.loop.judge import RewardJudge, answer_features, degeneration, win_rate
 from lmloop.models.io import load_model
+from lmloop.tokenizer import Tokenizer
 from lmloop.training.preference import read_pairs, score_pairs
 
 log = logging.getLogger(__name__)
@@ -45,14 +58,41 @@ def bootstrap_interval(
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
-    """The gate: (promote?, why). Each rule below is one reason to keep the current version."""
+def _interval(x: dict[str, Any]) -> str:
+    return f"[{x['interval'][0]:.2f}, {x['interval'][1]:.2f}]"
+
+
+def judge_summary(report: dict[str, Any]) -> str:
+    """One line: what the judge learned from and how it does on held-out feedback."""
+    t = report.get("trained_on", {})
+    parts = [f"learned from {t.get('pairs', 0)} pairs and {t.get('thumbs', 0)} thumbs"]
+    for kind, what in (("pairs", "accuracy"), ("thumbs", "AUC")):
+        k = report.get(kind)
+        if k:
+            value = k["accuracy"] if kind == "pairs" else k["auc"]
+            parts.append(f"held-out {what} {value:.2f} {_interval(k)} on {k['n']} {kind}"
+                         + ("" if k["votes"] else " (too few to vote)"))  # fmt: skip
+    if not report.get("pairs") and not report.get("thumbs"):
+        parts.append("no held-out pairs or thumbs to check it on")
+    return ", ".join(parts)
+
+
+def describe(figures: dict[str, Any], gate: GateSpec) -> list[str]:
+    """The gate's figures as short phrases, in the order the checks run."""
     cur_b, new_b = figures["current_base_ppl"], figures["candidate_base_ppl"]
-    regression = new_b / cur_b - 1.0
-    pairs = figures.get("pairs", {})
-    rule = figures.get("rule") or {}
-    parts = [f"base-val perplexity {cur_b:.3f} -> {new_b:.3f} ({regression:+.1%}, limit "
+    parts = [f"base-val perplexity {cur_b:.3f} -> {new_b:.3f} ({new_b / cur_b - 1:+.1%}, limit "
              f"+{gate.max_base_regression:.1%})"]  # fmt: skip
+    judge, answers = figures.get("judge") or {}, figures.get("answers") or {}
+    if judge:
+        parts.append("judge " + judge_summary(judge))
+    if answers.get("n") and answers.get("win"):
+        w, d = answers["win"], answers["degenerate"]
+        parts.append(
+            f"candidate wins {w['win_rate']:.0%} {_interval(w)} of {answers['n']} held-out "
+            f"prompts ({w['wins']} won, {w['ties']} tied, {w['losses']} lost); degenerate answers "
+            f"{d['current']['share']:.0%} -> {d['candidate']['share']:.0%}"
+        )
+    pairs, rule = figures.get("pairs") or {}, figures.get("rule") or {}
     if pairs.get("n") and pairs.get("kind") == "targets":  # seq2seq: held-out target NLL
         parts.append(
             f"held-out pairs {pairs['n']}: target cross-entropy {pairs['current_nll']:.3f} -> "
@@ -62,29 +102,55 @@ def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
     elif pairs.get("n"):
         parts.append(
             f"held-out pairs {pairs['n']}: margin gain {pairs['gain']:+.3f} "
-            f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}], preference accuracy "
-            f"{pairs.get('implicit_reward_accuracy', math.nan):.2f} (likelihood ranks the "
-            f"preferred answer first: {pairs['current_accuracy']:.2f} -> "
-            f"{pairs['candidate_accuracy']:.2f})"
+            f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}]"
         )
     if rule.get("n"):
         parts.append(
             f"rule on {rule['n']} held-out prompts: {rule['current']:.0%} -> "
             f"{rule['candidate']:.0%} [{rule['gain_low']:+.2f}, {rule['gain_high']:+.2f}]"
         )
-    why = "; ".join(parts)
+    return parts
+
+
+def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
+    """The gate: (promote?, why). Each rule below is one reason to keep the current version."""
+    why = "; ".join(describe(figures, gate))
+    cur_b, new_b = figures["current_base_ppl"], figures["candidate_base_ppl"]
+    pairs, rule = figures.get("pairs") or {}, figures.get("rule") or {}
+    judge, answers = figures.get("judge") or {}, figures.get("answers") or {}
     numbers = [new_b, pairs.get("gain", 0.0), rule.get("candidate", 0.0)]
+    for what, fig in (("the judge", answers), ("gate.rule", rule)):
+        if fig.get("error"):
+            return False, f"{what} failed on a held-out answer ({fig['error']}); " + why
     if not all(math.isfinite(x) for x in numbers):
         return False, "candidate produced non-finite figures; " + why
-    if regression > gate.max_base_regression:
+    if new_b / cur_b - 1.0 > gate.max_base_regression:
         return False, "base-validation regression too large: " + why
-    evidence = [e for e in (pairs, rule) if e.get("n")]
-    if not evidence or any(e["n"] < gate.min_heldout for e in evidence):
-        have = ", ".join(f"{e['n']} {e['what']}" for e in evidence) or "no held-out pairs"
+    seq2seq = pairs.get("kind") == "targets"
+    if not seq2seq and not judge.get("clears_chance"):
+        return (
+            False,
+            "not enough signal: the judge does not beat chance on held-out feedback; " + why,
+        )
+    evidence = [pairs] if seq2seq else [answers]
+    evidence += [rule] if rule.get("n") else []
+    if any(e.get("n", 0) < gate.min_heldout for e in evidence):
+        have = ", ".join(f"{e.get('n', 0)} {e.get('what', 'held-out prompts')}" for e in evidence)
         return False, (
             f"not enough evidence: {have}, the gate needs at least {gate.min_heldout}; " + why
         )
-    if pairs.get("n") and not pairs["gain_low"] > gate.min_effect:
+    if not seq2seq:
+        w, d = answers["win"], answers["degenerate"]
+        if not w["interval"][0] > 0.5:
+            return False, (
+                f"the candidate's answers do not win on held-out prompts (the {gate.confidence:.0%}"
+                f" interval of its win rate reaches {w['interval'][0]:.2f}, needs > 0.50): " + why
+            )
+        if d["candidate"]["share"] > d["current"]["share"] + gate.max_degenerate_rise + 1e-12:
+            return False, "more degenerate answers than the current version: " + why
+    if pairs.get("n", 0) >= (1 if seq2seq else gate.min_heldout) and not (
+        pairs["gain_low"] > gate.min_effect
+    ):
         return False, (
             f"held-out preference gain not shown (its {gate.confidence:.0%} interval reaches "
             f"{pairs['gain_low']:+.3f}, needs > {gate.min_effect:+.3f}): " + why
@@ -178,40 +244,164 @@ def heldout_prompts(cycle_files: dict[str, dict[str, str]]) -> list[list[dict[st
     return out
 
 
-def answer_greedily(spec: str, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
-    """Greedy answers of one model to chat prompts, batched by the engine."""
-    engine, _ = load_engine(spec)
+def generate_answers(
+    spec: str,
+    prompts: list[list[dict[str, str]]],
+    *,
+    engine: EngineSpec,
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """(text, finish reason) of one model's answers to chat prompts, run as `engine` says and
+    batched by it: what a user of `lmloop serve` with those settings would read."""
+    eng, _ = load_engine(spec, engine, max_waiting=max(len(prompts), 1))
     try:
-        engine.start()
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        handles = [engine.submit(engine.encode_chat(p), params) for p in prompts]
-        return [h.result().text for h in handles]
+        eng.start()
+        handles = []
+        for i, p in enumerate(prompts):
+            ids = eng.encode_chat(p)[-(eng.context_length - 1) :]  # a small model's context
+            room = eng.context_length - (0 if eng.encoder_decoder else len(ids))
+            params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens, room),
+                                    seed=seed + i)  # fmt: skip
+            handles.append(eng.submit(ids, params))
+        done = [h.result() for h in handles]
+        return [(c.text, c.finish_reason) for c in done]
     finally:
-        engine.stop()
+        eng.stop()
 
 
-def rule_figures(
-    gate: GateSpec, cur: str, cand: str, files: dict[str, dict[str, str]], out: Path
+def answer_greedily(spec: str, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
+    """Greedy answers of one model to chat prompts on the default engine (benchmarks' check)."""
+    got = generate_answers(spec, prompts, engine=EngineSpec(), max_tokens=max_tokens)
+    return [text for text, _ in got]
+
+
+# ---- the judge ------------------------------------------------------------------------------
+
+
+def _answer_text(value: Any) -> str:
+    return value[-1]["content"] if isinstance(value, list) else str(value)
+
+
+def judge_records(files: dict[str, dict[str, str]], side: str) -> dict[str, Any]:
+    """One split's feedback as the judge reads it: pairs (prompt, chosen, rejected) from the
+    `dpo` records (corrections, explicit preferences, up- against down-voted siblings) and thumbs
+    (prompt, answer, up?) from the `kto` records."""
+    pairs, thumbs = [], []
+    for line in Path(files["dpo"][side]).read_text("utf-8").splitlines():
+        r = json.loads(line)
+        pairs.append((r["prompt"], _answer_text(r["chosen"]), _answer_text(r["rejected"])))
+    for line in Path(files["kto"][side]).read_text("utf-8").splitlines():
+        r = json.loads(line)
+        thumbs.append((r["prompt"], _answer_text(r["completion"]), bool(r["label"])))
+    return {"pairs": pairs, "thumbs": thumbs}
+
+
+def _features(model: Any, tok: Tokenizer, recs: dict[str, Any], seq_len: int) -> tuple:
+    pairs, thumbs = recs["pairs"], recs["thumbs"]
+    pf = None
+    if pairs:
+        prompts = [p for p, _, _ in pairs]
+        chosen = answer_features(model, tok, prompts, [c for _, c, _ in pairs], seq_len=seq_len)
+        rejected = answer_features(model, tok, prompts, [r for _, _, r in pairs], seq_len=seq_len)
+        pf = (chosen, rejected)
+    tf = ty = None
+    if thumbs:
+        tf = answer_features(model, tok, [p for p, _, _ in thumbs], [a for _, a, _ in thumbs],
+                             seq_len=seq_len)  # fmt: skip
+        ty = np.array([int(up) for _, _, up in thumbs])
+    return pf, tf, ty
+
+
+def fit_judge(
+    gate: GateSpec, cur: str, files: dict[str, dict[str, str]], out: Path, seq_len: int
 ) -> dict[str, Any]:
-    """The rule's share of compliant greedy answers to the held-out prompts, current against
-    candidate, and the gain's interval; the answers go to `out`."""
-    if not gate.rule:
-        return {}
-    rule = compile_rule(gate.rule)
+    """The judge learned on the training split (features of the current version), saved to
+    `out`, and its held-out report; refused ("not enough signal") when it cannot beat chance."""
+    loaded = load_model(cur)
+    train = judge_records(files, "train")
+    held = judge_records(files, "heldout")
+    log.info("gate: the judge learns from %d pairs and %d thumbs", len(train["pairs"]),
+             len(train["thumbs"]))  # fmt: skip
+    pf, tf, ty = _features(loaded.model, loaded.tokenizer, train, seq_len)
+    judge = RewardJudge.fit(pf, tf, ty)
+    hp, hf, hy = _features(loaded.model, loaded.tokenizer, held, seq_len)
+    report = judge.heldout(hp, hf, hy, confidence=gate.confidence, resamples=gate.bootstrap,
+                           min_items=gate.min_heldout)  # fmt: skip
+    report["trained_on"] = {"pairs": len(train["pairs"]), "thumbs": len(train["thumbs"])}
+    judge.save(out)
+    report["path"] = str(out)
+    return report
+
+
+def answer_figures(
+    gate: GateSpec, engine: EngineSpec, cur: str, cand: str, files: dict[str, dict[str, str]],
+    judge_path: Path | None, out: Path, seq_len: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Both versions answer the held-out prompts as served; the judge's win rate of the
+    candidate (without a judge, as for a seq2seq model, none), each version's degenerate answers
+    and, with a rule, its compliance. The answers go to `out`."""
     prompts = heldout_prompts(files)
     if not prompts:
         return {"n": 0, "what": "held-out prompts"}
-    answers = {}
+    answers: dict[str, list[tuple[str, str]]] = {}
     for who, spec in (("current", cur), ("candidate", cand)):
-        log.info("gate: the %s version answers %d held-out prompts greedily", who, len(prompts))
-        answers[who] = answer_greedily(spec, prompts, gate.rule_tokens)
-    scores = {who: [rule(a) for a in ans] for who, ans in answers.items()}
+        log.info("gate: the %s version answers %d held-out prompts", who, len(prompts))
+        answers[who] = generate_answers(spec, prompts, engine=engine, max_tokens=gate.answer_tokens,
+                                        temperature=gate.temperature)  # fmt: skip
+    figures: dict[str, Any] = {
+        "what": "held-out prompts",
+        "n": len(prompts),
+        "degenerate": {
+            who: degeneration([t for t, _ in got], [f for _, f in got])
+            for who, got in answers.items()
+        },  # fmt: skip
+    }
+    rewards: dict[str, list[float]] = {w: [math.nan] * len(prompts) for w in answers}
+    if judge_path is not None:
+        try:
+            loaded = load_model(cur)
+            judge = RewardJudge.load(judge_path)
+            feats = {
+                who: answer_features(loaded.model, loaded.tokenizer, prompts,
+                                     [t for t, _ in got], seq_len=seq_len)
+                for who, got in answers.items()
+            }  # fmt: skip
+            rewards = {who: judge.reward(f).tolist() for who, f in feats.items()}
+            figures["win"] = win_rate(judge, feats["current"], feats["candidate"],
+                                      confidence=gate.confidence,
+                                      resamples=gate.bootstrap)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - refuses this candidate, named; the cycle goes on
+            log.exception("gate: the judge failed")
+            figures["error"] = f"{type(e).__name__}: {e}"
+    rows = [{"prompt": p, **{w: {"text": answers[w][i][0], "finish_reason": answers[w][i][1],
+                                 "reward": rewards[w][i]} for w in answers}}
+            for i, p in enumerate(prompts)]  # fmt: skip
+    figures["rule"] = rule_figures(gate, {w: [t for t, _ in got] for w, got in answers.items()})
+    write_json(out, rows)
+    return figures
+
+
+def rule_figures(gate: GateSpec, answers: dict[str, list[str]]) -> dict[str, Any]:
+    """With a `gate.rule`: its share of compliant answers, current against candidate, and the
+    gain's interval. A rule that raises on an answer refuses the candidate, naming the error."""
+    if not gate.rule:
+        return {}
+    rule = compile_rule(gate.rule)
+    scores: dict[str, list[float]] = {}
+    try:
+        for who, texts in answers.items():
+            scores[who] = [rule(t) for t in texts]
+    except Exception as e:  # noqa: BLE001 - a user's function: its failure is a figure
+        return {"what": "held-out prompts", "n": len(answers["current"]), "rule": gate.rule,
+                "error": f"{type(e).__name__}: {e}", "current": math.nan,
+                "candidate": math.nan, "gain": math.nan, "gain_low": math.nan,
+                "gain_high": math.nan}  # fmt: skip
     gain = [b - a for a, b in zip(scores["current"], scores["candidate"])]
     mean, low, high = bootstrap_interval(gain, confidence=gate.confidence,
                                          resamples=gate.bootstrap)  # fmt: skip
-    write_json(out, [{"prompt": p, **{w: answers[w][i] for w in answers}}
-                     for i, p in enumerate(prompts)])  # fmt: skip
-    n = len(prompts)
+    n = len(gain)
     return {"what": "held-out prompts", "n": n, "rule": gate.rule,
             "current": sum(scores["current"]) / n, "candidate": sum(scores["candidate"]) / n,
             "gain": mean, "gain_low": low, "gain_high": high}  # fmt: skip

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 
+from lmloop.artifacts import atomic_file
 from lmloop.errors import UserError
+from lmloop.tokenizer import Tokenizer
 from lmloop.training.data import IGNORE, encode_chat, pad_id_of
 
 # ---- features ----------------------------------------------------------------------------
@@ -43,7 +46,7 @@ from lmloop.training.data import IGNORE, encode_chat, pad_id_of
 
 def answer_features(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     prompts: list[list[dict[str, str]]],
     answers: list[str],
     *,
@@ -247,6 +250,16 @@ class RewardJudge:
         model = LogisticRegression(fit_intercept=False, C=C, max_iter=2000).fit(x, y)
         coef = model.coef_[0]
         return cls(mean, std, coef[:-1], float(coef[-1] * INTERCEPT_SCALE), C)
+
+    def save(self, path: Path) -> None:
+        """The judge's numbers as one .npz file (written atomically)."""
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mean=self.mean, std=self.std, w=self.w, bias=self.bias, C=self.C)
+
+    @classmethod
+    def load(cls, path: Path) -> RewardJudge:
+        z = np.load(path)
+        return cls(z["mean"], z["std"], z["w"], float(z["bias"]), float(z["C"]))
 
     def reward(self, features: np.ndarray) -> np.ndarray:
         """(n,) the linear score of each feature row (without the thumbs' intercept)."""

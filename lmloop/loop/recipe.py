@@ -64,14 +64,22 @@ def collect_feedback(cfg: LoopConfig, cycle: Path, seq2seq: bool = False) -> dic
             "together): nothing is left to train on",
             hint="collect conversations on more varied prompts, or lower heldout_fraction",
         )
-    if not seq2seq and n["dpo"] == 0 and not (cfg.recipe == "preference" and cfg.gate.rule):
+    fixes, up, down = ex.corrections, ex.thumbs["up"], ex.thumbs["down"]
+    if not seq2seq and n["dpo"] == 0 and fixes["total"] and fixes["unchanged"] == fixes["total"]:
         raise UserError(
-            f"the feedback in {cfg.db} is one-sided ({ex.thumbs['up']} thumbs up, "
-            f"{ex.thumbs['down']} down, no corrections or preferences between answers): the gate "
-            "needs preference pairs to judge a candidate",
-            hint="add corrections or rate answers of the same prompt both ways, or set gate.rule",
+            f"every one of the {fixes['total']} corrections in {cfg.db} is identical to the "
+            "answer it corrects: they say nothing about what a better answer is",
+            hint="write the answer you wanted as the correction, or rate answers up and down",
+        )
+    if not seq2seq and n["dpo"] == 0 and not (up and down):
+        raise UserError(
+            f"every thumb in {cfg.db} is {'up' if up else 'down'} ({up} up, {down} down) and "
+            "nothing compares two answers (no corrections or preferences): the feedback is "
+            "one-sided, so no judge can learn from it what users prefer",
+            hint="rate answers both ways, correct bad answers, or prefer one answer over another",
         )
     return {"counts": ex.counts, "thumbs": ex.thumbs, "groups": ex.groups, "pii": ex.pii,
+            "corrections": ex.corrections,
             "files": {f: {s: str(p) for s, p in d.items()} for f, d in ex.files.items()}}  # fmt: skip
 
 

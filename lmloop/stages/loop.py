@@ -54,7 +54,14 @@ from lmloop.evaluation.seq2seq import target_loglik
 from lmloop.loop import recipe
 from lmloop.loop.config import LOOP_TRAIN, Decision, GateSpec, LoopConfig, LoopResult
 from lmloop.loop.cycle import check_inputs, context_length, cycle_dir, is_seq2seq, read_state
-from lmloop.loop.gate import decide, pair_figures, rule_figures, target_figures
+from lmloop.loop.gate import (
+    answer_figures,
+    decide,
+    fit_judge,
+    judge_summary,
+    pair_figures,
+    target_figures,
+)
 from lmloop.models.io import load_model
 from lmloop.registry import Registry
 from lmloop.registry.spec import run_checkpoint
@@ -96,6 +103,20 @@ def _prepare_pairs(
     base = build(data_stage.DataConfig, recipe.base_recipe(base_meta))
     result = data_stage.run(recipe.pairs_data_config(cfg, base, exported, cycle, cur))
     return recipe.pairs_prepared(result.out, result.meta)
+
+
+def _judge(cfg: LoopConfig, cycle: Path, cur: str, exported: dict[str, Any], seq: int) -> dict:
+    """The gate's judge, learned before any training: a cycle whose feedback teaches a judge
+    nothing it can check on held-out feedback stops here (nothing to promote on)."""
+    report = fit_judge(cfg.gate, cur, exported["files"], cycle / "judge" / "judge.npz", seq)
+    print(f"loop: judge: {judge_summary(report)}", flush=True)
+    if not report["clears_chance"]:
+        raise UserError(
+            f"not enough signal: {judge_summary(report)}; a judge that cannot tell the held-out "
+            "feedback's preferred answers from the others cannot choose between versions",
+            hint="collect more feedback (corrections, or thumbs both ways) on more varied prompts",
+        )
+    return report
 
 
 def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
@@ -163,14 +184,18 @@ def run(cfg: LoopConfig) -> LoopResult:
             write_json(cycle / "state.json", state)
         return state["results"][name]
 
-    try:
+    seq = min(cfg.train.batch.seq_len, context_length(cur_path) or cfg.train.batch.seq_len)
+    try:  # a store with nothing to learn from, or no signal in it, leaves no half-made cycle
         exported = step("export", lambda: recipe.collect_feedback(cfg, cycle, seq2seq))
+        print(f"loop: feedback {json.dumps(exported['counts'])} ({exported['groups']} groups)",
+              flush=True)  # fmt: skip
+        judge = (
+            {} if seq2seq else step("judge", lambda: _judge(cfg, cycle, cur_path, exported, seq))
+        )
     except UserError:
-        if not state["done"]:  # a store with nothing to learn from leaves no half-made cycle
+        if set(state["done"]) <= {"export", "judge"}:
             shutil.rmtree(cycle, ignore_errors=True)
         raise
-    print(f"loop: feedback {json.dumps(exported['counts'])} ({exported['groups']} groups)",
-          flush=True)  # fmt: skip
     if seq2seq:
         prepared = step("prepare",
                         lambda: _prepare_pairs(cfg, cycle, exported, base_meta, cur_path))  # fmt: skip
@@ -205,13 +230,19 @@ def run(cfg: LoopConfig) -> LoopResult:
             nll = _target_nll(cur_path, cand, Path(files["pairs"]["heldout"]))
             pairs = target_figures(cfg.gate, nll)
         else:
-            seq = min(cfg.train.batch.seq_len, context_length(cur_path) or cfg.train.batch.seq_len)
             pairs = pair_figures(cfg.gate, cur_path, cand, Path(files["dpo"]["heldout"]), seq)
+        answers = {}
+        if not seq2seq or cfg.gate.rule:  # a seq2seq model's answers only for a stated rule
+            judged = None if seq2seq else Path(judge["path"])
+            answers = answer_figures(cfg.gate, cfg.engine, cur_path, cand, files, judged,
+                                     ev / "answers.json", seq)  # fmt: skip
         return {
             "current_base_ppl": _base_ppl(cfg, cur_path, ev / "current-base", split),
             "candidate_base_ppl": _base_ppl(cfg, cand, ev / "candidate-base", split),
+            "judge": judge,
+            "answers": answers,
             "pairs": pairs,
-            "rule": rule_figures(cfg.gate, cur_path, cand, files, ev / "answers.json"),
+            "rule": answers.pop("rule", {}),
             "counts": {"export": exported["counts"], "train": counts},
         }
 
