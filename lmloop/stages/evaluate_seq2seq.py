@@ -57,7 +57,7 @@ def target_loglik(
 ) -> tuple[float, int]:
     """(summed log-likelihood of the target tokens given the input, target tokens scored)."""
     from lmloop.log import progress
-    from lmloop.training.preference import Seq2SeqObjective
+    from lmloop.training.objectives import Seq2SeqObjective
 
     obj = Seq2SeqObjective(rows, pad_id=pad_id, seed=0, seq_len=window)
     device = next(model.parameters()).device
@@ -111,7 +111,7 @@ def evaluate_pairs(
     """Target perplexity and greedy-decode metrics of (input ids, target ids) pairs, each side
     ending in EOS (`lmloop.data.shards.Pairs`); the same shape as `evaluate_tokens`' result."""
     from lmloop.evaluation.perplexity import check_protocol, count_bytes, count_words, figures
-    from lmloop.training.preference import _keep_eos  # a side cut as training cuts it
+    from lmloop.training.objectives import keep_eos  # a side cut as training cuts it
 
     if not rows:
         raise UserError("nothing to evaluate: no input/target pairs", hint="pass a non-empty split")
@@ -141,12 +141,12 @@ def evaluate_pairs(
         return tokenizer.decode(list(ids)[:-1], skip_special_tokens=True).strip()
 
     # Words and bytes of what was scored: the targets as cut to the window.
-    scored = [text(_keep_eos(list(b), w)) for _, b in rows]
+    scored = [text(keep_eos(list(b), w)) for _, b in rows]
     words, nbytes = sum(count_words(t) for t in scored), sum(count_bytes(t) for t in scored)
     out: dict[str, Any] = figures(loglik, tokens, words, nbytes)
     eos = model.config.eos_token_id
     stops = {int(t) for t in tokenizer.stop_ids} | ({int(eos)} if eos is not None else set())
-    inputs = [_keep_eos(list(a), w) for a, _ in rows]
+    inputs = [keep_eos(list(a), w) for a, _ in rows]
     t0 = time.perf_counter()
     gen_ids = greedy_decode(
         model,

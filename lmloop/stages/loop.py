@@ -48,7 +48,7 @@ from typing import Any, Literal
 from lmloop.artifacts import read_meta, utc_now, write_json
 from lmloop.config import param, to_dict
 from lmloop.errors import UserError
-from lmloop.stages.train import (
+from lmloop.training.config import (
     BatchSpec,
     EvalSpec,
     LoraSpec,
@@ -586,7 +586,7 @@ def _base_ppl(cfg: LoopConfig, model: str, out: Path, split: str) -> float:
 def _pair_figures(cfg: LoopConfig, cur: str, cand: str, heldout: Path) -> dict[str, Any]:
     """Each held-out pair scored by both models: margins, accuracies, the gain's interval."""
     from lmloop.models.io import load_model
-    from lmloop.training.preference import read_pairs, score_pairs
+    from lmloop.training.objectives import read_pairs, score_pairs
 
     lines = heldout.read_text("utf-8").strip()
     if not lines:

@@ -215,9 +215,9 @@ def _train_from_scratch(cfg: QuickstartConfig, data_dir: Path, run_dir: Path) ->
     from lmloop.artifacts import sha256_json
     from lmloop.config import to_dict
     from lmloop.stages import train as train_stage
+    from lmloop.training import config as t
     from lmloop.training.checkpoint import read_run
 
-    t = train_stage
     tc = t.TrainConfig(
         data=str(data_dir), out=str(run_dir), max_steps=cfg.train_steps,
         save_every=cfg.eval_every, keep_last=1, log_every=cfg.eval_every,

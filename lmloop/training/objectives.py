@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lmloop.errors import UserError
-from lmloop.training.data import IGNORE, _Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.data import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
 
 # ---- records ---------------------------------------------------------------------------------
 
@@ -295,15 +295,13 @@ class Seq2SeqObjective:
         if len(pairs) == 0:
             raise UserError("no input/target pairs to train on")
         self.pairs, self.pad_id, self.seq_len = pairs, pad_id, seq_len
-        self.index = _Permuted(len(pairs), seed)
+        self.index = Permuted(len(pairs), seed)
 
     def batch(self, samples: range | list[int]) -> Any:
         return self.collate([self.pairs[self.index(i)] for i in samples])
 
     def collate(self, rows: list) -> Any:
-        cut = [
-            (_keep_eos(list(a), self.seq_len), _keep_eos(list(b), self.seq_len)) for a, b in rows
-        ]
+        cut = [(keep_eos(list(a), self.seq_len), keep_eos(list(b), self.seq_len)) for a, b in rows]
         S, T = max(len(a) for a, _ in cut), max(len(b) for _, b in cut)
         x = torch.full((len(cut), S), self.pad_id, dtype=torch.long)
         y = torch.full((len(cut), T), IGNORE, dtype=torch.long)
@@ -326,7 +324,7 @@ class Seq2SeqObjective:
         return Step(ls, self.units(batch), {})
 
 
-def _keep_eos(ids: list[int], n: int) -> list[int]:
+def keep_eos(ids: list[int], n: int) -> list[int]:
     """At most n ids; a cut sequence keeps its last (EOS) token at the end."""
     return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
 
@@ -341,7 +339,7 @@ class DPOObjective:
         if not rows:
             raise UserError("no preference pairs left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
-        self.index = _Permuted(len(rows), seed)
+        self.index = Permuted(len(rows), seed)
         self.ref_logps: torch.Tensor | None = None
 
     @classmethod
@@ -426,7 +424,7 @@ class KTOObjective:
             raise UserError("no KTO examples left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
         self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.index = _Permuted(len(rows), seed)
+        self.index = Permuted(len(rows), seed)
 
     @classmethod
     def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple, bool]]:
@@ -526,3 +524,7 @@ def score_pairs(model: Any, tokenizer: Any, pairs: list, seq_len: int, batch: in
         out["chosen_tokens"] += n[0::2].tolist()
         out["rejected_tokens"] += n[1::2].tolist()
     return out
+
+
+# what the training loop drives: batches of sample indices, their units, a step's loss
+Objective = LMObjective | Seq2SeqObjective | DPOObjective | KTOObjective
