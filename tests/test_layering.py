@@ -21,11 +21,15 @@ TORCH_FREE = (
     "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
     "lmloop.registry", "lmloop.registry.spec", "lmloop.data.sources", "lmloop.data.preprocess",
     "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
-    "lmloop.engine.spec", "lmloop.engine.params",
+    "lmloop.engine.spec", "lmloop.engine.params", "lmloop.training.config",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.training",
          "lmloop.data.synthetic")  # fmt: skip
-LIGHT = ("lmloop.engine.spec", "lmloop.engine.params")  # torch-free modules inside a heavy package
+LIGHT = (
+    "lmloop.engine.spec",
+    "lmloop.engine.params",
+    "lmloop.training.config",
+)  # torch-free modules inside a heavy package
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 

@@ -23,13 +23,16 @@ from lmloop.log import read_metrics
 from lmloop.models.adapter import build_loaded
 from lmloop.models.io import save_model
 from lmloop.training import checkpoint as ck
-from lmloop.training import fsdp as tf
 from lmloop.training import lora as tl
 from lmloop.training import objectives as tob
 from lmloop.training.config import TrainingDiverged
 from lmloop.training.distributed import all_sum, barrier
 from lmloop.training.optim import lr_factor, set_lr
 from lmloop.training.run import Run, write_meta
+
+# `lmloop.training.fsdp` is imported only where a run is sharded (parallel=fsdp under torchrun):
+# it loads torch.distributed's FSDP and DTensor modules, about a second (4-5 s measured on a busy
+# 2-core machine), which every other run would pay for nothing.
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,8 @@ def save(r: Run, step: int, val_loss: float | None) -> None:
     """A checkpoint (weights, tokenizer, training state) and the run's meta.json; prunes."""
     full_model = opt_states = None
     if r.fsdp:  # gathered on every rank (collectives), kept on rank 0 only
+        from lmloop.training import fsdp as tf  # lazy: see the note at the top
+
         full_model = tf.full_model_state(r.raw, r.d.main)
         opt_states = [tf.full_optimizer_state(o, r.d.main) for o in r.opts]
     if r.d.main:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from lmloop.errors import UserError
 from lmloop.training.data import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.lora import lora_layers
 
 # ---- records ---------------------------------------------------------------------------------
 
@@ -168,8 +169,6 @@ def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 @contextlib.contextmanager
 def _adapters_off(model: Any):
-    from lmloop.training.lora import lora_layers
-
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.enable_adapters(False)

@@ -26,7 +26,6 @@ from lmloop.models.base import ModelConfig
 from lmloop.models.io import LoadedModel, load_model
 from lmloop.tokenizer import Tokenizer
 from lmloop.training import checkpoint as ck
-from lmloop.training import fsdp as tf
 from lmloop.training import lora as tl
 from lmloop.training import objectives as tob
 from lmloop.training.config import LoraSpec, TrainConfig
@@ -41,6 +40,10 @@ from lmloop.training.inputs import (
     vocab_fingerprint,
 )
 from lmloop.training.optim import build_optimizers
+
+# `lmloop.training.fsdp` is imported only where a run is sharded (parallel=fsdp under torchrun):
+# it loads torch.distributed's FSDP and DTensor modules, about a second (4-5 s measured on a busy
+# 2-core machine), which every other run would pay for nothing.
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +196,8 @@ def setup(cfg: TrainConfig, d: Dist) -> Run | None:
     if state is not None:
         for opt, sd in zip(r.opts, state["optimizers"], strict=True):
             if r.fsdp:
+                from lmloop.training import fsdp as tf  # lazy: see the note at the top
+
                 sd = tf.shard_optimizer_state(opt, sd)
             opt.load_state_dict(sd)
         r.start, r.elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
@@ -338,6 +343,8 @@ def place(r: Run, state: dict | None, frozen_ref: torch.nn.Module | None) -> Non
     if r.lora and state is not None:
         tl.load_adapter_state(raw, state["lora"])
     if r.fsdp:
+        from lmloop.training import fsdp as tf  # lazy: see the note at the top
+
         # in place: the parameters become DTensor shards, so optimizers are built after this
         raw = tf.shard_model(raw, d.device, d.world)
         log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
