@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R
     torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R --parallel fsdp
 
-The loop is one `for` loop in `lmloop/training/fit.py::fit`: schedule, gradient accumulation (loss normalized by the
+This module reads the config, calls lmloop/training/ and writes the run's artifacts. The loop is
+one `for` loop in `training/fit.py::fit`: schedule, gradient accumulation (loss normalized by the
 true number of target tokens across every micro-batch and process, the fix Hugging Face shipped
 in late 2024), clipping, step, log, evaluate, save. Everything that decides a step's numbers is
 either saved in the checkpoint (weights, optimizer state, RNG states) or a pure function of the
@@ -53,8 +54,6 @@ __all__ = [  # the configuration and result, re-exported for `from lmloop.stages
     "ScheduleSpec", "SFTSpec", "TrainConfig", "TrainResult", "TrainingDiverged",
     "memory_estimate", "run",
 ]  # fmt: skip
-
-log = logging.getLogger(__name__)
 
 
 def run(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> TrainResult | None:
