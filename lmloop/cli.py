@@ -20,7 +20,7 @@ from lmloop.errors import UserError, did_you_mean
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("lmloop.data.config:DataConfig", "lmloop.stages.data:run", "collect and preprocess text into token shards"),
     "tokenizer train": ("lmloop.data.config:TokenizerConfig", "lmloop.stages.tokenizer:run", "train a byte-level BPE tokenizer"),
-    "train": ("lmloop.stages.train:TrainConfig", "lmloop.stages.train:run", "train a Transformer from scratch or fine-tune one"),
+    "train": ("lmloop.training.config:TrainConfig", "lmloop.stages.train:run", "train a Transformer from scratch or fine-tune one"),
     "eval": ("lmloop.evaluation.config:EvalConfig", "lmloop.stages.evaluate:run", "measure perplexity (token, word, byte) under a stated protocol"),
     "eval compare": ("lmloop.evaluation.config:CompareConfig", "lmloop.stages.evaluate:run_compare", "compare eval reports, refusing mismatched protocols"),
     "generate": ("lmloop.engine.config:GenerateConfig", "lmloop.stages.generate:run", "generate text from a prompt or a JSONL of prompts"),

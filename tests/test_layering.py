@@ -16,21 +16,20 @@ TOP_LEVEL = {
     "__init__", "artifacts", "cli", "config", "errors", "log",  # foundation
 }  # fmt: skip
 # Never import torch, transformers or the layers that do: `lmloop --help`, config validation, the
-# data pipeline and the feedback store stay fast and light.
+# data pipeline and the feedback store stay fast and light. Every command's config lives in one.
 TORCH_FREE = (
     "lmloop.errors", "lmloop.config", "lmloop.artifacts", "lmloop.log", "lmloop.cli",
-    "lmloop.registry", "lmloop.registry.spec", "lmloop.data.sources", "lmloop.data.preprocess",
-    "lmloop.data.shards", "lmloop.data.pii", "lmloop.feedback",
-    "lmloop.engine.spec", "lmloop.engine.params", "lmloop.engine.config", "lmloop.evaluation.config",
-    "lmloop.evaluation.report",
+    "lmloop.registry", "lmloop.data.sources", "lmloop.data.preprocess", "lmloop.data.shards",
+    "lmloop.data.pii", "lmloop.data.config", "lmloop.feedback", "lmloop.engine.spec",
+    "lmloop.engine.params", "lmloop.engine.config", "lmloop.evaluation.config",
+    "lmloop.evaluation.report", "lmloop.training.config", "lmloop.export.config",
+    "lmloop.server.settings", "lmloop.loop.config",
 )  # fmt: skip
 HEAVY = ("torch", "transformers", "lmloop.models", "lmloop.engine", "lmloop.training",
          "lmloop.data.synthetic")  # fmt: skip
-LIGHT = (
-    "lmloop.engine.spec",
-    "lmloop.engine.params",
-    "lmloop.engine.config",
-)  # torch-free modules inside a heavy package
+# torch-free modules inside a heavy package
+LIGHT = ("lmloop.engine.spec", "lmloop.engine.params", "lmloop.engine.config",
+         "lmloop.training.config")  # fmt: skip
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 
@@ -113,3 +112,80 @@ def test_only_stages_import_the_server():
             continue
         for mod, _ in _imports(f):
             assert not _within(mod, ("lmloop.server",)), f"{name} imports {mod}"
+
+
+# Layers, bottom to top. A module may import its own layer or any below, never one above (lazy
+# imports included); the exceptions are named in UPWARD with the reason. docs/architecture.md
+# draws the same picture.
+LAYERS: dict[str, int] = {
+    "lmloop": 0, "lmloop.config": 0, "lmloop.errors": 0, "lmloop.log": 0, "lmloop.artifacts": 0,
+    "lmloop.tokenizer": 1, "lmloop.registry": 1, "lmloop.models": 1,
+    "lmloop.data": 2, "lmloop.feedback": 2, "lmloop.engine": 2, "lmloop.export": 2,
+    "lmloop.training": 3, "lmloop.evaluation": 3, "lmloop.server": 3,
+    "lmloop.loop": 4,
+    "lmloop.stages": 5,
+    "lmloop.cli": 6,
+}  # fmt: skip
+UPWARD: dict[tuple[str, str], str] = {}
+
+
+def _layer(module: str) -> tuple[str, int]:
+    parts = module.split(".")
+    for n in (2, 1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return key, LAYERS[key]
+    raise AssertionError(f"{module} sits in no layer: add its package to LAYERS")
+
+
+def _lmloop_imports():
+    for name, f in _modules():
+        for mod, _ in _imports(f):
+            if mod == "lmloop" or mod.startswith("lmloop."):
+                if mod.rsplit(".", 1)[-1] == "__version__":
+                    mod = "lmloop"
+                yield name, mod
+
+
+def test_imports_point_down_the_layers():
+    bad = []
+    for name, mod in _lmloop_imports():
+        (src, lo), (dst, hi) = _layer(name), _layer(mod)
+        if hi > lo and (src, dst) not in UPWARD:
+            bad.append(f"{name} (layer {lo}) imports {mod} (layer {hi})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_packages_form_no_cycle():
+    edges: dict[str, set[str]] = {}
+    for name, mod in _lmloop_imports():
+        src, dst = _layer(name)[0], _layer(mod)[0]
+        if src != dst:
+            edges.setdefault(src, set()).add(dst)
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(p for p in edges if p in reach(p))
+    assert not cycles, f"packages on an import cycle: {cycles}"
+
+
+def test_no_private_name_crosses_modules():
+    bad = []
+    for name, f in _modules():
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("lmloop")
+            ):
+                bad += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+    assert not bad, "\n".join(bad)

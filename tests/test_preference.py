@@ -83,8 +83,8 @@ def test_dpo_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, sft_weight):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from lmloop.stages.train import PreferenceSpec
-    from lmloop.training.preference import DPOObjective, Reference
+    from lmloop.training.config import PreferenceSpec
+    from lmloop.training.objectives import DPOObjective, Reference
 
     policy, ref = (
         hf_llama(tok.vocab_size, tied=False, seed=0),
@@ -119,8 +119,8 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, tok):
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
-    from lmloop.stages.train import PreferenceSpec
-    from lmloop.training.preference import KTOObjective
+    from lmloop.training.config import PreferenceSpec
+    from lmloop.training.objectives import KTOObjective
 
     policy, ref = (
         hf_llama(tok.vocab_size, tied=False, seed=0),
@@ -146,7 +146,7 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, tok):
     obj = KTOObjective([((0,), (0,), True)], 0, 0, spec, None, tokenizer=tok, seq_len=64)
     x, y = _xy(batch["input_ids"], batch["completion_mask"], batch["attention_mask"])
     kx, ky = _xy(batch["KL_input_ids"], batch["KL_completion_mask"], batch["KL_attention_mask"])
-    from lmloop.training.preference import sequence_logps
+    from lmloop.training.objectives import sequence_logps
 
     logps, _ = sequence_logps(ours(x), y)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_preference_run_learns_and_logs_rewards(tmp_path, tok, task, lora):
 
 def test_lora_reference_is_the_base_without_a_copy(tok):
     from lmloop.training.lora import apply_lora
-    from lmloop.training.preference import Reference, sequence_logps
+    from lmloop.training.objectives import Reference, sequence_logps
 
     base = _model_dir_model(tok)
     x = torch.randint(4, tok.vocab_size, (2, 10))
@@ -247,9 +247,9 @@ def test_lora_reference_is_the_base_without_a_copy(tok):
 def test_precomputed_reference_equals_the_live_one(tok):
     """A run that revisits its pairs scores each with the reference once, up front; the loss
     and gradients then equal those from the reference run live on every batch."""
-    from lmloop.stages.train import PreferenceSpec
+    from lmloop.training.config import PreferenceSpec
     from lmloop.training.lora import apply_lora
-    from lmloop.training.preference import DPOObjective, Reference
+    from lmloop.training.objectives import DPOObjective, Reference
 
     model, _ = apply_lora(_model_dir_model(tok), 4, 8.0, 0.0, ["q_proj", "v_proj"])
     for name, p in model.named_parameters():

@@ -18,7 +18,7 @@ from lmloop.log import read_metrics
 from lmloop.models import adapter, build_model, num_params
 from lmloop.models.io import load_model
 from lmloop.models.seq2seq import Seq2SeqConfig
-from lmloop.training.preference import Seq2SeqObjective
+from lmloop.training.objectives import Seq2SeqObjective
 
 WORDS = "red blue green cat dog bird sun moon tree river stone house".split()
 MODEL = ["model.family=seq2seq", "model.positions=relative", "model.hidden_size=32",

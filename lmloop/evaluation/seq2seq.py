@@ -41,7 +41,7 @@ from lmloop.errors import UserError
 from lmloop.evaluation.perplexity import check_protocol, count_bytes, count_words, figures
 from lmloop.log import progress
 from lmloop.models.seq2seq import batch_groups, batch_tokens
-from lmloop.training.preference import Seq2SeqObjective, keep_eos
+from lmloop.training.objectives import Seq2SeqObjective, keep_eos
 
 if TYPE_CHECKING:
     from lmloop.models.seq2seq import Seq2Seq

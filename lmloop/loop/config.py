@@ -16,9 +16,8 @@ from lmloop.config import param
 from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
 
-# The train stage's settings, nested under `train.*`. They stay torch-free where they live; the
-# import moves to lmloop.training.config with them (issue 26).
-from lmloop.stages.train import (
+# The train stage's settings, nested under `train.*` (torch-free where they live).
+from lmloop.training.config import (
     BatchSpec,
     EvalSpec,
     LoraSpec,

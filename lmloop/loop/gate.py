@@ -40,7 +40,7 @@ from lmloop.loop.config import GateSpec
 from lmloop.loop.judge import RewardJudge, answer_features, degeneration, win_rate
 from lmloop.models.io import load_model
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.preference import read_pairs, score_pairs
+from lmloop.training.objectives import read_pairs, score_pairs
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from lmloop.errors import UserError
 IGNORE = -100
 
 
-class _Permuted:
+class Permuted:
     """Sample index -> item index through per-epoch permutations of `n` items."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
@@ -58,7 +58,7 @@ class PretrainData:
                 f"seq_len+1 = {seq_len + 1}",
                 hint="prepare more data or lower batch.seq_len",
             )
-        self.index = _Permuted(self.n_windows, seed)
+        self.index = Permuted(self.n_windows, seed)
 
     def batch(self, samples: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -194,7 +194,7 @@ class SFTData:
         if not examples:
             raise UserError("no SFT examples left after tokenization")
         self.examples, self.pad_id = examples, pad_id
-        self.index = _Permuted(len(examples), seed)
+        self.index = Permuted(len(examples), seed)
 
     @classmethod
     def from_records(

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """Shard `model` in place over `world` processes: each block, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (world,))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)

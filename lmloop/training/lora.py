@@ -9,19 +9,23 @@ LoRA run resumes exactly from its base model.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import nn
+
+from lmloop.models import build_model
+
+# peft is imported in the functions that use it, not here: it pulls in transformers' PEFT
+# machinery (seconds on a cold start, measured ~8 s here), and only LoRA runs need it.
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str],
                last_layers: int = 0):  # fmt: skip
     """Adapters on the `targets` linear layers; with `last_layers` N > 0 only in the last N
     Transformer blocks, so backpropagation stops below them (a shorter backward pass)."""
-    import re
-
-    import peft
+    import peft  # lazy: see the note at the top
 
     names: list[str] = list(targets)
     if last_layers > 0:
@@ -41,7 +45,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
 
 
 def lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: see the note at the top
 
     for name, m in model.named_modules():
         if isinstance(m, LoraLayer):
@@ -76,8 +80,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, Any]:
 
 def merged_model(model: nn.Module) -> nn.Module:
     """A plain lmloop model (no peft modules) with the adapters merged in."""
-    from lmloop.models import build_model
-
     with torch.random.fork_rng(devices=[]):  # building must not disturb the run's RNG stream
         plain = build_model(model.config)
     plain.load_state_dict(merged_state_dict(model))

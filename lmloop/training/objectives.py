@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from lmloop.errors import UserError
-from lmloop.training.data import IGNORE, _Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.data import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.lora import lora_layers
 
 # ---- records ---------------------------------------------------------------------------------
 
@@ -168,8 +169,6 @@ def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 @contextlib.contextmanager
 def _adapters_off(model: Any):
-    from lmloop.training.lora import lora_layers
-
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.enable_adapters(False)
@@ -295,7 +294,7 @@ class Seq2SeqObjective:
         if len(pairs) == 0:
             raise UserError("no input/target pairs to train on")
         self.pairs, self.pad_id, self.seq_len = pairs, pad_id, seq_len
-        self.index = _Permuted(len(pairs), seed)
+        self.index = Permuted(len(pairs), seed)
 
     def batch(self, samples: range | list[int]) -> Any:
         return self.collate([self.pairs[self.index(i)] for i in samples])
@@ -339,7 +338,7 @@ class DPOObjective:
         if not rows:
             raise UserError("no preference pairs left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
-        self.index = _Permuted(len(rows), seed)
+        self.index = Permuted(len(rows), seed)
         self.ref_logps: torch.Tensor | None = None
 
     @classmethod
@@ -424,7 +423,7 @@ class KTOObjective:
             raise UserError("no KTO examples left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
         self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.index = _Permuted(len(rows), seed)
+        self.index = Permuted(len(rows), seed)
 
     @classmethod
     def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple, bool]]:
@@ -524,3 +523,7 @@ def score_pairs(model: Any, tokenizer: Any, pairs: list, seq_len: int, batch: in
         out["chosen_tokens"] += n[0::2].tolist()
         out["rejected_tokens"] += n[1::2].tolist()
     return out
+
+
+# what the training loop drives: batches of sample indices, their units, a step's loss
+Objective = LMObjective | Seq2SeqObjective | DPOObjective | KTOObjective
