@@ -1,26 +1,27 @@
-"""Does the loop teach a model what users asked for? One cycle on SmolLM2-135M-Instruct, measured.
+"""Does the loop teach a served model what its users want, judged without an answer key?
 
-    .venv/bin/python bench/loop.py                      # ~30 min on 2 CPU cores
-    .venv/bin/python bench/loop.py --conversations 32 --skip-text --skip-coin   # quicker
+    .venv/bin/python bench/loop.py                         # ~35 min on 2 CPU cores
+    .venv/bin/python bench/loop.py --families formal --skip-controls   # one family
 
-1. SmolLM2-135M-Instruct is registered as `assistant` v1 and served by `lmloop serve` (int8).
-2. Simulated users (`lmloop.loop.users`) state their preference: two sentences, a short
-   answer (at least four words) then a question back. They hold one conversation per training
-   topic through the HTTP API (temperature 0.7, 8 users at once), rate every answer, and correct
-   each bad one with a compliant rewrite.
-3. Held-out questions on *other* topics are answered greedily through the API: compliant share
-   before.
-4. One `lmloop loop` cycle (preference recipe: SFT + DPO, LoRA; the gate with the same rule);
-   the running server hot-reloads the promoted version; the held-out questions are answered
-   again: compliant share after.
-5. Side by side, in the same run, on the same store: the earlier recipe (`recipe=text`: the
-   feedback as plain text in continued pretraining), and a coin-flip control (the same answers
-   and rewrites, the preferred one chosen by a coin): neither is promoted, the gate must refuse
-   the control, and their candidates' held-out compliance is measured offline (fp32 engine,
-   greedy, the same questions) beside the preference candidate's.
+For each preference family of the simulated users (`lmloop.loop.users.FAMILIES`: `ask-back` and
+`three-points` correct bad answers, `formal` gives thumbs only), in one process run:
 
-The base corpus that guards general ability is the TinyStories sample in ../shared/data,
-tokenized with SmolLM2's tokenizer (val 5%; the loop replays its train split).
+1. SmolLM2-135M-Instruct is registered as `assistant-FAMILY` v1 and served by `lmloop serve` at
+   its defaults, following the registry.
+2. Held-out questions on other topics, in forms never used while collecting, are answered
+   greedily through the API and scored by the family's rule: compliance before, as served.
+3. The users hold one conversation per training topic (temperature 0.7, 8 at once): a thumb on
+   every answer (10% flipped), a rewrite for 70% of the bad ones in the correcting families.
+4. One `lmloop loop` cycle with the shipped defaults (`LoopConfig()`: no rule, no overrides):
+   the gate's judge learns from the feedback alone. A promoted version is hot-reloaded by the
+   running server and the held-out questions are asked again: compliance after, as served.
+
+Controls in the same run, from a fresh v1 and the `ask-back` family's store: the plain-text recipe
+(`recipe=text`) and a coin-flip store (each corrected exchange's answer and rewrite, the preferred
+one chosen by a coin, thumbs to match). The default gate must refuse both.
+
+The rules are the benchmark's answer key: the gate never sees them. The base corpus that guards
+general ability is the TinyStories sample in ../shared/data, in SmolLM2's tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +50,12 @@ def free_port() -> int:
 
 
 def serve(model: str, db: Path, log: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """`lmloop serve` at its defaults (plus a quick registry poll), healthy."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "lmloop.cli", "serve", "--model", model, "--port", str(port),
-           "--db", str(db), "--int8", "registry_poll=1"]  # fmt: skip
+           "--db", str(db), "registry_poll=1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -69,10 +70,16 @@ def serve(model: str, db: Path, log: Path, env: dict) -> tuple[subprocess.Popen,
     raise SystemExit("lmloop serve did not become healthy")
 
 
-def share(answers: list[str]) -> float:
-    from lmloop.loop.users import complies
+def wait_for(url: str, version: str, seconds: float = 180) -> None:
+    import httpx
 
-    return sum(complies(a) for a in answers) / len(answers)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        v = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+        if v.get("model_version") == version:
+            return
+        time.sleep(1)
+    raise SystemExit(f"the server did not reload {version}")
 
 
 def coin_store(src: Path, dst: Path, seed: int = 0) -> int:
@@ -105,16 +112,91 @@ def coin_store(src: Path, dst: Path, seed: int = 0) -> int:
     return n
 
 
+def cycle(name: str, db: Path, base: Path, work: Path, **kw) -> dict:
+    """One `lmloop loop` cycle at the shipped defaults (`kw`: the controls' recipe/promote)."""
+    from lmloop.errors import UserError
+    from lmloop.loop.config import LoopConfig
+    from lmloop.stages import loop as loop_stage
+
+    cfg = LoopConfig(name=name, db=str(db), base_data=str(base), work_dir=str(work), **kw)
+    t = time.monotonic()
+    try:
+        res = loop_stage.run(cfg)
+    except UserError as e:  # refused before training ("not enough signal", a bad store)
+        return {"seconds": time.monotonic() - t, "promoted": False, "passed": False,
+                "reason": e.line(), "refused_before_training": True}  # fmt: skip
+    f = res.figures
+    decision = json.loads((res.cycle_dir / "decision.json").read_text())
+    return {
+        "seconds": time.monotonic() - t,
+        "promoted": res.promoted,
+        "passed": decision["passed"],
+        "version": res.version,
+        "reason": res.reason,
+        "judge": f.get("judge"),
+        "win": (f.get("answers") or {}).get("win"),
+        "degenerate": (f.get("answers") or {}).get("degenerate"),
+        "base_change": f["candidate_base_ppl"] / f["current_base_ppl"] - 1,
+        "pairs": f.get("pairs"),
+    }
+
+
+def family_run(family_name: str, args, base: Path, work: Path, env: dict) -> dict:
+    from lmloop.loop.users import FAMILIES, HELDOUT_TOPICS, TRAIN_TOPICS, answer_all, converse
+    from lmloop.registry import Registry
+    from lmloop.registry.spec import locate
+
+    family = FAMILIES[family_name]
+    name = f"assistant-{family_name}"
+    registry = Registry()
+    v1 = registry.register(name, locate(MODEL).path, lineage={"note": "the shipped model"})
+    registry.promote(name, v1)
+    db = work / f"{family_name}.db"
+    print(f"\n== {family_name}: the users want {family.preference}", flush=True)
+    proc, url = serve(f"registry:{name}", db, work / f"serve-{family_name}.log", env)
+    out: dict = {"preference": family.preference, "db": str(db)}
+    try:
+        held = HELDOUT_TOPICS[: args.heldout]
+        before = answer_all(url, name, held, max_tokens=args.answer_tokens)
+        out["before"] = sum(family.complies(a) for _, a, _ in before) / len(before)
+        t = time.monotonic()
+        topics = (TRAIN_TOPICS * 4)[: args.conversations]
+        ex = converse(url, name, topics, max_tokens=args.collect_tokens, family=family)
+        out["collect"] = {"conversations": len(ex), "complied": sum(e.complied for e in ex),
+                          "thumbs_up": sum(e.thumb == "up" for e in ex),
+                          "corrections": sum(e.correction is not None for e in ex),
+                          "seconds": time.monotonic() - t}  # fmt: skip
+        print(f"[{family_name}] collected {len(ex)} conversations in {out['collect']['seconds']:.0f}"
+              f" s: {out['collect']['complied']} complied, {out['collect']['corrections']} "
+              f"corrected; held-out compliance before {out['before']:.0%}", flush=True)  # fmt: skip
+        out["cycle"] = cycle(name, db, base, work / f"loop-{family_name}")
+        c = out["cycle"]
+        print(f"[{family_name}] cycle {c['seconds'] / 60:.1f} min, promoted={c['promoted']}: "
+              f"{c['reason']}", flush=True)  # fmt: skip
+        if c["promoted"]:
+            wait_for(url, c["version"])
+        after = answer_all(url, name, held, max_tokens=args.answer_tokens)
+        out["after"] = sum(family.complies(a) for _, a, _ in after) / len(after)
+        out["served"] = [before[0][2], after[0][2]]
+        out["example"] = {"question": before[0][0], "before": before[0][1], "after": after[0][1]}
+        print(f"[{family_name}] held-out compliance as served: {out['before']:.0%} ({before[0][2]})"
+              f" -> {out['after']:.0%} ({after[0][2]})", flush=True)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    return out
+
+
 def main() -> None:
+    from lmloop.loop.users import FAMILIES
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--conversations", type=int, default=64)
     ap.add_argument("--heldout", type=int, default=24)
-    ap.add_argument("--sft-steps", type=int, default=24)
-    ap.add_argument("--pref-steps", type=int, default=20)
-    ap.add_argument("--answer-tokens", type=int, default=80)
-    ap.add_argument("--lr", type=float, default=4e-4, help="the loop's fine-tuning learning rate")
-    ap.add_argument("--skip-text", action="store_true", help="skip the text-recipe comparison")
-    ap.add_argument("--skip-coin", action="store_true", help="skip the coin-flip control")
+    ap.add_argument("--collect-tokens", type=int, default=80, help="answer length while collecting")
+    ap.add_argument("--answer-tokens", type=int, default=160, help="held-out answers, as the gate")
+    ap.add_argument("--skip-controls", action="store_true")
     ap.add_argument("--work", default=None, help="workspace (default: a temp dir, removed)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -128,150 +210,77 @@ def main() -> None:
     env = dict(os.environ)
 
     from lmloop.data.sources import SourceSpec
-    from lmloop.loop.users import HELDOUT_TOPICS, PREFERENCE, TRAIN_TOPICS, answer_all, converse
     from lmloop.registry import Registry
+    from lmloop.registry.spec import locate
     from lmloop.stages import data as data_stage
-    from lmloop.stages import loop as loop_stage
 
-    figures: dict = {"preference": PREFERENCE}
-    t0 = time.monotonic()
+    figures: dict = {"families": {}}
+
+    def save() -> None:
+        if args.json:  # partial figures survive an interrupted run
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+
     base = data_stage.run(data_stage.DataConfig(
         source=[SourceSpec(path=str(STORIES), split="regex", pattern="<\\|endoftext\\|>")],
         out=str(work / "base"), tokenizer=MODEL, val_fraction=0.05, test_fraction=0.0,
         min_chars=32,
     ))  # fmt: skip
-    from lmloop.registry.spec import locate
-
-    registry = Registry()
-    registry.register("assistant", locate(MODEL).path, lineage={"note": "the shipped model"})
-    registry.promote("assistant", "v1")
-    print(f"setup (base data, registry): {time.monotonic() - t0:.0f} s; base val "
-          f"{base.split('val')['documents']} documents", flush=True)  # fmt: skip
-
-    db = work / "feedback.db"
-    proc, url = serve("registry:assistant", db, work / "serve.log", env)
-    try:
-        t = time.monotonic()
-        train_topics = (TRAIN_TOPICS * 4)[: args.conversations]
-        ex = converse(url, "assistant", train_topics, max_tokens=args.answer_tokens, seed=0)
-        figures["collect"] = {"conversations": len(ex), "complied": sum(e.complied for e in ex),
-                              "seconds": time.monotonic() - t}  # fmt: skip
-        print(f"collected {len(ex)} rated conversations in {time.monotonic() - t:.0f} s "
-              f"({figures['collect']['complied']} already complied)", flush=True)  # fmt: skip
-        held = HELDOUT_TOPICS[: args.heldout]
-        before = answer_all(url, "assistant", held, max_tokens=96)
-        figures["served_before"] = share([a for _, a, _ in before])
-        print(f"held-out compliance before (served, greedy): {figures['served_before']:.0%}")
-
-        def cycle(name: str, store: Path, **kw) -> dict:
-            cfg = loop_stage.LoopConfig(
-                name="assistant", db=str(store), base_data=str(base.out),
-                work_dir=str(work / f"loop-{name}"), sft_steps=args.sft_steps,
-                pref_steps=args.pref_steps, max_eval_documents=60, eval_window=512,
-                gate=loop_stage.GateSpec(rule="lmloop.loop.users:complies", rule_tokens=96),
-                train=replace(loop_stage.LOOP_TRAIN,
-                              optim=replace(loop_stage.LOOP_TRAIN.optim, lr=args.lr)),
-                **kw,
-            )  # fmt: skip
-            t = time.monotonic()
-            res = loop_stage.run(cfg)
-            seconds = time.monotonic() - t
-            state = json.loads((res.cycle_dir / "state.json").read_text())
-            f = res.figures
-            out = {
-                "seconds": seconds,
-                "promoted": res.promoted,
-                "reason": res.reason,
-                "candidate": state["results"]["preference"],
-                "base_ppl": [f["current_base_ppl"], f["candidate_base_ppl"]],
-                "base_change": f["candidate_base_ppl"] / f["current_base_ppl"] - 1,
-                "pairs": f.get("pairs"),
-                "rule": f.get("rule"),
-            }
-            if args.json:  # partial figures survive an interrupted run
-                Path(args.json).write_text(json.dumps({**figures, name: out}, indent=2))
-            print(f"[{name}] cycle {seconds / 60:.1f} min; promoted={res.promoted}; "
-                  f"base ppl {out['base_change']:+.2%}", flush=True)  # fmt: skip
-            return out
-
-        figures["preference_cycle"] = cycle("preference", db)
-        version = registry.current("assistant")[0]
-        if figures["preference_cycle"]["promoted"]:
-            import httpx
-
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                v = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
-                if v.get("model_version") == version:
-                    break
-                time.sleep(1)
-        after = answer_all(url, "assistant", held, max_tokens=96)
-        figures["served_after"] = share([a for _, a, _ in after])
-        figures["served_versions"] = [before[0][2], after[0][2]]
-        print(f"held-out compliance after (served by {after[0][2]}): "
-              f"{figures['served_after']:.0%}", flush=True)  # fmt: skip
-        figures["examples"] = [
-            {"question": q, "before": a, "after": b}
-            for (q, a, _), (_, b, _) in list(zip(before, after))[:4]
-        ]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
-
-    registry.promote("assistant", "v1")  # the comparisons start from the same model
-    if not args.skip_text:
-        figures["text_cycle"] = cycle("text", db, recipe="text", promote=False)
-    if not args.skip_coin:
+    for fam in args.families:
+        figures["families"][fam] = family_run(fam, args, base.out, work, env)
+        save()
+    if not args.skip_controls and "ask-back" in figures["families"]:
+        registry = Registry()
+        v1 = registry.register("control", locate(MODEL).path, lineage={"note": "controls"})
+        registry.promote("control", v1)
+        store = Path(figures["families"]["ask-back"]["db"])
+        figures["text_control"] = cycle("control", store, base.out, work / "loop-text",
+                                        recipe="text", promote=False)  # fmt: skip
+        save()
         coin = work / "coin.db"
-        figures["coin_pairs"] = coin_store(db, coin)
-        figures["coin_cycle"] = cycle("coin", coin, promote=False)
-
-    from lmloop.loop.gate import answer_greedily
-    from lmloop.loop.users import prompts as questions
-
-    chats = [[{"role": "user", "content": q}] for _, q in questions(held, 1)]
-    offline = {"base": MODEL}
-    for name in ("preference", "text", "coin"):
-        if f"{name}_cycle" in figures:
-            offline[name] = figures[f"{name}_cycle"]["candidate"]
-    figures["offline_share"] = {
-        name: share(answer_greedily(spec, chats, 96)) for name, spec in offline.items()
-    }
+        figures["coin_pairs"] = coin_store(store, coin)
+        figures["coin_control"] = cycle("control", coin, base.out, work / "loop-coin",
+                                        promote=False)  # fmt: skip
+        save()
     print_table(figures)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    save()
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def print_table(f: dict) -> None:
-    print("\n== does the loop teach what users asked for?")
-    print(f"preference: {f['preference']}")
-    print(f"collected: {f['collect']['conversations']} conversations "
-          f"({f['collect']['complied']} complied already)")  # fmt: skip
-    print(
-        f"held-out compliance, served greedy: {f['served_before']:.0%} "
-        f"({f['served_versions'][0]}) -> {f['served_after']:.0%} ({f['served_versions'][1]})"
-    )
-    rows = [("recipe", "cycle min", "promoted", "base ppl", "pairs gain [95% CI]",
-             "rule on cycle's held-out", "held-out compliance (offline)")]  # fmt: skip
-    off = f["offline_share"]
-    for name in ("preference", "text", "coin"):
-        c = f.get(f"{name}_cycle")
-        if not c:
-            continue
-        p, r = c["pairs"] or {}, c["rule"] or {}
-        gain = (f"{p['gain']:+.2f} [{p['gain_low']:+.2f}, {p['gain_high']:+.2f}]"
-                if p.get("n") else "-")  # fmt: skip
-        rule = f"{r['current']:.0%} -> {r['candidate']:.0%}" if r.get("n") else "-"
-        rows.append((name, f"{c['seconds'] / 60:.1f}", str(c["promoted"]),
-                     f"{c['base_change']:+.2%}", gain, rule,
-                     f"{off['base']:.0%} -> {off.get(name, float('nan')):.0%}"))  # fmt: skip
+    print("\n== does the loop teach what users asked for? (shipped defaults, no rule, no key)")
+    rows = [("family", "held-out compliance (served)", "promoted", "judge held-out",
+             "win rate [95% CI]", "degenerate", "base ppl", "cycle min")]  # fmt: skip
+    for fam, r in f["families"].items():
+        c = r["cycle"]
+        j = c.get("judge") or {}
+        judge = ", ".join(
+            f"{k} {v.get('accuracy', v.get('auc')):.2f} [{v['interval'][0]:.2f}, "
+            f"{v['interval'][1]:.2f}]" for k, v in ((k, j.get(k)) for k in ("pairs", "thumbs")) if v
+        )  # fmt: skip
+        w, d = c.get("win") or {}, c.get("degenerate") or {}
+        win = f"{w['win_rate']:.0%} [{w['interval'][0]:.0%}, {w['interval'][1]:.0%}]" if w else "-"
+        deg = f"{d['current']['share']:.0%} -> {d['candidate']['share']:.0%}" if d else "-"
+        base = f"{c['base_change']:+.1%}" if "base_change" in c else "-"
+        rows.append((fam, f"{r['before']:.0%} -> {r['after']:.0%}", str(c["promoted"]),
+                     judge or "-", win, deg, base, f"{c['seconds'] / 60:.1f}"))  # fmt: skip
+    for name in ("text_control", "coin_control"):
+        c = f.get(name)
+        if c:
+            rows.append((name, "-", f"{c['promoted']} (passed={c['passed']})", "-", "-", "-",
+                         f"{c['base_change']:+.1%}" if "base_change" in c else "-",
+                         f"{c['seconds'] / 60:.1f}"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-    for e in f.get("examples", [])[:2]:
-        print(f"\nQ: {e['question']}\n  before: {e['before'][:200]}\n  after:  {e['after'][:200]}")
+    for name in ("text_control", "coin_control"):
+        if f.get(name):
+            print(f"{name}: {f[name]['reason'][:300]}")
+    for fam, r in f["families"].items():
+        e = r.get("example")
+        if e:
+            print(f"\n[{fam}] Q: {e['question']}\n  before: {e['before'][:240]!r}\n"
+                  f"  after:  {e['after'][:240]!r}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -233,10 +233,12 @@ def _fill_store(db: Path, *, signal: str, n: int = 72, leak: list[str] | None = 
 
 
 def _loop(world, db: Path, work: str, *extra: str) -> list[str]:
+    # a tiny model learns the users' answer shape in a few full fine-tuning steps, so that its
+    # generated answers change (the gate judges answers, not likelihoods alone)
     return ["loop", "name=demo", f"db={db}", f"base_data={world['data']}",
-            f"work_dir={world['root'] / work}", "sft_steps=10", "pref_steps=20",
-            "train.batch.seq_len=64", "train.optim.lr=5e-4", "train.plot=false", "train.lora.r=4",
-            "train.pref.beta=1.0", *extra]  # fmt: skip
+            f"work_dir={world['root'] / work}", "sft_steps=30", "pref_steps=10",
+            "train.batch.seq_len=64", "train.optim.lr=1e-3", "train.plot=false", "train.lora.r=0",
+            "train.pref.beta=1.0", "gate.answer_tokens=24", *extra]  # fmt: skip
 
 
 def _decision(world, work: str) -> dict:
@@ -306,7 +308,17 @@ def test_loop_bad_input_fails_before_training(world, tmp_path, capsys):
                                   prompt_tokens=1, completion_tokens=1, latency_ms=1.0)  # fmt: skip
             store.add_feedback(f"r{i}", thumb="up")
     assert main(["loop", f"db={ups}", *base]) == 2
-    assert "one-sided" in capsys.readouterr().err
+    assert "every thumb in" in capsys.readouterr().err  # one-sided: nothing to tell apart
+    same = tmp_path / "same.db"
+    with FeedbackStore(same) as store:
+        for i in range(5):
+            store.record_exchange(messages=[{"role": "user", "content": f"q{i}"}],
+                                  response_text=f"a{i}", response_id=f"r{i}", model_name="demo",
+                                  model_version="v1", checkpoint_sha="x", params={},
+                                  prompt_tokens=1, completion_tokens=1, latency_ms=1.0)  # fmt: skip
+            store.add_feedback(f"r{i}", thumb="down", correction=f"a{i}")
+    assert main(["loop", f"db={same}", *base]) == 2
+    assert "identical to the answer it corrects" in capsys.readouterr().err
     # a base data dir without validation documents is refused before anything runs
     novaldata = tmp_path / "noval"
     assert main(["data", "--source", str(_corpus(tmp_path / "c.jsonl", 30)), "--out",
@@ -390,7 +402,7 @@ def test_cycle_through_the_real_server_hot_reloads_and_resumes(world, capsys, mo
         args = _loop(world, db, "loop-served")
         assert main(args) == 130
         state = json.loads((world["root"] / "loop-served" / "cycle-1" / "state.json").read_text())
-        assert state["done"] == ["export", "prepare", "sft"]
+        assert state["done"] == ["export", "judge", "prepare", "sft"]
         monkeypatch.setattr(
             train_stage, "run", lambda cfg: (calls.append(cfg.task), real_run(cfg))[1]
         )

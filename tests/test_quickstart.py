@@ -31,13 +31,17 @@ def out(tmp_path_factory):
 def _force_gate(monkeypatch, verdict: bool) -> None:
     from lmloop.stages import loop as loop_stage
 
-    real = loop_stage.decide
+    real, real_fit = loop_stage.decide, loop_stage.fit_judge
+
+    def fit_judge(*args, **kw):  # 8 tiny conversations teach no judge; let this one vote
+        return {**real_fit(*args, **kw), "clears_chance": True}
 
     def decide(figures, gate):
         _, why = real(figures, gate)
         return verdict, f"forced {verdict} by the test; {why}"
 
     monkeypatch.setattr(loop_stage, "decide", decide)
+    monkeypatch.setattr(loop_stage, "fit_judge", fit_judge)
 
 
 def _run(out, capsys) -> str:
@@ -79,7 +83,7 @@ def test_quickstart_promoted_path(out, monkeypatch, capsys):
     decision = json.loads((out / "loop" / "cycle-1" / "decision.json").read_text())
     assert decision["promote"] and decision["reason"].startswith("forced True")
     assert f"why: {decision['reason']}" in printed
-    for key in ("current_base_ppl", "candidate_base_ppl", "pairs", "rule"):
+    for key in ("current_base_ppl", "candidate_base_ppl", "judge", "answers", "pairs"):
         assert key in decision["figures"]
 
     # the served version after the loop is the promoted one; before/after from different versions

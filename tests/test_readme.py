@@ -324,7 +324,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
 def _converse(url: str) -> list[dict]:
     """Conversations a user would have on the chat page, each answer rated and corrected."""
     answers = []
-    for i in range(12):
+    for i in range(40):  # enough that the gate's judge has 10 held-out pairs to be checked on
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "mine", "max_tokens": 12,
             "messages": [{"role": "user", "content": f"Tell me story {i} about the fox."}]})  # fmt: skip

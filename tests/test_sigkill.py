@@ -137,7 +137,7 @@ def test_sigkill_during_streams_and_feedback_keeps_every_acknowledged_row(tmp_pa
 
 HOLD = r"""
 import pathlib, sys, time
-import lmloop.stages.{stage} as stage
+import {module} as stage
 from lmloop.cli import main
 
 real = stage.write_meta
@@ -152,13 +152,13 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _killed_mid_run(stage: str, argv: list[str], cwd: Path) -> Path:
-    """Run `lmloop ARGV` in `cwd`, SIGKILL it once its meta.json is written; the folder it was
-    writing."""
+def _killed_mid_run(module: str, argv: list[str], cwd: Path) -> Path:
+    """Run `lmloop ARGV` in `cwd`, SIGKILL it once `module`'s `write_meta` has written the
+    meta.json; the folder it was writing."""
     marker = cwd / "written"
     env = {**os.environ, "LMLOOP_HOME": str(cwd / "home")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD.replace("{stage}", stage), str(marker), *argv],
+        [sys.executable, "-c", HOLD.replace("{module}", module), str(marker), *argv],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -221,7 +221,7 @@ def test_sigkill_data_leaves_nothing_whole_and_rerun_equals_clean_run(tmp_path, 
     ref, work = tmp_path / "ref", tmp_path / "work"
     ref.mkdir(), work.mkdir()
     _run(argv, ref, monkeypatch)
-    writing = _killed_mid_run("data", argv, work)
+    writing = _killed_mid_run("lmloop.stages.data", argv, work)
     _assert_nothing_whole(work / "data" / "mine", writing)
     _run(argv, work, monkeypatch)
     assert _tree(work / "data" / "mine") == _tree(ref / "data" / "mine")
@@ -234,7 +234,7 @@ def test_sigkill_export_leaves_nothing_whole_and_rerun_equals_clean_run(tmp_path
     ref, work = tmp_path / "ref", tmp_path / "work"
     ref.mkdir(), work.mkdir()
     _run(argv, ref, monkeypatch)
-    writing = _killed_mid_run("export", argv, work)
+    writing = _killed_mid_run("lmloop.export.hf", argv, work)
     _assert_nothing_whole(work / "exports" / "hf", writing)
     _run(argv, work, monkeypatch)
     got = _tree(work / "exports" / "hf")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lmloop.artifacts import cache_dir
+
 SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
 QK = 32
 
@@ -82,8 +84,6 @@ def _build(cc: str, out: Path, omp: Path | None, arch: str = "native") -> None:
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
     """The compiled kernel (built on the first call of a process when not cached)."""
-    from lmloop.artifacts import cache_dir
-
     cc = _compiler()
     if cc is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc)")

@@ -13,6 +13,9 @@ a CLI's main thread alike.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
+
+import torch
 
 # GNU OpenMP only (torch's Linux wheels ship it): its pause releases the calling thread's pool
 # and nothing else (libgomp's team.c, gomp_pause_host). LLVM's and Intel's runtimes pause the
@@ -22,19 +25,23 @@ OMP_PAUSE_SOFT = 1
 
 
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime torch loaded (found among the process's mapped libraries)."""
+    """The GNU OpenMP runtime torch loaded (found among the process's mapped libraries).
+
+    Torch's own copy first: other wheels bundle theirs (scikit-learn ships a
+    `scikit_learn.libs/libgomp-*.so`), and pausing another runtime's pool frees nothing of
+    torch's team."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
             paths = {line.split()[-1] for line in f if "/" in line}
     except OSError:
         return None
-    for path in sorted(paths):
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith(_OPENMP_NAMES) and ".so" in name:
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                continue
+    torch_lib = str(Path(torch.__file__).parent / "lib") + "/"
+    found = [p for p in paths if p.rsplit("/", 1)[-1].startswith(_OPENMP_NAMES) and ".so" in p]
+    for path in sorted(found, key=lambda p: (not p.startswith(torch_lib), p)):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
     return None
 
 

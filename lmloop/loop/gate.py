@@ -45,6 +45,10 @@ from lmloop.training.objectives import read_pairs, score_pairs
 log = logging.getLogger(__name__)
 
 
+class NotEnoughSignal(UserError):
+    """The feedback teaches a judge nothing it can check on held-out feedback: no cycle."""
+
+
 def bootstrap_interval(
     values: list[float], *, confidence: float, resamples: int, seed: int = 0
 ) -> tuple[float, float, float]:

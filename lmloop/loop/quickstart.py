@@ -26,6 +26,7 @@ from lmloop.engine.core import load_engine
 from lmloop.engine.params import SamplingParams
 from lmloop.errors import UserError
 from lmloop.loop.config import LoopResult, QuickstartConfig
+from lmloop.loop.gate import judge_summary
 from lmloop.loop.users import Exchange, complies
 from lmloop.models.io import LoadedModel, load_model
 from lmloop.registry import Registry
@@ -201,21 +202,24 @@ def print_gate(decision: dict[str, Any]) -> None:
     verdict = "PROMOTED" if decision["promote"] else "REJECTED (the current version keeps serving)"
     print(f"   gate: {verdict}")
     print(f"   base-val perplexity {f['current_base_ppl']:.3f} -> {f['candidate_base_ppl']:.3f}")
-    p, r = f.get("pairs") or {}, f.get("rule") or {}
+    j, a, p = f.get("judge") or {}, f.get("answers") or {}, f.get("pairs") or {}
+    if j:
+        print(f"   the gate's judge (learned from the feedback, no rule): {judge_summary(j)}")
+    if a.get("win"):
+        w, d = a["win"], a["degenerate"]
+        print(f"   {a['n']} held-out prompts answered by both versions: the candidate wins "
+              f"{w['win_rate']:.0%} (95% CI {w['interval'][0]:.0%} to {w['interval'][1]:.0%}); "
+              f"degenerate answers {d['current']['share']:.0%} -> {d['candidate']['share']:.0%}")  # fmt: skip
     if p.get("n"):
         print(f"   {p['n']} held-out pairs: preference margin gain {p['gain']:+.2f} (95% CI "
-              f"{p['gain_low']:+.2f} to {p['gain_high']:+.2f}), preference accuracy "
-              f"{p['implicit_reward_accuracy']:.0%}")  # fmt: skip
-    if r.get("n"):
-        print(f"   {r['n']} held-out prompts judged by the users' rule: {r['current']:.0%} -> "
-              f"{r['candidate']:.0%} compliant")  # fmt: skip
+              f"{p['gain_low']:+.2f} to {p['gain_high']:+.2f})")  # fmt: skip
     print(f"   why: {decision['reason']}")
 
 
 def print_before_after(
     before: list[tuple[str, str, str | None]], after: list[tuple[str, str, str | None]]
 ) -> None:
-    q, a, va = before[0]
+    q, a, va = before[0]  # the first question, whichever version answers it better
     _, b, vb = after[0]
     print(f"   the same held-out question, before and after:\n   Q: {q}")
     print(f"   {va}: {short(a, 220)}\n   {vb}: {short(b, 220)}")

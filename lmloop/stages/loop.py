@@ -55,6 +55,7 @@ from lmloop.loop import recipe
 from lmloop.loop.config import LOOP_TRAIN, Decision, GateSpec, LoopConfig, LoopResult
 from lmloop.loop.cycle import check_inputs, context_length, cycle_dir, is_seq2seq, read_state
 from lmloop.loop.gate import (
+    NotEnoughSignal,
     answer_figures,
     decide,
     fit_judge,
@@ -111,7 +112,7 @@ def _judge(cfg: LoopConfig, cycle: Path, cur: str, exported: dict[str, Any], seq
     report = fit_judge(cfg.gate, cur, exported["files"], cycle / "judge" / "judge.npz", seq)
     print(f"loop: judge: {judge_summary(report)}", flush=True)
     if not report["clears_chance"]:
-        raise UserError(
+        raise NotEnoughSignal(
             f"not enough signal: {judge_summary(report)}; a judge that cannot tell the held-out "
             "feedback's preferred answers from the others cannot choose between versions",
             hint="collect more feedback (corrections, or thumbs both ways) on more varied prompts",

@@ -11,9 +11,10 @@
 4. deploy + interact: SmolLM2-135M-Instruct is registered as `assistant` v1 and served by
    `lmloop serve` on 127.0.0.1; simulated users with a stated preference (`lmloop.loop.users`)
    hold conversations through the HTTP API, rate every answer and correct the bad ones;
-5. loop: one `lmloop loop` cycle (SFT then DPO, LoRA; the gate judges held-out feedback and the
-   users' rule on held-out questions); the running server hot-reloads a promoted version and the
-   held-out questions are asked again, before and after side by side;
+5. loop: one `lmloop loop` cycle at its defaults (SFT then DPO, LoRA; the gate's judge, learned
+   from the feedback, scores both versions' answers to held-out prompts; no rule); the running
+   server hot-reloads a promoted version and the held-out questions are asked again, the first
+   one shown before and after;
 6. a summary, ending with the command that opens the chat page on the improved assistant
    (`--serve` keeps it running).
 
@@ -39,7 +40,8 @@ from lmloop.config import to_dict
 from lmloop.data.sources import SourceSpec
 from lmloop.data.synthetic import synthetic_stories
 from lmloop.loop import users
-from lmloop.loop.config import LOOP_TRAIN, STUDENT, GateSpec, LoopConfig, QuickstartConfig
+from lmloop.loop.config import LOOP_TRAIN, STUDENT, LoopConfig, LoopResult, QuickstartConfig
+from lmloop.loop.gate import NotEnoughSignal
 from lmloop.loop.quickstart import (
     Cycle,
     Deployment,
@@ -228,17 +230,22 @@ def run_loop_cycle(cfg: QuickstartConfig, ws: Workspace, dep: Deployment) -> Cyc
     """One `lmloop loop` cycle on the feedback; the server hot-reloads a promoted version and the
     held-out questions are asked again."""
     say("[5/6]", "loop: one cycle (SFT + DPO with LoRA), the gate, a hot reload")
+    steps = {
+        k: v
+        for k, v in (("sft_steps", cfg.sft_steps), ("pref_steps", cfg.pref_steps))
+        if v is not None
+    }  # a test's tiny cycle; the demo runs `lmloop loop`'s defaults
     lc = LoopConfig(
         name="assistant", db=str(dep.db), base_data=str(dep.base_dir),
-        work_dir=str(ws.out / "loop"), registry=str(ws.home / "registry"),
-        sft_steps=cfg.sft_steps, pref_steps=cfg.pref_steps, new_cycle=True,
-        max_eval_documents=24, eval_window=256,
-        gate=GateSpec(rule="lmloop.loop.users:complies", rule_tokens=cfg.answer_tokens),
-        train=replace(LOOP_TRAIN, log_every=1,  # a line every 3-5 s
-                      optim=replace(LOOP_TRAIN.optim, lr=cfg.loop_lr)),
+        work_dir=str(ws.out / "loop"), registry=str(ws.home / "registry"), new_cycle=True,
+        train=replace(LOOP_TRAIN, log_every=1), **steps,  # a progress line every 3-5 s
     )  # fmt: skip
-    result = loop_stage.run(lc)
-    decision = json.loads((result.cycle_dir / "decision.json").read_text())
+    try:
+        result = loop_stage.run(lc)
+        decision = json.loads((result.cycle_dir / "decision.json").read_text())
+    except NotEnoughSignal as e:  # the feedback cannot tell answers apart: nothing to promote
+        result = LoopResult(ws.out / "loop", False, None, e.line(), {})
+        decision = {"promote": False, "reason": e.line(), "figures": {}}
     print_gate(decision)
     server = dep.server
     if result.promoted:
@@ -279,7 +286,8 @@ def summarize(cfg: QuickstartConfig, ws: Workspace, seconds: float, corpus: Corp
         ("loop cycle", result.cycle_dir), ("gate decision", result.cycle_dir / "decision.json"),
         ("summary", ws.out / "summary.json"),
     ]:  # fmt: skip
-        print(f"   {label:<15} {path}")
+        if Path(path).exists():
+            print(f"   {label:<15} {path}")
     print_next_steps(ws.home, result.promoted)
     if cfg.serve:
         print(f"\nServing at {dep.server.url}/ — press Ctrl-C to stop.", flush=True)
