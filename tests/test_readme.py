@@ -71,6 +71,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CONVERSATIONS = 64  # enough that the loop's judge has 10 held-out pairs to be checked on
+
+
 def correction(i: int) -> str:
     """The user's rewrite of answer i (each a different answer: the loop keeps records that
     teach the same answer on one side of its held-out split)."""
@@ -192,7 +195,9 @@ def _chat(tmp: Path, done) -> None:
     answer = done.stdout.strip()
     assert answer
     tok = Tokenizer.load(tmp / "data" / "mine" / "tokenizer")
-    assert len(tok.encode(answer)) <= 20
+    # 20 tokens were sampled; text re-encoded may split a sampled token that canonical BPE
+    # would not have produced (seen: 21), so the count is checked with that slack
+    assert len(tok.encode(answer)) <= 24
 
 
 @check("lmloop models register")
@@ -207,7 +212,7 @@ def _register(tmp: Path, done) -> None:
 
 @check("lmloop serve")
 def _serve(tmp: Path, answers: list[dict]) -> None:
-    assert len(answers) == 12
+    assert len(answers) == CONVERSATIONS
     assert {(a["model"], a["model_version"]) for a in answers} == {("mine", "v1")}
     assert all(0 < a["usage"]["completion_tokens"] <= 12 for a in answers)
 
@@ -216,8 +221,9 @@ def _serve(tmp: Path, answers: list[dict]) -> None:
 def _stats(tmp: Path, done) -> None:
     row = next(line.split() for line in done.stdout.splitlines() if line.startswith("mine "))
     # responses feedback up down ratings mean flags corrections prefs
-    assert row[1:] == ["v1", "12", "12", "0", "12", "12", "2.00", "0", "12", "0"], done.stdout
-    assert "total: 12 conversations, 12 responses, 12 feedback" in done.stdout
+    n = str(CONVERSATIONS)
+    assert row[1:] == ["v1", n, n, "0", n, n, "2.00", "0", n, "0"], done.stdout
+    assert f"total: {n} conversations, {n} responses, {n} feedback" in done.stdout
 
 
 @check("lmloop feedback export")
@@ -225,11 +231,11 @@ def _export_feedback(tmp: Path, done) -> None:
     records = []
     for name in ("sft.jsonl", "sft.heldout.jsonl"):
         records += [json.loads(x) for x in (tmp / "feedback" / name).read_text().splitlines()]
-    assert len(records) == 12
+    assert len(records) == CONVERSATIONS
     asked = {r["messages"][0]["content"] for r in records}
-    assert asked == {f"Tell me story {i} about the fox." for i in range(12)}
+    assert asked == {f"Tell me story {i} about the fox." for i in range(CONVERSATIONS)}
     taught = {r["messages"][-1]["content"] for r in records}
-    assert taught == {correction(i) for i in range(12)}
+    assert taught == {correction(i) for i in range(CONVERSATIONS)}
     train = sum(1 for _ in (tmp / "feedback" / "sft.jsonl").open())
     assert f"sft: {train} train records" in done.stdout, done.stdout
 
@@ -324,7 +330,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
 def _converse(url: str) -> list[dict]:
     """Conversations a user would have on the chat page, each answer rated and corrected."""
     answers = []
-    for i in range(40):  # enough that the gate's judge has 10 held-out pairs to be checked on
+    for i in range(CONVERSATIONS):
         r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "mine", "max_tokens": 12,
             "messages": [{"role": "user", "content": f"Tell me story {i} about the fox."}]})  # fmt: skip
