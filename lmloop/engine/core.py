@@ -622,7 +622,7 @@ def _make_runner(
     fast: bool,
     int8: bool,
     kv_int8: bool,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     int4: bool = False,
 ):
     if int4:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmloop.artifacts import write_json
 from lmloop.engine.core import load_engine
@@ -302,7 +303,7 @@ def judge_records(files: dict[str, dict[str, str]], side: str) -> dict[str, Any]
     return {"pairs": pairs, "thumbs": thumbs}
 
 
-def _features(model: Any, tok: Tokenizer, recs: dict[str, Any], seq_len: int) -> tuple:
+def _features(model: torch.nn.Module, tok: Tokenizer, recs: dict[str, Any], seq_len: int) -> tuple:
     pairs, thumbs = recs["pairs"], recs["thumbs"]
     pf = None
     if pairs:

@@ -22,9 +22,12 @@ save) and the export stage; `tests/test_adapter.py` checks logits against transf
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # `transformers` is imported inside the functions that read Hugging Face or GGUF files: it adds
 # ~2.2 s to start-up with torch already loaded, and lmloop's own models never need it.
@@ -427,7 +430,7 @@ def hf_config_object(hf_kwargs: dict[str, Any]):
     return GPT2Config(**kw)
 
 
-def from_hf_model(hf_model: Any):
+def from_hf_model(hf_model: PreTrainedModel) -> torch.nn.Module:
     """A loaded `transformers` causal LM -> an lmloop model (eval mode) with its weights."""
     cfg, sd = from_hf(hf_model.config.to_dict(), hf_model.state_dict())
     return build_loaded(cfg, sd)
@@ -450,7 +453,7 @@ def build_loaded(cfg: LlamaConfig | GPTConfig, sd: dict[str, torch.Tensor]) -> t
     return model.eval()
 
 
-def to_hf_model(model: Any):
+def to_hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """An lmloop model -> an equivalent `transformers` causal LM (eval mode)."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lmloop.errors import UserError
+from lmloop.tokenizer import Tokenizer
 
 IGNORE = -100
 
@@ -153,7 +154,7 @@ def _record_messages(rec: Any, where: str) -> list[dict[str, str]] | str:
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, str]], last_only: bool = False
+    tokenizer: Tokenizer, messages: list[dict[str, str]], last_only: bool = False
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation; loss only on assistant turns (or the last one).
 
@@ -179,7 +180,7 @@ def encode_chat(
     return ids, labels
 
 
-def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+def encode_text(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[int]]:
     """A plain-text record (replayed pretraining text): loss on every token, EOS-terminated."""
     ids = tokenizer.encode(text)
     if tokenizer.eos_id is not None:
@@ -207,7 +208,7 @@ class SFTData:
         return pad_rows([self.examples[self.index(i)] for i in samples], self.pad_id)
 
 
-def pad_id_of(tokenizer: Any) -> int:
+def pad_id_of(tokenizer: Tokenizer) -> int:
     for t in (tokenizer.pad_id, tokenizer.eos_id):
         if t is not None:
             return int(t)

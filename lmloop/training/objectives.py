@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lmloop.errors import UserError
+from lmloop.tokenizer import Tokenizer
 from lmloop.training.data import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
 from lmloop.training.lora import lora_layers
 
@@ -135,7 +136,7 @@ def read_unpaired(path: str | Path) -> list[tuple[_Prompt, Any, bool]]:
     return out
 
 
-def encode_completion(tokenizer: Any, prompt: _Prompt, completion: Any) -> tuple[list, list]:
+def encode_completion(tokenizer: Tokenizer, prompt: _Prompt, completion: Any) -> tuple[list, list]:
     """(input ids, labels) of prompt + completion with loss on the completion only, shifted."""
     if isinstance(prompt, str):
         head = tokenizer.encode(prompt)
@@ -168,7 +169,7 @@ def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @contextlib.contextmanager
-def _adapters_off(model: Any):
+def _adapters_off(model: torch.nn.Module):
     layers = [m for _, m in lora_layers(model)]
     for m in layers:
         m.enable_adapters(False)
@@ -418,7 +419,7 @@ class KTOObjective:
     unit = "examples"
 
     def __init__(self, rows: list[tuple[tuple, tuple, bool]], pad_id: int, seed: int, spec: Any,
-                 reference: Reference | None = None, *, tokenizer: Any, seq_len: int):  # fmt: skip
+                 reference: Reference | None = None, *, tokenizer: Tokenizer, seq_len: int):  # fmt: skip
         if not rows:
             raise UserError("no KTO examples left after tokenization")
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
@@ -501,7 +502,9 @@ def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
 
 
 @torch.no_grad()
-def score_pairs(model: Any, tokenizer: Any, pairs: list, seq_len: int, batch: int = 8) -> dict:
+def score_pairs(
+    model: torch.nn.Module, tokenizer: Tokenizer, pairs: list, seq_len: int, batch: int = 8
+) -> dict:
     """Summed completion log-probs (and token counts) of each pair's chosen and rejected answer."""
     model.eval()
     out: dict[str, list] = {
