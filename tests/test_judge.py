@@ -230,3 +230,25 @@ def test_degeneration_share():
     assert report["n"] == 5
     assert report["counts"] == {"empty": 1, "loop": 1, "cut off": 1}
     assert report["share"] == pytest.approx(3 / 5)
+
+
+def test_noise_in_one_kind_does_not_silence_what_the_other_shows():
+    """Seen with simulated users who thumb every bad answer down and flip one in ten: the few
+    held-out ups are flips, which no judge can predict, while the pairs are clear."""
+    pairs, thumbs, up = _synthetic(200, seed=11)
+    judge = RewardJudge.fit(pairs, thumbs, up)
+    (hc, hr), ht, _ = _synthetic(60, seed=12)
+    flips = np.zeros(17, dtype=int)
+    flips[[3, 9]] = 1  # two ups among fifteen downs, at random: AUC means nothing here
+    report = judge.heldout((hc, hr), ht[:17], flips)
+    assert report["thumbs"]["votes"] is False and report["pairs"]["votes"] is True
+    assert report["clears_chance"] is True, report
+    # enough thumbs both ways, at random: they vote, straddle chance, and do not veto the pairs
+    coin = np.random.default_rng(13).integers(0, 2, size=60)
+    mixed = judge.heldout((hc, hr), ht, coin)
+    assert mixed["thumbs"]["votes"] and mixed["thumbs"]["interval"][0] < 0.5
+    assert mixed["clears_chance"] is True, mixed
+    # a judge that ranks the held-out pairs backwards is not trusted, whatever the thumbs say
+    by_reward = (judge.reward(ht) > np.median(judge.reward(ht))).astype(int)
+    backwards = judge.heldout((hr, hc), ht, by_reward)
+    assert backwards["pairs"]["interval"][1] < 0.5 and backwards["clears_chance"] is False

@@ -278,10 +278,12 @@ class RewardJudge:
     ) -> dict[str, Any]:
         """Held-out accuracy on pairs and ROC AUC on thumbs, each with its bootstrap interval.
 
-        A kind votes when it has at least `min_items` items (and, for thumbs, both kinds of
-        thumb); `clears_chance` is True when at least one kind votes and every voting kind's
-        interval lies above 0.5. A kind with fewer items is reported but does not vote: its
-        interval is too wide to say anything, in either direction.
+        Pairs vote when there are at least `min_items`; thumbs when at least `min_items / 2`
+        are up and as many down (AUC compares ups with downs: two flipped thumbs among fifteen
+        downs say nothing). A kind with fewer is reported but does not vote: its interval is too
+        wide to say anything, in either direction. `clears_chance` is True when some voting
+        kind's interval lies above 0.5 and none lies wholly below it (a judge that ranks one
+        kind of feedback backwards is not trusted on the other).
         """
         out: dict[str, Any] = {"confidence": confidence, "min_items": min_items}
         voting = []
@@ -291,7 +293,7 @@ class RewardJudge:
             votes = len(correct) >= min_items
             out["pairs"] = {"n": len(correct), "accuracy": float(correct.mean()),
                             "interval": [lo, hi], "votes": votes}  # fmt: skip
-            voting += [lo] if votes else []
+            voting += [(lo, hi)] if votes else []
         if _present(thumb_features):
             labels = np.asarray(thumb_labels).astype(int)
             scores = self.reward(thumb_features)
@@ -302,11 +304,14 @@ class RewardJudge:
                 lo, hi = _bootstrap_auc(
                     scores, labels, confidence=confidence, resamples=resamples, seed=seed
                 )
-            votes = both and len(labels) >= min_items
+            fewer = min(int(labels.sum()), int(len(labels) - labels.sum()))
+            votes = both and fewer >= (min_items + 1) // 2
             out["thumbs"] = {"n": len(labels), "up": int(labels.sum()), "auc": auc,
                              "interval": [lo, hi], "votes": votes}  # fmt: skip
-            voting += [lo] if votes else []
-        out["clears_chance"] = bool(voting) and all(lo > 0.5 for lo in voting)
+            voting += [(lo, hi)] if votes else []
+        out["clears_chance"] = any(lo > 0.5 for lo, _ in voting) and not any(
+            hi < 0.5 for _, hi in voting
+        )
         return out
 
 
