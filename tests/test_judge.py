@@ -13,9 +13,9 @@ from sklearn.metrics import roc_auc_score
 
 from lmloop.loop.judge import (
     RewardJudge,
-    _bootstrap_auc,
     _resample_counts,
     answer_features,
+    bootstrap_auc,
     degenerate,
     degeneration,
     win_rate,
@@ -156,7 +156,7 @@ def test_auc_bootstrap_matches_a_resample_by_resample_loop():
     rng = np.random.default_rng(0)
     labels = (rng.random(40) < 0.4).astype(int)
     scores = np.round(labels + rng.normal(size=40), 1)  # rounded: ties count one half
-    lo, hi = _bootstrap_auc(scores, labels, confidence=0.9, resamples=300, seed=3)
+    lo, hi = bootstrap_auc(scores, labels, confidence=0.9, resamples=300, seed=3)
     aucs = []
     for counts in _resample_counts(40, 300, 3):
         idx = np.repeat(np.arange(40), counts)

@@ -267,6 +267,11 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
     assert pairs["n"] >= GateSpec().min_heldout and pairs["gain_low"] > 0
     assert pairs["implicit_reward_accuracy"] > 0.8
     assert pairs["candidate_accuracy"] >= pairs["current_accuracy"]
+    judge, answers, thumbs = (d["figures"][k] for k in ("judge", "answers", "thumbs"))
+    assert judge["clears_chance"] and judge["pairs"]["interval"][0] > 0.5
+    assert answers["win"]["interval"][0] > 0.5 and answers["n"] >= GateSpec().min_heldout
+    # the candidate's implicit reward ranks up-voted held-out answers over down-voted ones
+    assert thumbs["up"] > 0 and thumbs["auc"] > 0.8 and thumbs["interval"][0] > 0.5, thumbs
     out = capsys.readouterr().out
     assert "registered demo v2, not promoted" in out
     assert Registry().current("demo")[0] == before  # promote=false

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from lmloop.artifacts import write_json
 from lmloop.engine.core import load_engine
@@ -38,10 +39,16 @@ from lmloop.engine.params import SamplingParams
 from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
 from lmloop.loop.config import GateSpec
-from lmloop.loop.judge import RewardJudge, answer_features, degeneration, win_rate
+from lmloop.loop.judge import (
+    RewardJudge,
+    answer_features,
+    bootstrap_auc,
+    degeneration,
+    win_rate,
+)
 from lmloop.models.io import load_model
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.objectives import read_pairs, score_pairs
+from lmloop.training.objectives import read_pairs, read_unpaired, score_completions, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,12 @@ def describe(figures: dict[str, Any], gate: GateSpec) -> list[str]:
         parts.append(
             f"held-out pairs {pairs['n']}: margin gain {pairs['gain']:+.3f} "
             f"[{pairs['gain_low']:+.3f}, {pairs['gain_high']:+.3f}]"
+        )
+    thumbs = figures.get("thumbs") or {}
+    if thumbs.get("auc") is not None:
+        parts.append(
+            f"held-out thumbs {thumbs['n']} ({thumbs['up']} up): the candidate's implicit reward "
+            f"separates them with AUC {thumbs['auc']:.2f} {_interval(thumbs)}"
         )
     if rule.get("n"):
         parts.append(
@@ -214,6 +227,29 @@ def pair_figures(
         "current_preferred_loss": sum(nll(c)) / len(gain),
         "candidate_preferred_loss": sum(nll(n)) / len(gain),
     }
+
+
+def thumb_figures(gate: GateSpec, cur: str, cand: str, heldout: Path, seq_len: int) -> dict:
+    """Held-out thumbs: the candidate's implicit reward on each thumbed answer (its log-likelihood
+    minus the current version's, the reward KTO and DPO train with the current version as
+    reference) and the ROC AUC of that reward for up- against down-voted answers, with its
+    bootstrap interval (0.5: the candidate separates them no better than the current version).
+    Pairs each answer with itself across the two versions, so only the change is measured."""
+    recs = read_unpaired(heldout) if heldout.read_text("utf-8").strip() else []
+    labels = np.array([int(up) for _, _, up in recs])
+    ups = int(labels.sum())
+    out: dict[str, Any] = {"what": "held-out thumbs", "n": len(recs), "up": ups}
+    if not recs or ups in (0, len(recs)):
+        return out
+    logps = {}
+    for who, spec in (("current", cur), ("candidate", cand)):
+        loaded = load_model(spec)
+        logps[who], _ = score_completions(loaded.model, loaded.tokenizer,
+                                          [(p, c) for p, c, _ in recs], seq_len)  # fmt: skip
+    reward = np.array(logps["candidate"]) - np.array(logps["current"])
+    lo, hi = bootstrap_auc(reward, labels, confidence=gate.confidence, resamples=gate.bootstrap)
+    out |= {"auc": float(roc_auc_score(labels, reward)), "interval": [lo, hi]}
+    return out
 
 
 def target_figures(gate: GateSpec, nll: dict[str, list[float]]) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def _percentiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
-def _bootstrap_auc(
+def bootstrap_auc(
     scores: np.ndarray, labels: np.ndarray, *, confidence: float, resamples: int, seed: int
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ROC AUC, resampling rows; one-class resamples skipped.
@@ -301,7 +301,7 @@ class RewardJudge:
             auc, lo, hi = float("nan"), float("nan"), float("nan")
             if both:
                 auc = float(roc_auc_score(labels, scores))
-                lo, hi = _bootstrap_auc(
+                lo, hi = bootstrap_auc(
                     scores, labels, confidence=confidence, resamples=resamples, seed=seed
                 )
             fewer = min(int(labels.sum()), int(len(labels) - labels.sum()))

@@ -62,6 +62,7 @@ from lmloop.loop.gate import (
     judge_summary,
     pair_figures,
     target_figures,
+    thumb_figures,
 )
 from lmloop.models.io import load_model
 from lmloop.registry import Registry
@@ -227,11 +228,13 @@ def run(cfg: LoopConfig) -> LoopResult:
 
     def evaluate() -> dict[str, Any]:
         ev, files = cycle / "eval", exported["files"]
+        thumbs: dict[str, Any] = {}
         if seq2seq:
             nll = _target_nll(cur_path, cand, Path(files["pairs"]["heldout"]))
             pairs = target_figures(cfg.gate, nll)
         else:
             pairs = pair_figures(cfg.gate, cur_path, cand, Path(files["dpo"]["heldout"]), seq)
+            thumbs = thumb_figures(cfg.gate, cur_path, cand, Path(files["kto"]["heldout"]), seq)
         answers = {}
         if not seq2seq or cfg.gate.rule:  # a seq2seq model's answers only for a stated rule
             judged = None if seq2seq else Path(judge["path"])
@@ -243,6 +246,7 @@ def run(cfg: LoopConfig) -> LoopResult:
             "judge": judge,
             "answers": answers,
             "pairs": pairs,
+            "thumbs": thumbs,
             "rule": answers.pop("rule", {}),
             "counts": {"export": exported["counts"], "train": counts},
         }

@@ -502,30 +502,37 @@ def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
 
 
 @torch.no_grad()
+def score_completions(
+    model: torch.nn.Module, tokenizer: Tokenizer, items: list, seq_len: int, batch: int = 16
+) -> tuple[list[float], list[int]]:
+    """Summed log-probs and token counts of each (prompt, completion)'s completion."""
+    model.eval()
+    logps_all: list[float] = []
+    counts: list[int] = []
+    for i in range(0, len(items), batch):
+        rows = []
+        for prompt, completion in items[i : i + batch]:
+            row = _cut(encode_completion(tokenizer, prompt, completion), seq_len)
+            rows.append(row if row is not None else ([0], [IGNORE]))
+        x, y = pad_rows(rows, 0)
+        logps, n = sequence_logps(model(x), y)
+        logps_all += logps.tolist()
+        counts += n.tolist()
+    return logps_all, counts
+
+
 def score_pairs(
     model: torch.nn.Module, tokenizer: Tokenizer, pairs: list, seq_len: int, batch: int = 8
 ) -> dict:
     """Summed completion log-probs (and token counts) of each pair's chosen and rejected answer."""
-    model.eval()
-    out: dict[str, list] = {
-        "chosen": [],
-        "rejected": [],
-        "chosen_tokens": [],
-        "rejected_tokens": [],
-    }
-    for i in range(0, len(pairs), batch):
-        rows = []
-        for prompt, chosen, rejected in pairs[i : i + batch]:
-            for completion in (chosen, rejected):
-                row = _cut(encode_completion(tokenizer, prompt, completion), seq_len)
-                rows.append(row if row is not None else ([0], [IGNORE]))
-        x, y = pad_rows(rows, 0)
-        logps, n = sequence_logps(model(x), y)
-        out["chosen"] += logps[0::2].tolist()
-        out["rejected"] += logps[1::2].tolist()
-        out["chosen_tokens"] += n[0::2].tolist()
-        out["rejected_tokens"] += n[1::2].tolist()
-    return out
+    items = [
+        (p, c)
+        for prompt, chosen, rejected in pairs
+        for p, c in ((prompt, chosen), (prompt, rejected))
+    ]
+    logps, n = score_completions(model, tokenizer, items, seq_len, batch=2 * batch)
+    return {"chosen": logps[0::2], "rejected": logps[1::2],
+            "chosen_tokens": n[0::2], "rejected_tokens": n[1::2]}  # fmt: skip
 
 
 # what the training loop drives: batches of sample indices, their units, a step's loss
