@@ -235,19 +235,21 @@ def thumb_figures(gate: GateSpec, cur: str, cand: str, heldout: Path, seq_len: i
     reference) and the ROC AUC of that reward for up- against down-voted answers, with its
     bootstrap interval (0.5: the candidate separates them no better than the current version).
     Pairs each answer with itself across the two versions, so only the change is measured."""
-    recs = read_unpaired(heldout) if heldout.read_text("utf-8").strip() else []
-    labels = np.array([int(up) for _, _, up in recs])
-    ups = int(labels.sum())
-    out: dict[str, Any] = {"what": "held-out thumbs", "n": len(recs), "up": ups}
-    if not recs or ups in (0, len(recs)):
+    raw = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]
+    ups = sum(bool(r.get("label")) for r in raw)
+    out: dict[str, Any] = {"what": "held-out thumbs", "n": len(raw), "up": ups}
+    if ups in (0, len(raw)):  # nothing to separate (no thumbs, or all one way)
         return out
+    recs = read_unpaired(heldout)
+    labels = np.array([int(up) for _, _, up in recs])
     logps = {}
     for who, spec in (("current", cur), ("candidate", cand)):
         loaded = load_model(spec)
         logps[who], _ = score_completions(loaded.model, loaded.tokenizer,
                                           [(p, c) for p, c, _ in recs], seq_len)  # fmt: skip
     reward = np.array(logps["candidate"]) - np.array(logps["current"])
-    lo, hi = bootstrap_auc(reward, labels, confidence=gate.confidence, resamples=gate.bootstrap)
+    lo, hi = bootstrap_auc(reward, labels, confidence=gate.confidence, resamples=gate.bootstrap,
+                           seed=0)  # fmt: skip
     out |= {"auc": float(roc_auc_score(labels, reward)), "interval": [lo, hi]}
     return out
 
