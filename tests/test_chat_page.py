@@ -5,7 +5,9 @@ regenerate it, rate it thumbs-up, send a correction, edit the question; then fin
 the correction in the feedback store under the answer's response id. Then the "shade by
 probability" toggle: a greedy answer as one span per token (a character split over several tokens
 is one span), checked against the API's logprobs for the same request: the text, each span's
-probability and shade, the alternatives on hover; off again, plain text.
+probability and shade, the alternatives on hover; off again, plain text. Last, the versions panel:
+the model is served from the registry (`registry:tiny`), whose v1 carries the gate's figures; the
+panel lists them and marks the serving version, and follows a promotion to v2.
 
 The tiny model is taught four question-answer pairs first (a few seconds), so that its answers are
 text with probabilities that vary, not a random model's flat ones.
@@ -21,9 +23,10 @@ import shutil
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from test_server_kit import Server, make_tiny_model
+from test_server_kit import Server, decision_lineage, make_tiny_model
 
 from lmloop.feedback.store import FeedbackStore
+from lmloop.registry import Registry
 
 KEY = "sk-page-test"
 CHROMIUM = "/usr/bin/chromium"
@@ -83,11 +86,23 @@ def _teach(model_dir) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("page")
-    model = make_tiny_model(tmp / "model", seed=1)
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("page")
+
+
+@pytest.fixture(scope="module")
+def registry(home):
+    return Registry(home / "home" / "registry")  # the server's $LMLOOP_HOME is home/home
+
+
+@pytest.fixture(scope="module")
+def server(home, registry):
+    model = make_tiny_model(home / "model", seed=1)
     _teach(model)
-    srv = Server(model, tmp, "--model-name", "tiny", api_key=KEY)
+    lineage = decision_lineage(15, 0, 5, (0.55, 0.9), (0.25, 0.1), (20.0, 20.5))
+    registry.promote("tiny", registry.register("tiny", model, lineage=lineage))
+    srv = Server("registry:tiny", home, "--model-name", "tiny", "--registry-poll", "0.3",
+                 api_key=KEY)  # fmt: skip
     try:
         srv.wait_ready()
         yield srv
@@ -340,4 +355,36 @@ def test_chat_page_shades_tokens_by_probability(server):
         _check_shaded(page.locator(".msg.assistant .bubble"), text, entries, finish)
         page.uncheck("#shade")
         expect(page.locator(".msg.assistant .bubble")).to_have_text(text)
+        browser.close()
+
+
+# ---- the versions panel ----------------------------------------------------------------------
+
+
+def test_chat_page_versions_panel(server, registry):
+    with sync_playwright() as p:
+        browser, page = _open(p, server)
+        panel = page.locator("#versions")
+        expect(panel.locator("#versions-summary")).to_have_text("tiny · serving v1 · 1 version")
+        panel.locator("summary").click()
+        row = panel.locator('tr[data-version="v1"]')
+        expect(row).to_have_class("serving")
+        expect(row.locator(".mark")).to_have_text("serving")
+        expect(row.locator(".win")).to_have_text("0.75 [0.55, 0.90]")
+        expect(row.locator(".degenerate")).to_have_text("25% -> 10%")
+        expect(row.locator(".base")).to_have_text("+2.5%")
+        expect(row.locator(".decision")).to_have_text("promoted (current)")
+        expect(panel.locator("#versions-rollback")).to_contain_text("lmloop models rollback tiny")
+
+        # a promotion: the server reloads (registry poll) and the panel follows unasked
+        lineage = decision_lineage(12, 2, 6, (0.45, 0.8), (0.1, 0.05), (20.5, 20.0))
+        served = registry.current("tiny")[1]  # the same weights again, with other figures
+        registry.promote("tiny", registry.register("tiny", served, parent="v1", lineage=lineage))
+        new = panel.locator('tr[data-version="v2"]')
+        expect(new).to_have_class("serving", timeout=30_000)
+        expect(new.locator(".win")).to_have_text("0.65 [0.45, 0.80]")
+        expect(row).not_to_have_class("serving")
+        expect(row.locator(".decision")).to_have_text("promoted")
+        expect(page.locator("#model")).to_have_text("tiny · v2")
+        page.screenshot(path="/tmp/lmloop_chat_page_versions.png")
         browser.close()

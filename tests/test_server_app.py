@@ -1,5 +1,6 @@
 """The app in-process (Starlette's TestClient, lifespan included) for what a subprocess makes
-slow to reach: the per-request timeout, admin calls without a key, CORS defaults."""
+slow to reach: the per-request timeout, admin calls without a key, CORS defaults, the versions
+route of a registry-served model following a rollback."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from test_server_kit import make_tiny_model
+from test_server_kit import decision_lineage, make_tiny_model
 
+from lmloop.registry import Registry
 from lmloop.server import ServerSettings, create_app
 
 # greedy: this random model then repeats one token and never picks a stop token
@@ -146,3 +148,67 @@ def test_a_stream_event_is_one_line_whatever_the_text():
     lines = event[:-2].splitlines()
     assert len(lines) == 1 and json.loads(lines[0][6:]) == obj
     assert "é" in event  # other text stays as it is (ensure_ascii=False)
+
+
+def _wait_version(client: TestClient, version: str) -> None:
+    deadline = time.time() + 60
+    while client.get("/health").json().get("model_version") != version:
+        assert time.time() < deadline, client.get("/health").json()
+        time.sleep(0.05)
+
+
+def test_versions_route_lists_the_gate_figures_and_marks_the_serving_one(
+    model, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LMLOOP_HOME", str(tmp_path / "home"))  # where `registry:NAME` is found
+    reg = Registry(tmp_path / "home" / "registry")
+    reg.promote("tiny", reg.register("tiny", model))  # by hand: no gate figures
+    lineage = decision_lineage(15, 0, 5, (0.55, 0.9), (0.25, 0.1), (20.0, 20.5))
+    reg.promote("tiny", reg.register("tiny", model, parent="v1", lineage=lineage))
+    settings = ServerSettings(model="registry:tiny", api_key="sk-v", registry_poll=0.1)
+    auth = {"authorization": "Bearer sk-v"}
+    with TestClient(create_app(settings)) as client:
+        _wait_version(client, "v2")
+        assert client.get("/v1/lmloop/versions").status_code == 401  # behind the key
+        body = client.get("/v1/lmloop/versions", headers=auth).json()
+        assert (body["name"], body["serving"], body["current"]) == ("tiny", "v2", "v2")
+        assert body["rollback"] == "lmloop models rollback tiny" and body["reason"] is None
+        v1, v2 = body["data"]
+        assert (v1["version"], v1["serving"], v1["win_rate"]) == ("v1", False, None)
+        assert v1["text"] == {"win": "-", "degenerate": "-", "base": "-", "decision": "promoted"}
+        figures = lineage["decision"]["figures"]
+        assert v2["serving"] and v2["current"] and v2["decision"] == "promoted"
+        assert v2["win_rate"] == figures["answers"]["win"]["win_rate"] == 0.75
+        assert v2["win_interval"] == [0.55, 0.9]
+        assert (v2["degenerate_current"], v2["degenerate_candidate"]) == (0.25, 0.1)
+        assert v2["base_change"] == pytest.approx(20.5 / 20.0 - 1)
+        assert v2["text"] == {"win": "0.75 [0.55, 0.90]", "degenerate": "25% -> 10%",
+                              "base": "+2.5%", "decision": "promoted (current)"}  # fmt: skip
+
+        # `lmloop models rollback tiny`: the server follows, and so do the route's marks
+        reg.rollback("tiny")
+        _wait_version(client, "v1")
+        body = client.get("/v1/lmloop/versions", headers=auth).json()
+        assert (body["serving"], body["current"]) == ("v1", "v1")
+        assert [(r["version"], r["serving"], r["decision"]) for r in body["data"]] == [
+            ("v1", True, "promoted"), ("v2", False, "rolled back")
+        ]  # fmt: skip
+
+    # pinned to v2 (`registry:tiny@v2`): serving is v2 while the registry's current is v1
+    with TestClient(create_app(ServerSettings(model="registry:tiny@v2"))) as client:
+        _wait_version(client, "v2")
+        body = client.get("/v1/lmloop/versions").json()
+        assert (body["name"], body["serving"], body["current"]) == ("tiny", "v2", "v1")
+        assert [(r["serving"], r["current"]) for r in body["data"]] == [
+            (False, True),
+            (True, False),
+        ]
+
+
+def test_versions_route_of_a_model_not_from_the_registry(model):
+    with TestClient(create_app(ServerSettings(model=str(model)))) as client:
+        _ready(client)
+        body = client.get("/v1/lmloop/versions").json()
+        assert body["data"] == [] and body["name"] is None and body["rollback"] is None
+        assert "not from the registry" in body["reason"] and "registry:NAME" in body["reason"]
+        assert body["serving"] == client.get("/health").json()["model_version"]

@@ -123,3 +123,50 @@ class Server:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def decision_lineage(
+    wins: int, ties: int, losses: int, interval: tuple[float, float],
+    degenerate: tuple[float, float], base_ppl: tuple[float, float],
+) -> dict:  # fmt: skip
+    """A lineage as `lmloop loop` registers a version its gate passed, with the figures'
+    shapes `lmloop.loop.gate` and `lmloop.loop.judge` write (win rate: 1 per win, 1/2 per tie)."""
+    n = wins + ties + losses
+
+    def degen(share: float) -> dict:
+        k = round(share * n)
+        return {"n": n, "counts": {"empty": k, "loop": 0, "cut off": 0}, "share": share}
+
+    figures = {
+        "current_base_ppl": base_ppl[0],
+        "candidate_base_ppl": base_ppl[1],
+        "judge": {
+            "trained_on": {"pairs": 40, "thumbs": 0},
+            "pairs": {"n": 12, "accuracy": 0.83, "interval": [0.6, 1.0], "votes": True},
+            "thumbs": {},
+            "clears_chance": True,
+        },
+        "answers": {
+            "what": "held-out prompts",
+            "n": n,
+            "win": {
+                "n": n,
+                "win_rate": (wins + ties / 2) / n,
+                "interval": list(interval),
+                "confidence": 0.95,
+                "wins": wins,
+                "ties": ties,
+                "losses": losses,
+                "clears_half": interval[0] > 0.5,
+            },  # fmt: skip
+            "degenerate": {"current": degen(degenerate[0]), "candidate": degen(degenerate[1])},
+        },
+        "pairs": {"n": 12, "gain": 0.4, "gain_low": 0.1, "gain_high": 0.7},
+        "rule": {},
+    }
+    return {
+        "data": {"base": "2025-01-01T00:00:00Z", "feedback": {"dpo": 52}},
+        "config": {"name": "tiny"},
+        "decision": {"reason": "base-val perplexity ...; candidate wins ...", "figures": figures},
+        "cycle": "runs/loop/cycle-1",
+    }

@@ -5,7 +5,8 @@
     # uvicorn.run(app, host="127.0.0.1", port=8000)  -- what `lmloop serve` does
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (SSE streaming
-when `stream` is true), `POST /v1/feedback` (lmloop.server.feedback), `POST /admin/reload`,
+when `stream` is true), `POST /v1/feedback` (lmloop.server.feedback), `GET /v1/lmloop/versions` (the registry's
+versions and the gate's decisions, lmloop.server.versions), `POST /admin/reload`,
 `GET /health`, `GET /metrics`, and the chat page at `GET /`.
 
 Every generation goes through the engine's continuous batching: the handler submits the prompt
@@ -40,6 +41,7 @@ from lmloop.server.routes import add_routes
 from lmloop.server.settings import ServerSettings
 from lmloop.server.slot import ModelSlot
 from lmloop.server.state import ServerState
+from lmloop.server.versions import versions_router
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -84,6 +86,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     add_routes(app, state)
 
     app.include_router(feedback_router(state.require_store, max_body_bytes=settings.max_body_bytes))
+    app.include_router(versions_router(slot))
 
     # Middleware: the last added runs first. CORS (only when asked) must answer preflights
     # before auth; the body cap runs after auth so strangers cannot make us buffer.

@@ -94,6 +94,7 @@ _KNOWN_ROUTES = {
     "/v1/completions",
     "/v1/models",
     "/v1/feedback",
+    "/v1/lmloop/versions",
     "/admin/reload",
     "/health",
     "/metrics",

@@ -166,6 +166,10 @@ class ModelSlot:
         ).start()
 
     # ---- registry following -----------------------------------------------------------------
+    def registry_name(self) -> str | None:
+        """NAME when the slot serves `registry:NAME` or `registry:NAME@VERSION`, else None."""
+        return split_spec(self.spec)[0] if self.spec.startswith(REGISTRY_PREFIX) else None
+
     def registry_version(self) -> str | None:
         name, version = split_spec(self.spec)
         if not self.spec.startswith(REGISTRY_PREFIX) or version is not None:

@@ -4,6 +4,7 @@
     lmloop models list                 # names, their current version and how many versions
     lmloop models list tiny            # the versions of one name
     lmloop models show tiny@v2         # lineage of one version (default: the current one), JSON
+    lmloop models show tiny --plot decisions.png   # every version's gate figures: table + PNG
     lmloop models promote tiny v2      # or tiny@v2
     lmloop models rollback tiny        # back to the version that was current before
 
@@ -20,7 +21,9 @@ from typing import Any
 
 from lmloop.config import param
 from lmloop.errors import UserError
+from lmloop.loop.report import plot_decisions, table_lines
 from lmloop.registry import Registry, split_spec
+from lmloop.registry.decisions import decision_rows
 from lmloop.registry.spec import locate
 
 _REGISTRY_HELP = "registry folder (default: $LMLOOP_HOME/registry, i.e. ~/.lmloop/registry)"
@@ -40,6 +43,11 @@ class ShowConfig:
     name: str = param(help="model name, or NAME@VERSION")
     version: str | None = param(None, "version to show (default: the current one)")
     registry: str | None = param(None, _REGISTRY_HELP)
+    plot: str = param(
+        "",
+        "instead of one version's JSON: write a PNG of every version's gate decision (win rate "
+        "with its interval, degenerate answers, base perplexity change) and print it as a table",
+    )
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,23 @@ def run_list(cfg: ListConfig) -> list[dict]:
 
 def run_show(cfg: ShowConfig) -> dict:
     name, version = _name_version(cfg.name, cfg.version)
+    if cfg.plot:
+        return _show_decisions(Registry(cfg.registry), name, Path(cfg.plot))
     info = Registry(cfg.registry).show(name, version)
     print(json.dumps(info, indent=2))
     return info
+
+
+def _show_decisions(reg: Registry, name: str, out: Path) -> dict:
+    """Every version's gate figures: a table on the terminal and a PNG at `out`."""
+    rows = decision_rows(reg, name)  # an unknown name: a UserError before anything is written
+    if not rows:
+        raise UserError(f"model '{name}' has no versions to plot")
+    for line in table_lines(rows):
+        print(line)
+    plot_decisions(rows, out, f"{name}: the gate's decisions")
+    print(f"wrote {out}")
+    return {"name": name, "plot": str(out), "versions": rows}
 
 
 def run_promote(cfg: PromoteConfig) -> str:

@@ -3,6 +3,8 @@
 // sessionStorage (this tab only); so does the API key, which is sent as a Bearer token.
 // Every answer is requested with its tokens' logprobs (top 5), kept beside the text as segments,
 // so the "shade by probability" toggle can show, at any time, where the model was unsure.
+// The versions panel polls /v1/lmloop/versions: the registry's versions of the served model,
+// the gate's figures for each, and which one serves (it changes when the registry's does).
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -65,6 +67,64 @@ async function loadModel() {
   } catch {
     $("#model").textContent = "server unreachable";
   }
+}
+
+// ---- versions panel -------------------------------------------------------------------------
+const VERSIONS_POLL_MS = 3000;
+let versionsShown = null; // the body the panel shows: redrawn only when it changes
+let versionsTimer = null;
+
+async function loadVersions() {
+  clearTimeout(versionsTimer);
+  try {
+    const resp = await fetch("/v1/lmloop/versions", { headers: headers() });
+    if (resp.status === 401) { $("#versions-summary").textContent = "API key needed"; return; } // the key's `change` retries
+    if (resp.ok) {
+      const text = await resp.text();
+      if (text !== versionsShown) {
+        versionsShown = text;
+        renderVersions(JSON.parse(text));
+      }
+    }
+  } catch { /* unreachable for now: the next poll tries again */ }
+  versionsTimer = setTimeout(loadVersions, VERSIONS_POLL_MS);
+}
+
+function renderVersions(body) {
+  const rows = body.data || [];
+  const tbody = $("#versions-table tbody");
+  tbody.replaceChildren(...rows.map((r) => {
+    const tr = document.createElement("tr");
+    tr.dataset.version = r.version;
+    if (r.serving) tr.className = "serving";
+    const cells = [
+      ["mark", r.serving ? "serving" : ""], ["version", r.version], ["win", r.text.win],
+      ["degenerate", r.text.degenerate], ["base", r.text.base], ["decision", r.text.decision],
+    ];
+    for (const [cls, value] of cells) {
+      const td = tr.insertCell();
+      td.className = cls;
+      td.textContent = value;
+    }
+    if (r.reason) tr.title = r.reason;
+    return tr;
+  }));
+  $("#versions-table").hidden = rows.length === 0;
+  $("#versions-reason").hidden = !body.reason;
+  $("#versions-reason").textContent = body.reason || "";
+  const rollback = $("#versions-rollback");
+  rollback.hidden = !body.rollback;
+  if (body.rollback) {
+    const code = document.createElement("code");
+    code.textContent = body.rollback;
+    rollback.replaceChildren("To roll back, run ", code,
+      " where the registry lives: this page's server follows the registry's current version within seconds.");
+  }
+  $("#versions-summary").textContent = body.name
+    ? `${body.name} · serving ${body.serving || "…"} · ${rows.length} version${rows.length === 1 ? "" : "s"}`
+    : "not served from the registry";
+  // the header names the version taking new requests: a promotion or rollback changed it
+  if (modelId && body.serving) $("#model").textContent = `${modelId} · ${body.serving}`;
 }
 
 // ---- rendering ------------------------------------------------------------------------------
@@ -401,6 +461,7 @@ $("#api-key").value = sessionStorage.getItem(STORE_KEY) || "";
 $("#api-key").addEventListener("change", () => {
   sessionStorage.setItem(STORE_KEY, $("#api-key").value.trim());
   loadModel();
+  loadVersions();
 });
 $("#composer").addEventListener("submit", (e) => { e.preventDefault(); send($("#prompt").value); });
 $("#prompt").addEventListener("keydown", (e) => {
@@ -434,3 +495,4 @@ $("#new-chat").addEventListener("click", () => {
 });
 render();
 loadModel();
+loadVersions();

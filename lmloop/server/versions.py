@@ -1,0 +1,65 @@
+"""`GET /v1/lmloop/versions`: the served registry name's versions and the gate's decisions, for
+the chat page's versions panel.
+
+    curl -s localhost:8000/v1/lmloop/versions -H "authorization: Bearer $KEY"
+    -> {"object": "list", "name": "tiny", "serving": "v2", "current": "v2",
+        "rollback": "lmloop models rollback tiny", "reason": null,
+        "data": [{"version": "v1", ..., "serving": false, "text": {...}},
+                 {"version": "v2", "win_rate": 0.72, "win_interval": [0.61, 0.83], ...,
+                  "serving": true, "text": {"win": "0.72 [0.61, 0.83]", ...}}]}
+
+Each row is `lmloop.registry.decisions.decision_row` (what `lmloop models show NAME --plot`
+tabulates) plus `serving` (this server answers with that version now) and `text` (the figures as
+the page shows them). A model not served as `registry:NAME` has no versions: `data` is empty and
+`reason` says why. Rolling back stays a command (`lmloop models rollback NAME`); the server
+follows the registry's current version by polling (`ModelSlot.follow_registry`). The route sits
+behind the API key like every `/v1` route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from lmloop.errors import UserError
+from lmloop.registry import Registry
+from lmloop.registry.decisions import decision_cells, decision_rows
+from lmloop.server.slot import ModelSlot
+
+
+def version_list(slot: ModelSlot) -> dict[str, Any]:
+    """The route's body (reads the registry: call it off the event loop)."""
+    served = slot.current
+    serving = served.version if served is not None else None
+    name = slot.registry_name()
+    body: dict[str, Any] = {"object": "list", "name": name, "serving": serving, "current": None,
+                            "rollback": None, "reason": None, "data": []}  # fmt: skip
+    if name is None:
+        body["reason"] = (
+            f"the served model ({slot.spec}) is not from the registry: serve "
+            "--model registry:NAME to see its versions and the gate's decisions"
+        )
+        return body
+    try:
+        rows = decision_rows(Registry(), name)
+    except UserError as e:
+        body["reason"] = e.line()
+        return body
+    body["rollback"] = f"lmloop models rollback {name}"
+    body["current"] = next((r["version"] for r in rows if r["current"]), None)
+    body["data"] = [{**r, "serving": r["version"] == serving, "text": decision_cells(r)}
+                    for r in rows]  # fmt: skip
+    return body
+
+
+def versions_router(slot: ModelSlot) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/lmloop/versions")
+    async def versions() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(version_list, slot))
+
+    return router
