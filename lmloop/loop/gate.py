@@ -314,12 +314,6 @@ def generate_answers(
         eng.stop()
 
 
-def answer_greedily(spec: str, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
-    """Greedy answers of one model to chat prompts on the default engine (benchmarks' check)."""
-    got = generate_answers(spec, prompts, engine=EngineSpec(), max_tokens=max_tokens)
-    return [text for text, _ in got]
-
-
 # ---- the judge ------------------------------------------------------------------------------
 
 
