@@ -110,3 +110,13 @@ def test_quickstart_refused_path_reuses_its_caches(out, monkeypatch, capsys):
     assert not summary["promoted"]
     assert Registry(out / "home" / "registry").current("assistant")[0] == "v1"  # a fresh start
     assert {v for _, _, v in summary["after"]} == {"v1"}
+
+
+def test_a_cycle_stopped_for_want_of_signal_is_printed_not_crashed(capsys):
+    """The quickstart's loop step when the judge cannot vote: no figures, a reason."""
+    from lmloop.loop.quickstart import print_gate
+
+    reason = "not enough signal: learned from 25 pairs and 34 thumbs, ..."
+    print_gate({"promote": False, "reason": reason, "figures": {}})
+    out = capsys.readouterr().out
+    assert "REJECTED" in out and f"why: {reason}" in out

@@ -204,7 +204,8 @@ class QuickstartConfig:
         "smollm2-135m-instruct",
         "the model users talk to and the loop improves (`student`: the one trained here)",
     )
-    conversations: int = param(48, "conversations the simulated users hold and rate")
+    # 48 left the gate's judge 8 held-out pairs, too few to vote (it needs gate.min_heldout)
+    conversations: int = param(96, "conversations the simulated users hold and rate")
     users: int = param(16, "simulated users talking at once (the server batches their requests)")
     heldout: int = param(8, "held-out questions asked before and after the loop")
     answer_tokens: int = param(48, "tokens per answer in the conversations")

@@ -201,7 +201,10 @@ def print_gate(decision: dict[str, Any]) -> None:
     f = decision["figures"]
     verdict = "PROMOTED" if decision["promote"] else "REJECTED (the current version keeps serving)"
     print(f"   gate: {verdict}")
-    print(f"   base-val perplexity {f['current_base_ppl']:.3f} -> {f['candidate_base_ppl']:.3f}")
+    if "current_base_ppl" in f:  # absent when the cycle stopped before training
+        print(
+            f"   base-val perplexity {f['current_base_ppl']:.3f} -> {f['candidate_base_ppl']:.3f}"
+        )
     j, a, p = f.get("judge") or {}, f.get("answers") or {}, f.get("pairs") or {}
     if j:
         print(f"   the gate's judge (learned from the feedback, no rule): {judge_summary(j)}")
