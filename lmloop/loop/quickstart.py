@@ -263,8 +263,9 @@ def progress_printer(total: int) -> Callable[[list[Exchange]], None]:
     def rated(done: list[Exchange]) -> None:
         if len(done) % 8 == 0 or len(done) == total:
             good = sum(e.complied for e in done)
+            fixed = sum(e.correction is not None for e in done)
             print(f"   [{len(done)}/{total}] conversations rated: {good} answers "
-                  f"complied, {len(done) - good} corrected ({time.monotonic() - t:.0f} s)",
+                  f"complied, {fixed} corrected ({time.monotonic() - t:.0f} s)",
                   flush=True)  # fmt: skip
 
     return rated

@@ -22,7 +22,7 @@ Everything runs in `out/` with its own registry and feedback store (`out/home`),
 starts from the shipped model again; the corpus and, when nothing it depends on changed, the
 from-scratch run are reused.
 
-    lmloop quickstart                 # ~8 min on 2 CPU cores the first time, ~4.5 cached
+    lmloop quickstart                 # ~9.5 min on 2 CPU cores the first time, ~8 cached
     lmloop quickstart --serve         # then keep serving the assistant (open the chat page)
 """
 
