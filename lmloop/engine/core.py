@@ -675,5 +675,11 @@ def load_engine(
     """Load a model (`lmloop.models.io.load_model`) and build an engine over it, run as
     `engine` says; `kw` overrides single `Engine` arguments (a batch job's queue length)."""
     loaded = load_model(spec)
-    args = {**(engine or EngineSpec()).engine_kwargs(), **kw}
-    return Engine(loaded.model, loaded.tokenizer, **args), loaded
+    return engine_for(loaded, engine, **kw), loaded
+
+
+def engine_for(loaded: LoadedModel, engine: EngineSpec | None = None, **kw: Any) -> Engine:
+    """An engine over a model already loaded, run as `engine` says (`kw`: single overrides)."""
+    return Engine(
+        loaded.model, loaded.tokenizer, **{**(engine or EngineSpec()).engine_kwargs(), **kw}
+    )

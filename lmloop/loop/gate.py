@@ -34,7 +34,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lmloop.artifacts import write_json
-from lmloop.engine.core import load_engine
+from lmloop.engine.core import engine_for
 from lmloop.engine.params import SamplingParams
 from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
@@ -46,7 +46,7 @@ from lmloop.loop.judge import (
     degeneration,
     win_rate,
 )
-from lmloop.models.io import load_model
+from lmloop.models.io import LoadedModel, load_model
 from lmloop.tokenizer import Tokenizer
 from lmloop.training.objectives import read_pairs, read_unpaired, score_completions, score_pairs
 
@@ -195,7 +195,7 @@ def compile_rule(rule: str) -> Callable[[str], float]:
 
 
 def pair_figures(
-    gate: GateSpec, cur: str, cand: str, heldout: Path, seq_len: int
+    gate: GateSpec, versions: dict[str, LoadedModel], heldout: Path, seq_len: int
 ) -> dict[str, Any]:
     """Each held-out pair scored by both models (`seq_len` tokens at most): margins, accuracies,
     the gain's interval."""
@@ -204,10 +204,9 @@ def pair_figures(
         return {"n": 0, "what": "held-out pairs"}
     pairs = read_pairs(heldout)
     scores = {}
-    for who, spec in (("current", cur), ("candidate", cand)):
+    for who, lm in versions.items():
         log.info("gate: the %s version scores %d held-out pairs", who, len(pairs))
-        loaded = load_model(spec)
-        scores[who] = score_pairs(loaded.model, loaded.tokenizer, pairs, seq_len)
+        scores[who] = score_pairs(lm.model, lm.tokenizer, pairs, seq_len)
     c, n = scores["current"], scores["candidate"]
     m_cur = [a - b for a, b in zip(c["chosen"], c["rejected"])]
     m_new = [a - b for a, b in zip(n["chosen"], n["rejected"])]
@@ -229,7 +228,9 @@ def pair_figures(
     }
 
 
-def thumb_figures(gate: GateSpec, cur: str, cand: str, heldout: Path, seq_len: int) -> dict:
+def thumb_figures(
+    gate: GateSpec, versions: dict[str, LoadedModel], heldout: Path, seq_len: int
+) -> dict[str, Any]:
     """Held-out thumbs: the candidate's implicit reward on each thumbed answer (its log-likelihood
     minus the current version's, the reward KTO and DPO train with the current version as
     reference) and the ROC AUC of that reward for up- against down-voted answers, with its
@@ -243,9 +244,8 @@ def thumb_figures(gate: GateSpec, cur: str, cand: str, heldout: Path, seq_len: i
     recs = read_unpaired(heldout)
     labels = np.array([int(up) for _, _, up in recs])
     logps = {}
-    for who, spec in (("current", cur), ("candidate", cand)):
-        loaded = load_model(spec)
-        logps[who], _ = score_completions(loaded.model, loaded.tokenizer,
+    for who, lm in versions.items():
+        logps[who], _ = score_completions(lm.model, lm.tokenizer,
                                           [(p, c) for p, c, _ in recs], seq_len)  # fmt: skip
     reward = np.array(logps["candidate"]) - np.array(logps["current"])
     lo, hi = bootstrap_auc(reward, labels, confidence=gate.confidence, resamples=gate.bootstrap,
@@ -288,7 +288,7 @@ def heldout_prompts(cycle_files: dict[str, dict[str, str]]) -> list[list[dict[st
 
 
 def generate_answers(
-    spec: str,
+    loaded: LoadedModel,
     prompts: list[list[dict[str, str]]],
     *,
     engine: EngineSpec,
@@ -298,7 +298,7 @@ def generate_answers(
 ) -> list[tuple[str, str]]:
     """(text, finish reason) of one model's answers to chat prompts, run as `engine` says and
     batched by it: what a user of `lmloop serve` with those settings would read."""
-    eng, _ = load_engine(spec, engine, max_waiting=max(len(prompts), 1))
+    eng = engine_for(loaded, engine, max_waiting=max(len(prompts), 1))
     try:
         eng.start()
         handles = []
@@ -373,8 +373,8 @@ def fit_judge(
 
 
 def answer_figures(
-    gate: GateSpec, engine: EngineSpec, cur: str, cand: str, files: dict[str, dict[str, str]],
-    judge_path: Path | None, out: Path, seq_len: int,
+    gate: GateSpec, engine: EngineSpec, versions: dict[str, LoadedModel],
+    files: dict[str, dict[str, str]], judge_path: Path | None, out: Path, seq_len: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Both versions answer the held-out prompts as served; the judge's win rate of the
     candidate (without a judge, as for a seq2seq model, none), each version's degenerate answers
@@ -383,9 +383,9 @@ def answer_figures(
     if not prompts:
         return {"n": 0, "what": "held-out prompts"}
     answers: dict[str, list[tuple[str, str]]] = {}
-    for who, spec in (("current", cur), ("candidate", cand)):
+    for who, lm in versions.items():
         log.info("gate: the %s version answers %d held-out prompts", who, len(prompts))
-        answers[who] = generate_answers(spec, prompts, engine=engine, max_tokens=gate.answer_tokens,
+        answers[who] = generate_answers(lm, prompts, engine=engine, max_tokens=gate.answer_tokens,
                                         temperature=gate.temperature)  # fmt: skip
     figures: dict[str, Any] = {
         "what": "held-out prompts",
@@ -398,10 +398,10 @@ def answer_figures(
     rewards: dict[str, list[float]] = {w: [math.nan] * len(prompts) for w in answers}
     if judge_path is not None:
         try:
-            loaded = load_model(cur)
+            cur = versions["current"]  # the judge reads the current version's features
             judge = RewardJudge.load(judge_path)
             feats = {
-                who: answer_features(loaded.model, loaded.tokenizer, prompts,
+                who: answer_features(cur.model, cur.tokenizer, prompts,
                                      [t for t, _ in got], seq_len=seq_len)
                 for who, got in answers.items()
             }  # fmt: skip

@@ -64,7 +64,7 @@ from lmloop.loop.gate import (
     target_figures,
     thumb_figures,
 )
-from lmloop.models.io import load_model
+from lmloop.models.io import LoadedModel, load_model
 from lmloop.registry import Registry
 from lmloop.registry.spec import run_checkpoint
 from lmloop.stages import data as data_stage
@@ -229,17 +229,25 @@ def run(cfg: LoopConfig) -> LoopResult:
     def evaluate() -> dict[str, Any]:
         ev, files = cycle / "eval", exported["files"]
         thumbs: dict[str, Any] = {}
+        loaded: dict[str, LoadedModel] = {}
+
+        def versions() -> dict[str, LoadedModel]:  # each version loaded once for every figure
+            if not loaded:
+                loaded.update(current=load_model(cur_path), candidate=load_model(cand))
+            return loaded
+
         if seq2seq:
             nll = _target_nll(cur_path, cand, Path(files["pairs"]["heldout"]))
             pairs = target_figures(cfg.gate, nll)
         else:
-            pairs = pair_figures(cfg.gate, cur_path, cand, Path(files["dpo"]["heldout"]), seq)
-            thumbs = thumb_figures(cfg.gate, cur_path, cand, Path(files["kto"]["heldout"]), seq)
+            pairs = pair_figures(cfg.gate, versions(), Path(files["dpo"]["heldout"]), seq)
+            thumbs = thumb_figures(cfg.gate, versions(), Path(files["kto"]["heldout"]), seq)
         answers = {}
         if not seq2seq or cfg.gate.rule:  # a seq2seq model's answers only for a stated rule
             judged = None if seq2seq else Path(judge["path"])
-            answers = answer_figures(cfg.gate, cfg.engine, cur_path, cand, files, judged,
+            answers = answer_figures(cfg.gate, cfg.engine, versions(), files, judged,
                                      ev / "answers.json", seq)  # fmt: skip
+        loaded.clear()  # the base evaluations load their own
         return {
             "current_base_ppl": _base_ppl(cfg, cur_path, ev / "current-base", split),
             "candidate_base_ppl": _base_ppl(cfg, cand, ev / "candidate-base", split),
