@@ -8,6 +8,7 @@ cycle on that signal is promoted; the same pipeline on coin-flip preferences is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -291,6 +292,37 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
     assert main(["models", "show", "demo", "v2"]) == 0
     shown = capsys.readouterr().out
     assert f"{pairs['gain']:+.3f}" in shown and "v1" in shown
+
+
+def test_base_perplexity_is_measured_once_per_weights_and_data(world, tmp_path, monkeypatch):
+    """The current version's base perplexity was measured when it was a candidate: a later
+    cycle reads it back, keyed by the weights' and the data's content, never by a path."""
+    import shutil
+
+    from lmloop.loop.config import LoopConfig
+    from lmloop.stages import loop as loop_stage
+
+    monkeypatch.setenv("LMLOOP_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real = loop_stage.eval_stage.run
+    monkeypatch.setattr(loop_stage.eval_stage, "run",
+                        lambda ec: measured.append(ec.model) or real(ec))  # fmt: skip
+    cfg = LoopConfig(name="demo", db=str(tmp_path / "f.db"), base_data=str(world["data"]),
+                     max_eval_documents=8)  # fmt: skip
+    model = tmp_path / "m"
+    shutil.copytree(world["run"], model)
+    first = loop_stage.base_perplexity(cfg, str(model), tmp_path / "e1", "val")
+    again = loop_stage.base_perplexity(cfg, str(model), tmp_path / "e2", "val")
+    assert again == first and len(measured) == 1
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model, moved)  # the same weights under another path: still known
+    assert loop_stage.base_perplexity(cfg, str(moved), tmp_path / "e3", "val") == first
+    assert len(measured) == 1
+    (moved / "notes.txt").write_text("changed")  # other content: measured again
+    assert loop_stage.base_perplexity(cfg, str(moved), tmp_path / "e4", "val") == first
+    fewer = dataclasses.replace(cfg, max_eval_documents=4)  # other documents: measured again
+    assert loop_stage.base_perplexity(fewer, str(model), tmp_path / "e5", "val") != first
+    assert len(measured) == 3
 
 
 def test_loop_bad_input_fails_before_training(world, tmp_path, capsys):
