@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmloop import __version__
+from lmloop.config import to_dict
 from lmloop.errors import UserError
 
 META = "meta.json"
@@ -131,8 +132,6 @@ def make_meta(
     inputs: dict[str, str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    from lmloop.config import to_dict
-
     return {
         "schema": schema,
         "format_version": version,
