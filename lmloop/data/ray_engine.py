@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lmloop.errors import UserError
+from lmloop.log import progress_bar
 
 try:
     import ray
@@ -162,6 +162,15 @@ def _within(keys: np.ndarray, lo: int, hi: int) -> slice:
     return slice(int(np.searchsorted(keys, np.uint64(lo))), end)
 
 
+def _gather(
+    units: tuple[tuple[np.ndarray, ...], ...], by: int, lo: int, hi: int
+) -> list[np.ndarray]:
+    """The rows of every unit whose column `by` (ascending) is in [lo, hi), columns concatenated.
+    Only those rows of each unit are copied out of the object store."""
+    cuts = [_within(u[by], lo, hi) for u in units]
+    return [np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(len(units[0]))]
+
+
 # ---- tasks ---------------------------------------------------------------------------------
 @ray.remote(max_retries=MAX_RETRIES)
 def _read(
@@ -204,9 +213,8 @@ def _read(
 @ray.remote(max_retries=MAX_RETRIES)
 def _exact_duplicates(lo: int, hi: int, *units: tuple[np.ndarray, ...]) -> np.ndarray:
     """Ids whose hash's first half is in [lo, hi) that are not the first (lowest id) with
-    their hash. Only those rows of each unit are copied out of the object store."""
-    cuts = [_within(u[1], lo, hi) for u in units]
-    ids, h0, h1 = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
+    their hash."""
+    ids, h0, h1 = _gather(units, 1, lo, hi)
     order = np.lexsort((ids, h1, h0))
     h0, h1 = h0[order], h1[order]
     again = (h0[1:] == h0[:-1]) & (h1[1:] == h1[:-1])
@@ -242,8 +250,7 @@ def _band_groups(
     lo: int, hi: int, *units: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, ...]:
     """Groups (two or more ids, ascending) sharing a band key in [lo, hi): (members, sizes)."""
-    cuts = [_within(k, lo, hi) for *_, k in units]
-    ids, band, key = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
+    ids, band, key = _gather(units, 2, lo, hi)
     order = np.lexsort((ids, key, band))
     b, k = band[order], key[order]
     starts = np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])])
@@ -410,8 +417,7 @@ class _Rate:
     """A progress bar in input bytes with documents/s beside it (LMLOOP_NO_PROGRESS=1: none)."""
 
     def __init__(self, desc: str, total: int | None):
-        disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
-        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=disable)
+        self.bar = progress_bar(total=total, desc=desc, unit="B", unit_scale=True)
         self.t0, self.docs, self.bytes = time.perf_counter(), 0, 0
 
     def add(self, nbytes: int, docs: int) -> None:

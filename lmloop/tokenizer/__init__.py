@@ -195,11 +195,8 @@ class Tokenizer:
         return sha256_bytes(self.backend.to_str().encode())
 
     # ---- use -----------------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        return ids
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
