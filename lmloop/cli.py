@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"lmloop {__version__}")
         return 0
-    # lazy: yaml and the config machinery add ~30 ms to `lmloop --help` (measured 39 -> 73 ms median)
+    # lazy: yaml and the config machinery would add ~30 ms to `lmloop --help` (39 -> 73 ms)
     from lmloop.config import format_help, parse_args, to_yaml
 
     setup_logging(debug)

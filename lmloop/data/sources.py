@@ -784,14 +784,6 @@ def iter_pairs(
         for where, record in _pair_records(spec, f, strict_utf8, stats):
             if not isinstance(record, dict):
                 raise _missing_field(where, input_field, record)
-            sides = []
-            for name in (input_field, target_field):
-                if name not in record:
-                    raise _missing_field(where, name, record)
-                value = record[name]
-                if value is not None and not isinstance(value, str):
-                    raise UserError(
-                        f"{where}: field '{name}' holds a {type(value).__name__}, expected a string"
-                    )
-                sides.append(value)
-            yield (sides[0], sides[1]) if sides[0] and sides[1] else None
+            a = _field_text(record, input_field, where)
+            b = _field_text(record, target_field, where)
+            yield (a, b) if a and b else None
