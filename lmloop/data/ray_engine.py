@@ -126,11 +126,6 @@ def _reached(probe: Probe | None, point: str) -> None:
         probe(point)
 
 
-def _one_thread() -> None:
-    # a task holds one CPU: the tokenizer's thread pool (Rayon) should not take every core
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-
-
 @functools.lru_cache(maxsize=4)
 def _near(threshold: float) -> NearDedup:
     return NearDedup(threshold)  # LSH parameters are worth computing once per worker
@@ -160,15 +155,6 @@ def _within(keys: np.ndarray, lo: int, hi: int) -> slice:
     """The rows of ascending uint64 `keys` in [lo, hi) (hi up to 2**64)."""
     end = len(keys) if hi >> 64 else int(np.searchsorted(keys, np.uint64(hi)))
     return slice(int(np.searchsorted(keys, np.uint64(lo))), end)
-
-
-def _gather(
-    units: tuple[tuple[np.ndarray, ...], ...], by: int, lo: int, hi: int
-) -> list[np.ndarray]:
-    """The rows of every unit whose column `by` (ascending) is in [lo, hi), columns concatenated.
-    Only those rows of each unit are copied out of the object store."""
-    cuts = [_within(u[by], lo, hi) for u in units]
-    return [np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(len(units[0]))]
 
 
 # ---- tasks ---------------------------------------------------------------------------------
@@ -213,8 +199,9 @@ def _read(
 @ray.remote(max_retries=MAX_RETRIES)
 def _exact_duplicates(lo: int, hi: int, *units: tuple[np.ndarray, ...]) -> np.ndarray:
     """Ids whose hash's first half is in [lo, hi) that are not the first (lowest id) with
-    their hash."""
-    ids, h0, h1 = _gather(units, 1, lo, hi)
+    their hash. Only those rows of each unit are copied out of the object store."""
+    cuts = [_within(u[1], lo, hi) for u in units]
+    ids, h0, h1 = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
     order = np.lexsort((ids, h1, h0))
     h0, h1 = h0[order], h1[order]
     again = (h0[1:] == h0[:-1]) & (h1[1:] == h1[:-1])
@@ -250,7 +237,8 @@ def _band_groups(
     lo: int, hi: int, *units: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, ...]:
     """Groups (two or more ids, ascending) sharing a band key in [lo, hi): (members, sizes)."""
-    ids, band, key = _gather(units, 2, lo, hi)
+    cuts = [_within(k, lo, hi) for *_, k in units]
+    ids, band, key = (np.concatenate([u[j][c] for u, c in zip(units, cuts)]) for j in range(3))
     order = np.lexsort((ids, key, band))
     b, k = band[order], key[order]
     starts = np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])])
@@ -321,7 +309,8 @@ def _encode(
     probe: Probe | None = None,
 ) -> tuple[dict[str, np.ndarray], Stats]:
     """Decontaminate, tokenize and pack one unit: each split's ids in document order."""
-    _one_thread()
+    # a task holds one CPU: the tokenizer's thread pool (Rayon) should not take every core
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     texts = payload[0]
     stats = _delta(cfg)
     if flags is None:
