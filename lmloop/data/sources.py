@@ -434,10 +434,12 @@ def _field_text(record: Any, field: str, where: str) -> str | None:
 
 
 def _jsonl_records(
-    f: Path, strict: bool, stats: dict[str, int] | None
+    f: Path, strict: bool, stats: dict[str, int] | None, lines: Iterable[str] | None = None
 ) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) for each non-blank line of a JSONL file."""
-    for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+    """(line number, parsed record) for each non-blank line of a JSONL file (or of its `lines`,
+    when the caller has read it already)."""
+    lines = _iter_lines(f, strict=strict, stats=stats) if lines is None else lines
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -611,10 +613,11 @@ _READERS = {
 }
 
 
-def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
+def _hf_docs(spec: SourceSpec) -> Iterator[str]:
+    ds = _hf_dataset(spec)
     columns = list(ds.column_names or [])  # a streamed hub dataset may not know them yet
     if columns:
-        _require_columns(where, [spec.field], columns)
+        _require_columns(spec.path, [spec.field], columns)
         ds = ds.select_columns([spec.field])
     texts = (
         value
@@ -627,10 +630,6 @@ def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
         yield from wikitext_articles(texts)
     else:
         yield from (t for t in texts if t)
-
-
-def _hf_docs(spec: SourceSpec) -> Iterator[str]:
-    yield from _hf_column(_hf_dataset(spec), spec, spec.path)
 
 
 def _hf_dataset(spec: SourceSpec) -> Any:
@@ -734,12 +733,8 @@ def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: dict[str, int]
             for i, record in enumerate(json.loads(text)):
                 yield f"{f}[{i}]", record
             return
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    yield f"{f}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, record in _jsonl_records(f, strict, stats, text.split("\n")):
+            yield f"{f}:{lineno}", record
     elif kind == "csv":
         for i, row in enumerate(_csv_reader(f, strict, stats)):
             yield f"{f}:{i + 2}", row
