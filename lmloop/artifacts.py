@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmloop import __version__
+from lmloop.config import to_dict
 from lmloop.errors import UserError
 
 META = "meta.json"
@@ -100,15 +101,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final`; rename it to `final` only on success.
 
-    An existing `final` is replaced (when `overwrite`) only after the new one is complete.
+    An existing `final` is replaced only after the new one is complete.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise UserError(f"output exists: {final}", hint="choose another --out or remove it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
@@ -131,8 +130,6 @@ def make_meta(
     inputs: dict[str, str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    from lmloop.config import to_dict
-
     return {
         "schema": schema,
         "format_version": version,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 from lmloop import __version__
 from lmloop.errors import UserError, did_you_mean
@@ -109,7 +110,7 @@ def load_command(name: str):
 
 def reference() -> str:
     """The CLI reference (docs/cli.md), generated from the command table and the configs."""
-    from lmloop.config import format_help
+    from lmloop.config import format_help  # lazy: see main()
 
     parts = [
         "# CLI reference",
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"lmloop {__version__}")
         return 0
+    # lazy: `lmloop --help` needs neither; yaml, the config machinery and logging would add
+    # ~50 ms to it (measured: 37 -> 55 ms CPU for logging, 39 -> 73 ms wall for config)
+    from lmloop.config import format_help, parse_args, to_yaml
     from lmloop.log import setup_logging
 
     setup_logging(debug)
@@ -147,14 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         name, rest = resolve(argv)
         cfg_cls = load_config(name)
         if "-h" in rest or "--help" in rest:
-            from lmloop.config import format_help
-
             print(format_help(cfg_cls, name, COMMANDS[name][2]))
             return 0
         print_config = "--print-config" in rest
         rest = [a for a in rest if a != "--print-config"]
-        from lmloop.config import parse_args, to_yaml
-
         cfg = parse_args(cfg_cls, rest)
         if print_config:
             sys.stdout.write(to_yaml(cfg))
@@ -164,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except UserError as e:
         if debug:
-            import traceback
-
             traceback.print_exc()
         print(f"lmloop: error: {e.line()}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ traceback. Internal invariants use `assert`; everything else is a bug and keeps 
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(Exception):
     """A mistake the user can fix: one line saying what failed, what was seen, what to do."""
@@ -22,7 +24,5 @@ class UserError(Exception):
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
-    import difflib
-
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmloop.errors import UserError
 from lmloop.tokenizer import SPECIAL_TOKENS
@@ -268,9 +270,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     Returns the `tokenizers.Tokenizer` (save it through `lmloop.tokenizer.Tokenizer`). Texts are
     streamed to the trainer in batches; only `tokenizers` is imported (no transformers, no torch).
     """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lmloop.errors import UserError
+from lmloop.log import progress_bar
 
 try:
     import ray
@@ -124,11 +124,6 @@ def _reached(probe: Probe | None, point: str) -> None:
     """Tell `probe` (in the worker) that a task reached `point`: "read", "bands" or "encode"."""
     if probe is not None:
         probe(point)
-
-
-def _one_thread() -> None:
-    # a task holds one CPU: the tokenizer's thread pool (Rayon) should not take every core
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 
 @functools.lru_cache(maxsize=4)
@@ -314,7 +309,8 @@ def _encode(
     probe: Probe | None = None,
 ) -> tuple[dict[str, np.ndarray], Stats]:
     """Decontaminate, tokenize and pack one unit: each split's ids in document order."""
-    _one_thread()
+    # a task holds one CPU: the tokenizer's thread pool (Rayon) should not take every core
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     texts = payload[0]
     stats = _delta(cfg)
     if flags is None:
@@ -410,8 +406,7 @@ class _Rate:
     """A progress bar in input bytes with documents/s beside it (LMLOOP_NO_PROGRESS=1: none)."""
 
     def __init__(self, desc: str, total: int | None):
-        disable = os.environ.get("LMLOOP_NO_PROGRESS") == "1"
-        self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=disable)
+        self.bar = progress_bar(total=total, desc=desc, unit="B", unit_scale=True)
         self.t0, self.docs, self.bytes = time.perf_counter(), 0, 0
 
     def add(self, nbytes: int, docs: int) -> None:

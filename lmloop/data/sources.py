@@ -41,8 +41,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lmloop.config import param
+import numpy as np
+
+from lmloop.artifacts import peek_schema, read_meta, sha256_file, sha256_json, sha256_tree
+from lmloop.config import build, param
+from lmloop.data.shards import open_split
 from lmloop.errors import UserError, did_you_mean
+from lmloop.tokenizer import IM_END, IM_START, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +127,6 @@ class SourceSpec:
                     hint=f"use PATH::key=value,... with keys {', '.join(names[1:])}",
                 )
             kw[key] = value.strip()
-        from lmloop.config import build
-
         return build(cls, {"path": path.strip(), **kw})
 
     @property
@@ -152,7 +155,7 @@ class RemoteFile(str):
 
     def fs(self) -> tuple[Any, str]:
         """(fsspec filesystem, path inside it); a UserError when its package is missing."""
-        import fsspec
+        import fsspec  # lazy: ~45 ms, only URL sources need it (and their filesystem package)
 
         try:
             return fsspec.core.url_to_fs(str(self))
@@ -240,8 +243,6 @@ def file_kind(spec: SourceSpec, f: Path) -> str:
 
 def is_data_dir(p: Path) -> bool:
     """A folder `lmloop data` prepared (its train split can be read back as text)."""
-    from lmloop.artifacts import peek_schema
-
     return p.is_dir() and peek_schema(p) == "lmloop.data"
 
 
@@ -259,8 +260,6 @@ def source_kind(spec: SourceSpec) -> str:
 
 def fingerprint(spec: SourceSpec) -> str:
     """A content hash of what the source would yield (for reuse checks and lineage)."""
-    from lmloop.artifacts import sha256_json, sha256_tree
-
     kind = source_kind(spec)
     if kind == "hf":
         return sha256_json(["hf", spec.hf_name, spec.hf_config, spec.hf_split, spec.field])
@@ -275,8 +274,6 @@ def fingerprint(spec: SourceSpec) -> str:
 def _file_hash(f: Path) -> str:
     """sha256 of a local file; for a URL, its filesystem's version tag (e.g. an S3 ETag), so
     the reuse check doesn't read a remote corpus twice."""
-    from lmloop.artifacts import sha256_file
-
     if isinstance(f, RemoteFile):
         fs, path = f.fs()
         return str(fs.checksum(path))
@@ -292,7 +289,7 @@ def source_files(spec: SourceSpec) -> list[Path] | None:
 # ---- decoding -------------------------------------------------------------------------------
 def _open_binary(f: Path) -> BinaryIO:
     if isinstance(f, RemoteFile):
-        import fsspec
+        import fsspec  # lazy: ~45 ms, only URL sources need it (and their filesystem package)
 
         gz = "gzip" if f.name.endswith(".gz") else None
         try:
@@ -437,10 +434,12 @@ def _field_text(record: Any, field: str, where: str) -> str | None:
 
 
 def _jsonl_records(
-    f: Path, strict: bool, stats: dict[str, int] | None
+    f: Path, strict: bool, stats: dict[str, int] | None, lines: Iterable[str] | None = None
 ) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) for each non-blank line of a JSONL file."""
-    for lineno, line in enumerate(_iter_lines(f, strict=strict, stats=stats), 1):
+    """(line number, parsed record) for each non-blank line of a JSONL file (or of its `lines`,
+    when the caller has read it already)."""
+    lines = _iter_lines(f, strict=strict, stats=stats) if lines is None else lines
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -517,7 +516,7 @@ def _csv_reader(f: Path, strict: bool, stats: dict[str, int] | None) -> csv.Dict
 
 
 def _parquet_file(f: Path) -> Any:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: ~40 ms, only parquet files need it
 
     try:
         return pq.ParquetFile(_open_binary(f) if isinstance(f, RemoteFile) else f)
@@ -549,8 +548,6 @@ def _parquet_docs(
 
 def _render_messages(messages: Any, where: str) -> str:
     """Chat turns joined as ChatML text: the markup lmloop's chat template and SmolLM2 speak."""
-    from lmloop.tokenizer import IM_END, IM_START
-
     if not isinstance(messages, list):
         raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
     parts = []
@@ -616,10 +613,11 @@ _READERS = {
 }
 
 
-def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
+def _hf_docs(spec: SourceSpec) -> Iterator[str]:
+    ds = _hf_dataset(spec)
     columns = list(ds.column_names or [])  # a streamed hub dataset may not know them yet
     if columns:
-        _require_columns(where, [spec.field], columns)
+        _require_columns(spec.path, [spec.field], columns)
         ds = ds.select_columns([spec.field])
     texts = (
         value
@@ -634,13 +632,9 @@ def _hf_column(ds: Any, spec: SourceSpec, where: str) -> Iterator[str]:
         yield from (t for t in texts if t)
 
 
-def _hf_docs(spec: SourceSpec) -> Iterator[str]:
-    yield from _hf_column(_hf_dataset(spec), spec, spec.path)
-
-
 def _hf_dataset(spec: SourceSpec) -> Any:
     """The dataset split a hub or save_to_disk source names (hub ones streamed)."""
-    import datasets
+    import datasets  # lazy: ~0.95 s, only hub and save_to_disk sources need it
 
     if source_kind(spec) == "hf_disk":
         try:
@@ -675,12 +669,6 @@ def _data_dir_docs(spec: SourceSpec) -> Iterator[str]:
 
     `hf_split` names the split (train when it isn't val or test).
     """
-    import numpy as np
-
-    from lmloop.artifacts import read_meta
-    from lmloop.data.shards import open_split
-    from lmloop.tokenizer import Tokenizer
-
     d = Path(spec.path).expanduser()
     meta = read_meta(d, "lmloop.data", rebuild="lmloop data ...")
     split = spec.hf_split if spec.hf_split in ("val", "test") else "train"
@@ -745,12 +733,8 @@ def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: dict[str, int]
             for i, record in enumerate(json.loads(text)):
                 yield f"{f}[{i}]", record
             return
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    yield f"{f}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+        for lineno, record in _jsonl_records(f, strict, stats, text.split("\n")):
+            yield f"{f}:{lineno}", record
     elif kind == "csv":
         for i, row in enumerate(_csv_reader(f, strict, stats)):
             yield f"{f}:{i + 2}", row
@@ -795,14 +779,6 @@ def iter_pairs(
         for where, record in _pair_records(spec, f, strict_utf8, stats):
             if not isinstance(record, dict):
                 raise _missing_field(where, input_field, record)
-            sides = []
-            for name in (input_field, target_field):
-                if name not in record:
-                    raise _missing_field(where, name, record)
-                value = record[name]
-                if value is not None and not isinstance(value, str):
-                    raise UserError(
-                        f"{where}: field '{name}' holds a {type(value).__name__}, expected a string"
-                    )
-                sides.append(value)
-            yield (sides[0], sides[1]) if sides[0] and sides[1] else None
+            a = _field_text(record, input_field, where)
+            b = _field_text(record, target_field, where)
+            yield (a, b) if a and b else None

@@ -65,11 +65,6 @@ def story_prompt(p: dict[str, str]) -> str:
     )
 
 
-def story_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` varied, deterministic prompts for short children's stories."""
-    return [story_prompt(p) for p in story_parts(n, seed)]
-
-
 def cache_dir() -> Path:
     """`$LMLOOP_CACHE/synthetic` (default `$LMLOOP_HOME/cache/synthetic`)."""
     return artifacts.cache_dir() / "synthetic"

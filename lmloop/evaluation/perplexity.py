@@ -184,23 +184,6 @@ def make_windows(
 
 
 # ---- scoring -----------------------------------------------------------------------------------
-@dataclass
-class Scores:
-    """Summed log-likelihood (natural log, <= 0) and predicted-token count, per document."""
-
-    loglik: list[float]
-    tokens: list[int]
-    windows: int
-
-    @property
-    def total_loglik(self) -> float:
-        return math.fsum(self.loglik)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.tokens)
-
-
 def _batches(windows: list[Window], batch_tokens: int, batch_size: int | None) -> list[list[int]]:
     """Group window indices by similar length (longest first) under a token budget.
 
@@ -306,8 +289,9 @@ def score_windows(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     show_progress: bool = True,
     loss_chunk: int = 2048,
-) -> Scores:
-    """Run every window through `model` and sum the target log-probabilities per document."""
+) -> tuple[list[float], list[int]]:
+    """Run every window through `model`: per document, the summed log-likelihood of its targets
+    (natural log, <= 0) and how many targets it has."""
     device = next(model.parameters()).device
     loglik = [0.0] * n_docs
     counts = [0] * n_docs
@@ -350,7 +334,7 @@ def score_windows(
                 loglik[w.doc] -= float(nll[start : start + k].sum())
                 counts[w.doc] += k
                 start += k
-    return Scores(loglik, counts, len(windows))
+    return loglik, counts
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -469,26 +453,27 @@ def evaluate_tokens(
     )
     n_seqs = len(docs) if documents else 1
     t0 = time.perf_counter()
-    scores = score_windows(
+    loglik, counts = score_windows(
         model, windows, n_seqs, batch_size=batch_size, show_progress=show_progress
     )
     seconds = time.perf_counter() - t0
+    tokens = sum(counts)
     words = sum(count_words(t) for t in texts)
     nbytes = sum(count_bytes(t) for t in texts)
     fed = sum(len(x.inputs) for x in windows)
-    out: dict[str, Any] = figures(scores.total_loglik, scores.total_tokens, words, nbytes)
+    out: dict[str, Any] = figures(math.fsum(loglik), tokens, words, nbytes)
     out["protocol"] = asdict(protocol)
     out["counts"] = {
         "documents": len(docs),
-        "tokens": scores.total_tokens,  # predicted (scored) tokens
+        "tokens": tokens,  # predicted (scored) tokens
         "tokens_fed": fed,  # tokens run through the model, context included
         "words": words,
         "bytes": nbytes,
-        "windows": scores.windows,
+        "windows": len(windows),
     }
-    out["timing"] = {"seconds": seconds, "tokens_per_second": scores.total_tokens / seconds}
+    out["timing"] = {"seconds": seconds, "tokens_per_second": tokens / seconds}
     if documents:
-        out["per_document_loglik"] = scores.loglik
+        out["per_document_loglik"] = loglik
     return out
 
 

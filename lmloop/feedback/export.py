@@ -471,7 +471,6 @@ def export_for_loop(
     *,
     heldout_fraction: float,
     min_rating: int | None = None,
-    scrub: bool = True,
     formats: tuple[str, ...] = ("sft", "dpo", "kto"),
 ) -> LoopExport:
     """Write the records of `formats` (default `sft`, `dpo` and `kto`; `pairs` for an
@@ -484,8 +483,7 @@ def export_for_loop(
         seen: set[str] = set()
         kept = []
         for conv, rec in build_records(answers, prefs, fmt):
-            if scrub:
-                rec = _scrub(rec, pii)
+            rec = _scrub(rec, pii)
             key = json.dumps({k: v for k, v in rec.items() if k != "model_version"}, sort_keys=True)
             if key not in seen:
                 seen.add(key)

@@ -413,7 +413,11 @@ def to_hf(
 
 def hf_config_object(hf_kwargs: dict[str, Any]):
     """A `transformers` config object for the kwargs `to_hf` returns."""
-    from transformers import GPT2Config, T5Config
+    # lazy: ~2.2 s on top of torch; only HF and GGUF files need it
+    from transformers import (
+        GPT2Config,
+        T5Config,
+    )
     from transformers import LlamaConfig as HFLlamaConfig
 
     kw = {k: v for k, v in hf_kwargs.items() if k != "model_type"}
@@ -455,6 +459,7 @@ def build_loaded(cfg: LlamaConfig | GPTConfig, sd: dict[str, torch.Tensor]) -> t
 
 def to_hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """An lmloop model -> an equivalent `transformers` causal LM (eval mode)."""
+    # lazy: ~2.2 s on top of torch; only HF and GGUF files need it
     from transformers import GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
 
     kw, sd = to_hf(model.config, model.state_dict())

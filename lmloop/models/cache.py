@@ -21,6 +21,25 @@ def padding_mask(token_mask: torch.Tensor) -> torch.Tensor:
     return ((token_mask[:, None, :] & causal) | eye)[:, None]
 
 
+def positions_and_mask(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    cache: KVCache | None,
+    token_mask: torch.Tensor | None,
+    context: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decoder's positions (0..T-1 per row when not given), checked against its `context`,
+    and its attention mask: the cache's, else the padding mask, else None (plain causal)."""
+    B, T = input_ids.shape
+    if positions is None:
+        positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    if int(positions.max()) >= context:
+        raise ValueError(f"position {int(positions.max())} beyond the model's context {context}")
+    if cache is not None:
+        return positions, cache.begin(positions, token_mask)
+    return positions, None if token_mask is None else padding_mask(token_mask)
+
+
 class KVCache:
     def __init__(
         self,

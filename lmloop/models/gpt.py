@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmloop.models.base import ModelConfig
-from lmloop.models.cache import KVCache, padding_mask
+from lmloop.models.cache import KVCache, positions_and_mask
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,24 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def init_gpt2(model: nn.Module, n_layers: int) -> None:
+    """GPT-2's initialization: N(0, 0.02) weights, zero biases, and the projections that write
+    into the residual stream (`o_proj`, `down_proj`) scaled by 1/sqrt(2 * layers)."""
+    model.apply(_init_module)
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers))
+
+
+def _init_module(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -162,10 +180,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        init_gpt2(self, cfg.n_layer)
         if cfg.positions == "sinusoidal" and not cfg.tie_word_embeddings:
             # The fixed table's entries have RMS 1/sqrt(2); GPT-2's std-0.02 token embeddings
             # are drowned ~35x by it and training sits at the unigram loss for hundreds of steps
@@ -180,15 +195,6 @@ class GPT(nn.Module):
         if hasattr(self.model, "pe"):
             c = self.config
             self.model.pe = sinusoidal_table(c.n_positions, c.n_embd).to(self.model.pe.device)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
 
     @property
     def max_seq_len(self) -> int:
@@ -209,18 +215,9 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         token_mask: torch.Tensor | None = None,  # (B, T) False for padding
     ) -> torch.Tensor:  # logits (B, T, V)
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        if int(positions.max()) >= self.config.n_positions:
-            raise ValueError(
-                f"position {int(positions.max())} beyond the model's context {self.config.n_positions}"
-            )
-        mask = None
-        if cache is not None:
-            mask = cache.begin(positions, token_mask)
-        elif token_mask is not None:
-            mask = padding_mask(token_mask)
+        positions, mask = positions_and_mask(
+            input_ids, positions, cache, token_mask, self.max_seq_len
+        )
         x = self.model.embed_tokens(input_ids) + self.model.position_table()[positions]
         for block in self.model.layers:
             x = block(x, cache, mask)

@@ -202,12 +202,11 @@ def _load_hf_dir(path: Path, *, name: str) -> LoadedModel:
 
 def _load_hub(repo_id: str) -> LoadedModel:
     """An explicit hub id: the one path allowed to download."""
-    from transformers import AutoModelForCausalLM
+    # lazy: ~2.2 s on top of torch; only HF and GGUF files need it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
-        from transformers import AutoTokenizer
-
         tok = Tokenizer.from_hf(AutoTokenizer.from_pretrained(repo_id), f"hf:{repo_id}")
     except OSError as e:
         raise UserError(f"cannot load hf:{repo_id} from the Hugging Face hub: {e}") from None
@@ -256,6 +255,7 @@ def _cache_conversion(cached: Path, model, tokenizer: Tokenizer, sha: str, sourc
 
 
 def _gguf_to_lmloop(path: Path) -> torch.nn.Module:
+    # lazy: ~2.2 s on top of torch; only HF and GGUF files need it
     from transformers import AutoModelForCausalLM
 
     try:

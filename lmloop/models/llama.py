@@ -17,7 +17,8 @@ from torch import nn
 
 from lmloop.errors import UserError
 from lmloop.models.base import ModelConfig
-from lmloop.models.cache import KVCache, padding_mask
+from lmloop.models.cache import KVCache, positions_and_mask
+from lmloop.models.gpt import init_gpt2
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()
-        self.apply(self._init)
-        # GPT-2's scaled init of the projections that write into the residual stream.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+        init_gpt2(self, cfg.num_hidden_layers)
 
     def reset_buffers(self) -> None:
         """(Re)compute the rotary tables; loaders that build on the meta device call this."""
@@ -199,15 +196,6 @@ class Llama(nn.Module):
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, D), HF's non-interleaved layout
         self.rope_cos, self.rope_sin = emb.cos().to(device), emb.sin().to(device)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
 
     @property
     def max_seq_len(self) -> int:
@@ -228,19 +216,9 @@ class Llama(nn.Module):
         cache: KVCache | None = None,
         token_mask: torch.Tensor | None = None,  # (B, T) False for padding
     ) -> torch.Tensor:  # logits (B, T, V)
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        if int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(positions.max())} beyond the model's context "
-                f"{self.config.max_position_embeddings}"
-            )
-        mask = None
-        if cache is not None:
-            mask = cache.begin(positions, token_mask)
-        elif token_mask is not None:
-            mask = padding_mask(token_mask)
+        positions, mask = positions_and_mask(
+            input_ids, positions, cache, token_mask, self.max_seq_len
+        )
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         for block in self.model.layers:

@@ -45,7 +45,6 @@ from lmloop.errors import UserError, did_you_mean
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
 
 def default_root() -> Path:

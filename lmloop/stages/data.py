@@ -159,17 +159,25 @@ def _meta(
 # ---- the stage -------------------------------------------------------------------------------
 def run(cfg: DataConfig) -> DataResult:
     _validate(cfg)
-    if cfg.target_field:  # input/target pairs for sequence-to-sequence models
-        return _run_pairs(cfg)
+    is_pairs = bool(cfg.target_field)  # input/target pairs for sequence-to-sequence models
+    schema, version = (PAIRS_SCHEMA, PAIRS_FORMAT_VERSION) if is_pairs else (SCHEMA, FORMAT_VERSION)
+    summary = print_pairs_summary if is_pairs else print_text_summary
     out = Path(cfg.out).expanduser()
-    check_output(out, SCHEMA)
+    check_output(out, schema)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     key, inputs = _fingerprint(cfg, tok)
-    old = _up_to_date(out, SCHEMA, FORMAT_VERSION, key, cfg.force)
+    old = _up_to_date(out, schema, version, key, cfg.force)
     if old is not None:
-        print_text_summary(old, out, reused=True)
+        summary(old, out, reused=True)
         return DataResult(out, old, reused=True)
+    meta = (_build_pairs if is_pairs else _build_text)(cfg, out, tok, key, inputs)
+    summary(meta, out, reused=False)
+    return DataResult(out, meta, reused=False)
 
+
+def _build_text(
+    cfg: DataConfig, out: Path, tok: Tokenizer | None, key: str, inputs: dict[str, str]
+) -> dict:
     stats = pipeline.Stats()
     if cfg.engine == "ray":
         # imported here: ray is an optional extra, and the one-process path never imports it
@@ -193,19 +201,12 @@ def run(cfg: DataConfig) -> DataResult:
         write_meta(tmp, meta)
         plot_lengths(tmp / "lengths.png", {"document": stats.lengths}, "documents")
         (tmp / "report.md").write_text(text_report(meta, out.name))
-    print_text_summary(meta, out, reused=False)
-    return DataResult(out, meta, reused=False)
+    return meta
 
 
-def _run_pairs(cfg: DataConfig) -> DataResult:
-    out = Path(cfg.out).expanduser()
-    check_output(out, PAIRS_SCHEMA)
-    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    key, inputs = _fingerprint(cfg, tok)
-    old = _up_to_date(out, PAIRS_SCHEMA, PAIRS_FORMAT_VERSION, key, cfg.force)
-    if old is not None:
-        print_pairs_summary(old, out, reused=True)
-        return DataResult(out, old, reused=True)
+def _build_pairs(
+    cfg: DataConfig, out: Path, tok: Tokenizer | None, key: str, inputs: dict[str, str]
+) -> dict:
     stats = pairs.PairStats()
     kept, tok = pairs.prepare(cfg, tok, stats)
     with atomic_dir(out) as tmp:
@@ -219,5 +220,4 @@ def _run_pairs(cfg: DataConfig) -> DataResult:
         write_meta(tmp, meta)
         plot_lengths(tmp / "lengths.png", stats.lengths, "pairs")
         (tmp / "report.md").write_text(pairs_report(meta, out.name))
-    print_pairs_summary(meta, out, reused=False)
-    return DataResult(out, meta, reused=False)
+    return meta

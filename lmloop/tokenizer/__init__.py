@@ -17,7 +17,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as Backend
+
+from lmloop.artifacts import sha256_bytes
 from lmloop.errors import UserError
+from lmloop.registry import spec as modelspec
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +75,6 @@ class Tokenizer:
     def load(cls, spec: str | Path) -> Tokenizer:
         """From a tokenizer.json, a folder holding one (or `tokenizer/`), a .gguf file, a train
         run (its best checkpoint's), or an installed model's short name."""
-        from lmloop.registry import spec as modelspec
-
         p = Path(spec).expanduser()
         if p.is_dir() and modelspec.is_run_dir(p):
             p = modelspec.run_checkpoint(p)
@@ -118,6 +123,7 @@ class Tokenizer:
 
     @classmethod
     def _from_transformers(cls, path: Path, **kw: Any) -> Tokenizer:
+        # lazy: imports torch (~2.4 s); only GGUF files and folders without tokenizer.json
         from transformers import AutoTokenizer
 
         where = str(path.parent) if "gguf_file" in kw else str(path)
@@ -186,16 +192,11 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        from lmloop.artifacts import sha256_bytes
-
         return sha256_bytes(self.backend.to_str().encode())
 
     # ---- use -----------------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        return ids
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -228,8 +229,6 @@ class Tokenizer:
 
 
 def _backend(path: Path) -> Any:
-    from tokenizers import Tokenizer as Backend
-
     try:
         return Backend.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file
@@ -253,9 +252,6 @@ def _content(token: Any) -> str | None:
 @functools.cache
 def _compile(template: str) -> Any:
     """A chat template compiled as transformers compiles it (sandboxed, trimmed blocks); once."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
