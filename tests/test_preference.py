@@ -2,7 +2,9 @@
 
 TRL (a dev dependency, never a runtime one) is the reference: its trainers collate a fixed batch
 for a tiny random Llama; the same batch goes through our objective on the same weights loaded by
-our own loader, and the losses and every parameter's gradient must agree to 1e-5.
+our own loader, and the losses and every parameter's gradient must agree to 1e-5. The same
+records also go through our own tokenization and collation (`*_records_*`): the rows (EOS after
+each completion, KTO's mismatched KL pairs) must equal TRL's token for token.
 """
 
 from __future__ import annotations
