@@ -18,7 +18,8 @@ For each preference family of the simulated users (`lmloop.loop.users.FAMILIES`:
 
 Controls in the same run, from a fresh v1 and the `ask-back` family's store: the plain-text recipe
 (`recipe=text`) and a coin-flip store (each corrected exchange's answer and rewrite, the preferred
-one chosen by a coin, thumbs to match). The default gate must refuse both.
+one chosen by a coin, thumbs to match). The default gate must refuse both, and for what they
+lack (`refused_for`: no signal, no win, no gain), not for a base-perplexity rise alone.
 
 The rules are the benchmark's answer key: the gate never sees them. The base corpus that guards
 general ability is the TinyStories sample in ../shared/data, in SmolLM2's tokens.
@@ -141,6 +142,28 @@ def cycle(name: str, db: Path, base: Path, work: Path, **kw) -> dict:
     }
 
 
+def refused_for(c: dict, min_effect: float = 0.0, min_heldout: int = 10) -> str | None:
+    """What a control cycle (`cycle`'s figures) lacked, the reason it exists to be refused for:
+    "no signal" (stopped before training: the judge does not beat chance on held-out feedback),
+    "no win" (the interval of the candidate's win rate reaches 0.5) or "no gain" (the held-out
+    preference gain's interval reaches `gate.min_effect`). None when it lacked none of these:
+    promoted, or refused only for something else (base perplexity, degenerate answers), which
+    says nothing about whether the gate tells feedback from noise."""
+    if c.get("refused_before_training"):
+        return "no signal" if c["reason"].startswith("not enough signal") else None
+    if c.get("promoted") or c.get("passed"):
+        return None
+    if not (c.get("judge") or {}).get("clears_chance"):
+        return "no signal"
+    win = c.get("win")
+    if not win or not win["interval"][0] > 0.5:
+        return "no win"
+    pairs = c.get("pairs") or {}
+    if pairs.get("n", 0) >= min_heldout and not pairs["gain_low"] > min_effect:
+        return "no gain"
+    return None
+
+
 def family_run(family_name: str, args, base: Path, work: Path, env: dict) -> dict:
     from lmloop.loop.users import FAMILIES, HELDOUT_TOPICS, TRAIN_TOPICS, answer_all, converse
     from lmloop.registry import Registry
@@ -210,6 +233,7 @@ def main() -> None:
     env = dict(os.environ)
 
     from lmloop.data.sources import SourceSpec
+    from lmloop.loop.config import GateSpec
     from lmloop.registry import Registry
     from lmloop.registry.spec import locate
     from lmloop.stages import data as data_stage
@@ -233,6 +257,7 @@ def main() -> None:
         v1 = registry.register("control", locate(MODEL).path, lineage={"note": "controls"})
         registry.promote("control", v1)
         store = Path(figures["families"]["ask-back"]["db"])
+        gate = GateSpec()  # the controls run at the shipped gate
         figures["text_control"] = cycle("control", store, base.out, work / "loop-text",
                                         recipe="text", promote=False)  # fmt: skip
         save()
@@ -240,6 +265,9 @@ def main() -> None:
         figures["coin_pairs"] = coin_store(store, coin)
         figures["coin_control"] = cycle("control", coin, base.out, work / "loop-coin",
                                         promote=False)  # fmt: skip
+        for name in ("text_control", "coin_control"):
+            figures[name]["refused_for"] = refused_for(figures[name], gate.min_effect,
+                                                       gate.min_heldout)  # fmt: skip
         save()
     print_table(figures)
     save()
@@ -275,7 +303,9 @@ def print_table(f: dict) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
     for name in ("text_control", "coin_control"):
         if f.get(name):
-            print(f"{name}: {f[name]['reason'][:300]}")
+            lacked = f[name].get("refused_for")
+            verdict = f"refused for {lacked}" if lacked else "NOT refused for missing signal/win"
+            print(f"{name}: {verdict}; {f[name]['reason'][:300]}")
     for fam, r in f["families"].items():
         e = r.get("example")
         if e:

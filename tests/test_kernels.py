@@ -63,28 +63,73 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
 
+def _a8(x: torch.Tensor) -> torch.Tensor:
+    """The values the kernel multiplies for activations x: quantized 32 at a time as the C
+    code does (d = absmax / 127, q = x * (127 / absmax) rounded to nearest, ties to even),
+    then dequantized (q * d)."""
+    b = x.reshape(*x.shape[:-1], -1, kernels.QK)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127)).reshape(x.shape)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to fp32 summation order: 1e-5 of the output's magnitude."""
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert float(err) < 1e-5, float(err)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_linear_and_its_fused_inputs_match_torch(rows):
+    """The 4-bit linear against a torch reference that applies the same 8-bit activation
+    quantization and the same block dequantization (`unpack`), to 1e-5; and against fp32
+    torch, where only the quantization's ~0.5% separates them."""
     g = torch.Generator().manual_seed(1)
     n, k = 72, 64  # 72 output rows: 18 groups of 4, then none left over
     lin = kernels.Q4Linear(torch.randn(n, k, generator=g), torch.randn(n, generator=g))
-    w, b = lin.weight(), lin.bias
+    w, b = lin.weight().double(), lin.bias.double()
     x = torch.randn(rows, k, generator=g)
 
-    def close(got, want):  # activations are quantized 32 at a time: ~0.5% relative error
+    def check(got, inp):  # inp: what the kernel's input stage makes of x (fp32)
+        _same(got, _a8(inp).double() @ w.T + b)
+        want = inp.double() @ w.T + b
         assert float((got - want).norm() / want.norm()) < 0.02
 
-    close(lin(x), x @ w.T + b)
+    check(lin(x), x)
     norm = torch.rand(k, generator=g) + 0.5
-    close(lin(x, norm=norm, eps=1e-5), _rms(x, norm, 1e-5) @ w.T + b)
+    check(lin(x, norm=norm, eps=1e-5), _rms(x, norm, 1e-5))
     gate_up = torch.randn(rows, 2 * k, generator=g)
-    close(lin(gate_up, swiglu=True), (F.silu(gate_up[:, :k]) * gate_up[:, k:]) @ w.T + b)
+    check(lin(gate_up, swiglu=True), F.silu(gate_up[:, :k]) * gate_up[:, k:])
     acc = torch.randn(rows, n, generator=g)
     start = acc.clone()
     lin(x, out=acc, add=True)
-    close(acc - start, x @ w.T + b)
+    check(acc - start, x)
     with pytest.raises(ValueError):
         lin(x, swiglu=True)  # a gate | up input is twice as wide
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_linear_equals_its_quantized_reference(rows):
+    """`Int8Linear` against torch doing the same quantization, to 1e-5: int8 weights per output
+    channel (absmax / 127), rows scaled to absmax 1, then the whole input quantized to uint8
+    with one scale and zero point (7 bits without VNNI) as fbgemm's dynamic linear does."""
+    from lmloop.engine.fast import Int8Linear, scale_rows
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    lin = Int8Linear(w, b)
+    x = torch.randn(rows, 64, generator=g)
+    x[0] *= 1000  # a massive row: the per-row scaling keeps the others' precision
+    ws = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+    wd = (torch.round(w / ws).clamp(-128, 127) * ws).double()
+    xs, m = scale_rows(x)
+    scale, zero = torch._choose_qparams_per_tensor(xs, Int8Linear.reduce_range)
+    top = 127 if Int8Linear.reduce_range else 255
+    xd = ((torch.round(xs / scale) + zero).clamp(0, top) - zero) * scale
+    want = (xd.double() @ wd.T) * (1 if m is None else m.double()) + b.double()
+    got = lin(x)
+    for r in range(rows):  # each row to 1e-5 of its own magnitude
+        _same(got[r], want[r])
 
 
 @pytest.mark.parametrize("D", [8, 64])

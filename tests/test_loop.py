@@ -117,6 +117,49 @@ def test_gate_refuses_when_the_rule_does_not_improve():
     assert decide(_figures(rule=rule), GateSpec(rule="regex:\\?$"))[0]
 
 
+def _bench_loop():
+    """bench/loop.py, which judges its controls with `refused_for` (imports nothing heavy)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "loop.py"
+    spec = importlib.util.spec_from_file_location("bench_loop", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _control(figures: dict, gate: GateSpec) -> dict:
+    """A control cycle as the bench records it, refused or not by the real gate."""
+    ok, why = decide(figures, gate)
+    return {"promoted": False, "passed": ok, "reason": why, "judge": figures["judge"],
+            "win": figures["answers"]["win"], "pairs": figures["pairs"]}  # fmt: skip
+
+
+def test_a_control_counts_as_refused_only_for_what_it_lacks():
+    """A control (coin-flip preferences, a text-only recipe) proves the gate tells feedback from
+    noise only when it is refused for missing signal or win; refused for a base-perplexity rise
+    alone, it proves nothing, and must not count."""
+    refused_for = _bench_loop().refused_for
+    gate = GateSpec()
+    # stopped before training: the judge learned nothing from coin flips
+    stopped = {"refused_before_training": True, "promoted": False, "passed": False,
+               "reason": "not enough signal: learned from 30 pairs and 0 thumbs, ..."}  # fmt: skip
+    assert refused_for(stopped) == "no signal"
+    assert refused_for({**stopped, "reason": "feedback store not found: x.db"}) is None
+    # reached the gate and lost: refused for that, whatever else went wrong
+    lost = _control(_figures(win=(0.5, 0.35, 0.65), base=(100.0, 103.0)), gate)
+    assert lost["reason"].startswith("base-validation regression")  # the gate's first reason
+    assert refused_for(lost, gate.min_effect, gate.min_heldout) == "no win"
+    no_gain = _control(_figures(gain=(0.1, -0.2, 0.4)), gate)
+    assert "gain not shown" in no_gain["reason"]
+    assert refused_for(no_gain, gate.min_effect, gate.min_heldout) == "no gain"
+    # won on held-out prompts with a real gain, refused only for base perplexity: not a pass
+    regressed = _control(_figures(base=(100.0, 103.0)), gate)
+    assert not regressed["passed"] and "regression" in regressed["reason"]
+    assert refused_for(regressed, gate.min_effect, gate.min_heldout) is None
+    assert refused_for(_control(_figures(), gate), gate.min_effect, gate.min_heldout) is None
+
+
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence():
     rng = random.Random(0)
     small = [rng.gauss(0.1, 1) for _ in range(20)]

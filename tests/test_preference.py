@@ -2,7 +2,9 @@
 
 TRL (a dev dependency, never a runtime one) is the reference: its trainers collate a fixed batch
 for a tiny random Llama; the same batch goes through our objective on the same weights loaded by
-our own loader, and the losses and every parameter's gradient must agree to 1e-5.
+our own loader, and the losses and every parameter's gradient must agree to 1e-5. The same
+records also go through our own tokenization and collation (`*_records_*`): the rows (EOS after
+each completion, KTO's mismatched KL pairs) must equal TRL's token for token.
 """
 
 from __future__ import annotations
@@ -156,6 +158,115 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, tok):
     st = obj.loss(logps, ref_logps, kl_logps, kl_ref, torch.as_tensor(batch["label"]).bool())
     (st.loss_sum / st.units).backward()
 
+    torch.testing.assert_close(st.loss_sum / st.units, theirs.detach(), rtol=1e-5, atol=1e-6)
+    _assert_same_grads(_grads(trainer.model), _grads(ours))
+
+
+# ---- parity from records: TRL's tokenization and collation against ours -------------------------
+
+
+def _assert_same_rows(x, y, batch, prefix: str = "") -> None:
+    """Our shifted rows (x, y) equal TRL's collated `prefix` rows, token for token, up to where
+    each row's padding starts (the widths may differ: ours pads matched and KL rows together)."""
+    ids, att = batch[prefix + "input_ids"], batch[prefix + "attention_mask"]
+    tx, ty = _xy(ids, batch[prefix + "completion_mask"], att)
+    assert x.shape[0] == tx.shape[0]
+    for r in range(tx.shape[0]):
+        n = int(att[r].sum()) - 1  # real positions after the shift
+        assert x[r, :n].tolist() == tx[r, :n].tolist(), (prefix, r)
+        assert y[r, :n].tolist() == ty[r, :n].tolist(), (prefix, r)
+        assert (y[r, n:] == IGNORE).all(), (prefix, r)  # nothing scored past the row's end
+
+
+def _ends_with_eos(y, eos: int) -> None:
+    for r in range(y.shape[0]):
+        scored = y[r][y[r] != IGNORE]
+        assert int(scored[-1]) == eos, r  # the model learns to stop after a plain completion
+
+
+@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.5), ("ipo", 0.0)])
+def test_dpo_records_batch_loss_and_gradients_equal_trl(tmp_path, tok, loss_type, sft_weight):
+    """The same plain-string records through TRL's tokenization + collation and through ours:
+    the rows (ids, scored tokens, EOS after each completion), the loss and every gradient agree."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from lmloop.training.config import PreferenceSpec
+    from lmloop.training.data import pad_id_of
+    from lmloop.training.objectives import DPOObjective, Reference
+
+    policy, ref = (
+        hf_llama(tok.vocab_size, tied=False, seed=0),
+        hf_llama(tok.vocab_size, tied=False, seed=1),
+    )
+    ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=4,
+                     beta=0.3, use_cpu=True, max_length=64, bf16=False,
+                     train_sampling_strategy="sequential",
+                     loss_type=[loss_type] + ["sft"] * (sft_weight > 0),
+                     loss_weights=[1.0] + [sft_weight] * (sft_weight > 0))  # fmt: skip
+    recs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args,
+                         train_dataset=Dataset.from_list(recs), processing_class=_hf_tok(tok))  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+
+    rows = DPOObjective.tokenize(PAIRS, tok, 64)
+    spec = PreferenceSpec(beta=0.3, loss_type=loss_type, sft_weight=sft_weight)
+    obj = DPOObjective(rows, pad_id_of(tok), 0, spec, Reference(ours, ours_ref))
+    x, y = obj.collate(rows)  # [chosen..., rejected...] in record order, as TRL's collator
+    _assert_same_rows(x, y, batch)
+    _ends_with_eos(y, tok.eos_id)
+    st = obj.step(ours, (x, y), torch.device("cpu"), torch.autograd.grad_mode.enable_grad)
+    (st.loss_sum / st.units).backward()
+
+    assert st.units == len(PAIRS)
+    torch.testing.assert_close(st.loss_sum / st.units, theirs.detach(), rtol=1e-5, atol=1e-6)
+    _assert_same_grads(_grads(trainer.model), _grads(ours))
+
+
+def test_kto_records_batch_kl_pairs_loss_and_gradients_equal_trl(tmp_path, tok):
+    """KTO records through TRL and through ours: the matched rows, the mismatched KL rows (each
+    prompt with the previous example's completion, as TRL pairs them), the loss and gradients."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from lmloop.training.config import PreferenceSpec
+    from lmloop.training.data import pad_id_of
+    from lmloop.training.objectives import KTOObjective, Reference
+
+    policy, ref = (
+        hf_llama(tok.vocab_size, tied=False, seed=0),
+        hf_llama(tok.vocab_size, tied=False, seed=1),
+    )
+    ours, ours_ref = _ours(policy, tok, tmp_path / "p"), _ours(ref, tok, tmp_path / "r")
+    recs = [(p, c, i % 2 == 0) for i, (p, c, _) in enumerate(PAIRS)]
+    recs += [(p, r, i % 3 == 0) for i, (p, _, r) in enumerate(PAIRS)]
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=8,
+                     beta=0.2, desirable_weight=1.0, undesirable_weight=1.5, use_cpu=True,
+                     max_length=64, bf16=False, train_sampling_strategy="sequential")  # fmt: skip
+    data = Dataset.from_list([{"prompt": p, "completion": c, "label": lab} for p, c, lab in recs])
+    trainer = KTOTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args,
+                         train_dataset=data, processing_class=_hf_tok(tok))  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+
+    rows = KTOObjective.tokenize(recs, tok, 64)
+    spec = PreferenceSpec(beta=0.2, desirable_weight=1.0, undesirable_weight=1.5)
+    obj = KTOObjective(rows, pad_id_of(tok), 0, spec, Reference(ours, ours_ref),
+                       tokenizer=tok, seq_len=64)  # fmt: skip
+    x, y, labels = obj.collate(rows)  # record order, as TRL's sequential batch
+    k = len(recs)
+    assert labels.tolist() == batch["label"].tolist()
+    _assert_same_rows(x[:k], y[:k], batch)
+    _assert_same_rows(x[k:], y[k:], batch, prefix="KL_")
+    _ends_with_eos(y, tok.eos_id)
+    st = obj.step(ours, (x, y, labels), torch.device("cpu"), torch.autograd.grad_mode.enable_grad)
+    (st.loss_sum / st.units).backward()
+
+    assert st.stats["kl"] > 0  # the KL reference point is not clamped away, so it counts
     torch.testing.assert_close(st.loss_sum / st.units, theirs.detach(), rtol=1e-5, atol=1e-6)
     _assert_same_grads(_grads(trainer.model), _grads(ours))
 

@@ -15,8 +15,8 @@ Preference losses, with `delta = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|
   completion tokens as TRL does (the IPO authors' normalisation).
 - KTO (Ethayarajh et al. 2024, eq. 7): desirable `1 - s(beta (r - z))`, undesirable
   `1 - s(beta (z - r))`, weighted; z, the reference point, is the batch's detached KL estimate
-  from mismatched prompt/completion pairs (each prompt with the next example's completion),
-  clamped at 0.
+  from mismatched prompt/completion pairs (each prompt with the previous example's completion,
+  as TRL pairs them), clamped at 0.
 
 The reference model is the model the run started from: with LoRA, the same weights with the
 adapters switched off (no second copy in memory); otherwise a frozen copy. Written here rather
@@ -414,7 +414,7 @@ class DPOObjective:
 
 
 class KTOObjective:
-    """Examples -> rows [matched_1..k, mismatched_1..k] (prompt i with completion i+1 for KL)."""
+    """Examples -> rows [matched_1..k, mismatched_1..k] (prompt i with completion i-1 for KL)."""
 
     unit = "examples"
 
@@ -437,12 +437,13 @@ class KTOObjective:
         return out
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Matched rows, then each prompt with the next item's completion (TRL's KL pairs)."""
+        """Matched rows, then each prompt with the previous item's completion (TRL's KL pairs:
+        TRL rotates the completions by one, x_1 with y_k, x_2 with y_1, ...)."""
         k = len(items)
         matched = [row for row, _, _ in items]
         mismatched = []
         for i, (_, (prompt, _own), _) in enumerate(items):
-            nxt = (i + 1) % k
+            nxt = (i - 1) % k
             completion = items[nxt][1][1]
             row = _cut(encode_completion(self.tokenizer, prompt, completion), self.seq_len)
             mismatched.append(row if row is not None else matched[nxt])
