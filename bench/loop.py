@@ -1,10 +1,11 @@
 """Does the loop teach a served model what its users want, judged without an answer key?
 
-    .venv/bin/python bench/loop.py                         # ~35 min on 2 CPU cores
-    .venv/bin/python bench/loop.py --families formal --skip-controls   # one family
+    .venv/bin/python bench/loop.py                         # ~40 min on 2 CPU cores
+    .venv/bin/python bench/loop.py --families one-paragraph --skip-controls   # one family
 
 For each preference family of the simulated users (`lmloop.loop.users.FAMILIES`: `ask-back` and
-`three-points` correct bad answers, `formal` gives thumbs only), in one process run:
+`three-points` correct bad answers; `one-paragraph` and `formal` give thumbs only, and `formal`
+is one the shipped model already mostly meets), in one process run:
 
 1. SmolLM2-135M-Instruct is registered as `assistant-FAMILY` v1 and served by `lmloop serve` at
    its defaults, following the registry.

@@ -81,6 +81,22 @@ def test_formal_means_no_exclamation_and_no_first_person(text, ok):
     assert users.is_formal(text) is ok
 
 
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("Lions hunt at night and live in prides. They sleep a lot.", True),
+        ("Lions hunt at night.\n\nThey live in prides.", False),
+        ("Lions:\n1. hunt\n2. sleep", False),
+        ("Lions hunt at night and live in", True),  # cut off, still one paragraph
+        ("  Lions hunt at night?  \n", True),
+        ("Lions hunt.\nThey sleep.", False),
+        ("", False),
+    ],
+)  # fmt: skip
+def test_one_paragraph_means_no_line_break(text, ok):
+    assert users.is_one_paragraph(text) is ok
+
+
 @pytest.mark.parametrize("answer", ["", "Yes!", "Lions hunt. At night they roam far and wide."])
 def test_three_points_rewrite_complies(answer):
     for seed in range(20):
@@ -100,9 +116,10 @@ def test_users_are_noisy_the_way_the_docstring_says():
     assert all(users.complies(b["correction"]) for b in bodies if "correction" in b)
     goods = [users.judge(fam, good, "lions", rng) for _ in range(1000)]
     assert not any("correction" in b for b in goods)
-    thumbs_only = users.FAMILIES["formal"]
-    assert not any("correction" in users.judge(thumbs_only, bad + "!", "lions", rng)
-                   for _ in range(200))  # fmt: skip
+    for name in ("one-paragraph", "formal"):  # the thumbs-only families never correct
+        thumbs_only = users.FAMILIES[name]
+        assert not any("correction" in users.judge(thumbs_only, "Lions!\nI hunt", "lions", rng)
+                       for _ in range(200))  # fmt: skip
 
 
 def test_heldout_questions_use_forms_training_never_does():

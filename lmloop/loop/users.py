@@ -17,7 +17,12 @@ Families (`FAMILIES`):
   back to the user. The rule asks for a statement before the question, so answering every
   question with a question ("What's a penguin?") does not comply.
 - `three-points` (corrections): a numbered list of exactly three points, one per line.
-- `formal` (thumbs only, no corrections): no exclamation marks and no "I", "me" or "my".
+- `one-paragraph` (thumbs only, no corrections): a single paragraph, no line breaks.
+  SmolLM2-135M meets it on about 40% of sampled 80-token answers and 6% of greedy 160-token
+  ones: thumbs both ways, and room to learn.
+- `formal` (thumbs only): no exclamation marks and no "I", "me" or "my". SmolLM2-135M already
+  meets it on most answers (77% sampled, 88% greedy), so its thumbs are mostly up: a store with
+  too little signal, which the gate should say so about.
 
 The rules are the benchmark's answer key: they score held-out answers before and after a cycle.
 The gate learns its own judge from the feedback and never sees them.
@@ -174,6 +179,13 @@ def is_formal(text: str) -> bool:
     return bool(text.strip()) and "!" not in text and not _FIRST_PERSON.search(text)
 
 
+def is_one_paragraph(text: str) -> bool:
+    """one-paragraph: a non-empty answer in a single paragraph (no line break: no list, no
+    headings, no second paragraph)."""
+    body = text.strip()
+    return bool(body) and "\n" not in body
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -191,6 +203,8 @@ FAMILIES = {
                complies, rewrite),
         Family("three-points", "a numbered list of exactly three points, one per line",
                is_three_points, three_points),
+        Family("one-paragraph", "one paragraph: no line breaks, no lists, no headings (thumbs "
+               "only, no corrections)", is_one_paragraph, None),
         Family("formal", "a formal register: no exclamation marks, and no 'I', 'me' or 'my' "
                "(thumbs only, no corrections)", is_formal, None),
     )
