@@ -4,6 +4,7 @@ route of a registry-served model following a rollback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -264,9 +265,15 @@ def test_admission_counts_prompts_times_n_before_building_anything(model, monkey
 
     calls = {"settings": 0, "tokenize": 0}
     real_params, real_encode = protocol.sampling_params, None
+    on_loop = []  # was each setting built on the event loop's thread?
 
     def spy_params(*a, **kw):
         calls["settings"] += 1
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker's
+            on_loop.append(False)
         return real_params(*a, **kw)
 
     monkeypatch.setattr(protocol, "sampling_params", spy_params)
@@ -305,6 +312,7 @@ def test_admission_counts_prompts_times_n_before_building_anything(model, monkey
         r = c.post("/v1/completions", json={"prompt": ["Hi"] * 8, "n": 8, "max_tokens": 1})
         assert r.status_code == 200 and len(r.json()["choices"]) == 64
         assert calls == {"settings": 64, "tokenize": 9}
+        assert not any(on_loop)  # built off the event loop: running streams keep their pace
 
 
 def test_a_keyless_server_answers_only_its_own_origin(model):
