@@ -128,7 +128,7 @@ class OriginCheckMiddleware:
         if bad is None:
             await self.app(scope, receive, send)
             return
-        log.warning("refused a request with %s: %s (not this server)", bad[0], bad[1][:100])
+        log.warning("refused a request with %s %r (not this server's)", bad[0], bad[1][:100])
         await _send_error(
             send,
             APIError(
@@ -213,6 +213,7 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 if REQUEST_ID_HEADER not in headers:
                     headers.append(REQUEST_ID_HEADER, rid)

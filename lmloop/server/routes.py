@@ -154,7 +154,6 @@ def admit(served: Served, count: int) -> None:
             400,
             f"this request asks for {count} sequences (prompts x n); this server queues at "
             f"most {cap} at once: send fewer prompts or a smaller n",
-            param="prompt" if count > 1 else "n",
             code="too_many_sequences",
         )
     if count > cap - int(engine.num_waiting):
