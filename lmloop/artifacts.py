@@ -5,7 +5,8 @@ lmloop version, UTC creation time, resolved config, content hashes of its inputs
 `read_meta` which checks schema and version and fails with a hint naming the command that
 rebuilds it. Outputs are built in a temporary sibling and renamed into place only when complete
 (`atomic_dir`, `atomic_file`, `atomic_write`), so a crash or Ctrl-C never leaves a half-written artifact that
-looks whole. This module never imports torch.
+looks whole; the renamed output has the mode the user's umask gives a new file or folder (not
+the temporary's 0600 / 0700). This module never imports torch.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux): `os.umask`
+    can only read it by setting it, which for a moment gives files other threads create mode
+    666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; rename it into place only on success."""
@@ -79,6 +96,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; the output gets the user's mode
     try:
         yield Path(tmp)
         os.replace(tmp, p)
@@ -109,6 +127,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; the output gets the user's mode
     try:
         yield tmp
         if final.exists():

@@ -241,6 +241,51 @@ def test_prompt_logprobs_match_full_forward(models, tok, family):
     assert both.prompt_logprobs[1].top == [] and both.token_ids == plain.token_ids
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompt_logprobs_are_computed_chunk_by_chunk(models, tok, family):
+    """Echo scoring holds at most `score_chunk` rows of logits, never the T x V matrix, and its
+    values equal the whole-prompt forward's at every chunk boundary (chunk 3 < a 20-token
+    prompt: boundaries at 3, 6, ...)."""
+    lm = models[family][1]
+    ids = (_prompts(tok)[1] * 4)[:20]
+    assert len(ids) == 20
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(torch.tensor([ids]))[0], -1)  # (T, V)
+    rows: list[int] = []  # rows of every logits tensor the model's head produced
+    with Engine(lm.model, lm.tokenizer) as engine:
+        engine.score_chunk = 3
+        runner = engine.runner
+        if hasattr(runner, "lm_head"):  # the fast Llama runner keeps its own head
+            head = runner.lm_head
+            runner.lm_head = lambda h: rows.append(h.shape[0]) or head(h)
+            spy = None
+        else:
+            spy = runner.model.lm_head.register_forward_hook(
+                lambda _m, _i, out: rows.append(out.shape[-2])
+            )
+        try:
+            done = engine.complete(
+                ids, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+            )
+        finally:
+            if spy is None:
+                runner.lm_head = head
+            else:
+                spy.remove()
+    assert max(rows) <= 3 and len(rows) >= 20 // 3  # chunked, never the whole (20, V)
+    plps = done.prompt_logprobs
+    assert len(plps) == len(ids) and plps[0] is None
+    for t in range(1, len(ids)):
+        assert plps[t].token_id == ids[t]
+        assert plps[t].logprob == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-5)
+        assert [i for _, i, _ in plps[t].top] == torch.topk(ref[t - 1], 2).indices.tolist()
+        assert [v for _, _, v in plps[t].top] == pytest.approx(
+            torch.topk(ref[t - 1], 2).values.tolist(), abs=1e-5
+        )
+    # the first generated token is sampled from the prompt's last row
+    assert done.token_ids[0] == int(torch.argmax(ref[-1]))
+
+
 def test_seed_gives_the_same_text_whatever_shares_the_batch(models, tok):
     lm = models["llama"][1]
     ids = _prompts(tok)[1]

@@ -123,3 +123,22 @@ def test_gguf_refuses_gpt_family_and_bad_out(tmp_path, tok, capsys):
     assert main(["export", "--model", str(src), "--format", "gguf", "--out", str(tmp_path)]) == 2
     assert "writes one file" in capsys.readouterr().err
     assert main(["export", "--model", str(src), "--format", "onnx", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_exported_files_get_the_users_umask(tmp_path, tok, mask):
+    """The temporary sibling an export is written in (mkstemp: 0600, mkdtemp: 0700) is renamed
+    into place: its mode must be what the user's umask gives a new file, not the temporary's."""
+    import os
+
+    src = _saved(tmp_path / "m", lmloop_llama(tok.vocab_size, tied=True), tok)
+    old = os.umask(mask)
+    try:
+        for fmt, out in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf")):
+            assert main(["export", "--model", str(src), "--format", fmt, "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~mask
+    files = [f for f in (tmp_path / "hf").rglob("*") if f.is_file()]
+    assert files and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}

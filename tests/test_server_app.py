@@ -4,6 +4,8 @@ route of a registry-served model following a rollback."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import pytest
@@ -212,3 +214,132 @@ def test_versions_route_of_a_model_not_from_the_registry(model):
         assert body["data"] == [] and body["name"] is None and body["rollback"] is None
         assert "not from the registry" in body["reason"] and "registry:NAME" in body["reason"]
         assert body["serving"] == client.get("/health").json()["model_version"]
+
+
+# ---- a 500 names no internals; admission counts before it builds; the origin check ----------
+SECRET = "sk-live-SECRET-4242 at /home/ops/models/private.bin"
+
+
+def test_a_500_carries_a_request_id_and_the_log_has_the_error_under_it(model, caplog):
+    caplog.set_level("ERROR")
+    with TestClient(
+        create_app(ServerSettings(model=str(model))), raise_server_exceptions=False
+    ) as c:
+        _ready(c)
+        engine = c.app.state.lmloop.slot.current.engine
+
+        def broken(*_a, **_kw):
+            raise RuntimeError(SECRET)
+
+        engine.runner.prefill = broken  # the engine fails inside its worker thread
+        body = {"messages": MSGS, "max_tokens": 4}
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", json={**body, "stream": stream})
+            rid = r.headers["x-request-id"]
+            assert rid.startswith("req_") and len(rid) == 28
+            if stream:  # headers went out first: the error is an event of the stream
+                assert r.status_code == 200
+                event = json.loads(r.text.split("data: ")[2])
+                assert event["error"]["code"] == "internal_error"
+            else:
+                assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            assert rid in r.text and "SECRET" not in r.text and "RuntimeError" not in r.text
+            logged = [rec.getMessage() for rec in caplog.records if rid in rec.getMessage()]
+            assert any(SECRET in m for m in logged), logged
+
+        # an unexpected exception in a route: a generic 500, the traceback logged under the id
+        def boom(*_a, **_kw):
+            raise ValueError(SECRET)
+
+        c.app.state.lmloop.slot.current.engine.encode_prompt = boom
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        rid = r.headers["x-request-id"]
+        assert r.status_code == 500 and rid in r.json()["error"]["message"]
+        assert "SECRET" not in r.text and "ValueError" not in r.text
+        rec = next(rec for rec in caplog.records if rid in rec.getMessage())
+        assert rec.exc_info and SECRET in str(rec.exc_info[1])
+
+
+def test_admission_counts_prompts_times_n_before_building_anything(model, monkeypatch):
+    from lmloop.server import protocol
+
+    calls = {"settings": 0, "tokenize": 0}
+    real_params, real_encode = protocol.sampling_params, None
+    on_loop = []  # was each setting built on the event loop's thread?
+
+    def spy_params(*a, **kw):
+        calls["settings"] += 1
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker's
+            on_loop.append(False)
+        return real_params(*a, **kw)
+
+    monkeypatch.setattr(protocol, "sampling_params", spy_params)
+    with TestClient(create_app(ServerSettings(model=str(model)))) as c:
+        _ready(c)
+        engine = c.app.state.lmloop.slot.current.engine
+        real_encode = engine.encode_prompt
+
+        def spy_encode(text):
+            calls["tokenize"] += 1
+            return real_encode(text)
+
+        engine.encode_prompt = spy_encode
+        assert engine.max_waiting == 64
+        # 100 prompts x n=8: 800 sequences, more than the queue can ever hold
+        r = c.post("/v1/completions", json={"prompt": ["Hi there"] * 100, "n": 8, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_sequences"
+        assert "800 sequences" in r.json()["error"]["message"]
+        assert calls == {"settings": 0, "tokenize": 0}
+        # room for 65 - 1: 429 when the queue is partly taken, still before any building
+        engine._waiting.extend([object()] * 10)  # ten requests waiting
+        try:
+            r = c.post("/v1/completions", json={"prompt": ["Hi"] * 7, "n": 8, "max_tokens": 2})
+        finally:
+            engine._waiting.clear()
+        assert r.status_code == 429 and calls == {"settings": 0, "tokenize": 0}
+        # a prompt longer than the context: 400 after tokenizing it, before the next one
+        long = "The quick brown fox jumps over the lazy dog. " * 400
+        assert len(real_encode(long)) > 2048
+        r = c.post("/v1/completions", json={"prompt": [long, "Hi", "Hi"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert calls == {"settings": 0, "tokenize": 1}
+        r = c.post("/v1/completions", json={"prompt": [[5] * 3000], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        # what fits is built and answered: 8 prompts x n=8 = 64 sequences
+        r = c.post("/v1/completions", json={"prompt": ["Hi"] * 8, "n": 8, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 64
+        assert calls == {"settings": 64, "tokenize": 9}
+        assert not any(on_loop)  # built off the event loop: running streams keep their pace
+
+
+def test_a_keyless_server_answers_only_its_own_origin(model):
+    settings = ServerSettings(model=str(model), allowed_origins=["https://app.example"])
+    with TestClient(create_app(settings)) as c:  # the server's address: testserver:80
+        _ready(c)
+        assert c.get("/health").status_code == 200
+        for headers in (
+            {"host": "attacker.example"},
+            {"host": "testserver:8080"},
+            {"origin": "http://attacker.example"},
+            {"origin": "null"},
+            {"origin": "http://app.example"},  # allowed is https only
+        ):
+            r = c.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1},
+                       headers=headers)  # fmt: skip
+            assert r.status_code == 403, headers
+            assert r.json()["error"]["code"] == "origin_not_allowed"
+            assert "\n" not in r.text
+        for headers in ({"origin": "http://testserver"}, {"origin": "https://app.example"}):
+            r = c.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1},
+                       headers=headers)  # fmt: skip
+            assert r.status_code == 200, headers
+    # with an API key nothing changes: the key is the check
+    with TestClient(create_app(ServerSettings(model=str(model), api_key="sk-o"))) as c:
+        _ready(c)
+        h = {"host": "attacker.example", "origin": "http://attacker.example"}
+        assert c.get("/v1/models", headers=h).status_code == 401
+        h["authorization"] = "Bearer sk-o"
+        assert c.get("/v1/models", headers=h).status_code == 200

@@ -56,6 +56,9 @@ STALL_AFTER_S = 120.0  # a worker with work that has not stepped for this long i
 # Keys and values of shared prompt prefixes kept for reuse (`lmloop.engine.prefix`): 256 MB is
 # ~5,600 tokens of SmolLM2-135M (46 KB each), a few long system prompts or chat histories.
 DEFAULT_PREFIX_CACHE_MB = 256.0
+# Prompt scoring (`echo` + logprobs) turns the logits into logprobs this many positions at a
+# time: 256 x 49k fp32 is 50 MB, where the whole prompt's matrix is T x V (1.6 GB at 8k tokens).
+SCORE_CHUNK = 256
 
 
 class RequestHandle:
@@ -198,6 +201,7 @@ class Engine:
         if single_thread_rows is None:
             single_thread_rows = default_single_thread_rows()
         self.single_thread_rows = single_thread_rows
+        self.score_chunk = SCORE_CHUNK  # prompt scoring's rows of logits at a time
         self._threads_now = 0
         # Prefix reuse for runners that can read and write cache slots (not encoder-decoder).
         self.prefix = None
@@ -435,11 +439,9 @@ class Engine:
                 self.prefilled += len(seq.prompt) - m
             else:
                 self.prefilled += len(seq.prompt)
-                every = self.runner.prefill(seq.row, seq.prompt, every_position=True)  # (T, V)
-                plps = self._prompt_logprobs(seq.prompt, every, p.prompt_logprobs)
-                logits = every[-1]
+                plps, logits = self._score_prompt(seq.row, seq.prompt, p.prompt_logprobs)
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
-            log.exception("prefill failed")
+            log.exception("request %d: prefill failed", seq.handle.id)
             self._release(seq)
             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
@@ -471,7 +473,7 @@ class Engine:
         try:
             logits = self.runner.decode([s.last for s in running], [s.pos for s in running])
         except Exception as e:  # noqa: BLE001
-            log.exception("decode step failed")
+            log.exception("decode step failed (requests %s)", [s.handle.id for s in running])
             for seq in list(reversed(running)):
                 self._release(seq)
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
@@ -526,21 +528,31 @@ class Engine:
         finished = reason is not None
         return StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
 
-    def _prompt_logprobs(
-        self, ids: list[int], logits: torch.Tensor, n: int
-    ) -> list[TokenLogprob | None]:
-        """Token t's logprob under the logits at t-1 (+ the top n there); None for token 0."""
+    def _score_prompt(
+        self, row: int, ids: list[int], n: int
+    ) -> tuple[list[TokenLogprob | None], torch.Tensor]:
+        """Prefill `row` with the prompt and score it: token t's logprob under the logits at
+        t-1 (+ the top n there), None for token 0; and the last token's logits (V,). The
+        logits come `score_chunk` rows at a time and only these values are kept: the whole
+        T x V matrix (fp32: 1.6 GB for 8k tokens of a 49k vocabulary) never exists."""
         d = self.decode_ids
         out: list[TokenLogprob | None] = [None]
-        for start in range(0, len(ids) - 1, 256):  # log-softmax a few rows at a time: T x V
-            lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
-            nxt = torch.tensor(ids[start + 1 : start + 1 + len(lp)])
-            lp = lp[: len(nxt)]
+        pos, last = 0, None
+        for logits in self.runner.prefill_chunks(row, ids, self.score_chunk):
+            k = len(logits)
+            nxt = torch.tensor(ids[pos + 1 : pos + 1 + k], dtype=torch.long)  # the next tokens
+            pos += k
+            last = logits[-1].clone()  # only the prompt's last row samples; the chunk goes
+            if not len(nxt):  # the prompt's last position predicts no prompt token
+                continue
+            lp = torch.log_softmax(logits[: len(nxt)].float(), dim=-1)
             chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
             vals, top = torch.topk(lp, n) if n > 0 else (lp[:, :0], lp[:, :0].long())
             for t, c, vs, ts in zip(nxt.tolist(), chosen, vals.tolist(), top.tolist()):
                 out.append(TokenLogprob(d([t]), t, c, [(d([i]), i, v) for i, v in zip(ts, vs)]))
-        return out
+        if last is None:
+            raise ValueError("an empty prompt has nothing to score")
+        return out, last
 
     def _release(self, seq: _Seq) -> None:
         """Take a sequence out of the running rows, moving the last row into its place."""

@@ -27,6 +27,7 @@ Models that are not plain Llama (GPT-2 family, already-quantized modules) use `M
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -524,7 +525,23 @@ class FastLlamaRunner:
         self, row: int, ids: list[int], *, start: int = 0, every_position: bool = False
     ) -> torch.Tensor:
         """Tokens at positions start..start+T-1 of `row` (slots before `start` hold a prefix
-        already: the prefix cache's `write_kv`)."""
+        already: the prefix cache's `write_kv`); logits of the last token (V,), or of every
+        token (T, V) with `every_position`."""
+        x = self._prefill_hidden(row, ids, start)
+        if every_position:  # (T, V): the whole matrix (bench/int4.py compares it)
+            return self.lm_head(self._norm(x, self.final_norm))
+        return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
+
+    def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
+        """Prefill `row` with `ids` from position 0, then the logits of every token, at most
+        `chunk` rows at a time (prompt scoring): the hidden states are T x C, the head's
+        output is never more than chunk x V."""
+        x = self._prefill_hidden(row, ids, 0)
+        for s in range(0, len(ids), chunk):
+            yield self.lm_head(self._norm(x[s : s + chunk], self.final_norm))
+
+    def _prefill_hidden(self, row: int, ids: list[int], start: int) -> torch.Tensor:
+        """The last layer's output (T, C) for tokens at start..start+T-1, written into `row`."""
         self.allocate()
         T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
         end = start + T
@@ -555,9 +572,7 @@ class FastLlamaRunner:
             x = x + o(y[0].transpose(0, 1).reshape(T, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
-        if every_position:  # (T, V): prompt scoring
-            return self.lm_head(self._norm(x, self.final_norm))
-        return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
+        return x
 
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
         """A decode step of row 0 alone over 4-bit weights and the int8 cache: five C calls a

@@ -9,6 +9,7 @@ view with no copy. `ModelRunner` drives any lmloop model through its public `for
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 
@@ -48,6 +49,17 @@ class ModelRunner:
         pos = torch.arange(start, start + len(ids))[None]
         logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
+
+    def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
+        """Prefill `row` with `ids` from position 0, `chunk` tokens at a time (each chunk
+        attends to the ones cached before it); yields each chunk's logits (<= chunk x V), so
+        prompt scoring never holds the whole T x V matrix."""
+        self.cache.valid[row] = False
+        for s in range(0, len(ids), chunk):
+            part = ids[s : s + chunk]
+            x = torch.tensor([part], dtype=torch.long)
+            pos = torch.arange(s, s + len(part))[None]
+            yield self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own position; logits (n, V)."""

@@ -6,13 +6,14 @@ fixed `wpe` weights), T5's for the seq2seq family."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
-from lmloop.artifacts import atomic_dir, make_meta, write_json, write_meta
+from lmloop.artifacts import atomic_dir, make_meta, umask, write_json, write_meta
 from lmloop.models.adapter import hf_config_object, to_hf
 from lmloop.models.io import LoadedModel, model_state
 
@@ -45,6 +46,7 @@ def export_hf(lm: LoadedModel, out: Path, *, dtype: str = "float32", config: obj
         hf_cfg.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask())  # safetensors writes it 0600
         tok.save(tmp)
         _portable_tokenizer_config(tmp / "tokenizer_config.json")
         meta = make_meta(

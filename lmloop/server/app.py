@@ -36,7 +36,11 @@ from lmloop.feedback.store import FeedbackStore
 from lmloop.server.auth import APIKeyMiddleware
 from lmloop.server.errors import install_error_handlers
 from lmloop.server.feedback import feedback_router
-from lmloop.server.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from lmloop.server.middleware import (
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    OriginCheckMiddleware,
+)
 from lmloop.server.routes import add_routes
 from lmloop.server.settings import ServerSettings
 from lmloop.server.slot import ModelSlot
@@ -89,10 +93,14 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     app.include_router(versions_router(slot))
 
     # Middleware: the last added runs first. CORS (only when asked) must answer preflights
-    # before auth; the body cap runs after auth so strangers cannot make us buffer.
+    # before auth; the body cap runs after auth (or, keyless, after the origin check) so
+    # strangers cannot make us buffer; the access log gives every answer its request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    else:  # a keyless server answers only its own origin (DNS rebinding, cross-site pages)
+        allowed = [*settings.allowed_origins, *settings.cors_origins]
+        app.add_middleware(OriginCheckMiddleware, allowed=allowed)
     app.add_middleware(AccessLogMiddleware, metrics=state.metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -5,11 +5,14 @@ handlers `install_error_handlers` registers), so clients such as the official `o
 map the status to their typed exceptions (400 -> BadRequestError, 401 -> AuthenticationError,
 404 -> NotFoundError, 429 -> RateLimitError). Nothing a client sends should reach the generic
 500 handler; it exists so that a bug answers in the same shape and the server keeps running.
+A 500 names no internals: its message is generic and carries the request's id (also its
+`x-request-id` header); the log holds the traceback under that id.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
 
 # OpenAI's `type` for each status the server answers.
 _TYPES = {
@@ -106,6 +111,28 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error while answering a request")
-        return error_response(500, f"internal error: {type(exc).__name__}", code="internal_error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id(request)
+        log.error("request %s: unexpected error while answering", rid, exc_info=exc)
+        return internal_error(rid).response()
+
+
+def request_id(request: Request) -> str:
+    """The id `AccessLogMiddleware` gave this request (answered as `x-request-id`)."""
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else new_request_id()
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex[:24]
+
+
+def internal_error(rid: str, what: str = "internal error") -> APIError:
+    """A 500 that names no internals: what failed, in general words, and the request id under
+    which the server's log has the traceback."""
+    return APIError(
+        500,
+        f"{what}; the server log has the details under request id {rid}",
+        code="internal_error",
+        headers={REQUEST_ID_HEADER: rid},
+    )

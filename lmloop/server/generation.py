@@ -19,13 +19,24 @@ from fastapi import Request
 from lmloop.engine.core import RequestHandle
 from lmloop.engine.params import QueueFull, SamplingParams, StepOutput
 from lmloop.errors import UserError
-from lmloop.server.errors import APIError
+from lmloop.server.errors import APIError, internal_error, request_id
 from lmloop.server.slot import Served, outputs
 from lmloop.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
 _END = object()  # a choice's outputs are done
+
+
+def queue_full() -> APIError:
+    """429: the engine's queue has no room for a request now."""
+    return APIError(
+        429,
+        "the server is at capacity (request queue full); retry shortly",
+        code="rate_limit_exceeded",
+        type="rate_limit_exceeded",
+        headers={"retry-after": "1"},
+    )
 
 
 class Job:
@@ -40,6 +51,7 @@ class Job:
         self.t0 = time.perf_counter()
         self.first_token_at: float | None = None
         self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.request_id = request_id(request)  # the HTTP request's (x-request-id), for the log
         self.created = int(time.time())
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
@@ -48,17 +60,21 @@ class Job:
                 self.handles.append(self.served.engine.submit(ids, p))
         except QueueFull:
             self.cancel()
-            raise APIError(
-                429,
-                "the server is at capacity (request queue full); retry shortly",
-                code="rate_limit_exceeded",
-                type="rate_limit_exceeded",
-                headers={"retry-after": "1"},
-            ) from None
+            raise queue_full() from None
         except UserError as e:
             self.cancel()
             code = "context_length_exceeded" if "context" in e.message else "invalid_value"
             raise APIError(400, e.line(), code=code) from None
+
+    def engine_failed(self, i: int, error: str | None) -> APIError:
+        """Choice i ended in an engine error: logged under the request id (with the engine's
+        request number, whose traceback the engine logged), answered without its text."""
+        engine_id = self.handles[i].id if i < len(self.handles) else "?"
+        log.error(
+            "request %s (%s): generation failed in engine request %s: %s",
+            self.request_id, self.rid, engine_id, error or "engine error",
+        )  # fmt: skip
+        return internal_error(self.request_id, "generation failed")
 
     def cancel(self) -> None:
         for h in self.handles:

@@ -1,4 +1,5 @@
-"""The app's own ASGI middlewares: the request body cap and the access log.
+"""The app's own ASGI middlewares: the request body cap, the origin check and the access log
+(which gives every request its id).
 
 `BodyLimitMiddleware` answers 413 for a body over the cap (announced or streamed) before any
 route reads it; `AccessLogMiddleware` writes one line per request and counts it per route. Their
@@ -7,14 +8,18 @@ order, with auth and CORS, is set in `lmloop.server.app.create_app`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
+from typing import Any
 
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lmloop.server.errors import APIError, too_large
+from lmloop.server.errors import REQUEST_ID_HEADER, APIError, new_request_id, too_large
 from lmloop.server.metrics import ServerMetrics
+from lmloop.server.settings import parse_origin, split_host
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,90 @@ async def _send_error(send: Send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class OriginCheckMiddleware:
+    """403 for a request whose `Host` or `Origin` header names another site than this server,
+    on a server without an API key: a web page the user visits could otherwise reach a keyless
+    server on loopback (a cross-site request, or DNS rebinding: attacker.example resolving to
+    127.0.0.1). The server's own address is the one the connection reached (`scope["server"]`),
+    plus localhost / 127.0.0.1 / [::1] at the same port when that is loopback; `allowed` adds
+    origins (`--allowed-origin`, `--cors-origin`): `http://host:port`, `host:port`, `host` (any
+    port), or `*` (no check). A request with neither header (curl, SDKs) passes."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]):
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = [a for a in (parse_origin(x) for x in allowed if x != "*") if a]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any:
+            await self.app(scope, receive, send)
+            return
+        server = scope.get("server")
+        default = 443 if scope.get("scheme") == "https" else 80
+        host = origin = None
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+        bad = None
+        if host is not None and not self._ok(split_host(host, default), server):
+            bad = ("Host", host)
+        elif origin is not None and not self._ok(parse_origin(origin), server):
+            bad = ("Origin", origin)
+        if bad is None:
+            await self.app(scope, receive, send)
+            return
+        log.warning("refused a request with %s %r (not this server's)", bad[0], bad[1][:100])
+        await _send_error(
+            send,
+            APIError(
+                403,
+                f"the {bad[0]} header '{bad[1][:100]}' is not this server's address; a server "
+                "without an API key answers only its own origin (allow more with "
+                "--allowed-origin, or set --api-key)",
+                code="origin_not_allowed",
+            ),
+        )
+
+    def _ok(self, where: tuple[str, int | None] | None, server: Any) -> bool:
+        if where is None:
+            return False
+        name, port = where
+        for a_name, a_port in self.allowed:
+            if same_host(name, a_name) and (a_port is None or a_port == port):
+                return True
+        if not server:  # not a TCP socket (a Unix socket): no address to be rebound
+            return True
+        s_host, s_port = server[0], server[1]
+        if port != s_port:
+            return False
+        return same_host(name, s_host) or (is_loopback(s_host) and is_loopback(name))
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return mapped or ip
+
+
+def same_host(a: str, b: str) -> bool:
+    ia, ib = _ip(a), _ip(b)
+    if ia is not None or ib is not None:
+        return ia == ib
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    if name.lower().rstrip(".") == "localhost":
+        return True
+    ip = _ip(name)
+    return bool(ip and ip.is_loopback)
+
+
 _KNOWN_ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
@@ -103,7 +192,8 @@ _KNOWN_ROUTES = {
 
 
 class AccessLogMiddleware:
-    """One log line per request (method, path, status, time; never the client address) and the
+    """Gives each request its id (`request.state.request_id`, answered as `x-request-id`), then
+    one log line per request (id, method, path, status, time; never the client address) and the
     per-route request counter."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics):
@@ -116,11 +206,17 @@ class AccessLogMiddleware:
             return
         t0 = time.perf_counter()
         status = 0
+        rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message.setdefault("headers", [])
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER not in headers:
+                    headers.append(REQUEST_ID_HEADER, rid)
             await send(message)
 
         try:
@@ -130,7 +226,8 @@ class AccessLogMiddleware:
             route = path if path in _KNOWN_ROUTES else "other"
             self.metrics.requests.labels(route, str(status or 499)).inc()
             log.debug(
-                "%s %s %s %.0fms",
+                "%s %s %s %s %.0fms",
+                rid,
                 scope["method"],
                 path[:200],
                 status or "-",

@@ -233,6 +233,27 @@ def sampling_params(
         raise APIError(400, e.line(), code="invalid_value") from None
 
 
+def choice_count(req: ChatRequest | CompletionRequest) -> int:
+    """The sequences a request asks for (prompts x n), counted on the parsed body alone."""
+    prompt = getattr(req, "prompt", None)
+    if prompt is None or isinstance(prompt, str) or isinstance(prompt[0], int):
+        return req.n  # a chat, one text prompt or one prompt of token ids
+    return len(prompt) * req.n
+
+
+def prepare(
+    served: Served, req: ChatRequest | CompletionRequest, default_max_tokens: int
+) -> tuple[list[tuple[list[int], list[dict]]], list[int], list[SamplingParams]]:
+    """(prompts, max_tokens per prompt, sampling settings per choice) for an admitted request:
+    the tokenizing and building a server runs off its event loop (`asyncio.to_thread`)."""
+    prompts = prompt_ids(served, req)
+    maxes = [max_tokens_for(req, served, len(ids), default_max_tokens) for ids, _ in prompts]
+    n = req.n
+    # choice k = prompt k // n, sample k % n (OpenAI's order for several prompts)
+    params = [sampling_params(req, maxes[k // n], k % n) for k in range(len(prompts) * n)]
+    return prompts, maxes, params
+
+
 def params_record(req: ChatRequest | CompletionRequest, max_tokens: int) -> dict[str, Any]:
     keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty")
     out = {k: getattr(req, k) for k in keys}
@@ -266,8 +287,11 @@ def prompt_ids(
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt = [prompt]  # one prompt of token ids
     out = []
+    ctx = served.context_length
     for p in [prompt] if isinstance(prompt, str) else prompt:
         if isinstance(p, list):  # token ids
+            if len(p) > ctx:  # before any work on it
+                raise _context_error(ctx, len(p), 0, is_encoder_decoder(served), "prompt")
             vocab = tok.vocab_size
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
@@ -280,6 +304,8 @@ def prompt_ids(
         ids = served.engine.encode_prompt(p)  # as `lmloop generate` encodes a plain prompt
         if not ids:
             raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
+        if len(ids) > ctx:  # refused at once, before the next prompt is tokenized
+            raise _context_error(ctx, len(ids), 0, is_encoder_decoder(served), "prompt")
         out.append((ids, [{"role": "user", "content": p}]))
     return out
 
@@ -308,7 +334,9 @@ def max_tokens_for(
     return asked
 
 
-def _context_error(ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = False) -> APIError:
+def _context_error(
+    ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = False, param: str = "messages"
+) -> APIError:
     if encoder_decoder:
         return APIError(
             400,
@@ -316,7 +344,7 @@ def _context_error(ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = 
             f"the completion. However, you requested {n_prompt} tokens in the prompt and "
             f"{asked} for the completion. Please reduce the prompt or the maximum number of "
             "tokens to generate.",
-            param="messages",
+            param=param,
             code="context_length_exceeded",
         )
     return APIError(
@@ -324,6 +352,6 @@ def _context_error(ctx: int, n_prompt: int, asked: int, encoder_decoder: bool = 
         f"This model's maximum context length is {ctx} tokens. However, you requested "
         f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). "
         "Please reduce the prompt or the maximum number of tokens to generate.",
-        param="messages",
+        param=param,
         code="context_length_exceeded",
     )

@@ -100,10 +100,8 @@ class ResponseBuilder:
             self.logprobs[i].extend(out.logprobs)
         self.completion_tokens[i] = out.completion_tokens
         if out.finished:
-            if out.finish_reason == "error":
-                raise APIError(
-                    500, f"generation failed: {out.error or 'engine error'}", code="engine_error"
-                )
+            if out.finish_reason == "error":  # its text stays in the log: it names internals
+                raise self.job.engine_failed(i, out.error)
             self.finish[i] = out.finish_reason or "stop"
 
     async def _finalize(self) -> None:

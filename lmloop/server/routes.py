@@ -22,17 +22,16 @@ from fastapi.staticfiles import StaticFiles
 
 from lmloop.errors import UserError
 from lmloop.server.errors import APIError
-from lmloop.server.generation import Job
+from lmloop.server.generation import Job, queue_full
 from lmloop.server.metrics import CONTENT_TYPE
 from lmloop.server.protocol import (
     ChatRequest,
     CompletionRequest,
-    max_tokens_for,
+    choice_count,
     parse_chat,
     parse_completion,
-    prompt_ids,
+    prepare,
     read_json_body,
-    sampling_params,
 )
 from lmloop.server.responses import ResponseBuilder, model_card
 from lmloop.server.slot import Served
@@ -145,6 +144,22 @@ def _ready(state: ServerState) -> Served:
     return cur
 
 
+def admit(served: Served, count: int) -> None:
+    """Refuse a request of `count` sequences the engine's queue cannot take now: 400 when it
+    could never fit (more than the queue holds), 429 when the queue has no room for it yet."""
+    engine = served.engine
+    cap = int(engine.max_waiting)
+    if count > cap:
+        raise APIError(
+            400,
+            f"this request asks for {count} sequences (prompts x n); this server queues at "
+            f"most {cap} at once: send fewer prompts or a smaller n",
+            code="too_many_sequences",
+        )
+    if count > cap - int(engine.num_waiting):
+        raise queue_full()
+
+
 def _unknown_model(name: str, cur: Served) -> APIError:
     return APIError(
         404,
@@ -172,15 +187,17 @@ async def _serve(
             state.slot.release(served)
 
     try:
-        prompts = prompt_ids(served, req)
-        default = state.settings.default_max_tokens
-        maxes = [max_tokens_for(req, served, len(ids), default) for ids, _ in prompts]
+        # Admission first: the request's sequences (prompts x n) are counted against the queue
+        # before anything is built for them, so a body of 60,000 prompts costs a count.
+        admit(served, choice_count(req))
+        # Tokenizing and the per-choice settings run off the event loop: the streams already
+        # running keep getting their tokens meanwhile.
+        prompts, maxes, params = await asyncio.to_thread(
+            prepare, served, req, state.settings.default_max_tokens
+        )
         job = Job(state, served, request, chat)
         # choice k = prompt k // n, sample k % n (OpenAI's order for several prompts)
-        choice_prompts = [p for p, _ in prompts for _ in range(req.n)]
-        choice_max = [m for m in maxes for _ in range(req.n)]
-        params = [sampling_params(req, m, k % req.n) for k, m in enumerate(choice_max)]
-        job.submit(choice_prompts, params)
+        job.submit([p for p, _ in prompts for _ in range(req.n)], params)
     except BaseException:
         release()
         raise

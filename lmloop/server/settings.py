@@ -27,6 +27,8 @@ class ServerSettings:
     drain_timeout: float = 30.0  # graceful shutdown / retired engines: finish within this
     registry_poll: float = 5.0  # seconds between checks of a `registry:NAME` model's current
     cors_origins: list[str] = field(default_factory=list)
+    # keyless: origins besides the server's own that may call it (`--allowed-origin`)
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class ServeConfig:
     drain_timeout: float = param(30.0, "seconds in-flight requests get to finish on shutdown")
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
+    allowed_origin: list[str] = param(
+        [],
+        "without --api-key, also answer this Host/Origin (http://name:port, name:port, name, "
+        "or * for any; repeatable); others get 403",
+    )
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -67,3 +74,47 @@ class ServeConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
+        for origin in self.allowed_origin:
+            if origin != "*" and parse_origin(origin) is None:
+                raise UserError(
+                    f"--allowed-origin '{origin}' is not an origin",
+                    hint="give http://name:port, https://name, name:port, name or *",
+                )
+
+
+def split_host(value: str, default_port: int | None) -> tuple[str, int | None] | None:
+    """`host[:port]` (or `[v6]:port`) -> (host, port); None when it does not parse."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[1:end], value[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:] if rest else ""
+    elif value.count(":") == 1:
+        name, port_text = value.split(":")
+    else:
+        name, port_text = value, ""
+    if not name:
+        return None
+    if not port_text:
+        return name.lower(), default_port
+    if not port_text.isdigit() or int(port_text) > 65535:
+        return None
+    return name.lower(), int(port_text)
+
+
+def parse_origin(value: str) -> tuple[str, int | None] | None:
+    """An origin as a browser sends it (`scheme://host[:port]`), or as `--allowed-origin` takes
+    it (also `host:port`, `host`: any port) -> (host, port or None); None for `null` and for
+    what does not parse."""
+    value = value.strip()
+    if "://" not in value:
+        return split_host(value, None)
+    scheme, _, rest = value.partition("://")
+    default = {"http": 80, "https": 443}.get(scheme.lower())
+    if default is None or not rest or "/" in rest.rstrip("/"):
+        return None
+    return split_host(rest.rstrip("/"), default)

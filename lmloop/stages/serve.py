@@ -61,6 +61,7 @@ def run(cfg: ServeConfig) -> int:
         drain_timeout=cfg.drain_timeout,
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
+        allowed_origins=list(cfg.allowed_origin),
     )
     app = create_app(settings)
     server = uvicorn.Server(
