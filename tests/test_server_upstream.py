@@ -274,7 +274,8 @@ def test_an_upstream_dying_mid_stream_and_failing(fake, tmp_path):
             r = http.post("/v1/chat/completions", json={"messages": MSGS})
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hi!"
             assert r.json()["model_version"] == "fake"
-            # what the upstream ignores is refused, not faked
+            # what the upstream ignores is refused, not faked; the chat page is told
+            assert http.get("/v1/models").json()["data"][0]["logprobs"] is False
             r = http.post("/v1/chat/completions", json={"messages": MSGS, "logprobs": True})
             assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_by_upstream"
             r = http.post("/v1/completions", json={"prompt": "Hi", "echo": True})

@@ -299,6 +299,8 @@ class UpstreamBackend:
                 "owned_by": "lmloop",
                 "model_version": route.version,
                 "upstream_model": route.upstream_model,
+                # the chat page asks for logprobs only where the upstream returns them
+                "logprobs": "chat_logprobs" not in self.unsupported,
             }
         ]
 
