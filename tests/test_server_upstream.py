@@ -319,3 +319,43 @@ def test_a_missing_reload_command_fails_the_promotion():
         asyncio.run(run_reload(["/nonexistent/reload-llama", "x.gguf"], 5))
     with pytest.raises(PromotionFailed, match="status 4: bad"):
         asyncio.run(run_reload([sys.executable, "-c", "print('bad'); raise SystemExit(4)"], 30))
+
+
+# ---- a version as an adapter (what `--upstream-reload lora` hands vLLM) ------------------------
+
+
+def test_a_version_as_an_adapter_over_its_base(tmp_path):
+    # peft and transformers: seconds to import, and only this test needs them
+    import peft
+    import torch
+
+    from lmloop.errors import UserError
+    from lmloop.export.adapter import export_adapter
+    from lmloop.models.adapter import to_hf_model
+    from lmloop.models.io import load_model, save_model
+
+    base = load_model(make_tiny_model(tmp_path / "base", seed=5))
+    g = torch.Generator().manual_seed(0)
+    tuned = load_model(tmp_path / "base").model
+    for name, mod in tuned.named_modules():  # two merged LoRA cycles of rank 1 on q and v
+        if name.endswith(("q_proj", "v_proj")):
+            out, inp = mod.weight.shape
+            delta = torch.randn(out, 2, generator=g) @ torch.randn(2, inp, generator=g)
+            mod.weight.data += 0.05 * delta
+    save_model(tmp_path / "v2", tuned, base.tokenizer)
+    version = load_model(tmp_path / "v2")
+    got = export_adapter(base, version, tmp_path / "adapter", rank=4)
+    assert got["modules"] == 2 * base.model.config.num_hidden_layers and got["loss"] < 1e-6
+    ids = torch.tensor([base.tokenizer.encode("The quick brown fox jumps")])
+    adapted = peft.PeftModel.from_pretrained(to_hf_model(base.model), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        want = to_hf_model(version.model)(ids).logits
+        plain = to_hf_model(base.model)(ids).logits
+        have = adapted.eval()(ids).logits
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter is what makes the difference
+    torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="rank 1 keeps all but"):
+        export_adapter(base, version, tmp_path / "a1", rank=1)
+    other = load_model(make_tiny_model(tmp_path / "other", seed=6))  # a full fine-tune
+    with pytest.raises(UserError, match="cannot carry"):
+        export_adapter(base, other, tmp_path / "a2", rank=4)

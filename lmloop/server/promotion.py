@@ -3,9 +3,10 @@
 The `Promoter` polls the registry's current version of `registry:NAME` (every `--registry-poll`
 seconds, the signal the local engine's hot reload follows). When it moves:
 
-1. the version is exported in the upstream's format (`--upstream-format`): `model` (the
-   registry's folder as stored, e.g. a LoRA adapter folder registered from elsewhere), `hf` (a
-   Hugging Face folder, lmloop.export.hf) or `gguf` (lmloop.export.gguf), under
+1. the version is exported in the upstream's format (`--upstream-format`): `adapter` (a LoRA
+   adapter folder over the version the upstream served when lmloop started, its base model:
+   lmloop.export.adapter), `model` (the registry's folder as stored), `hf` (a Hugging Face
+   folder, lmloop.export.hf) or `gguf` (lmloop.export.gguf), under
    `$LMLOOP_HOME/upstream/NAME/`;
 2. the upstream is told: `--upstream-reload lora` calls its `POST /v1/load_lora_adapter`
    (vLLM) with `lora_name` NAME-VERSION and `lora_path`; any other value is a command run with
@@ -62,24 +63,38 @@ class PromotionFailed(Exception):
     pass
 
 
-def export_version(name: str, version: str, fmt: str, root: Path | None = None) -> Path:
-    """The path of registered `name@version` in format `fmt` (model | hf | gguf); exports are
-    written once (atomically) and reused, as versions never change."""
+def export_version(
+    name: str, version: str, fmt: str, *, base: str | None = None, rank: int = 16,
+    root: Path | None = None,
+) -> Path:  # fmt: skip
+    """The path of registered `name@version` in format `fmt` (adapter | model | hf | gguf; an
+    adapter is over version `base`); exports are written once (atomically) and reused, as
+    versions never change."""
     # lmloop.export.hf imports transformers (~2.2 s): only a promotion to an upstream needs it,
     # not every `lmloop serve` start.
+    from lmloop.export.adapter import export_adapter
     from lmloop.export.gguf import export_gguf
     from lmloop.export.hf import export_hf
 
-    _, _, path = Registry().resolve(f"{name}@{version}")
+    reg = Registry()
+    _, _, path = reg.resolve(f"{name}@{version}")
     if fmt == "model":
         return path
     root = root or lmloop_home() / "upstream" / name
-    out = root / (f"{version}.gguf" if fmt == "gguf" else f"{version}-hf")
+    kind = {"gguf": f"{version}.gguf", "hf": f"{version}-hf"}
+    out = root / kind.get(fmt, f"{version}-adapter-over-{base}-r{rank}")
     if out.exists():
         return out
     lm = load_model(str(path), dtype=torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
+    if fmt == "adapter":
+        if base is None:
+            raise UserError("an adapter needs the base version the upstream started with")
+        base_lm = load_model(str(reg.resolve(f"{name}@{base}")[2]), dtype=torch.float32)
+        got = export_adapter(base_lm, lm, out, rank=rank)
+        log.info("%s@%s as a rank-%d adapter over %s: %d layers, %.2e of the difference lost",
+                 name, version, rank, base, got["modules"], got["loss"])  # fmt: skip
+    elif fmt == "hf":
         export_hf(lm, out)
     else:
         family = lm.model.config.family
@@ -130,6 +145,7 @@ class Promoter:
 
     def __init__(self, backend: UpstreamBackend):
         self.b = backend
+        self.base: Route | None = None  # what the upstream served when lmloop started
         self.last: dict[str, Any] | None = None  # the last promotion, as the routes show it
         self.failed: str | None = None  # a version that failed: not retried until another
         self.count = Counter(
@@ -149,6 +165,7 @@ class Promoter:
     async def follow(self, interval: float) -> None:
         name = self.b.registry_name()
         assert name is not None
+        self.base = self.b.route
         while True:
             await asyncio.sleep(interval)
             try:
@@ -178,10 +195,21 @@ class Promoter:
             if up.upstream_reload is None:
                 raise PromotionFailed("no --upstream-reload is set, so the upstream was not told")
             fmt = up.export_format
+            base = self.base or old
+            if up.upstream_reload == LORA and fmt == "adapter" and version == base.version:
+                # back to the version the upstream started with: its own model, no adapter
+                await self._health(base.upstream_model, deadline)
+                b.route = base
+                self._report(version, "live", previous=old.version)
+                self.count.labels(version, "live").inc()
+                self.failed = None
+                return True
             try:
                 path = await asyncio.wait_for(
-                    asyncio.to_thread(export_version, name, version, fmt), _left(deadline)
-                )
+                    asyncio.to_thread(export_version, name, version, fmt, base=base.version,
+                                      rank=up.upstream_lora_rank),
+                    _left(deadline),
+                )  # fmt: skip
             except asyncio.TimeoutError:
                 raise PromotionFailed(f"export as {fmt} ran past the reload timeout") from None
             except Exception as e:  # noqa: BLE001 - reported as the promotion's failure

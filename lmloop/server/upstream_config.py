@@ -18,7 +18,7 @@ from lmloop.config import param
 from lmloop.errors import UserError
 
 LORA = "lora"  # --upstream-reload lora: the upstream's adapter-loading endpoint (vLLM)
-FORMATS = ("auto", "model", "hf", "gguf")
+FORMATS = ("auto", "adapter", "model", "hf", "gguf")
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,15 @@ class UpstreamSpec:
         "/v1/load_lora_adapter) or a command run with {path}, {version} and {name} filled in "
         "(e.g. './restart-llama.sh {path}'); unset: promotions are reported as not live",
     )
-    upstream_format: Literal["auto", "model", "hf", "gguf"] = param(
+    upstream_format: Literal["auto", "adapter", "model", "hf", "gguf"] = param(
         "auto",
-        "what a promoted version is handed to the upstream as: model (the registry's folder "
-        "as stored, e.g. a LoRA adapter folder), hf (Hugging Face folder), gguf (one file); "
-        "auto: model with 'lora', hf with a command",
+        "what a promoted version is handed to the upstream as: adapter (a LoRA adapter folder "
+        "over the version served when lmloop started, the upstream's base), model (the "
+        "registry's folder as stored), hf (Hugging Face folder), gguf (one file); auto: adapter "
+        "with 'lora', hf with a command",
+    )
+    upstream_lora_rank: int = param(
+        16, "rank of the adapters --upstream-format adapter writes (the upstream's max LoRA rank)"
     )
     upstream_reload_timeout: float = param(
         300.0, "seconds a promotion may take (export, reload, the new version's health prompt)"
@@ -66,6 +70,8 @@ class UpstreamSpec:
             )
         if self.upstream_reload is not None and not self.upstream_reload.strip():
             raise UserError("--upstream-reload is empty", hint="'lora' or a command with {path}")
+        if self.upstream_lora_rank < 1:
+            raise UserError(f"--upstream-lora-rank must be >= 1, got {self.upstream_lora_rank}")
         if not self.upstream_reload_timeout > 0:
             raise UserError(
                 f"--upstream-reload-timeout must be > 0, got {self.upstream_reload_timeout}"
@@ -81,4 +87,4 @@ class UpstreamSpec:
     def export_format(self) -> str:
         if self.upstream_format != "auto":
             return self.upstream_format
-        return "model" if self.upstream_reload == LORA else "hf"
+        return "adapter" if self.upstream_reload == LORA else "hf"
