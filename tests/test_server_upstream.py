@@ -218,8 +218,15 @@ class _Fake(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self._json({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
+    loaded: dict[str, str] = {}  # adapters: lora_name -> lora_path
+
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path == "/v1/load_lora_adapter":
+            _Fake.loaded[body["lora_name"]] = body["lora_path"]
+            return self._json({"ok": True})
+        if body.get("model") not in (None, "fake", *_Fake.loaded):
+            return self._json({"error": {"message": f"no model {body['model']}"}}, 404)
         if body.get("max_tokens") == 999:
             return self._json({"error": {"message": "max_tokens is too large", "code": "x"}}, 422)
         if body.get("max_tokens") == 998:
@@ -241,7 +248,8 @@ class _Fake(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-stream
             return
         if self.path.endswith("/chat/completions"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+            text = "Hi!" if body.get("model") in (None, "fake") else f"from {body['model']}"
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": "stop"}  # fmt: skip
         else:
             choice = {"index": 0, "text": " there", "logprobs": None, "finish_reason": "stop"}
@@ -324,6 +332,53 @@ def test_a_missing_reload_command_fails_the_promotion():
 # ---- a version as an adapter (what `--upstream-reload lora` hands vLLM) ------------------------
 
 
+def _tuned(base_dir, out):
+    """`base_dir`'s model after two merged LoRA cycles of rank 1 on q_proj and v_proj."""
+    import torch
+
+    from lmloop.models.io import load_model, save_model
+
+    lm = load_model(base_dir)
+    g = torch.Generator().manual_seed(0)
+    for name, mod in lm.model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            rows, cols = mod.weight.shape
+            delta = torch.randn(rows, 2, generator=g) @ torch.randn(2, cols, generator=g)
+            mod.weight.data += 0.05 * delta
+    save_model(out, lm.model, lm.tokenizer)
+    return out
+
+
+def test_a_promotion_loads_an_adapter_into_the_upstream(fake, tmp_path):
+    reg = Registry(tmp_path / "home" / "registry")
+    reg.register("tiny", make_tiny_model(tmp_path / "m1", seed=7))
+    reg.register("tiny", _tuned(tmp_path / "m1", tmp_path / "m2"))
+    reg.promote("tiny", "v1")
+    proxy = Server("registry:tiny", tmp_path, "--upstream", fake, "--upstream-model", "fake",
+                   "--upstream-reload", "lora", "--registry-poll", "0.3")  # fmt: skip
+    try:
+        proxy.wait_ready()
+        with httpx.Client(base_url=proxy.url, timeout=30) as http:
+            r = http.post("/v1/chat/completions", json={"messages": MSGS})
+            assert (r.json()["model_version"], r.json()["choices"][0]["message"]["content"]) == (
+                "v1", "Hi!")  # fmt: skip
+            reg.promote("tiny", "v2")
+            _wait(lambda: _versions(proxy)["serving"] == "v2", "the proxy to serve v2")
+            path = _Fake.loaded["tiny-v2"]
+            config = json.loads((tmp_path / path / "adapter_config.json").read_text())
+            assert config["r"] == 16 and config["target_modules"] == ["q_proj", "v_proj"]
+            r = http.post("/v1/chat/completions", json={"messages": MSGS})
+            body = r.json()
+            assert (body["model_version"], body["choices"][0]["message"]["content"]) == (
+                "v2", "from tiny-v2")  # fmt: skip
+            reg.rollback("tiny")  # back to the base: its own name, no adapter
+            _wait(lambda: _versions(proxy)["serving"] == "v1", "the proxy to serve v1 again")
+            r = http.post("/v1/chat/completions", json={"messages": MSGS})
+            assert r.json()["choices"][0]["message"]["content"] == "Hi!"
+    finally:
+        assert proxy.stop() == 0, proxy.output()[-3000:]
+
+
 def test_a_version_as_an_adapter_over_its_base(tmp_path):
     # peft and transformers: seconds to import, and only this test needs them
     import peft
@@ -332,18 +387,10 @@ def test_a_version_as_an_adapter_over_its_base(tmp_path):
     from lmloop.errors import UserError
     from lmloop.export.adapter import export_adapter
     from lmloop.models.adapter import to_hf_model
-    from lmloop.models.io import load_model, save_model
+    from lmloop.models.io import load_model
 
     base = load_model(make_tiny_model(tmp_path / "base", seed=5))
-    g = torch.Generator().manual_seed(0)
-    tuned = load_model(tmp_path / "base").model
-    for name, mod in tuned.named_modules():  # two merged LoRA cycles of rank 1 on q and v
-        if name.endswith(("q_proj", "v_proj")):
-            out, inp = mod.weight.shape
-            delta = torch.randn(out, 2, generator=g) @ torch.randn(2, inp, generator=g)
-            mod.weight.data += 0.05 * delta
-    save_model(tmp_path / "v2", tuned, base.tokenizer)
-    version = load_model(tmp_path / "v2")
+    version = load_model(_tuned(tmp_path / "base", tmp_path / "v2"))
     got = export_adapter(base, version, tmp_path / "adapter", rank=4)
     assert got["modules"] == 2 * base.model.config.num_hidden_layers and got["loss"] < 1e-6
     ids = torch.tensor([base.tokenizer.encode("The quick brown fox jumps")])
