@@ -257,9 +257,16 @@ class _Fake(BaseHTTPRequestHandler):
         self._json({"id": "f", "object": "x", "choices": [choice], "usage": usage})
 
 
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # the connection it cut on purpose
+        pass
+
+
 @pytest.fixture(scope="module")
 def fake():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    srv = _Quiet(("127.0.0.1", 0), _Fake)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()

@@ -1,9 +1,11 @@
 """The HTTP routes: the OpenAI API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`),
 `/health`, `/metrics`, `POST /admin/reload` and the chat page at `/`.
 
-A completion request is parsed (lmloop.server.protocol), turned into prompts and sampling
-settings, run as one `Job` on the served engine (lmloop.server.generation) and answered whole or
-streamed (lmloop.server.responses). The model version a request acquired serves it to the end,
+A completion request is parsed (lmloop.server.protocol) and handed to the app's backend
+(lmloop.server.backend): `EngineBackend` here, lmloop's own engine, turns it into prompts and
+sampling settings, runs it as one `Job` on the served engine (lmloop.server.generation) and
+answers whole or streamed (lmloop.server.responses); `lmloop.server.upstream` forwards it to
+another server instead. The model version a request acquired serves it to the end,
 whatever a reload does meanwhile.
 """
 
