@@ -59,7 +59,10 @@ def setup(tmp_path_factory):
         model = make_tiny_model(tmp / f"m{seed}", seed=seed)
         reg.register("tiny", model)
     reg.promote("tiny", "v1")
-    up = Server(tmp / "m1", tmp / "up", "--model-name", "up", api_key=KEY)
+    # no prefix cache upstream: a prompt seen before would be prefilled in other pieces, and
+    # a random tiny model's near-tied logits can then round (or even pick) differently
+    up = Server(tmp / "m1", tmp / "up", "--model-name", "up", "--prefix-cache-mb", "0",
+                api_key=KEY)  # fmt: skip
     (tmp / "reload.py").write_text(RELOAD.format(url=up.url, key=KEY))
     proxy = None
     try:
