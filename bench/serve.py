@@ -4,6 +4,7 @@
     .venv/bin/python bench/serve.py --concurrency 1 4 --max-tokens 32
     .venv/bin/python bench/serve.py --scenario shared-prompt --int8
     .venv/bin/python bench/serve.py --int4 --concurrency 1 --servers lmloop llama-server
+    .venv/bin/python bench/serve.py --upstream            # the proxy's cost (serve --upstream)
 
 Each concurrency level runs that many streaming chat clients at once, each sending
 `--requests-per-client` requests one after another (different prompts, `--max-tokens` each).
@@ -29,6 +30,10 @@ Memory: each server process's resident set (VmRSS) when ready and after every le
 peak (VmHWM), with lmloop's ratio to each peer after the last level. Both servers allocate
 their KV cache for every slot up front (`--max-batch` x `--slot-ctx` tokens), so this compares
 them at the same context. `--llama-threads 1 2` runs llama-server once per thread count.
+
+`--upstream` measures `lmloop serve --upstream` (docs/scale.md) in front of one running
+llama-server against calling that llama-server directly, at 1 and 16 clients: tokens/s ratio
+and the p50 time-to-first-token difference (targets: >= 0.95x, <= +10 ms).
 
 A server that is not available is reported as skipped.
 """
@@ -271,6 +276,62 @@ def run_server(name: str, cmd: list[str], ready_path: str, port: int, threads: i
         log.close()
 
 
+def llama_cmd(binary: str, gguf: Path, port: int, args, threads: int) -> list[str]:
+    """llama-server with -np parallel slots sharing -c (so -c is slots x per-slot context),
+    continuous batching on, -t/-tb the same thread count for decode and prompt processing."""
+    slots = args.max_batch
+    return [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
+            "-t", str(threads), "-tb", str(threads), "--no-webui",
+            # where the CPU reports AMX, the native build's AMX matmul for Q4_1 segfaulted at
+            # the first batch (2026-12-02); --no-repack leaves the AVX-512 kernels, as on CPUs
+            # without AMX (repacking has no Q4_1 layout)
+            *(["--no-repack"] if has_amx() else [])]  # fmt: skip
+
+
+def upstream_overhead(binary: str, gguf: Path, args, tmp: Path, threads: int) -> list[dict]:
+    """`--upstream`: llama-server alone, then `lmloop serve --upstream` in front of the same
+    running llama-server; the proxy's cost as tokens/s and p50 TTFT against direct calls
+    (targets: at most 5% fewer tokens/s, at most 10 ms more p50 TTFT)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "llama-server-upstream.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(llama_cmd(binary, gguf, port, args, threads),
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    try:
+        wait_ready(url, proc, "/health")
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        direct = bench_server("llama-server", url, model, threads, args, proc.pid)
+        pport = free_port()
+        proxied = run_server(
+            "lmloop-proxy",
+            [sys.executable, "-m", "lmloop.cli", "serve", "--upstream", url, "--upstream-model",
+             model, "--port", str(pport), "--db", str(tmp / "feedback-proxy.db")],
+            "/health", pport, threads, args, tmp,
+            env={**os.environ, "LMLOOP_HOME": str(tmp / "home-proxy")},
+        )  # fmt: skip
+    except RuntimeError as e:
+        print(f"llama-server (upstream): {e} (log: {tmp / 'llama-server-upstream.log'})")
+        return []
+    finally:
+        stop(proc)
+        log.close()
+    by = {(r["scenario"], r["clients"]): r for r in direct}
+    for r in proxied:
+        d = by.get((r["scenario"], r["clients"]))
+        if d is None or not d["tok_per_s"]:
+            continue
+        ratio = r["tok_per_s"] / d["tok_per_s"]
+        extra_ms = (r["ttft_p50_s"] - d["ttft_p50_s"]) * 1000
+        print(
+            f"upstream {r['scenario']} clients={r['clients']}: proxy/direct throughput = "
+            f"{ratio:.3f}x (target >= 0.95), p50 ttft {extra_ms:+.1f} ms (target <= +10 ms), "
+            f"p50 ttft ratio {r['ttft_p50_s'] / max(d['ttft_p50_s'], 1e-9):.2f}x",
+            flush=True,
+        )
+    return [{**r, "server": "llama-server-direct"} for r in direct] + proxied
+
+
 def has_amx() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -321,7 +382,15 @@ def main() -> int:
     )
     ap.add_argument("--llama-server", help="llama-server binary (default: make bench-setup's)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--upstream",
+        action="store_true",
+        help="measure `lmloop serve --upstream` in front of llama-server against llama-server "
+        "directly (default clients: 1 and 16); the other servers are not run",
+    )
     args = ap.parse_args()
+    if args.upstream and args.concurrency == [1, 4, 16, 32]:
+        args.concurrency = [1, 16]
     gguf = gguf_path()
     tmp = Path(tempfile.mkdtemp(prefix="lmloop-bench-serve-"))
     t = args.threads
@@ -330,6 +399,16 @@ def main() -> int:
         f"load {os.getloadavg()}; logs {tmp}"
     )
     results: list[dict] = []
+
+    if args.upstream:
+        binary = find_llama_server(args.llama_server)
+        if binary is None:
+            print("llama-server: not built (run `make bench-setup`); --upstream skipped")
+            return 1
+        results = upstream_overhead(binary, gguf, args, tmp, t)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
 
     if "lmloop" in args.servers:
         port = free_port()
@@ -354,18 +433,8 @@ def main() -> int:
         else:
             for lt in args.llama_threads or [t]:
                 port = free_port()
-                slots = args.max_batch
-                # -np parallel slots sharing -c (so -c is slots x per-slot context), continuous
-                # batching on, -t/-tb the same thread count for decode and prompt processing
                 results += run_server(
-                    "llama-server",
-                    [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                     "-np", str(slots), "-c", str(slots * args.slot_ctx), "-cb",
-                     "-t", str(lt), "-tb", str(lt), "--no-webui",
-                     # where the CPU reports AMX, the native build's AMX matmul for Q4_1
-                     # segfaulted at the first batch (2026-12-02); --no-repack leaves the
-                     # AVX-512 kernels, as on CPUs without AMX (repacking has no Q4_1 layout)
-                     *(["--no-repack"] if has_amx() else [])],
+                    "llama-server", llama_cmd(binary, gguf, port, args, lt),
                     "/health", port, lt, args, tmp,
                 )  # fmt: skip
 

@@ -74,13 +74,16 @@ def free_port() -> int:
 class Server:
     """`python -m lmloop.cli serve ...` in a subprocess, ready when /health answers 200."""
 
-    def __init__(self, model: Path, tmp: Path, *extra: str, api_key: str | None = None):
+    def __init__(
+        self, model: Path | str | None, tmp: Path, *extra: str, api_key: str | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = tmp / "feedback.db"
         self.api_key = api_key
         self.log = open(tmp / f"server-{self.port}.log", "w")  # noqa: SIM115
-        args = [sys.executable, "-m", "lmloop.cli", "serve", "--model", str(model)]
+        args = [sys.executable, "-m", "lmloop.cli", "serve"]
+        args += [] if model is None else ["--model", str(model)]  # None: `--upstream` alone
         args += ["--port", str(self.port), "--db", str(self.db), *extra]
         if api_key:
             args += ["--api-key", api_key]

@@ -23,7 +23,6 @@ background and drains it on shutdown.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -31,7 +30,6 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from lmloop.errors import UserError
 from lmloop.feedback.store import FeedbackStore
 from lmloop.server.auth import APIKeyMiddleware
 from lmloop.server.errors import install_error_handlers
@@ -41,10 +39,11 @@ from lmloop.server.middleware import (
     BodyLimitMiddleware,
     OriginCheckMiddleware,
 )
-from lmloop.server.routes import add_routes
+from lmloop.server.routes import EngineBackend, add_routes
 from lmloop.server.settings import ServerSettings
 from lmloop.server.slot import ModelSlot
 from lmloop.server.state import ServerState
+from lmloop.server.upstream import UpstreamBackend
 from lmloop.server.versions import versions_router
 
 __all__ = ["ServerSettings", "create_app"]
@@ -53,28 +52,34 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> FastAPI:
-    """The FastAPI app; the model loads in the background when the app starts (lifespan)."""
-    slot = slot or ModelSlot(
-        settings.model,
-        model_id=settings.model_name or settings.model,
-        engine=settings.engine,
-        drain_timeout=settings.drain_timeout,
-    )
-    state = ServerState(settings, slot)
+    """The FastAPI app; the model loads in the background when the app starts (lifespan).
+    With `settings.upstream.upstream` set, an upstream server generates instead
+    (lmloop.server.upstream)."""
+    if settings.upstream.upstream is not None:
+        state = ServerState(settings, None)
+        state.backend = UpstreamBackend(state)
+    else:
+        slot = slot or ModelSlot(
+            settings.model,
+            model_id=settings.model_name or settings.model,
+            engine=settings.engine,
+            drain_timeout=settings.drain_timeout,
+        )
+        state = ServerState(settings, slot)
+        state.backend = EngineBackend(state, slot)
+    backend = state.backend
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.db is not None:
             state.store = FeedbackStore(settings.db)
-        state.tasks.append(asyncio.create_task(_load(state)))
+        await backend.start()
         try:
             yield
         finally:
             for t in state.tasks:
                 t.cancel()
-            # uvicorn has already waited for in-flight responses (timeout_graceful_shutdown);
-            # what remains is stopped here, off the event loop.
-            await asyncio.to_thread(slot.shutdown, settings.drain_timeout)
+            await backend.stop()
             if state.store is not None:
                 state.store.close()
 
@@ -90,7 +95,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     add_routes(app, state)
 
     app.include_router(feedback_router(state.require_store, max_body_bytes=settings.max_body_bytes))
-    app.include_router(versions_router(slot))
+    app.include_router(versions_router(backend))
 
     # Middleware: the last added runs first. CORS (only when asked) must answer preflights
     # before auth; the body cap runs after auth (or, keyless, after the origin check) so
@@ -110,18 +115,3 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
             allow_headers=["authorization", "content-type", "x-api-key"],
         )
     return app
-
-
-async def _load(state: ServerState) -> None:
-    slot = state.slot
-    try:
-        await asyncio.to_thread(slot.load)
-    except Exception as e:  # noqa: BLE001 - reported through /health and the CLI
-        msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        slot.error = msg
-        log.error("could not load model %s: %s", slot.spec, msg)
-        if state.on_load_failure is not None:
-            state.on_load_failure(msg)
-        return
-    if slot.registry_version() is not None:
-        state.tasks.append(asyncio.create_task(slot.follow_registry(state.settings.registry_poll)))

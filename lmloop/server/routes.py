@@ -1,9 +1,11 @@
 """The HTTP routes: the OpenAI API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`),
 `/health`, `/metrics`, `POST /admin/reload` and the chat page at `/`.
 
-A completion request is parsed (lmloop.server.protocol), turned into prompts and sampling
-settings, run as one `Job` on the served engine (lmloop.server.generation) and answered whole or
-streamed (lmloop.server.responses). The model version a request acquired serves it to the end,
+A completion request is parsed (lmloop.server.protocol) and handed to the app's backend
+(lmloop.server.backend): `EngineBackend` here, lmloop's own engine, turns it into prompts and
+sampling settings, runs it as one `Job` on the served engine (lmloop.server.generation) and
+answers whole or streamed (lmloop.server.responses); `lmloop.server.upstream` forwards it to
+another server instead. The model version a request acquired serves it to the end,
 whatever a reload does meanwhile.
 """
 
@@ -21,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from lmloop.errors import UserError
+from lmloop.server.backend import SnapshotRow
 from lmloop.server.errors import APIError
 from lmloop.server.generation import Job, queue_full
 from lmloop.server.metrics import CONTENT_TYPE
@@ -34,7 +37,7 @@ from lmloop.server.protocol import (
     read_json_body,
 )
 from lmloop.server.responses import ResponseBuilder, model_card
-from lmloop.server.slot import Served
+from lmloop.server.slot import ModelSlot, Served
 from lmloop.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -55,24 +58,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        slot = state.slot
-        if slot.error is not None:
-            return JSONResponse({"status": "error", "error": slot.error}, status_code=503)
-        cur = slot.current
-        if cur is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        engine = cur.engine
-        body = {
-            "status": "ok",
-            "model": cur.model_id,
-            "model_version": cur.version,
-            "running": int(engine.num_running),
-            "waiting": int(engine.num_waiting),
-        }
-        if not engine.alive:  # the worker thread died, or has work but stopped stepping
-            body["status"] = "engine not running or stalled"
-            return JSONResponse(body, status_code=503)
-        return JSONResponse(body)
+        status, body = state.backend.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -80,27 +67,23 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        cur = _ready(state)
-        return JSONResponse({"object": "list", "data": [model_card(cur)]})
+        return JSONResponse({"object": "list", "data": state.backend.cards()})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
-        cur = _ready(state)
-        if not cur.accepts(model_id):
-            raise _unknown_model(model_id, cur)
-        return JSONResponse(model_card(cur))
+        return JSONResponse(state.backend.card(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_json_body(request, settings.max_body_bytes)
         req = parse_chat(body)
-        return await _serve(state, request, req, chat=True)
+        return await state.backend.generate(request, body, req, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_json_body(request, settings.max_body_bytes)
         req = parse_completion(body)
-        return await _serve(state, request, req, chat=False)
+        return await state.backend.generate(request, body, req, chat=False)
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
@@ -109,6 +92,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(
                 403,
                 "admin calls need a server started with --api-key (or LMLOOP_API_KEY)",
+                code="admin_disabled",
+            )
+        if state.slot is None:
+            raise APIError(
+                400,
+                "this server generates through an upstream; promotions reach it through the "
+                "registry (--upstream-reload)",
                 code="admin_disabled",
             )
         body = await read_json_body(request, settings.max_body_bytes)
@@ -134,6 +124,100 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 "previous_version": previous.version if previous else None,
             }
         )
+
+
+class EngineBackend:
+    """The local engine behind the routes (lmloop.server.backend.Backend): the app's
+    `ModelSlot`, loaded in the background, following the registry, drained on shutdown."""
+
+    def __init__(self, state: ServerState, slot: ModelSlot):
+        self.state = state
+        self.slot = slot
+
+    @property
+    def spec(self) -> str:
+        return self.slot.spec
+
+    async def start(self) -> None:
+        self.state.tasks.append(asyncio.create_task(self._load()))
+
+    async def _load(self) -> None:
+        slot = self.slot
+        try:
+            await asyncio.to_thread(slot.load)
+        except Exception as e:  # noqa: BLE001 - reported through /health and the CLI
+            msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            slot.error = msg
+            log.error("could not load model %s: %s", slot.spec, msg)
+            if self.state.on_load_failure is not None:
+                self.state.on_load_failure(msg)
+            return
+        if slot.registry_version() is not None:
+            poll = self.state.settings.registry_poll
+            self.state.tasks.append(asyncio.create_task(slot.follow_registry(poll)))
+
+    async def stop(self) -> None:
+        # uvicorn has already waited for in-flight responses (timeout_graceful_shutdown);
+        # what remains is stopped here, off the event loop.
+        await asyncio.to_thread(self.slot.shutdown, self.state.settings.drain_timeout)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        slot = self.slot
+        if slot.error is not None:
+            return 503, {"status": "error", "error": slot.error}
+        cur = slot.current
+        if cur is None:
+            return 503, {"status": "loading"}
+        engine = cur.engine
+        body = {
+            "status": "ok",
+            "model": cur.model_id,
+            "model_version": cur.version,
+            "running": int(engine.num_running),
+            "waiting": int(engine.num_waiting),
+        }
+        if not engine.alive:  # the worker thread died, or has work but stopped stepping
+            body["status"] = "engine not running or stalled"
+            return 503, body
+        return 200, body
+
+    def cards(self) -> list[dict[str, Any]]:
+        return [model_card(_ready(self.state))]
+
+    def card(self, model_id: str) -> dict[str, Any]:
+        cur = _ready(self.state)
+        if not cur.accepts(model_id):
+            raise _unknown_model(model_id, cur)
+        return model_card(cur)
+
+    async def generate(
+        self, request: Request, body: dict[str, Any], req: ChatRequest | CompletionRequest,
+        *, chat: bool,
+    ) -> Response:  # fmt: skip
+        return await _serve(self.state, request, req, chat=chat)
+
+    def snapshot(self) -> list[SnapshotRow]:
+        cur = self.slot.current
+        rows = []
+        for s in self.slot.all_served():
+            try:
+                running, waiting = int(s.engine.num_running), int(s.engine.num_waiting)
+                counts = dict(s.engine.prefill_counts())
+            except Exception:  # noqa: BLE001 - a stopped engine reports nothing
+                running = waiting = 0
+                counts = {}
+            rows.append((s.model_id, s.version, running, waiting, s is cur, counts))
+        return rows
+
+    def serving_version(self) -> str | None:
+        cur = self.slot.current
+        return cur.version if cur is not None else None
+
+    def registry_name(self) -> str | None:
+        return self.slot.registry_name()
+
+    def status(self) -> dict[str, Any] | None:
+        return None
 
 
 def _ready(state: ServerState) -> Served:

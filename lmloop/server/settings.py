@@ -10,6 +10,7 @@ from pathlib import Path
 from lmloop.config import param
 from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
+from lmloop.server.upstream_config import UpstreamSpec
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ServerSettings:
     cors_origins: list[str] = field(default_factory=list)
     # keyless: origins besides the server's own that may call it (`--allowed-origin`)
     allowed_origins: list[str] = field(default_factory=list)
+    # generation forwarded to an OpenAI-compatible server instead of a local engine
+    upstream: UpstreamSpec = field(default_factory=UpstreamSpec)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class ServeConfig:
     model: str = param(
         "",
         "model to serve: a model or checkpoint folder, a train run folder, a Hugging Face folder, "
-        "a .gguf file, an installed short name (smollm2-135m-instruct) or registry:NAME",
+        "a .gguf file, an installed short name (smollm2-135m-instruct) or registry:NAME; with "
+        "--upstream: registry:NAME, the versions the upstream serves (optional)",
     )
     model_name: str | None = param(None, "model id the API reports (default: --model as given)")
     host: str = param("127.0.0.1", "address to bind; non-loopback needs --api-key or --insecure")
@@ -58,9 +62,22 @@ class ServeConfig:
         "without --api-key, also answer this Host/Origin (http://name:port, name:port, name, "
         "or * for any; repeatable); others get 403",
     )
+    proxy: UpstreamSpec = param(UpstreamSpec(), "an upstream that generates", inline=True)
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if self.proxy.upstream is not None:
+            if self.model and not self.model.startswith("registry:"):
+                raise UserError(
+                    f"with --upstream, --model names the registry entry the upstream serves "
+                    f"(registry:NAME), not {self.model!r}",
+                    hint="leave --model out to label answers with the upstream's model name",
+                )
+            if self.proxy.upstream_reload is not None and not self.model:
+                raise UserError(
+                    "--upstream-reload follows promotions of a registry model: give --model "
+                    "registry:NAME"
+                )
+        elif not self.model:
             raise UserError("--model is required", hint="e.g. --model smollm2-135m-instruct")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a TCP port (0-65535)")

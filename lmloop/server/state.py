@@ -1,4 +1,4 @@
-"""What one running app holds: its settings, the model slot, the feedback store and the metrics.
+"""What one running app holds: its settings, the backend (and the local model slot), the feedback store and the metrics.
 
 `create_app` makes one `ServerState` and keeps it as `app.state.lmloop`; the routes and the
 generation jobs read it.
@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 
 from lmloop.feedback.store import FeedbackStore
+from lmloop.server.backend import Backend, SnapshotRow
 from lmloop.server.errors import APIError
 from lmloop.server.metrics import ServerMetrics
 from lmloop.server.settings import ServerSettings
@@ -17,26 +18,17 @@ from lmloop.server.slot import ModelSlot
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, slot: ModelSlot):
+    def __init__(self, settings: ServerSettings, slot: ModelSlot | None):
         self.settings = settings
-        self.slot = slot
+        self.slot = slot  # the local engine's model slot; None when an upstream generates
+        self.backend: Backend | None = None  # what generates (set by `create_app`)
         self.store: FeedbackStore | None = None
         self.metrics = ServerMetrics(self._snapshot)
         self.on_load_failure: Callable[[str], None] | None = None  # set by `lmloop serve` to exit
         self.tasks: list[asyncio.Task] = []
 
-    def _snapshot(self) -> list[tuple[str, str, int, int, bool, dict[str, int]]]:
-        cur = self.slot.current
-        rows = []
-        for s in self.slot.all_served():
-            try:
-                running, waiting = int(s.engine.num_running), int(s.engine.num_waiting)
-                counts = dict(s.engine.prefill_counts())
-            except Exception:  # noqa: BLE001 - a stopped engine reports nothing
-                running = waiting = 0
-                counts = {}
-            rows.append((s.model_id, s.version, running, waiting, s is cur, counts))
-        return rows
+    def _snapshot(self) -> list[SnapshotRow]:
+        return [] if self.backend is None else self.backend.snapshot()
 
     def require_store(self) -> FeedbackStore:
         """The feedback store, or 503 when the server was started without a database."""

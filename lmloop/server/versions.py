@@ -27,19 +27,21 @@ from starlette.concurrency import run_in_threadpool
 from lmloop.errors import UserError
 from lmloop.registry import Registry
 from lmloop.registry.decisions import decision_cells, decision_rows
-from lmloop.server.slot import ModelSlot
+from lmloop.server.backend import Backend
 
 
-def version_list(slot: ModelSlot) -> dict[str, Any]:
+def version_list(backend: Backend) -> dict[str, Any]:
     """The route's body (reads the registry: call it off the event loop)."""
-    served = slot.current
-    serving = served.version if served is not None else None
-    name = slot.registry_name()
+    serving = backend.serving_version()
+    name = backend.registry_name()
     body: dict[str, Any] = {"object": "list", "name": name, "serving": serving, "current": None,
                             "rollback": None, "reason": None, "data": []}  # fmt: skip
+    status = backend.status()
+    if status is not None:
+        body["upstream"] = status
     if name is None:
         body["reason"] = (
-            f"the served model ({slot.spec}) is not from the registry: serve "
+            f"the served model ({backend.spec}) is not from the registry: serve "
             "--model registry:NAME to see its versions and the gate's decisions"
         )
         return body
@@ -55,11 +57,11 @@ def version_list(slot: ModelSlot) -> dict[str, Any]:
     return body
 
 
-def versions_router(slot: ModelSlot) -> APIRouter:
+def versions_router(backend: Backend) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/lmloop/versions")
     async def versions() -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(version_list, slot))
+        return JSONResponse(await run_in_threadpool(version_list, backend))
 
     return router

@@ -9,10 +9,14 @@ server starts (`GET /health` answers 503 until it is ready); a `registry:NAME` m
 registry's current version. SIGTERM stops accepting connections, lets the requests in flight
 finish (within `--drain-timeout`) and exits 0. Every exchange goes to the feedback database
 (`--db`, default `$LMLOOP_HOME/feedback.db`). The app itself is `lmloop.server.create_app`.
+
+With `--upstream URL` an OpenAI-compatible server generates instead (lmloop.server.upstream): it
+must answer `GET /v1/models` with the model asked for before this one binds (docs/scale.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -27,6 +31,8 @@ from lmloop.artifacts import lmloop_home
 from lmloop.errors import UserError
 from lmloop.server import ServerSettings, create_app
 from lmloop.server.settings import ServeConfig
+from lmloop.server.upstream import insecure_warning, pick_model, upstream_models
+from lmloop.server.upstream_config import UpstreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,18 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to anything
 
 
+def _check_upstream(proxy: UpstreamSpec) -> UpstreamSpec:
+    """Before binding: the upstream answers and serves the model asked for (one line, exit 2,
+    when not); a warning for plain http to another host. -> the spec with its key and model."""
+    warning = insecure_warning(proxy.upstream or "")
+    if warning:
+        log.warning(warning)
+        print(f"lmloop serve: warning: {warning}", file=sys.stderr, flush=True)
+    key = proxy.upstream_key or os.environ.get("LMLOOP_UPSTREAM_KEY") or None
+    model = pick_model(proxy, upstream_models(proxy, key), proxy.upstream_model)
+    return dataclasses.replace(proxy, upstream_key=key, upstream_model=model)
+
+
 def run(cfg: ServeConfig) -> int:
     api_key = cfg.api_key or os.environ.get("LMLOOP_API_KEY") or None
     if not is_loopback(cfg.host) and not api_key and not cfg.insecure:
@@ -49,6 +67,9 @@ def run(cfg: ServeConfig) -> int:
             hint="set --api-key (or LMLOOP_API_KEY), or pass --insecure if that is intended",
         )
     db = Path(cfg.db).expanduser() if cfg.db else lmloop_home() / "feedback.db"
+    proxy = cfg.proxy
+    if proxy.upstream is not None:
+        proxy = _check_upstream(proxy)
     settings = ServerSettings(
         model=cfg.model,
         model_name=cfg.model_name,
@@ -62,6 +83,7 @@ def run(cfg: ServeConfig) -> int:
         registry_poll=cfg.registry_poll,
         cors_origins=list(cfg.cors_origin),
         allowed_origins=list(cfg.allowed_origin),
+        upstream=proxy,
     )
     app = create_app(settings)
     server = uvicorn.Server(
@@ -86,14 +108,20 @@ def run(cfg: ServeConfig) -> int:
         # that was installed before it; make that handler a no-op so a drained SIGTERM exits 0.
         signal.signal(signal.SIGTERM, lambda *_: None)
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    what = f"model {cfg.model}"
+    if proxy.upstream is not None:
+        what = f"upstream {proxy.upstream}, model {proxy.upstream_model}"
+        what += f" as {cfg.model}" if cfg.model else ""
     print(
-        f"lmloop serve: http://{shown}:{cfg.port}/ (model {cfg.model}; feedback to {db}"
+        f"lmloop serve: http://{shown}:{cfg.port}/ ({what}; feedback to {db}"
         f"{'; API key required' if api_key else ''})",
         flush=True,
     )
     server.run()
     if failure:
-        raise UserError(f"could not load the model: {failure[0]}")
+        raise UserError(
+            f"could not {'use the upstream' if proxy.upstream else 'load the model'}: {failure[0]}"
+        )
     if not server.started:
         raise UserError(
             f"the server did not start on {cfg.host}:{cfg.port}",

@@ -56,6 +56,8 @@ async function errorText(resp) {
   return `${resp.status} ${resp.statusText}`;
 }
 
+let withLogprobs = true;
+
 async function loadModel() {
   try {
     const resp = await fetch("/v1/models", { headers: headers() });
@@ -63,6 +65,7 @@ async function loadModel() {
     if (!resp.ok) { $("#model").textContent = "model loading…"; setTimeout(loadModel, 2000); return; }
     const card = (await resp.json()).data[0];
     modelId = card.id;
+    withLogprobs = card.logprobs !== false; // an upstream that ignores them: ask for none
     $("#model").textContent = `${card.id} · ${card.model_version}`;
   } catch {
     $("#model").textContent = "server unreachable";
@@ -311,8 +314,7 @@ async function generate() {
     messages: history,
     stream: true,
     stream_options: { include_usage: true },
-    logprobs: true,
-    top_logprobs: TOP_LOGPROBS,
+    ...(withLogprobs ? { logprobs: true, top_logprobs: TOP_LOGPROBS } : {}),
     temperature: Number($("#temperature").value),
     max_tokens: Number($("#max-tokens").value),
   };
