@@ -101,7 +101,11 @@ class Job:
                 try:
                     i, out = await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.001))
                 except asyncio.TimeoutError:
-                    log.warning("request %s hit the %.0fs timeout", self.rid, remaining)
+                    log.warning(
+                        "request %s hit the %.0f s timeout (--request-timeout)",
+                        self.rid,
+                        self.state.settings.request_timeout,
+                    )
                     self.cancel()
                     for j in range(len(tasks)):
                         yield j, None
