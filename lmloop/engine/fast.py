@@ -559,6 +559,51 @@ class FastLlamaRunner:
             return self.lm_head(self._norm(x, self.final_norm))
         return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
 
+    def prefill_batch(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int]
+    ) -> torch.Tensor:
+        """Several prompts in one forward, packed: prompt i's tokens starts[i].. go to `rows[i]`
+        at positions starts[i]..; logits of each prompt's last token (n, V). The projections
+        run once over all the prompts' tokens (one GEMM per weight instead of one per prompt);
+        rotary positions, the cache writes and attention are each prompt's own, as in
+        `prefill`."""
+        self.allocate()
+        H, Hkv, D = self.H, self.Hkv, self.D
+        spans = []  # (row, start, end, where its first token sits among the packed ones)
+        N = 0
+        for row, ids, start in zip(rows, prompts, starts):
+            spans.append((row, start, len(ids), N))
+            N += len(ids) - start
+        x = self._embed([t for ids, s in zip(prompts, starts) for t in ids[s:]])  # (N, C)
+        pos = torch.cat([torch.arange(s, e) for _, s, e, _ in spans])
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (N, 1, D)
+        # from 0: SDPA's own causal mask; after a prefix, query t sees slots <= t
+        masks = [
+            None if s == 0 else self._slots[None, :e] <= torch.arange(s, e)[:, None]
+            for _, s, e, _ in spans
+        ]
+        y = torch.empty(N, H * D)
+        for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
+            h = qkv(self._norm(x, n1))  # (N, (H + 2 Hkv) D)
+            qk = self._rope(h[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
+            v = h[:, (H + Hkv) * D :].view(N, Hkv, D)
+            for (row, start, end, at), mask in zip(spans, masks):
+                T = end - start
+                kv = torch.stack((qk[at : at + T, H:], v[at : at + T])).transpose(1, 2)
+                self._store(i, (slice(None), row, slice(None), slice(start, end)), kv)
+                k_, v_ = self._kv_float(i, row, end)
+                q = qk[at : at + T, :H].transpose(0, 1)[None]  # (1, H, T, D)
+                a = F.scaled_dot_product_attention(
+                    q, k_[None], v_[None], attn_mask=mask, is_causal=mask is None, scale=1.0,
+                    enable_gqa=True,
+                )  # fmt: skip
+                y[at : at + T] = a[0].transpose(0, 1).reshape(T, H * D)
+            x = x + o(y)
+            g = gu(self._norm(x, n2))
+            x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
+        last = torch.tensor([at + (end - start) - 1 for (_, start, end, at) in spans])
+        return self.lm_head(self._norm(x[last], self.final_norm))
+
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:
         """A decode step of row 0 alone over 4-bit weights and the int8 cache: five C calls a
         layer (`lmloop.engine.kernels`) and no torch op between them. RMSNorm, SwiGLU and the

@@ -49,6 +49,30 @@ class ModelRunner:
         logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
 
+    def prefill_batch(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int]
+    ) -> torch.Tensor:
+        """Several prompts in one forward: prompt i's tokens starts[i].. go to `rows[i]` at
+        positions starts[i]..; logits of each prompt's last token (n, V). The rows must be
+        consecutive (the engine admits into rows n, n+1, ...). Shorter prompts are padded on
+        the right: a pad sits after every real token of its row, so causality hides it from
+        them, and it is marked invalid (`KVCache.begin`), so a later step never reads it. Where
+        a row's padding would run past the cache, each prompt goes alone."""
+        tails = [ids[s:] for ids, s in zip(prompts, starts)]
+        T = max(len(t) for t in tails)
+        r0 = rows[0]
+        if rows != list(range(r0, r0 + len(rows))) or max(starts) + T > self.max_len:
+            return torch.stack(
+                [self.prefill(r, ids[s:], start=s) for r, ids, s in zip(rows, prompts, starts)]
+            )
+        for r, s in zip(rows, starts):
+            self.cache.valid[r, s:] = False
+        x = torch.tensor([t + [0] * (T - len(t)) for t in tails], dtype=torch.long)
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
+        real = torch.arange(T)[None] < torch.tensor([len(t) for t in tails])[:, None]
+        logits = self.model(x, pos, CacheRows(self.cache, r0, r0 + len(rows)), real)
+        return logits[torch.arange(len(rows)), torch.tensor([len(t) - 1 for t in tails])]
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own position; logits (n, V)."""
         n = len(tokens)

@@ -1,10 +1,14 @@
 """Choosing the next token: penalties, temperature, top-k, top-p, min-p, a seeded draw.
 
-Each request owns a `Sampler` with its own `torch.Generator`, so the same seed and inputs give
-the same text whatever else shares the batch. The order follows Hugging Face's logits
-processors: penalties on the raw logits, then temperature, then top-k, top-p and min-p filters.
-Log-probabilities reported to callers are those of the model's own distribution (log-softmax of
-the raw logits), as the OpenAI API reports them.
+Each request owns a `Sampler` with its own `torch.Generator` and penalty state, so the same
+seed and inputs give the same text whatever else shares the batch. A decode step samples all
+its rows at once (`pick_batch`): each filter runs as a few tensor ops over the rows that use it,
+with the rows' own settings as columns of tensors, and only the uniform draw is taken per row,
+from that row's generator. `Sampler.pick_row` is the one-row reference it is tested against
+(token for token, seed for seed). The order follows Hugging Face's logits processors: penalties
+on the raw logits, then temperature, then top-k, top-p and min-p filters. Log-probabilities
+reported to callers are those of the model's own distribution (log-softmax of the raw logits),
+as the OpenAI API reports them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import math
 import torch
 
 from lmloop.engine.params import SamplingParams
+
+# The nucleus almost always lies inside the 256 likeliest tokens: then topk gives the same kept
+# set as a full sort of the vocabulary at a fraction of the cost (a 49k sort per sequence per
+# step halved batched decode); a flatter distribution sorts it all.
+NUCLEUS_TOPK = 256
 
 
 class Sampler:
@@ -47,8 +56,20 @@ class Sampler:
         if self.seen is not None:
             self.seen[token] = True
 
+    def uniform(self) -> float:
+        """This row's next uniform number in (0, 1] from its own generator."""
+        return 1.0 - float(torch.rand((), generator=self.generator))
+
     def pick(self, logits: torch.Tensor) -> int:
-        """Next token from one row of raw logits (V,)."""
+        """Next token from one row of raw logits (V,): `pick_batch` over one row."""
+        token = pick_batch([self], logits[None])[0]
+        if isinstance(token, Exception):
+            raise token
+        return token
+
+    def pick_row(self, logits: torch.Tensor) -> int:
+        """The one-row reference `pick_batch` must agree with (tests; bench/generate.py's
+        per-row sampling)."""
         p = self.p
         x = logits.float()
         if p.penalized:
@@ -68,10 +89,7 @@ class Sampler:
             x = x.masked_fill(x < kth, float("-inf"))
         probs = torch.softmax(x, dim=-1)
         if p.top_p < 1.0:
-            # The nucleus almost always lies inside the 256 likeliest tokens: then topk gives the
-            # same kept set as a full sort of the vocabulary at a fraction of the cost (a 49k sort
-            # per sequence per step halved batched decode); a flatter distribution sorts it all.
-            sorted_p, idx = torch.topk(probs, min(256, probs.numel()))
+            sorted_p, idx = torch.topk(probs, min(NUCLEUS_TOPK, probs.numel()))
             if float(sorted_p.sum()) < p.top_p:
                 sorted_p, idx = torch.sort(probs, descending=True)
             # drop a token when the mass before it already reaches top_p (keeps at least one)
@@ -81,6 +99,120 @@ class Sampler:
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return draw(probs, self.generator)
+
+
+def pick_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int | Exception]:
+    """`pick_batch`'s answer computed one row at a time with `Sampler.pick_row`."""
+    out: list[int | Exception] = []
+    for s, row in zip(samplers, logits):
+        try:
+            out.append(s.pick_row(row))
+        except Exception as e:  # noqa: BLE001 - that row's failure, returned as pick_batch does
+            out.append(e)
+    return out
+
+
+def _col(values: list[float]) -> torch.Tensor:
+    """Per-row settings as a float32 column (R, 1): what a Python float becomes in a tensor op."""
+    return torch.tensor(values, dtype=torch.float32)[:, None]
+
+
+def pick_batch(samplers: list[Sampler], logits: torch.Tensor) -> list[int | Exception]:
+    """Next token of every row of raw logits (B, V), row i by samplers[i]'s settings and
+    generator: the tokens `pick_row` gives each row alone. A row that cannot be sampled (its
+    probabilities are not finite) gets its exception in place of a token; the others are
+    unaffected (every op below works row by row)."""
+    B, V = logits.shape
+    out: list[int | Exception] = [0] * B
+    x = logits.float()
+    plain = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    if plain:
+        best = torch.argmax(x[plain] if len(plain) < B else x, dim=-1).tolist()
+        for i, t in zip(plain, best):
+            out[i] = t
+    rest = [i for i, s in enumerate(samplers) if not s.plain_greedy]
+    if not rest:
+        return out
+    ss = [samplers[i] for i in rest]
+    x = x[rest]  # a copy: the caller's logits stay as they were
+    _penalize(ss, x)
+    greedy = [j for j, s in enumerate(ss) if s.p.greedy]
+    if greedy:
+        best = torch.argmax(x[greedy], dim=-1).tolist()
+        for j, t in zip(greedy, best):
+            out[rest[j]] = t
+    live = [j for j, s in enumerate(ss) if not s.p.greedy]
+    if not live:
+        return out
+    ss = [ss[j] for j in live]
+    x = x[live] / _col([s.p.temperature for s in ss])
+    k_rows = [j for j, s in enumerate(ss) if s.p.top_k and s.p.top_k < V]
+    if k_rows:
+        ks = torch.tensor([ss[j].p.top_k for j in k_rows])
+        xk = x[k_rows]
+        kth = torch.topk(xk, int(ks.max())).values.gather(1, (ks - 1)[:, None])  # (R, 1)
+        x[k_rows] = xk.masked_fill(xk < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    p_rows = [j for j, s in enumerate(ss) if s.p.top_p < 1.0]
+    if p_rows:
+        _nucleus(probs, p_rows, [ss[j].p.top_p for j in p_rows])
+    m_rows = [j for j, s in enumerate(ss) if s.p.min_p > 0.0]
+    if m_rows:
+        pm = probs[m_rows]
+        floor = _col([ss[j].p.min_p for j in m_rows]) * pm.amax(-1, keepdim=True)
+        probs[m_rows] = pm.masked_fill(pm < floor, 0.0)
+    c = torch.cumsum(probs, -1)
+    totals = c[:, -1].tolist()
+    us, ok = [], []
+    for j, (s, total) in enumerate(zip(ss, totals)):
+        if math.isfinite(total) and total > 0:
+            us.append(s.uniform() * total)
+            ok.append(j)
+        else:
+            out[rest[live[j]]] = ValueError(f"cannot sample: the probabilities sum to {total}")
+    if ok:
+        c = c[ok] if len(ok) < len(ss) else c
+        u = torch.tensor(us, dtype=c.dtype)[:, None]
+        for j, t in zip(ok, torch.searchsorted(c, u)[:, 0].tolist()):
+            out[rest[live[j]]] = min(t, V - 1)
+    return out
+
+
+def _penalize(ss: list[Sampler], x: torch.Tensor) -> None:
+    """Repetition, frequency and presence penalties on rows of x (in place)."""
+    rep = [j for j, s in enumerate(ss) if s.seen is not None]
+    if rep:
+        xr, seen = x[rep], torch.stack([ss[j].seen for j in rep])
+        rp = _col([ss[j].p.repetition_penalty for j in rep])
+        x[rep] = torch.where(seen, torch.where(xr > 0, xr / rp, xr * rp), xr)
+    cnt = [j for j, s in enumerate(ss) if s.counts is not None]
+    if cnt:
+        counts = torch.stack([ss[j].counts for j in cnt])
+        fp = _col([ss[j].p.frequency_penalty for j in cnt])
+        pp = _col([ss[j].p.presence_penalty for j in cnt])
+        x[cnt] = x[cnt] - (counts * fp + (counts > 0) * pp)
+
+
+def _nucleus(probs: torch.Tensor, rows: list[int], top_p: list[float]) -> None:
+    """Top-p on `rows` of probs (in place): keep the likeliest tokens until their mass reaches
+    the row's top_p. Rows whose `NUCLEUS_TOPK` likeliest hold less than top_p sort it all."""
+    V = probs.shape[1]
+    pr = probs[rows]
+    sorted_p, idx = torch.topk(pr, min(NUCLEUS_TOPK, V))
+    mass = sorted_p.sum(-1).tolist()
+    short = [i for i, t in enumerate(top_p) if mass[i] < t]
+    held = [i for i, t in enumerate(top_p) if not mass[i] < t]
+    groups = []
+    if held:
+        whole = len(held) == len(rows)
+        groups.append((held, sorted_p if whole else sorted_p[held], idx if whole else idx[held]))
+    if short:
+        groups.append((short, *torch.sort(pr[short], descending=True)))
+    for members, sp, ix in groups:
+        tp = _col([top_p[i] for i in members])
+        # drop a token when the mass before it already reaches top_p (keeps at least one)
+        sp = sp.masked_fill((torch.cumsum(sp, -1) - sp) >= tp, 0.0)
+        probs[[rows[i] for i in members]] = torch.zeros(len(members), V).scatter_(1, ix, sp)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
