@@ -14,7 +14,7 @@ from torch import nn
 from lmloop.engine import Engine, QueueFull, SamplingParams
 from lmloop.engine.fast import DecodeLinear, FastLlamaRunner
 from lmloop.engine.runner import ModelRunner
-from lmloop.engine.sampling import Sampler
+from lmloop.engine.sampling import Sampler, pick_batch, pick_rows
 from lmloop.engine.text import TextStream
 from lmloop.errors import UserError
 from lmloop.models.cache import KVCache
@@ -245,6 +245,69 @@ def test_sampler_filters_and_penalties():
     assert s.pick(logits) == 1  # presence counts once: 3.0 - 0.05 > 2.9
 
 
+# Every kind of row at once: plain and penalized greedy, top-k (1 and more), top-p (narrow,
+# near 1), min-p, all filters together, every penalty, temperatures either side of 1.
+MIXED = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0.8, seed=1),
+    dict(temperature=1.0, top_k=5, seed=2),
+    dict(temperature=0.7, top_p=0.9, seed=3),
+    dict(temperature=1.3, top_p=0.999, seed=4),
+    dict(temperature=1.0, min_p=0.05, seed=5),
+    dict(temperature=0.9, top_k=50, top_p=0.8, min_p=0.02, seed=6),
+    dict(temperature=1.1, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3, seed=7),
+    dict(temperature=0, frequency_penalty=1.0),
+    dict(temperature=0.5, top_k=1, seed=8),
+    dict(temperature=2.0, top_p=0.5, repetition_penalty=0.8, seed=9),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("vocab, spread", [(300, 3.0), (5000, 0.2)])  # peaked; flat: full sort
+def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread):
+    """`pick_batch` over a batch mixing every setting draws, step after step (penalty state
+    growing), exactly the tokens of the one-row reference `Sampler.pick_row` with the same
+    seeds. The flat case puts top-p's nucleus past the 256 likeliest tokens (the full sort)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = [1, 5, 7, 9, 11]
+    batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    alone = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    distinct = set()
+    for _ in range(40):
+        logits = torch.randn(len(MIXED), vocab, generator=g) * spread
+        got = pick_batch(batched, logits)
+        want = [s.pick_row(row) for s, row in zip(alone, logits)]
+        assert got == want
+        for a, b, t in zip(batched, alone, got):
+            a.observe(t)
+            b.observe(t)
+        distinct |= set(got)
+    assert len(distinct) > 100  # sampled, not stuck on a few tokens
+    # each row alone, and one row as part of any batch, samples the same too
+    assert pick_batch(batched[3:4], logits[3:4]) == [alone[3].pick_row(logits[3])]
+
+
+def test_engine_tokens_and_logprobs_are_the_same_with_either_sampler(models, tok):
+    """The engine's batched sampling gives each request of a mixed batch the tokens and
+    logprobs that sampling its rows one at a time (`pick_rows`) gives."""
+    lm = models["llama"][1]
+    prompts = [tok.encode(f"Once upon a time {i}") for i in range(len(MIXED))]
+    runs = []
+    for sample in (pick_batch, pick_rows):
+        with Engine(lm.model, lm.tokenizer, max_batch=len(MIXED)) as engine:
+            engine.sample = sample
+            handles = [
+                engine.submit(p, SamplingParams(max_tokens=10, logprobs=2, ignore_eos=True, **kw))
+                for p, kw in zip(prompts, MIXED)
+            ]
+            runs.append([h.result() for h in handles])
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+        assert [(x.token_id, x.logprob, x.top) for x in a.logprobs] == [
+            (x.token_id, x.logprob, x.top) for x in b.logprobs
+        ]
+
+
 # ---- streaming text --------------------------------------------------------------------------
 class Scripted(nn.Module):
     """A fake model: the token at position p predicts script[p] (then `end`)."""
@@ -447,37 +510,41 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(models, tok):
 
 
 def test_a_sequence_whose_sampling_fails_ends_alone(models, tok, monkeypatch):
-    """15 sampled sequences give the same tokens alone and beside one whose sampler blows up
-    mid-way (its logits overflow to inf, the softmax to NaN, torch.multinomial raises)."""
+    """15 sampled sequences give the same tokens alone and beside one whose sampling blows up
+    mid-way, inside the batch's shared sampling ops (its penalty counts turn NaN, so its logits
+    and probabilities do: what temperature=1e-300 used to do)."""
     import lmloop.engine.core as core
 
     class Poisoned(Sampler):
-        calls = 0
-
-        def pick(self, logits):
-            self.calls += 1
-            if self.p.seed == 666 and self.calls > 3:  # what temperature=1e-300 used to do
-                return int(torch.multinomial(torch.softmax(logits / 1e-300, -1), 1))
-            return super().pick(logits)
+        def observe(self, token):
+            super().observe(token)
+            if self.p.seed == 666 and self.counts is not None and self.counts.sum() >= 3:
+                self.counts[token] = float("nan")
 
     monkeypatch.setattr(core, "Sampler", Poisoned)
     lm = models["llama"][1]
     prompts = [tok.encode(f"Once upon a time {i}") for i in range(15)]
 
     def params(i: int) -> SamplingParams:
-        return SamplingParams(max_tokens=10 + i % 4, temperature=1.0, seed=i, ignore_eos=True)
+        return SamplingParams(
+            max_tokens=10 + i % 4, temperature=1.0, seed=i, ignore_eos=True,
+            frequency_penalty=0.1 * (i % 3), top_p=0.9 if i % 2 else 1.0,
+        )  # fmt: skip
 
     with Engine(lm.model, lm.tokenizer, max_batch=16) as engine:
         alone = [engine.complete(p, params(i)) for i, p in enumerate(prompts)]
         handles = [engine.submit(p, params(i)) for i, p in enumerate(prompts[:7])]
-        bad = engine.submit(prompts[0], SamplingParams(**{**params(0).__dict__, "seed": 666}))
+        bad = engine.submit(
+            prompts[0],
+            SamplingParams(**{**params(0).__dict__, "seed": 666, "frequency_penalty": 1}),
+        )
         handles += [engine.submit(p, params(i + 7)) for i, p in enumerate(prompts[7:])]
         outs = list(bad)
         together = [h.result() for h in handles]
         assert engine.alive and engine.num_running == 0 and engine.num_waiting == 0
     assert outs[-1].finish_reason == "error"
     assert "sampling failed after 3 tokens" in outs[-1].error
-    assert "probability tensor" in outs[-1].error
+    assert "cannot sample: the probabilities sum to nan" in outs[-1].error
     assert [len(o.token_ids) for o in outs[:-1]] == [1, 1, 1]
     for a, b in zip(alone, together):
         assert a.token_ids == b.token_ids and a.text == b.text and b.finish_reason == "length"
