@@ -131,6 +131,64 @@ def test_decode_linear_matches_linear_at_every_row_count(dims, bias):
             torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
+# (family, fast runner, int8): both runners, both families, int8 on both
+PREFILL_SETUPS = [
+    ("llama", True, False),
+    ("llama", True, True),
+    ("llama", False, False),
+    ("gpt2", False, False),
+    ("gpt2", False, True),
+]
+
+
+@pytest.mark.parametrize("setup", PREFILL_SETUPS, ids=lambda s: "-".join(map(str, s)))
+def test_prompts_admitted_together_prefill_together_and_match_each_alone(models, tok, setup):
+    """Prompts of unequal lengths admitted in one step run through one prefill forward, and
+    each gets the tokens and logprobs it gets when the same requests are prefilled one at a
+    time (then decoded side by side alike), greedy and seeded sampled; two of them start after
+    a prefix copied from the prefix cache (the fourth at position 20, not 0)."""
+    family, fast, int8 = setup
+    lm = models[family][1]
+    head = tok.encode("Once upon a time there was a little robot who loved")[:20]
+    assert len(head) == 20
+    prompts = _prompts(tok) + [head + tok.encode(" to read."), [7]]
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0.9, seed=3, top_k=20),
+        dict(temperature=0),
+        dict(temperature=1.0, seed=5, top_p=0.9),
+        dict(temperature=0, repetition_penalty=1.2),
+    ]
+    params = [SamplingParams(max_tokens=6, logprobs=1, ignore_eos=True, **k) for k in kinds]
+    assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths
+    runs, calls = {}, []
+    for batch_prefill in (False, True):
+        engine = Engine(lm.model, lm.tokenizer, max_batch=8, fast=fast, int8=int8)
+        engine.batch_prefill = batch_prefill
+        with engine:
+            engine.complete(head + [9], SamplingParams(max_tokens=1, temperature=0))  # stored
+        batched = engine.runner.prefill_batch
+
+        def spy(rows, ids, starts, batched=batched):
+            calls.append(list(starts))
+            return batched(rows, ids, starts)
+
+        engine.runner.prefill_batch = spy
+        handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # one admission
+        with engine:
+            runs[batch_prefill] = [h.result() for h in handles]
+    # one forward; the fourth reused the stored prefix, and the first (which starts like it)
+    # all of itself but its last token
+    assert prompts[0] == head[: len(prompts[0])]
+    assert calls == [[len(prompts[0]) - 1, 0, 0, 20, 0]]
+    alone, together = runs[False], runs[True]
+    for a, b in zip(alone, together):  # int8 too: `pin_range` makes its rows independent
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in b.logprobs] == pytest.approx(
+            [x.logprob for x in a.logprobs], abs=1e-5
+        )
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_continuous_batching_equals_each_alone(models, tok, family):
     lm = models[family][1]

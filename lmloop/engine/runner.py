@@ -8,6 +8,7 @@ view with no copy. `ModelRunner` drives any lmloop model through its public `for
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -34,6 +35,9 @@ class ModelRunner:
         if int8:  # quantize a copy: the caller's model stays as it was
             model = quantize_linears(copy.deepcopy(model))
         self.model = model
+        # int8 linears (`quantize_linears`) whose range is pinned while prompts run, so a prompt
+        # gets the same numbers alone, after a cached prefix or beside others (`pin_range`).
+        self._int8 = [m for m in model.modules() if hasattr(m, "pin_range")]
         self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")
         self.max_len = max_len
 
@@ -46,8 +50,19 @@ class ModelRunner:
         self.cache.valid[row, start:] = False
         x = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(start, start + len(ids))[None]
-        logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
+        with self._pinned():
+            logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
+
+    @contextlib.contextmanager
+    def _pinned(self):
+        for m in self._int8:
+            m.pin_range = True
+        try:
+            yield
+        finally:
+            for m in self._int8:
+                m.pin_range = False
 
     def prefill_batch(
         self, rows: list[int], prompts: list[list[int]], starts: list[int]
@@ -70,7 +85,8 @@ class ModelRunner:
         x = torch.tensor([t + [0] * (T - len(t)) for t in tails], dtype=torch.long)
         pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
         real = torch.arange(T)[None] < torch.tensor([len(t) for t in tails])[:, None]
-        logits = self.model(x, pos, CacheRows(self.cache, r0, r0 + len(rows)), real)
+        with self._pinned():
+            logits = self.model(x, pos, CacheRows(self.cache, r0, r0 + len(rows)), real)
         return logits[torch.arange(len(rows)), torch.tensor([len(t) - 1 for t in tails])]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
