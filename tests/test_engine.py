@@ -318,6 +318,7 @@ MIXED = [
     dict(temperature=0, frequency_penalty=1.0),
     dict(temperature=0.5, top_k=1, seed=8),
     dict(temperature=2.0, top_p=0.5, repetition_penalty=0.8, seed=9),
+    dict(temperature=1.5, top_p=0.95, min_p=0.3, seed=10),
 ]  # fmt: skip
 
 
