@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/generate.py                      # SmolLM2-135M, 128 new tokens
     .venv/bin/python bench/generate.py --threads 1 --batches 1,4,16
+    .venv/bin/python bench/generate.py --sampling 16     # sampled vs greedy, prefill together
 
 Same weights everywhere (SmolLM2-135M-Instruct from the installed GGUF; transformers gets a
 `LlamaForCausalLM` holding exactly our dequantized weights; llama.cpp reads the GGUF file itself,
@@ -9,6 +10,11 @@ Q4_1, when `llama_cpp` is importable, i.e. after `make bench-setup`). Same promp
 128 new tokens, end-of-sequence ignored (transformers: `min_new_tokens`). Prefill tok/s = prompt
 tokens / time to the first new token; decode tok/s = the remaining new tokens / the time after
 the first. Then our aggregate decode throughput with 1, 4 and 16 concurrent sequences.
+
+`--sampling B` measures instead, on our int8 engine with B concurrent sequences, in interleaved
+rounds: greedy decode, sampled decode (temperature 0.8, top-k 40, top-p 0.95, a seed each) with
+the batched sampler and with the one-row-at-a-time one it replaced, and the time to every first
+token of B different prompts submitted together, prefilled in one forward or one at a time.
 """
 
 from __future__ import annotations
@@ -121,6 +127,109 @@ def aggregate(engine, ids, n, batch):
     }
 
 
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95)
+
+
+def decode_rate(engine, prompts, n, sampled: bool) -> float:
+    """Aggregate decode tok/s of len(prompts) sequences decoding side by side."""
+    from lmloop.engine import SamplingParams
+
+    def params(i):
+        extra = dict(SAMPLED, seed=i) if sampled else dict(temperature=0)
+        return SamplingParams(max_tokens=n, ignore_eos=True, **extra)
+
+    import threading
+
+    engine.start()
+    handles = [engine.submit(p, params(i)) for i, p in enumerate(prompts)]
+    firsts, ends = [0.0] * len(handles), [0.0] * len(handles)
+
+    def follow(i, handle):
+        for _ in handle:
+            firsts[i] = firsts[i] or time.perf_counter()
+        ends[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=follow, args=(i, h)) for i, h in enumerate(handles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(prompts) * (n - 1) / (max(ends) - max(firsts))
+
+
+def first_tokens(engine, prompts) -> float:
+    """Seconds from submitting the prompts together to the last of their first tokens."""
+    from lmloop.engine import SamplingParams
+
+    p = SamplingParams(max_tokens=1, temperature=0)
+    engine.stop()  # queued while the worker is stopped: admitted in one step
+    t0 = time.perf_counter()
+    handles = [engine.submit(q, p) for q in prompts]
+    engine.start()
+    for h in handles:
+        h.result()
+    return time.perf_counter() - t0
+
+
+def sampling_main(lm, ids, args, threads) -> None:
+    from lmloop.engine import Engine
+    from lmloop.engine.sampling import pick_batch, pick_rows
+
+    B, n = args.sampling, args.new_tokens
+    words = PROMPT.split()
+    # B different prompts of different lengths (the prefix cache off: nothing is reused)
+    prompts = [lm.tokenizer.encode(" ".join(words[i % 7 :][: 12 + 2 * i])) for i in range(B)]
+    engine = Engine(
+        lm.model, lm.tokenizer, int8=True, max_batch=B, max_len=512, threads=threads,
+        prefix_cache_mb=0,
+    )  # fmt: skip
+    decode_rate(engine, prompts, 8, True)  # warm up
+
+    def sampled(fn):
+        def run():
+            engine.sample = fn
+            try:
+                return decode_rate(engine, prompts, n, True)
+            finally:
+                engine.sample = pick_batch
+
+        return run
+
+    def prefill(together):
+        def run():
+            engine.batch_prefill = together
+            try:
+                return first_tokens(engine, prompts)
+            finally:
+                engine.batch_prefill = True
+
+        return run
+
+    runs = {
+        "greedy_tok_s": lambda: decode_rate(engine, prompts, n, False),
+        "sampled_batched_tok_s": sampled(pick_batch),
+        "sampled_per_row_tok_s": sampled(pick_rows),
+        "prefill_together_s": prefill(True),
+        "prefill_one_by_one_s": prefill(False),
+    }
+    samples: dict = {k: [] for k in runs}
+    for r in range(args.rounds):
+        for name, fn in runs.items():
+            samples[name].append(fn())
+            print(f"round {r + 1} {name} {samples[name][-1]:.3f}", flush=True)
+    engine.stop()
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    results = {
+        "model": lm.name, "threads": threads, "batch": B, "new_tokens": n,
+        "prompt_tokens": [len(p) for p in prompts], "sampled": SAMPLED, "median": med,
+        "all": samples,
+        "sampled_batched_vs_greedy": med["sampled_batched_tok_s"] / med["greedy_tok_s"],
+        "sampled_per_row_vs_greedy": med["sampled_per_row_tok_s"] / med["greedy_tok_s"],
+        "prefill_speedup": med["prefill_one_by_one_s"] / med["prefill_together_s"],
+    }  # fmt: skip
+    print(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -134,6 +243,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument(
+        "--sampling",
+        type=int,
+        default=0,
+        metavar="B",
+        help="only compare sampled and greedy decode and batched prefill at B sequences",
+    )
     args = ap.parse_args()
     from lmloop.engine import Engine
     from lmloop.engine.core import default_threads
@@ -144,6 +260,8 @@ def main() -> None:
 
     lm = load_model(args.model)
     ids = lm.tokenizer.encode(PROMPT)
+    if args.sampling:
+        return sampling_main(lm, ids, args, threads)
     n = args.new_tokens
     batches = [int(b) for b in args.batches.split(",") if b]
     results: dict = {"model": lm.name, "prompt_tokens": len(ids), "threads": threads}

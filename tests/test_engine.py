@@ -14,7 +14,7 @@ from torch import nn
 from lmloop.engine import Engine, QueueFull, SamplingParams
 from lmloop.engine.fast import DecodeLinear, FastLlamaRunner
 from lmloop.engine.runner import ModelRunner
-from lmloop.engine.sampling import Sampler
+from lmloop.engine.sampling import Sampler, pick_batch, pick_rows
 from lmloop.engine.text import TextStream
 from lmloop.errors import UserError
 from lmloop.models.cache import KVCache
@@ -129,6 +129,64 @@ def test_decode_linear_matches_linear_at_every_row_count(dims, bias):
         x = torch.randn(rows, dims[1])
         with torch.no_grad():
             torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+# (family, fast runner, int8): both runners, both families, int8 on both
+PREFILL_SETUPS = [
+    ("llama", True, False),
+    ("llama", True, True),
+    ("llama", False, False),
+    ("gpt2", False, False),
+    ("gpt2", False, True),
+]
+
+
+@pytest.mark.parametrize("setup", PREFILL_SETUPS, ids=lambda s: "-".join(map(str, s)))
+def test_prompts_admitted_together_prefill_together_and_match_each_alone(models, tok, setup):
+    """Prompts of unequal lengths admitted in one step run through one prefill forward, and
+    each gets the tokens and logprobs it gets when the same requests are prefilled one at a
+    time (then decoded side by side alike), greedy and seeded sampled; two of them start after
+    a prefix copied from the prefix cache (the fourth at position 20, not 0)."""
+    family, fast, int8 = setup
+    lm = models[family][1]
+    head = tok.encode("Once upon a time there was a little robot who loved")[:20]
+    assert len(head) == 20
+    prompts = _prompts(tok) + [head + tok.encode(" to read."), [7]]
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0.9, seed=3, top_k=20),
+        dict(temperature=0),
+        dict(temperature=1.0, seed=5, top_p=0.9),
+        dict(temperature=0, repetition_penalty=1.2),
+    ]
+    params = [SamplingParams(max_tokens=6, logprobs=1, ignore_eos=True, **k) for k in kinds]
+    assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths
+    runs, calls = {}, []
+    for batch_prefill in (False, True):
+        engine = Engine(lm.model, lm.tokenizer, max_batch=8, fast=fast, int8=int8)
+        engine.batch_prefill = batch_prefill
+        with engine:
+            engine.complete(head + [9], SamplingParams(max_tokens=1, temperature=0))  # stored
+        batched = engine.runner.prefill_batch
+
+        def spy(rows, ids, starts, batched=batched):
+            calls.append(list(starts))
+            return batched(rows, ids, starts)
+
+        engine.runner.prefill_batch = spy
+        handles = [engine.submit(p, sp) for p, sp in zip(prompts, params)]  # one admission
+        with engine:
+            runs[batch_prefill] = [h.result() for h in handles]
+    # one forward; the fourth reused the stored prefix, and the first (which starts like it)
+    # all of itself but its last token
+    assert prompts[0] == head[: len(prompts[0])]
+    assert calls == [[len(prompts[0]) - 1, 0, 0, 20, 0]]
+    alone, together = runs[False], runs[True]
+    for a, b in zip(alone, together):  # int8 too: `pin_range` makes its rows independent
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in b.logprobs] == pytest.approx(
+            [x.logprob for x in a.logprobs], abs=1e-5
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -339,6 +397,70 @@ def test_sampler_filters_and_penalties():
     assert s.pick(logits) == 1  # presence counts once: 3.0 - 0.05 > 2.9
 
 
+# Every kind of row at once: plain and penalized greedy, top-k (1 and more), top-p (narrow,
+# near 1), min-p, all filters together, every penalty, temperatures either side of 1.
+MIXED = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0.8, seed=1),
+    dict(temperature=1.0, top_k=5, seed=2),
+    dict(temperature=0.7, top_p=0.9, seed=3),
+    dict(temperature=1.3, top_p=0.999, seed=4),
+    dict(temperature=1.0, min_p=0.05, seed=5),
+    dict(temperature=0.9, top_k=50, top_p=0.8, min_p=0.02, seed=6),
+    dict(temperature=1.1, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3, seed=7),
+    dict(temperature=0, frequency_penalty=1.0),
+    dict(temperature=0.5, top_k=1, seed=8),
+    dict(temperature=2.0, top_p=0.5, repetition_penalty=0.8, seed=9),
+    dict(temperature=1.5, top_p=0.95, min_p=0.3, seed=10),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("vocab, spread", [(300, 3.0), (5000, 0.2)])  # peaked; flat: full sort
+def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread):
+    """`pick_batch` over a batch mixing every setting draws, step after step (penalty state
+    growing), exactly the tokens of the one-row reference `Sampler.pick_row` with the same
+    seeds. The flat case puts top-p's nucleus past the 256 likeliest tokens (the full sort)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = [1, 5, 7, 9, 11]
+    batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    alone = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    distinct = set()
+    for _ in range(40):
+        logits = torch.randn(len(MIXED), vocab, generator=g) * spread
+        got = pick_batch(batched, logits)
+        want = [s.pick_row(row) for s, row in zip(alone, logits)]
+        assert got == want
+        for a, b, t in zip(batched, alone, got):
+            a.observe(t)
+            b.observe(t)
+        distinct |= set(got)
+    assert len(distinct) > 100  # sampled, not stuck on a few tokens
+    # each row alone, and one row as part of any batch, samples the same too
+    assert pick_batch(batched[3:4], logits[3:4]) == [alone[3].pick_row(logits[3])]
+
+
+def test_engine_tokens_and_logprobs_are_the_same_with_either_sampler(models, tok):
+    """The engine's batched sampling gives each request of a mixed batch the tokens and
+    logprobs that sampling its rows one at a time (`pick_rows`) gives."""
+    lm = models["llama"][1]
+    prompts = [tok.encode(f"Once upon a time {i}") for i in range(len(MIXED))]
+    runs = []
+    for sample in (pick_batch, pick_rows):
+        with Engine(lm.model, lm.tokenizer, max_batch=len(MIXED)) as engine:
+            engine.sample = sample
+            handles = [
+                engine.submit(p, SamplingParams(max_tokens=10, logprobs=2, ignore_eos=True, **kw))
+                for p, kw in zip(prompts, MIXED)
+            ]
+            runs.append([h.result() for h in handles])
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+        assert [(x.token_id, x.logprob, x.top) for x in a.logprobs] == [
+            (x.token_id, x.logprob, x.top) for x in b.logprobs
+        ]
+
+
 # ---- streaming text --------------------------------------------------------------------------
 class Scripted(nn.Module):
     """A fake model: the token at position p predicts script[p] (then `end`)."""
@@ -541,37 +663,41 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(models, tok):
 
 
 def test_a_sequence_whose_sampling_fails_ends_alone(models, tok, monkeypatch):
-    """15 sampled sequences give the same tokens alone and beside one whose sampler blows up
-    mid-way (its logits overflow to inf, the softmax to NaN, torch.multinomial raises)."""
+    """15 sampled sequences give the same tokens alone and beside one whose sampling blows up
+    mid-way, inside the batch's shared sampling ops (its penalty counts turn NaN, so its logits
+    and probabilities do: what temperature=1e-300 used to do)."""
     import lmloop.engine.core as core
 
     class Poisoned(Sampler):
-        calls = 0
-
-        def pick(self, logits):
-            self.calls += 1
-            if self.p.seed == 666 and self.calls > 3:  # what temperature=1e-300 used to do
-                return int(torch.multinomial(torch.softmax(logits / 1e-300, -1), 1))
-            return super().pick(logits)
+        def observe(self, token):
+            super().observe(token)
+            if self.p.seed == 666 and self.counts is not None and self.counts.sum() >= 3:
+                self.counts[token] = float("nan")
 
     monkeypatch.setattr(core, "Sampler", Poisoned)
     lm = models["llama"][1]
     prompts = [tok.encode(f"Once upon a time {i}") for i in range(15)]
 
     def params(i: int) -> SamplingParams:
-        return SamplingParams(max_tokens=10 + i % 4, temperature=1.0, seed=i, ignore_eos=True)
+        return SamplingParams(
+            max_tokens=10 + i % 4, temperature=1.0, seed=i, ignore_eos=True,
+            frequency_penalty=0.1 * (i % 3), top_p=0.9 if i % 2 else 1.0,
+        )  # fmt: skip
 
     with Engine(lm.model, lm.tokenizer, max_batch=16) as engine:
         alone = [engine.complete(p, params(i)) for i, p in enumerate(prompts)]
         handles = [engine.submit(p, params(i)) for i, p in enumerate(prompts[:7])]
-        bad = engine.submit(prompts[0], SamplingParams(**{**params(0).__dict__, "seed": 666}))
+        bad = engine.submit(
+            prompts[0],
+            SamplingParams(**{**params(0).__dict__, "seed": 666, "frequency_penalty": 1}),
+        )
         handles += [engine.submit(p, params(i + 7)) for i, p in enumerate(prompts[7:])]
         outs = list(bad)
         together = [h.result() for h in handles]
         assert engine.alive and engine.num_running == 0 and engine.num_waiting == 0
     assert outs[-1].finish_reason == "error"
     assert "sampling failed after 3 tokens" in outs[-1].error
-    assert "probability tensor" in outs[-1].error
+    assert "cannot sample: the probabilities sum to nan" in outs[-1].error
     assert [len(o.token_ids) for o in outs[:-1]] == [1, 1, 1]
     for a, b in zip(alone, together):
         assert a.token_ids == b.token_ids and a.text == b.text and b.finish_reason == "length"

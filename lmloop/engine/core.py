@@ -7,8 +7,9 @@
 Every caller (the CLI, batch jobs, the HTTP server, non-streaming completions) goes through
 `submit`, which queues a request and returns a `RequestHandle` to iterate (blocking) or
 `async for` over (asyncio). The worker thread loops: admit waiting requests into free cache rows
-(prefill each, sample its first token), then decode all running rows in one batched forward and
-sample each row with its own sampler. Sequences join and leave between steps; a finished or
+(the requests admitted together prefill in one forward, then their first tokens are sampled),
+then decode all running rows in one batched forward and sample every row at once, each by its
+own settings and seeded generator (`lmloop.engine.sampling.pick_batch`). Sequences join and leave between steps; a finished or
 cancelled one gives its cache row back at once (the idea of Orca's iteration-level scheduling,
 Yu et al., OSDI 2022).
 """
@@ -41,7 +42,7 @@ from lmloop.engine.params import (
 from lmloop.engine.prefix import PrefixCache
 from lmloop.engine.prefix import supports as prefix_supports
 from lmloop.engine.runner import ModelRunner
-from lmloop.engine.sampling import Sampler, top_logprobs
+from lmloop.engine.sampling import Sampler, pick_batch, top_logprobs
 from lmloop.engine.spec import EngineSpec
 from lmloop.engine.text import TextStream
 from lmloop.engine.threads import release_openmp_team
@@ -218,6 +219,11 @@ class Engine:
         self._busy = False
         self._backend = getattr(tokenizer, "backend", None)
         self.steps = 0  # decode steps taken (tests, metrics)
+        # Requests admitted together prefill in one forward where the runner can (`_waves`),
+        # and each step's rows are sampled at once; bench/generate.py swaps these for the
+        # one-at-a-time ways to measure both in one run.
+        self.batch_prefill = True
+        self.sample = pick_batch
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -402,71 +408,148 @@ class Engine:
     def _iteration(self, admit: list[_Seq]) -> None:
         if admit:
             self._use_threads(self.threads)
+        live = []
         for seq in admit:
             if seq.handle.cancel_requested:
                 self._finish(seq, "cancelled")
             else:
-                self._prefill(seq)
+                live.append(seq)
+        for wave in self._waves(live):
+            self._prefill(wave)
         self._drop_cancelled()
         if self._running:
             few = len(self._running) <= self.single_thread_rows
             self._use_threads(1 if few else self.threads)
             self._step()
 
+    def _waves(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Requests admitted together, in groups that prefill in one forward each (in order).
+        A request that asks for its prompt's logprobs goes alone (every position's logits);
+        one whose prompt starts with a whole prefix-cache block of another in the group waits
+        for the next group, so it reuses those keys and values instead of computing them
+        again; and a runner without `prefill_batch` takes one at a time."""
+        if not self.batch_prefill or not hasattr(self.runner, "prefill_batch"):
+            return [[s] for s in seqs]
+        waves: list[list[_Seq]] = []
+        wave: list[_Seq] = []
+        block = self.prefix.block if self.prefix is not None else 0
+        for seq in seqs:
+            alone = seq.params.prompt_logprobs is not None
+            shares = block and any(
+                seq.prompt[:block] == o.prompt[:block] and len(o.prompt) > block for o in wave
+            )
+            if wave and (alone or shares):
+                waves.append(wave)
+                wave = []
+            wave.append(seq)
+            if alone:
+                waves.append(wave)
+                wave = []
+        if wave:
+            waves.append(wave)
+        return waves
+
     def _use_threads(self, n: int) -> None:
         if n != self._threads_now:
             torch.set_num_threads(n)
             self._threads_now = n
 
-    def _prefill(self, seq: _Seq) -> None:
-        p = seq.params
-        seq.row = len(self._running)
-        self._running.append(seq)
-        try:
-            seq.sampler = Sampler(p, seq.prompt, self.vocab)
-            if self.encoder_decoder:  # the output is text of its own, special tokens dropped
-                seq.stream = TextStream(self._decode_output, [], p.stop)
-            else:
-                seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
-            seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
+    def _prefill(self, wave: list[_Seq]) -> None:
+        """Prefill a group of admitted requests (one forward where the runner batches), then
+        sample each one's first token."""
+        ready, starts = [], []
+        for seq in wave:
+            p = seq.params
+            seq.row = len(self._running)
+            self._running.append(seq)
+            try:
+                seq.sampler = Sampler(p, seq.prompt, self.vocab)
+                if self.encoder_decoder:  # the output is text of its own, special tokens dropped
+                    seq.stream = TextStream(self._decode_output, [], p.stop)
+                else:
+                    seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
+                seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
+                m = 0
+                if p.prompt_logprobs is None and self.prefix is not None:
+                    m = self.prefix.load(self.runner, seq.row, seq.prompt)
+            except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+                self._prefill_failed(seq, e)
+                continue
+            ready.append(seq)
+            starts.append(m)
+        if not ready:
+            return
+        results = self._forward(ready, starts)
+        sampling = []  # (seq, its last prompt position's logits, its prompt logprobs)
+        for seq, start, got in zip(ready, starts, results):
+            if isinstance(got, Exception):
+                self._prefill_failed(seq, got)
+                continue
+            p = seq.params
             plps = None
             if p.prompt_logprobs is None:
-                m = 0 if self.prefix is None else self.prefix.load(self.runner, seq.row, seq.prompt)
-                if m:
-                    logits = self.runner.prefill(seq.row, seq.prompt[m:], start=m)
-                else:
-                    logits = self.runner.prefill(seq.row, seq.prompt)
-                self.prefilled += len(seq.prompt) - m
-            else:
+                self.prefilled += len(seq.prompt) - start
+                logits = got
+            else:  # scored chunk by chunk while it was prefilled (alone: `_waves`)
                 self.prefilled += len(seq.prompt)
-                plps, logits = self._score_prompt(seq.row, seq.prompt, p.prompt_logprobs)
-        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
-            log.exception("request %d: prefill failed", seq.handle.id)
-            self._release(seq)
-            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                plps, logits = got
+            # At once, so requests admitted after this one share it; not for scoring-only
+            # requests (lm-eval sends thousands, which would push out the prefixes that recur).
+            if self.prefix is not None and p.max_tokens > 0:
+                self.prefix.store(self.runner, seq.row, seq.prompt)
+            if self.encoder_decoder:
+                seq.pos = 1  # decoder positions: the start token sat at 0
+            if p.max_tokens == 0:  # scoring only
+                self._release(seq)
+                out = StepOutput(
+                    "", [], None, True, "length", len(seq.prompt), 0, prompt_logprobs=plps
+                )
+                seq.handle._push(out)
+                continue
+            sampling.append((seq, logits, plps))
+        if not sampling:
             return
-        # At once, so requests admitted next to this one share it; not for scoring-only
-        # requests (lm-eval sends thousands, which would push out the prefixes that recur).
-        if self.prefix is not None and p.max_tokens > 0:
-            self.prefix.store(self.runner, seq.row, seq.prompt)
-        if self.encoder_decoder:
-            seq.pos = 1  # decoder positions: the start token sat at 0
-        if p.max_tokens == 0:  # scoring only
-            self._release(seq)
-            seq.handle._push(
-                StepOutput("", [], None, True, "length", len(seq.prompt), 0, prompt_logprobs=plps)
-            )
-            return
-        try:
-            out = self._accept(seq, seq.sampler.pick(logits), logits)
-        except Exception as e:  # noqa: BLE001 - this sequence ends alone
-            self._release(seq)
-            self._finish(seq, "error", error=_sampling_error(seq, e))
-            return
-        out.prompt_logprobs = plps
-        if out.finished:
+        seqs = [s for s, _, _ in sampling]
+        outs, failed = self._sample(seqs, torch.stack([x for _, x, _ in sampling]))
+        plps_of = {id(s): plps for s, _, plps in sampling}
+        for seq, out in outs:
+            out.prompt_logprobs = plps_of[id(seq)]
+        leaving = [seq for seq, out in outs if out.finished] + [seq for seq, _ in failed]
+        for seq in sorted(leaving, key=lambda s: -s.row):
             self._release(seq)  # before the caller hears of it: num_running is already right
-        seq.handle._push(out)
+        for seq, out in outs:
+            seq.handle._push(out)
+        for seq, error in failed:
+            self._finish(seq, "error", error=error)
+
+    def _forward(self, seqs: list[_Seq], starts: list[int]) -> list[Any]:
+        """Each sequence's prefill logits, or the exception that its prefill raised: one forward
+        for the group where the runner batches; alone when a batched forward fails, so one bad
+        request fails by itself."""
+        runner = self.runner
+        if len(seqs) > 1:
+            try:
+                rows = [s.row for s in seqs]
+                return list(runner.prefill_batch(rows, [s.prompt for s in seqs], starts))
+            except Exception:  # noqa: BLE001 - retried one by one below
+                log.exception("batched prefill failed; prefilling one request at a time")
+        out: list[Any] = []
+        for seq, m in zip(seqs, starts):
+            try:
+                if seq.params.prompt_logprobs is not None:  # (logprobs, last logits)
+                    out.append(self._score_prompt(seq.row, seq.prompt, seq.params.prompt_logprobs))
+                elif m:
+                    out.append(runner.prefill(seq.row, seq.prompt[m:], start=m))
+                else:
+                    out.append(runner.prefill(seq.row, seq.prompt))
+            except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+                out.append(e)
+        return out
+
+    def _prefill_failed(self, seq: _Seq, e: Exception) -> None:
+        log.error("request %d: prefill failed", seq.handle.id, exc_info=e)
+        self._release(seq)
+        self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
     def _step(self) -> None:
         running = self._running
@@ -481,16 +564,7 @@ class Engine:
         self.steps += 1
         for s in running:
             s.pos += 1
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        outs, failed = [], []
-        for i, seq in enumerate(running):
-            # A sequence whose sampling fails ends alone; the others' rows, samplers and
-            # outputs are untouched, so they continue exactly as if it had finished normally.
-            try:
-                token = greedy[i] if seq.sampler.plain_greedy else seq.sampler.pick(logits[i])
-                outs.append((seq, self._accept(seq, token, logits[i])))
-            except Exception as e:  # noqa: BLE001
-                failed.append((seq, _sampling_error(seq, e)))
+        outs, failed = self._sample(running, logits)
         leaving = [seq for seq, out in outs if out.finished] + [seq for seq, _ in failed]
         if self.prefix is not None:  # a finished answer extends its prompt's stored prefix
             for seq, out in outs:
@@ -502,6 +576,23 @@ class Engine:
             seq.handle._push(out)
         for seq, error in failed:
             self._finish(seq, "error", error=error)
+
+    def _sample(
+        self, seqs: list[_Seq], logits: torch.Tensor
+    ) -> tuple[list[tuple[_Seq, StepOutput]], list[tuple[_Seq, str]]]:
+        """Sample every row at once (`pick_batch`) and record the tokens. A sequence whose
+        sampling fails ends alone; the others' rows, samplers and outputs are untouched, so
+        they continue exactly as if it had finished normally."""
+        outs, failed = [], []
+        picks = self.sample([s.sampler for s in seqs], logits)
+        for i, (seq, token) in enumerate(zip(seqs, picks)):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                outs.append((seq, self._accept(seq, token, logits[i])))
+            except Exception as e:  # noqa: BLE001
+                failed.append((seq, _sampling_error(seq, e)))
+        return outs, failed
 
     def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> StepOutput:
         """Record one sampled token; its output (to push once rows are settled)."""

@@ -26,6 +26,7 @@ Models that are not plain Llama (GPT-2 family, already-quantized modules) use `M
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 
@@ -88,6 +89,7 @@ def quantize_linears(mods: nn.Module) -> nn.Module:
         out = quantize_dynamic(mods, spec, dtype=torch.qint8, inplace=True)
     for m in out.modules():
         if isinstance(m, DynamicLinear):
+            m.pin_range = False  # `pin_range` on: `ModelRunner` sets it around prompts
             m.register_forward_pre_hook(_rows_in)
             m.register_forward_hook(_rows_out)
     return out
@@ -110,13 +112,41 @@ def unscale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _rows_in(mod: nn.Module, args: tuple) -> tuple:
-    x, mod._row_scale = scale_rows(args[0])
+    x, mod._pinned = args[0], None
+    if getattr(mod, "pin_range", False):  # set by `ModelRunner` around prompts
+        mod._pinned = x.shape
+        x = pin_range(x.reshape(-1, x.shape[-1]))
+    x, mod._row_scale = scale_rows(x)
     return (x, *args[1:])
 
 
 def _rows_out(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
     m, mod._row_scale = mod._row_scale, None
-    return None if m is None else unscale_rows(out, m, mod.bias())
+    y = out if m is None else unscale_rows(out, m, mod.bias())
+    shape, mod._pinned = mod._pinned, None
+    if shape is not None:
+        y = y[:-1].reshape(*shape[:-1], y.shape[-1])
+    return None if y is out else y
+
+
+def pin_range(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C) with one more row holding +1 and -1: an int8 linear's input whose quantization
+    range is [-1, 1] once every row is scaled to absmax 1 (`scale_rows`), whatever the other
+    rows. fbgemm quantizes a whole input with one range, the union of its rows' ranges, so
+    without it a row's numbers depend on what else is in the call: a prompt would get other
+    numbers alone, in two parts (after a cached prefix) or packed with others (`prefill_batch`),
+    and a single row is not scaled at all. The pin costs one row."""
+    pin = x.new_zeros(1, x.shape[-1])
+    pin[0, 0], pin[0, 1] = 1.0, -1.0
+    return torch.cat([x, pin])
+
+
+def _prompt_linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """A linear over prompt rows whose result for a row does not depend on the other rows:
+    an `Int8Linear`'s input gets `pin_range`'s row; fp32 linears need no help."""
+    if not isinstance(lin, Int8Linear):
+        return lin(x)
+    return lin(pin_range(x))[:-1]
 
 
 def _kernel_available() -> bool:
@@ -527,51 +557,75 @@ class FastLlamaRunner:
         """Tokens at positions start..start+T-1 of `row` (slots before `start` hold a prefix
         already: the prefix cache's `write_kv`); logits of the last token (V,), or of every
         token (T, V) with `every_position`."""
-        x = self._prefill_hidden(row, ids, start)
-        if every_position:  # (T, V): the whole matrix (bench/int4.py compares it)
-            return self.lm_head(self._norm(x, self.final_norm))
-        return self.lm_head(self._norm(x[-1:], self.final_norm))[0]
+        x = self._prompts([row], [list(ids)], [start])
+        if every_position:  # (T, V): prompt scoring
+            return _prompt_linear(self.lm_head, self._norm(x, self.final_norm))
+        return _prompt_linear(self.lm_head, self._norm(x[-1:], self.final_norm))[0]
 
     def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
         """Prefill `row` with `ids` from position 0, then the logits of every token, at most
         `chunk` rows at a time (prompt scoring): the hidden states are T x C, the head's
         output is never more than chunk x V."""
-        x = self._prefill_hidden(row, ids, 0)
+        x = self._prompts([row], [list(ids)], [0])
         for s in range(0, len(ids), chunk):
-            yield self.lm_head(self._norm(x[s : s + chunk], self.final_norm))
+            yield _prompt_linear(self.lm_head, self._norm(x[s : s + chunk], self.final_norm))
 
-    def _prefill_hidden(self, row: int, ids: list[int], start: int) -> torch.Tensor:
-        """The last layer's output (T, C) for tokens at start..start+T-1, written into `row`."""
+    def prefill_batch(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int]
+    ) -> torch.Tensor:
+        """Several prompts in one forward: prompt i's tokens from starts[i] go to `rows[i]` at
+        positions starts[i].. (slots before hold a prefix already); logits of each prompt's
+        last token (n, V). The same numbers as `prefill` of each alone."""
+        x = self._prompts(rows, [p[s:] for p, s in zip(prompts, starts)], starts)
+        last = torch.tensor(list(itertools.accumulate(len(p) - s for p, s in zip(prompts, starts))))
+        return _prompt_linear(self.lm_head, self._norm(x[last - 1], self.final_norm))
+
+    def _prompts(self, rows: list[int], tails: list[list[int]], starts: list[int]):
+        """Run prompts' tokens (tails[i] at positions starts[i]..) packed into N rows:
+        the projections run once over all of them (one GEMM per weight instead of one per
+        prompt); rotary positions, the cache writes and attention are each prompt's own.
+        The hidden states (N, C) before the final norm."""
         self.allocate()
-        T, H, Hkv, D = len(ids), self.H, self.Hkv, self.D
-        end = start + T
-        x = self._embed(ids)  # (T, C)
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # (T, 1, D)
-        mask = None  # from 0: SDPA's own causal mask; after a prefix, query t sees slots <= t
-        if start:
-            mask = self._slots[None, :end] <= torch.arange(start, end)[:, None]  # (T, end)
-        at = (slice(None), row, slice(None), slice(start, end))
+        H, Hkv, D = self.H, self.Hkv, self.D
+        spans = []  # (row, start, end, where its first token sits among the packed ones)
+        N = 0
+        for row, ids, start in zip(rows, tails, starts):
+            spans.append((row, start, start + len(ids), N))
+            N += len(ids)
+        x = self._embed([t for ids in tails for t in ids])  # (N, C)
+        pos = torch.cat([self._slots[s:e] for _, s, e, _ in spans])
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (N, 1, D)
+        # from 0: SDPA's own causal mask; after a prefix, query t sees slots <= t
+        masks = [
+            None if s == 0 else self._slots[None, :e] <= self._slots[s:e, None]
+            for _, s, e, _ in spans
+        ]
+        y = torch.empty(N, H * D)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
-            h = qkv(self._norm(x, n1))  # (T, (H + 2 Hkv) D)
-            qk = self._rope(h[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
-            v = h[:, (H + Hkv) * D :].view(T, Hkv, D)
-            self._store(i, at, torch.stack((qk[:, H:], v)).transpose(1, 2))  # (2, Hkv, T, D)
-            # Attention reads keys and values back from the cache, so that a prompt sees the
-            # same (int8-rounded) values whether its prefix was prefilled or copied in.
-            k, v = self._kv_float(i, row, end)
-            q = qk[:, :H].transpose(0, 1)[None]  # (1, H, T, D)
-            y = F.scaled_dot_product_attention(
-                q,
-                k[None],
-                v[None],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=1.0,  # already folded into the queries
-                enable_gqa=True,
-            )  # (1, H, T, D)
-            x = x + o(y[0].transpose(0, 1).reshape(T, H * D))
-            g = gu(self._norm(x, n2))
-            x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
+            h = _prompt_linear(qkv, self._norm(x, n1))  # (N, (H + 2 Hkv) D)
+            qk = self._rope(h[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
+            v = h[:, (H + Hkv) * D :].view(N, Hkv, D)
+            for (row, start, end, at), mask in zip(spans, masks):
+                T = end - start
+                kv = torch.stack((qk[at : at + T, H:], v[at : at + T])).transpose(1, 2)
+                self._store(i, (slice(None), row, slice(None), slice(start, end)), kv)
+                # Attention reads keys and values back from the cache, so that a prompt sees
+                # the same (int8-rounded) values whether its prefix was prefilled or copied in.
+                k_, v_ = self._kv_float(i, row, end)
+                q = qk[at : at + T, :H].transpose(0, 1)[None]  # (1, H, T, D)
+                a = F.scaled_dot_product_attention(
+                    q,
+                    k_[None],
+                    v_[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=1.0,  # already folded into the queries
+                    enable_gqa=True,
+                )  # (1, H, T, D)
+                y[at : at + T] = a[0].transpose(0, 1).reshape(T, H * D)
+            x = x + _prompt_linear(o, y)
+            g = _prompt_linear(gu, self._norm(x, n2))
+            x = x + _prompt_linear(down, F.silu(g[:, : self.I]) * g[:, self.I :])
         return x
 
     def _decode_one(self, token: int, pos: int) -> torch.Tensor:

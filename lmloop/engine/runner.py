@@ -8,6 +8,7 @@ view with no copy. `ModelRunner` drives any lmloop model through its public `for
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 
@@ -35,6 +36,9 @@ class ModelRunner:
         if int8:  # quantize a copy: the caller's model stays as it was
             model = quantize_linears(copy.deepcopy(model))
         self.model = model
+        # int8 linears (`quantize_linears`) whose range is pinned while prompts run, so a prompt
+        # gets the same numbers alone, after a cached prefix or beside others (`pin_range`).
+        self._int8 = [m for m in model.modules() if hasattr(m, "pin_range")]
         self.cache = model.new_cache(batch, max_len, dtype=torch.float32, device="cpu")
         self.max_len = max_len
 
@@ -47,7 +51,8 @@ class ModelRunner:
         self.cache.valid[row, start:] = False
         x = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(start, start + len(ids))[None]
-        logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
+        with self._pinned():
+            logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
 
     def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
@@ -59,7 +64,44 @@ class ModelRunner:
             part = ids[s : s + chunk]
             x = torch.tensor([part], dtype=torch.long)
             pos = torch.arange(s, s + len(part))[None]
-            yield self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
+            with self._pinned():
+                logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
+            yield logits
+
+    @contextlib.contextmanager
+    def _pinned(self):
+        for m in self._int8:
+            m.pin_range = True
+        try:
+            yield
+        finally:
+            for m in self._int8:
+                m.pin_range = False
+
+    def prefill_batch(
+        self, rows: list[int], prompts: list[list[int]], starts: list[int]
+    ) -> torch.Tensor:
+        """Several prompts in one forward: prompt i's tokens starts[i].. go to `rows[i]` at
+        positions starts[i]..; logits of each prompt's last token (n, V). The rows must be
+        consecutive (the engine admits into rows n, n+1, ...). Shorter prompts are padded on
+        the right: a pad sits after every real token of its row, so causality hides it from
+        them, and it is marked invalid (`KVCache.begin`), so a later step never reads it. Where
+        a row's padding would run past the cache, each prompt goes alone."""
+        tails = [ids[s:] for ids, s in zip(prompts, starts)]
+        T = max(len(t) for t in tails)
+        r0 = rows[0]
+        if rows != list(range(r0, r0 + len(rows))) or max(starts) + T > self.max_len:
+            return torch.stack(
+                [self.prefill(r, ids[s:], start=s) for r, ids, s in zip(rows, prompts, starts)]
+            )
+        for r, s in zip(rows, starts):
+            self.cache.valid[r, s:] = False
+        x = torch.tensor([t + [0] * (T - len(t)) for t in tails], dtype=torch.long)
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
+        real = torch.arange(T)[None] < torch.tensor([len(t) for t in tails])[:, None]
+        with self._pinned():
+            logits = self.model(x, pos, CacheRows(self.cache, r0, r0 + len(rows)), real)
+        return logits[torch.arange(len(rows)), torch.tensor([len(t) - 1 for t in tails])]
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own position; logits (n, V)."""
