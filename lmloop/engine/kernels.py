@@ -107,6 +107,8 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
     lib.lm_qlinear.restype = i
+    lib.lm_qlinear8.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i]
+    lib.lm_qlinear8.restype = i
     lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
     return lib
@@ -142,8 +144,11 @@ def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Q4Linear:
-    """A linear over q4 block weights: y = x @ W^T + b, x (rows, K) fp32. Made for one row
-    (decode at batch 1); more rows are correct but unpack the codes once per row.
+    """A linear over q4 block weights: y = x @ W^T + b, x (rows, K) fp32: one row (decode at
+    batch 1), a batched step's rows or a prompt's positions. Each weight block is unpacked once
+    per 4 rows, and a row's outputs are computed by the same operations in the same order
+    whatever the row count (the C file's `dot_q4_tile`): a row's numbers do not depend on the
+    rows beside it.
 
     A plain callable, as `Int8Linear` (a decode step makes 120 of these calls)."""
 
@@ -188,6 +193,54 @@ class Q4Linear:
 
     def weight(self) -> torch.Tensor:
         return unpack(self.codes, self.scales)
+
+
+class Q8Linear:
+    """An int8 linear whose rows never see each other: int8 weights with one scale per output
+    row, each input row quantized on its own (absmax / 127, after an optional fused RMSNorm),
+    products summed in 32-bit integers (exact), so a row's outputs are the same bits at any
+    row count. The 4-bit runner's vocabulary head: fbgemm's dynamic int8 linear quantizes all
+    its rows with one scale, which makes a row's logits depend on the rest of the batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        if k % QK or k >= 1 << 17:
+            raise ValueError(f"input size {k} is not a multiple of {QK} below 131072")
+        self.lib = library()
+        self.out_features, self.in_features = n, k
+        w = weight.detach().float()
+        self.scale = (w.abs().amax(1).clamp(min=1e-8) / 127).contiguous()
+        self.qweight = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.bias = None if bias is None else bias.detach().float().contiguous().clone()
+        self._w, self._s = self.qweight.data_ptr(), self.scale.data_ptr()
+        self._b = None if self.bias is None else self.bias.data_ptr()
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        out: torch.Tensor | None = None,
+        add: bool = False,
+    ) -> torch.Tensor:
+        """x (rows, K) -> (rows, N); `norm`, `eps`, `out` and `add` as `Q4Linear`'s."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} for a {self.in_features}-wide linear")
+        rows = x.shape[0]
+        y = torch.empty(rows, self.out_features) if out is None else out
+        rc = self.lib.lm_qlinear8(
+            self._w, self._s, self.out_features, self.in_features, x.data_ptr(), rows,
+            y.data_ptr(), self._b, None if norm is None else norm.data_ptr(), eps, int(add),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("the int8 linear could not allocate its activation rows")
+        return y
+
+    def weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
 
 
 def positions_arg(positions: list[int], kv: torch.Tensor) -> ctypes.Array:

@@ -109,9 +109,13 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* Dot products of R consecutive weight rows with one activation row: R independent
- * accumulators keep the FMA latency chains apart, and each activation block is loaded once. */
+/* Dot products of R consecutive weight rows with activation rows: R independent accumulators
+ * per activation row keep the FMA latency chains apart. */
 #define R 4
+/* Activation rows per pass over a group of R weight rows: each block of those weights is
+ * loaded and unpacked once and used for MT rows (a batched step, a prompt), in place of once
+ * per row. */
+#define MT 4
 #ifndef PF
 #define PF 8192
 #endif
@@ -119,34 +123,56 @@ static inline float hsum(__m256 v) {
 /* Codes of weight row i, block b at c + (i * nb + b) * 16, its scales (d, m) at
  * p[2 * (i * nb + b)] (halves). Both streams
  * are prefetched PF bytes of codes ahead: a core's own prefetchers left this loop at about half
- * the bandwidth it reaches with them (72 against 217 us for a 3072 x 576 q4 weight). */
-static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
-                   float *out) {
+ * the bandwidth it reaches with them (72 against 217 us for a 3072 x 576 q4 weight).
+ *
+ * out[m * R + i] = (weight row i) . (activation row m), for m < nact <= MT, the activation rows
+ * nb blocks apart from a. Batch invariance rests on this: the operations that produce
+ * out[m * R + i], and their order (one 8-lane accumulator over the blocks in order, the offsets
+ * summed apart, then one horizontal sum), are the same whatever nact is and whichever rows
+ * share the pass, so a row's numbers never depend on what else is in the batch. A single row
+ * is nact = 1 of this same code. */
 #ifdef LM_AVX2
-    if (nrows == R) {
-        __m256 acc[R];
-        float off[R];
-        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;
-        const __m128i low = _mm_set1_epi8(0x0F);
-        for (int b = 0; b < nb; b++) {
-            __m256i aq = _mm256_loadu_si256((const __m256i *)a[b].q);
-            float da = a[b].d, sa = a[b].s;
+static inline __attribute__((always_inline)) void dot_q4_tile(const uint8_t *c, const f16 *p,
+                                                              const blk_a8 *a, int nact, int nb,
+                                                              float *out) {
+    __m256 acc[MT][R];
+    float off[MT][R];
+    for (int m = 0; m < nact; m++)
+        for (int i = 0; i < R; i++) acc[m][i] = _mm256_setzero_ps(), off[m][i] = 0.0f;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        __m256i wq[R];
+        float dw[R], mw[R];
+        for (int i = 0; i < R; i++) {
+            size_t k = (size_t)i * nb + b;
+            _mm_prefetch((const char *)(c + 16 * k) + PF, _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + 2 * k) + PF / 4, _MM_HINT_T0);
+            __m128i raw = _mm_loadu_si128((const __m128i *)(c + 16 * k));
+            wq[i] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),
+                                     _mm_and_si128(raw, low));
+            dw[i] = f16_to_f32(p[2 * k]);
+            mw[i] = f16_to_f32(p[2 * k + 1]);
+        }
+        for (int m = 0; m < nact; m++) {
+            const blk_a8 *am = a + (size_t)m * nb + b;
+            __m256i aq = _mm256_loadu_si256((const __m256i *)am->q);
+            float da = am->d, sa = am->s;
             for (int i = 0; i < R; i++) {
-                size_t k = (size_t)i * nb + b;
-                _mm_prefetch((const char *)(c + 16 * k) + PF, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + 2 * k) + PF / 4, _MM_HINT_T0);
-                __m128i raw = _mm_loadu_si128((const __m128i *)(c + 16 * k));
-                __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),
-                                              _mm_and_si128(raw, low));
-                __m256 prod = _mm256_cvtepi32_ps(dot_us8(wq, aq));
-                acc[i] = _mm256_fmadd_ps(prod, _mm256_set1_ps(f16_to_f32(p[2 * k]) * da), acc[i]);
-                off[i] += f16_to_f32(p[2 * k + 1]) * sa;
+                __m256 prod = _mm256_cvtepi32_ps(dot_us8(wq[i], aq));
+                acc[m][i] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw[i] * da), acc[m][i]);
+                off[m][i] += mw[i] * sa;
             }
         }
-        for (int i = 0; i < R; i++) out[i] = hsum(acc[i]) + off[i];
-        return;
     }
+    for (int m = 0; m < nact; m++)
+        for (int i = 0; i < R; i++) out[m * R + i] = hsum(acc[m][i]) + off[m][i];
+}
 #endif
+
+/* One activation row against nrows (any count) weight rows, in plain C: the leftover rows of a
+ * width that is not a multiple of R, and every row where there is no AVX2. */
+static void dot_q4_plain(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
+                         float *out) {
     for (int i = 0; i < nrows; i++) {
         float acc = 0.0f;
         for (int b = 0; b < nb; b++) {
@@ -161,6 +187,23 @@ static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, i
         }
         out[i] = acc;
     }
+}
+
+/* out[m * R + i] for weight rows i < nrows and activation rows m < nact (as dot_q4_tile). */
+static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nact, int nb,
+                   float *out) {
+#ifdef LM_AVX2
+    if (nrows == R) { /* constant row counts: each pass compiled with its tile in registers */
+        if (nact == MT)
+            dot_q4_tile(c, p, a, MT, nb, out);
+        else if (nact == 1)
+            dot_q4_tile(c, p, a, 1, nb, out);
+        else
+            dot_q4_tile(c, p, a, nact, nb, out);
+        return;
+    }
+#endif
+    for (int m = 0; m < nact; m++) dot_q4_plain(c, p, nrows, a + (size_t)m * nb, nb, out + m * R);
 }
 
 /* The input a row feeds to the kernel: x itself, RMSNorm(x) * norm_w, or (swiglu) the row
@@ -202,23 +245,132 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
         quantize_a8(row, a + (size_t)r * nb, nb);
     }
     free(row);
-    /* each group of R weight rows is streamed once and used for every activation row (made
-     * for one row: decode at batch 1; more rows unpack the codes again for each) */
+    /* each group of R weight rows is streamed once; its blocks are unpacked once per MT
+     * activation rows */
 #pragma omp parallel for schedule(static)
     for (int n0 = 0; n0 < n_out; n0 += R) {
         int nrows = n_out - n0 < R ? n_out - n0 : R;
         size_t k0 = (size_t)n0 * nb;
-        float out[R];
-        for (int r = 0; r < rows; r++) {
-            dot_q4(codes + 16 * k0, scales + 2 * k0, nrows, a + (size_t)r * nb, nb, out);
-            float *yr = y + (size_t)r * n_out + n0;
-            for (int i = 0; i < nrows; i++) {
-                float v = out[i] + (bias ? bias[n0 + i] : 0.0f);
-                yr[i] = accumulate ? yr[i] + v : v;
+        float out[MT * R];
+        for (int r0 = 0; r0 < rows; r0 += MT) {
+            int nact = rows - r0 < MT ? rows - r0 : MT;
+            dot_q4(codes + 16 * k0, scales + 2 * k0, nrows, a + (size_t)r0 * nb, nact, nb, out);
+            for (int m = 0; m < nact; m++) {
+                float *yr = y + (size_t)(r0 + m) * n_out + n0;
+                for (int i = 0; i < nrows; i++) {
+                    float v = out[m * R + i] + (bias ? bias[n0 + i] : 0.0f);
+                    yr[i] = accumulate ? yr[i] + v : v;
+                }
             }
         }
     }
     free(a);
+    return 0;
+}
+
+/* An int8 linear whose rows never see each other: W is n_out rows of k int8 weights with one
+ * fp32 scale per row (w ~= ws[n] * q), each activation row is quantized on its own (absmax /
+ * 127, after prep_row's norm when norm_w is given), and the dot products are summed in 32-bit
+ * integers, which is exact: no order of summation, batch size or tiling changes a result. Then
+ * y[r, n] = isum * (d_r * ws[n]) (+ bias), or y += that. Made for the vocabulary head of the
+ * 4-bit runner, where fbgemm's dynamic linear, which quantizes all its rows with one scale,
+ * would make a row's logits depend on the others. k must be a multiple of 32 (k < 2^17 keeps
+ * the sums within 32 bits). Returns 0, or -1 on bad sizes or when memory ran out. */
+#ifdef LM_AVX2
+/* acc + 8 sums of 4 (w * a) products, w and a signed 8-bit, |a| <= 127: |a| is the unsigned
+ * operand and a's sign moves to w, so no pair sum can saturate the AVX2 path's 16 bits. */
+static inline __m256i dot_ss8(__m256i acc, __m256i aabs, __m256i w, __m256i a) {
+    return _mm256_add_epi32(acc, dot_us8(aabs, _mm256_sign_epi8(w, a)));
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+/* isum[m * R + i] = (weight row i) . (activation row m), weight rows k apart from w,
+ * activation rows k apart from aq (aabs: their absolute values). */
+static void dot_i8(const int8_t *w, int nrows, const int8_t *aq, const int8_t *aabs, int nact,
+                   int k, int32_t *isum) {
+#ifdef LM_AVX2
+    if (nrows == R) {
+        __m256i acc[MT][R];
+        for (int m = 0; m < nact; m++)
+            for (int i = 0; i < R; i++) acc[m][i] = _mm256_setzero_si256();
+        for (int j = 0; j < k; j += 32) {
+            __m256i wv[R];
+            for (int i = 0; i < R; i++) {
+                const int8_t *wi = w + (size_t)i * k + j;
+                _mm_prefetch((const char *)wi + PF, _MM_HINT_T0);
+                wv[i] = _mm256_loadu_si256((const __m256i *)wi);
+            }
+            for (int m = 0; m < nact; m++) {
+                __m256i av = _mm256_loadu_si256((const __m256i *)(aq + (size_t)m * k + j));
+                __m256i ab = _mm256_loadu_si256((const __m256i *)(aabs + (size_t)m * k + j));
+                for (int i = 0; i < R; i++) acc[m][i] = dot_ss8(acc[m][i], ab, wv[i], av);
+            }
+        }
+        for (int m = 0; m < nact; m++)
+            for (int i = 0; i < R; i++) isum[m * R + i] = hsum_i32(acc[m][i]);
+        return;
+    }
+#endif
+    (void)aabs;
+    for (int m = 0; m < nact; m++)
+        for (int i = 0; i < nrows; i++) {
+            const int8_t *wi = w + (size_t)i * k, *am = aq + (size_t)m * k;
+            int32_t s = 0;
+            for (int j = 0; j < k; j++) s += (int32_t)wi[j] * am[j];
+            isum[m * R + i] = s;
+        }
+}
+
+int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const float *x, int rows,
+                float *y, const float *bias, const float *norm_w, float eps, int accumulate) {
+    if (k % QK != 0 || k >= (1 << 17) || rows <= 0) return -1;
+    int8_t *aq = (int8_t *)malloc(2 * (size_t)k * (size_t)rows);
+    float *d = (float *)malloc(sizeof(float) * (size_t)rows);
+    float *row = (float *)malloc(sizeof(float) * (size_t)k);
+    if (aq == NULL || d == NULL || row == NULL) {
+        free(aq), free(d), free(row);
+        return -1;
+    }
+    int8_t *aabs = aq + (size_t)k * rows;
+    for (int r = 0; r < rows; r++) {
+        prep_row(x + (size_t)r * k, k, norm_w, eps, 0, row);
+        float amax = 0.0f;
+        for (int j = 0; j < k; j++) amax = fmaxf(amax, fabsf(row[j]));
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[r] = amax / 127.0f;
+        for (int j = 0; j < k; j++) {
+            int q = (int)nearbyintf(row[j] * id);
+            aq[(size_t)r * k + j] = (int8_t)q;
+            aabs[(size_t)r * k + j] = (int8_t)(q < 0 ? -q : q);
+        }
+    }
+    free(row);
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < n_out; n0 += R) {
+        int nrows = n_out - n0 < R ? n_out - n0 : R;
+        int32_t isum[MT * R];
+        for (int r0 = 0; r0 < rows; r0 += MT) {
+            int nact = rows - r0 < MT ? rows - r0 : MT;
+            dot_i8(w + (size_t)n0 * k, nrows, aq + (size_t)r0 * k, aabs + (size_t)r0 * k, nact,
+                   k, isum);
+            for (int m = 0; m < nact; m++) {
+                float *yr = y + (size_t)(r0 + m) * n_out + n0;
+                for (int i = 0; i < nrows; i++) {
+                    float v = (float)isum[m * R + i] * (d[r0 + m] * wscale[n0 + i]);
+                    if (bias) v += bias[n0 + i];
+                    yr[i] = accumulate ? yr[i] + v : v;
+                }
+            }
+        }
+    }
+    free(aq), free(d);
     return 0;
 }
 
