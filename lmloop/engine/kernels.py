@@ -135,6 +135,38 @@ def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, torch.cat([d, lo], -1).half().contiguous()
 
 
+GROUP = 8  # weight rows the kernel interleaves (the C file's R)
+
+
+def to_kernel_layout(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`pack_q4`'s (N, K/32, 16) codes and (N, K/32, 2) scales in the order the kernel reads
+    them (the C file documents it): N // 8 groups of 8 rows whose codes are interleaved four at
+    a time, then the rows left over as they were. Flat uint8 codes and fp16 scales."""
+    n, nb, _ = codes.shape
+    full = n // GROUP * GROUP
+    q = torch.cat([codes[:full] & 0x0F, codes[:full] >> 4], -1)  # (full, nb, 32) in order
+    # element 8t + 4h + e of row i -> register t, byte 4i + e, low (h = 0) or high nibble
+    q = q.view(-1, GROUP, nb, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # (G, nb, t, i, e, h)
+    grouped = q[..., 0] | (q[..., 1] << 4)
+    s = scales[:full].view(-1, GROUP, nb, 2).permute(0, 2, 3, 1)  # (G, nb, d|m, i)
+    return (
+        torch.cat([grouped.reshape(-1), codes[full:].reshape(-1)]).contiguous(),
+        torch.cat([s.reshape(-1), scales[full:].reshape(-1)]).contiguous(),
+    )
+
+
+def from_kernel_layout(
+    codes: torch.Tensor, scales: torch.Tensor, n: int, nb: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_kernel_layout` undone: (N, K/32, 16) codes and (N, K/32, 2) scales."""
+    full = n // GROUP * GROUP
+    g = codes[: full * nb * 16].view(-1, nb, 4, GROUP, 4)  # (G, nb, t, i, e)
+    q = torch.stack([g & 0x0F, g >> 4], -1).permute(0, 3, 1, 2, 5, 4).reshape(full, nb, 32)
+    rows = torch.cat([q[..., :16] | (q[..., 16:] << 4), codes[full * nb * 16 :].view(-1, nb, 16)])
+    s = scales[: full * nb * 2].view(-1, nb, 2, GROUP).permute(0, 3, 1, 2).reshape(full, nb, 2)
+    return rows, torch.cat([s, scales[full * nb * 2 :].view(-1, nb, 2)])
+
+
 def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The fp32 weights packed codes and scales stand for (tests, quality checks)."""
     n, nb, _ = codes.shape
@@ -158,7 +190,7 @@ class Q4Linear:
             raise ValueError(f"input size {k} is not a multiple of {QK}")
         self.lib = library()
         self.out_features, self.in_features = n, k
-        self.codes, self.scales = pack_q4(weight)
+        self.codes, self.scales = to_kernel_layout(*pack_q4(weight))
         self.bias = None if bias is None else bias.detach().float().contiguous().clone()
         self._w, self._s = self.codes.data_ptr(), self.scales.data_ptr()
         self._b = None if self.bias is None else self.bias.data_ptr()
@@ -192,7 +224,8 @@ class Q4Linear:
         return y
 
     def weight(self) -> torch.Tensor:
-        return unpack(self.codes, self.scales)
+        n, nb = self.out_features, self.in_features // QK
+        return unpack(*from_kernel_layout(self.codes, self.scales, n, nb))
 
 
 class Q8Linear:

@@ -109,101 +109,166 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* Dot products of R consecutive weight rows with activation rows: R independent accumulators
- * per activation row keep the FMA latency chains apart. */
-#define R 4
-/* Activation rows per pass over a group of R weight rows: each block of those weights is
- * loaded and unpacked once and used for MT rows (a batched step, a prompt), in place of once
- * per row. */
+/* Weight rows per group: the groups' codes are interleaved so that one register holds four
+ * consecutive codes of each of the R rows (below), and a broadcast of four activation codes
+ * then gives every row's partial sum in its own lane, with no horizontal sums. */
+#define R 8
+/* Activation rows per pass over a group: each block of the group's weights is loaded and
+ * unpacked once and used for MT rows (a batched step, a prompt), in place of once per row. */
 #define MT 4
 #ifndef PF
 #define PF 8192
 #endif
 
-/* Codes of weight row i, block b at c + (i * nb + b) * 16, its scales (d, m) at
- * p[2 * (i * nb + b)] (halves). Both streams
- * are prefetched PF bytes of codes ahead: a core's own prefetchers left this loop at about half
- * the bandwidth it reaches with them (72 against 217 us for a 3072 x 576 q4 weight).
+/* The weights' layout (`lmloop.engine.kernels.Q4Linear` packs it): n_out / R full groups,
+ * then the n_out % R rows left over.
+ *   group g, block b: 128 bytes of codes at c + (g * nb + b) * 128, four 32-byte registers;
+ *     register t, byte 4 * i + e holds row i's code of element 8t + e (low nibble) and of
+ *     element 8t + 4 + e (high nibble); scales at p + (g * nb + b) * 16: the R rows' d, then
+ *     their m (halves);
+ *   a leftover row i, block b: 16 bytes at c + (G * nb * R + i * nb + b) * 16 (byte j holds
+ *     q[j] low and q[j + 16] high), its (d, m) at p + 2 * (G * nb * R + i * nb + b).
  *
- * out[m * R + i] = (weight row i) . (activation row m), for m < nact <= MT, the activation rows
- * nb blocks apart from a. Batch invariance rests on this: the operations that produce
- * out[m * R + i], and their order (one 8-lane accumulator over the blocks in order, the offsets
- * summed apart, then one horizontal sum), are the same whatever nact is and whichever rows
- * share the pass, so a row's numbers never depend on what else is in the batch. A single row
- * is nact = 1 of this same code. */
-#ifdef LM_AVX2
-static inline __attribute__((always_inline)) void dot_q4_tile(const uint8_t *c, const f16 *p,
-                                                              const blk_a8 *a, int nact, int nb,
-                                                              float *out) {
-    __m256 acc[MT][R];
-    float off[MT][R];
+ * The arithmetic, one weight row against one activation row: per block, the 32 products are
+ * summed exactly in integers; then acc += (float)sum * (d_w * d_x) and off += m_w * s_x, in
+ * block order, and out = acc + off. Batch invariance rests on this: the operations that
+ * produce a row's output and their order are the same whatever the row count and whichever
+ * rows share a pass (the vector path computes a group's R weight rows in the lanes of one
+ * register, each lane on its own), so a row's numbers never depend on the rest of the batch.
+ * A single row is the same code with one activation row. */
+
+/* Row i (< R) of a group's block b: its 32 codes, in element order. */
+static inline void group_codes(const uint8_t *blk, int i, uint8_t q[32]) {
+    for (int t = 0; t < 4; t++)
+        for (int e = 0; e < 4; e++) {
+            uint8_t v = blk[32 * t + 4 * i + e];
+            q[8 * t + e] = v & 0x0F;
+            q[8 * t + 4 + e] = v >> 4;
+        }
+}
+
+static inline float plain_block(const uint8_t q[32], float d, float m, const blk_a8 *a,
+                                float *off) {
+    int s = 0;
+    for (int j = 0; j < QK; j++) s += q[j] * a->q[j];
+    *off += m * a->s;
+    return (float)s * (d * a->d);
+}
+
+#ifndef LM_AVX2
+/* out[m * R + i] for a group's R rows (c, p at the group) and activation rows m < nact. */
+static void group_plain(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact, int nb,
+                        float *out) {
+    uint8_t q[32];
     for (int m = 0; m < nact; m++)
-        for (int i = 0; i < R; i++) acc[m][i] = _mm256_setzero_ps(), off[m][i] = 0.0f;
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (int b = 0; b < nb; b++) {
-        __m256i wq[R];
-        float dw[R], mw[R];
         for (int i = 0; i < R; i++) {
-            size_t k = (size_t)i * nb + b;
-            _mm_prefetch((const char *)(c + 16 * k) + PF, _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + 2 * k) + PF / 4, _MM_HINT_T0);
-            __m128i raw = _mm_loadu_si128((const __m128i *)(c + 16 * k));
-            wq[i] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),
-                                     _mm_and_si128(raw, low));
-            dw[i] = f16_to_f32(p[2 * k]);
-            mw[i] = f16_to_f32(p[2 * k + 1]);
-        }
-        for (int m = 0; m < nact; m++) {
-            const blk_a8 *am = a + (size_t)m * nb + b;
-            __m256i aq = _mm256_loadu_si256((const __m256i *)am->q);
-            float da = am->d, sa = am->s;
-            for (int i = 0; i < R; i++) {
-                __m256 prod = _mm256_cvtepi32_ps(dot_us8(wq[i], aq));
-                acc[m][i] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw[i] * da), acc[m][i]);
-                off[m][i] += mw[i] * sa;
+            float acc = 0.0f, off = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                group_codes(c + (size_t)b * 128, i, q);
+                const f16 *pb = p + (size_t)b * 2 * R;
+                acc += plain_block(q, f16_to_f32(pb[i]), f16_to_f32(pb[R + i]),
+                                   a + (size_t)m * nb + b, &off);
             }
+            out[m * R + i] = acc + off;
         }
-    }
-    for (int m = 0; m < nact; m++)
-        for (int i = 0; i < R; i++) out[m * R + i] = hsum(acc[m][i]) + off[m][i];
 }
 #endif
 
-/* One activation row against nrows (any count) weight rows, in plain C: the leftover rows of a
- * width that is not a multiple of R, and every row where there is no AVX2. */
-static void dot_q4_plain(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
-                         float *out) {
+/* One activation row against nrows leftover rows (row layout). */
+static void rows_plain(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
+                       float *out) {
+    uint8_t q[32];
     for (int i = 0; i < nrows; i++) {
-        float acc = 0.0f;
+        float acc = 0.0f, off = 0.0f;
         for (int b = 0; b < nb; b++) {
             size_t k = (size_t)i * nb + b;
-            const uint8_t *q = c + 16 * k;
-            int s = 0;
-            for (int j = 0; j < 16; j++) {
-                s += (q[j] & 0x0F) * a[b].q[j];
-                s += (q[j] >> 4) * a[b].q[j + 16];
-            }
-            acc += f16_to_f32(p[2 * k]) * a[b].d * (float)s + f16_to_f32(p[2 * k + 1]) * a[b].s;
+            for (int j = 0; j < 16; j++) q[j] = c[16 * k + j] & 0x0F, q[j + 16] = c[16 * k + j] >> 4;
+            acc += plain_block(q, f16_to_f32(p[2 * k]), f16_to_f32(p[2 * k + 1]), a + b, &off);
         }
-        out[i] = acc;
+        out[i] = acc + off;
     }
 }
 
-/* out[m * R + i] for weight rows i < nrows and activation rows m < nact (as dot_q4_tile). */
-static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nact, int nb,
-                   float *out) {
 #ifdef LM_AVX2
-    if (nrows == R) { /* constant row counts: each pass compiled with its tile in registers */
-        if (nact == MT)
-            dot_q4_tile(c, p, a, MT, nb, out);
-        else if (nact == 1)
-            dot_q4_tile(c, p, a, 1, nb, out);
-        else
-            dot_q4_tile(c, p, a, nact, nb, out);
-        return;
-    }
+static inline __m256 load8_f16(const f16 *h) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = f16_to_f32(h[i]);
+    return _mm256_loadu_ps(f);
 #endif
-    for (int m = 0; m < nact; m++) dot_q4_plain(c, p, nrows, a + (size_t)m * nb, nb, out + m * R);
+}
+
+/* Lane i: row i's integer dot product of one block (w: the 8 unpacked code registers, chunk t
+ * = elements 4t..4t+3 of each row; a: the activation block's 32 codes). */
+static inline __m256i block_dot(const __m256i w[8], const int8_t *a) {
+    int32_t a4[8];
+    memcpy(a4, a, 32);
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    __m256i s = _mm256_setzero_si256();
+    for (int t = 0; t < 8; t++) {
+#if defined(__AVXVNNI__)
+        s = _mm256_dpbusd_avx_epi32(s, w[t], _mm256_set1_epi32(a4[t]));
+#else
+        s = _mm256_dpbusd_epi32(s, w[t], _mm256_set1_epi32(a4[t]));
+#endif
+    }
+    return s;
+#else /* pair sums of (0..15) x (-128..127) fit 16 bits, and so do eight of them */
+    __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(a4[0]));
+    for (int t = 1; t < 8; t++)
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(a4[t])));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+}
+
+/* A group's R rows against nact activation rows. Both weight streams are prefetched PF bytes
+ * of codes ahead: a core's own prefetchers left this loop at about half the bandwidth it
+ * reaches with them (72 against 217 us for a 3072 x 576 q4 weight). */
+static inline __attribute__((always_inline)) void group_tile(const uint8_t *c, const f16 *p,
+                                                             const blk_a8 *a, int nact, int nb,
+                                                             float *out) {
+    __m256 acc[MT], off[MT];
+    for (int m = 0; m < nact; m++) acc[m] = off[m] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *cb = c + (size_t)b * 128;
+        const f16 *pb = p + (size_t)b * 2 * R;
+        _mm_prefetch((const char *)cb + PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)cb + PF + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)pb + PF / 4, _MM_HINT_T0);
+        __m256i w[8];
+        for (int t = 0; t < 4; t++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(cb + 32 * t));
+            w[2 * t] = _mm256_and_si256(raw, low);
+            w[2 * t + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        }
+        __m256 dv = load8_f16(pb), mv = load8_f16(pb + R);
+        for (int m = 0; m < nact; m++) {
+            const blk_a8 *am = a + (size_t)m * nb + b;
+            __m256 sums = _mm256_cvtepi32_ps(block_dot(w, am->q));
+            acc[m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dv, _mm256_set1_ps(am->d)), acc[m]);
+            off[m] = _mm256_add_ps(off[m], _mm256_mul_ps(mv, _mm256_set1_ps(am->s)));
+        }
+    }
+    for (int m = 0; m < nact; m++) _mm256_storeu_ps(out + m * R, _mm256_add_ps(acc[m], off[m]));
+}
+#endif
+
+/* out[m * R + i] for a full group (c, p at the group) and activation rows m < nact <= MT. */
+static void dot_group(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact, int nb,
+                      float *out) {
+#ifdef LM_AVX2
+    if (nact == MT) /* constant row counts: each pass compiled with its tile in registers */
+        group_tile(c, p, a, MT, nb, out);
+    else if (nact == 1)
+        group_tile(c, p, a, 1, nb, out);
+    else
+        group_tile(c, p, a, nact, nb, out);
+#else
+    group_plain(c, p, a, nact, nb, out);
+#endif
 }
 
 /* The input a row feeds to the kernel: x itself, RMSNorm(x) * norm_w, or (swiglu) the row
@@ -247,14 +312,24 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
     free(row);
     /* each group of R weight rows is streamed once; its blocks are unpacked once per MT
      * activation rows */
+    int groups = n_out / R, left = n_out % R;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n_out; n0 += R) {
-        int nrows = n_out - n0 < R ? n_out - n0 : R;
-        size_t k0 = (size_t)n0 * nb;
+    for (int g = 0; g <= groups; g++) {
+        if (g == groups && left == 0) continue;
+        int n0 = g * R, nrows = g < groups ? R : left;
         float out[MT * R];
         for (int r0 = 0; r0 < rows; r0 += MT) {
             int nact = rows - r0 < MT ? rows - r0 : MT;
-            dot_q4(codes + 16 * k0, scales + 2 * k0, nrows, a + (size_t)r0 * nb, nact, nb, out);
+            const blk_a8 *ar = a + (size_t)r0 * nb;
+            if (g < groups) {
+                size_t k0 = (size_t)g * nb;
+                dot_group(codes + 128 * k0, scales + 2 * R * k0, ar, nact, nb, out);
+            } else {
+                size_t k0 = (size_t)groups * R * nb;
+                for (int m = 0; m < nact; m++)
+                    rows_plain(codes + 16 * k0, scales + 2 * k0, left, ar + (size_t)m * nb, nb,
+                               out + m * R);
+            }
             for (int m = 0; m < nact; m++) {
                 float *yr = y + (size_t)(r0 + m) * n_out + n0;
                 for (int i = 0; i < nrows; i++) {
@@ -280,7 +355,13 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
 /* acc + 8 sums of 4 (w * a) products, w and a signed 8-bit, |a| <= 127: |a| is the unsigned
  * operand and a's sign moves to w, so no pair sum can saturate the AVX2 path's 16 bits. */
 static inline __m256i dot_ss8(__m256i acc, __m256i aabs, __m256i w, __m256i a) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, aabs, _mm256_sign_epi8(w, a));
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, aabs, _mm256_sign_epi8(w, a));
+#else
     return _mm256_add_epi32(acc, dot_us8(aabs, _mm256_sign_epi8(w, a)));
+#endif
 }
 
 static inline int hsum_i32(__m256i v) {
@@ -291,18 +372,20 @@ static inline int hsum_i32(__m256i v) {
 }
 #endif
 
-/* isum[m * R + i] = (weight row i) . (activation row m), weight rows k apart from w,
+/* isum[m * R8 + i] = (weight row i) . (activation row m), weight rows k apart from w,
  * activation rows k apart from aq (aabs: their absolute values). */
+#define R8 4 /* weight rows per tile of the int8 path (MT x R8 accumulators) */
+
 static void dot_i8(const int8_t *w, int nrows, const int8_t *aq, const int8_t *aabs, int nact,
                    int k, int32_t *isum) {
 #ifdef LM_AVX2
-    if (nrows == R) {
-        __m256i acc[MT][R];
+    if (nrows == R8) {
+        __m256i acc[MT][R8];
         for (int m = 0; m < nact; m++)
-            for (int i = 0; i < R; i++) acc[m][i] = _mm256_setzero_si256();
+            for (int i = 0; i < R8; i++) acc[m][i] = _mm256_setzero_si256();
         for (int j = 0; j < k; j += 32) {
-            __m256i wv[R];
-            for (int i = 0; i < R; i++) {
+            __m256i wv[R8];
+            for (int i = 0; i < R8; i++) {
                 const int8_t *wi = w + (size_t)i * k + j;
                 _mm_prefetch((const char *)wi + PF, _MM_HINT_T0);
                 wv[i] = _mm256_loadu_si256((const __m256i *)wi);
@@ -310,11 +393,11 @@ static void dot_i8(const int8_t *w, int nrows, const int8_t *aq, const int8_t *a
             for (int m = 0; m < nact; m++) {
                 __m256i av = _mm256_loadu_si256((const __m256i *)(aq + (size_t)m * k + j));
                 __m256i ab = _mm256_loadu_si256((const __m256i *)(aabs + (size_t)m * k + j));
-                for (int i = 0; i < R; i++) acc[m][i] = dot_ss8(acc[m][i], ab, wv[i], av);
+                for (int i = 0; i < R8; i++) acc[m][i] = dot_ss8(acc[m][i], ab, wv[i], av);
             }
         }
         for (int m = 0; m < nact; m++)
-            for (int i = 0; i < R; i++) isum[m * R + i] = hsum_i32(acc[m][i]);
+            for (int i = 0; i < R8; i++) isum[m * R8 + i] = hsum_i32(acc[m][i]);
         return;
     }
 #endif
@@ -324,7 +407,7 @@ static void dot_i8(const int8_t *w, int nrows, const int8_t *aq, const int8_t *a
             const int8_t *wi = w + (size_t)i * k, *am = aq + (size_t)m * k;
             int32_t s = 0;
             for (int j = 0; j < k; j++) s += (int32_t)wi[j] * am[j];
-            isum[m * R + i] = s;
+            isum[m * R8 + i] = s;
         }
 }
 
@@ -353,9 +436,9 @@ int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const fl
     }
     free(row);
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n_out; n0 += R) {
-        int nrows = n_out - n0 < R ? n_out - n0 : R;
-        int32_t isum[MT * R];
+    for (int n0 = 0; n0 < n_out; n0 += R8) {
+        int nrows = n_out - n0 < R8 ? n_out - n0 : R8;
+        int32_t isum[MT * R8];
         for (int r0 = 0; r0 < rows; r0 += MT) {
             int nact = rows - r0 < MT ? rows - r0 : MT;
             dot_i8(w + (size_t)n0 * k, nrows, aq + (size_t)r0 * k, aabs + (size_t)r0 * k, nact,
@@ -363,7 +446,7 @@ int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const fl
             for (int m = 0; m < nact; m++) {
                 float *yr = y + (size_t)(r0 + m) * n_out + n0;
                 for (int i = 0; i < nrows; i++) {
-                    float v = (float)isum[m * R + i] * (d[r0 + m] * wscale[n0 + i]);
+                    float v = (float)isum[m * R8 + i] * (d[r0 + m] * wscale[n0 + i]);
                     if (bias) v += bias[n0 + i];
                     yr[i] = accumulate ? yr[i] + v : v;
                 }
