@@ -107,7 +107,7 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
     lib.lm_qlinear.restype = i
-    lib.lm_qlinear8.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i]
+    lib.lm_qlinear8.argtypes = [p, p, p, i, i, p, i, p, p, p, ctypes.c_float, i]
     lib.lm_qlinear8.restype = i
     lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
@@ -243,7 +243,12 @@ class Q8Linear:
         self.out_features, self.in_features = n, k
         w = weight.detach().float()
         self.scale = (w.abs().amax(1).clamp(min=1e-8) / 127).contiguous()
-        self.qweight = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        q = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.wsum = q.sum(1, dtype=torch.int32).contiguous()
+        # groups of 8 rows, each 4 consecutive weights of the 8 rows side by side (the C file)
+        full = n // GROUP * GROUP
+        grouped = q[:full].view(-1, GROUP, k // 4, 4).transpose(1, 2)
+        self.qweight = torch.cat([grouped.reshape(-1), q[full:].reshape(-1)]).contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous().clone()
         self._w, self._s = self.qweight.data_ptr(), self.scale.data_ptr()
         self._b = None if self.bias is None else self.bias.data_ptr()
@@ -265,7 +270,7 @@ class Q8Linear:
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features) if out is None else out
         rc = self.lib.lm_qlinear8(
-            self._w, self._s, self.out_features, self.in_features, x.data_ptr(), rows,
+            self._w, self._s, self.wsum.data_ptr(), self.out_features, self.in_features, x.data_ptr(), rows,
             y.data_ptr(), self._b, None if norm is None else norm.data_ptr(), eps, int(add),
         )  # fmt: skip
         if rc != 0:
@@ -273,7 +278,11 @@ class Q8Linear:
         return y
 
     def weight(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        n, k = self.out_features, self.in_features
+        full = n // GROUP * GROUP
+        g = self.qweight[: full * k].view(-1, k // 4, GROUP, 4).transpose(1, 2).reshape(full, k)
+        q = torch.cat([g, self.qweight[full * k :].view(-1, k)])
+        return q.float() * self.scale[:, None]
 
 
 def positions_arg(positions: list[int], kv: torch.Tensor) -> ctypes.Array:

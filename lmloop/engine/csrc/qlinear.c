@@ -151,7 +151,7 @@ static inline float plain_block(const uint8_t q[32], float d, float m, const blk
                                 float *off) {
     int s = 0;
     for (int j = 0; j < QK; j++) s += q[j] * a->q[j];
-    *off += m * a->s;
+    *off = fmaf(m, a->s, *off); /* fused, as the vector path's */
     return (float)s * (d * a->d);
 }
 
@@ -206,15 +206,15 @@ static inline __m256i block_dot(const __m256i w[8], const int8_t *a) {
     int32_t a4[8];
     memcpy(a4, a, 32);
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    __m256i s = _mm256_setzero_si256();
+    __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* two latency chains */
     for (int t = 0; t < 8; t++) {
 #if defined(__AVXVNNI__)
-        s = _mm256_dpbusd_avx_epi32(s, w[t], _mm256_set1_epi32(a4[t]));
+        s[t & 1] = _mm256_dpbusd_avx_epi32(s[t & 1], w[t], _mm256_set1_epi32(a4[t]));
 #else
-        s = _mm256_dpbusd_epi32(s, w[t], _mm256_set1_epi32(a4[t]));
+        s[t & 1] = _mm256_dpbusd_epi32(s[t & 1], w[t], _mm256_set1_epi32(a4[t]));
 #endif
     }
-    return s;
+    return _mm256_add_epi32(s[0], s[1]);
 #else /* pair sums of (0..15) x (-128..127) fit 16 bits, and so do eight of them */
     __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(a4[0]));
     for (int t = 1; t < 8; t++)
@@ -249,7 +249,7 @@ static inline __attribute__((always_inline)) void group_tile(const uint8_t *c, c
             const blk_a8 *am = a + (size_t)m * nb + b;
             __m256 sums = _mm256_cvtepi32_ps(block_dot(w, am->q));
             acc[m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dv, _mm256_set1_ps(am->d)), acc[m]);
-            off[m] = _mm256_add_ps(off[m], _mm256_mul_ps(mv, _mm256_set1_ps(am->s)));
+            off[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(am->s), off[m]);
         }
     }
     for (int m = 0; m < nact; m++) _mm256_storeu_ps(out + m * R, _mm256_add_ps(acc[m], off[m]));
@@ -343,76 +343,76 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
     return 0;
 }
 
-/* An int8 linear whose rows never see each other: W is n_out rows of k int8 weights with one
- * fp32 scale per row (w ~= ws[n] * q), each activation row is quantized on its own (absmax /
- * 127, after prep_row's norm when norm_w is given), and the dot products are summed in 32-bit
- * integers, which is exact: no order of summation, batch size or tiling changes a result. Then
- * y[r, n] = isum * (d_r * ws[n]) (+ bias), or y += that. Made for the vocabulary head of the
- * 4-bit runner, where fbgemm's dynamic linear, which quantizes all its rows with one scale,
- * would make a row's logits depend on the others. k must be a multiple of 32 (k < 2^17 keeps
- * the sums within 32 bits). Returns 0, or -1 on bad sizes or when memory ran out. */
+/* An int8 linear whose rows never see each other: W is n_out rows of k int8 weights (-127..127)
+ * with one fp32 scale per row (w ~= ws[n] * q), each activation row is quantized on its own
+ * (absmax / 127, after prep_row's norm when norm_w is given), and the dot products are summed
+ * in 32-bit integers, which is exact: no order of summation, batch size or tiling changes a
+ * result. Then y[r, n] = isum * (d_r * ws[n]) (+ bias), or y += that. Made for the vocabulary
+ * head of the 4-bit runner, where fbgemm's dynamic linear, which quantizes all its rows with
+ * one scale, would make a row's logits depend on the others. k must be a multiple of 32
+ * (k < 2^17 keeps the sums within 32 bits). Returns 0, or -1 on bad sizes or out of memory.
+ *
+ * Layout (`lmloop.engine.kernels.Q8Linear` packs it): n_out / R groups of R rows, group g's
+ * k / 4 chunks of 32 bytes at w + (g * k / 4 + t) * 32, byte 4 * i + e = row i's weight
+ * 4t + e; then the rows left over, k bytes each. wsum[n]: the sum of row n's weights. */
 #ifdef LM_AVX2
-/* acc + 8 sums of 4 (w * a) products, w and a signed 8-bit, |a| <= 127: |a| is the unsigned
- * operand and a's sign moves to w, so no pair sum can saturate the AVX2 path's 16 bits. */
-static inline __m256i dot_ss8(__m256i acc, __m256i aabs, __m256i w, __m256i a) {
+/* Lane i: group row i's dot product with activation row a (k values; au: a + 128 as bytes,
+ * for VNNI's unsigned operand; wsum then takes the offset back out). */
+/* Lane m * R + i of out: group row i's dot product with activation row m < nact (k values
+ * each, k apart; au: the rows + 128 as bytes, for VNNI's unsigned operand, wsum then takes the
+ * offset back out). Integer sums: exact, however the chains split them. */
+static inline __attribute__((always_inline)) void group_dot8(const int8_t *w, const int8_t *a,
+                                                             const uint8_t *au, int nact, int k,
+                                                             const int32_t *wsum,
+                                                             int32_t *out) {
+    __m256i s0[MT], s1[MT]; /* two latency chains a row: even and odd chunks */
+    for (int m = 0; m < nact; m++) s0[m] = s1[m] = _mm256_setzero_si256();
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    (void)a;
+    for (int t = 0; t < k / 4; t += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
+        for (int m = 0; m < nact; m++) {
+            int32_t u[2];
+            memcpy(u, au + (size_t)m * k + 4 * t, 8);
 #if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, aabs, _mm256_sign_epi8(w, a));
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, aabs, _mm256_sign_epi8(w, a));
+            s0[m] = _mm256_dpbusd_avx_epi32(s0[m], _mm256_set1_epi32(u[0]), w0);
+            s1[m] = _mm256_dpbusd_avx_epi32(s1[m], _mm256_set1_epi32(u[1]), w1);
 #else
-    return _mm256_add_epi32(acc, dot_us8(aabs, _mm256_sign_epi8(w, a)));
+            s0[m] = _mm256_dpbusd_epi32(s0[m], _mm256_set1_epi32(u[0]), w0);
+            s1[m] = _mm256_dpbusd_epi32(s1[m], _mm256_set1_epi32(u[1]), w1);
 #endif
-}
-
-static inline int hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
-#endif
-
-/* isum[m * R8 + i] = (weight row i) . (activation row m), weight rows k apart from w,
- * activation rows k apart from aq (aabs: their absolute values). */
-#define R8 4 /* weight rows per tile of the int8 path (MT x R8 accumulators) */
-
-static void dot_i8(const int8_t *w, int nrows, const int8_t *aq, const int8_t *aabs, int nact,
-                   int k, int32_t *isum) {
-#ifdef LM_AVX2
-    if (nrows == R8) {
-        __m256i acc[MT][R8];
-        for (int m = 0; m < nact; m++)
-            for (int i = 0; i < R8; i++) acc[m][i] = _mm256_setzero_si256();
-        for (int j = 0; j < k; j += 32) {
-            __m256i wv[R8];
-            for (int i = 0; i < R8; i++) {
-                const int8_t *wi = w + (size_t)i * k + j;
-                _mm_prefetch((const char *)wi + PF, _MM_HINT_T0);
-                wv[i] = _mm256_loadu_si256((const __m256i *)wi);
-            }
-            for (int m = 0; m < nact; m++) {
-                __m256i av = _mm256_loadu_si256((const __m256i *)(aq + (size_t)m * k + j));
-                __m256i ab = _mm256_loadu_si256((const __m256i *)(aabs + (size_t)m * k + j));
-                for (int i = 0; i < R8; i++) acc[m][i] = dot_ss8(acc[m][i], ab, wv[i], av);
-            }
         }
-        for (int m = 0; m < nact; m++)
-            for (int i = 0; i < R8; i++) isum[m * R8 + i] = hsum_i32(acc[m][i]);
-        return;
     }
-#endif
-    (void)aabs;
+    __m256i off = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)wsum), 7);
     for (int m = 0; m < nact; m++)
-        for (int i = 0; i < nrows; i++) {
-            const int8_t *wi = w + (size_t)i * k, *am = aq + (size_t)m * k;
-            int32_t s = 0;
-            for (int j = 0; j < k; j++) s += (int32_t)wi[j] * am[j];
-            isum[m * R8 + i] = s;
+        _mm256_storeu_si256((__m256i *)(out + m * R),
+                            _mm256_sub_epi32(_mm256_add_epi32(s0[m], s1[m]), off));
+#else /* |a| x sign-moved w: pair sums within 16 bits (|a|, |w| <= 127) */
+    (void)au, (void)wsum;
+    const __m256i one = _mm256_set1_epi16(1);
+    for (int t = 0; t < k / 4; t += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
+        for (int m = 0; m < nact; m++) {
+            int32_t a4[2];
+            memcpy(a4, a + (size_t)m * k + 4 * t, 8);
+            __m256i a0 = _mm256_set1_epi32(a4[0]), a1 = _mm256_set1_epi32(a4[1]);
+            __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(a0), _mm256_sign_epi8(w0, a0));
+            __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(a1), _mm256_sign_epi8(w1, a1));
+            s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(p0, one));
+            s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(p1, one));
         }
+    }
+    for (int m = 0; m < nact; m++)
+        _mm256_storeu_si256((__m256i *)(out + m * R), _mm256_add_epi32(s0[m], s1[m]));
+#endif
 }
+#endif
 
-int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const float *x, int rows,
-                float *y, const float *bias, const float *norm_w, float eps, int accumulate) {
+int lm_qlinear8(const int8_t *w, const float *wscale, const int32_t *wsum, int n_out, int k,
+                const float *x, int rows, float *y, const float *bias, const float *norm_w,
+                float eps, int accumulate) {
     if (k % QK != 0 || k >= (1 << 17) || rows <= 0) return -1;
     int8_t *aq = (int8_t *)malloc(2 * (size_t)k * (size_t)rows);
     float *d = (float *)malloc(sizeof(float) * (size_t)rows);
@@ -421,7 +421,7 @@ int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const fl
         free(aq), free(d), free(row);
         return -1;
     }
-    int8_t *aabs = aq + (size_t)k * rows;
+    uint8_t *au = (uint8_t *)(aq + (size_t)k * rows);
     for (int r = 0; r < rows; r++) {
         prep_row(x + (size_t)r * k, k, norm_w, eps, 0, row);
         float amax = 0.0f;
@@ -431,22 +431,45 @@ int lm_qlinear8(const int8_t *w, const float *wscale, int n_out, int k, const fl
         for (int j = 0; j < k; j++) {
             int q = (int)nearbyintf(row[j] * id);
             aq[(size_t)r * k + j] = (int8_t)q;
-            aabs[(size_t)r * k + j] = (int8_t)(q < 0 ? -q : q);
+            au[(size_t)r * k + j] = (uint8_t)(q + 128);
         }
     }
     free(row);
+    int groups = n_out / R;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n_out; n0 += R8) {
-        int nrows = n_out - n0 < R8 ? n_out - n0 : R8;
-        int32_t isum[MT * R8];
-        for (int r0 = 0; r0 < rows; r0 += MT) {
+    for (int g = 0; g <= groups; g++) {
+        int n0 = g * R, nrows = g < groups ? R : n_out % R;
+        const int8_t *wg = w + (size_t)n0 * k;
+        for (int r0 = 0; r0 < rows && nrows > 0; r0 += MT) {
             int nact = rows - r0 < MT ? rows - r0 : MT;
-            dot_i8(w + (size_t)n0 * k, nrows, aq + (size_t)r0 * k, aabs + (size_t)r0 * k, nact,
-                   k, isum);
+            int32_t isum[MT * R];
+            const int8_t *ar = aq + (size_t)r0 * k;
+#ifdef LM_AVX2
+            const uint8_t *aur = au + (size_t)r0 * k;
+            if (g < groups) {
+                _mm_prefetch((const char *)wg + PF, _MM_HINT_T0);
+                if (nact == MT)
+                    group_dot8(wg, ar, aur, MT, k, wsum + n0, isum);
+                else
+                    group_dot8(wg, ar, aur, nact, k, wsum + n0, isum);
+            } else
+#endif
+            {
+                for (int m = 0; m < nact; m++)
+                    for (int i = 0; i < nrows; i++) {
+                        int32_t s = 0;
+                        for (int j = 0; j < k; j++) {
+                            int8_t wv = g < groups ? wg[(size_t)(j / 4) * 32 + 4 * i + j % 4]
+                                                   : wg[(size_t)i * k + j];
+                            s += (int32_t)wv * ar[(size_t)m * k + j];
+                        }
+                        isum[m * R + i] = s;
+                    }
+            }
             for (int m = 0; m < nact; m++) {
                 float *yr = y + (size_t)(r0 + m) * n_out + n0;
                 for (int i = 0; i < nrows; i++) {
-                    float v = (float)isum[m * R8 + i] * (d[r0 + m] * wscale[n0 + i]);
+                    float v = (float)isum[m * R + i] * (d[r0 + m] * wscale[n0 + i]);
                     if (bias) v += bias[n0 + i];
                     yr[i] = accumulate ? yr[i] + v : v;
                 }
