@@ -37,6 +37,9 @@ typedef struct {
 
 typedef uint16_t f16; /* IEEE half: weight scales, as GGUF stores them */
 
+/* four bytes read as one int32 wherever they sit: a broadcast straight from memory */
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_any;
+
 static inline float f16_to_f32(f16 h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
@@ -203,8 +206,7 @@ static inline __m256 load8_f16(const f16 *h) {
 /* Lane i: row i's integer dot product of one block (w: the 8 unpacked code registers, chunk t
  * = elements 4t..4t+3 of each row; a: the activation block's 32 codes). */
 static inline __m256i block_dot(const __m256i w[8], const int8_t *a) {
-    int32_t a4[8];
-    memcpy(a4, a, 32);
+    const i32_any *a4 = (const i32_any *)a;
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
     __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* two latency chains */
     for (int t = 0; t < 8; t++) {
@@ -373,8 +375,7 @@ static inline __attribute__((always_inline)) void group_dot8(const int8_t *w, co
         __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
         __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
         for (int m = 0; m < nact; m++) {
-            int32_t u[2];
-            memcpy(u, au + (size_t)m * k + 4 * t, 8);
+            const i32_any *u = (const i32_any *)(au + (size_t)m * k + 4 * t);
 #if defined(__AVXVNNI__)
             s0[m] = _mm256_dpbusd_avx_epi32(s0[m], _mm256_set1_epi32(u[0]), w0);
             s1[m] = _mm256_dpbusd_avx_epi32(s1[m], _mm256_set1_epi32(u[1]), w1);
@@ -395,8 +396,7 @@ static inline __attribute__((always_inline)) void group_dot8(const int8_t *w, co
         __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
         __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
         for (int m = 0; m < nact; m++) {
-            int32_t a4[2];
-            memcpy(a4, a + (size_t)m * k + 4 * t, 8);
+            const i32_any *a4 = (const i32_any *)(a + (size_t)m * k + 4 * t);
             __m256i a0 = _mm256_set1_epi32(a4[0]), a1 = _mm256_set1_epi32(a4[1]);
             __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(a0), _mm256_sign_epi8(w0, a0));
             __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(a1), _mm256_sign_epi8(w1, a1));
