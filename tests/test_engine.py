@@ -254,6 +254,47 @@ def test_int4_tokens_and_logprobs_do_not_depend_on_the_batch(models, tok):
             assert y.logprob == x.logprob and y.top == x.top  # the same bits
 
 
+def test_int4_holds_one_copy_of_the_weights_and_reports_its_bytes(models, tok):
+    """Under --int4 the runner holds the 4-bit projections (0.625 byte a weight) and nothing
+    else of them: no int8 or fp32 copy. Everything it refers to is counted (the int8 head and
+    embedding with their row scales, norms, rotary tables); the cache and the prefix cache
+    are reported apart."""
+    lm = models["llama"][1]
+    cfg = lm.model.config
+    C, I, V, L, S = (  # noqa: E741
+        cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers, 64
+    )  # fmt: skip
+    D, H, Hkv = cfg.hd, cfg.num_attention_heads, cfg.num_key_value_heads
+    projections = L * ((H + 2 * Hkv) * D * C + C * H * D + 2 * I * C + C * I)
+    want = (
+        projections * 5 // 8  # 4-bit codes plus a half-precision scale and offset per 32
+        + V * C
+        + 8 * V  # the int8 head: a scale and a weight sum per row
+        + V * C
+        + 4 * V  # the int8 embedding rows and their scales
+        + 4 * (2 * L * C + C)  # norms
+        + 2 * 4 * S * D
+        + 8 * S  # rotary tables, slot indices
+    )
+    with Engine(lm.model, lm.tokenizer, int4=True, max_batch=2, max_len=S) as engine:
+        before = engine.resident_bytes()
+        assert before == {"weights": want, "kv_cache": 0, "prefix_cache": 0}
+        engine.complete(_prompts(tok)[0], GREEDY)
+        after = engine.resident_bytes()
+    kv = engine.runner.kv
+    assert after["kv_cache"] == kv.nbytes + engine.runner.kv_scale.nbytes
+    assert kv.dtype == torch.int8 and kv.shape == (L, 2, 2, Hkv, S, D)
+    assert after["weights"] == want and after["prefix_cache"] > 0
+    # /metrics reports them (the server reads them as it reads the prefill counters)
+    from lmloop.server.metrics import RESIDENT, ServerMetrics
+
+    counts = {RESIDENT + k: v for k, v in after.items()}
+    text = ServerMetrics(lambda: [("m", "v1", 0, 0, True, counts)]).render().decode()
+    for component, value in after.items():
+        line = f'lmloop_resident_bytes{{component="{component}",model="m",version="v1"}}'
+        assert f"{line} {float(value)}" in text
+
+
 def test_a_draw_follows_the_probabilities_and_never_picks_a_zero():
     from lmloop.engine.sampling import draw
 

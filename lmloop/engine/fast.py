@@ -390,6 +390,42 @@ class FastLlamaRunner:
         self._kv_shape = (batch, max_len)
         release_memory()
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this runner holds: its KV cache (0 until the first prefill allocates it) and
+        everything else it refers to, weights and tables ("weights"), found by walking its
+        attributes, so a copy kept anywhere counts; a tensor shared by several objects counts
+        once."""
+        storages: dict[int, int] = {}
+        seen: set[int] = set()
+
+        def walk(o: object) -> None:
+            if id(o) in seen or o is None:
+                return
+            seen.add(id(o))
+            if isinstance(o, torch.Tensor):
+                try:
+                    st = o.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                except RuntimeError:  # oneDNN's blocked layout has no plain storage
+                    storages[id(o)] = o.numel() * o.element_size()
+            elif isinstance(o, Int8Linear):  # fbgemm's packed weight: int8, row scales, bias
+                storages[id(o)] = o.in_features * o.out_features + 12 * o.out_features
+            elif isinstance(o, (list, tuple)):
+                for x in o:
+                    walk(x)
+            elif isinstance(o, dict):
+                for x in o.values():
+                    walk(x)
+            elif isinstance(o, nn.Module) or type(o).__module__.startswith("lmloop."):
+                walk(vars(o))
+
+        cache = (self.kv, self.kv_scale, self._scratch)
+        walk({k: v for k, v in vars(self).items() if k not in ("kv", "kv_scale", "_scratch")})
+        return {
+            "weights": sum(storages.values()),
+            "kv_cache": sum(t.nbytes for t in cache if t is not None),
+        }
+
     def allocate(self) -> None:
         """Allocate the KV cache if it is not yet (prefill and `write_kv` call this)."""
         if self.kv is None:

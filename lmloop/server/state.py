@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from lmloop.feedback.store import FeedbackStore
 from lmloop.server.errors import APIError
-from lmloop.server.metrics import ServerMetrics
+from lmloop.server.metrics import RESIDENT, ServerMetrics
 from lmloop.server.settings import ServerSettings
 from lmloop.server.slot import ModelSlot
 
@@ -32,6 +32,7 @@ class ServerState:
             try:
                 running, waiting = int(s.engine.num_running), int(s.engine.num_waiting)
                 counts = dict(s.engine.prefill_counts())
+                counts.update({RESIDENT + k: v for k, v in s.engine.resident_bytes().items()})
             except Exception:  # noqa: BLE001 - a stopped engine reports nothing
                 running = waiting = 0
                 counts = {}
