@@ -1,8 +1,9 @@
-"""Decode speed: lmloop's engine (fp32, int8) vs transformers `generate` vs llama.cpp.
+"""Decode speed: lmloop's engine (fp32, int8, int4) vs transformers `generate` vs llama.cpp.
 
     .venv/bin/python bench/generate.py                      # SmolLM2-135M, 128 new tokens
     .venv/bin/python bench/generate.py --threads 1 --batches 1,4,16
     .venv/bin/python bench/generate.py --sampling 16     # sampled vs greedy, prefill together
+    .venv/bin/python bench/generate.py --skip-hf --modes int8,int4 --batches 1,16 --rounds 2
 
 Same weights everywhere (SmolLM2-135M-Instruct from the installed GGUF; transformers gets a
 `LlamaForCausalLM` holding exactly our dequantized weights; llama.cpp reads the GGUF file itself,
@@ -250,6 +251,7 @@ def main() -> None:
         metavar="B",
         help="only compare sampled and greedy decode and batched prefill at B sequences",
     )
+    ap.add_argument("--modes", default="fp32,int8", help="our weight precisions (fp32,int8,int4)")
     args = ap.parse_args()
     from lmloop.engine import Engine
     from lmloop.engine.core import default_threads
@@ -266,12 +268,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     results: dict = {"model": lm.name, "prompt_tokens": len(ids), "threads": threads}
     kw = {"max_batch": max(batches), "max_len": 512, "threads": threads}
-    fp32 = Engine(lm.model, lm.tokenizer, **kw)
-    int8 = Engine(lm.model, lm.tokenizer, int8=True, **kw)
-    runs = {
-        "lmloop_fp32": lambda: ours(fp32, ids, n),
-        "lmloop_int8": lambda: ours(int8, ids, n),
+    modes = [m for m in args.modes.split(",") if m]
+    if not set(modes) <= {"fp32", "int8", "int4"}:
+        raise SystemExit(f"--modes: fp32, int8 or int4, not {args.modes}")
+    engines = {
+        m: Engine(lm.model, lm.tokenizer, **kw, **({m: True} if m != "fp32" else {})) for m in modes
     }
+    runs = {f"lmloop_{m}": (lambda e=e: ours(e, ids, n)) for m, e in engines.items()}
     if not args.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -291,7 +294,8 @@ def main() -> None:
         print("llama.cpp skipped (not installed)", flush=True)
     # Warm up, then interleave the contenders round by round, so a load change on the shared
     # machine hits them all alike; report each one's median round.
-    ours(fp32, ids[:8], 4), ours(int8, ids[:8], 4)
+    for e in engines.values():
+        ours(e, ids[:8], 4)
     if "transformers_fp32" in runs:
         hf_generate(hf, ids[:8], 4)
     samples: dict = {k: [] for k in runs}
@@ -302,24 +306,21 @@ def main() -> None:
     for name, got in samples.items():
         got = sorted(got, key=lambda x: x["decode_tok_s"])
         results[name] = {**got[len(got) // 2], "decode_tok_s_all": [x["decode_tok_s"] for x in got]}
-    for name, eng in (("fp32", fp32), ("int8", int8)):
+    for name, eng in engines.items():
         agg = []
         for b in batches:
             agg.append(aggregate(eng, ids, n, b))
             print(f"aggregate {name}", agg[-1], flush=True)
         results[f"aggregate_{name}"] = agg
         eng.stop()
-    base = results["lmloop_fp32"]["decode_tok_s"]
     ratios = {}
-    if isinstance(results.get("transformers_fp32"), dict):
-        hf_rate = results["transformers_fp32"]["decode_tok_s"]
-        ratios["fp32_vs_transformers"] = base / hf_rate
-        ratios["int8_vs_transformers"] = results["lmloop_int8"]["decode_tok_s"] / hf_rate
-    if isinstance(results.get("llama_cpp_q4_1"), dict):
-        ratios["int8_vs_llama_cpp"] = (
-            results["lmloop_int8"]["decode_tok_s"] / results["llama_cpp_q4_1"]["decode_tok_s"]
-        )
-    for name in ("fp32", "int8"):
+    for peer, short in (("transformers_fp32", "transformers"), ("llama_cpp_q4_1", "llama_cpp")):
+        if isinstance(results.get(peer), dict):
+            for m in modes:
+                ratios[f"{m}_vs_{short}"] = (
+                    results[f"lmloop_{m}"]["decode_tok_s"] / results[peer]["decode_tok_s"]
+                )
+    for name in modes:
         agg = {a["batch"]: a["decode_tok_s"] for a in results[f"aggregate_{name}"]}
         if 1 in agg:
             for b, v in agg.items():

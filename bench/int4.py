@@ -23,7 +23,7 @@ cycling through 30 such weights so none stays in L2: the 4-bit kernel against fb
 Speed: milliseconds per batch-1 decode step with the cache filled to each of `--spans` tokens,
 per thread count, for int8 weights (fbgemm projections, torch ops around them, attention in C:
 `_decode_rows`), 4-bit weights op by op (the same, with the 4-bit linears swapped in) and
-4-bit weights through the fused step (`_decode_one`: five C calls a layer). The served
+4-bit weights through the fused step (`_decode_fused`: five C calls a layer). The served
 comparison with llama-server is bench/serve.py's.
 """
 

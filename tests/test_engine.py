@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -359,6 +360,91 @@ def test_seed_gives_the_same_text_whatever_shares_the_batch(models, tok):
         c = engine.complete(ids, SamplingParams(**{**p.__dict__, "seed": 99})).token_ids
     assert a == b
     assert a != c  # a different seed samples differently (16 tokens from a near-flat model)
+
+
+def test_int4_tokens_and_logprobs_do_not_depend_on_the_batch(models, tok):
+    """Under --int4 a sequence decoded alone and decoded beside others (prompts of unequal
+    lengths, rows leaving at different steps and waiting ones joining, its row moved when one
+    before it leaves) gets the same tokens and the same log-probabilities, to the bit: one set
+    of 4-bit weights, and kernels that compute a row's numbers the same way at any row count.
+    Greedy and seeded sampling. The prefix cache is off: a prompt read back from it is a
+    different computation (attention over a copied prefix), not a batch effect."""
+    lm = models["llama"][1]
+    target = tok.encode("The quick brown fox jumps")
+    runs = [
+        SamplingParams(max_tokens=14, temperature=0, logprobs=3, ignore_eos=True),
+        SamplingParams(max_tokens=14, temperature=1.0, seed=7, logprobs=3, ignore_eos=True),
+    ]
+    others = [
+        (tok.encode("Once upon a time there was a little robot who"), 3),
+        (tok.encode("12"), 9),
+        (tok.encode("Tiny models learn tiny stories"), 5),
+        (tok.encode("The lazy dog"), 11),
+        (tok.encode("apples and pears"), 2),
+    ]
+
+    def other(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=others[i][1], temperature=1.0, seed=i, ignore_eos=True)
+
+    with Engine(lm.model, lm.tokenizer, int4=True, max_batch=4, prefix_cache_mb=0) as engine:
+        alone = [engine.complete(target, p) for p in runs]
+        sizes: list[int] = []
+        real = engine.runner.decode
+        engine.runner.decode = lambda toks, pos: sizes.append(len(toks)) or real(toks, pos)
+        first = [engine.submit(others[i][0], other(i)) for i in (0, 1)]
+        handles = [engine.submit(target, p) for p in runs]
+        start = engine.steps
+        while engine.steps < start + 2 and not all(h.finished for h in handles):
+            time.sleep(0.001)
+        late = [engine.submit(others[i][0], other(i)) for i in (2, 3, 4)]  # wait for rows
+        together = [h.result() for h in handles]
+        [h.result() for h in first + late]
+    assert max(sizes) == 4 and len(set(sizes)) >= 3  # full, then rows left and joined
+    for a, b in zip(alone, together):
+        assert b.token_ids == a.token_ids and len(a.token_ids) == 14
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert y.logprob == x.logprob and y.top == x.top  # the same bits
+
+
+def test_int4_holds_one_copy_of_the_weights_and_reports_its_bytes(models, tok):
+    """Under --int4 the runner holds the 4-bit projections (0.625 byte a weight) and nothing
+    else of them: no int8 or fp32 copy. Everything it refers to is counted (the int8 head and
+    embedding with their row scales, norms, rotary tables); the cache and the prefix cache
+    are reported apart."""
+    lm = models["llama"][1]
+    cfg = lm.model.config
+    C, I, V, L, S = (  # noqa: E741
+        cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers, 64
+    )  # fmt: skip
+    D, H, Hkv = cfg.hd, cfg.num_attention_heads, cfg.num_key_value_heads
+    projections = L * ((H + 2 * Hkv) * D * C + C * H * D + 2 * I * C + C * I)
+    want = (
+        projections * 5 // 8  # 4-bit codes plus a half-precision scale and offset per 32
+        + V * C
+        + 8 * V  # the int8 head: a scale and a weight sum per row
+        + V * C
+        + 4 * V  # the int8 embedding rows and their scales
+        + 4 * (2 * L * C + C)  # norms
+        + 2 * 4 * S * D
+        + 8 * S  # rotary tables, slot indices
+    )
+    with Engine(lm.model, lm.tokenizer, int4=True, max_batch=2, max_len=S) as engine:
+        before = engine.resident_bytes()
+        assert before == {"weights": want, "kv_cache": 0, "prefix_cache": 0}
+        engine.complete(_prompts(tok)[0], GREEDY)
+        after = engine.resident_bytes()
+    kv = engine.runner.kv
+    assert after["kv_cache"] == kv.nbytes + engine.runner.kv_scale.nbytes
+    assert kv.dtype == torch.int8 and kv.shape == (L, 2, 2, Hkv, S, D)
+    assert after["weights"] == want and after["prefix_cache"] > 0
+    # /metrics reports them (the server reads them as it reads the prefill counters)
+    from lmloop.server.metrics import RESIDENT, ServerMetrics
+
+    counts = {RESIDENT + k: v for k, v in after.items()}
+    text = ServerMetrics(lambda: [("m", "v1", 0, 0, True, counts)]).render().decode()
+    for component, value in after.items():
+        line = f'lmloop_resident_bytes{{component="{component}",model="m",version="v1"}}'
+        assert f"{line} {float(value)}" in text
 
 
 def test_a_draw_follows_the_probabilities_and_never_picks_a_zero():

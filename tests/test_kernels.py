@@ -132,6 +132,48 @@ def test_int8_linear_equals_its_quantized_reference(rows):
         _same(got[r], want[r])
 
 
+@pytest.mark.parametrize("n", [72, 77])  # whole groups of 8 rows; then 5 rows left over
+def test_a_rows_outputs_are_the_same_bits_at_any_row_count(n):
+    """Batch invariance at the kernel: each row of a many-row call (weights unpacked once for
+    several rows) equals, to the bit, that row computed alone; for the 4-bit linear with its
+    fused inputs and for the int8 one (the 4-bit runner's vocabulary head)."""
+    g = torch.Generator().manual_seed(n)
+    k = 96
+    q4 = kernels.Q4Linear(torch.randn(n, k, generator=g), torch.randn(n, generator=g))
+    q8 = kernels.Q8Linear(torch.randn(n, k, generator=g), torch.randn(n, generator=g))
+    norm = torch.rand(k, generator=g) + 0.5
+    for rows in (2, 3, 4, 5, 16):
+        x = torch.randn(rows, k, generator=g)
+        x[0] *= 1000  # a massive row beside small ones changes nothing for the others
+        gate_up = torch.randn(rows, 2 * k, generator=g)
+        calls = [
+            lambda t: q4(t),
+            lambda t: q4(t, norm=norm, eps=1e-5),
+            lambda t: q8(t),
+            lambda t: q8(t, norm=norm, eps=1e-5),
+        ]
+        for call in calls:
+            many = call(x)
+            assert all(torch.equal(many[r], call(x[r : r + 1])[0]) for r in range(rows))
+        many = q4(gate_up, swiglu=True)
+        assert all(
+            torch.equal(many[r], q4(gate_up[r : r + 1], swiglu=True)[0]) for r in range(rows)
+        )
+
+
+def test_the_kernel_layout_round_trips():
+    """The interleaved layouts the kernels read hold exactly the packed weights."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(21, 64, generator=g)  # 2 groups of 8 and 5 rows left over
+    codes, scales = kernels.pack_q4(w)
+    flat = kernels.to_kernel_layout(codes, scales)
+    back = kernels.from_kernel_layout(*flat, 21, 2)
+    assert torch.equal(back[0], codes) and torch.equal(back[1], scales)
+    assert torch.equal(kernels.Q4Linear(w, None).weight(), kernels.unpack(codes, scales))
+    q8 = kernels.Q8Linear(w, None)
+    assert float((q8.weight() - w).abs().max()) <= float(q8.scale.max()) / 2 + 1e-7
+
+
 @pytest.mark.parametrize("D", [8, 64])
 def test_attention_writes_the_slots_and_attends_like_torch(D):
     """`attend` against torch on the same int8 cache, three rows at their own positions: each
@@ -182,7 +224,7 @@ def _greedy(runner, ids, steps):
 
 @pytest.mark.parametrize("heads", ["d8", "d64"])
 def test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monkeypatch):
-    """`_decode_one` (norms, SwiGLU and residuals fused into the 4-bit linears; rotary
+    """`_decode_fused` (norms, SwiGLU and residuals fused into the 4-bit linears; rotary
     positions, the int8 cache write and attention in one C call) against the same runner's
     torch path over the same 4-bit weights."""
     model = request.getfixturevalue("llama" if heads == "d8" else "llama64").model
@@ -191,9 +233,9 @@ def test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monk
     plain = FastLlamaRunner(model, 2, 48, int4=True, kv_int8=True)
     plain.fuse_one = False
     calls = []
-    real = FastLlamaRunner._decode_one
+    real = FastLlamaRunner._decode_fused
     monkeypatch.setattr(
-        FastLlamaRunner, "_decode_one", lambda self, *a: calls.append(1) or real(self, *a)
+        FastLlamaRunner, "_decode_fused", lambda self, *a: calls.append(1) or real(self, *a)
     )
     with torch.inference_mode():
         a, b = _greedy(fused, ids, 20), _greedy(plain, ids, 20)
@@ -223,7 +265,7 @@ def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
         assert float((got - ref).abs().max()) < 0.1 * float(ref.abs().max())
         alone = engine.complete(ids, p)
         handles = [engine.submit(ids, p), engine.submit(tok.encode("12 apples"), p)]
-        both = [h.result() for h in handles]  # two rows: the int8 path
+        both = [h.result() for h in handles]  # two rows: the same kernels
     assert alone.completion_tokens == 10 and [c.completion_tokens for c in both] == [10, 10]
     after = llama.model.state_dict()  # packing worked on copies
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -274,6 +316,7 @@ def test_the_plain_c_and_avx2_paths_agree_with_torch(
     monkeypatch.setattr(kernels, "library", lambda: lib)
     test_the_linear_and_its_fused_inputs_match_torch(1)
     test_the_linear_and_its_fused_inputs_match_torch(3)
+    test_a_rows_outputs_are_the_same_bits_at_any_row_count(77)
     test_attention_writes_the_slots_and_attends_like_torch(8)
     test_attention_writes_the_slots_and_attends_like_torch(64)
     for heads in ("d8", "d64"):

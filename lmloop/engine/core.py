@@ -272,6 +272,13 @@ class Engine:
             "prefix_tokens_reused": prefix.tokens_reused if prefix else 0,
         }
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held per component (the server's metrics): "weights", "kv_cache" (where the
+        runner reports them: the fast Llama runner) and "prefix_cache" (its stored blocks)."""
+        held = dict(getattr(self.runner, "resident_bytes", dict)())
+        held["prefix_cache"] = self.prefix.nbytes if self.prefix else 0
+        return held
+
     @property
     def alive(self) -> bool:
         t = self._thread

@@ -17,9 +17,11 @@ a few microseconds times ~20 ops per layer. This runner reads the same weights a
 * optionally quantizes every projection, vocabulary head included, to int8 with per-channel
   scales and SmoothQuant smoothing (fbgemm's dynamic int8 linear): decode reads 4x fewer
   weight bytes,
-* optionally (`int4`) also keeps the projections in 4-bit blocks for decode steps of one
-  sequence, which then run as five calls a layer into our C kernel (`_decode_one`,
-  `lmloop.engine.kernels`): 6.4x fewer weight bytes than fp32 and no torch op in the layer.
+* or (`int4`) keeps the projections in 4-bit blocks only (the vocabulary head in int8), for
+  prompts and decode steps at every batch size: a decode step is five calls a layer into our C
+  kernel (`_decode_fused`, `lmloop.engine.kernels`), 6.4x fewer weight bytes than fp32 and no
+  torch op in the layer. Every kernel computes a row's numbers the same way at any row count,
+  so a sequence's tokens and log-probabilities do not depend on the rest of the batch.
 
 Models that are not plain Llama (GPT-2 family, already-quantized modules) use `ModelRunner`.
 """
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmloop.engine import kernels
-from lmloop.engine.kernels import Q4Linear, attend, positions_arg
+from lmloop.engine.kernels import Q4Linear, Q8Linear, attend, positions_arg
 from lmloop.engine.memory import release_memory
 from lmloop.models.llama import Llama
 
@@ -387,21 +389,21 @@ class FastLlamaRunner:
         self._scratch = torch.empty(0)
         self._slots = torch.arange(max_len)
         # One layer at a time: its fp32 fused copies live only until its kernels are built.
-        # int4: 4-bit copies of the projections for decode steps of one row (bytes bound), the
-        # int8 ones for prompts and batched steps (compute bound, where fbgemm's int8 GEMM
-        # measured 4-6x faster per row than the 4-bit kernel), over the unsmoothed norms.
+        # int4: one set of weights, 4-bit, for prompts and decode steps at any batch size
+        # (`layers4` names the same list), over the unsmoothed norms; the head in int8.
+        self.int4 = int4
         self.layers4 = self.norms4 = None
-        self.fuse_one = True  # batch-1 steps on 4-bit weights go through `_decode_one`
+        self.fuse_one = True  # int4 decode steps go through `_decode_fused`
         # Decode steps over an int8 cache attend in one C call a layer (`_decode_rows`) where
         # the kernel builds: ~25 torch ops a layer fewer, and no fp32 copy of the cache.
         self.c_attention = kv_int8 and _kernel_available()
         if int8 or int4:
             stats = _calibrate(model, calibration_ids, max_len)
-            if int4:
-                self.norms4, self.layers4 = list(self.norms), []
             self.layers = []
             for i, b in enumerate(blocks):
-                self.layers.append(self._int8_layer(i, b, stats, self.layers4))
+                self.layers.append(self._int4_layer(b) if int4 else self._int8_layer(i, b, stats))
+            if int4:
+                self.layers4, self.norms4 = self.layers, self.norms
             release_memory()  # the fp32 temporaries' pages, before the head's
             self._int8_head(model.lm_head, stats.get("head"))
             # Embedding rows in int8 too (a quarter of the largest fp32 tensor left): a lookup
@@ -418,6 +420,42 @@ class FastLlamaRunner:
         self.kv = self.kv_scale = None
         self._kv_shape = (batch, max_len)
         release_memory()
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this runner holds: its KV cache (0 until the first prefill allocates it) and
+        everything else it refers to, weights and tables ("weights"), found by walking its
+        attributes, so a copy kept anywhere counts; a tensor shared by several objects counts
+        once."""
+        storages: dict[int, int] = {}
+        seen: set[int] = set()
+
+        def walk(o: object) -> None:
+            if id(o) in seen or o is None:
+                return
+            seen.add(id(o))
+            if isinstance(o, torch.Tensor):
+                try:
+                    st = o.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                except RuntimeError:  # oneDNN's blocked layout has no plain storage
+                    storages[id(o)] = o.numel() * o.element_size()
+            elif isinstance(o, Int8Linear):  # fbgemm's packed weight: int8, row scales, bias
+                storages[id(o)] = o.in_features * o.out_features + 12 * o.out_features
+            elif isinstance(o, (list, tuple)):
+                for x in o:
+                    walk(x)
+            elif isinstance(o, dict):
+                for x in o.values():
+                    walk(x)
+            elif isinstance(o, nn.Module) or type(o).__module__.startswith("lmloop."):
+                walk(vars(o))
+
+        cache = (self.kv, self.kv_scale, self._scratch)
+        walk({k: v for k, v in vars(self).items() if k not in ("kv", "kv_scale", "_scratch")})
+        return {
+            "weights": sum(storages.values()),
+            "kv_cache": sum(t.nbytes for t in cache if t is not None),
+        }
 
     def allocate(self) -> None:
         """Allocate the KV cache if it is not yet (prefill and `write_kv` call this)."""
@@ -480,26 +518,23 @@ class FastLlamaRunner:
         gu = _fuse([mlp.gate_proj, mlp.up_proj])
         return qkv, _copy(a.o_proj, own), gu, _copy(mlp.down_proj, own)
 
-    def _int8_layer(
-        self, idx: int, blk: nn.Module, stats: dict, int4: list | None = None
-    ) -> tuple[Int8Linear, ...]:
+    def _int4_layer(self, blk: nn.Module) -> tuple[Q4Linear, ...]:
+        """One block's projections in 4-bit blocks (`lmloop.engine.kernels`; 32 weights share
+        a scale and an offset and activations are quantized 32 at a time, so they need no
+        smoothing). The fused fp32 copies are dropped as soon as they are packed."""
+        return tuple(Q4Linear(m.weight, m.bias) for m in self._fp32_layer(blk, own=False))
+
+    def _int8_layer(self, idx: int, blk: nn.Module, stats: dict) -> tuple[Int8Linear, ...]:
         """One block's projections as Int8Linears, smoothed (SmoothQuant, Xiao et al. 2023).
 
         Activation outlier channels are what make per-token int8 activations lossy; measured
         on SmolLM2-135M, smoothing cut the mean KL to the fp32 model from 0.27 to 0.06 nats per
         token. The smoothing factors are folded into the RMSNorm weights (q/k/v, gate/up), into
         the up-projection rows (down) and into the value rows (o_proj), so smoothing costs
-        nothing per call.
-
-        `int4`: also append the block's 4-bit projections (`lmloop.engine.kernels`; 32
-        weights share a scale and an offset and activations are quantized 32 at a time, so
-        they need no smoothing), except the value rows' factor: the KV cache both share holds
-        values divided by it."""
+        nothing per call."""
         I, H, Hkv, D = self.I, self.H, self.Hkv, self.D  # noqa: E741
         qkv, o, gu, down = self._fp32_layer(blk, own=False)
         n1, n2 = self.norms[idx]
-        if int4 is not None:  # packed now: the smoothing below changes these in place
-            gu4, down4 = Q4Linear(gu.weight, gu.bias), Q4Linear(down.weight, down.bias)
         gu_w, gu_b = gu.weight.detach(), gu.bias
         down_w = down.weight.detach()
         s = _smooth(stats.get((idx, "down")), down_w)
@@ -524,8 +559,6 @@ class FastLlamaRunner:
             if qkv_b is not None:
                 qkv_b = torch.cat([qkv_b[:v0], qkv_b[v0:] / sg.reshape(-1)])
             o_w = o_w * sg[:, None, :].expand(Hkv, H // Hkv, D).reshape(-1)
-        if int4 is not None:
-            int4.append((Q4Linear(qkv_w, qkv_b), Q4Linear(o_w, o.bias), gu4, down4))
         s = _smooth(stats.get((idx, "qkv")), qkv_w)
         if s is not None:
             qkv_w, n1 = qkv_w * s, n1 / s
@@ -542,7 +575,21 @@ class FastLlamaRunner:
         s = _smooth(absmax, w)
         if s is not None:  # folded into the final norm
             w, self.final_norm = w * s, self.final_norm / s
-        self.lm_head = Int8Linear(w, None)
+        # int4: the C kernel's int8 linear, which quantizes each row on its own and sums in
+        # integers (fbgemm's quantizes all rows with one scale: logits would depend on the batch)
+        self.lm_head = Q8Linear(w, None) if self.int4 else Int8Linear(w, None)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The vocabulary head over the final norm of x (rows, C)."""
+        if isinstance(self.lm_head, Q8Linear):  # the norm fused into the head's C call
+            return self.lm_head(x, norm=self.final_norm, eps=self.eps)
+        return self.lm_head(self._norm(x, self.final_norm))
+
+    def _prompt_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head over prompt rows, each row's logits as it would get alone."""
+        if isinstance(self.lm_head, Q8Linear):
+            return self._logits(x)
+        return _prompt_linear(self.lm_head, self._norm(x, self.final_norm))
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # Spelled out: F.rms_norm's composite kernel costs ~4x more per call at batch 1.
@@ -559,8 +606,8 @@ class FastLlamaRunner:
         token (T, V) with `every_position`."""
         x = self._prompts([row], [list(ids)], [start])
         if every_position:  # (T, V): prompt scoring
-            return _prompt_linear(self.lm_head, self._norm(x, self.final_norm))
-        return _prompt_linear(self.lm_head, self._norm(x[-1:], self.final_norm))[0]
+            return self._prompt_logits(x)
+        return self._prompt_logits(x[-1:])[0]
 
     def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
         """Prefill `row` with `ids` from position 0, then the logits of every token, at most
@@ -568,7 +615,7 @@ class FastLlamaRunner:
         output is never more than chunk x V."""
         x = self._prompts([row], [list(ids)], [0])
         for s in range(0, len(ids), chunk):
-            yield _prompt_linear(self.lm_head, self._norm(x[s : s + chunk], self.final_norm))
+            yield self._prompt_logits(x[s : s + chunk])
 
     def prefill_batch(
         self, rows: list[int], prompts: list[list[int]], starts: list[int]
@@ -578,7 +625,7 @@ class FastLlamaRunner:
         last token (n, V). The same numbers as `prefill` of each alone."""
         x = self._prompts(rows, [p[s:] for p, s in zip(prompts, starts)], starts)
         last = torch.tensor(list(itertools.accumulate(len(p) - s for p, s in zip(prompts, starts))))
-        return _prompt_linear(self.lm_head, self._norm(x[last - 1], self.final_norm))
+        return self._prompt_logits(x[last - 1])
 
     def _prompts(self, rows: list[int], tails: list[list[int]], starts: list[int]):
         """Run prompts' tokens (tails[i] at positions starts[i]..) packed into N rows:
@@ -601,8 +648,12 @@ class FastLlamaRunner:
             for _, s, e, _ in spans
         ]
         y = torch.empty(N, H * D)
+        fused = self.int4  # norms, SwiGLU and the residual adds inside the 4-bit linears
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers, self.norms)):
-            h = _prompt_linear(qkv, self._norm(x, n1))  # (N, (H + 2 Hkv) D)
+            if fused:  # (N, (H + 2 Hkv) D)
+                h = qkv(x, norm=n1, eps=self.eps)
+            else:
+                h = _prompt_linear(qkv, self._norm(x, n1))
             qk = self._rope(h[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
             v = h[:, (H + Hkv) * D :].view(N, Hkv, D)
             for (row, start, end, at), mask in zip(spans, masks):
@@ -623,29 +674,36 @@ class FastLlamaRunner:
                     enable_gqa=True,
                 )  # (1, H, T, D)
                 y[at : at + T] = a[0].transpose(0, 1).reshape(T, H * D)
+            if fused:  # each row's numbers as alone: the kernel's rows are independent
+                o(y, out=x, add=True)
+                down(gu(x, norm=n2, eps=self.eps), swiglu=True, out=x, add=True)
+                continue
             x = x + _prompt_linear(o, y)
             g = _prompt_linear(gu, self._norm(x, n2))
             x = x + _prompt_linear(down, F.silu(g[:, : self.I]) * g[:, self.I :])
         return x
 
-    def _decode_one(self, token: int, pos: int) -> torch.Tensor:
-        """A decode step of row 0 alone over 4-bit weights and the int8 cache: five C calls a
+    def _decode_fused(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """A decode step of rows 0..n-1 over 4-bit weights and the int8 cache: five C calls a
         layer (`lmloop.engine.kernels`) and no torch op between them. RMSNorm, SwiGLU and the
-        residual adds are fused into the linears; rotary positions, the cache write and
-        attention are one call. Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
-        H, Hkv, D = self.H, self.Hkv, self.D
-        at = positions_arg([pos], self.kv)
-        x = self._embed([token])  # (1, C), the residual stream, updated in place
-        h = torch.empty(1, (H + 2 * Hkv) * D)
-        y = torch.empty(1, H * D)
-        g = torch.empty(1, 2 * self.I)
+        residual adds are fused into the linears; rotary positions, the cache writes and each
+        row's attention are one call; the head's norm is fused into the head. Each call
+        computes a row's numbers as it would alone, so a row's logits do not depend on the
+        others (the embedding lookup is per row too). Measured on SmolLM2-135M, 2 threads: see
+        BENCHMARKS.md."""
+        n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
+        at = positions_arg(positions, self.kv)
+        x = self._embed(tokens)  # (n, C), the residual stream, updated in place
+        h = torch.empty(n, (H + 2 * Hkv) * D)
+        y = torch.empty(n, H * D)
+        g = torch.empty(n, 2 * self.I)
         for i, ((qkv, o, gu, down), (n1, n2)) in enumerate(zip(self.layers4, self.norms4)):
             qkv(x, norm=n1, eps=self.eps, out=h)
             attend(h, at, (H, Hkv, D), self.cos, self.sin, self.kv, self.kv_scale, i, y)
             o(y, out=x, add=True)
             gu(x, norm=n2, eps=self.eps, out=g)
             down(g, swiglu=True, out=x, add=True)
-        return self.lm_head(self._norm(x, self.final_norm))
+        return self._logits(x)
 
     def _decode_rows(self, tokens: list[int], positions: list[int], layers, norms) -> torch.Tensor:
         """A decode step of rows 0..n-1 over the int8 cache: rotary positions, the cache writes
@@ -660,15 +718,13 @@ class FastLlamaRunner:
             x = x + o(y)
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
-        return self.lm_head(self._norm(x, self.final_norm))
+        return self._logits(x)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
-        if n == 1 and self.fuse_one and self.layers4 is not None and self.kv_scale is not None:
-            return self._decode_one(tokens[0], positions[0])
+        if self.int4 and self.fuse_one and self.kv_scale is not None:
+            return self._decode_fused(tokens, positions)
         layers, norms = self.layers, self.norms
-        if n == 1 and self.layers4 is not None:
-            layers, norms = self.layers4, self.norms4
         if self.c_attention and self.kv_scale is not None:
             return self._decode_rows(tokens, positions, layers, norms)
         pos = torch.tensor(positions)
@@ -724,7 +780,7 @@ class FastLlamaRunner:
             x = x + o(y.reshape(n, H * D))
             g = gu(self._norm(x, n2))
             x = x + down(F.silu(g[:, : self.I]) * g[:, self.I :])
-        return self.lm_head(self._norm(x, self.final_norm))
+        return self._logits(x)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]

@@ -107,6 +107,8 @@ def load(path: Path) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
     lib.lm_qlinear.restype = i
+    lib.lm_qlinear8.argtypes = [p, p, p, i, i, p, i, p, p, p, ctypes.c_float, i]
+    lib.lm_qlinear8.restype = i
     lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
     return lib
@@ -133,6 +135,38 @@ def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, torch.cat([d, lo], -1).half().contiguous()
 
 
+GROUP = 8  # weight rows the kernel interleaves (the C file's R)
+
+
+def to_kernel_layout(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`pack_q4`'s (N, K/32, 16) codes and (N, K/32, 2) scales in the order the kernel reads
+    them (the C file documents it): N // 8 groups of 8 rows whose codes are interleaved four at
+    a time, then the rows left over as they were. Flat uint8 codes and fp16 scales."""
+    n, nb, _ = codes.shape
+    full = n // GROUP * GROUP
+    q = torch.cat([codes[:full] & 0x0F, codes[:full] >> 4], -1)  # (full, nb, 32) in order
+    # element 8t + 4h + e of row i -> register t, byte 4i + e, low (h = 0) or high nibble
+    q = q.view(-1, GROUP, nb, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # (G, nb, t, i, e, h)
+    grouped = q[..., 0] | (q[..., 1] << 4)
+    s = scales[:full].view(-1, GROUP, nb, 2).permute(0, 2, 3, 1)  # (G, nb, d|m, i)
+    return (
+        torch.cat([grouped.reshape(-1), codes[full:].reshape(-1)]).contiguous(),
+        torch.cat([s.reshape(-1), scales[full:].reshape(-1)]).contiguous(),
+    )
+
+
+def from_kernel_layout(
+    codes: torch.Tensor, scales: torch.Tensor, n: int, nb: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_kernel_layout` undone: (N, K/32, 16) codes and (N, K/32, 2) scales."""
+    full = n // GROUP * GROUP
+    g = codes[: full * nb * 16].view(-1, nb, 4, GROUP, 4)  # (G, nb, t, i, e)
+    q = torch.stack([g & 0x0F, g >> 4], -1).permute(0, 3, 1, 2, 5, 4).reshape(full, nb, 32)
+    rows = torch.cat([q[..., :16] | (q[..., 16:] << 4), codes[full * nb * 16 :].view(-1, nb, 16)])
+    s = scales[: full * nb * 2].view(-1, nb, 2, GROUP).permute(0, 3, 1, 2).reshape(full, nb, 2)
+    return rows, torch.cat([s, scales[full * nb * 2 :].view(-1, nb, 2)])
+
+
 def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The fp32 weights packed codes and scales stand for (tests, quality checks)."""
     n, nb, _ = codes.shape
@@ -142,8 +176,11 @@ def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Q4Linear:
-    """A linear over q4 block weights: y = x @ W^T + b, x (rows, K) fp32. Made for one row
-    (decode at batch 1); more rows are correct but unpack the codes once per row.
+    """A linear over q4 block weights: y = x @ W^T + b, x (rows, K) fp32: one row (decode at
+    batch 1), a batched step's rows or a prompt's positions. Each weight block is unpacked once
+    per 4 rows, and a row's outputs are computed by the same operations in the same order
+    whatever the row count (the C file's `dot_q4_tile`): a row's numbers do not depend on the
+    rows beside it.
 
     A plain callable, as `Int8Linear` (a decode step makes 120 of these calls)."""
 
@@ -153,7 +190,7 @@ class Q4Linear:
             raise ValueError(f"input size {k} is not a multiple of {QK}")
         self.lib = library()
         self.out_features, self.in_features = n, k
-        self.codes, self.scales = pack_q4(weight)
+        self.codes, self.scales = to_kernel_layout(*pack_q4(weight))
         self.bias = None if bias is None else bias.detach().float().contiguous().clone()
         self._w, self._s = self.codes.data_ptr(), self.scales.data_ptr()
         self._b = None if self.bias is None else self.bias.data_ptr()
@@ -187,7 +224,65 @@ class Q4Linear:
         return y
 
     def weight(self) -> torch.Tensor:
-        return unpack(self.codes, self.scales)
+        n, nb = self.out_features, self.in_features // QK
+        return unpack(*from_kernel_layout(self.codes, self.scales, n, nb))
+
+
+class Q8Linear:
+    """An int8 linear whose rows never see each other: int8 weights with one scale per output
+    row, each input row quantized on its own (absmax / 127, after an optional fused RMSNorm),
+    products summed in 32-bit integers (exact), so a row's outputs are the same bits at any
+    row count. The 4-bit runner's vocabulary head: fbgemm's dynamic int8 linear quantizes all
+    its rows with one scale, which makes a row's logits depend on the rest of the batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        if k % QK or k >= 1 << 17:
+            raise ValueError(f"input size {k} is not a multiple of {QK} below 131072")
+        self.lib = library()
+        self.out_features, self.in_features = n, k
+        w = weight.detach().float()
+        self.scale = (w.abs().amax(1).clamp(min=1e-8) / 127).contiguous()
+        q = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.wsum = q.sum(1, dtype=torch.int32).contiguous()
+        # groups of 8 rows, each 4 consecutive weights of the 8 rows side by side (the C file)
+        full = n // GROUP * GROUP
+        grouped = q[:full].view(-1, GROUP, k // 4, 4).transpose(1, 2)
+        self.qweight = torch.cat([grouped.reshape(-1), q[full:].reshape(-1)]).contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous().clone()
+        self._w, self._s = self.qweight.data_ptr(), self.scale.data_ptr()
+        self._b = None if self.bias is None else self.bias.data_ptr()
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        out: torch.Tensor | None = None,
+        add: bool = False,
+    ) -> torch.Tensor:
+        """x (rows, K) -> (rows, N); `norm`, `eps`, `out` and `add` as `Q4Linear`'s."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} for a {self.in_features}-wide linear")
+        rows = x.shape[0]
+        y = torch.empty(rows, self.out_features) if out is None else out
+        rc = self.lib.lm_qlinear8(
+            self._w, self._s, self.wsum.data_ptr(), self.out_features, self.in_features, x.data_ptr(), rows,
+            y.data_ptr(), self._b, None if norm is None else norm.data_ptr(), eps, int(add),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("the int8 linear could not allocate its activation rows")
+        return y
+
+    def weight(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        full = n // GROUP * GROUP
+        g = self.qweight[: full * k].view(-1, k // 4, GROUP, 4).transpose(1, 2).reshape(full, k)
+        q = torch.cat([g, self.qweight[full * k :].view(-1, k)])
+        return q.float() * self.scale[:, None]
 
 
 def positions_arg(positions: list[int], kv: torch.Tensor) -> ctypes.Array:

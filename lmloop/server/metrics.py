@@ -33,9 +33,14 @@ _PREFILL_COUNTERS = {
 }
 
 
+# The engine's resident bytes (`Engine.resident_bytes`), passed as "resident_<component>".
+RESIDENT = "resident_"
+
+
 class _EngineCollector(Collector):
-    """`lmloop_requests_running` / `_waiting`, `lmloop_model_info` and the prefill counters,
-    read when scraped."""
+    """`lmloop_requests_running` / `_waiting`, `lmloop_model_info`, the prefill counters and
+    `lmloop_resident_bytes` per component (weights, KV cache, prefix cache), read when
+    scraped."""
 
     def __init__(self, snapshot: Snapshot):
         self.snapshot = snapshot  # -> [(model, version, running, waiting, current, counts)]
@@ -55,7 +60,16 @@ class _EngineCollector(Collector):
             key: CounterMetricFamily(name, doc, labels=labels)
             for key, (name, doc) in _PREFILL_COUNTERS.items()
         }
+        resident = GaugeMetricFamily(
+            "lmloop_resident_bytes",
+            "bytes the model version's engine holds, by component: weights (and tables), "
+            "kv_cache, prefix_cache",
+            labels=[*labels, "component"],
+        )
         for model, version, n_run, n_wait, current, counts in self.snapshot():
+            for key, value in counts.items():
+                if key.startswith(RESIDENT):
+                    resident.add_metric([model, version, key[len(RESIDENT) :]], value)
             running.add_metric([model, version], n_run)
             waiting.add_metric([model, version], n_wait)
             info.add_metric([model, version], 1 if current else 0)
@@ -66,6 +80,7 @@ class _EngineCollector(Collector):
         yield waiting
         yield info
         yield from counters.values()
+        yield resident
 
 
 class ServerMetrics:

@@ -26,7 +26,7 @@ from lmloop.errors import UserError
 from lmloop.server.backend import SnapshotRow
 from lmloop.server.errors import APIError
 from lmloop.server.generation import Job, queue_full
-from lmloop.server.metrics import CONTENT_TYPE
+from lmloop.server.metrics import CONTENT_TYPE, RESIDENT
 from lmloop.server.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -203,6 +203,7 @@ class EngineBackend:
             try:
                 running, waiting = int(s.engine.num_running), int(s.engine.num_waiting)
                 counts = dict(s.engine.prefill_counts())
+                counts.update({RESIDENT + k: v for k, v in s.engine.resident_bytes().items()})
             except Exception:  # noqa: BLE001 - a stopped engine reports nothing
                 running = waiting = 0
                 counts = {}

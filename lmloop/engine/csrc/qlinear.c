@@ -37,6 +37,9 @@ typedef struct {
 
 typedef uint16_t f16; /* IEEE half: weight scales, as GGUF stores them */
 
+/* four bytes read as one int32 wherever they sit: a broadcast straight from memory */
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_any;
+
 static inline float f16_to_f32(f16 h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
@@ -109,58 +112,166 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-/* Dot products of R consecutive weight rows with one activation row: R independent
- * accumulators keep the FMA latency chains apart, and each activation block is loaded once. */
-#define R 4
+/* Weight rows per group: the groups' codes are interleaved so that one register holds four
+ * consecutive codes of each of the R rows (below), and a broadcast of four activation codes
+ * then gives every row's partial sum in its own lane, with no horizontal sums. */
+#define R 8
+/* Activation rows per pass over a group: each block of the group's weights is loaded and
+ * unpacked once and used for MT rows (a batched step, a prompt), in place of once per row.
+ * (8 measured no faster with AVX-512's 32 registers.) The passes below switch on 1..MT. */
+#define MT 4
 #ifndef PF
 #define PF 8192
 #endif
 
-/* Codes of weight row i, block b at c + (i * nb + b) * 16, its scales (d, m) at
- * p[2 * (i * nb + b)] (halves). Both streams
- * are prefetched PF bytes of codes ahead: a core's own prefetchers left this loop at about half
- * the bandwidth it reaches with them (72 against 217 us for a 3072 x 576 q4 weight). */
-static void dot_q4(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
-                   float *out) {
-#ifdef LM_AVX2
-    if (nrows == R) {
-        __m256 acc[R];
-        float off[R];
-        for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps(), off[i] = 0.0f;
-        const __m128i low = _mm_set1_epi8(0x0F);
-        for (int b = 0; b < nb; b++) {
-            __m256i aq = _mm256_loadu_si256((const __m256i *)a[b].q);
-            float da = a[b].d, sa = a[b].s;
-            for (int i = 0; i < R; i++) {
-                size_t k = (size_t)i * nb + b;
-                _mm_prefetch((const char *)(c + 16 * k) + PF, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + 2 * k) + PF / 4, _MM_HINT_T0);
-                __m128i raw = _mm_loadu_si128((const __m128i *)(c + 16 * k));
-                __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),
-                                              _mm_and_si128(raw, low));
-                __m256 prod = _mm256_cvtepi32_ps(dot_us8(wq, aq));
-                acc[i] = _mm256_fmadd_ps(prod, _mm256_set1_ps(f16_to_f32(p[2 * k]) * da), acc[i]);
-                off[i] += f16_to_f32(p[2 * k + 1]) * sa;
-            }
+/* The weights' layout (`lmloop.engine.kernels.Q4Linear` packs it): n_out / R full groups,
+ * then the n_out % R rows left over.
+ *   group g, block b: 128 bytes of codes at c + (g * nb + b) * 128, four 32-byte registers;
+ *     register t, byte 4 * i + e holds row i's code of element 8t + e (low nibble) and of
+ *     element 8t + 4 + e (high nibble); scales at p + (g * nb + b) * 16: the R rows' d, then
+ *     their m (halves);
+ *   a leftover row i, block b: 16 bytes at c + (G * nb * R + i * nb + b) * 16 (byte j holds
+ *     q[j] low and q[j + 16] high), its (d, m) at p + 2 * (G * nb * R + i * nb + b).
+ *
+ * The arithmetic, one weight row against one activation row: per block, the 32 products are
+ * summed exactly in integers; then acc += (float)sum * (d_w * d_x) and off += m_w * s_x, in
+ * block order, and out = acc + off. Batch invariance rests on this: the operations that
+ * produce a row's output and their order are the same whatever the row count and whichever
+ * rows share a pass (the vector path computes a group's R weight rows in the lanes of one
+ * register, each lane on its own), so a row's numbers never depend on the rest of the batch.
+ * A single row is the same code with one activation row. */
+
+/* Row i (< R) of a group's block b: its 32 codes, in element order. */
+static inline void group_codes(const uint8_t *blk, int i, uint8_t q[32]) {
+    for (int t = 0; t < 4; t++)
+        for (int e = 0; e < 4; e++) {
+            uint8_t v = blk[32 * t + 4 * i + e];
+            q[8 * t + e] = v & 0x0F;
+            q[8 * t + 4 + e] = v >> 4;
         }
-        for (int i = 0; i < R; i++) out[i] = hsum(acc[i]) + off[i];
-        return;
-    }
+}
+
+static inline float plain_block(const uint8_t q[32], float d, float m, const blk_a8 *a,
+                                float *off) {
+    int s = 0;
+    for (int j = 0; j < QK; j++) s += q[j] * a->q[j];
+    *off = fmaf(m, a->s, *off); /* fused, as the vector path's */
+    return (float)s * (d * a->d);
+}
+
+#ifndef LM_AVX2
+/* out[m * R + i] for a group's R rows (c, p at the group) and activation rows m < nact. */
+static void group_plain(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact, int nb,
+                        float *out) {
+    uint8_t q[32];
+    for (int m = 0; m < nact; m++)
+        for (int i = 0; i < R; i++) {
+            float acc = 0.0f, off = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                group_codes(c + (size_t)b * 128, i, q);
+                const f16 *pb = p + (size_t)b * 2 * R;
+                acc += plain_block(q, f16_to_f32(pb[i]), f16_to_f32(pb[R + i]),
+                                   a + (size_t)m * nb + b, &off);
+            }
+            out[m * R + i] = acc + off;
+        }
+}
 #endif
+
+/* One activation row against nrows leftover rows (row layout). */
+static void rows_plain(const uint8_t *c, const f16 *p, int nrows, const blk_a8 *a, int nb,
+                       float *out) {
+    uint8_t q[32];
     for (int i = 0; i < nrows; i++) {
-        float acc = 0.0f;
+        float acc = 0.0f, off = 0.0f;
         for (int b = 0; b < nb; b++) {
             size_t k = (size_t)i * nb + b;
-            const uint8_t *q = c + 16 * k;
-            int s = 0;
-            for (int j = 0; j < 16; j++) {
-                s += (q[j] & 0x0F) * a[b].q[j];
-                s += (q[j] >> 4) * a[b].q[j + 16];
-            }
-            acc += f16_to_f32(p[2 * k]) * a[b].d * (float)s + f16_to_f32(p[2 * k + 1]) * a[b].s;
+            for (int j = 0; j < 16; j++) q[j] = c[16 * k + j] & 0x0F, q[j + 16] = c[16 * k + j] >> 4;
+            acc += plain_block(q, f16_to_f32(p[2 * k]), f16_to_f32(p[2 * k + 1]), a + b, &off);
         }
-        out[i] = acc;
+        out[i] = acc + off;
     }
+}
+
+#ifdef LM_AVX2
+static inline __m256 load8_f16(const f16 *h) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    float f[8];
+    for (int i = 0; i < 8; i++) f[i] = f16_to_f32(h[i]);
+    return _mm256_loadu_ps(f);
+#endif
+}
+
+/* Lane i: row i's integer dot product of one block (w: the 8 unpacked code registers, chunk t
+ * = elements 4t..4t+3 of each row; a: the activation block's 32 codes). */
+static inline __m256i block_dot(const __m256i w[8], const int8_t *a) {
+    const i32_any *a4 = (const i32_any *)a;
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* two latency chains */
+    for (int t = 0; t < 8; t++) {
+#if defined(__AVXVNNI__)
+        s[t & 1] = _mm256_dpbusd_avx_epi32(s[t & 1], w[t], _mm256_set1_epi32(a4[t]));
+#else
+        s[t & 1] = _mm256_dpbusd_epi32(s[t & 1], w[t], _mm256_set1_epi32(a4[t]));
+#endif
+    }
+    return _mm256_add_epi32(s[0], s[1]);
+#else /* pair sums of (0..15) x (-128..127) fit 16 bits, and so do eight of them */
+    __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(a4[0]));
+    for (int t = 1; t < 8; t++)
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(a4[t])));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+#endif
+}
+
+/* A group's R rows against nact activation rows. Both weight streams are prefetched PF bytes
+ * of codes ahead: a core's own prefetchers left this loop at about half the bandwidth it
+ * reaches with them (72 against 217 us for a 3072 x 576 q4 weight). */
+static inline __attribute__((always_inline)) void group_tile(const uint8_t *c, const f16 *p,
+                                                             const blk_a8 *a, int nact, int nb,
+                                                             float *out) {
+    __m256 acc[MT], off[MT];
+    for (int m = 0; m < nact; m++) acc[m] = off[m] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *cb = c + (size_t)b * 128;
+        const f16 *pb = p + (size_t)b * 2 * R;
+        _mm_prefetch((const char *)cb + PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)cb + PF + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)pb + PF / 4, _MM_HINT_T0);
+        __m256i w[8];
+        for (int t = 0; t < 4; t++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(cb + 32 * t));
+            w[2 * t] = _mm256_and_si256(raw, low);
+            w[2 * t + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        }
+        __m256 dv = load8_f16(pb), mv = load8_f16(pb + R);
+        for (int m = 0; m < nact; m++) {
+            const blk_a8 *am = a + (size_t)m * nb + b;
+            __m256 sums = _mm256_cvtepi32_ps(block_dot(w, am->q));
+            acc[m] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dv, _mm256_set1_ps(am->d)), acc[m]);
+            off[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(am->s), off[m]);
+        }
+    }
+    for (int m = 0; m < nact; m++) _mm256_storeu_ps(out + m * R, _mm256_add_ps(acc[m], off[m]));
+}
+#endif
+
+/* out[m * R + i] for a full group (c, p at the group) and activation rows m < nact <= MT. */
+static void dot_group(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact, int nb,
+                      float *out) {
+#ifdef LM_AVX2
+    switch (nact) { /* constant row counts: each pass compiled with its tile in registers */
+    case 1: group_tile(c, p, a, 1, nb, out); break;
+    case 2: group_tile(c, p, a, 2, nb, out); break;
+    case 3: group_tile(c, p, a, 3, nb, out); break;
+    default: group_tile(c, p, a, MT, nb, out); break; /* MT = 4 */
+    }
+#else
+    group_plain(c, p, a, nact, nb, out);
+#endif
 }
 
 /* The input a row feeds to the kernel: x itself, RMSNorm(x) * norm_w, or (swiglu) the row
@@ -202,23 +313,173 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
         quantize_a8(row, a + (size_t)r * nb, nb);
     }
     free(row);
-    /* each group of R weight rows is streamed once and used for every activation row (made
-     * for one row: decode at batch 1; more rows unpack the codes again for each) */
+    /* each group of R weight rows is streamed once; its blocks are unpacked once per MT
+     * activation rows */
+    int groups = n_out / R, left = n_out % R;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < n_out; n0 += R) {
-        int nrows = n_out - n0 < R ? n_out - n0 : R;
-        size_t k0 = (size_t)n0 * nb;
-        float out[R];
-        for (int r = 0; r < rows; r++) {
-            dot_q4(codes + 16 * k0, scales + 2 * k0, nrows, a + (size_t)r * nb, nb, out);
-            float *yr = y + (size_t)r * n_out + n0;
-            for (int i = 0; i < nrows; i++) {
-                float v = out[i] + (bias ? bias[n0 + i] : 0.0f);
-                yr[i] = accumulate ? yr[i] + v : v;
+    for (int g = 0; g <= groups; g++) {
+        if (g == groups && left == 0) continue;
+        int n0 = g * R, nrows = g < groups ? R : left;
+        float out[MT * R];
+        for (int r0 = 0; r0 < rows; r0 += MT) {
+            int nact = rows - r0 < MT ? rows - r0 : MT;
+            const blk_a8 *ar = a + (size_t)r0 * nb;
+            if (g < groups) {
+                size_t k0 = (size_t)g * nb;
+                dot_group(codes + 128 * k0, scales + 2 * R * k0, ar, nact, nb, out);
+            } else {
+                size_t k0 = (size_t)groups * R * nb;
+                for (int m = 0; m < nact; m++)
+                    rows_plain(codes + 16 * k0, scales + 2 * k0, left, ar + (size_t)m * nb, nb,
+                               out + m * R);
+            }
+            for (int m = 0; m < nact; m++) {
+                float *yr = y + (size_t)(r0 + m) * n_out + n0;
+                for (int i = 0; i < nrows; i++) {
+                    float v = out[m * R + i] + (bias ? bias[n0 + i] : 0.0f);
+                    yr[i] = accumulate ? yr[i] + v : v;
+                }
             }
         }
     }
     free(a);
+    return 0;
+}
+
+/* An int8 linear whose rows never see each other: W is n_out rows of k int8 weights (-127..127)
+ * with one fp32 scale per row (w ~= ws[n] * q), each activation row is quantized on its own
+ * (absmax / 127, after prep_row's norm when norm_w is given), and the dot products are summed
+ * in 32-bit integers, which is exact: no order of summation, batch size or tiling changes a
+ * result. Then y[r, n] = isum * (d_r * ws[n]) (+ bias), or y += that. Made for the vocabulary
+ * head of the 4-bit runner, where fbgemm's dynamic linear, which quantizes all its rows with
+ * one scale, would make a row's logits depend on the others. k must be a multiple of 32
+ * (k < 2^17 keeps the sums within 32 bits). Returns 0, or -1 on bad sizes or out of memory.
+ *
+ * Layout (`lmloop.engine.kernels.Q8Linear` packs it): n_out / R groups of R rows, group g's
+ * k / 4 chunks of 32 bytes at w + (g * k / 4 + t) * 32, byte 4 * i + e = row i's weight
+ * 4t + e; then the rows left over, k bytes each. wsum[n]: the sum of row n's weights. */
+#ifdef LM_AVX2
+/* Lane i: group row i's dot product with activation row a (k values; au: a + 128 as bytes,
+ * for VNNI's unsigned operand; wsum then takes the offset back out). */
+/* Lane m * R + i of out: group row i's dot product with activation row m < nact (k values
+ * each, k apart; au: the rows + 128 as bytes, for VNNI's unsigned operand, wsum then takes the
+ * offset back out). Integer sums: exact, however the chains split them. */
+static inline __attribute__((always_inline)) void group_dot8(const int8_t *w, const int8_t *a,
+                                                             const uint8_t *au, int nact, int k,
+                                                             const int32_t *wsum,
+                                                             int32_t *out) {
+    __m256i s0[MT], s1[MT]; /* two latency chains a row: even and odd chunks */
+    for (int m = 0; m < nact; m++) s0[m] = s1[m] = _mm256_setzero_si256();
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+    (void)a;
+    for (int t = 0; t < k / 4; t += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
+        for (int m = 0; m < nact; m++) {
+            const i32_any *u = (const i32_any *)(au + (size_t)m * k + 4 * t);
+#if defined(__AVXVNNI__)
+            s0[m] = _mm256_dpbusd_avx_epi32(s0[m], _mm256_set1_epi32(u[0]), w0);
+            s1[m] = _mm256_dpbusd_avx_epi32(s1[m], _mm256_set1_epi32(u[1]), w1);
+#else
+            s0[m] = _mm256_dpbusd_epi32(s0[m], _mm256_set1_epi32(u[0]), w0);
+            s1[m] = _mm256_dpbusd_epi32(s1[m], _mm256_set1_epi32(u[1]), w1);
+#endif
+        }
+    }
+    __m256i off = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)wsum), 7);
+    for (int m = 0; m < nact; m++)
+        _mm256_storeu_si256((__m256i *)(out + m * R),
+                            _mm256_sub_epi32(_mm256_add_epi32(s0[m], s1[m]), off));
+#else /* |a| x sign-moved w: pair sums within 16 bits (|a|, |w| <= 127) */
+    (void)au, (void)wsum;
+    const __m256i one = _mm256_set1_epi16(1);
+    for (int t = 0; t < k / 4; t += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 32 * (size_t)t + 32));
+        for (int m = 0; m < nact; m++) {
+            const i32_any *a4 = (const i32_any *)(a + (size_t)m * k + 4 * t);
+            __m256i a0 = _mm256_set1_epi32(a4[0]), a1 = _mm256_set1_epi32(a4[1]);
+            __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(a0), _mm256_sign_epi8(w0, a0));
+            __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(a1), _mm256_sign_epi8(w1, a1));
+            s0[m] = _mm256_add_epi32(s0[m], _mm256_madd_epi16(p0, one));
+            s1[m] = _mm256_add_epi32(s1[m], _mm256_madd_epi16(p1, one));
+        }
+    }
+    for (int m = 0; m < nact; m++)
+        _mm256_storeu_si256((__m256i *)(out + m * R), _mm256_add_epi32(s0[m], s1[m]));
+#endif
+}
+#endif
+
+int lm_qlinear8(const int8_t *w, const float *wscale, const int32_t *wsum, int n_out, int k,
+                const float *x, int rows, float *y, const float *bias, const float *norm_w,
+                float eps, int accumulate) {
+    if (k % QK != 0 || k >= (1 << 17) || rows <= 0) return -1;
+    int8_t *aq = (int8_t *)malloc(2 * (size_t)k * (size_t)rows);
+    float *d = (float *)malloc(sizeof(float) * (size_t)rows);
+    float *row = (float *)malloc(sizeof(float) * (size_t)k);
+    if (aq == NULL || d == NULL || row == NULL) {
+        free(aq), free(d), free(row);
+        return -1;
+    }
+    uint8_t *au = (uint8_t *)(aq + (size_t)k * rows);
+    for (int r = 0; r < rows; r++) {
+        prep_row(x + (size_t)r * k, k, norm_w, eps, 0, row);
+        float amax = 0.0f;
+        for (int j = 0; j < k; j++) amax = fmaxf(amax, fabsf(row[j]));
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[r] = amax / 127.0f;
+        for (int j = 0; j < k; j++) {
+            int q = (int)nearbyintf(row[j] * id);
+            aq[(size_t)r * k + j] = (int8_t)q;
+            au[(size_t)r * k + j] = (uint8_t)(q + 128);
+        }
+    }
+    free(row);
+    int groups = n_out / R;
+#pragma omp parallel for schedule(static)
+    for (int g = 0; g <= groups; g++) {
+        int n0 = g * R, nrows = g < groups ? R : n_out % R;
+        const int8_t *wg = w + (size_t)n0 * k;
+        for (int r0 = 0; r0 < rows && nrows > 0; r0 += MT) {
+            int nact = rows - r0 < MT ? rows - r0 : MT;
+            int32_t isum[MT * R];
+            const int8_t *ar = aq + (size_t)r0 * k;
+#ifdef LM_AVX2
+            const uint8_t *aur = au + (size_t)r0 * k;
+            if (g < groups) {
+                _mm_prefetch((const char *)wg + PF, _MM_HINT_T0);
+                switch (nact) { /* constant row counts, as dot_group's */
+                case 1: group_dot8(wg, ar, aur, 1, k, wsum + n0, isum); break;
+                case 2: group_dot8(wg, ar, aur, 2, k, wsum + n0, isum); break;
+                case 3: group_dot8(wg, ar, aur, 3, k, wsum + n0, isum); break;
+                default: group_dot8(wg, ar, aur, MT, k, wsum + n0, isum); break;
+                }
+            } else
+#endif
+            {
+                for (int m = 0; m < nact; m++)
+                    for (int i = 0; i < nrows; i++) {
+                        int32_t s = 0;
+                        for (int j = 0; j < k; j++) {
+                            int8_t wv = g < groups ? wg[(size_t)(j / 4) * 32 + 4 * i + j % 4]
+                                                   : wg[(size_t)i * k + j];
+                            s += (int32_t)wv * ar[(size_t)m * k + j];
+                        }
+                        isum[m * R + i] = s;
+                    }
+            }
+            for (int m = 0; m < nact; m++) {
+                float *yr = y + (size_t)(r0 + m) * n_out + n0;
+                for (int i = 0; i < nrows; i++) {
+                    float v = (float)isum[m * R + i] * (d[r0 + m] * wscale[n0 + i]);
+                    if (bias) v += bias[n0 + i];
+                    yr[i] = accumulate ? yr[i] + v : v;
+                }
+            }
+        }
+    }
+    free(aq), free(d);
     return 0;
 }
 
