@@ -149,7 +149,7 @@ def main() -> None:
     results: dict = {"model": lm.name, "prompt_tokens": len(ids), "threads": threads}
     kw = {"max_batch": max(batches), "max_len": 512, "threads": threads}
     fp32 = Engine(lm.model, lm.tokenizer, **kw)
-    int8 = Engine(lm.model, lm.tokenizer, int8=True, **kw)
+    int8 = Engine(lm.model, lm.tokenizer, precision="int8", **kw)
     runs = {
         "lmloop_fp32": lambda: ours(fp32, ids, n),
         "lmloop_int8": lambda: ours(int8, ids, n),

@@ -51,9 +51,14 @@ class ServeConfig:
     drain_timeout: float = param(30.0, "seconds in-flight requests get to finish on shutdown")
     registry_poll: float = param(5.0, "seconds between checks for a new registry version")
     cors_origin: list[str] = param([], "allow browser calls from this origin (repeatable; off)")
+    check: bool = param(
+        False,
+        "report the C kernel's build, its instruction set and the torch ops the engine uses "
+        "(no model loads), then exit: 0, or 1 if something needed is missing",
+    )
 
     def __post_init__(self) -> None:
-        if not self.model:
+        if not self.model and not self.check:
             raise UserError("--model is required", hint="e.g. --model smollm2-135m-instruct")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a TCP port (0-65535)")

@@ -90,6 +90,7 @@ def run(cfg: GenerateConfig) -> int:
         1, min(cfg.engine.max_batch, len(rows))
     )  # cache rows cost memory: no more than used
     engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=batch, max_waiting=len(rows) + 1)
+    print(engine.choice.line(), file=sys.stderr)  # what `--precision` resolved to, and why
     try:
         encoded = []
         for row, p in zip(rows, line_params):
@@ -207,6 +208,7 @@ CHAT_HELP = "commands: /reset (forget the conversation), /save PATH (write it as
 def run_chat(cfg: ChatConfig) -> int:
     base = _params(cfg)
     engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=1, max_waiting=2)
+    print(engine.choice.line(), file=sys.stderr)
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)
