@@ -85,7 +85,10 @@ def test_int8_and_int4_flags_are_aliases_on_the_command_line_and_in_yaml(tmp_pat
     loop.write_text("db: f.db\nbase_data: d\nengine:\n  int4: true\n  max_batch: 4\n")
     cfg = parse_args(LoopConfig, [str(loop)])
     assert (cfg.engine.precision, cfg.engine.max_batch) == ("int4", 4)
-    assert parse_args(LoopConfig, ["db=f.db", "base_data=d", "engine.int8=true"]).engine.precision == "int8"
+    assert (
+        parse_args(LoopConfig, ["db=f.db", "base_data=d", "engine.int8=true"]).engine.precision
+        == "int8"
+    )
     assert parse_args(ServeConfig, ["--model", "m", "--int4", "--precision", "int4"])
     with pytest.raises(UserError, match="--int8 means --precision int8, but --precision is int4"):
         parse_args(ServeConfig, ["--model", "m", "--int8", "--precision", "int4"])
@@ -197,11 +200,16 @@ def test_the_probe_measures_each_precision_against_fp32(llama):
 
 
 # ---- no compiler, a broken one, a kernel that computes wrong numbers -------------------------
-def test_without_a_compiler_auto_falls_back_to_int8_and_says_so(llama, no_compiler):
+def test_without_a_compiler_auto_falls_back_to_int8_and_says_so(llama, no_compiler, caplog):
     e = Engine(llama.model, llama.tokenizer, precision="auto", source="Q4_1")
     assert e.precision == "int8"
     assert "C kernel is unavailable" in e.choice.reason and "no-such-cc" in e.choice.reason
     assert not e.runner.c_attention  # torch attention over the int8 cache
+    # an explicit int8 runs too, on torch attention, and says so (a warning, not silence)
+    with caplog.at_level("WARNING", logger="lmloop.engine.precision"):
+        e = Engine(llama.model, llama.tokenizer, precision="int8")
+    assert e.precision == "int8" and not e.runner.c_attention
+    assert [r.levelname for r in caplog.records if "torch ops" in r.getMessage()] == ["WARNING"]
     with pytest.raises(UserError, match="C kernel") as err:
         Engine(llama.model, llama.tokenizer, precision="int4")
     assert err.value.hint == "use --precision int8"
