@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 
-from lmloop.engine import kernels, seq2seq
+from lmloop.engine import seq2seq
 from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
-from lmloop.engine.fast import supports as fast_supports
 from lmloop.engine.params import (
     Completion,
     QueueFull,
@@ -649,21 +648,8 @@ def _make_runner(
 def _int4_runner(
     model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer: Tokenizer
 ):
-    """The fast runner over 4-bit weights, or a UserError saying why there is none."""
-    try:
-        kernels.library()
-    except kernels.KernelUnavailable as e:
-        raise UserError(
-            f"--precision int4 needs its C kernel: {e}", hint="use --precision int8"
-        ) from None
-    cfg = model.config
-    widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
-    if fast_supports(model) and any(w % kernels.QK for w in widths):
-        raise UserError(
-            f"--precision int4 needs layer widths that are multiples of {kernels.QK} (this "
-            f"model: {widths[0]} and {widths[1]})",
-            hint="use --precision int8",
-        )
+    """The fast runner over 4-bit weights (`precision.choose` has checked that the kernel
+    builds, passes its self-check and covers this model's family and widths)."""
     with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)
         calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
     runner = fast_runner(model, batch, max_len, int4=True, kv_int8=kv_int8, calibration_ids=calib)

@@ -113,7 +113,8 @@ def kernel_problem() -> kernels.KernelUnavailable | None:
 def int4_unsupported(model: torch.nn.Module) -> str | None:
     """Why the 4-bit kernel cannot run this model's layers (None: it can)."""
     if not fast_supports(model):
-        return f"the 4-bit kernel covers the Llama family in fp32 on the CPU, not {type(model).__name__}"
+        name = type(model).__name__
+        return f"the 4-bit kernel covers the Llama family in fp32 on the CPU, not {name}"
     cfg = model.config
     widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
     if any(w % kernels.QK for w in widths):
@@ -141,7 +142,7 @@ def choose(
     if requested in ("fp32", "int8"):
         kv = requested == "int8" if kv_int8 is None else kv_int8
         if kv and fast_supports(model):  # attention over an int8 cache runs in C
-            _kernel_or_torch_attention(explicit=True)
+            _kernel_or_torch_attention(requested)
         return Choice(requested, f"as asked (--precision {requested})")
     if requested == "int4":
         why = int4_unsupported(model)
@@ -158,10 +159,11 @@ def choose(
     if dynamic_linear_op() is None:
         return Choice("fp32", f"{MISSING_INT8_OPS}, so neither int8 nor int4")
     why_not4 = int4_unsupported(model)
-    if why_not4 is None:
-        problem = kernel_problem()
-        if problem is not None:
-            why_not4 = f"the C kernel is unavailable ({problem})"
+    # the kernel also runs int8's attention: a failed self-check refuses here, for any family
+    # the fast runner serves
+    problem = kernel_problem() if fast_supports(model) else None
+    if why_not4 is None and problem is not None:
+        why_not4 = f"the C kernel is unavailable ({problem})"
     bits = source_bits(source)
     if bits is not None:
         held = f"the source holds {bits}-bit weights ({source})"
@@ -188,15 +190,17 @@ def choose(
     return Choice("fp32", "; ".join(tried))
 
 
-def _kernel_or_torch_attention(*, explicit: bool) -> None:
-    """int8 weights attend over the int8 cache in C where the kernel builds. No compiler: the
-    torch path, said once; a compiler whose build fails: refused when asked for explicitly."""
+def _kernel_or_torch_attention(requested: str) -> None:
+    """An int8 cache is attended over in C where the kernel builds. No compiler: the torch path,
+    said once; a compiler whose build fails: refused (an explicit request is never quietly
+    served another way)."""
     problem = kernel_problem()
     if problem is None:
         return
-    if isinstance(problem, kernels.KernelBuildFailed) and explicit:
+    if isinstance(problem, kernels.KernelBuildFailed):
+        cache = "" if requested == "int8" else " with an int8 KV cache"
         raise UserError(
-            f"--precision int8: {problem}",
+            f"--precision {requested}{cache}: {problem}",
             hint="fix the compiler (or set CC to a working one), or use --kv-cache fp32",
         )
     log.warning(

@@ -90,7 +90,6 @@ def run(cfg: GenerateConfig) -> int:
         1, min(cfg.engine.max_batch, len(rows))
     )  # cache rows cost memory: no more than used
     engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=batch, max_waiting=len(rows) + 1)
-    print(engine.choice.line(), file=sys.stderr)  # what `--precision` resolved to, and why
     try:
         encoded = []
         for row, p in zip(rows, line_params):
@@ -103,6 +102,9 @@ def run(cfg: GenerateConfig) -> int:
             except Exception as e:  # noqa: BLE001 - a malformed conversation (template error)
                 raise UserError(f"{where}cannot render this prompt: {e}") from None
             encoded.append(ids)
+        # what `--precision` resolved to, and why; once the input is known good (a bad prompt
+        # gets its one line alone)
+        print(engine.choice.line(), file=sys.stderr)
         engine.start()
         if cfg.prompts:
             return _run_batch(cfg, engine, loaded, rows, encoded, line_params)
