@@ -271,9 +271,7 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= {"fp32", "int8", "int4"}:
         raise SystemExit(f"--modes: fp32, int8 or int4, not {args.modes}")
-    engines = {
-        m: Engine(lm.model, lm.tokenizer, **kw, **({m: True} if m != "fp32" else {})) for m in modes
-    }
+    engines = {m: Engine(lm.model, lm.tokenizer, **kw, precision=m) for m in modes}
     runs = {f"lmloop_{m}": (lambda e=e: ours(e, ids, n)) for m, e in engines.items()}
     if not args.skip_hf:
         from transformers import LlamaConfig, LlamaForCausalLM

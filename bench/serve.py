@@ -1,6 +1,6 @@
 """Load test of `lmloop serve` on loopback, side by side with llama.cpp's servers.
 
-    .venv/bin/python bench/serve.py                       # SmolLM2-135M, 1/4/16/32 clients
+    .venv/bin/python bench/serve.py                       # SmolLM2-135M (auto: int4), 1/4/16/32 clients
     .venv/bin/python bench/serve.py --concurrency 1 4 --max-tokens 32
     .venv/bin/python bench/serve.py --scenario shared-prompt --int8
     .venv/bin/python bench/serve.py --int4 --concurrency 1 --servers lmloop llama-server
@@ -370,8 +370,13 @@ def main() -> int:
         help="llama-server's thread counts, one run each (default: --threads)",
     )
     weights = ap.add_mutually_exclusive_group()
-    weights.add_argument("--int8", action="store_true", help="serve ours with int8 weights")
-    weights.add_argument("--int4", action="store_true", help="serve ours with 4-bit weights")
+    weights.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "int8", "int4"],
+        help="ours: `lmloop serve --precision` (default: the server's, auto)",
+    )
+    weights.add_argument("--int8", action="store_true", help="= --precision int8")
+    weights.add_argument("--int4", action="store_true", help="= --precision int4")
     ap.add_argument("--kv-cache", choices=["auto", "fp32", "int8"], help="ours (default: auto)")
     ap.add_argument("--prefix-cache-mb", type=float, help="ours (default: the server's)")
     ap.add_argument(
@@ -412,7 +417,8 @@ def main() -> int:
 
     if "lmloop" in args.servers:
         port = free_port()
-        extra = ["--int8"] if args.int8 else ["--int4"] if args.int4 else []
+        precision = args.precision or ("int8" if args.int8 else "int4" if args.int4 else None)
+        extra = ["--precision", precision] if precision else []
         if args.prefix_cache_mb is not None:
             extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
         if args.kv_cache is not None:

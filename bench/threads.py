@@ -51,7 +51,7 @@ def child(cfg: dict) -> dict:
     ids = lm.tokenizer.encode(PROMPT)
     engine = Engine(
         lm.model, lm.tokenizer, max_batch=max(cfg["batches"]), max_len=512,
-        threads=cfg["threads"], int8=cfg["int8"], single_thread_rows=cfg["single_thread_rows"],
+        threads=cfg["threads"], precision="int8" if cfg["int8"] else "fp32", single_thread_rows=cfg["single_thread_rows"],
     ).start()  # fmt: skip
     p = SamplingParams(max_tokens=cfg["new_tokens"], temperature=0, ignore_eos=True)
 

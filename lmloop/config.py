@@ -53,6 +53,35 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _aliases(cls: type) -> dict[str, tuple[str, Any]]:
+    """A config's flag aliases: `__aliases__ = {"int4": ("precision", "int4")}` makes `--int4`
+    (or `int4: true` in YAML) set `precision` to "int4"; `int4: false` sets nothing."""
+    return dict(getattr(cls, "__aliases__", {}) or {})
+
+
+def _apply_aliases(cls: type, values: dict[str, Any], prefix: str, errors: list[str]) -> None:
+    """Replace alias keys in `values` by the field they stand for (in place)."""
+    for alias, (name, target) in _aliases(cls).items():
+        keys = [k for k in list(values) if k.replace("-", "_") == alias]
+        for key in keys:
+            raw = values.pop(key)
+            try:
+                on = coerce(raw, bool, prefix + alias)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            if not on:
+                continue
+            given = next((k for k in values if k.replace("-", "_") == name), None)
+            if given is not None and str(values[given]).lower() != str(target).lower():
+                flag, field = f"--{prefix}{alias}", f"--{prefix}{name}".replace("_", "-")
+                errors.append(
+                    f"{flag} means {field} {target}, but {field} is {values[given]}: give one"
+                )
+                continue
+            values[given or name] = target
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -181,7 +210,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
             keys += all_keys(tp, prefix + ("" if name in _inline(cls) else name + "."))
         else:
             keys.append(prefix + name)
-    return keys
+    return keys + [prefix + alias for alias in _aliases(cls)]
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str] | None = None):
@@ -192,9 +221,11 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
     names = _field_names(cls)
     values = dict(values)
     for name, tp in _inline(cls).items():  # its flat keys move under its own name
-        moved = {k: values.pop(k) for k in list(values) if k.replace("-", "_") in _hints(tp)}
+        own = set(_hints(tp)) | set(_aliases(tp))
+        moved = {k: values.pop(k) for k in list(values) if k.replace("-", "_") in own}
         if moved:
             values[name] = {**(values.get(name) or {}), **moved}
+    _apply_aliases(cls, values, prefix, errors)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
@@ -207,6 +238,9 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
         tp, _ = _unwrap_optional(hints[name])
         try:
             if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+                value = dict(value)  # its aliases first: the defaults below are not "given"
+                shown = prefix if name in _inline(cls) else prefix + name + "."
+                _apply_aliases(tp, value, shown, errors)
                 base = _default(cls, name)  # a spec given in part keeps its field's defaults
                 if isinstance(base, tp):
                     value = {f.name: getattr(base, f.name) for f in dataclasses.fields(tp)} | value
@@ -289,10 +323,10 @@ def _field_type(cls: type, dotted: str) -> Any | None:
         tp, _ = _unwrap_optional(tp)
         if not dataclasses.is_dataclass(tp):
             return None
-        hints = _hints(tp)
+        hints = {**_hints(tp), **{a: bool for a in _aliases(tp)}}
         for inner in _inline(tp).values():
-            if part not in hints and part in _hints(inner):
-                hints = _hints(inner)
+            if part not in hints and part in {**_hints(inner), **_aliases(inner)}:
+                hints = {**_hints(inner), **{a: bool for a in _aliases(inner)}}
         if part not in hints:
             return None
         tp = hints[part]
@@ -429,6 +463,9 @@ def format_help(cls: type, command: str, summary: str) -> str:
             helptext = f.metadata.get("help", "")
             if helptext:
                 lines.append(f"      {helptext}")
+        for alias, (name, target) in _aliases(c).items():
+            flag = "--" + (prefix + alias).replace("_", "-")
+            lines.append(f"  {flag}  alias of --{(prefix + name).replace('_', '-')} {target}")
 
     walk(cls, "")
     lines += [

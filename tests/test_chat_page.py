@@ -101,8 +101,11 @@ def server(home, registry):
     _teach(model)
     lineage = decision_lineage(15, 0, 5, (0.55, 0.9), (0.25, 0.1), (20.0, 20.5))
     registry.promote("tiny", registry.register("tiny", model, lineage=lineage))
+    # fp32, as before `--precision auto` became the default: the page's logprobs are compared
+    # with another request's, which int4 weights break while a sequence's steps switch between
+    # 4-bit (alone) and int8 (batched) weights (`auto`: test_precision.py)
     srv = Server("registry:tiny", home, "--model-name", "tiny", "--registry-poll", "0.3",
-                 api_key=KEY)  # fmt: skip
+                 "--precision", "fp32", api_key=KEY)  # fmt: skip
     try:
         srv.wait_ready()
         yield srv

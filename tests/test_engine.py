@@ -164,7 +164,9 @@ def test_prompts_admitted_together_prefill_together_and_match_each_alone(models,
     assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths
     runs, calls = {}, []
     for batch_prefill in (False, True):
-        engine = Engine(lm.model, lm.tokenizer, max_batch=8, fast=fast, int8=int8)
+        engine = Engine(
+            lm.model, lm.tokenizer, max_batch=8, fast=fast, precision="int8" if int8 else "fp32"
+        )
         engine.batch_prefill = batch_prefill
         with engine:
             engine.complete(head + [9], SamplingParams(max_tokens=1, temperature=0))  # stored
@@ -386,7 +388,7 @@ def test_int4_tokens_and_logprobs_do_not_depend_on_the_batch(models, tok):
     def other(i: int) -> SamplingParams:
         return SamplingParams(max_tokens=others[i][1], temperature=1.0, seed=i, ignore_eos=True)
 
-    with Engine(lm.model, lm.tokenizer, int4=True, max_batch=4, prefix_cache_mb=0) as engine:
+    with Engine(lm.model, lm.tokenizer, precision="int4", max_batch=4, prefix_cache_mb=0) as engine:
         alone = [engine.complete(target, p) for p in runs]
         sizes: list[int] = []
         real = engine.runner.decode
@@ -428,7 +430,7 @@ def test_int4_holds_one_copy_of_the_weights_and_reports_its_bytes(models, tok):
         + 2 * 4 * S * D
         + 8 * S  # rotary tables, slot indices
     )
-    with Engine(lm.model, lm.tokenizer, int4=True, max_batch=2, max_len=S) as engine:
+    with Engine(lm.model, lm.tokenizer, precision="int4", max_batch=2, max_len=S) as engine:
         before = engine.resident_bytes()
         assert before == {"weights": want, "kv_cache": 0, "prefix_cache": 0}
         engine.complete(_prompts(tok)[0], GREEDY)
@@ -687,7 +689,7 @@ def test_int8_weights_stay_close(models, tok, family):
     lm = models[family][1]
     ids = _prompts(tok)[0]
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    with Engine(lm.model, lm.tokenizer, int8=True) as engine:
+    with Engine(lm.model, lm.tokenizer, precision="int8") as engine:
         with torch.inference_mode():
             q = engine.runner.prefill(0, ids)
         assert engine.complete(ids, GREEDY).completion_tokens == 12
@@ -801,7 +803,7 @@ def test_the_engine_owns_its_weights_and_frees_the_model(tok, tmp_path, int8):
     lm = load_model(str(tmp_path))
     storages = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
     storages |= {b.untyped_storage().data_ptr() for b in lm.model.buffers()}
-    engine = Engine(lm.model, lm.tokenizer, max_batch=2, int8=int8)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=2, precision="int8" if int8 else "fp32")
     ids = _prompts(tok)[0]
     want = engine.complete(ids, GREEDY).token_ids
     r = engine.runner
@@ -824,11 +826,11 @@ def _kv_dtype(engine):
 
 def test_kv_cache_precision_follows_the_weights_and_is_refused_where_unsupported(models):
     llama, gpt2 = models["llama"][1], models["gpt2"][1]
-    assert _kv_dtype(Engine(llama.model, llama.tokenizer, int8=True)) == torch.int8
+    assert _kv_dtype(Engine(llama.model, llama.tokenizer, precision="int8")) == torch.int8
     assert _kv_dtype(Engine(llama.model, llama.tokenizer)) == torch.float32
-    e = Engine(llama.model, llama.tokenizer, int8=True, kv_int8=False)
+    e = Engine(llama.model, llama.tokenizer, precision="int8", kv_int8=False)
     assert _kv_dtype(e) == torch.float32 and not e.kv_int8
-    assert not Engine(gpt2.model, gpt2.tokenizer, int8=True).kv_int8  # int8 weights only
+    assert not Engine(gpt2.model, gpt2.tokenizer, precision="int8").kv_int8  # int8 weights only
     with pytest.raises(UserError, match="int8 KV cache"):
         Engine(gpt2.model, gpt2.tokenizer, kv_int8=True)
 

@@ -257,7 +257,7 @@ def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
         ref = llama.model(torch.tensor([ids]))[0, -1]
     before = {k: v.clone() for k, v in llama.model.state_dict().items()}
     p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    with Engine(llama.model, llama.tokenizer, int4=True) as engine:
+    with Engine(llama.model, llama.tokenizer, precision="int4") as engine:
         assert engine.kv_int8 and engine.runner.layers4 is not None
         with torch.inference_mode():  # the first decode step alone (4-bit) vs the model
             engine.runner.prefill(0, ids[:-1])
@@ -272,17 +272,15 @@ def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
 
 
 def test_int4_is_refused_with_a_reason(llama, tok, tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="exclude"):
-        Engine(llama.model, llama.tokenizer, int8=True, int4=True)
     save_hf(hf_gpt2(tok.vocab_size), tok, tmp_path / "gpt2")
     gpt2 = load_model(str(tmp_path / "gpt2"))
-    with pytest.raises(UserError, match="Llama-family"):
-        Engine(gpt2.model, gpt2.tokenizer, int4=True)
+    with pytest.raises(UserError, match="Llama family"):
+        Engine(gpt2.model, gpt2.tokenizer, precision="int4")
     monkeypatch.setattr(kernels, "_compiler", lambda: None)
     kernels.library.cache_clear()
     try:
         with pytest.raises(UserError, match="C compiler"):
-            Engine(llama.model, llama.tokenizer, int4=True)
+            Engine(llama.model, llama.tokenizer, precision="int4")
     finally:
         kernels.library.cache_clear()
 

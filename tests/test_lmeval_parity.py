@@ -129,7 +129,8 @@ def test_lm_eval_local_completions_on_lmloop_serve_equals_its_hf_backend(
         )
 
     theirs = run(hf)
-    server = Server(model_dir, tmp_path, "--model-name", "tiny")
+    # fp32: parity with the HF backend is a property of the fp32 weights (auto would quantize)
+    server = Server(model_dir, tmp_path, "--model-name", "tiny", "--precision", "fp32")
     try:
         server.wait_ready()
         api = LocalCompletionsAPI(

@@ -53,7 +53,7 @@ def models(tok):
 def _engine(models, tok, setup, *, cache: bool, **kw) -> Engine:
     family, fast, int8 = setup
     engine = Engine(
-        models[family], tok, max_batch=4, fast=fast, int8=int8,
+        models[family], tok, max_batch=4, fast=fast, precision="int8" if int8 else "fp32",
         prefix_cache_mb=64 if cache else 0, **kw,
     )  # fmt: skip
     want = FastLlamaRunner if fast and family == "llama" else ModelRunner
@@ -104,7 +104,7 @@ def _run(engine: Engine, prompts: list[list[int]]) -> list[Out]:
     out = []
     for p in prompts:
         _scramble(engine)
-        out.append(Out(engine.complete(p, GREEDY), engine.int8))
+        out.append(Out(engine.complete(p, GREEDY), engine.precision == "int8"))
     return out
 
 
@@ -154,7 +154,7 @@ def test_concurrent_requests_share_the_first_ones_prefix(models, tok, setup):
         _scramble(engine)
         handles = [engine.submit(p, GREEDY) for p in prompts]  # queued before the worker starts
         with engine:
-            outs[cache] = [Out(h.result(), engine.int8) for h in handles]
+            outs[cache] = [Out(h.result(), engine.precision == "int8") for h in handles]
         assert engine.steps == GEN - 1  # all four decoded side by side
     assert outs[True] == outs[False]
     assert engine.prefilled == sum(len(p) for p in prompts) - 3 * len(system)

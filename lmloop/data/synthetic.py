@@ -222,7 +222,11 @@ def _teacher_writes(
     digest = _files_digest(teacher)
     if digest is None:  # a run dir or a hub name: its digest is known once it is loaded
         engine, loaded = load_engine(
-            teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
+            teacher,
+            precision="int8" if int8 else "fp32",
+            max_batch=batch,
+            max_waiting=max(n, 64),
+            threads=threads,
         )
         digest = loaded.sha256
     path = cache_dir() / f"{name}-{sha256_json({'teacher': digest, **key})[:16]}.jsonl"
@@ -237,7 +241,11 @@ def _teacher_writes(
         # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
         # distribution within 0.013 nats/token of fp32 (BENCHMARKS.md, int8 and int4 weights)
         engine, loaded = load_engine(
-            teacher, int8=int8, max_batch=batch, max_waiting=max(n, 64), threads=threads
+            teacher,
+            precision="int8" if int8 else "fp32",
+            max_batch=batch,
+            max_waiting=max(n, 64),
+            threads=threads,
         )
     t0 = time.perf_counter()
     written = 0

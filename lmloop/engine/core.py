@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from lmloop.engine import kernels, seq2seq
+from lmloop.engine import seq2seq
 from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
-from lmloop.engine.fast import supports as fast_supports
 from lmloop.engine.params import (
     Completion,
     QueueFull,
@@ -39,6 +38,7 @@ from lmloop.engine.params import (
     StepOutput,
     TokenLogprob,
 )
+from lmloop.engine.precision import choose
 from lmloop.engine.prefix import PrefixCache
 from lmloop.engine.prefix import supports as prefix_supports
 from lmloop.engine.runner import ModelRunner
@@ -149,8 +149,8 @@ class Engine:
         max_waiting: int = 64,
         max_len: int | None = None,
         fast: bool = True,
-        int8: bool = False,
-        int4: bool = False,
+        precision: str = "fp32",
+        source: str | None = None,
         kv_int8: bool | None = None,
         threads: int | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
@@ -171,8 +171,12 @@ class Engine:
         self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
         if self.encoder_decoder and model.config.eos_token_id is not None:
             self._stop_ids.add(int(model.config.eos_token_id))
-        if int8 and int4:
-            raise UserError("--int8 and --int4 exclude each other", hint="choose one")
+        # fp32, int8 or int4 weights (`lmloop.engine.precision`): `auto` is resolved here, once,
+        # from what the source holds (`source`: a GGUF's file type) or a measurement of the
+        # quality loss; `choice.line()` says what was chosen and why.
+        self.choice = choose(precision, model, tokenizer, source=source, kv_int8=kv_int8)
+        self.precision = self.choice.precision
+        int8, int4 = self.precision == "int8", self.precision == "int4"
         # The KV cache in int8 (the fast runner's; `lmloop.engine.fast`): default with int8 or
         # int4 weights, the memory-lean serving modes.
         self.runner = _make_runner(
@@ -185,7 +189,6 @@ class Engine:
             kv_int8=(int8 or int4) if kv_int8 is None else kv_int8,
             tokenizer=tokenizer,
         )
-        self.int8, self.int4 = int8, int4
         self.kv_int8 = bool(getattr(self.runner, "kv_int8", False))
         if kv_int8 and not self.kv_int8:
             raise UserError(
@@ -755,26 +758,16 @@ def _make_runner(
 def _int4_runner(
     model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer: Tokenizer
 ):
-    """The fast runner over 4-bit weights, or a UserError saying why there is none."""
-    try:
-        kernels.library()
-    except kernels.KernelUnavailable as e:
-        raise UserError(f"--int4 needs its C kernel: {e}", hint="use --int8 instead") from None
-    cfg = model.config
-    widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
-    if fast_supports(model) and any(w % kernels.QK for w in widths):
-        raise UserError(
-            f"--int4 needs layer widths that are multiples of {kernels.QK} (this model: "
-            f"{widths[0]} and {widths[1]})",
-            hint="use --int8 instead",
-        )
+    """The fast runner over 4-bit weights (`precision.choose` has checked that the kernel
+    builds, passes its self-check and covers this model's family and widths)."""
     with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)
         calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
     runner = fast_runner(model, batch, max_len, int4=True, kv_int8=kv_int8, calibration_ids=calib)
     if runner is None:
         raise UserError(
-            f"--int4 needs a Llama-family fp32 model on the CPU; this is {type(model).__name__}",
-            hint="use --int8 instead",
+            f"--precision int4 needs a Llama-family fp32 model on the CPU; this is "
+            f"{type(model).__name__}",
+            hint="use --precision int8",
         )
     return runner
 
@@ -790,6 +783,5 @@ def load_engine(
 
 def engine_for(loaded: LoadedModel, engine: EngineSpec | None = None, **kw: Any) -> Engine:
     """An engine over a model already loaded, run as `engine` says (`kw`: single overrides)."""
-    return Engine(
-        loaded.model, loaded.tokenizer, **{**(engine or EngineSpec()).engine_kwargs(), **kw}
-    )
+    kw = {"source": loaded.quant, **(engine or EngineSpec()).engine_kwargs(), **kw}
+    return Engine(loaded.model, loaded.tokenizer, **kw)

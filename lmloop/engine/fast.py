@@ -188,6 +188,22 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+MISSING_INT8_OPS = "this torch lacks fbgemm's quantized.linear_dynamic op (int8 weights)"
+
+
+def dynamic_linear_op():
+    """fbgemm's dynamic int8 linear, or None in a torch without it (torch.ao's quantization is
+    deprecated: int8 weights are then refused, fp32 still serves; `lmloop serve --check`).
+    The overload's C++ entry point where this torch exposes it: its Python wrapper checks for
+    fake script objects on every call (~1.4 us of a ~12 us small call, 121 calls a step)."""
+    try:
+        op = torch.ops.quantized.linear_dynamic.default
+        torch.ops.quantized.linear_prepack.default  # noqa: B018 - the lookup is the check
+    except (AttributeError, RuntimeError):
+        return None
+    return getattr(op, "_op", None) or op
+
+
 class Int8Linear:
     """int8 weights with one scale per output channel; activations quantized per call by
     fbgemm's dynamic linear, int32 accumulation.
@@ -206,13 +222,11 @@ class Int8Linear:
     activation range is then reduced to 7 bits, as PyTorch's own dynamic quantization does."""
 
     reduce_range = not _has_vnni()
-    # The overload's C++ entry point where this torch exposes it: its Python wrapper checks
-    # for fake script objects on every call (~1.4 us of a ~12 us small call, 121 calls a step).
-    _op = getattr(torch.ops.quantized.linear_dynamic.default, "_op", None) or (
-        torch.ops.quantized.linear_dynamic.default
-    )
+    _op = dynamic_linear_op()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        if self._op is None:
+            raise RuntimeError(MISSING_INT8_OPS)
         w = weight.detach().float()
         scale = (w.abs().amax(1).clamp(min=1e-8) / 127).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)

@@ -37,6 +37,14 @@ class KernelUnavailable(RuntimeError):
     """The C kernel could not be built or loaded here (no compiler, a failed build)."""
 
 
+class KernelBuildFailed(KernelUnavailable):
+    """A compiler is there, but building or loading the kernel with it failed."""
+
+
+class KernelSelfCheckFailed(RuntimeError):
+    """The kernel built but computes other numbers than torch: never serve with it."""
+
+
 def _torch_openmp() -> Path | None:
     """The GNU OpenMP runtime shipped inside torch's wheel (Linux), if any."""
     lib = Path(torch.__file__).parent / "lib"
@@ -44,7 +52,7 @@ def _torch_openmp() -> Path | None:
     return found[0] if found else None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -56,14 +64,22 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
+    """$CC when set (and then only it: a CC that is not there is no compiler, never a silent
+    switch to another one), else `cc` or `gcc` on the PATH."""
     cc = os.environ.get("CC")
-    return cc if cc and shutil.which(cc) else shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _flags(arch: str = "native") -> list[str]:
+    return ["-O3", f"-march={arch}", "-fPIC", "-std=c11", "-Wall"]
 
 
 def _build(cc: str, out: Path, omp: Path | None, arch: str = "native") -> None:
     """Compile and link into `out` (tests build other `arch`es: the AVX2-only and plain C
     paths of the same source)."""
-    flags = ["-O3", f"-march={arch}", "-fPIC", "-std=c11", "-Wall"]
+    flags = _flags(arch)
     with tempfile.TemporaryDirectory(prefix="lmloop-kernel-") as tmp:
         obj, so = Path(tmp) / "qlinear.o", Path(tmp) / "qlinear.so"
         # without torch's runtime, only the loops' SIMD pragmas (serial, never a second team)
@@ -74,28 +90,98 @@ def _build(cc: str, out: Path, omp: Path | None, arch: str = "native") -> None:
         for cmd in (compile_ + [str(SOURCE), "-o", str(obj)], link):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise KernelUnavailable(
-                    f"building {SOURCE.name} failed: {done.stderr.strip()[-400:]}"
+                raise KernelBuildFailed(
+                    f"building {SOURCE.name} with {cc} failed: {done.stderr.strip()[-400:]}"
                 )
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(so, out)  # whole or not at all: a concurrent builder writes the same bytes
 
 
+def build_info() -> dict[str, str | None]:
+    """What `library()` builds here, without building: compiler (None: none found), its
+    version line, flags, OpenMP runtime, and the cached library's path (`lmloop serve --check`)."""
+    cc = _compiler()
+    omp = _torch_openmp()
+    info: dict[str, str | None] = {
+        "compiler": cc,
+        "CC": os.environ.get("CC"),
+        "flags": " ".join(_flags() + ["-fopenmp" if omp else "-fopenmp-simd"]),
+        "openmp": str(omp) if omp else None,
+        "version": None,
+        "path": None,
+    }
+    if cc is not None:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+        info["version"] = (version.splitlines() or [""])[0]
+        info["path"] = str(_cached_path(cc, version, omp))
+    return info
+
+
+def _cached_path(cc: str, version: str, omp: Path | None) -> Path:
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), version, cpu_flags(), str(omp), cc))
+    ).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"qlinear-{key}.so"
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    """The compiled kernel (built on the first call of a process when not cached)."""
+    """The compiled kernel (built on the first call of a process when not cached), checked
+    against torch before it is handed out (`self_check`)."""
     cc = _compiler()
     if cc is None:
-        raise KernelUnavailable("no C compiler found (set CC, or install gcc)")
+        cc_env = os.environ.get("CC")
+        where = f"CC={cc_env} is not an executable" if cc_env else "no C compiler found"
+        raise KernelUnavailable(f"{where} (set CC, or install gcc)")
     omp = _torch_openmp()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), version, _cpu_flags(), str(omp), cc))
-    ).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"qlinear-{key}.so"
+    path = _cached_path(cc, version, omp)
     if not path.exists():
         _build(cc, path, omp)
-    return load(path)
+    lib = load(path)
+    self_check(lib)
+    return lib
+
+
+def _kernel_matmul(lib: ctypes.CDLL, codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor):
+    """y = x @ W^T through the library's `lm_qlinear` (the self-check's call)."""
+    n, nb, _ = codes.shape
+    y = torch.empty(x.shape[0], n)
+    rc = lib.lm_qlinear(
+        codes.data_ptr(), scales.data_ptr(), n, nb * QK, x.data_ptr(), x.shape[0], y.data_ptr(),
+        None, None, 0.0, 0, 0,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the 4-bit linear could not allocate its activation blocks")
+    return y
+
+
+def reference_matmul(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's linear in torch, with its quantization: activations rounded to int8 per
+    block of 32 (absmax / 127, ties to even), weights as the codes and scales stand for."""
+    rows, k = x.shape
+    b = x.reshape(rows, k // QK, QK)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))  # as the C code rounds
+    q = torch.round(b * inv)
+    return (q * (amax / 127)).reshape(rows, k) @ unpack(codes, scales).t()
+
+
+def self_check(lib: ctypes.CDLL) -> None:
+    """One small matmul through the built kernel against `reference_matmul`: a library that
+    disagrees (a miscompiled SIMD path, a wrong instruction set) is never used to serve."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 4 * QK, generator=g)
+    x = torch.randn(3, 4 * QK, generator=g)
+    codes, scales = pack_q4(w)
+    got = _kernel_matmul(lib, codes, scales, x)
+    want = reference_matmul(codes, scales, x)
+    err = float((got - want).abs().max())
+    bound = 1e-4 * float(want.abs().max()) + 1e-5
+    if not err <= bound:  # NaN fails too
+        raise KernelSelfCheckFailed(
+            f"the C kernel's 4-bit matmul differs from torch's by {err:.3g} (allowed {bound:.3g})"
+        )
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -103,7 +189,7 @@ def load(path: Path) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise KernelUnavailable(f"loading {path} failed: {e}") from None
+        raise KernelBuildFailed(f"loading {path} failed: {e}") from None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.lm_qlinear.argtypes = [p, p, i, i, p, i, p, p, p, ctypes.c_float, i, i]
     lib.lm_qlinear.restype = i

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lmloop.config import param
 from lmloop.engine.params import SamplingParams
@@ -39,6 +39,8 @@ class SamplingSpec:
 
 
 KV_CACHE = {"auto": None, "fp32": False, "int8": True}  # --kv-cache -> the engine's kv_int8
+PRECISIONS = ("auto", "fp32", "int8", "int4")
+Precision = Literal["auto", "fp32", "int8", "int4"]
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,26 @@ class EngineSpec:
     """How a model is run: precision, KV cache, threads, batch and prefix cache, declared once.
 
     Nested (inline) in the serve, generate and chat configs, whose flags stay flat
-    (`--int4`, `--threads 2`), and handed to `load_engine` unchanged.
+    (`--precision int4`, `--threads 2`), and handed to `load_engine` unchanged. `--int8` and
+    `--int4` (`int8: true` in YAML) are aliases of `--precision int8` / `int4`.
     """
 
-    int8: bool = param(False, "int8 weights for faster CPU decode (small accuracy cost)")
-    int4: bool = param(
-        False,
-        "4-bit block weights (llama.cpp Q4_1 size) in a C kernel built on first use: the "
-        "fastest CPU decode; Llama family",
+    __aliases__: ClassVar[dict[str, tuple[str, str]]] = {
+        "int8": ("precision", "int8"),
+        "int4": ("precision", "int4"),
+    }
+
+    precision: Precision = param(
+        "auto",
+        "weights: auto (what the source holds: a 4-bit GGUF runs int4; a float checkpoint the "
+        "fastest precision within the quality bound in docs/serve.md, measured at load), fp32, "
+        "int8 (faster CPU decode, small accuracy cost), or int4 (4-bit blocks in a C kernel "
+        "built on first use: the fastest CPU decode; Llama family)",
     )
     kv_cache: Literal["auto", "fp32", "int8"] = param(
         "auto",
         "KV cache precision: fp32, int8 (a quarter of the memory, measured quality cost in "
-        "BENCHMARKS.md; Llama family), or auto (int8 with --int8 or --int4, else fp32)",
+        "BENCHMARKS.md; Llama family), or auto (int8 with int8 or int4 weights, else fp32)",
     )
     threads: int = param(0, "torch CPU threads (0 = the engine's default)")
     max_batch: int = param(16, "sequences decoded together (continuous batching)")
@@ -71,8 +80,10 @@ class EngineSpec:
     )
 
     def __post_init__(self) -> None:
-        if self.int8 and self.int4:
-            raise UserError("--int8 and --int4 exclude each other", hint="choose one")
+        if self.precision not in PRECISIONS:
+            raise UserError(
+                f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         for name in ("max_batch", "max_waiting"):
             if getattr(self, name) < 1:
                 raise UserError(
@@ -88,8 +99,7 @@ class EngineSpec:
     def engine_kwargs(self) -> dict[str, Any]:
         """The `Engine(...)` keyword arguments this spec stands for."""
         return {
-            "int8": self.int8,
-            "int4": self.int4,
+            "precision": self.precision,
             "kv_int8": KV_CACHE[self.kv_cache],
             "threads": self.threads or None,
             "max_batch": self.max_batch,

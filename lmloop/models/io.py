@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class LoadedModel:
     sha256: str
     kind: str  # "lmloop" | "hf" | "gguf"
     path: str
+    quant: str | None = None  # a GGUF's file type ("Q4_1", "Q8_0", "F16"); None: float weights
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -224,13 +226,15 @@ def _load_gguf(path: Path, *, name: str) -> LoadedModel:
         except UserError as e:  # a damaged cache entry is rebuilt, not fatal
             log.warning("ignoring cached conversion %s: %s", cached, e)
         else:
-            return LoadedModel(lm.model, lm.tokenizer, name, sha[:12], sha, "gguf", str(path))
+            return LoadedModel(
+                lm.model, lm.tokenizer, name, sha[:12], sha, "gguf", str(path), gguf_quant(path)
+            )
     log.info("converting %s (dequantizing; cached for next time under %s)", path.name, cached)
     with heartbeat(f"converting {path.name}"):
         model = _gguf_to_lmloop(path)
         tokenizer = Tokenizer.load(path)
         _cache_conversion(cached, model, tokenizer, sha, path)
-    return LoadedModel(model, tokenizer, name, sha[:12], sha, "gguf", str(path))
+    return LoadedModel(model, tokenizer, name, sha[:12], sha, "gguf", str(path), gguf_quant(path))
 
 
 def _cache_conversion(cached: Path, model, tokenizer: Tokenizer, sha: str, source: Path) -> None:
@@ -265,3 +269,60 @@ def _gguf_to_lmloop(path: Path) -> torch.nn.Module:
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable user file
         raise UserError(f"cannot read GGUF model {path}: {type(e).__name__}: {e}") from None
     return from_hf_model(hf)
+
+
+# llama.cpp's file types (`general.file_type`), as the gguf package names them less "MOSTLY_".
+GGUF_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+}  # fmt: skip
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}  # fmt: skip
+
+
+def gguf_quant(path: str | Path) -> str | None:
+    """The file type a GGUF file declares (`general.file_type`: "Q4_1", "Q8_0", "F16"), read
+    from its header alone (the gguf package's reader maps every tensor: ~7 s for SmolLM2's
+    file); None when the file does not say or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+            if version < 2:
+                return None
+            for _ in range(n_kv):
+                key = _gguf_str(f)
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if key == "general.file_type" and vtype in (4, 5):
+                    (value,) = struct.unpack("<I" if vtype == 4 else "<i", f.read(4))
+                    return GGUF_FILE_TYPES.get(value, f"file type {value}")
+                _gguf_skip(f, vtype)
+    except (OSError, struct.error, ValueError):
+        return None
+    return None
+
+
+def _gguf_str(f) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8", errors="replace")
+
+
+def _gguf_skip(f, vtype: int) -> None:
+    if vtype == 8:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, os.SEEK_CUR)
+    elif vtype == 9:
+        itype, n = struct.unpack("<IQ", f.read(12))
+        if itype in _GGUF_SCALARS:
+            f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[itype]), os.SEEK_CUR)
+        else:
+            for _ in range(n):
+                _gguf_skip(f, itype)
+    elif vtype in _GGUF_SCALARS:
+        f.seek(struct.calcsize("<" + _GGUF_SCALARS[vtype]), os.SEEK_CUR)
+    else:
+        raise ValueError(f"unknown GGUF value type {vtype}")

@@ -64,6 +64,12 @@ class ServeConfig:
     )
     proxy: UpstreamSpec = param(UpstreamSpec(), "an upstream that generates", inline=True)
 
+    check: bool = param(
+        False,
+        "report the C kernel's build, its instruction set and the torch ops the engine uses "
+        "(no model loads), then exit: 0, or 1 if something needed is missing",
+    )
+
     def __post_init__(self) -> None:
         if self.proxy.upstream is not None:
             if self.model and not self.model.startswith("registry:"):
@@ -77,7 +83,7 @@ class ServeConfig:
                     "--upstream-reload follows promotions of a registry model: give --model "
                     "registry:NAME"
                 )
-        elif not self.model:
+        elif not self.model and not self.check:
             raise UserError("--model is required", hint="e.g. --model smollm2-135m-instruct")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a TCP port (0-65535)")

@@ -74,6 +74,7 @@ def default_loader(spec: str, how: EngineSpec) -> tuple[Engine, LoadedModel, str
     `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
     """
     engine, loaded = load_engine(spec, how)
+    log.info("%s", engine.choice.line())  # what `--precision` resolved to, and why
     # The server needs the engine, not the model: the engine's runner keeps what it reads, so
     # dropping the checkpoint frees its weights (SmolLM2-135M with --int8: 1.9 GB resident
     # before, 0.96 GB after, measured when this was written).

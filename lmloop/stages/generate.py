@@ -102,6 +102,9 @@ def run(cfg: GenerateConfig) -> int:
             except Exception as e:  # noqa: BLE001 - a malformed conversation (template error)
                 raise UserError(f"{where}cannot render this prompt: {e}") from None
             encoded.append(ids)
+        # what `--precision` resolved to, and why; once the input is known good (a bad prompt
+        # gets its one line alone)
+        print(engine.choice.line(), file=sys.stderr)
         engine.start()
         if cfg.prompts:
             return _run_batch(cfg, engine, loaded, rows, encoded, line_params)
@@ -207,6 +210,7 @@ CHAT_HELP = "commands: /reset (forget the conversation), /save PATH (write it as
 def run_chat(cfg: ChatConfig) -> int:
     base = _params(cfg)
     engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=1, max_waiting=2)
+    print(engine.choice.line(), file=sys.stderr)
     tty = sys.stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(start)

@@ -28,6 +28,7 @@ from pathlib import Path
 import uvicorn
 
 from lmloop.artifacts import lmloop_home
+from lmloop.engine.check import failed, run_checks
 from lmloop.errors import UserError
 from lmloop.server import ServerSettings, create_app
 from lmloop.server.settings import ServeConfig
@@ -58,7 +59,21 @@ def _check_upstream(proxy: UpstreamSpec) -> UpstreamSpec:
     return dataclasses.replace(proxy, upstream_key=key, upstream_model=model)
 
 
+def check() -> int:
+    """`lmloop serve --check`: the engine's build and torch ops, before any model loads."""
+    items = run_checks()
+    for item in items:
+        print(item.line(), flush=True)
+    missing = failed(items)
+    if missing:
+        print(f"missing: {', '.join(i.name for i in missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(cfg: ServeConfig) -> int:
+    if cfg.check:
+        return check()
     api_key = cfg.api_key or os.environ.get("LMLOOP_API_KEY") or None
     if not is_loopback(cfg.host) and not api_key and not cfg.insecure:
         raise UserError(

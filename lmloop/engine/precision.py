@@ -1,0 +1,257 @@
+"""Which weights a model is served with: `--precision auto|fp32|int8|int4`, resolved once at load.
+
+    choice = choose("auto", model, tokenizer, source="Q4_1")
+    print(choice.line())   # precision int4: the source holds 4-bit weights (Q4_1)
+
+`auto` serves what the source holds: a GGUF of 4-bit blocks (Q4_0, Q4_1, Q4_K, IQ4, ...) runs
+on the 4-bit kernel, one of 5-8 bits on int8. A float checkpoint (lmloop's, Hugging Face's, an
+F16/F32 GGUF) gets the fastest precision whose loss against its own fp32 forward stays within
+`BOUND`, measured at load on `PROBE_TEXT` with the runner that would serve it (teacher-forced,
+one decode step a token, so the batch-1 decode path is what is measured): int4, else int8,
+else fp32. The measurement is deterministic, so the gate (`lmloop.loop.gate`) and the server
+pick the same precision for the same model on the same machine.
+
+Explicit choices are kept or refused with a one-line reason: int4 on a family the kernel does
+not cover, or without a C compiler, names `--precision int8` instead. A kernel build that
+fails is never silent: an explicit request is refused, `auto` says once why it fell back. A
+kernel that fails its self-check against torch (`kernels.self_check`) refuses to serve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from lmloop.engine import kernels
+from lmloop.engine.fast import CALIBRATION_TEXT, MISSING_INT8_OPS, dynamic_linear_op, fast_runner
+from lmloop.engine.fast import supports as fast_supports
+from lmloop.engine.memory import release_memory
+from lmloop.engine.runner import ModelRunner
+from lmloop.errors import UserError
+from lmloop.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The quality `auto` accepts from a quantized path, against the model's fp32 forward.
+
+    Set from the 4-bit format users of llama.cpp and Ollama already serve without asking: on
+    SmolLM2-135M's own Q4_1 file our int4 path loses 0.028 nats per token, top-1 90.1% on the
+    probe (docs/serve.md's table; its layer weights re-pack exactly, so that is the activation,
+    head and KV-cache rounding alone). The bound leaves room for a float checkpoint's own weights
+    rounding to 4 bits (a version the loop trained from that file), and sends a model that loses
+    clearly more (outlier weights, a tiny or badly conditioned checkpoint) to int8, else fp32.
+    A stricter bound (e.g. 0.02 nats and 97%) would refuse int8 on SmolLM2 too (0.017, 92.8%;
+    an int8 KV cache alone costs 2% of top-1) and serve every float checkpoint at fp32, the slow
+    default this rule replaces."""
+
+    kl: float = 0.05  # mean KL(fp32 || quantized), nats per token
+    top1: float = 0.85  # share of positions where both pick the same most likely token
+
+
+BOUND = Bound()
+
+# Held out from `CALIBRATION_TEXT` (the int8 smoothing's text), so the probe does not grade
+# the quantization on what it was fitted to. About 120 tokens of SmolLM2's tokenizer.
+PROBE_TEXT = (
+    "Rivers carry water from the mountains to the sea, shaping valleys as they go. Over "
+    "thousands of years a small stream can cut a canyon through solid rock.\n"
+    "User: Can you suggest a name for my new puppy?\nAssistant: How about Biscuit, Maple or "
+    "Scout? Each is short, friendly and easy to call across a park.\n"
+    "for i in range(10):\n    print(i * i)\n"
+    "The meeting moved to Thursday at 3 pm; please bring the quarterly report and two copies "
+    "of the budget."
+)
+PROBE_TOKENS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    precision: str  # fp32 | int8 | int4
+    reason: str
+
+    def line(self) -> str:
+        return f"precision {self.precision}: {self.reason}"
+
+
+def source_bits(quant: str | None) -> int | None:
+    """Bits per weight a GGUF file type stands for (4 for Q4_1, 8 for Q8_0; None: float)."""
+    if not quant:
+        return None
+    q = quant.upper()
+    if q.startswith(("F", "BF")) or q in ("ALL_F32",):
+        return None
+    for prefix, bits in (("IQ1", 2), ("IQ2", 2), ("TQ", 2), ("Q1", 2), ("Q2", 2), ("IQ3", 3),
+                         ("Q3", 3), ("IQ4", 4), ("Q4", 4), ("MXFP4", 4), ("NVFP4", 4),
+                         ("Q5", 5), ("Q6", 6), ("Q8", 8)):  # fmt: skip
+        if q.startswith(prefix):
+            return bits
+    return None
+
+
+def kernel_problem() -> kernels.KernelUnavailable | None:
+    """Why the C kernel cannot be used here (None: it built and passed its self-check).
+    A failed self-check is raised as a UserError: such a kernel must not serve anything."""
+    try:
+        kernels.library()
+    except kernels.KernelUnavailable as e:
+        return e
+    except kernels.KernelSelfCheckFailed as e:
+        raise UserError(
+            f"refusing to serve: {e}",
+            hint="report it with the output of `lmloop serve --check`; --precision fp32 "
+            "and --kv-cache fp32 do not use the kernel",
+        ) from None
+    return None
+
+
+def int4_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the 4-bit kernel cannot run this model's layers (None: it can)."""
+    if not fast_supports(model):
+        name = type(model).__name__
+        return f"the 4-bit kernel covers the Llama family in fp32 on the CPU, not {name}"
+    cfg = model.config
+    widths = (getattr(cfg, "hidden_size", 0), getattr(cfg, "intermediate_size", 0))
+    if any(w % kernels.QK for w in widths):
+        return (
+            f"the 4-bit kernel needs layer widths that are multiples of {kernels.QK} (this "
+            f"model: {widths[0]} and {widths[1]})"
+        )
+    return None
+
+
+def choose(
+    requested: str,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    source: str | None = None,
+    kv_int8: bool | None = None,
+) -> Choice:
+    """The precision to serve `model` at (see the module docstring); UserError for an explicit
+    request that cannot be kept. `source`: the GGUF file type the weights came from, if any;
+    `kv_int8`: the KV cache setting (None: int8 with quantized weights)."""
+    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+    if requested in ("int8", "int4") and dynamic_linear_op() is None:
+        raise UserError(f"--precision {requested}: {MISSING_INT8_OPS}", hint="use --precision fp32")
+    if requested in ("fp32", "int8"):
+        kv = requested == "int8" if kv_int8 is None else kv_int8
+        if kv and fast_supports(model):  # attention over an int8 cache runs in C
+            _kernel_or_torch_attention(requested)
+        return Choice(requested, f"as asked (--precision {requested})")
+    if requested == "int4":
+        why = int4_unsupported(model)
+        if why is None:
+            problem = kernel_problem()
+            why = None if problem is None else f"it needs its C kernel: {problem}"
+        if why is not None:
+            raise UserError(f"--precision int4: {why}", hint="use --precision int8")
+        return Choice("int4", "as asked (--precision int4)")
+    if requested != "auto":
+        raise UserError(f"unknown precision {requested!r}", hint="auto, fp32, int8 or int4")
+    if seq2seq:
+        return Choice("fp32", "int8 and int4 apply to decoder-only models; this is encoder-decoder")
+    if dynamic_linear_op() is None:
+        return Choice("fp32", f"{MISSING_INT8_OPS}, so neither int8 nor int4")
+    why_not4 = int4_unsupported(model)
+    # the kernel also runs int8's attention: a failed self-check refuses here, for any family
+    # the fast runner serves
+    problem = kernel_problem() if fast_supports(model) else None
+    if why_not4 is None and problem is not None:
+        why_not4 = f"the C kernel is unavailable ({problem})"
+    bits = source_bits(source)
+    if bits is not None:
+        held = f"the source holds {bits}-bit weights ({source})"
+        if bits <= 4 and why_not4 is None:
+            return Choice("int4", held)
+        if bits <= 4:
+            return Choice("int8", f"{held}, but {why_not4}; int8 instead")
+        return Choice("int8", f"{held}; int8 is the nearest precision that keeps them")
+    # a float checkpoint: the fastest precision within the bound, measured on the probe
+    ref, ids = _reference(model, tokenizer)
+    if ref is None:
+        return Choice("fp32", "the probe text does not fit this model's context")
+    tried = []
+    for cand in ("int4", "int8"):
+        if cand == "int4" and why_not4 is not None:
+            tried.append(f"not int4: {why_not4}")
+            continue
+        kl, top1 = measure(model, tokenizer, cand, ids, ref, kv_int8=kv_int8)
+        figures = f"mean KL {kl:.4f} nats/token, top-1 {top1:.1%} against fp32"
+        bound = f"bound: KL <= {BOUND.kl}, top-1 >= {BOUND.top1:.0%}"
+        if kl <= BOUND.kl and top1 >= BOUND.top1:
+            return Choice(cand, "; ".join(tried + [f"{figures} on the probe text ({bound})"]))
+        tried.append(f"not {cand}: {figures}, outside the {bound}")
+    return Choice("fp32", "; ".join(tried))
+
+
+def _kernel_or_torch_attention(requested: str) -> None:
+    """An int8 cache is attended over in C where the kernel builds. No compiler: the torch path,
+    said once; a compiler whose build fails: refused (an explicit request is never quietly
+    served another way)."""
+    problem = kernel_problem()
+    if problem is None:
+        return
+    if isinstance(problem, kernels.KernelBuildFailed):
+        cache = "" if requested == "int8" else " with an int8 KV cache"
+        raise UserError(
+            f"--precision {requested}{cache}: {problem}",
+            hint="fix the compiler (or set CC to a working one), or use --kv-cache fp32",
+        )
+    log.warning(
+        "int8 attention runs on torch ops (slower): the C kernel is unavailable: %s", problem
+    )
+
+
+def _reference(model: torch.nn.Module, tokenizer: Tokenizer):
+    """(log-probabilities (T, V) of the model's fp32 forward on the probe, its ids); (None,
+    ids) when the model's context is too short for a meaningful probe."""
+    vocab = int(model.config.vocab_size)
+    ids = [t for t in tokenizer.encode(PROBE_TEXT) if t < vocab][:PROBE_TOKENS]
+    ids = ids[: int(model.max_seq_len) - 1]
+    if len(ids) < 8:
+        return None, ids
+    return reference_for(model, ids)
+
+
+def reference_for(model: torch.nn.Module, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """(log-probabilities (T, V) of the model's own fp32 forward over `ids`, `ids`)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0]
+    return torch.log_softmax(logits.float(), -1), ids
+
+
+def measure(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    precision: str,
+    ids: list[int],
+    ref: torch.Tensor,
+    *,
+    kv_int8: bool | None = None,
+) -> tuple[float, float]:
+    """(mean KL(fp32 || `precision`) in nats per token, top-1 agreement) over `ids`, fed one
+    decode step at a time through the runner `precision` is served with (batch 1)."""
+    kv = precision != "fp32" if kv_int8 is None else kv_int8
+    vocab = int(model.config.vocab_size)
+    calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < vocab]
+    kw = {"int8": precision == "int8", "int4": precision == "int4"}
+    runner = fast_runner(model, 1, len(ids) + 1, kv_int8=kv, calibration_ids=calib, **kw)
+    if runner is None:
+        runner = ModelRunner(model, 1, len(ids) + 1, int8=precision == "int8")
+    rows = []
+    with torch.inference_mode():
+        rows.append(runner.prefill(0, ids[:1]))
+        for t in range(1, len(ids)):
+            rows.append(runner.decode([ids[t]], [t])[0])
+        lp = torch.log_softmax(torch.stack(rows).float(), -1)
+    del runner
+    release_memory()
+    kl = F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).mean()
+    top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean()
+    return float(kl), float(top1)
