@@ -147,8 +147,9 @@ def _kernel_matmul(lib: ctypes.CDLL, codes: torch.Tensor, scales: torch.Tensor, 
     """y = x @ W^T through the library's `lm_qlinear` (the self-check's call)."""
     n, nb, _ = codes.shape
     y = torch.empty(x.shape[0], n)
+    kc, ks = to_kernel_layout(codes, scales)  # the order the kernel reads
     rc = lib.lm_qlinear(
-        codes.data_ptr(), scales.data_ptr(), n, nb * QK, x.data_ptr(), x.shape[0], y.data_ptr(),
+        kc.data_ptr(), ks.data_ptr(), n, nb * QK, x.data_ptr(), x.shape[0], y.data_ptr(),
         None, None, 0.0, 0, 0,
     )  # fmt: skip
     if rc != 0:
