@@ -19,6 +19,10 @@ configuration of this grid, and each level takes the configuration that served i
   (the format llama.cpp repacks for its fastest CPU kernels);
 * each at 1 and 2 threads (`-t N -tb N`; `--llama-threads`).
 
+(The vendored llama.cpp, 0.3.36's, repacks only Q4_0 and Q4_K for the CPU, plus Q4_1 in its AMX
+buffer, which this build leaves out: so the two Q4_1 rows run the same kernels unless a later
+version adds a layout. Both stay in the grid, at ~3 minutes of the full run.)
+
 Levels: `chat` (a short user message) at 1, 4, 16 and 32 concurrent streaming clients, and
 `shared-prompt` (the same ~1,000-token system prompt before every request, what a deployed
 assistant sends) at 16. A level sends a fixed number of requests spread over its clients
