@@ -44,7 +44,7 @@ level; the comparison uses the figure after the last sampled level, when both se
 16 slots of 2,048 tokens. The peer's figure is its smallest over the grid.
 
 Quality (`--no-quality` skips it): the Q4_0 file's mean KL per token and top-1 agreement
-against fp32, on a fixed ~500-token text. The fp32 reference is the shipped Q4_1 file
+against fp32, on a fixed ~470-token text. The fp32 reference is the shipped Q4_1 file
 dequantized to fp32 as lmloop loads it (`lmloop.models.io.load_model`); the Q4_0 file is loaded
 the same way, so this measures the Q4_0 weights' error (in fp32 arithmetic), not llama.cpp's
 kernels (which also round activations to 8 bits).
@@ -128,7 +128,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN_SUBDIR = Path(".bench/llama.cpp/build/bin")
 LOG_TAIL_LINES = 12
 
-# A fixed text for the quality step: plain prose, dialogue, code and numbers (~500 tokens).
+# A fixed text for the quality step: plain prose, dialogue, code and numbers (465 SmolLM2 tokens).
 QUALITY_TEXT = (
     "The ferry left the harbour at seven, an hour late because of the fog. Most of the "
     "passengers stayed inside, drinking coffee from paper cups and watching the grey water "
