@@ -1,7 +1,7 @@
 """Load test of `lmloop serve` on loopback against llama.cpp's `llama-server` at its best (issue 28).
 
     .venv/bin/python bench/serve.py                  # the full run: ~14 min on 2 idle cores
-    .venv/bin/python bench/serve.py --quick          # smoke test: ~2-3 min, figures meaningless
+    .venv/bin/python bench/serve.py --quick          # smoke test: 4.3 min under load, figures meaningless
     .venv/bin/python bench/serve.py --llama-bin DIR  # llama-server/llama-quantize from DIR
     .venv/bin/python bench/serve.py --upstream       # the proxy's cost (serve --upstream)
 
