@@ -37,8 +37,9 @@ test: setup
 # Peers for the benchmarks only (llama-cpp-python compiles llama.cpp: ~18 minutes on 2 cores).
 bench-setup: setup
 	$(BIN)/pip install --quiet llama-cpp-python "llama-cpp-python[server]" datatrove orjson spacy "xxhash<4"
-	# llama.cpp's native llama-server (bench/serve.py's peer), from the same PyPI sdist's
-	# vendored source, into .bench/llama.cpp; ~5 minutes on 2 cores, skipped once built.
+	# llama.cpp's native llama-server (bench/serve.py's peer) and llama-quantize (its Q4_0 file),
+	# from the same PyPI sdist's vendored source, into .bench/llama.cpp; ~5-8 minutes on 2
+	# cores, skipped once built.
 	bench/build_llama_server.sh $(BIN)/python .bench/llama.cpp
 
 clean:
