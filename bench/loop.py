@@ -146,10 +146,12 @@ def cycle(name: str, db: Path, base: Path, work: Path, **kw) -> dict:
 def refused_for(c: dict, min_effect: float = 0.0, min_heldout: int = 10) -> str | None:
     """What a control cycle (`cycle`'s figures) lacked, the reason it exists to be refused for:
     "no signal" (stopped before training: the judge does not beat chance on held-out feedback),
-    "no win" (the interval of the candidate's win rate reaches 0.5) or "no gain" (the held-out
-    preference gain's interval reaches `gate.min_effect`). None when it lacked none of these:
-    promoted, or refused only for something else (base perplexity, degenerate answers), which
-    says nothing about whether the gate tells feedback from noise."""
+    "no win" (the interval of the candidate's win rate reaches 0.5), "no gain" (the held-out
+    preference gain's interval reaches `gate.min_effect`), or "degenerate answers" (won by the
+    judge, but its answers loop or break off more often than the current version's: a control
+    caught by the guard, not the judge). None when it lacked none of these: promoted, or refused
+    only for base perplexity, which says nothing about whether the gate tells feedback from
+    noise."""
     if c.get("refused_before_training"):
         return "no signal" if c["reason"].startswith("not enough signal") else None
     if c.get("promoted") or c.get("passed"):
@@ -162,6 +164,8 @@ def refused_for(c: dict, min_effect: float = 0.0, min_heldout: int = 10) -> str 
     pairs = c.get("pairs") or {}
     if pairs.get("n", 0) >= min_heldout and not pairs["gain_low"] > min_effect:
         return "no gain"
+    if c["reason"].startswith(("more degenerate answers", "more looping answers")):
+        return "degenerate answers"  # the judge preferred it; its answers loop or break off
     return None
 
 
@@ -305,7 +309,7 @@ def print_table(f: dict) -> None:
     for name in ("text_control", "coin_control"):
         if f.get(name):
             lacked = f[name].get("refused_for")
-            verdict = f"refused for {lacked}" if lacked else "NOT refused for missing signal/win"
+            verdict = f"refused for {lacked}" if lacked else "NOT refused for what a control lacks"
             print(f"{name}: {verdict}; {f[name]['reason'][:300]}")
     for fam, r in f["families"].items():
         e = r.get("example")

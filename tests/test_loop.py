@@ -90,6 +90,20 @@ def test_gate_refuses_more_degenerate_answers():
     assert decide(_figures(degenerate=(0.25, 0.0)), GateSpec())[0]
 
 
+def test_gate_refuses_more_looping_answers_even_at_the_same_degenerate_share():
+    """The text-recipe control of bench/loop.py: 13 looping and 3 cut-off answers of 17 became 16
+    looping ones; the degenerate share stayed at 94% and the judge preferred the candidate."""
+    f = _figures(degenerate=(16 / 17, 16 / 17))
+    d = f["answers"]["degenerate"]
+    d["current"] |= {"n": 17, "counts": {"empty": 0, "loop": 13, "cut off": 3}}
+    d["candidate"] |= {"n": 17, "counts": {"empty": 0, "loop": 16, "cut off": 0}}
+    ok, why = decide(f, GateSpec())
+    assert not ok and why.startswith("more looping answers than the current version (76% -> 94%)")
+    assert decide(f, GateSpec(max_degenerate_rise=0.2))[0]  # within a stated bound
+    d["candidate"]["counts"] = {"empty": 0, "loop": 3, "cut off": 13}  # fewer loops: passes
+    assert decide(f, GateSpec())[0]
+
+
 def test_a_judge_or_rule_that_fails_refuses_with_the_error_named():
     f = _figures()
     f["answers"]["error"] = "ValueError: bad answer"
@@ -158,6 +172,10 @@ def test_a_control_counts_as_refused_only_for_what_it_lacks():
     assert not regressed["passed"] and "regression" in regressed["reason"]
     assert refused_for(regressed, gate.min_effect, gate.min_heldout) is None
     assert refused_for(_control(_figures(), gate), gate.min_effect, gate.min_heldout) is None
+    looped = _figures(degenerate=(0.2, 0.4))  # the judge's winner, answering in loops
+    assert refused_for(_control(looped, gate), gate.min_effect, gate.min_heldout) == (
+        "degenerate answers"
+    )
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence():

@@ -9,7 +9,8 @@ training. To be promoted the candidate must
 
 - win on the held-out prompts: the interval of its win rate against the current answers above 50%;
 - not answer degenerately more often (empty, cut off at `gate.answer_tokens`, stuck in a loop)
-  than the current version, beyond `gate.max_degenerate_rise`;
+  than the current version, beyond `gate.max_degenerate_rise`, nor loop more often (a candidate
+  that trades cut-off answers for looping ones keeps the first share and must not pass);
 - keep base-validation perplexity within `gate.max_base_regression`;
 - with held-out preference pairs, rank the preferred answer higher by likelihood than the current
   version does (bootstrap interval of the margin gain above `gate.min_effect`);
@@ -166,6 +167,14 @@ def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
             )
         if d["candidate"]["share"] > d["current"]["share"] + gate.max_degenerate_rise + 1e-12:
             return False, "more degenerate answers than the current version: " + why
+        # Loops on their own too: trading answers cut off at the limit for answers stuck on
+        # repeat keeps the share above unchanged, and no user wants the loop.
+        loops = {w: loop_share(d[w]) for w in ("current", "candidate")}
+        if loops["candidate"] > loops["current"] + gate.max_degenerate_rise + 1e-12:
+            return False, (
+                f"more looping answers than the current version ({loops['current']:.0%} -> "
+                f"{loops['candidate']:.0%}): " + why
+            )
     if pairs.get("n", 0) >= (1 if seq2seq else gate.min_heldout) and not (
         pairs["gain_low"] > gate.min_effect
     ):
@@ -176,6 +185,11 @@ def decide(figures: dict[str, Any], gate: GateSpec) -> tuple[bool, str]:
     if rule.get("n") and not rule["gain_low"] > 0:
         return False, "the compliance rule did not improve on held-out prompts: " + why
     return True, why
+
+
+def loop_share(d: dict[str, Any]) -> float:
+    """The share of a version's held-out answers stuck in a loop (`degeneration`'s counts)."""
+    return (d.get("counts") or {}).get("loop", 0) / max(d.get("n") or 1, 1)
 
 
 def compile_rule(rule: str) -> Callable[[str], float]:
