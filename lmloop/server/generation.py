@@ -141,24 +141,39 @@ class Job:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> None:
-        store = self.state.store
-        if store is None:
-            return
-        rid = self.rid if index == 0 else f"{self.rid}-{index}"
-        try:
-            await asyncio.to_thread(
-                store.record_exchange,
-                messages=messages,
-                response_text=text,
-                response_id=rid,
-                model_name=self.served.model_id,
-                model_version=self.served.version,
-                checkpoint_sha=str(getattr(self.served.loaded, "sha256", "")),
-                params=params,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                latency_ms=(time.perf_counter() - self.t0) * 1000,
-                kind="chat" if self.chat else "completion",
-            )
-        except Exception as e:  # noqa: BLE001 - a store failure must not fail the answer
-            log.error("could not record response %s: %s", rid, e)
+        await record_answer(
+            self.state, self.rid if index == 0 else f"{self.rid}-{index}", messages, text,
+            model=(self.served.model_id, self.served.version,
+                   str(getattr(self.served.loaded, "sha256", ""))),
+            params=params, tokens=(prompt_tokens, completion_tokens), t0=self.t0, chat=self.chat,
+        )  # fmt: skip
+
+
+async def record_answer(
+    state: ServerState, rid: str, messages: list[dict], text: str, *,
+    model: tuple[str, str | None, str], params: dict, tokens: tuple[int, int], t0: float,
+    chat: bool,
+) -> None:  # fmt: skip
+    """One answer into the feedback store (off the event loop), under `model` = (name,
+    registry version, checkpoint sha): what the engine and the upstream backends both record.
+    A store failure is logged; it never fails the answer."""
+    store = state.store
+    if store is None:
+        return
+    try:
+        await asyncio.to_thread(
+            store.record_exchange,
+            messages=messages,
+            response_text=text,
+            response_id=rid,
+            model_name=model[0],
+            model_version=model[1],
+            checkpoint_sha=model[2],
+            params=params,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+            latency_ms=(time.perf_counter() - t0) * 1000,
+            kind="chat" if chat else "completion",
+        )
+    except Exception as e:  # noqa: BLE001 - a store failure must not fail the answer
+        log.error("could not record response %s: %s", rid, e)

@@ -43,6 +43,7 @@ from lmloop.errors import UserError
 from lmloop.registry import Registry, split_spec
 from lmloop.server.backend import SnapshotRow
 from lmloop.server.errors import APIError
+from lmloop.server.generation import record_answer
 from lmloop.server.promotion import HEALTH_PROMPT, Promoter, Route
 from lmloop.server.protocol import ChatRequest, CompletionRequest, params_record
 from lmloop.server.responses import sse_data
@@ -615,20 +616,8 @@ class Exchange:
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
         params = params_record(req, asked)  # type: ignore[arg-type] - None: the upstream's
         params.update(upstream=self.b.up.upstream, upstream_model=self.route.upstream_model)
-        try:
-            await asyncio.to_thread(
-                store.record_exchange,
-                messages=conv,
-                response_text=text,
-                response_id=rid,
-                model_name=self.route.upstream_model,
-                model_version=self.route.version,
-                checkpoint_sha=self.route.sha256,
-                params=params,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                latency_ms=(time.perf_counter() - self.t0) * 1000,
-                kind="chat" if self.chat else "completion",
-            )
-        except Exception as e:  # noqa: BLE001 - a store failure must not fail the answer
-            log.error("could not record response %s: %s", rid, e)
+        await record_answer(
+            self.b.state, rid, conv, text,
+            model=(self.route.upstream_model, self.route.version, self.route.sha256),
+            params=params, tokens=(prompt_tokens, completion_tokens), t0=self.t0, chat=self.chat,
+        )  # fmt: skip
