@@ -213,8 +213,18 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys + [prefix + alias for alias in _aliases(cls)]
 
 
-def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str] | None = None):
-    """Build `cls` from a nested dict, collecting every error; raise once at the top level."""
+def build(
+    cls: type,
+    values: dict[str, Any],
+    prefix: str = "",
+    errors: list[str] | None = None,
+    defaults: Any = None,
+):
+    """Build `cls` from a nested dict, collecting every error; raise once at the top level.
+
+    `defaults`: an instance of `cls` whose fields are the defaults of a nested spec given in part
+    (a field's own default spec, e.g. the loop's `train` with LoRA on, not `TrainConfig()`), so
+    `train.lora.alpha=8` keeps the loop's `train.lora.r`, at every depth."""
     top = errors is None
     errors = [] if errors is None else errors
     hints = _hints(cls)
@@ -241,10 +251,13 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", errors: list[str]
                 value = dict(value)  # its aliases first: the defaults below are not "given"
                 shown = prefix if name in _inline(cls) else prefix + name + "."
                 _apply_aliases(tp, value, shown, errors)
-                base = _default(cls, name)  # a spec given in part keeps its field's defaults
+                # a spec given in part keeps its field's defaults (the enclosing default's, when
+                # that spec was itself given in part)
+                base = getattr(defaults, name) if defaults is not None else _default(cls, name)
                 if isinstance(base, tp):
                     value = {f.name: getattr(base, f.name) for f in dataclasses.fields(tp)} | value
-                kwargs[name] = build(tp, value, prefix + name + ".", errors)
+                kw = {"defaults": base} if isinstance(base, tp) else {}
+                kwargs[name] = build(tp, value, prefix + name + ".", errors, **kw)
             else:
                 kwargs[name] = coerce(value, hints[name], prefix + name)
         except ValueError as e:

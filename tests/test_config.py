@@ -116,3 +116,22 @@ def test_inline_spec_keeps_flat_flags_and_its_field_defaults():
     with pytest.raises(UserError, match="did you mean 'temperature'"):
         parse_args(ChatConfig, ["--temprature", "0"])
     assert "--temperature float  [default: 0.7]" in format_help(ChatConfig, "chat", "")
+
+
+def test_a_nested_spec_given_in_part_keeps_its_enclosing_defaults_at_every_depth():
+    from pathlib import Path
+
+    from lmloop.loop.config import LOOP_TRAIN, LoopConfig
+
+    # the loop's train defaults (LoRA r=16 on four projections, no weight decay) are not
+    # TrainConfig's (no LoRA, weight decay 0.1): one field given two levels down keeps the rest
+    cfg = parse_args(LoopConfig, ["db=x", "base_data=y", "train.lora.alpha=8"])
+    assert cfg.train.lora.alpha == 8
+    assert (cfg.train.lora.r, cfg.train.lora.targets) == (16, LOOP_TRAIN.lora.targets)
+    cfg = parse_args(LoopConfig, ["db=x", "base_data=y", "train.optim.lr=1e-4"])
+    assert (cfg.train.optim.lr, cfg.train.optim.weight_decay) == (1e-4, 0.0)
+    assert cfg.train.batch == LOOP_TRAIN.batch
+    # the shipped YAML names a few of those fields: it runs exactly the defaults it mirrors
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "loop" / "default.yaml"
+    shipped = parse_args(LoopConfig, [str(yaml)])
+    assert shipped == LoopConfig(db="feedback.db", base_data="data/base", work_dir="runs/loop")

@@ -178,6 +178,31 @@ def test_a_control_counts_as_refused_only_for_what_it_lacks():
     )
 
 
+def test_auto_preference_stage_trains_on_the_larger_body_of_evidence(tmp_path):
+    from lmloop.loop.config import LoopConfig
+    from lmloop.loop.recipe import pref_task
+
+    kto = tmp_path / "kto.jsonl"
+    both = "".join(json.dumps({"label": i % 3 == 0}) + "\n" for i in range(93))
+    kto.write_text(both)
+    cfg = LoopConfig(db="x.db", base_data="base")
+    # a store of corrections: one pair per correction, thumbs on fewer answers than 2 x pairs
+    assert pref_task(cfg, {"dpo": 35, "kto": 47}, kto) == "dpo"
+    # a store of thumbs with a few pairs among them: the thumbs are the evidence
+    assert pref_task(cfg, {"dpo": 5, "kto": 93}, kto) == "kto"
+    assert pref_task(cfg, {"dpo": 47, "kto": 93}, kto) == "dpo"  # 94 rated answers in pairs
+    # thumbs all one way teach KTO nothing: the few pairs it has then
+    kto.write_text("".join(json.dumps({"label": True}) + "\n" for _ in range(93)))
+    assert pref_task(cfg, {"dpo": 5, "kto": 93}, kto) == "dpo"
+    assert pref_task(cfg, {"dpo": 0, "kto": 93}, kto) is None
+    # a task the user names is kept whatever the counts say
+    kto.write_text(both)
+    assert pref_task(dataclasses.replace(cfg, pref_task="dpo"), {"dpo": 5, "kto": 93}, kto) == "dpo"
+    assert (
+        pref_task(dataclasses.replace(cfg, pref_task="kto"), {"dpo": 35, "kto": 47}, kto) == "kto"
+    )
+
+
 def test_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence():
     rng = random.Random(0)
     small = [rng.gauss(0.1, 1) for _ in range(20)]

@@ -112,7 +112,9 @@ class LoopConfig:
     sft_steps: int = param(24, "SFT steps (0: skip the SFT stage)")
     pref_steps: int = param(20, "preference (DPO/KTO) steps (0: skip the preference stage)")
     pref_task: Literal["auto", "dpo", "kto"] = param(
-        "auto", "preference stage: dpo on pairs, kto on unpaired thumbs; auto: dpo when pairs exist"
+        "auto",
+        "preference stage: dpo on pairs, kto on thumbs; auto: dpo when 2 x pairs >= thumbed "
+        "answers, else kto",
     )
     replay: float = param(
         0.2, "share of the SFT stage's records that are base-corpus train documents (guards "

@@ -169,13 +169,26 @@ def prepare(
 
 def pref_task(cfg: LoopConfig, counts: dict[str, int], prepared: Path) -> str | None:
     """The preference stage's task: dpo on pairs, kto on thumbs both ways (`prepared`: the kto
-    file), or None when there is nothing to learn a preference from."""
-    if cfg.pref_task == "dpo" or (cfg.pref_task == "auto" and counts.get("dpo")):
-        return "dpo" if counts.get("dpo") else None
-    if not counts.get("kto"):
-        return None
-    labels = {json.loads(x)["label"] for x in prepared.read_text("utf-8").splitlines()}
-    return "kto" if len(labels) == 2 else None
+    file), or None when there is nothing to learn a preference from.
+
+    `auto` trains on the larger body of evidence, counting a pair as the two rated answers it
+    holds: dpo when 2 x pairs >= thumbed answers, kto otherwise. A store of corrections (one pair
+    per correction, thumbs on fewer answers) gets dpo; a store of thumbs with a few pairs among
+    them gets kto (one run: 5 pairs and 93 thumbs; dpo's 20 steps went over the 5 pairs 32
+    times and raised base perplexity 3.8%)."""
+    pairs, thumbs = counts.get("dpo", 0), counts.get("kto", 0)
+    labels = (
+        {json.loads(x)["label"] for x in prepared.read_text("utf-8").splitlines() if x.strip()}
+        if thumbs else set()
+    )  # fmt: skip
+    kto_ok = len(labels) == 2
+    if cfg.pref_task == "dpo":
+        return "dpo" if pairs else None
+    if cfg.pref_task == "kto":
+        return "kto" if kto_ok else None
+    if pairs and (2 * pairs >= thumbs or not kto_ok):
+        return "dpo"
+    return "kto" if kto_ok else None
 
 
 # ---- the child configs of the data and train stages -------------------------------------------
