@@ -828,7 +828,7 @@ def fast_runner(
     int4: bool = False,
     kv_int8: bool = False,
     calibration_ids: list[int] | None = None,
-):
+) -> FastLlamaRunner | None:
     """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
     if not supports(model):
         return None
