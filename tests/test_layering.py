@@ -188,12 +188,31 @@ def test_packages_form_no_cycle():
     assert not cycles, f"packages on an import cycle: {cycles}"
 
 
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.startswith("__")
+
+
 def test_no_private_name_crosses_modules():
+    """Neither `from lmloop.x import _y` nor `from lmloop import x` then `x._y`."""
+    modules = {name for name, _ in _modules()}
     bad = []
     for name, f in _modules():
         tree = ast.parse(f.read_text(encoding="utf-8"))
+        aliases = {}  # local name -> an lmloop module bound to it
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and _source(node, f).startswith("lmloop"):
-                bad += [f"{name} imports {_source(node, f)}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+                source = _source(node, f)
+                bad += [f"{name} imports {source}.{a.name}" for a in node.names if _private(a.name)]
+                aliases |= {a.asname or a.name: f"{source}.{a.name}" for a in node.names
+                            if f"{source}.{a.name}" in modules}  # fmt: skip
+            elif isinstance(node, ast.Import):  # `import lmloop.x.y as z`
+                aliases |= {a.asname: a.name for a in node.names if a.asname and a.name in modules}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and _private(node.attr)
+            ):
+                bad.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
     assert not bad, "\n".join(bad)
