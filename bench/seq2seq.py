@@ -114,7 +114,7 @@ def decoder_eval(model, tok, records: list[dict[str, str]], max_new: int) -> dic
     import torch.nn.functional as F
 
     from lmloop.engine import Engine, SamplingParams
-    from lmloop.training import data as td
+    from lmloop.training import batches as td
 
     model.eval()
     rows = td.tokenize_records(
@@ -255,7 +255,7 @@ def quality(args, root: Path) -> dict:
 
 
 def _sft_rows(records, tok):
-    from lmloop.training import data as td
+    from lmloop.training import batches as td
 
     return td.tokenize_records(
         [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]

@@ -20,7 +20,7 @@ from lmloop.loop.judge import (
     degeneration,
     win_rate,
 )
-from lmloop.training.data import IGNORE, encode_chat
+from lmloop.training.batches import IGNORE, encode_chat
 
 sys.path.insert(0, str(Path(__file__).parent))
 from modelkit import lmloop_gpt, lmloop_llama, tiny_tokenizer  # noqa: E402

@@ -33,8 +33,10 @@ LIGHT = ("lmloop.engine.spec", "lmloop.engine.params", "lmloop.engine.config",
 CHAINERS = {"loop", "quickstart"}  # the only stages allowed to chain other stages
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(module, at_top_level) for every import in a file."""
+def _imports(path: Path, types: bool = False) -> list[tuple[str, bool]]:
+    """(module, at_top_level) for every import in a file; with `types`, the `if TYPE_CHECKING:`
+    ones too (they load nothing, so torch-free modules may use them, but a type is still a
+    dependency: the layer order and the cycle check count them)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = set(map(id, tree.body))
     typing_only = {  # `if TYPE_CHECKING:` imports name types; nothing is imported at run time
@@ -45,14 +47,24 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     }
     out = []
     for node in ast.walk(tree):
-        if id(node) in typing_only:
+        if id(node) in typing_only and not types:
             continue
         if isinstance(node, ast.Import):
             out += [(a.name, id(node) in top) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.module, id(node) in top))
-            out += [(f"{node.module}.{a.name}", id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (module := _source(node, path)):
+            out.append((module, id(node) in top))
+            out += [(f"{module}.{a.name}", id(node) in top) for a in node.names]
     return out
+
+
+def _source(node: ast.ImportFrom, path: Path) -> str:
+    """The absolute module a `from ... import` reads: `from ..x import y` in lmloop/a/b.py is
+    lmloop.x (relative imports are resolved, so they cannot slip past the checks)."""
+    if not node.level:
+        return node.module or ""
+    rel = path.relative_to(PKG.parent).with_suffix("").parts
+    package = list(rel[: len(rel) - node.level])  # a module's own package is one level up
+    return ".".join(package + ([node.module] if node.module else []))
 
 
 def _modules():
@@ -140,7 +152,7 @@ def _layer(module: str) -> tuple[str, int]:
 
 def _lmloop_imports():
     for name, f in _modules():
-        for mod, _ in _imports(f):
+        for mod, _ in _imports(f, types=True):
             if mod == "lmloop" or mod.startswith("lmloop."):
                 if mod.rsplit(".", 1)[-1] == "__version__":
                     mod = "lmloop"
@@ -176,16 +188,31 @@ def test_packages_form_no_cycle():
     assert not cycles, f"packages on an import cycle: {cycles}"
 
 
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.startswith("__")
+
+
 def test_no_private_name_crosses_modules():
+    """Neither `from lmloop.x import _y` nor `from lmloop import x` then `x._y`."""
+    modules = {name for name, _ in _modules()}
     bad = []
     for name, f in _modules():
         tree = ast.parse(f.read_text(encoding="utf-8"))
+        aliases = {}  # local name -> an lmloop module bound to it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and _source(node, f).startswith("lmloop"):
+                source = _source(node, f)
+                bad += [f"{name} imports {source}.{a.name}" for a in node.names if _private(a.name)]
+                aliases |= {a.asname or a.name: f"{source}.{a.name}" for a in node.names
+                            if f"{source}.{a.name}" in modules}  # fmt: skip
+            elif isinstance(node, ast.Import):  # `import lmloop.x.y as z`
+                aliases |= {a.asname: a.name for a in node.names if a.asname and a.name in modules}
         for node in ast.walk(tree):
             if (
-                isinstance(node, ast.ImportFrom)
-                and node.module
-                and node.module.startswith("lmloop")
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and _private(node.attr)
             ):
-                bad += [f"{name} imports {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+                bad.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
     assert not bad, "\n".join(bad)

@@ -22,7 +22,7 @@ import torch
 
 from lmloop.cli import main
 from lmloop.log import read_metrics
-from lmloop.training.data import IGNORE
+from lmloop.training.batches import IGNORE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from modelkit import hf_llama, tiny_tokenizer  # noqa: E402
@@ -191,8 +191,8 @@ def test_dpo_records_batch_loss_and_gradients_equal_trl(tmp_path, tok, loss_type
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from lmloop.training.batches import pad_id_of
     from lmloop.training.config import PreferenceSpec
-    from lmloop.training.data import pad_id_of
     from lmloop.training.objectives import DPOObjective, Reference
 
     policy, ref = (
@@ -232,8 +232,8 @@ def test_kto_records_batch_kl_pairs_loss_and_gradients_equal_trl(tmp_path, tok):
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
+    from lmloop.training.batches import pad_id_of
     from lmloop.training.config import PreferenceSpec
-    from lmloop.training.data import pad_id_of
     from lmloop.training.objectives import KTOObjective, Reference
 
     policy, ref = (
@@ -432,7 +432,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tok, task):
 
 
 def test_sft_last_turn_only(tok):
-    from lmloop.training.data import encode_chat
+    from lmloop.training.batches import encode_chat
 
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"},
             {"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}]  # fmt: skip

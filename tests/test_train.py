@@ -498,7 +498,7 @@ def test_lora_on_the_last_blocks_only(tmp_path, data_dir, tok):
 
 
 def test_sft_loss_only_on_completion_tokens(tok):
-    from lmloop.training.data import IGNORE, encode_chat
+    from lmloop.training.batches import IGNORE, encode_chat
 
     msgs = [
         {"role": "system", "content": "be brief"},

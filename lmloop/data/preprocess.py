@@ -16,7 +16,6 @@ import re
 import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer as Backend
@@ -264,7 +263,7 @@ def check_vocab_size(n: int) -> None:
         )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Any:
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Backend:
     """A byte-level BPE (GPT-2 style) trained on `texts`, with lmloop's special tokens.
 
     Returns the `tokenizers.Tokenizer` (save it through `lmloop.tokenizer.Tokenizer`). Texts are

@@ -19,12 +19,15 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmloop import artifacts
 from lmloop.artifacts import atomic_write, sha256_bytes, sha256_file, sha256_json
 from lmloop.log import progress_bar
 from lmloop.registry.spec import locate
+
+if TYPE_CHECKING:
+    from lmloop.data.sources import SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +297,7 @@ def _files_digest(spec: str) -> str | None:
     return sha256_bytes("".join(f.name + sha256_file(f) for f in files).encode())
 
 
-def teacher_documents(spec: Any) -> list[str]:
+def teacher_documents(spec: SourceSpec) -> list[str]:
     """The documents of a `synthetic:TEACHER::count=N,tokens=M` source (a `SourceSpec`): the
     `teacher` that `lmloop.data.sources.iter_documents` is handed by the stages that may run one."""
     return synthetic_stories(spec.count, teacher=spec.path, max_tokens=spec.tokens)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmloop.engine import seq2seq
-from lmloop.engine.fast import CALIBRATION_TEXT, fast_runner
+from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, fast_runner
 from lmloop.engine.params import (
     Completion,
     QueueFull,
@@ -60,6 +60,8 @@ DEFAULT_PREFIX_CACHE_MB = 256.0
 # Prompt scoring (`echo` + logprobs) turns the logits into logprobs this many positions at a
 # time: 256 x 49k fp32 is 50 MB, where the whole prompt's matrix is T x V (1.6 GB at 8k tokens).
 SCORE_CHUNK = 256
+# What decodes for the engine: the generic runner, the fast Llama one (fp32/int8/int4), seq2seq.
+Runner = ModelRunner | FastLlamaRunner | seq2seq.Seq2SeqRunner
 
 
 class RequestHandle:
@@ -737,7 +739,7 @@ def _make_runner(
     kv_int8: bool,
     tokenizer: Tokenizer,
     int4: bool = False,
-):
+) -> Runner:
     if int4:
         return _int4_runner(model, batch, max_len, kv_int8=kv_int8, tokenizer=tokenizer)
     if getattr(model, "is_encoder_decoder", False):
@@ -757,7 +759,7 @@ def _make_runner(
 
 def _int4_runner(
     model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer: Tokenizer
-):
+) -> FastLlamaRunner:
     """The fast runner over 4-bit weights (`precision.choose` has checked that the kernel
     builds, passes its self-check and covers this model's family and widths)."""
     with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)

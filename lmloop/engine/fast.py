@@ -83,7 +83,9 @@ def quantize_linears(mods: nn.Module) -> nn.Module:
     `Int8Linear`, an input of several rows is scaled to one magnitude per row first (hooks), so
     one row with massive activations does not set the quantization scale of the others."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notices; the kernels still ship
+        # imported here, under the filter: importing torch.ao's dynamic quantization prints its
+        # deprecation notices (the kernels still ship), and only int8 weights need it
+        warnings.simplefilter("ignore")
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -828,7 +830,7 @@ def fast_runner(
     int4: bool = False,
     kv_int8: bool = False,
     calibration_ids: list[int] | None = None,
-):
+) -> FastLlamaRunner | None:
     """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
     if not supports(model):
         return None

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+
 
 def release_memory() -> None:
     """Collect garbage and give freed heap pages back to the OS. glibc keeps freed blocks below
     its mmap threshold in the heap, and that threshold grows with every large block freed, so
     building an engine (copies, quantization) leaves hundreds of MB of freed pages resident
     (measured: 470 MB for SmolLM2-135M with --int8) until `malloc_trim` returns them."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

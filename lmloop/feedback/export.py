@@ -50,7 +50,7 @@ EXPORT_SCHEMA = "lmloop.feedback_export"
 
 
 @dataclass
-class ExportResult:
+class FeedbackExportResult:
     format: str
     train_path: Path
     heldout_path: Path
@@ -277,7 +277,7 @@ def export_feedback(
     heldout_fraction: float = 0.1,
     scrub: bool = True,
     config: FeedbackExportConfig | None = None,
-) -> ExportResult:
+) -> FeedbackExportResult:
     """Write `out` (train), its `.heldout.jsonl` and `.meta.json` siblings; see the module doc."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; expected one of {', '.join(FORMATS)}")
@@ -319,7 +319,7 @@ def export_feedback(
     # Held-out first and train last: the train file appearing means the export is complete.
     atomic_write(hpath, "".join(x + "\n" for x in heldout))
     atomic_write(out, "".join(x + "\n" for x in train))
-    result = ExportResult(
+    result = FeedbackExportResult(
         format=fmt,
         train_path=out,
         heldout_path=hpath,

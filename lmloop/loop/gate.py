@@ -35,10 +35,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lmloop.artifacts import write_json
+from lmloop.data.preprocess import normalize_text
 from lmloop.engine.core import engine_for
 from lmloop.engine.params import SamplingParams
 from lmloop.engine.spec import EngineSpec
 from lmloop.errors import UserError
+from lmloop.evaluation.seq2seq import target_loglik
 from lmloop.loop.config import GateSpec
 from lmloop.loop.judge import (
     RewardJudge,
@@ -281,6 +283,26 @@ def target_figures(gate: GateSpec, nll: dict[str, list[float]]) -> dict[str, Any
             "gain_low": low, "gain_high": high,
             "current_nll": sum(nll["current"]) / len(gain),
             "candidate_nll": sum(nll["candidate"]) / len(gain)}  # fmt: skip
+
+
+def target_nll(cur: str, cand: str, heldout: Path) -> dict[str, list[float]]:
+    """Seq2seq: each held-out (input, target) pair's target cross-entropy (nats per target
+    token, teacher-forced, as `lmloop eval` and training compute it) under both versions."""
+    recs = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]
+    nll: dict[str, list[float]] = {"current": [], "candidate": []}
+    if not recs:
+        return nll
+    for who, spec in (("current", cur), ("candidate", cand)):
+        log.info("gate: the %s version scores %d held-out pairs", who, len(recs))
+        loaded = load_model(spec)
+        model, tok = loaded.model.eval(), loaded.tokenizer
+        window, pad = int(model.max_seq_len), int(model.config.pad_token_id)
+        sep = tok.separator_id  # after each side, as `lmloop data` writes pairs
+        for r in recs:
+            row = tuple(tok.encode(normalize_text(r[k])) + [sep] for k in ("input", "target"))
+            ll, n = target_loglik(model, [row], window=window, pad_id=pad, show_progress=False)
+            nll[who].append(-ll / max(n, 1))
+    return nll
 
 
 def heldout_prompts(cycle_files: dict[str, dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -39,7 +39,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from lmloop.artifacts import atomic_file
 from lmloop.errors import UserError
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.data import IGNORE, encode_chat, pad_id_of
+from lmloop.training.batches import IGNORE, encode_chat, pad_id_of
 
 # ---- features ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import torch
 
+from lmloop.data.config import DataResult
 from lmloop.engine.core import load_engine
 from lmloop.engine.params import SamplingParams
 from lmloop.errors import UserError
@@ -42,6 +43,16 @@ class Workspace:
     home: Path
     env: dict[str, str]
     registry: Registry
+
+
+@dataclass
+class Corpus:
+    """The teacher's stories and the data stage's folder of them."""
+
+    stories: list[str]
+    report: dict[str, Any]  # the teacher's: cached, tokens, seconds, ...
+    path: Path  # corpus.jsonl
+    data: DataResult
 
 
 @dataclass

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
 from lmloop.errors import UserError
+from lmloop.models.base import ModelConfig
 from lmloop.models.gpt import GPT, GPTConfig
 from lmloop.models.llama import Llama, LlamaConfig
 from lmloop.models.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -35,16 +38,16 @@ def config_from_dict(family: str, values: dict[str, Any]):
     return cls(**values)
 
 
-def build_model(config) -> Any:
+def build_model(config: ModelConfig) -> nn.Module:
     """A freshly initialized model for a family config (LlamaConfig, GPTConfig, Seq2SeqConfig)."""
     return FAMILIES[config.family][1](config)
 
 
-def config_to_dict(config) -> dict[str, Any]:
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     return {"family": config.family, **dataclasses.asdict(config)}
 
 
-def num_params(model, *, non_embedding: bool = False) -> int:
+def num_params(model: nn.Module, *, non_embedding: bool = False) -> int:
     seen, n = set(), 0
     for name, p in model.named_parameters():
         if id(p) in seen:

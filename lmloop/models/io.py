@@ -237,7 +237,9 @@ def _load_gguf(path: Path, *, name: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, name, sha[:12], sha, "gguf", str(path), gguf_quant(path))
 
 
-def _cache_conversion(cached: Path, model, tokenizer: Tokenizer, sha: str, source: Path) -> None:
+def _cache_conversion(
+    cached: Path, model: torch.nn.Module, tokenizer: Tokenizer, sha: str, source: Path
+) -> None:
     """Write the converted model once; safe when several processes convert at the same time.
 
     Built in a temporary sibling and renamed into place; renaming onto a folder another process

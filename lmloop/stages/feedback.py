@@ -14,13 +14,13 @@ import json
 from typing import Any
 
 from lmloop.feedback.config import FeedbackExportConfig, StatsConfig
-from lmloop.feedback.export import ExportResult, export_feedback
+from lmloop.feedback.export import FeedbackExportResult, export_feedback
 from lmloop.feedback.store import FeedbackStore
 
-__all__ = ["ExportResult", "FeedbackExportConfig", "StatsConfig", "run_export", "run_stats"]
+__all__ = ["FeedbackExportResult", "FeedbackExportConfig", "StatsConfig", "run_export", "run_stats"]
 
 
-def run_export(cfg: FeedbackExportConfig) -> ExportResult:
+def run_export(cfg: FeedbackExportConfig) -> FeedbackExportResult:
     result = export_feedback(
         cfg.db,
         cfg.format,

@@ -51,9 +51,7 @@ from typing import Any
 from lmloop import __version__
 from lmloop.artifacts import cache_dir, sha256_json, sha256_tree, write_json
 from lmloop.config import build, to_dict
-from lmloop.data.preprocess import normalize_text
 from lmloop.errors import UserError
-from lmloop.evaluation.seq2seq import target_loglik
 from lmloop.loop import recipe
 from lmloop.loop.config import LOOP_TRAIN, Decision, GateSpec, LoopConfig, LoopResult
 from lmloop.loop.cycle import check_inputs, context_length, cycle_dir, is_seq2seq, read_state
@@ -65,6 +63,7 @@ from lmloop.loop.gate import (
     judge_summary,
     pair_figures,
     target_figures,
+    target_nll,
     thumb_figures,
 )
 from lmloop.models.io import LoadedModel, load_model
@@ -150,26 +149,6 @@ def base_perplexity(cfg: LoopConfig, model: str, out: Path, split: str) -> float
     return ppl
 
 
-def _target_nll(cur: str, cand: str, heldout: Path) -> dict[str, list[float]]:
-    """Seq2seq: each held-out (input, target) pair's target cross-entropy (nats per target
-    token, teacher-forced, as `lmloop eval` and training compute it) under both versions."""
-    recs = [json.loads(x) for x in heldout.read_text("utf-8").splitlines() if x.strip()]
-    nll: dict[str, list[float]] = {"current": [], "candidate": []}
-    if not recs:
-        return nll
-    for who, spec in (("current", cur), ("candidate", cand)):
-        log.info("gate: the %s version scores %d held-out pairs", who, len(recs))
-        loaded = load_model(spec)
-        model, tok = loaded.model.eval(), loaded.tokenizer
-        window, pad = int(model.max_seq_len), int(model.config.pad_token_id)
-        sep = tok.separator_id  # after each side, as `lmloop data` writes pairs
-        for r in recs:
-            row = tuple(tok.encode(normalize_text(r[k])) + [sep] for k in ("input", "target"))
-            ll, n = target_loglik(model, [row], window=window, pad_id=pad, show_progress=False)
-            nll[who].append(-ll / max(n, 1))
-    return nll
-
-
 # ---- the cycle ----------------------------------------------------------------------------------
 
 
@@ -253,7 +232,7 @@ def run(cfg: LoopConfig) -> LoopResult:
             return loaded
 
         if seq2seq:
-            nll = _target_nll(cur_path, cand, Path(files["pairs"]["heldout"]))
+            nll = target_nll(cur_path, cand, Path(files["pairs"]["heldout"]))
             pairs = target_figures(cfg.gate, nll)
         else:
             pairs = pair_figures(cfg.gate, versions(), Path(files["dpo"]["heldout"]), seq)

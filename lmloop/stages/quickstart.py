@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from lmloop.loop import users
 from lmloop.loop.config import LOOP_TRAIN, STUDENT, LoopConfig, LoopResult, QuickstartConfig
 from lmloop.loop.gate import NotEnoughSignal
 from lmloop.loop.quickstart import (
+    Corpus,
     Cycle,
     Deployment,
     Judged,
@@ -68,14 +69,6 @@ from lmloop.stages import train as train_stage
 from lmloop.training.checkpoint import read_run
 
 __all__ = ["QuickstartConfig", "run"]
-
-
-@dataclass
-class Corpus:
-    stories: list[str]
-    report: dict[str, Any]  # the teacher's: cached, tokens, seconds, ...
-    path: Path  # corpus.jsonl
-    data: data_stage.DataResult
 
 
 # ---- 1. collect + preprocess --------------------------------------------------------------------

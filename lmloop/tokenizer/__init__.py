@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
@@ -25,6 +25,9 @@ from tokenizers import Tokenizer as Backend
 from lmloop.artifacts import sha256_bytes
 from lmloop.errors import UserError
 from lmloop.registry import spec as modelspec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: Any,
+        backend: Backend,
         source: str = "",
         *,
         specials: dict[str, str] | None = None,
@@ -135,7 +138,7 @@ class Tokenizer:
         return cls.from_hf(hf, str(path))
 
     @classmethod
-    def from_hf(cls, hf: Any, source: str = "") -> Tokenizer:
+    def from_hf(cls, hf: PreTrainedTokenizerBase, source: str = "") -> Tokenizer:
         """Wrap a `transformers` fast tokenizer (a GGUF file's, a hub model's)."""
         if getattr(hf, "backend_tokenizer", None) is None:
             raise UserError(f"{source} holds a slow tokenizer; lmloop needs tokenizer.json")
@@ -143,7 +146,7 @@ class Tokenizer:
         return cls(hf.backend_tokenizer, source, specials=specials, chat_template=hf.chat_template)
 
     @classmethod
-    def from_backend(cls, backend: Any, source: str = "") -> Tokenizer:
+    def from_backend(cls, backend: Backend, source: str = "") -> Tokenizer:
         """Wrap a `tokenizers.Tokenizer`, wiring lmloop's special tokens when present."""
         return cls(backend, source)
 
@@ -228,7 +231,7 @@ class Tokenizer:
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _backend(path: Path) -> Any:
+def _backend(path: Path) -> Backend:
     try:
         return Backend.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file

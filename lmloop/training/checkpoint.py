@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    write_model: Any,
+    write_model: Callable[[Path], None],
     train_state: dict[str, Any],
 ) -> str:
     """Write `checkpoints/step-XXXXXXX/` atomically; `write_model(dir)` writes the model files.

@@ -15,7 +15,7 @@ from lmloop.data.shards import PAIRS_SCHEMA
 from lmloop.errors import UserError
 from lmloop.models.io import LoadedModel
 from lmloop.tokenizer import Tokenizer
-from lmloop.training import data as td
+from lmloop.training import batches as td
 from lmloop.training import objectives as tob
 from lmloop.training.config import TrainConfig
 from lmloop.training.distributed import Dist

@@ -27,16 +27,18 @@ resume; TRL is the reference our tests compare losses and gradients against.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmloop.errors import UserError
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.data import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.batches import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
 from lmloop.training.lora import lora_layers
 
 # ---- records ---------------------------------------------------------------------------------
@@ -55,6 +57,8 @@ def detect_task(path: str | Path) -> str:
 
 
 _Prompt = Any  # a string (plain) or a list of {"role", "content"} messages (conversational)
+# the model's forward: the module itself or training.run.Forward (compiled); logits out
+ModelFn = Callable[..., torch.Tensor]
 _DPO_HINT = 'one {"prompt", "chosen", "rejected"} per line (TRL preference format)'
 _KTO_HINT = 'one {"prompt", "completion", "label": true|false} per line (TRL unpaired format)'
 
@@ -183,7 +187,7 @@ def _adapters_off(model: torch.nn.Module):
 class Reference:
     """log-probs under the starting model: adapters off (LoRA) or a frozen copy."""
 
-    def __init__(self, policy: Any, frozen: Any | None):
+    def __init__(self, policy: nn.Module, frozen: nn.Module | None):
         self.policy, self.frozen = policy, frozen
 
     @torch.no_grad()
@@ -271,7 +275,7 @@ class LMObjective:
     def units(batch: Any) -> float:
         return float(int((batch[1] != IGNORE).sum()))
 
-    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast():
             logits = fwd(x)
@@ -314,7 +318,7 @@ class Seq2SeqObjective:
     def units(batch: Any) -> float:
         return float(int((batch[2] != IGNORE).sum()))
 
-    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
         x, mask, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast():
             logits = fwd(x, None, mask, y)
@@ -343,7 +347,7 @@ class DPOObjective:
         self.ref_logps: torch.Tensor | None = None
 
     @classmethod
-    def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple]]:
+    def tokenize(cls, records, tokenizer: Tokenizer, seq_len: int) -> list[tuple[tuple, tuple]]:
         out = []
         for prompt, chosen, rejected in records:
             c = _cut(encode_completion(tokenizer, prompt, chosen), seq_len)
@@ -379,7 +383,7 @@ class DPOObjective:
     def units(batch: Any) -> float:
         return float(batch[0].shape[0] // 2)
 
-    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
         x, y = (t.to(device, non_blocking=True) for t in batch[:2])
         with autocast():
             logits = fwd(x)
@@ -427,7 +431,9 @@ class KTOObjective:
         self.index = Permuted(len(rows), seed)
 
     @classmethod
-    def tokenize(cls, records, tokenizer, seq_len: int) -> list[tuple[tuple, tuple, bool]]:
+    def tokenize(
+        cls, records, tokenizer: Tokenizer, seq_len: int
+    ) -> list[tuple[tuple, tuple, bool]]:
         """(matched row, (prompt, completion) kept for the KL rows, label)."""
         out = []
         for prompt, completion, label in records:
@@ -457,7 +463,7 @@ class KTOObjective:
     def units(batch: Any) -> float:
         return float(batch[2].shape[0])
 
-    def step(self, fwd: Any, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
         x, y, labels = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         k = labels.shape[0]

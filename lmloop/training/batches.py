@@ -199,7 +199,7 @@ class SFTData:
 
     @classmethod
     def from_records(
-        cls, records, tokenizer, seq_len: int, seed: int, last_only: bool = False
+        cls, records, tokenizer: Tokenizer, seq_len: int, seed: int, last_only: bool = False
     ) -> SFTData:
         examples = tokenize_records(records, tokenizer, seq_len, last_only)
         return cls(examples, pad_id_of(tokenizer), seed)
@@ -216,7 +216,7 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
 
 
 def tokenize_records(
-    records, tokenizer, seq_len: int, last_only: bool = False
+    records, tokenizer: Tokenizer, seq_len: int, last_only: bool = False
 ) -> list[tuple[list[int], list[int]]]:
     """Encode and shift each record: inputs ids[:-1], targets labels[1:], cut to seq_len."""
     out = []
@@ -243,7 +243,7 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
     return train, val
 
 
-def completion_bytes(examples, tokenizer) -> tuple[int, int]:
+def completion_bytes(examples, tokenizer: Tokenizer) -> tuple[int, int]:
     """(UTF-8 bytes, tokens) of the loss-bearing tokens, for bits per byte."""
     nbytes = ntok = 0
     for _, y in examples:
