@@ -4,12 +4,12 @@ own servers on 127.0.0.1 and talks to nothing else; everything is written under 
 folder (its own `LMLOOP_HOME`).
 
     .venv/bin/python bench/soak.py --model smollm2-135m-instruct           # the 10-minute soak
-    .venv/bin/python bench/soak.py --duration 30 --clients 8               # ~2-3 min smoke check
+    .venv/bin/python bench/soak.py --duration 30 --clients 8 --kill-mode chain  # smoke check
     .venv/bin/python bench/soak.py --phases kill                           # one part only
 
 Without `--model`, the script trains a tiny model first (a random-word corpus, `lmloop data`,
 30 steps of `lmloop train`, ~15 s) and serves that. The `kill` phase always uses the tiny
-model: it runs a dozen loop cycles. `--phases` picks any of:
+model: it runs a loop cycle per kill point (`--kill-mode chain`: one). `--phases` picks any of:
 
 **soak** (`--duration` seconds): the first half runs `--clients` streaming chat clients (greedy,
 `--max-tokens` each, one request after another), each posting feedback on every answer it
@@ -47,6 +47,10 @@ orphaned one) is reported and never counted as a version; the state is the old o
 or the fully promoted new one, never between. Then the same `lmloop loop ARGS` is run again
 (no hook) and must finish (exit 0, the cycle's register step done) with a registry that passes
 the same check. One line per point: killed at X -> registry state -> rerun ok/failed.
+`--kill-mode chain` (about one cycle's time instead of one per point) kills a single cycle at
+each point in turn: the run after each kill is the same command with the next point's hook, so
+its rerun is "ok" when it resumed the cycle and reached the next point; the run after the last
+kill has no hook and must finish as above.
 
 Exit status: 1 when the kill phase found a half state or a failed rerun, or a server did not start.
 """
@@ -362,6 +366,9 @@ def phase_promote(args: argparse.Namespace, tmp: Path, model: str, env: dict[str
             f"streams in flight when the registry moved: {versions(across)} (a request keeps "
             "the version it started on)"
         )
+        between = [a for a in answers if promoted <= a.start < first_new]
+        print(f"streams started after the registry moved, before the first v2 answer: "
+              f"{versions(between)}")  # fmt: skip
     window = (promoted - 1.0, (first_new or promoted) + 2.0)
     during = [x for x in t.valid_5xx if window[0] <= x <= window[1]]
     print(
@@ -523,59 +530,79 @@ def cycle_done(work: Path) -> list[str]:
     return json.loads(states[-1].read_text())["done"] if states else []
 
 
+def kill_at(point: str, argv: list[str], env: dict[str, str]) -> tuple[bool, str]:
+    """Run `lmloop loop ARGV` with the hook at `point`; SIGKILL its process group the moment the
+    marker appears. (reached?, the last lines it printed when it was not)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--loop-child", point, "--", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    timer = threading.Timer(900, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    reached, tail = False, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line)
+        if line.startswith(MARK):
+            os.killpg(proc.pid, signal.SIGKILL)
+            reached = True
+            break
+    proc.wait()
+    timer.cancel()
+    proc.stdout.close()
+    return reached, f"exit {proc.returncode}: {''.join(tail[-3:]).strip()[:300]}"
+
+
+def rerun(argv: list[str], work: Path, reg: Path, env: dict[str, str]) -> tuple[bool, str]:
+    """The same `lmloop loop ARGV`, no hook: (finished whole?, what it said and left)."""
+    again = lmloop(*argv, env=env, check=False)
+    whole, what, _ = check_registry(reg, "tiny")
+    verdict = [x for x in again.stdout.splitlines() if x.startswith("loop: gate:")]
+    said = verdict[0][12:80] if verdict else again.stderr.strip()[-200:]
+    ok = again.returncode == 0 and "register" in cycle_done(work) and whole
+    return ok, f"exit {again.returncode}, {said}...; registry: {what}"
+
+
 def phase_kill(args: argparse.Namespace, tmp: Path, data: Path, run: Path,
                env: dict[str, str]) -> bool:  # fmt: skip
     points = [p for p in args.kill_points.split(",") if p]
-    print(
-        f"\n== kill: lmloop loop gets SIGKILL at each of {', '.join(points)}; then the "
-        "registry is checked and the same command is run again",
-        flush=True,
-    )
+    how = ("each in a fresh cycle, rerun to the end" if args.kill_mode == "fresh"
+           else "one cycle, each run resuming it; the last rerun to the end")  # fmt: skip
+    print(f"\n== kill: lmloop loop gets SIGKILL at {', '.join(points)} ({how}); the registry "
+          "is checked after each", flush=True)  # fmt: skip
     kdir = tmp / "kill"
     pristine = kdir / "pristine"
     lmloop("models", "register", "tiny", str(run), "--promote", "--registry", str(pristine),
            env=env)  # fmt: skip
     db = kdir / "feedback.db"
     learnable_store(db)
-    all_ok = True
-    for point in points:
-        pdir = kdir / point
+    all_ok, pending = True, None
+    for i, point in enumerate(points):
+        pdir = kdir / (point if args.kill_mode == "fresh" else "chain")
         reg, work = pdir / "registry", pdir / "work"
-        shutil.copytree(pristine, reg)
+        if not reg.exists():
+            shutil.copytree(pristine, reg)
         argv = loop_args(db, data, work, reg)
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, __file__, "--loop-child", point, "--", *argv],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)  # fmt: skip
-        timer = threading.Timer(900, lambda p=proc: os.killpg(p.pid, signal.SIGKILL))
-        timer.start()
-        reached, tail = False, []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line)
-            if line.startswith(MARK):
-                os.killpg(proc.pid, signal.SIGKILL)
-                reached = True
-                break
-        proc.wait()
-        timer.cancel()
-        proc.stdout.close()
+        reached, tail = kill_at(point, argv, env)
+        if pending:  # chain: this run resumed the cycle the last one was killed in
+            print(pending + (f"ok (the next run resumed it and reached {point})" if reached
+                             else f"FAILED ({tail})"), flush=True)  # fmt: skip
+            pending = None
         if not reached:
-            print(f"{point:9s}: never reached (lmloop loop exited {proc.returncode}): "
-                  f"{''.join(tail[-3:]).strip()[:300]}")  # fmt: skip
+            print(f"{point:9s}: never reached ({tail})")
             all_ok = False
             continue
         whole, what, _ = check_registry(reg, "tiny")
-        done = cycle_done(work)
-        again = lmloop(*argv, env=env, check=False)
-        whole2, what2, _ = check_registry(reg, "tiny")
-        verdict = [x for x in again.stdout.splitlines() if x.startswith("loop: gate:")]
-        rerun_ok = again.returncode == 0 and "register" in cycle_done(work) and whole2
-        all_ok &= whole and rerun_ok
-        print(f"killed at {point:8s} (state.json done: {', '.join(done) or 'nothing'}) -> "
-              f"registry: {what} -> rerun {'ok' if rerun_ok else 'FAILED'} "
-              f"(exit {again.returncode}; {verdict[0][6:90] if verdict else again.stderr[-200:].strip()}; "
-              f"registry: {what2}) [{time.monotonic() - t0:.0f} s]", flush=True)  # fmt: skip
+        all_ok &= whole
+        line = (f"killed at {point:8s} (state.json done: {', '.join(cycle_done(work)) or 'nothing'})"
+                f" -> registry: {what} -> rerun ")  # fmt: skip
+        if args.kill_mode == "chain" and i < len(points) - 1:
+            pending = line
+            continue
+        ok, said = rerun(argv, work, reg, env)
+        all_ok &= ok
+        print(f"{line}{'ok' if ok else 'FAILED'} ({said}) [{time.monotonic() - t0:.0f} s]",
+              flush=True)  # fmt: skip
     return all_ok
 
 
@@ -598,6 +625,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8931, help="soak's port; promote uses the next")
     ap.add_argument("--kill-points", default=",".join(KILL_POINTS),
                     help=f"kill: any of {', '.join(KILL_POINTS)}")  # fmt: skip
+    ap.add_argument("--kill-mode", choices=("fresh", "chain"), default="fresh",
+                    help="fresh: a new cycle per kill point, each rerun to the end; chain: one "
+                    "cycle killed at each point in turn (about one cycle's time)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
     phases = [p for p in args.phases.split(",") if p]
