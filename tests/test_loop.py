@@ -332,36 +332,70 @@ def _decision(world, work: str) -> dict:
     return json.loads((world["root"] / work / "cycle-1" / "decision.json").read_text())
 
 
-def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
+def test_learnable_feedback_is_promoted_and_coin_flips_are_not(
+    world, capsys, tmp_path, monkeypatch
+):
+    """The real gate (nothing monkeypatched) promotes a learnable preference for its own reasons,
+    and refuses the same pipeline on coin flips for want of signal. `lmloop quickstart`'s test
+    forces its gate (8 conversations teach no judge); this is where a real promotion is tested.
+    The cycles use their own registry, so the module's `demo` stays at v1 for the other tests."""
     from lmloop.registry import Registry
 
+    reg_root = tmp_path / "registry"
+    assert main(["models", "register", "demo", str(world["run"]), "--promote",
+                 "--registry", str(reg_root)]) == 0  # fmt: skip
+    registry = Registry(reg_root)
     good, coin = world["root"] / "good.db", world["root"] / "coin.db"
     _fill_store(good, signal="question", leak=world["val"][:4])
     _fill_store(coin, signal="coin")
-    before = Registry().current("demo")[0]
+    assert registry.current("demo")[0] == "v1"
 
     # coin flips teach the judge nothing it can check on held-out feedback: the cycle stops
     # before any training, and leaves nothing behind
-    assert main(_loop(world, coin, "loop-coin", "promote=false")) == 2
+    assert main(_loop(world, coin, "loop-coin", f"registry={reg_root}")) == 2
     assert "not enough signal" in capsys.readouterr().err
     assert not list((world["root"] / "loop-coin").glob("cycle-*"))
-    assert Registry().current("demo")[0] == before
+    assert registry.current("demo")[0] == "v1" and len(registry.versions("demo")) == 1
 
-    assert main(_loop(world, good, "loop-good", "promote=false")) == 0
+    # interrupted between registering the candidate and promoting it (Ctrl-C here; a SIGKILL
+    # leaves the same files: bench/soak.py --phases kill): v2 is registered, v1 still current
+    real_promote = Registry.promote
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Registry, "promote", interrupted)
+    assert main(_loop(world, good, "loop-good", f"registry={reg_root}")) == 130
+    assert registry.current("demo")[0] == "v1"
+    assert [v["version"] for v in registry.versions("demo")] == ["v1", "v2"]
+    monkeypatch.setattr(Registry, "promote", real_promote)
+    # the rerun resumes at the register step and promotes that v2, registering nothing again
+    assert main(_loop(world, good, "loop-good", f"registry={reg_root}")) == 0
+    assert [v["version"] for v in registry.versions("demo")] == ["v1", "v2"]
     d = _decision(world, "loop-good")
-    pairs = d["figures"]["pairs"]
-    assert d["passed"], d["reason"]
+    f = d["figures"]
+    pairs = f["pairs"]
+    assert d["passed"] and d["promote"], d["reason"]
+    # the gate's own reasons, each one: the judge votes (its held-out interval above chance),
+    # the candidate's held-out answers win (interval above 50%), its degenerate answers do not
+    # rise, base-validation perplexity stays within the limit, held-out pairs favour it
+    judge, answers, thumbs = (f[k] for k in ("judge", "answers", "thumbs"))
+    assert judge["clears_chance"] and judge["pairs"]["interval"][0] > 0.5
+    assert answers["win"]["interval"][0] > 0.5 and answers["n"] >= GateSpec().min_heldout
+    deg = answers["degenerate"]
+    assert deg["candidate"]["share"] <= deg["current"]["share"]
+    assert f["candidate_base_ppl"] / f["current_base_ppl"] - 1 <= GateSpec().max_base_regression
     assert pairs["n"] >= GateSpec().min_heldout and pairs["gain_low"] > 0
     assert pairs["implicit_reward_accuracy"] > 0.8
     assert pairs["candidate_accuracy"] >= pairs["current_accuracy"]
-    judge, answers, thumbs = (d["figures"][k] for k in ("judge", "answers", "thumbs"))
-    assert judge["clears_chance"] and judge["pairs"]["interval"][0] > 0.5
-    assert answers["win"]["interval"][0] > 0.5 and answers["n"] >= GateSpec().min_heldout
     # the candidate's implicit reward ranks up-voted held-out answers over down-voted ones
     assert thumbs["up"] > 0 and thumbs["auc"] > 0.8 and thumbs["interval"][0] > 0.5, thumbs
     out = capsys.readouterr().out
-    assert "registered demo v2, not promoted" in out
-    assert Registry().current("demo")[0] == before  # promote=false
+    assert f"PROMOTED demo v2: {d['reason']}" in out
+    # promoted for real: v2 is current, and its lineage keeps the decision that promoted it
+    assert registry.current("demo")[0] == "v2"
+    shown = registry.show("demo", "v2")
+    assert shown["parent"] == "v1" and shown["lineage"]["decision"]["reason"] == d["reason"]
 
     # the planted base-validation document never reached a training file
     cycle = world["root"] / "loop-good" / "cycle-1"
@@ -375,7 +409,7 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(world, capsys):
     assert state["results"]["prepare"]["dropped"]["contaminated"] >= len(planted)
     assert state["results"]["prepare"]["counts"]["replay"] > 0
     # and what the decision says is what the registry's lineage keeps
-    assert main(["models", "show", "demo", "v2"]) == 0
+    assert main(["models", "show", "demo", "v2", "--registry", str(reg_root)]) == 0
     shown = capsys.readouterr().out
     assert f"{pairs['gain']:+.3f}" in shown and "v1" in shown
 

@@ -4,8 +4,10 @@ The same code path as the README's first command, with small numbers: the shippe
 a few stories, the seed's GPT trains from scratch and its best checkpoint is registered, the
 assistant (here the student itself, `assistant=student`, to stay quick) is served, simulated
 users rate it over HTTP, and one loop cycle reaches a gate decision that the running server
-follows. The gate is forced once each way (its own rules are tested in test_loop.py), so both
-paths of what the quickstart does with a decision are exercised.
+follows. The gate is forced once each way, so both paths of what the quickstart does with a
+decision are exercised: 8 tiny conversations teach no judge. The real gate, nothing forced, is
+run in test_loop.py (`test_learnable_feedback_is_promoted_and_coin_flips_are_not`): it promotes a
+learnable preference for its own reasons and refuses coin flips for want of signal.
 """
 
 from __future__ import annotations

@@ -149,6 +149,16 @@ def base_perplexity(cfg: LoopConfig, model: str, out: Path, split: str) -> float
     return ppl
 
 
+def registered_by(registry: Registry, name: str, cycle: Path, parent: str, sha: str) -> str | None:
+    """The version this cycle registered before it was interrupted (the same cycle folder,
+    parent and weights), or None."""
+    for v in reversed(registry.versions(name)):
+        if v["parent"] == parent and v["sha256"] == sha:
+            if registry.show(name, v["version"])["lineage"].get("cycle") == str(cycle):
+                return str(v["version"])
+    return None
+
+
 # ---- the cycle ----------------------------------------------------------------------------------
 
 
@@ -273,7 +283,11 @@ def run(cfg: LoopConfig) -> LoopResult:
             "decision": {"reason": decision["reason"], "figures": figures},
             "cycle": str(cycle),
         }
-        version = registry.register(cfg.name, Path(cand), parent=cur_version, lineage=lineage)
+        # killed after `register` and before this step was recorded, the cycle registered these
+        # weights already: the rerun promotes that version instead of adding the same one again
+        version = registered_by(registry, cfg.name, cycle, cur_version, sha256_tree(cand))
+        if version is None:
+            version = registry.register(cfg.name, Path(cand), parent=cur_version, lineage=lineage)
         if decision["promote"]:
             registry.promote(cfg.name, version)
         return {"version": version}
