@@ -27,7 +27,7 @@ from lmloop.cli import main
 from lmloop.feedback.store import FeedbackStore
 from lmloop.registry import Registry
 from lmloop.server.promotion import PromotionFailed, run_reload
-from lmloop.server.upstream import insecure_warning
+from lmloop.server.upstream_checks import insecure_warning
 
 KEY = "sk-upstream-test-42"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
