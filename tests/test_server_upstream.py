@@ -575,9 +575,9 @@ def test_a_promotion_one_replica_fails_keeps_the_old_version_everywhere(pair):
     assert f"{ups[1].url}: reload command exited with status 3" in prom["error"]
     assert "v1 keeps serving" in prom["error"] and "not on" not in prom["error"]
     # replica 0 took v2 and was restarted on v1 again; replica 1 never moved
+    assert [_greedy(d, "up") for d in directs] == [v1, v1]
     marker = (tmp / "marker").read_text().split("\n")
     assert marker[:2] == [f"{ups[0].port} v2", f"{ups[0].port} v1"]
-    assert [_greedy(d, "up") for d in directs] == [v1, v1]
     assert _versions(proxy)["serving"] == "v1"
     for _ in range(4):  # both replicas in turn, each labelled with the version it runs
         assert _greedy(via, "tiny") == v1
