@@ -10,7 +10,8 @@ registry's current version. SIGTERM stops accepting connections, lets the reques
 finish (within `--drain-timeout`) and exits 0. Every exchange goes to the feedback database
 (`--db`, default `$LMLOOP_HOME/feedback.db`). The app itself is `lmloop.server.create_app`.
 
-With `--upstream URL` an OpenAI-compatible server generates instead (lmloop.server.upstream): it
+With `--upstream URL` (repeatable: replicas) an OpenAI-compatible server generates instead
+(lmloop.server.upstream): every replica
 must answer `GET /v1/models` with the model asked for before this one binds (docs/scale.md).
 """
 
