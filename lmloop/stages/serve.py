@@ -11,8 +11,8 @@ finish (within `--drain-timeout`) and exits 0. Every exchange goes to the feedba
 (`--db`, default `$LMLOOP_HOME/feedback.db`). The app itself is `lmloop.server.create_app`.
 
 With `--upstream URL` (repeatable: replicas) an OpenAI-compatible server generates instead
-(lmloop.server.upstream): every replica
-must answer `GET /v1/models` with the model asked for before this one binds (docs/scale.md).
+(lmloop.server.upstream): every replica must answer `GET /v1/models` with the model asked for
+before this one binds (docs/scale.md).
 """
 
 from __future__ import annotations
