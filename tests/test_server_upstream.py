@@ -639,3 +639,45 @@ def test_a_replica_dying_mid_run_leaves_the_traffic_to_the_other(pair):
     replicas = httpx.get(proxy.url + "/health").json()["replicas"]
     assert [r["up"] for r in replicas] == [False, True]
     assert "ConnectError" in replicas[0]["error"]
+
+
+class _OneRequestPerConnection(_Fake):
+    """llama-server's way with streams: a connection answers one request, then the server drops
+    it without saying so (no `connection: close`); a request sent on it again gets no answer."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["content-length"]))
+        self.count = getattr(self, "count", 0) + 1  # one handler per connection
+        if self.count > 1:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        ev = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}],
+        }
+        for data in (f"data: {json.dumps(ev)}\n\n".encode(), b"data: [DONE]\n\n"):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_a_reused_connection_the_upstream_dropped_is_sent_again(tmp_path):
+    srv = _Quiet(("127.0.0.1", 0), _OneRequestPerConnection)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proxy = Server(None, tmp_path, "--upstream", f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        proxy.wait_ready()
+        with httpx.Client(base_url=proxy.url, timeout=30) as http:
+            for _ in range(6):
+                body = {"messages": MSGS, "stream": True}
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+    finally:
+        assert proxy.stop() == 0, proxy.output()[-3000:]
+        srv.shutdown()
+        srv.server_close()
