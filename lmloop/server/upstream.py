@@ -311,9 +311,10 @@ class UpstreamBackend:
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def _send(self, ex: Exchange, path: str, payload: dict, stream: bool) -> httpx.Response:
+    async def _send(self, ex: Exchange, path: str, payload: dict) -> httpx.Response:
         """The request sent to the replicas by the pool's policy until one answers (its status
-        line); the replica stays counted in `ex.replica` until `exit`. Raises APIError."""
+        line and headers; the body is the caller's to read); the replica stays counted in
+        `ex.replica` until `exit`. Raises APIError."""
         assert self.client is not None
         failed: list[str] = []
         queue, resent = self.pool.candidates(), False
@@ -322,7 +323,7 @@ class UpstreamBackend:
             self.pool.acquire(rep)
             try:
                 req = self.client.build_request("POST", rep.base + path, json=payload)
-                r = await self.client.send(req, stream=stream)
+                r = await self.client.send(req, stream=True)
             except RESEND as e:
                 self.pool.release(rep)
                 why = f"{type(e).__name__}: {e}"
@@ -374,12 +375,18 @@ class UpstreamBackend:
             payload["stream_options"] = {**(body.get("stream_options") or {}),
                                          "include_usage": True}  # fmt: skip
         try:
-            r = await self._send(ex, path, payload, stream=req.stream)
+            r = await self._send(ex, path, payload)
         except APIError:
             self.exit(None)
             raise
         if not req.stream:
-            self.exit(ex.replica)
+            try:
+                await r.aread()
+            except httpx.HTTPError as e:
+                raise self.transport_error(e, ex.replica.url if ex.replica else "?") from None
+            finally:
+                await r.aclose()
+                self.exit(ex.replica)
             if r.status_code >= 400:
                 raise status_error(r)
             try:
