@@ -111,8 +111,9 @@ class UpstreamBackend:
                 self.state.on_load_failure(self.error)
             return
         self.model_id = self.settings.model_name or self.registry_name() or model
-        self.route = Route(model, version, sha)
-        await self._probe()
+        route = Route(model, version, sha)
+        await self._probe(route)
+        self.route = route  # ready (`/health` 200) once the probe knows what the upstream honours
         log.info(
             "serving %s through %s (upstream model %s, version %s)",
             self.model_id, self.up.shown, model, version,
@@ -131,11 +132,10 @@ class UpstreamBackend:
         _, version, _ = Registry().resolve(self.spec)
         return version, self.promoter.sha256(name, version)
 
-    async def _probe(self) -> None:
+    async def _probe(self, route: Route) -> None:
         """Find out which of `logprobs` and `echo` the upstream honours (one token each), on the
         first replica in rotation: replicas run the same server and model."""
-        route = self.route
-        assert route is not None and self.client is not None
+        assert self.client is not None
         reps = self.pool.candidates()
         checks = [
             ("chat_logprobs", "/v1/chat/completions",
