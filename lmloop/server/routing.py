@@ -7,9 +7,10 @@ The policy, in order:
    beats counting turns);
 2. **ties by round robin**: among equals, the one after the replica picked last, so sequential
    traffic alternates A, B, A, B;
-3. **out on failure, back after a backoff**: a replica that refuses a connection (or breaks one
-   off) is taken out of rotation at once, and the request goes to the next replica (its bytes
-   never reached the first). A watcher sends it the health prompt after 1 s, then 2, 4, ... up to
+3. **out on failure, back after a backoff**: a replica that refuses a connection is taken out
+   of rotation at once, and the request goes to the next replica (its bytes never reached the
+   first; the backend also resends one whose connection was closed before any answer, without
+   taking the replica out). A watcher sends it the health prompt after 1 s, then 2, 4, ... up to
    30 s, and puts it back when it answers. When no replica is in rotation, requests still try the
    ones out of it (soonest retry first) before answering 502: a request is never refused for a
    replica's past failure alone.

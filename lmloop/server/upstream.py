@@ -12,7 +12,7 @@ carries every call to every replica.
 - `echo` and `logprobs` go through when the upstream honours them. What it ignores (probed at
   start on one replica, and noticed on any answer) is refused with 400 `unsupported_by_upstream`.
 - The upstream's own errors come back with its status and message (401/403, which mean lmloop's
-  `--upstream-key` is wrong, as 502). A replica that refuses the connection, or closes it without
+  `--upstream-key` is wrong, as 502). A replica that refuses the connection, or closes or resets it without
   answering, is skipped for the next one (the request had not been answered); when none is left,
   502; one slower than `--request-timeout` 504. A stream a replica breaks off ends with an SSE
   error event.
@@ -47,10 +47,12 @@ from lmloop.server.upstream_exchange import Exchange, status_error
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-lmloop-model-version"
-# Failures after which the request is sent to the next replica: it was never answered. A refused
-# connection never carried it; a connection closed before any byte of the answer came back is
-# most often a kept-alive connection the server closed as it was reused.
-RESEND = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Failures after which the request is sent to the next replica: no byte of its answer came back
+# (they are raised before the status line). A refused connection never carried it; one closed
+# or reset before answering is most often a kept-alive connection the server closed as it was
+# reused, or a replica that died. (Generation has no side effect on the upstream to repeat.)
+RESEND = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+          httpx.WriteError)  # fmt: skip
 # A kept-alive connection idle this long is not reused: shorter than the idle timeout of
 # llama-server (5 s) and uvicorn (5 s), so lmloop does not race them closing it.
 KEEPALIVE_S = 2.0
@@ -327,10 +329,10 @@ class UpstreamBackend:
             except RESEND as e:
                 self.pool.release(rep)
                 why = f"{type(e).__name__}: {e}"
-                if not isinstance(e, httpx.RemoteProtocolError):
+                if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
                     self.pool.fail(rep, why)  # refused: out of rotation; a closed one may be fine
                 failed.append(f"{rep.url} ({why})")
-                if isinstance(e, httpx.RemoteProtocolError) and not queue and not resent:
+                if not isinstance(e, httpx.ConnectError) and not queue and not resent:
                     queue, resent = [rep], True  # the last replica: once more, on a new connection
                 log.warning("upstream replica %s did not take the request (%s); trying the "
                             "next", rep.url, why)  # fmt: skip
