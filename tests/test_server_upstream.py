@@ -642,8 +642,9 @@ def test_a_replica_dying_mid_run_leaves_the_traffic_to_the_other(pair):
 
 
 class _OneRequestPerConnection(_Fake):
-    """llama-server's way with streams: a connection answers one request, then the server drops
-    it without saying so (no `connection: close`); a request sent on it again gets no answer."""
+    """An upstream that closes kept-alive connections without saying so (no `connection: close`;
+    llama-server was seen to, under load), made certain: each connection answers one request,
+    and a request sent on it again gets no answer."""
 
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["content-length"]))
