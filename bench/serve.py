@@ -32,12 +32,23 @@ Reported per level: output tokens/s (completion tokens of all requests / wall ti
 level) and p50/p95 time to first token. After the sampled levels ours runs the 16-client chat
 level greedy (temperature 0), for the sampled/greedy ratio.
 
+Connections: every request opens its own connection, closed after the answer, to both servers
+(no keep-alive reuse), and none is retried. llama-server (cpp-httplib) sometimes closes a
+connection after an answer whose headers offered keep-alive (`Keep-Alive: timeout=5, max=100`),
+without `Connection: close`; under load a client that reuses the connection at once races that
+close and loses its next request ("Server disconnected without sending a response": the Q4_1
+runs in BENCHMARKS.md lost requests so at 32 clients and with the shared prompt). Reproduced on
+one llama-server (-np 16, 32 clients, 96 requests of 16 tokens): 1 request lost with reuse, 0 with
+a connection per request. That is what a client of such a server has to do; it costs both
+servers the same loopback connect (well under a millisecond, inside the TTFT), and hides no
+failure, since nothing is retried.
+
 Failures: a level in which any request fails (HTTP error, exception, a stream without
 `[DONE]`) is rerun once on the same server. If it fails again it is reported as failed, with
 the cause found: the exception or HTTP text classified as client timeout, connection closed by
-the server (on a reused keep-alive connection or mid-stream), refused connection, slot count /
-busy (HTTP 503), or other, and the server log's tail. A failed level has no throughput and no
-ratio: its time is never counted without its tokens.
+the server (before or after the answer began), refused connection, slot count / busy (HTTP
+503), or other, and the server log's tail. A failed level has no throughput and no ratio: its
+time is never counted without its tokens.
 
 Memory: resident set (VmRSS) of each server's whole process tree, when ready and after every
 level; the comparison uses the figure after the last sampled level, when both servers hold
@@ -223,6 +234,7 @@ async def one_request(
     max_tokens: int,
     seed: int,
     sampling: dict,
+    answered: list[bool],
 ):
     body = {
         "model": model,
@@ -239,6 +251,7 @@ async def one_request(
     usage = None
     done = False
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        answered.append(True)
         if r.status_code != 200:
             raise RequestFailed(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -270,13 +283,14 @@ def messages_for(scenario: str, prompt: str) -> list[dict]:
     return [user]
 
 
-def classify(error: BaseException, reused: bool) -> str:
-    """The cause a failed request points at, from its exception."""
+def classify(error: BaseException, answered: bool) -> str:
+    """The cause a failed request points at, from its exception (`answered`: the status line
+    had come)."""
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, httpx.TimeoutException):
         return f"client timeout ({text})"
     if isinstance(error, httpx.RemoteProtocolError):
-        where = "on a reused keep-alive connection" if reused else "on a fresh connection"
+        where = "mid-answer" if answered else "before answering"
         return f"connection closed by the server {where} ({text})"
     if isinstance(error, httpx.ConnectError):
         return f"connection refused: server down or backlog full ({text})"
@@ -294,8 +308,9 @@ async def run_level(
     scenario: str,
     sampling: dict,
 ) -> dict:
-    """`requests` requests over `clients` concurrent clients (each its own keep-alive
-    connection, requests one after another); tokens/s over the level's wall time."""
+    """`requests` requests over `clients` concurrent clients (requests one after another, each
+    on a new connection: see the docstring's Connections); tokens/s over the level's wall
+    time."""
     ttfts: list[float] = []
     errors: list[str] = []
     prompt_tokens: list[int] = []
@@ -304,15 +319,18 @@ async def run_level(
 
     async def client_loop(cid: int) -> None:
         nonlocal tokens
-        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=no_reuse) as c:
             for k in range(share[cid]):
                 msgs = messages_for(scenario, PROMPTS[(cid * 7 + k) % len(PROMPTS)])
+                answered: list[bool] = []
                 try:
                     ttft, n, pt = await one_request(
-                        c, model, msgs, max_tokens, cid * 1000 + k, sampling
+                        c, model, msgs, max_tokens, cid * 1000 + k, sampling, answered
                     )
                 except (httpx.HTTPError, RequestFailed, json.JSONDecodeError) as e:
-                    errors.append(f"client {cid} request {k + 1}: {classify(e, k > 0)}"[:400])
+                    cause = classify(e, bool(answered))
+                    errors.append(f"client {cid} request {k + 1}: {cause}"[:400])
                     continue
                 if ttft is not None:
                     ttfts.append(ttft)

@@ -27,7 +27,7 @@ from lmloop.cli import main
 from lmloop.feedback.store import FeedbackStore
 from lmloop.registry import Registry
 from lmloop.server.promotion import PromotionFailed, run_reload
-from lmloop.server.upstream import insecure_warning
+from lmloop.server.upstream_checks import insecure_warning
 
 KEY = "sk-upstream-test-42"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
@@ -416,3 +416,269 @@ def test_a_version_as_an_adapter_over_its_base(tmp_path):
     other = load_model(make_tiny_model(tmp_path / "other", seed=6))  # a full fine-tune
     with pytest.raises(UserError, match="cannot carry"):
         export_adapter(base, other, tmp_path / "a2", rank=4)
+
+
+# ---- several replicas --------------------------------------------------------------------------
+
+
+class _Named(_Fake):
+    """A replica that answers its own name, and takes 1.5 s when asked for 997 tokens."""
+
+    name = "?"
+    seen: list[str] = []  # the name of the replica that received each generation request
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).seen.append(self.name)
+        if body.get("max_tokens") == 997:
+            time.sleep(1.5)
+        choice = {"index": 0, "message": {"role": "assistant", "content": self.name},
+                  "logprobs": None, "finish_reason": "stop"}  # fmt: skip
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        self._json({"id": "f", "object": "x", "choices": [choice], "usage": usage})
+
+
+@pytest.fixture
+def named():
+    seen: list[str] = []
+    servers = []
+    for name in ("A", "B"):
+        handler = type(f"_Named{name}", (_Named,), {"name": name, "seen": seen})
+        srv = _Quiet(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers], seen
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_requests_go_to_the_replica_with_the_fewest_in_flight_ties_in_turn(named, tmp_path):
+    (a, b), seen = named
+    proxy = Server(None, tmp_path, "--upstream", a, "--upstream", b)
+    try:
+        proxy.wait_ready()
+        seen.clear()  # the start-up probe's requests
+
+        def ask(max_tokens=5):
+            r = httpx.post(proxy.url + "/v1/chat/completions", timeout=30,
+                           json={"messages": MSGS, "max_tokens": max_tokens})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        assert [ask() for _ in range(4)] == ["A", "B", "A", "B"]  # all idle: in turn
+        slow = threading.Thread(target=ask, args=(997,))  # A is busy for 1.5 s
+        slow.start()
+        _wait(lambda: seen.count("A") == 3, "the slow request to reach A", 10)
+        assert [ask() for _ in range(3)] == ["B", "B", "B"]  # B has none in flight
+        slow.join()
+        assert ask() == "A"  # idle again: A's turn (B was picked last)
+        health = httpx.get(proxy.url + "/health").json()
+        assert [(r["up"], r["served"]) for r in health["replicas"]] == [(True, 4), (True, 5)]
+    finally:
+        assert proxy.stop() == 0, proxy.output()[-3000:]
+
+
+def test_several_upstreams_are_checked_at_start(named, capsys):
+    (a, b), _ = named
+    args = ["serve", "--model", "registry:x", "--upstream", a, "--upstream", b]
+    assert main([*args, "--upstream-reload", "./restart.sh {path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not say which one to reload" in err
+    assert main(["serve", "--upstream", f"{a},{a}/"]) == 2
+    assert f"--upstream {a} is given twice" in capsys.readouterr().err
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["serve", "--upstream", a, "--upstream", dead]) == 2
+    assert f"the upstream {dead} does not answer" in capsys.readouterr().err
+
+
+RELOAD_EACH = """
+import pathlib, sys, httpx
+path, version, url = sys.argv[1:4]
+port = url.rsplit(":", 1)[1]
+here = pathlib.Path(__file__).parent
+if (here / f"fail-{port}").exists():
+    print("refusing on purpose")
+    sys.exit(3)
+r = httpx.post(url + "/admin/reload", json={"model": path, "name": "up"},
+               headers={"authorization": "Bearer KEY"}, timeout=120)
+if r.status_code != 200:
+    print(r.text)
+    sys.exit(1)
+with open(here / "marker", "a") as f:
+    f.write(port + " " + version + "\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two `lmloop serve` replicas of v1 and a proxy in front of both, reloading each one by
+    its URL."""
+    tmp = tmp_path_factory.mktemp("pair")
+    reg = Registry(tmp / "proxy" / "home" / "registry")
+    for seed in (1, 2, 3):
+        reg.register("tiny", make_tiny_model(tmp / f"m{seed}", seed=seed))
+    reg.promote("tiny", "v1")
+    (tmp / "reload.py").write_text(RELOAD_EACH.replace("KEY", KEY))
+    ups, proxy = [], None
+    try:
+        for i in range(2):
+            (tmp / f"up{i}").mkdir()
+            ups.append(Server(tmp / "m1", tmp / f"up{i}", "--model-name", "up",
+                              "--prefix-cache-mb", "0", api_key=KEY))  # fmt: skip
+        for up in ups:
+            up.wait_ready()
+        (tmp / "proxy").mkdir(exist_ok=True)
+        proxy = Server(
+            "registry:tiny", tmp / "proxy",
+            "--upstream", ups[0].url, "--upstream", ups[1].url, "--upstream-key", KEY,
+            "--upstream-model", "up", "--upstream-format", "hf", "--registry-poll", "0.3",
+            "--upstream-reload", f"{sys.executable} {tmp / 'reload.py'} {{path}} {{version}} {{url}}",
+        )  # fmt: skip
+        proxy.wait_ready()
+        yield ups, proxy, reg, tmp
+    finally:
+        if proxy is not None:
+            assert proxy.stop() == 0, proxy.output()[-3000:]
+        for up in ups:
+            up.stop()
+
+
+def _greedy(client: openai.OpenAI, model: str) -> tuple:
+    """A greedy answer and its log-probabilities (prompt's too): they tell weights apart where a
+    random tiny model's text does not."""
+    c = client.completions.create(
+        model=model, prompt="The quick brown", max_tokens=4, temperature=0, logprobs=1, echo=True
+    ).choices[0]
+    return c.text, [None if v is None else round(v, 4) for v in c.logprobs.token_logprobs]
+
+
+def _promotion_of(proxy: Server, version: str) -> dict:
+    return _wait(lambda: (p := _versions(proxy)["upstream"]["promotion"]) is not None
+                 and p["version"] == version and p["state"] != "reloading" and p,
+                 f"the {version} promotion to end")  # fmt: skip
+
+
+def test_a_promotion_one_replica_fails_keeps_the_old_version_everywhere(pair):
+    ups, proxy, reg, tmp = pair
+    directs = [_clients(up, proxy)[0] for up in ups]
+    via = _clients(ups[0], proxy)[1]
+    v1 = _greedy(directs[0], "up")
+    assert _greedy(directs[1], "up") == v1 and _greedy(via, "tiny") == v1
+    (tmp / f"fail-{ups[1].port}").write_text("")
+    try:
+        reg.promote("tiny", "v2")
+        prom = _promotion_of(proxy, "v2")
+    finally:
+        (tmp / f"fail-{ups[1].port}").unlink()
+    assert prom["state"] == "failed" and not prom["live"]
+    assert f"{ups[1].url}: reload command exited with status 3" in prom["error"]
+    assert "v1 keeps serving" in prom["error"] and "not on" not in prom["error"]
+    # replica 0 took v2 and was restarted on v1 again; replica 1 never moved
+    assert [_greedy(d, "up") for d in directs] == [v1, v1]
+    marker = (tmp / "marker").read_text().split("\n")
+    assert marker[:2] == [f"{ups[0].port} v2", f"{ups[0].port} v1"]
+    assert _versions(proxy)["serving"] == "v1"
+    for _ in range(4):  # both replicas in turn, each labelled with the version it runs
+        assert _greedy(via, "tiny") == v1
+        resp = via.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+        assert resp.model_version == "v1"
+    # the next version reaches both replicas and only then serves
+    reg.promote("tiny", "v3")
+    prom = _promotion_of(proxy, "v3")
+    assert prom["state"] == "live", prom
+    v3 = _greedy(directs[0], "up")
+    assert v3 != v1 and _greedy(directs[1], "up") == v3
+    assert sorted((tmp / "marker").read_text().split("\n")[2:4]) == sorted(
+        [f"{ups[0].port} v3", f"{ups[1].port} v3"])  # fmt: skip
+    assert _greedy(via, "tiny") == v3
+    resp = via.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+    assert resp.model_version == "v3"
+
+
+def test_a_replica_dying_mid_run_leaves_the_traffic_to_the_other(pair):
+    ups, proxy, _, _ = pair
+    version = _versions(proxy)["serving"]
+    results: list[tuple[float, int, str]] = []  # (start, status, model_version or error)
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=proxy.url, timeout=60) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                body = {"messages": MSGS, "max_tokens": 6, "stream": k % 2 == 1}
+                try:
+                    r = http.post("/v1/chat/completions", json=body)
+                    if k % 2:  # streamed: the last event must be [DONE]
+                        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+                        if r.status_code != 200 or events[-1:] != ["[DONE]"]:
+                            results.append((t0, 599, r.text[-300:]))
+                        else:
+                            results.append((t0, 200, json.loads(events[-2])["model_version"]))
+                    else:
+                        results.append((t0, r.status_code, r.json().get("model_version", r.text)))
+                except httpx.HTTPError as e:
+                    results.append((t0, 0, repr(e)))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len(results) >= 8, "traffic through both replicas", 60)
+        ups[0].proc.kill()  # SIGKILL: no goodbye
+        ups[0].proc.wait()
+        killed = time.monotonic()
+        _wait(lambda: sum(t0 > killed for t0, _, _ in results) >= 12, "traffic after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    after = [(s, what) for t0, s, what in results if t0 > killed]
+    assert all(s == 200 for s, _ in after), [x for x in after if x[0] != 200][:3]
+    assert {what for _, what in after} == {version}
+    replicas = httpx.get(proxy.url + "/health").json()["replicas"]
+    assert [r["up"] for r in replicas] == [False, True]
+    assert "ConnectError" in replicas[0]["error"]
+
+
+class _OneRequestPerConnection(_Fake):
+    """An upstream that closes kept-alive connections without saying so (no `connection: close`;
+    llama-server was seen to, under load), made certain: each connection answers one request,
+    and a request sent on it again gets no answer."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["content-length"]))
+        self.count = getattr(self, "count", 0) + 1  # one handler per connection
+        if self.count > 1:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        ev = {
+            "id": "x",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}],
+        }
+        for data in (f"data: {json.dumps(ev)}\n\n".encode(), b"data: [DONE]\n\n"):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_a_reused_connection_the_upstream_dropped_is_sent_again(tmp_path):
+    srv = _Quiet(("127.0.0.1", 0), _OneRequestPerConnection)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proxy = Server(None, tmp_path, "--upstream", f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        proxy.wait_ready()
+        with httpx.Client(base_url=proxy.url, timeout=30) as http:
+            for _ in range(6):
+                body = {"messages": MSGS, "stream": True}
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+    finally:
+        assert proxy.stop() == 0, proxy.output()[-3000:]
+        srv.shutdown()
+        srv.server_close()

@@ -11,9 +11,10 @@ request -> prompts and sampling settings), `generation` (a request's choices in 
 `responses` (whole answers, SSE events, logprobs), `middleware` (body cap, access log), `state`
 (what one app holds), `errors` (OpenAI error shape), `feedback` (`POST /v1/feedback`), `auth`
 (API key), `metrics` (Prometheus), `slot` (the served model: background load, hot reload,
-drain), `backend` (what generates behind the routes), `upstream` and `upstream_config`
-(`lmloop serve --upstream`: an OpenAI-compatible server generates), `promotion` (a registry
-promotion carried to that server), `static/` (the chat page).
+drain), `backend` (what generates behind the routes), `upstream`, `upstream_config`,
+`upstream_checks` and `upstream_exchange` (`lmloop serve --upstream`: OpenAI-compatible servers
+generate), `routing` (which of several upstream replicas answers), `promotion` (a registry
+promotion carried to every replica), `static/` (the chat page).
 """
 
 from __future__ import annotations

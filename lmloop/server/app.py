@@ -55,7 +55,7 @@ def create_app(settings: ServerSettings, *, slot: ModelSlot | None = None) -> Fa
     """The FastAPI app; the model loads in the background when the app starts (lifespan).
     With `settings.upstream.upstream` set, an upstream server generates instead
     (lmloop.server.upstream)."""
-    if settings.upstream.upstream is not None:
+    if settings.upstream.upstream:
         state = ServerState(settings, None)
         state.backend = UpstreamBackend(state)
     else:

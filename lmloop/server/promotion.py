@@ -8,17 +8,22 @@ seconds, the signal the local engine's hot reload follows). When it moves:
    lmloop.export.adapter), `model` (the registry's folder as stored), `hf` (a Hugging Face
    folder, lmloop.export.hf) or `gguf` (lmloop.export.gguf), under
    `$LMLOOP_HOME/upstream/NAME/`;
-2. the upstream is told: `--upstream-reload lora` calls its `POST /v1/load_lora_adapter`
-   (vLLM) with `lora_name` NAME-VERSION and `lora_path`; any other value is a command run with
-   `{path}`, `{version}` and `{name}` filled in (no shell), after the requests in flight have
-   finished (new ones wait), so no answer of the old model is labelled with the new version;
-3. the new model name is sent a health prompt until it answers (within
+2. every replica is told, all at once: `--upstream-reload lora` calls its
+   `POST /v1/load_lora_adapter` (vLLM) with `lora_name` NAME-VERSION and `lora_path`; any other
+   value is a command run once per replica with `{path}`, `{version}`, `{name}`, `{url}` and
+   `{replica}` filled in (no shell), after the requests in flight have finished (new ones wait),
+   so no answer of the old model is labelled with the new version;
+3. the new model name is sent a health prompt on every replica until each answers (within
    `--upstream-reload-timeout`), and only then do new requests go to it under the new version.
 
-Anything that fails leaves the old route serving and says so: the log, `promotion` in
-`/health` and `/v1/lmloop/versions` (`{"version", "state": "failed", "live": false, "error"}`),
-and `lmloop_upstream_promotions_total{result="failed"}` in `/metrics`. A failed version is not
-retried until the registry's current version changes again.
+Anything that fails leaves the old route serving on every replica and says so: the log,
+`promotion` in `/health` and `/v1/lmloop/versions` (`{"version", "state": "failed", "live":
+false, "error"}`), and `lmloop_upstream_promotions_total{result="failed"}` in `/metrics`. With a
+command, the replicas whose command succeeded are restarted again on the old version (the
+rollback) before the waiting requests go on; a replica that then does not answer the old
+version is marked stale and left out of rotation (lmloop.server.routing) until a later
+promotion reloads it. A failed version is not retried until the registry's current version
+changes again.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import asyncio
 import logging
 import shlex
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +49,7 @@ from lmloop.registry import Registry
 from lmloop.server.upstream_config import LORA
 
 if TYPE_CHECKING:
+    from lmloop.server.routing import Replica
     from lmloop.server.upstream import UpstreamBackend
 
 log = logging.getLogger(__name__)
@@ -105,9 +112,13 @@ def export_version(
     return out
 
 
-def reload_argv(command: str, path: Path, version: str, name: str) -> list[str]:
-    """The reload command's argv with `{path}`, `{version}`, `{name}` filled in (no shell)."""
-    fill = {"{path}": str(path), "{version}": version, "{name}": name}
+def reload_argv(
+    command: str, path: Path, version: str, name: str, url: str = "", replica: int = 0
+) -> list[str]:
+    """The reload command's argv with `{path}`, `{version}`, `{name}`, `{url}` and `{replica}`
+    filled in (no shell)."""
+    fill = {"{path}": str(path), "{version}": version, "{name}": name, "{url}": url,
+            "{replica}": str(replica)}  # fmt: skip
     argv = []
     for arg in shlex.split(command):
         for k, v in fill.items():
@@ -183,7 +194,7 @@ class Promoter:
                      "error": error, "at": time.time(), **kw}  # fmt: skip
 
     async def promote(self, name: str, version: str) -> bool:
-        """Carry `name@version` to the upstream; True when it serves (and is labelled) now."""
+        """Carry `name@version` to every replica; True when it serves (and is labelled) now."""
         b = self.b
         old = b.route
         assert old is not None
@@ -191,6 +202,7 @@ class Promoter:
         deadline = time.monotonic() + up.upstream_reload_timeout
         self._report(version, "reloading", previous=old.version)
         log.info("registry moved %s to %s; carrying it to the upstream", name, version)
+        path: Path | None = None
         try:
             if up.upstream_reload is None:
                 raise PromotionFailed("no --upstream-reload is set, so the upstream was not told")
@@ -198,61 +210,129 @@ class Promoter:
             base = self.base or old
             if up.upstream_reload == LORA and fmt == "adapter" and version == base.version:
                 # back to the version the upstream started with: its own model, no adapter
-                await self._health(base.upstream_model, deadline)
+                await self._on_each(lambda rep: self._health(rep, base.upstream_model, deadline))
                 b.route = base
-                self._report(version, "live", previous=old.version)
-                self.count.labels(version, "live").inc()
-                self.failed = None
-                return True
-            try:
-                path = await asyncio.wait_for(
-                    asyncio.to_thread(export_version, name, version, fmt, base=base.version,
-                                      rank=up.upstream_lora_rank),
-                    _left(deadline),
-                )  # fmt: skip
-            except asyncio.TimeoutError:
-                raise PromotionFailed(f"export as {fmt} ran past the reload timeout") from None
-            except Exception as e:  # noqa: BLE001 - reported as the promotion's failure
-                msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-                raise PromotionFailed(f"export as {fmt} failed: {msg}") from None
-            if up.upstream_reload == LORA:
-                model = await self._load_adapter(f"{name}-{version}", path, deadline)
-                await self._health(model, deadline)
+            elif up.upstream_reload == LORA:
+                path = await self._export(name, version, fmt, base, deadline)
+                model = f"{name}-{version}"
+                await self._on_each(lambda rep: self._load_adapter(rep, model, path, deadline))
+                await self._on_each(lambda rep: self._health(rep, model, deadline))
                 b.route = Route(model, version, self.sha256(name, version))
             else:
+                path = await self._export(name, version, fmt, base, deadline)
                 await b.drain(b.settings.drain_timeout)
                 try:
-                    argv = reload_argv(up.upstream_reload, path, version, name)
-                    await run_reload(argv, _left(deadline))
-                    model = up.upstream_model or await self._only_model(deadline)
-                    await self._health(model, deadline)
+                    model = await self._restart_all(name, version, path, old, base, deadline)
                     b.route = Route(model, version, self.sha256(name, version))
                 finally:
                     b.open.set()
         except PromotionFailed as e:
             msg = f"{e}; {old.version} keeps serving"
-            if up.upstream_reload not in (None, LORA):
-                try:
-                    await self._health(old.upstream_model, time.monotonic() + 10)
-                except PromotionFailed:
-                    msg = f"{e}; and the upstream does not answer {old.version} either"
+            stale = [r.url for r in b.pool.replicas if r.stale is not None]
+            if stale:
+                msg += f" (not on {', '.join(stale)}: out of rotation, {old.version} not answered)"
             log.error("promotion of %s@%s is not live: %s", name, version, msg)
             self.failed = version
             self._report(version, "failed", msg, previous=old.version)
             self.count.labels(version, "failed").inc()
             return False
         self.failed = None
-        self._report(version, "live", path=str(path), previous=old.version)
+        extra = {"path": str(path)} if path is not None else {}
+        self._report(version, "live", previous=old.version, **extra)
         self.count.labels(version, "live").inc()
         log.info("upstream serves %s@%s as %s", name, version, b.route.upstream_model)
         return True
 
-    async def _load_adapter(self, lora_name: str, path: Path, deadline: float) -> str:
+    async def _export(self, name: str, version: str, fmt: str, base: Route,
+                      deadline: float) -> Path:  # fmt: skip
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(export_version, name, version, fmt, base=base.version,
+                                  rank=self.b.up.upstream_lora_rank),
+                _left(deadline),
+            )  # fmt: skip
+        except asyncio.TimeoutError:
+            raise PromotionFailed(f"export as {fmt} ran past the reload timeout") from None
+        except Exception as e:  # noqa: BLE001 - reported as the promotion's failure
+            msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            raise PromotionFailed(f"export as {fmt} failed: {msg}") from None
+
+    async def _on_each(self, step: Callable[[Replica], Awaitable[Any]]) -> list[Any]:
+        """`step` on every replica at once; PromotionFailed naming each replica it failed on."""
+        reps = self.b.pool.replicas
+        got = await asyncio.gather(*(step(r) for r in reps), return_exceptions=True)
+        failed = [(r, e) for r, e in zip(reps, got, strict=True) if isinstance(e, BaseException)]
+        for _, e in failed:
+            if not isinstance(e, PromotionFailed):
+                raise e
+        if failed:
+            raise PromotionFailed("; ".join(_on(r, e) for r, e in failed))
+        return got
+
+    async def _restart(self, rep: Replica, path: Path, version: str, name: str,
+                       deadline: float) -> str:  # fmt: skip
+        """The reload command for one replica, then its model's health prompt -> the model."""
+        cmd = self.b.up.upstream_reload or ""
+        await run_reload(reload_argv(cmd, path, version, name, rep.url, rep.index),
+                         _left(deadline))  # fmt: skip
+        model = self.b.up.upstream_model or await self._only_model(rep, deadline)
+        await self._health(rep, model, deadline)
+        return model
+
+    async def _restart_all(self, name: str, version: str, path: Path, old: Route, base: Route,
+                           deadline: float) -> str:  # fmt: skip
+        """Every replica restarted on `version` -> its model name; when one fails, those that
+        restarted are restarted on `old` again (the rollback) and PromotionFailed."""
+        reps = self.b.pool.replicas
+        got = await asyncio.gather(*(self._restart(r, path, version, name, deadline)
+                                     for r in reps), return_exceptions=True)  # fmt: skip
+        for e in got:
+            if isinstance(e, BaseException) and not isinstance(e, PromotionFailed):
+                raise e
+        models = {m for m in got if isinstance(m, str)}
+        if len(models) == 1 and len(got) == len(reps) and all(isinstance(m, str) for m in got):
+            for r in reps:
+                r.stale = None
+            return models.pop()
+        why = "; ".join(_on(r, e) for r, e in zip(reps, got, strict=True)
+                        if isinstance(e, BaseException))  # fmt: skip
+        if not why:
+            why = f"the replicas list different models after the reload ({', '.join(models)})"
+        back = time.monotonic() + min(self.b.up.upstream_reload_timeout, 120.0)
+        old_path = None
+        if any(isinstance(m, str) for m in got):
+            try:
+                old_path = await self._export(name, old.version, self.b.up.export_format, base,
+                                              back)  # fmt: skip
+            except PromotionFailed as e:
+                why += f"; the rollback's {e}"
+
+        async def roll_back(rep: Replica, reloaded: bool) -> None:
+            try:
+                if reloaded:
+                    if old_path is None:
+                        raise PromotionFailed("no export of the old version")
+                    await run_reload(reload_argv(self.b.up.upstream_reload or "", old_path,
+                                                 old.version, name, rep.url, rep.index),
+                                     _left(back))  # fmt: skip
+                await self._health(rep, old.upstream_model, min(back, time.monotonic() + 10))
+                rep.stale = None
+            except PromotionFailed as e:
+                rep.stale = f"{version} failed and {old.version} does not answer: {e}"[:300]
+
+        await asyncio.gather(
+            *(roll_back(r, isinstance(m, str)) for r, m in zip(reps, got, strict=True))
+        )
+        raise PromotionFailed(why)
+
+    async def _load_adapter(self, rep: Replica, lora_name: str, path: Path,
+                            deadline: float) -> str:  # fmt: skip
         client = self.b.client
         assert client is not None
         body = {"lora_name": lora_name, "lora_path": str(path)}
+        url = rep.base + "/v1/load_lora_adapter"
         try:
-            r = await client.post("/v1/load_lora_adapter", json=body, timeout=_left(deadline))
+            r = await client.post(url, json=body, timeout=_left(deadline))
         except httpx.HTTPError as e:
             raise PromotionFailed(f"POST /v1/load_lora_adapter: {type(e).__name__}: {e}") from None
         if r.status_code >= 400:
@@ -261,14 +341,15 @@ class Promoter:
             )
         return lora_name
 
-    async def _only_model(self, deadline: float) -> str:
-        """After a restart without --upstream-model: the one model the upstream lists now."""
+    async def _only_model(self, rep: Replica, deadline: float) -> str:
+        """After a restart without --upstream-model: the one model the replica lists now."""
         client = self.b.client
         assert client is not None
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                r = await client.get("/v1/models", timeout=max(0.5, min(5.0, _left(deadline))))
+                r = await client.get(rep.base + "/v1/models",
+                                     timeout=max(0.5, min(5.0, _left(deadline))))  # fmt: skip
                 ids = [str(m["id"]) for m in r.json()["data"]]
                 if len(ids) == 1:
                     return ids[0]
@@ -278,26 +359,23 @@ class Promoter:
             await asyncio.sleep(0.25)
         raise PromotionFailed(f"the upstream did not list its model after the reload ({last})")
 
-    async def _health(self, model: str, deadline: float) -> None:
-        """Until `deadline`: send `model` a one-token health prompt until it answers."""
-        client = self.b.client
-        assert client is not None
-        body = {"model": model, "messages": [{"role": "user", "content": HEALTH_PROMPT}],
-                "max_tokens": 1, "temperature": 0}  # fmt: skip
+    async def _health(self, rep: Replica, model: str, deadline: float) -> None:
+        """Until `deadline`: send `model` on `rep` a one-token health prompt until it answers."""
         last = "no answer"
         while True:
             try:
-                r = await client.post(
-                    "/v1/chat/completions", json=body, timeout=max(0.5, min(30.0, _left(deadline)))
-                )
-                if r.status_code < 400 and r.json().get("choices"):
-                    return
-                last = f"{r.status_code}: {r.text[:200]}"
-            except (httpx.HTTPError, ValueError, AttributeError) as e:
+                await self.b.answers(rep, model, max(0.5, min(30.0, _left(deadline))))
+                return
+            except (httpx.HTTPError, ValueError, AttributeError, RuntimeError) as e:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() >= deadline:
                 raise PromotionFailed(f"{model} did not answer the health prompt ({last})")
             await asyncio.sleep(0.25)
+
+
+def _on(rep: Replica, e: BaseException) -> str:
+    """A replica's failure for the report: `URL: why`."""
+    return f"{rep.url}: {e}"
 
 
 def _left(deadline: float) -> float:

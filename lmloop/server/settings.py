@@ -71,7 +71,7 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.proxy.upstream is not None:
+        if self.proxy.upstream:
             if self.model and not self.model.startswith("registry:"):
                 raise UserError(
                     f"with --upstream, --model names the registry entry the upstream serves "

@@ -10,8 +10,9 @@ registry's current version. SIGTERM stops accepting connections, lets the reques
 finish (within `--drain-timeout`) and exits 0. Every exchange goes to the feedback database
 (`--db`, default `$LMLOOP_HOME/feedback.db`). The app itself is `lmloop.server.create_app`.
 
-With `--upstream URL` an OpenAI-compatible server generates instead (lmloop.server.upstream): it
-must answer `GET /v1/models` with the model asked for before this one binds (docs/scale.md).
+With `--upstream URL` (repeatable: replicas) an OpenAI-compatible server generates instead
+(lmloop.server.upstream): every replica must answer `GET /v1/models` with the model asked for
+before this one binds (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lmloop.engine.check import failed, run_checks
 from lmloop.errors import UserError
 from lmloop.server import ServerSettings, create_app
 from lmloop.server.settings import ServeConfig
-from lmloop.server.upstream import insecure_warning, pick_model, upstream_models
+from lmloop.server.upstream_checks import check_replicas, insecure_warning
 from lmloop.server.upstream_config import UpstreamSpec
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,15 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_upstream(proxy: UpstreamSpec) -> UpstreamSpec:
-    """Before binding: the upstream answers and serves the model asked for (one line, exit 2,
+    """Before binding: every replica answers and serves the model asked for (one line, exit 2,
     when not); a warning for plain http to another host. -> the spec with its key and model."""
-    warning = insecure_warning(proxy.upstream or "")
-    if warning:
-        log.warning(warning)
-        print(f"lmloop serve: warning: {warning}", file=sys.stderr, flush=True)
+    for url in proxy.urls:
+        warning = insecure_warning(url)
+        if warning:
+            log.warning(warning)
+            print(f"lmloop serve: warning: {warning}", file=sys.stderr, flush=True)
     key = proxy.upstream_key or os.environ.get("LMLOOP_UPSTREAM_KEY") or None
-    model = pick_model(proxy, upstream_models(proxy, key), proxy.upstream_model)
+    model = check_replicas(proxy.urls, key, proxy.upstream_model)
     return dataclasses.replace(proxy, upstream_key=key, upstream_model=model)
 
 
@@ -83,7 +85,7 @@ def run(cfg: ServeConfig) -> int:
         )
     db = Path(cfg.db).expanduser() if cfg.db else lmloop_home() / "feedback.db"
     proxy = cfg.proxy
-    if proxy.upstream is not None:
+    if proxy.upstream:
         proxy = _check_upstream(proxy)
     settings = ServerSettings(
         model=cfg.model,
@@ -124,8 +126,8 @@ def run(cfg: ServeConfig) -> int:
         signal.signal(signal.SIGTERM, lambda *_: None)
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     what = f"model {cfg.model}"
-    if proxy.upstream is not None:
-        what = f"upstream {proxy.upstream}, model {proxy.upstream_model}"
+    if proxy.upstream:
+        what = f"upstream {proxy.shown}, model {proxy.upstream_model}"
         what += f" as {cfg.model}" if cfg.model else ""
     print(
         f"lmloop serve: http://{shown}:{cfg.port}/ ({what}; feedback to {db}"
