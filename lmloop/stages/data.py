@@ -4,15 +4,8 @@
     lmloop data configs/data/shared-corpus.yaml --out data/shared --tokenizer smollm2-135m-instruct
 
 The stage validates the config, reuses an output built from the same config and inputs, picks
-the engine and writes the folder: `meta.json`, `tokenizer/`, shards, `report.md`, `lengths.png`,
-built in a temporary sibling and renamed into place. The work is in `lmloop.data`:
-
-- `pipeline`: read -> clean -> PII scrub (optional) -> exact and near dedup -> split by document
-  hash -> source weights -> decontaminate -> tokenize -> pack into shards, in one process;
-- `ray_engine` (`engine=ray`): the same functions as Ray tasks on a cluster, the same bytes;
-- `pairs` (`--input-field IN --target-field OUT`): the same recipe on input/target pairs for
-  seq2seq models, two shard streams per split.
-"""
+the engine (`lmloop.data.pipeline`, `ray_engine`, or `pairs` for seq2seq) and writes the folder
+(docs/data.md), built in a temporary sibling and renamed into place."""
 
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
 """`lmloop models list|show|promote|rollback|register`: the model registry from the command line.
 
     lmloop models register tiny runs/ft --parent v1 --lineage lineage.json
-    lmloop models list                 # names, their current version and how many versions
-    lmloop models list tiny            # the versions of one name
-    lmloop models show tiny@v2         # lineage of one version (default: the current one), JSON
     lmloop models show tiny --plot decisions.png   # every version's gate figures: table + PNG
     lmloop models promote tiny v2      # or tiny@v2
     lmloop models rollback tiny        # back to the version that was current before
 
-Every command takes `--registry PATH` (default `$LMLOOP_HOME/registry`, i.e.
-`~/.lmloop/registry`). The registry itself lives in `lmloop/registry/store.py`.
-"""
+The registry itself lives in `lmloop/registry/store.py`."""
 
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
 """`lmloop tokenizer train`: a byte-level BPE tokenizer trained with the `tokenizers` library.
 
     lmloop tokenizer train --source corpus/ --vocab-size 8192 --out tok/
-    lmloop tokenizer train --source data/mine --vocab-size 4096 --out tok/   # a prepared split
 
-The source is anything `lmloop data` reads, or a prepared data folder (its train split is
-decoded back to text). Documents are cleaned the same way `lmloop data` cleans them (NFC,
-control characters, whitespace). The vocabulary holds the 256 byte symbols, lmloop's special
-tokens (`<|endoftext|>`, `<|pad|>`, `<|im_start|>`, `<|im_end|>`) and the learned merges.
-Output: `tokenizer.json`, `tokenizer_config.json` (loadable by `Tokenizer.load` and Hugging Face
-`AutoTokenizer`) and `meta.json` (schema "lmloop.tokenizer"). The same config on the same inputs
-is reused unless `force=true`.
-"""
+The source is anything `lmloop data` reads, or a prepared data folder (its train split decoded
+back to text), cleaned as `lmloop data` cleans it. The vocabulary holds the 256 byte symbols,
+lmloop's special tokens and the learned merges; the output loads with `Tokenizer.load` and
+Hugging Face's `AutoTokenizer`. The same config on the same inputs is reused unless `force=true`."""
 
 from __future__ import annotations
 
