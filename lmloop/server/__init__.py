@@ -5,16 +5,7 @@ Run it with `lmloop serve --model M` (lmloop.stages.serve), or build the app you
     from lmloop.server import ServerSettings, create_app
     app = create_app(ServerSettings(model="smollm2-135m-instruct", db="feedback.db"))
 
-Modules: `app` (`create_app`: wiring and lifespan), `settings` (`ServeConfig`, `ServerSettings`;
-torch-free), `routes` (the HTTP routes), `protocol` (request parsing and validation, and the
-request -> prompts and sampling settings), `generation` (a request's choices in the engine),
-`responses` (whole answers, SSE events, logprobs), `middleware` (body cap, access log), `state`
-(what one app holds), `errors` (OpenAI error shape), `feedback` (`POST /v1/feedback`), `auth`
-(API key), `metrics` (Prometheus), `slot` (the served model: background load, hot reload,
-drain), `backend` (what generates behind the routes), `upstream` and `upstream_config`
-(`lmloop serve --upstream`: an OpenAI-compatible server generates), `promotion` (a registry
-promotion carried to that server), `static/` (the chat page).
-"""
+Each module says what it owns; docs/architecture.md lists them."""
 
 from __future__ import annotations
 
