@@ -4,7 +4,7 @@
     app = create_app(ServerSettings(model="smollm2-135m-instruct", db="feedback.db"))
 
 The routes are in docs/serve.md. This module wires the app: settings, shared state (`state`),
-routes, middlewares (`middleware`, `auth`) and the lifespan that loads the model in the
+routes, middlewares (`middleware`) and the lifespan that loads the model in the
 background and drains it on shutdown. Every generation goes through the engine's worker thread,
 so the event loop never runs the model."""
 
@@ -18,11 +18,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from lmloop.feedback.store import FeedbackStore
-from lmloop.server.auth import APIKeyMiddleware
 from lmloop.server.errors import install_error_handlers
 from lmloop.server.feedback import feedback_router
 from lmloop.server.middleware import (
     AccessLogMiddleware,
+    APIKeyMiddleware,
     BodyLimitMiddleware,
     OriginCheckMiddleware,
 )
