@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -112,6 +113,26 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, for the reports that draw a PNG."""
+    # imported here, not at the top: it costs ~0.4 s, and choosing its backend at import would
+    # change it for any process that merely imports this module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_png(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """Save a matplotlib figure as PNG (atomically) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def write_json(path: str | Path, obj: Any) -> None:

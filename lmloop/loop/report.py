@@ -11,11 +11,10 @@ degenerate answers before -> after, the base-validation perplexity change, and w
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from lmloop.artifacts import atomic_write
+from lmloop.artifacts import pyplot, write_png
 from lmloop.registry.decisions import decision_cells
 
 HEADER = ["", "version", "decision", "win rate [interval]", "degenerate", "base ppl", "parent"]
@@ -35,13 +34,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 def plot_decisions(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     """`out` (PNG, written atomically): each version's win rate with its interval, labelled
     with its degenerate share, base perplexity change and decision."""
-    # matplotlib is imported here, not at the top: it costs ~0.4 s, and choosing its backend at
-    # import would change it for the host process; only `--plot` draws
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(rows) + 2), 4.4))
     ax.axhline(0.5, color="0.6", linestyle="--", linewidth=1, label="coin toss (0.5)")
@@ -72,7 +65,4 @@ def plot_decisions(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(out, buf.getvalue())
+    write_png(fig, out, dpi=100)
