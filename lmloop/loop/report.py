@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmloop.artifacts import pyplot, write_png
+from lmloop.log import aligned
 from lmloop.registry.decisions import decision_cells
 
 HEADER = ["", "version", "decision", "win rate [interval]", "degenerate", "base ppl", "parent"]
@@ -27,8 +28,7 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         c = decision_cells(r)
         table.append(["*" if r["current"] else "", r["version"], r["decision"], c["win"],
                       c["degenerate"], c["base"], r["parent"] or "-"])  # fmt: skip
-    widths = [max(len(t[i]) for t in table) for i in range(len(HEADER))]
-    return ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    return aligned(table)
 
 
 def plot_decisions(rows: list[dict[str, Any]], out: Path, title: str) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from lmloop.errors import UserError
+from lmloop.log import aligned
 from lmloop.loop.report import plot_decisions, table_lines
 from lmloop.registry import Registry, split_spec
 from lmloop.registry.config import (
@@ -34,12 +34,6 @@ def _name_version(name: str, version: str | None) -> tuple[str, str | None]:
     return base, at or version
 
 
-def _table(rows: list[list[Any]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-
-
 def run_list(cfg: ListConfig) -> list[dict]:
     reg = Registry(cfg.registry)
     if cfg.name is None:
@@ -58,19 +52,19 @@ def run_list(cfg: ListConfig) -> list[dict]:
         elif not out:
             print(f"no models registered in {reg.root}")
         else:
-            _table([["name", "current", "versions"]] + [
+            print(*aligned([["name", "current", "versions"]] + [
                 [o["name"], o["current"] or "-", o["versions"]] for o in out
-            ])  # fmt: skip
+            ]), sep="\n")  # fmt: skip
         return out
     versions = reg.versions(cfg.name)
     if cfg.json:
         print(json.dumps(versions, indent=2))
     else:
-        _table([["", "version", "created", "parent", "sha256"]] + [
+        print(*aligned([["", "version", "created", "parent", "sha256"]] + [
             ["*" if v["current"] else "", v["version"], v["created"], v["parent"] or "-",
              v["sha256"][:12]]
             for v in versions
-        ])  # fmt: skip
+        ]), sep="\n")  # fmt: skip
     return versions
 
 
