@@ -16,6 +16,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from lmloop.config import to_dict
 from lmloop.errors import UserError
 
 META = "meta.json"
+log = logging.getLogger(__name__)
 
 
 def lmloop_home() -> Path:
@@ -215,6 +217,18 @@ def read_meta(
             hint=hint,
         )
     return meta
+
+
+def up_to_date(out: Path, schema: str, version: int, key: str) -> dict[str, Any] | None:
+    """The meta.json of an output already built from the same config and inputs (its
+    `fingerprint` is `key`), else None; `force=true` callers skip the call."""
+    if peek_schema(out) != schema:
+        return None
+    old = json.loads((out / META).read_text(encoding="utf-8"))
+    if old.get("fingerprint") != key or old.get("format_version") != version:
+        return None
+    log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
+    return old
 
 
 def peek_schema(directory: str | Path) -> str | None:

@@ -9,7 +9,6 @@ Hugging Face's `AutoTokenizer`. The same config on the same inputs is reused unl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ from lmloop.artifacts import (
     atomic_dir,
     check_output,
     make_meta,
-    peek_schema,
     sha256_json,
+    up_to_date,
     write_meta,
 )
 from lmloop.config import to_dict
@@ -59,12 +58,10 @@ def run(cfg: TokenizerConfig) -> int:
     conf.pop("out")
     conf.pop("force")
     key = sha256_json([FORMAT_VERSION, __version__, conf, inputs])
-    if not cfg.force and peek_schema(out) == SCHEMA:
-        old = json.loads((out / "meta.json").read_text())
-        if old.get("fingerprint") == key:
-            log.info("%s is up to date (same config and inputs); force=true retrains", out)
-            print(f"{out}: up to date: vocab {old['vocab_size']:,}, sha256 {old['sha256'][:12]}")
-            return 0
+    old = None if cfg.force else up_to_date(out, SCHEMA, FORMAT_VERSION, key)
+    if old is not None:
+        print(f"{out}: up to date: vocab {old['vocab_size']:,}, sha256 {old['sha256'][:12]}")
+        return 0
 
     counts = {"documents": 0, "bytes": 0}
 
