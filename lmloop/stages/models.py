@@ -14,7 +14,6 @@ from pathlib import Path
 
 from lmloop.errors import UserError
 from lmloop.log import aligned
-from lmloop.loop.report import plot_decisions, table_lines
 from lmloop.registry import Registry, split_spec
 from lmloop.registry.config import (
     ListConfig,
@@ -23,7 +22,7 @@ from lmloop.registry.config import (
     RollbackConfig,
     ShowConfig,
 )
-from lmloop.registry.decisions import decision_rows
+from lmloop.registry.decisions import decision_rows, plot_decisions, table_lines
 from lmloop.registry.spec import locate
 
 
