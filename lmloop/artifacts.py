@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +29,7 @@ from lmloop.config import to_dict
 from lmloop.errors import UserError
 
 META = "meta.json"
+log = logging.getLogger(__name__)
 
 
 def lmloop_home() -> Path:
@@ -114,6 +117,26 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         os.fsync(f.fileno())
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, for the reports that draw a PNG."""
+    # imported here, not at the top: it costs ~0.4 s, and choosing its backend at import would
+    # change it for any process that merely imports this module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_png(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """Save a matplotlib figure as PNG (atomically) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -194,6 +217,18 @@ def read_meta(
             hint=hint,
         )
     return meta
+
+
+def up_to_date(out: Path, schema: str, version: int, key: str) -> dict[str, Any] | None:
+    """The meta.json of an output already built from the same config and inputs (its
+    `fingerprint` is `key`), else None; `force=true` callers skip the call."""
+    if peek_schema(out) != schema:
+        return None
+    old = json.loads((out / META).read_text(encoding="utf-8"))
+    if old.get("fingerprint") != key or old.get("format_version") != version:
+        return None
+    log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
+    return old
 
 
 def peek_schema(directory: str | Path) -> str | None:

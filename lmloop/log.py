@@ -116,3 +116,11 @@ def heartbeat(what: str, every: float = 5.0) -> Iterator[None]:
     finally:
         done.set()
         t.join()
+
+
+def aligned(rows: list[list[Any]], *, right_from: int | None = None) -> list[str]:
+    """Rows as aligned text columns (left-aligned; right-aligned from column `right_from`)."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    right = len(widths) if right_from is None else right_from
+    return ["  ".join(str(v).rjust(w) if i >= right else str(v).ljust(w)
+                      for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in rows]  # fmt: skip

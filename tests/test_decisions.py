@@ -1,5 +1,5 @@
 """The gate's decisions read back from the registry (`lmloop.registry.decisions`), and
-`lmloop models show NAME --plot PNG` (`lmloop.loop.report`): rows equal to the lineage's
+`lmloop models show NAME --plot PNG` (`lmloop.registry.decisions`): rows equal to the lineage's
 figures, a missing figure shown as "-", a real PNG, and an unknown name refused with no file."""
 
 from __future__ import annotations

@@ -2,22 +2,14 @@
 
     lmloop data --source pairs.jsonl --input-field question --target-field answer --out data/qa
 
-The data stage's recipe, applied to the pair: read (`lmloop.data.sources.iter_pairs`: JSONL, JSON,
-CSV/TSV, parquet or a Hugging Face dataset, two fields named by the user) -> clean each side
-(the same normalization; a pair with an empty side is dropped, `min_chars` applies to the input,
-`max_chars` to both sides) -> PII scrub (optional, both sides) -> exact dedup on the pair (input
-and target hashed together, so one input with two different targets keeps both) -> near dedup
-(MinHash over input and target joined) -> split by the pair's hash -> decontaminate train pairs
-that share a 13-gram with any val/test input or target (or a `decontaminate_with` set) -> train
-a BPE on both sides of train when no tokenizer is given -> two shard streams per split
-(`lmloop.data.shards`, schema `lmloop.pairs`): `train-input-*.bin` and `train-target-*.bin`, EOS after
-each side. The report (`lmloop.data.report.pairs_report`) counts pairs and tokens per split and
-plots both sides' length histograms.
+The data stage's recipe applied to the pair (docs/seq2seq.md): clean each side (`min_chars` on
+the input, `max_chars` on both), exact dedup on input and target hashed together (one input with
+two targets keeps both), near dedup over both joined, split and decontaminate by the pair, then
+two shard streams per split (schema `lmloop.pairs`), EOS after each side.
 
 Kept pairs are held in memory until val/test are known (decontamination needs them first): fine
 for the pair corpora seq2seq models train on (millions of short pairs), unlike the text path's
-spill files. Only `lmloop.stages.data.run` imports this module.
-"""
+spill files. Only `lmloop.stages.data.run` imports this module."""
 
 from __future__ import annotations
 

@@ -1,35 +1,11 @@
 """PII detection and scrubbing: find personal data and secrets in text, replace them with tags.
 
 `find_pii(text)` returns the spans found, `scrub_pii(text)` replaces each with its placeholder
-(`[EMAIL]`, `[PHONE]`, ...) and counts them per kind. The data stage (`scrub_pii=true`) and
-`lmloop feedback export` (on by default) both call `scrub_pii`. The kinds, and how each is told
-apart from its look-alikes:
-
-- `email`: local@domain.tld, the TLD alphabetic and not a file extension (`icon@2x.png`);
-- `phone`: found by Google's libphonenumber (the `phonenumbers` package). International
-  numbers (`+44 20 7946 0958`, `+15551234567`) must be valid for their country, or NANP-shaped
-  for +1; national numbers are read as North American (`5551234567`, `(555) 123-4567`,
-  `1-800-555-0199`): 10 digits, an area code not starting with 0 or 1 (so Unix times and
-  ISBN-10s stay), grouped 3-3-4 or not at all. Other countries' national forms need their `+`;
-- `card`: 13-19 digits, plain or grouped by spaces/dashes, a known issuer prefix and a valid
-  Luhn check digit (so 16-digit order numbers mostly stay);
-- `iban`: country code, two check digits, 11-30 alphanumerics, the ISO 13616 mod-97 check and
-  the country's registered length;
-- `ssn`: US social security numbers written AAA-GG-SSSS (or with spaces), excluding the ranges
-  the SSA never issues (area 000, 666, 9xx; group 00; serial 0000);
-- `ip`: IPv4 and IPv6 in any notation (`2001:db8::1`, `::ffff:10.0.0.1`), validated by
-  `ipaddress`; a dotted quad right after "version", "v" or "build" is a version number;
-- `credentials`: the `user:password` part of a URL (`https://bob:hunter2@host/`); the host stays;
-- `secret`: API keys and tokens by their published prefixes (OpenAI `sk-`, Anthropic
-  `sk-ant-`, GitHub `ghp_`/`gho_`/`ghs_`/`ghu_`/`ghr_`/`github_pat_`, AWS `AKIA`/`ASIA`, Slack
-  `xox?-`, Google `AIza`, Stripe `sk_live_`, Hugging Face `hf_`, GitLab `glpat-`, npm `npm_`,
-  JSON Web Tokens) and PEM private key blocks.
-
-Names and street addresses are out of scope: telling them apart from ordinary words needs a
-named-entity model, which lmloop does not ship. Precision and recall per kind on the labelled
-set in `tests/data/pii/` are measured by `bench/pii.py` (see BENCHMARKS.md).
-This module never imports torch.
-"""
+(`[EMAIL]`, `[PHONE]`, ...) and counts them per kind; the data stage (`scrub_pii=true`) and
+`lmloop feedback export` (on by default) both call it. The kinds and how each is told apart from
+its look-alikes are in docs/data.md#pii and beside each pattern below. Names and street
+addresses are out of scope (they need a named-entity model). Precision and recall per kind on
+`tests/data/pii/` are measured by `bench/pii.py` (BENCHMARKS.md). This module never imports torch."""
 
 from __future__ import annotations
 

@@ -1,22 +1,15 @@
 """The data stage's text pipeline in one process: documents -> token shards.
 
-Each step is a function over a batch in `lmloop.data.preprocess`: read (`lmloop.data.sources`)
--> clean (NFC, control characters, whitespace, length) -> PII scrub (optional) -> exact dedup
--> near dedup (MinHash LSH) -> deterministic split by document hash -> source weights (mixing)
--> decontaminate train against the eval split (13-gram overlap) -> tokenize (the `tokenizers`
-library's batch encoder, on both cores, overlapped with the Python work) -> pack into binary
-shards (`lmloop.data.shards`), EOS between documents.
-
-When decontamination against our own val/test split or tokenizer training needs the whole
-split first, cleaned documents go to a spill file inside the temporary output folder and are
-read back; otherwise everything streams in one pass. Memory stays flat in the amount of text;
-what grows is per-document state: ~50 bytes for exact dedup and ~1 KB for the near-dedup index
-(turn `near_dedup` off past ~10M documents), plus 8 bytes per eval n-gram for decontamination.
+Each step (docs/data.md) is a function over a batch in `lmloop.data.preprocess`; tokenization
+(the `tokenizers` batch encoder) overlaps the Python work, and shards are written by
+`lmloop.data.shards`. When decontamination against our own val/test split or tokenizer training
+needs the whole split first, cleaned documents go to a spill file inside the temporary output
+folder and are read back; otherwise everything streams in one pass. Memory stays flat in the
+amount of text; what grows is per-document state: ~50 bytes for exact dedup and ~1 KB for the
+near-dedup index (turn `near_dedup` off past ~10M documents), plus 8 bytes per eval n-gram.
 
 The pieces the other engines share (`Doc`, `Stats`, `clean`, `place`, `Packer`, `pack_ids`...)
-are public here: `lmloop.data.ray_engine` runs the same functions as Ray tasks, and
-`lmloop.data.pairs` the same recipe on input/target pairs.
-"""
+are public here for `ray_engine` and `pairs`."""
 
 from __future__ import annotations
 

@@ -1,36 +1,15 @@
 """`lmloop data --engine ray`: the data stage's pipeline as Ray tasks, the same bytes as one process.
 
-    ray start --head                      # first node; `ray start --address HEAD:6379` on others
     lmloop data --source "s3://bucket/web/*.jsonl.gz" --out data/web --engine ray --ray-address auto
 
 The corpus is cut into units (a file of a file source, or several small consecutive ones; an
 hf, data or synthetic source is one unit) numbered in reading order, and a document's id is
 `unit << 32 | position`, so id order is the one-process reading order. Per unit, tasks run the
-functions the one-process path runs (`clean`, `doc_key`, `NearDedup.signature`, `place`,
-`is_contaminated`, the tokenizer, `pack_ids` in `lmloop.data.pipeline`); what needs the whole
-corpus is grouped across it, never per worker:
-
-1. read, clean, scrub, hash: one task per unit. Its cleaned texts stay in Ray's object store
-   (spilled to disk past its memory) until packing, as the one-process path's spill files do.
-2. exact dedup: each unit's hashes leave its read task sorted; a reduce task per range of
-   hash values (at least one per CPU, and more as the corpus grows, `SHUFFLE_ROWS` hashes
-   each) cuts its range out of every unit's and keeps the first id of each hash.
-3. near dedup: MinHash signatures of the exact survivors (a task per unit), whose LSH band
-   keys leave sorted; a reduce task per range of keys, as above, returns the groups of ids
-   sharing a band. The driver keeps what the one-process pass keeps: in id order, a document
-   is dropped when it shares a band with an earlier *kept* one. A decision reads only the
-   document's connected component of groups, which don't interact, so one pass over all
-   candidates is exactly the one-process result.
-4. split and weights by hash, and the val/test n-grams for decontamination (a task per unit).
-5. decontamination, tokenization and the ids of each split (a task per unit); the driver
-   writes the shards in unit order with the one-process `Packer`/`ShardWriter`.
-
-Without `--tokenizer`, the BPE is trained on the driver from the train texts in order, as in
-one process (pass a tokenizer for large corpora). A task whose worker dies is retried
-(`MAX_RETRIES`); no result depends on which worker ran what, so the output is the same. The
-output folder is built by the stage as in one process (`atomic_dir`): an interrupted job leaves
-none. Only `lmloop.stages.data.run` imports this module, and only for `engine=ray`.
-"""
+functions the one-process path runs (`lmloop.data.pipeline`); what needs the whole corpus (exact
+and near dedup, the eval n-grams) is grouped across it by ranges of hash values, never per
+worker (the steps are numbered in `_run`; docs/data.md says what grows and where). No result
+depends on which worker ran what, so a retried task (`MAX_RETRIES`) leaves the output the same.
+Only `lmloop.stages.data.run` imports this module, and only for `engine=ray`."""
 
 from __future__ import annotations
 

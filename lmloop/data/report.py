@@ -6,13 +6,13 @@ text (`text_report`) and for input/target pairs (`pairs_report`).
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmloop.artifacts import pyplot, write_png
 from lmloop.data.shards import SIDES, SPLITS
 
 
@@ -50,13 +50,7 @@ def text_report(meta: dict[str, Any], out_name: str) -> str:
 
 def plot_lengths(path: Path, panels: dict[str, dict[str, np.ndarray]], ylabel: str) -> None:
     """One bar chart per panel (e.g. document, or input and target) of log2 length bins."""
-    # imported here: matplotlib.pyplot takes ~0.4 s to import, and choosing the Agg backend at
-    # import time would change the backend of any process that merely imports this module
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     width_in = 3.5 + 3.5 * len(panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 3.5), dpi=100, squeeze=False)
     width = 0.8 / len(SPLITS)
@@ -71,11 +65,8 @@ def plot_lengths(path: Path, panels: dict[str, dict[str, np.ndarray]], ylabel: s
     axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend()
     fig.subplots_adjust(left=0.7 / width_in, right=0.98, top=0.96, bottom=0.24, wspace=0.15)
-    buf = io.BytesIO()
     # no Software/date metadata, so the same data gives the same bytes
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    path.write_bytes(buf.getvalue())
+    write_png(fig, path, metadata={"Software": None})
 
 
 def pairs_report(meta: dict[str, Any], out_name: str) -> str:

@@ -1,31 +1,16 @@
 """Where text comes from: every input lmloop can read, as one stream of document strings.
 
-`iter_documents(source)` yields raw document texts, one at a time (never the whole corpus), from:
+`iter_documents(source)` yields raw document texts, one at a time (never the whole corpus), from
+local or fsspec-URL files, folders and globs (txt/md, jsonl/json, csv/parquet, any gzipped),
+WikiText raw files (split into articles as lm-eval's document-level WikiText does), Hugging Face
+datasets, a prepared `lmloop data` folder, and feedback exports (docs/data.md lists the forms).
+`iter_pairs(source, input_field, target_field)` yields (input, target) pairs for seq2seq data.
 
-- local files, folders and globs, or the same behind an fsspec URL (`s3://`, `gs://`, `hdfs://`,
-  `file://`; needs that filesystem's package, e.g. `s3fs`): `.txt`/`.md` (one document per file, or split on blank lines,
-  on each line, or on a regex), `.jsonl`/`.json` (a named field), `.csv`/`.parquet` (a named
-  column); any of them may be gzip-compressed (`.gz`);
-- WikiText raw files (`wiki.train.raw` ...), split into articles at the level-1 ` = Title = `
-  headings, the unit lm-eval-harness's document-level WikiText uses;
-- Hugging Face datasets, by name (`hf:wikitext/wikitext-103-raw-v1`, needs the hub or its cache)
-  or from a local `save_to_disk` folder (offline);
-- a folder `lmloop data` prepared: its train split decoded back to text (`hf_split=val` for val);
-- feedback exports (`lmloop feedback export`): SFT `{"messages": [...]}` records rendered as
-  ChatML, `{"text": ...}`, `{"prompt", "completion"}` and `{"prompt", "chosen", ...}` records.
-
-`iter_pairs(source, input_field, target_field)` yields (input, target) pairs instead, from
-JSONL/JSON/CSV/TSV/parquet files or a Hugging Face dataset, for sequence-to-sequence data.
-
-A `SourceSpec` names one input plus how to read it; `SourceSpec.from_string` parses the
-command-line form `PATH[::key=value,key=value]`, e.g. `data/*.jsonl::field=body,weight=2`.
-Invalid UTF-8 is replaced and counted in `stats["invalid_utf8"]`, or fails with the file and
-byte offset under `strict_utf8=True`. This module never imports torch and never runs a model:
-a `synthetic:TEACHER` source is described here (kind, fingerprint) but written by the caller's
-`teacher` (`lmloop.data.synthetic.teacher_documents`, passed by the stages that may run one).
-
-    python -c "from lmloop.data.sources import iter_documents; print(next(iter_documents('a.txt')))"
-"""
+A `SourceSpec` names one input plus how to read it: `PATH[::key=value,...]`, e.g.
+`data/*.jsonl::field=body,weight=2`. Invalid UTF-8 is replaced and counted, or fails with the
+file and byte offset under `strict_utf8=True`. This module never imports torch and never runs a
+model: a `synthetic:TEACHER` source is written by the caller's `teacher`
+(`lmloop.data.synthetic.teacher_documents`, passed by the stages that may run one)."""
 
 from __future__ import annotations
 

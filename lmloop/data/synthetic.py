@@ -221,16 +221,18 @@ def _teacher_writes(
     from lmloop.engine import SamplingParams, load_engine
 
     n = len(prompts)
+
+    def load() -> tuple[Any, Any]:
+        # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
+        # distribution within 0.013 nats/token of fp32 (BENCHMARKS.md, int8 and int4 weights)
+        precision = "int8" if int8 else "fp32"
+        return load_engine(teacher, precision=precision, max_batch=batch,
+                           max_waiting=max(n, 64), threads=threads)  # fmt: skip
+
     engine = loaded = None
     digest = _files_digest(teacher)
     if digest is None:  # a run dir or a hub name: its digest is known once it is loaded
-        engine, loaded = load_engine(
-            teacher,
-            precision="int8" if int8 else "fp32",
-            max_batch=batch,
-            max_waiting=max(n, 64),
-            threads=threads,
-        )
+        engine, loaded = load()
         digest = loaded.sha256
     path = cache_dir() / f"{name}-{sha256_json({'teacher': digest, **key})[:16]}.jsonl"
     if cache and path.exists():
@@ -241,15 +243,7 @@ def _teacher_writes(
             report.update(cached=True, path=str(path))
         return [json.loads(ln)["text"] for ln in path.read_text("utf-8").splitlines()], path
     if engine is None:
-        # int8 weights: about twice the batched decode rate on CPU, with the teacher's next-token
-        # distribution within 0.013 nats/token of fp32 (BENCHMARKS.md, int8 and int4 weights)
-        engine, loaded = load_engine(
-            teacher,
-            precision="int8" if int8 else "fp32",
-            max_batch=batch,
-            max_waiting=max(n, 64),
-            threads=threads,
-        )
+        engine, loaded = load()
     t0 = time.perf_counter()
     written = 0
     tok = loaded.tokenizer

@@ -3,15 +3,9 @@
     for item in run_checks():
         print(item.line())
 
-Three parts: the C kernel's build (compiler, flags, cached library, built and self-checked or
-why not), the instruction set it runs (its own report, `lm_simd`, and the CPU's flags), and the
-torch operators the fast runner calls (`lmloop.engine.fast`). An item is `needed` when serving
-cannot go on without it: the int8 path's fbgemm ops, and a kernel that builds with the
-compiler found must also pass its self-check (a broken build is refused, not worked around).
-oneDNN's private packed-linear ops are optional: without them the fp32 path runs plain
-`F.linear` (`PackedLinear.pack`). No compiler at all is not a failure either: `auto` then
-serves int8 with torch attention and says so.
-"""
+The C kernel's build, the instruction set it runs, and the torch operators the fast runner
+calls; docs/architecture.md says which are `needed` (serving cannot go on without them) and
+what runs when an optional one is missing."""
 
 from __future__ import annotations
 

@@ -4,15 +4,12 @@
     for out in engine.generate(prompt_ids, SamplingParams(max_tokens=64)):
         print(out.text, end="", flush=True)
 
-Every caller (the CLI, batch jobs, the HTTP server, non-streaming completions) goes through
-`submit`, which queues a request and returns a `RequestHandle` to iterate (blocking) or
-`async for` over (asyncio). The worker thread loops: admit waiting requests into free cache rows
-(the requests admitted together prefill in one forward, then their first tokens are sampled),
-then decode all running rows in one batched forward and sample every row at once, each by its
-own settings and seeded generator (`lmloop.engine.sampling.pick_batch`). Sequences join and leave between steps; a finished or
-cancelled one gives its cache row back at once (the idea of Orca's iteration-level scheduling,
-Yu et al., OSDI 2022).
-"""
+Every caller goes through `submit`, which queues a request and returns a `RequestHandle` to
+iterate (blocking) or `async for` over (asyncio). The worker thread loops: admit waiting requests
+into free cache rows (prefilled together in one forward), then decode all running rows in one
+batched forward and sample every row at once (`lmloop.engine.sampling.pick_batch`); a finished
+or cancelled sequence gives its row back at once (Orca's iteration-level scheduling, Yu et al.,
+OSDI 2022; docs/generate.md)."""
 
 from __future__ import annotations
 

@@ -3,19 +3,11 @@
     choice = choose("auto", model, tokenizer, source="Q4_1")
     print(choice.line())   # precision int4: the source holds 4-bit weights (Q4_1)
 
-`auto` serves what the source holds: a GGUF of 4-bit blocks (Q4_0, Q4_1, Q4_K, IQ4, ...) runs
-on the 4-bit kernel, one of 5-8 bits on int8. A float checkpoint (lmloop's, Hugging Face's, an
-F16/F32 GGUF) gets the fastest precision whose loss against its own fp32 forward stays within
-`BOUND`, measured at load on `PROBE_TEXT` with the runner that would serve it (teacher-forced,
-one decode step a token, so the batch-1 decode path is what is measured): int4, else int8,
-else fp32. The measurement is deterministic, so the gate (`lmloop.loop.gate`) and the server
-pick the same precision for the same model on the same machine.
-
-Explicit choices are kept or refused with a one-line reason: int4 on a family the kernel does
-not cover, or without a C compiler, names `--precision int8` instead. A kernel build that
-fails is never silent: an explicit request is refused, `auto` says once why it fell back. A
-kernel that fails its self-check against torch (`kernels.self_check`) refuses to serve.
-"""
+What `auto` serves, the quality bound and why it is that bound are in docs/serve.md (and
+`Bound`). The measurement is deterministic, so the gate and the server pick the same precision
+for the same model on the same machine. Explicit choices are kept or refused with a one-line
+reason; a kernel build that fails is never silent, and a kernel that fails its self-check
+against torch (`kernels.self_check`) refuses to serve."""
 
 from __future__ import annotations
 

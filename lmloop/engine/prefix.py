@@ -1,30 +1,21 @@
 """The prefix cache: requests that start with the same tokens reuse their keys and values.
 
-A system prompt sent with every request, or a chat whose history grows by one turn each time,
-makes most of a prompt's prefill work a repeat of work done before. The keys and values of the
-token at position p depend only on tokens 0..p, so a new request whose first m tokens equal a
-sequence seen before can copy those m slots into its cache row and prefill only the rest,
-starting at position m (the idea of vLLM's automatic prefix caching and SGLang's RadixAttention,
-Zheng et al. 2024; llama.cpp's server keeps each slot's last prompt for the same reason).
+The keys and values of the token at position p depend only on tokens 0..p, so a request whose
+first m tokens equal a sequence seen before copies those m slots into its cache row and
+prefills only the rest (vLLM's automatic prefix caching, SGLang's RadixAttention; docs/serve.md).
 
-Storage is a tree of blocks of `BLOCK` tokens: a block is keyed by (its parent block's id, its
-tokens), so two sequences that share a prefix share its blocks, and a lookup compares tokens,
-never hashes (no collision can return someone else's keys). A sequence's last, shorter block is
-stored too. A lookup walks whole blocks from the root, then takes the longest common start among
-the last block's children, so reuse is exact to the token. At most `len(prompt) - 1` tokens are reused: the last prompt token is always run, as
-its logits pick the first output token.
+Storage is a tree of blocks of `BLOCK` tokens keyed by (parent block id, tokens), so a lookup
+compares tokens, never hashes (no collision can return someone else's keys); it walks whole
+blocks from the root, then takes the longest common start among the last block's children, so
+reuse is exact to the token. At most `len(prompt) - 1` tokens are reused: the last prompt token
+is always run, as its logits pick the first output token. Blocks are evicted least recently used
+first within a memory budget, a block with the blocks below it; a lookup touches its blocks from
+the deepest to the root, so roots outlive their leaves.
 
-Blocks are evicted least recently used first, within a memory budget; evicting a block evicts
-the blocks below it (nothing can reach them any more). A lookup touches its blocks from the
-deepest to the root, so roots outlive their leaves.
-
-The cache lives on the engine's worker thread (no locks). It needs two calls of the runner:
-`read_kv(row, start, stop) -> parts` (a tuple of tensors: copies of those slots, in whatever
-layout and precision the runner's cache keeps, int8 and scales included) and `write_kv(row,
-start, parts, n)` (the first n slots of such a copy, into slots start..start+n-1); a runner
-without them (the encoder-decoder one) gets no prefix cache. A block's size is its parts' bytes,
-so an int8 cache fits ~4x the tokens of an fp32 one in the same budget.
-"""
+The cache lives on the engine's worker thread (no locks) and needs two calls of the runner:
+`read_kv(row, start, stop) -> parts` (copies of those slots in the runner's own layout and
+precision) and `write_kv(row, start, parts, n)`; a runner without them (the encoder-decoder one)
+gets no prefix cache. A block's size is its parts' bytes, so an int8 cache fits ~4x the tokens."""
 
 from __future__ import annotations
 

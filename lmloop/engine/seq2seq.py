@@ -1,24 +1,11 @@
 """Running an encoder-decoder (seq2seq) model under the engine's continuous batching.
 
-The engine talks to a model through a runner (`prefill(row, ids)`, `decode(tokens, positions)`,
-`reset(row)`, `move(src, dst, length)`; see `lmloop.engine.runner`). `Seq2SeqRunner` gives an
-encoder-decoder model that surface:
-
-* `prefill` encodes the row's input once, stores its cross-attention keys/values (every decoder
-  layer's projection of the encoding: they never change while the row decodes) and runs the
-  first decoder step from the decoder start token at decoder position 0.
-* `decode` runs one decoder token for each running row: its self-attention reads the row's own
-  KV cache (slots are decoder positions, as in `lmloop.models.cache`), its cross-attention the
-  row's stored keys/values. Inputs differ in length, so the stored keys are padded to the
-  longest running input and the padding is masked out of each row's cross-attention.
-* `move` carries a row's self-attention slots *and* its cross-attention keys/values and input
-  length; `reset` forgets both.
-
-Positions given to `decode` and lengths given to `move` are decoder positions: the engine
-starts a seq2seq sequence at decoder position 1 (the start token sits at 0). The engine's own
-code is the decoder-only path with that one difference; the prefix cache does not apply
-(an input is not a prefix of the output).
-"""
+`Seq2SeqRunner` gives such a model the runner surface (`prefill`, `decode`, `reset`, `move`; see
+`lmloop.engine.runner`): `prefill` encodes the row's input once and keeps its cross-attention
+keys/values, `decode` runs one decoder token per running row, `move` and `reset` carry or forget
+the cross cache with the self-attention slots (docs/seq2seq.md#serve-and-chat). Positions given
+to `decode` and lengths given to `move` are decoder positions: the engine starts a seq2seq
+sequence at decoder position 1 (the start token sits at 0). The prefix cache does not apply."""
 
 from __future__ import annotations
 

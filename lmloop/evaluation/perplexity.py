@@ -1,34 +1,22 @@
 """Perplexity under a stated protocol: the scoring core of `lmloop eval`, the loop's gate and train.
 
-Four figures, with lm-evaluation-harness's definitions (words and bytes are counted on the
-*original* text, before any detokenization):
+The figures and protocols are lm-evaluation-harness's and Hugging Face's (docs/eval.md); words
+and bytes are counted on the *original* text, before any detokenization. Windowing (`window` =
+tokens per forward pass, at most the model's context), on the token list prefixed by BOS (else
+EOS):
 
-    token_perplexity = exp(ΣNLL / Σpredicted tokens)
-    word_perplexity  = exp(ΣNLL / Σwords)        words = len(re.split(r"\\s+", text))
-    byte_perplexity  = exp(ΣNLL / Σbytes)        bytes = len(text.encode("utf-8"))
-    bits_per_byte    = ΣNLL / Σbytes / ln 2
+- disjoint (`stride=None`): lm-eval's rolling loglikelihood: each window predicts the next
+  `window` tokens conditioned on the one token before them; the last, shorter window is
+  right-aligned so it sees a full window of context (`get_rolling_token_windows` after
+  `make_disjoint_window`, context_len=1).
+- sliding (`stride=S`): windows start every S tokens, each scores only the tokens the previous
+  one did not. With S == window this is HF's disjoint variant, which leaves the first token of
+  every window after the first unscored (the report's token count says so).
+- `documents=True`: each document is its own sequence (lm-eval's `wikitext` protocol); else
+  documents are joined by EOS into one stream.
 
-Windowing (`window` = tokens fed to the model per forward pass, at most its context):
-
-- disjoint (`stride=None`): lm-eval's rolling loglikelihood. The token list gets a BOS (else EOS)
-  prefix token; the first window predicts `window` tokens from the prefix, each next window
-  predicts the next `window` tokens conditioned on the one token before them, and the last,
-  shorter window is right-aligned so it sees a full window of context (the windows of
-  `lm_eval.utils.get_rolling_token_windows` after `make_disjoint_window`, context_len=1).
-- sliding (`stride=S`): the Hugging Face "perplexity of fixed-length models" loop on the same
-  prefixed sequence: windows start every S tokens, each scores only the tokens not scored by the
-  previous window. With S == window this is HF's own disjoint variant, which leaves the first
-  token of every window after the first unscored (the report's token count says so).
-- `documents=True`: each document is its own sequence, starting from the prefix token (this is
-  lm-eval's `wikitext` protocol). `documents=False`: documents are joined by EOS into one stream.
-
-Windows of every document are batched (right-padded: a causal model's real positions never see
-the padding), and the output head runs only on the scored positions, in row chunks, so a 49k
-vocabulary at 8k tokens never needs a full logits tensor (see `_HeadTap`).
-
-    from lmloop.evaluation.perplexity import evaluate_texts
-    figures = evaluate_texts(loaded, ["some text", ...], window=1024, documents=True)
-"""
+Windows are batched right-padded, and the output head runs only on the scored positions, in row
+chunks, so a 49k vocabulary at 8k tokens never needs a full logits tensor (`_HeadTap`)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """The eval report: figures on top, then everything needed to reproduce or compare them.
 
-`build_report` assembles the report (`report.json`) from a scoring result
-(`lmloop.evaluation.perplexity.evaluate_tokens` or `lmloop.evaluation.seq2seq.evaluate_pairs`),
-`report_markdown` writes it for people (`report.md`), and `load_report`, `protocol_differences`
-and `compare_text` are `lmloop eval compare`: a table of reports and every protocol field that
-differs, ranking models only when the protocols agree (with only the tokenizer differing, by
-bits per byte, which does not depend on the tokenizer).
-
-Torch-free: the loaded model is only read (its config, one parameter's dtype).
-"""
+`build_report` assembles `report.json` from a scoring result (`perplexity.evaluate_tokens` or
+`seq2seq.evaluate_pairs`), `report_markdown` writes `report.md`, and `load_report`,
+`protocol_differences` and `compare_text` are `lmloop eval compare`: it ranks only reports
+whose protocols agree (docs/eval.md), and with only the tokenizer differing ranks by bits per
+byte, which does not depend on the tokenizer.
+Torch-free: the loaded model is only read (its config, one parameter's dtype)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,15 @@
 """`lmloop eval` for encoder-decoder (seq2seq) models on a paired data dir: the scoring core.
 
-    lmloop eval --model runs/sum --text data/sum --split test --max-new-tokens 64 --out reports/sum
+- target-token perplexity: teacher forcing, cross-entropy on the target tokens only (their EOS
+  included); the batch and the loss are the training objective's own (`Seq2SeqObjective`), so
+  eval measures exactly what `lmloop train` minimizes. Word/byte figures divide the same NLL by
+  the scored target text's words/bytes (`lmloop.evaluation.perplexity.figures`), so models with
+  different tokenizers compare on the same pairs.
+- generation: each input greedily decoded by the engine (the path of `lmloop generate` and
+  `serve`), scored against the targets with sacrebleu's corpus chrF and BLEU (their signatures
+  go into the report) and rouge-score's ROUGE-L F (no stemming), averaged over pairs.
 
-Two kinds of figure, each with its protocol on the label:
-
-- target-token perplexity: teacher forcing from the decoder start token, cross-entropy on the
-  target tokens only (their EOS included) given the whole input; the input costs nothing. The
-  batch and the loss are the training objective's own (`Seq2SeqObjective.collate` / `.step`), so
-  eval measures exactly what `lmloop train` minimizes. Word/byte perplexity and bits per byte
-  divide the same summed NLL by the words/bytes of the scored target text (lm-eval's
-  definitions, `lmloop.evaluation.perplexity.figures`), which makes models with different tokenizers
-  comparable on the same pairs.
-- generation: each input is greedily decoded by the engine (`lmloop.engine.Engine`, the decode
-  path of `lmloop generate` and `lmloop serve`: continuous batching over the encoder-decoder
-  runner, stopping at EOS or after `max_new_tokens`), and the outputs are scored against the
-  reference targets with
-  sacrebleu's corpus chrF and BLEU (default settings; their signature strings go into the
-  report) and rouge-score's ROUGE-L F (`RougeScorer(["rougeL"])`: lower-cased, alphanumeric
-  tokens, no stemming), averaged over pairs.
-
-`lmloop.stages.evaluate.run` scores paired data with `evaluate_pairs`; the loop's gate scores
-held-out pairs with `target_loglik`.
-"""
+`lmloop.stages.evaluate.run` calls `evaluate_pairs`; the loop's gate calls `target_loglik`."""
 
 from __future__ import annotations
 

@@ -4,15 +4,11 @@ adapters at run time on top of the model they started with (vLLM's `/v1/load_lor
     export_adapter(base, version, Path("exports/v3-over-v1"), rank=16)
     # -> adapter_config.json + adapter_model.safetensors: W_version = W_base + B @ A
 
-lmloop's LoRA runs merge their adapters into full checkpoints, and versions chain (v3 is v2's
-fine-tune, v2 is v1's), so the adapter is recomputed from the weights: for every linear layer
-where the version differs from the base, the difference is factored by SVD and kept at `rank`.
-That is exact while the difference has at most `rank` directions (k LoRA cycles of rank r on
-the same layers: at most k x r); what a lower rank loses is measured and refused past
-`max_loss` (relative Frobenius norm of the dropped part). A version that differs from its base
-anywhere else (embeddings, norms: a full fine-tune) cannot be an adapter: UserError. Llama
-family only (its HF layout has plain `nn.Linear` projections).
-"""
+Versions chain and lmloop's LoRA runs merge their adapters, so the adapter is recomputed from the
+weights: each linear layer's difference factored by SVD at `rank` (why that is exact, and what
+is refused, is in docs/scale.md); what a lower rank loses is measured and refused past
+`max_loss` (relative Frobenius norm of the dropped part). Llama family only (its HF layout has
+plain `nn.Linear` projections)."""
 
 from __future__ import annotations
 

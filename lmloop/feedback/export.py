@@ -4,27 +4,11 @@ format at once, split together, for `lmloop loop`).
     export_feedback(db, "dpo", "data/fb.jsonl", heldout_fraction=0.1)
     -> data/fb.jsonl (train), data/fb.heldout.jsonl (held-out), data/fb.meta.json (counts, hashes)
 
-Formats (one JSON object per line; conversational TRL records):
-- `sft`:  {"messages": [...prefix, {"role": "assistant", "content": answer}]} for every liked
-  answer (latest thumb up, or latest rating >= 4, and not flagged) and every corrected answer
-  (the correction replaces the answer).
-- `dpo`:  {"prompt": [...prefix], "chosen": [answer], "rejected": [answer]}: a correction beats the
-  original; an answer a user preferred (`preferred_over`) beats that sibling; a liked sibling
-  beats a disliked (or flagged) one.
-- `kto`:  {"prompt": [...prefix], "completion": [answer], "label": bool} for every thumbed answer
-  (label: latest thumb is up and the answer is not flagged).
-- `text`: {"text": ...} for continued pretraining: the same answers as `sft`, as plain text (the
-  non-system messages joined by blank lines; a plain completion is prompt + completion).
-
-`sft`, `dpo` and `kto` use chat exchanges only (their records are conversational); `text` also
-uses plain completions. Every record carries `"model_version"`: the version that produced the
-answer (for a DPO pair, the rejected one). Filters: `--since` uses only feedback given at or
-after that time; `--model-version` (repeatable) only answers from those versions;
-`--min-rating N` only answers whose latest rating is N or more (unrated answers are dropped).
-Text is PII-scrubbed with `lmloop.data.pii.scrub_pii`, records are deduplicated, and each
-conversation (keyed by its opening messages) goes wholly to train or to held-out, chosen by a
-hash of the conversation so the split is the same on every run.
-"""
+The formats (`sft`, `dpo`, `kto`, `text`) and filters are in docs/feedback.md; `sft`, `dpo` and
+`kto` use chat exchanges only, `text` also plain completions. Every record carries the
+`model_version` that produced the answer (for a DPO pair, the rejected one). Text is
+PII-scrubbed, records are deduplicated, and each conversation goes wholly to train or held-out by
+a hash of its opening messages, so the split is the same on every run."""
 
 from __future__ import annotations
 

@@ -1,31 +1,16 @@
 """The feedback store: every served exchange and every rating users give, in one SQLite file.
 
-What it owns
-- The schema, created and evolved only by the append-only numbered migrations in `MIGRATIONS`
-  (`m001_...`); `schema_version` records which ran. A database made by any earlier lmloop is
-  upgraded in place when opened; one made by a newer lmloop is refused with a hint.
-- A normalized message tree. A message's id is the hash of (parent id, role, content), so a
-  client that resends the whole history on every call stores each message once, and two answers
-  generated for the same prompt (regenerate) are siblings under the same parent. A conversation
-  is keyed by its opening node (system prompt + first user message), which is also what the
-  export splits train/held-out on, so a shared prefix never lands on both sides.
-- One `responses` row per generated answer: model name and version, checkpoint hash, sampling
-  parameters, token counts and latency. No client address is ever stored.
-- `feedback` rows: thumb up/down, a 1-5 rating, a flag, a corrected answer (also stored as a
-  sibling message in the tree), a preference over a sibling answer, each with an optional reason.
+The schema is created and evolved only by the append-only migrations in `MIGRATIONS`; an older
+database is upgraded in place when opened, a newer one refused. Conversations are a normalized
+message tree keyed by content hash, and a conversation by its opening node, which the export
+splits train/held-out on (docs/feedback.md).
 
 Threads: each thread gets its own connection (WAL lets readers run beside the writer), and
 every write transaction runs under a process-wide lock per database file with `BEGIN IMMEDIATE`
 and a long busy timeout, so concurrent writers queue instead of failing; another process
 writing the same file is waited for by SQLite's busy handler, and a retry loop covers the rare
 cases the handler does not. "database is locked" must never reach a caller.
-
-    store = FeedbackStore("feedback.db")
-    rid = store.record_exchange(messages=[...], response_text="...", response_id="chatcmpl-1", ...)
-    store.add_feedback(rid, thumb="up", reason="clear")
-
-This module never imports torch.
-"""
+This module never imports torch."""
 
 from __future__ import annotations
 

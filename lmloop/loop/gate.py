@@ -1,23 +1,11 @@
 """The gate: whether a candidate may replace the current version, judged on what users will see.
 
-Current and candidate answer the held-out prompts (prompts no training record shares) as the
-server would run them (`LoopConfig.engine`, `gate.temperature`). A judge that knows no rule
-scores the answers: a reward learned from the *training* split of the feedback only (preference
-pairs, corrections and thumbs; `lmloop.loop.judge`). It votes only when its own held-out accuracy
-(pairs) or AUC (thumbs) clears chance, else the cycle stops with "not enough signal" before any
-training. To be promoted the candidate must
-
-- win on the held-out prompts: the interval of its win rate against the current answers above 50%;
-- not answer degenerately more often (empty, cut off at `gate.answer_tokens`, stuck in a loop)
-  than the current version, beyond `gate.max_degenerate_rise`, nor loop more often (a candidate
-  that trades cut-off answers for looping ones keeps the first share and must not pass);
-- keep base-validation perplexity within `gate.max_base_regression`;
-- with held-out preference pairs, rank the preferred answer higher by likelihood than the current
-  version does (bootstrap interval of the margin gain above `gate.min_effect`);
-- with a `gate.rule` (never needed), comply more often.
-
-A seq2seq model is judged on its held-out target cross-entropy instead of answers.
-"""
+Current and candidate answer the held-out prompts as the server would run them; the judge
+(`lmloop.loop.judge`, learned from the training split only) scores the answers. The candidate
+must win (win-rate interval above 50%), not answer degenerately or loop more often, keep base
+perplexity within `gate.max_base_regression`, and, given enough held-out pairs or a `gate.rule`,
+improve on those too; docs/loop.md#the-gate gives each check in full. A seq2seq model is judged
+on its held-out target cross-entropy instead of answers."""
 
 from __future__ import annotations
 

@@ -1,28 +1,15 @@
 """The gate's judge of generated answers: a learned reward, its win rate, and a degeneration guard.
 
-It owns three things the promotion gate needs to score answers rather than likelihoods:
-
-- `answer_features`: what the judge sees of an answer, the current model's final hidden states
-  (the input of `lm_head`) over the answer's tokens: their mean and the last one, as a
-  reward-model head reads them.
+- `answer_features`: the current model's final hidden states (the input of `lm_head`) over the
+  answer's tokens: their mean and the last one, as a reward-model head reads them.
 - `RewardJudge`: a linear reward on those features, learned from the training split of the
-  feedback only (Bradley-Terry on preference pairs, a logistic loss on thumbs), and its held-out
-  accuracy (pairs) or ROC AUC (thumbs) with bootstrap intervals. It knows no rule about what a
-  good answer is; the gate lets it vote only when its held-out interval clears chance.
-  `win_rate` is its verdict: the share of held-out prompts where the candidate's answer beats the
-  current one's, with an interval.
+  feedback only (Bradley-Terry on pairs, a logistic loss on thumbs), with its held-out accuracy
+  or ROC AUC; `win_rate` is its verdict on candidate against current answers.
 - `degenerate` / `degeneration`: answers that are empty, cut off at the token limit, or stuck in
-  a loop, and their share across held-out answers, so the gate can refuse a candidate whose share
-  rises.
+  a loop, and their share.
 
-Intervals are percentile bootstraps over held-out items (prompts, pairs, thumbs), seeded.
-
-    feats = answer_features(model, tok, prompts, answers)
-    judge = RewardJudge.fit((chosen_f, rejected_f), thumb_f, thumb_y)
-    report = judge.heldout((chosen_h, rejected_h), thumb_h, thumb_yh)
-    if report["clears_chance"]:
-        verdict = win_rate(judge, current_f, candidate_f)
-"""
+Intervals are seeded percentile bootstraps over held-out items. docs/loop.md says how the gate
+uses each."""
 
 from __future__ import annotations
 

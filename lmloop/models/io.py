@@ -3,18 +3,12 @@
     from lmloop.models.io import load_model
     lm = load_model("smollm2-135m-instruct")        # installed short name (GGUF, dequantized)
     lm = load_model("runs/tiny")                     # a train RUN_DIR: its best checkpoint
-    lm = load_model("path/to/hf-folder")             # LlamaForCausalLM / GPT2LMHeadModel folder
-    lm = load_model("registry:mymodel")              # the registry's current version
 
-A spec is one of: an lmloop model/checkpoint folder (`meta.json` schema `lmloop.model` or
-`lmloop.checkpoint`); a train RUN_DIR (best checkpoint per `RUN_DIR/meta.json`, else the latest);
-a Hugging Face model folder (weights read from its safetensors and moved into lmloop's own model
-files through `lmloop.models.adapter`); a `.gguf` file (dequantized by transformers' GGUF reader;
-the converted model is cached under `$LMLOOP_HOME/cache/` keyed by the file's sha256, so only the
-first load is slow); an installed short name; `registry:NAME`, `NAME@VERSION`, or a bare
-registered name; `hf:org/name` (the only spec that may reach the Hugging Face hub). Where a
-spec points is `lmloop.registry.spec.locate`'s answer; this module loads what it finds.
-"""
+Where a spec points (the forms are in docs/generate.md) is `lmloop.registry.spec.locate`'s
+answer; this module loads what it finds: lmloop folders as saved, Hugging Face folders through
+`lmloop.models.adapter`, and `.gguf` files dequantized by transformers' GGUF reader, the
+converted model cached under `$LMLOOP_HOME/cache/` by the file's sha256 so only the first load
+is slow. Only `hf:org/name` may reach the Hugging Face hub."""
 
 from __future__ import annotations
 

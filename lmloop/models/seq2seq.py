@@ -1,25 +1,10 @@
 """The encoder-decoder family: T5's Transformer, with sinusoidal positions as the other option.
 
-An encoder reads the input sequence with bidirectional self-attention; a decoder predicts the
-target one token at a time with causal self-attention and cross-attention to the encoding
-(Vaswani et al. 2017). The blocks are T5's (Raffel et al. 2020, "v1.1" when gated): pre-norm
-RMSNorm, no biases, no 1/sqrt(d) in attention (folded into the query's init), and positions as a
-learned bias per head on bucketed relative distances, shared by every layer of a stack. With
-`positions="sinusoidal"` the bias is dropped and the original design's fixed table is added to the
-embeddings instead. One embedding table is shared by both stacks (and the head when tied).
-
-Parameter names follow the Llama file's scheme (`embed_tokens`, `layers.{i}.self_attn.q_proj`,
-`mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), plus `cross_attn` and
-`cross_attn_layernorm` in decoder blocks; `lmloop.models.adapter` maps them to and from Hugging
-Face's `T5ForConditionalGeneration`.
-
-Surface (differs from the decoder-only families, marked by `is_encoder_decoder = True`):
-`encode(input_ids, input_mask) -> (enc, enc_mask)`, `decode(decoder_input_ids, enc, enc_mask,
-positions, cache, token_mask) -> logits`, `forward(input_ids, decoder_input_ids, input_mask)` for
-training, and `new_cache(batch, max_len)`: the decoder's self-attention KV cache (slots are
-absolute positions, as in `lmloop.models.cache`) plus the cross-attention keys/values, computed
-from the encoding on the first decode call and reused by every later step.
-"""
+The design and the model's surface (`is_encoder_decoder = True`: `encode`, `decode`, `forward`,
+`new_cache`) are in docs/seq2seq.md. Parameter names follow the Llama file's scheme
+(`embed_tokens`, `layers.{i}.self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `norm`,
+`lm_head`), plus `cross_attn` and `cross_attn_layernorm` in decoder blocks;
+`lmloop.models.adapter` maps them to and from Hugging Face's `T5ForConditionalGeneration`."""
 
 from __future__ import annotations
 

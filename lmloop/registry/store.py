@@ -1,32 +1,14 @@
 """The model registry: named versions of a model, their lineage, and which one is current.
 
-Layout (root defaults to `$LMLOOP_HOME/registry`, `LMLOOP_HOME` to `~/.lmloop`):
-
     ROOT/NAME/registry.json        {"name", "current", "stack", "history", "next"}
     ROOT/NAME/versions/v1/         version.json (lineage) + model/ (the model folder or file)
-    ROOT/NAME/versions/v2/ ...
 
-- `register` copies the model into the registry (hard links where the filesystem allows, a copy
-  otherwise), so deleting the training run never breaks a registered version. Versions are
-  numbered `v1`, `v2`, ... per name and never reused.
-- Each version records its lineage: the parent version, data artifact hashes, the config, eval
-  reports, the source path and the model's content hash (whatever the caller passes in
-  `lineage`, plus those the registry computes).
-- One version per name is "current"; `promote` makes a version current and `rollback` returns to
-  the one current before it. Every change is appended to `history`. `lmloop serve` follows the
-  current version through `Registry().current(name)` (model spec `registry:NAME`).
-- Every file is written atomically (temporary sibling + rename), and every change to a name
-  holds an exclusive file lock, so the loop, the CLI and a server can share a registry.
-
-    reg = Registry("runs/registry")
-    v = reg.register("tiny", "runs/ft/checkpoints/step-0000200", parent="v1",
-                     lineage={"data": {"feedback": "<sha256>"}, "config": {...}, "eval": {...}})
-    reg.promote("tiny", v)
-    reg.current("tiny")   # -> ("v2", Path(".../tiny/versions/v2/model"))
-    reg.rollback("tiny")  # -> "v1"
-
-CLI: `lmloop models list|show|promote|rollback|register`. This module never imports torch.
-"""
+ROOT defaults to `$LMLOOP_HOME/registry`. `register` hard-links (or copies) the model in, so
+deleting the training run never breaks a version; versions are numbered per name and never
+reused. `promote` makes a version current, `rollback` returns to the one before; every change is
+appended to `history`. Every file is written atomically and every change to a name holds an
+exclusive file lock, so the loop, the CLI and a server can share a registry (docs/feedback.md).
+This module never imports torch."""
 
 from __future__ import annotations
 

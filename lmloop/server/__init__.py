@@ -5,17 +5,7 @@ Run it with `lmloop serve --model M` (lmloop.stages.serve), or build the app you
     from lmloop.server import ServerSettings, create_app
     app = create_app(ServerSettings(model="smollm2-135m-instruct", db="feedback.db"))
 
-Modules: `app` (`create_app`: wiring and lifespan), `settings` (`ServeConfig`, `ServerSettings`;
-torch-free), `routes` (the HTTP routes), `protocol` (request parsing and validation, and the
-request -> prompts and sampling settings), `generation` (a request's choices in the engine),
-`responses` (whole answers, SSE events, logprobs), `middleware` (body cap, access log), `state`
-(what one app holds), `errors` (OpenAI error shape), `feedback` (`POST /v1/feedback`), `auth`
-(API key), `metrics` (Prometheus), `slot` (the served model: background load, hot reload,
-drain), `backend` (what generates behind the routes), `upstream`, `upstream_config`,
-`upstream_checks` and `upstream_exchange` (`lmloop serve --upstream`: OpenAI-compatible servers
-generate), `routing` (which of several upstream replicas answers), `promotion` (a registry
-promotion carried to every replica), `static/` (the chat page).
-"""
+Each module says what it owns; docs/architecture.md lists them."""
 
 from __future__ import annotations
 

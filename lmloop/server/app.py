@@ -2,24 +2,11 @@
 
     from lmloop.server import ServerSettings, create_app
     app = create_app(ServerSettings(model="smollm2-135m-instruct", db="feedback.db"))
-    # uvicorn.run(app, host="127.0.0.1", port=8000)  -- what `lmloop serve` does
 
-Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (SSE streaming
-when `stream` is true), `POST /v1/feedback` (lmloop.server.feedback), `GET /v1/lmloop/versions` (the registry's
-versions and the gate's decisions, lmloop.server.versions), `POST /admin/reload`,
-`GET /health`, `GET /metrics`, and the chat page at `GET /`.
-
-Every generation goes through the engine's continuous batching: the handler submits the prompt
-to the engine's worker thread and awaits its outputs, so the event loop never runs the model.
-Non-streaming answers aggregate the same stream the streaming ones send (one decode path).
-Every answer names the model version that wrote it (`model_version`, `system_fingerprint`, the
-`x-lmloop-model-version` header), and is recorded in the feedback store under its response id
-before the client receives the end of it, so feedback can follow immediately.
-
-This module wires the app: settings (lmloop.server.settings), shared state (.state), routes
-(.routes), middlewares (.middleware, .auth) and the lifespan that loads the model in the
-background and drains it on shutdown.
-"""
+The routes are in docs/serve.md. This module wires the app: settings, shared state (`state`),
+routes, middlewares (`middleware`) and the lifespan that loads the model in the
+background and drains it on shutdown. Every generation goes through the engine's worker thread,
+so the event loop never runs the model."""
 
 from __future__ import annotations
 
@@ -31,11 +18,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from lmloop.feedback.store import FeedbackStore
-from lmloop.server.auth import APIKeyMiddleware
 from lmloop.server.errors import install_error_handlers
 from lmloop.server.feedback import feedback_router
 from lmloop.server.middleware import (
     AccessLogMiddleware,
+    APIKeyMiddleware,
     BodyLimitMiddleware,
     OriginCheckMiddleware,
 )

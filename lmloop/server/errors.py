@@ -11,6 +11,7 @@ A 500 names no internals: its message is generic and carries the request's id (a
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -74,6 +75,17 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    async def send(self, send: Any, *, close: bool = False) -> None:
+        """Answer from an ASGI middleware, before any route runs; `close`: drop the connection."""
+        body = json.dumps(self.body()).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        headers += [(k.encode(), v.encode()) for k, v in self.headers.items()]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def error_response(status: int, message: str, **kw: Any) -> JSONResponse:

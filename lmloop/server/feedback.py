@@ -1,20 +1,10 @@
 """`POST /v1/feedback`: what users say about an answer, recorded in the feedback store.
 
-    curl -s localhost:8000/v1/feedback -H 'content-type: application/json' \
-         -d '{"response_id": "chatcmpl-...", "thumb": "up", "reason": "clear"}'
-    -> 200 {"id": "fb-...", "object": "feedback", "response_id": "chatcmpl-...", "created": 1764400000}
-
-The body is a JSON object with `response_id` (the `id` a completion returned) and any of
-`thumb` ("up"/"down"), `rating` (1-5), `flag` (true/false), `correction` (text), `preferred_over`
-(the id of a sibling answer to the same conversation), `reason` (text). Unknown response ids
-answer 404; anything malformed answers 400, in OpenAI's error shape like every other route: the
-body goes through the OpenAI routes' reader (`read_json_body`: content type, `--max-body-bytes`,
-UTF-8, NaN, nesting depth, lone surrogates), then each field's JSON type is checked here (so a
-wrong type is named without echoing the value) and its value by the store (`add_feedback`).
-
-The store call runs in the thread pool so concurrent posts are concurrent writers, which the
-store serializes. Nothing about the client (no address) is stored. No torch here.
-"""
+The body and answers are in docs/feedback.md. The body goes through the OpenAI routes' reader
+(`read_json_body`: content type, `--max-body-bytes`, UTF-8, NaN, nesting depth, lone
+surrogates), then each field's JSON type is checked here (so a wrong type is named without
+echoing the value) and its value by the store (`add_feedback`). The store call runs in the
+thread pool so concurrent posts are concurrent writers, which the store serializes."""
 
 from __future__ import annotations
 

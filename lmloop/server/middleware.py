@@ -1,5 +1,5 @@
-"""The app's own ASGI middlewares: the request body cap, the origin check and the access log
-(which gives every request its id).
+"""The app's own ASGI middlewares: the request body cap, the origin check, the access log
+(which gives every request its id) and the API key.
 
 `BodyLimitMiddleware` answers 413 for a body over the cap (announced or streamed) before any
 route reads it; `AccessLogMiddleware` writes one line per request and counts it per route. Their
@@ -8,8 +8,8 @@ order, with auth and CORS, is set in `lmloop.server.app.create_app`.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-import json
 import logging
 import time
 from typing import Any
@@ -44,7 +44,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
         if declared > self.drain_bytes:  # not worth reading: answer and drop the connection
-            await _send_error(send, too_large(self.max_bytes))
+            await too_large(self.max_bytes).send(send, close=True)
             return
         # Buffer the body (at most the cap) and replay it, so no route reads past the cap. A
         # body somewhat over the cap is read and discarded before answering 413, so the client
@@ -63,7 +63,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         if size > self.max_bytes:
-            await _send_error(send, too_large(self.max_bytes))
+            await too_large(self.max_bytes).send(send, close=True)
             return
         body = b"".join(chunks)
         replayed = False
@@ -76,22 +76,6 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-async def _send_error(send: Send, err: APIError) -> None:
-    body = json.dumps(err.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class OriginCheckMiddleware:
@@ -129,16 +113,13 @@ class OriginCheckMiddleware:
             await self.app(scope, receive, send)
             return
         log.warning("refused a request with %s %r (not this server's)", bad[0], bad[1][:100])
-        await _send_error(
-            send,
-            APIError(
-                403,
-                f"the {bad[0]} header '{bad[1][:100]}' is not this server's address; a server "
-                "without an API key answers only its own origin (allow more with "
-                "--allowed-origin, or set --api-key)",
-                code="origin_not_allowed",
-            ),
-        )
+        await APIError(
+            403,
+            f"the {bad[0]} header '{bad[1][:100]}' is not this server's address; a server "
+            "without an API key answers only its own origin (allow more with "
+            "--allowed-origin, or set --api-key)",
+            code="origin_not_allowed",
+        ).send(send, close=True)
 
     def _ok(self, where: tuple[str, int | None] | None, server: Any) -> bool:
         if where is None:
@@ -233,3 +214,55 @@ class AccessLogMiddleware:
                 status or "-",
                 (time.perf_counter() - t0) * 1000,
             )
+
+
+# ---- API key ---------------------------------------------------------------------------------
+PUBLIC_PATHS = frozenset({"/health", "/", "/index.html", "/favicon.ico"})
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def is_public(method: str, path: str) -> bool:
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip()
+        elif lname == b"x-api-key":
+            return value.strip()
+    return None
+
+
+class APIKeyMiddleware:
+    """With a key configured, every request needs `Authorization: Bearer <key>` (what the
+    `openai` client sends) or `X-API-Key: <key>`, compared in constant time. Exempt: `GET
+    /health` (load balancers probe it) and the chat page's static files: they hold no data and a
+    browser cannot attach a header to a page load (the page sends the key on every API call).
+    Being middleware, it also covers routes added later (a test walks them all)."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.key = api_key.encode("utf-8")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = _presented_key(scope.get("headers", []))
+        # compare_digest takes time independent of where the strings differ.
+        if given is not None and hmac.compare_digest(given, self.key):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "missing API key: send 'Authorization: Bearer <key>'"
+            if given is None
+            else "incorrect API key"
+        )
+        err = APIError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+        await err.send(send)

@@ -1,20 +1,9 @@
 """`GET /v1/lmloop/versions`: the served registry name's versions and the gate's decisions, for
-the chat page's versions panel.
+the chat page's versions panel (the body is in docs/serve.md).
 
-    curl -s localhost:8000/v1/lmloop/versions -H "authorization: Bearer $KEY"
-    -> {"object": "list", "name": "tiny", "serving": "v2", "current": "v2",
-        "rollback": "lmloop models rollback tiny", "reason": null,
-        "data": [{"version": "v1", ..., "serving": false, "text": {...}},
-                 {"version": "v2", "win_rate": 0.72, "win_interval": [0.61, 0.83], ...,
-                  "serving": true, "text": {"win": "0.72 [0.61, 0.83]", ...}}]}
-
-Each row is `lmloop.registry.decisions.decision_row` (what `lmloop models show NAME --plot`
-tabulates) plus `serving` (this server answers with that version now) and `text` (the figures as
-the page shows them). A model not served as `registry:NAME` has no versions: `data` is empty and
-`reason` says why. Rolling back stays a command (`lmloop models rollback NAME`); the server
-follows the registry's current version by polling (`ModelSlot.follow_registry`). The route sits
-behind the API key like every `/v1` route.
-"""
+Each row is `lmloop.registry.decisions.decision_row` plus `serving` (this server answers with
+that version now) and `text` (the figures as the page shows them). Rolling back stays a command;
+the server follows the registry's current version by polling (`ModelSlot.follow_registry`)."""
 
 from __future__ import annotations
 

@@ -4,19 +4,11 @@
     lmloop data configs/data/shared-corpus.yaml --out data/shared --tokenizer smollm2-135m-instruct
 
 The stage validates the config, reuses an output built from the same config and inputs, picks
-the engine and writes the folder: `meta.json`, `tokenizer/`, shards, `report.md`, `lengths.png`,
-built in a temporary sibling and renamed into place. The work is in `lmloop.data`:
-
-- `pipeline`: read -> clean -> PII scrub (optional) -> exact and near dedup -> split by document
-  hash -> source weights -> decontaminate -> tokenize -> pack into shards, in one process;
-- `ray_engine` (`engine=ray`): the same functions as Ray tasks on a cluster, the same bytes;
-- `pairs` (`--input-field IN --target-field OUT`): the same recipe on input/target pairs for
-  seq2seq models, two shard streams per split.
-"""
+the engine (`lmloop.data.pipeline`, `ray_engine`, or `pairs` for seq2seq) and writes the folder
+(docs/data.md), built in a temporary sibling and renamed into place."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,8 +20,8 @@ from lmloop.artifacts import (
     atomic_dir,
     check_output,
     make_meta,
-    peek_schema,
     sha256_json,
+    up_to_date,
     write_meta,
 )
 from lmloop.config import to_dict
@@ -107,17 +99,6 @@ def _fingerprint(cfg: DataConfig, tok: Tokenizer | None) -> tuple[str, dict[str,
     return sha256_json([FORMAT_VERSION, __version__, conf, inputs]), inputs
 
 
-def _up_to_date(out: Path, schema: str, version: int, key: str, force: bool) -> dict | None:
-    """The meta.json of an output already built from the same config and inputs, else None."""
-    if force or peek_schema(out) != schema:
-        return None
-    old = json.loads((out / "meta.json").read_text())
-    if old.get("fingerprint") != key or old.get("format_version") != version:
-        return None
-    log.info("%s is up to date (same config and inputs); force=true rebuilds it", out)
-    return old
-
-
 def _meta(
     cfg: DataConfig,
     schema: str,
@@ -166,7 +147,7 @@ def run(cfg: DataConfig) -> DataResult:
     check_output(out, schema)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     key, inputs = _fingerprint(cfg, tok)
-    old = _up_to_date(out, schema, version, key, cfg.force)
+    old = None if cfg.force else up_to_date(out, schema, version, key)
     if old is not None:
         summary(old, out, reused=True)
         return DataResult(out, old, reused=True)

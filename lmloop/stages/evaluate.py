@@ -4,24 +4,10 @@
         --documents --detokenize wikitext --window 1024 --out runs/eval-smollm2
     lmloop eval compare runs/eval-a runs/eval-b
 
-`eval` loads any model `lmloop.models.io.load_model` can (lmloop checkpoints, train run dirs,
-Hugging Face folders, GGUF files, installed short names), reads documents from any source
-`lmloop.data.sources.iter_documents` can, or from a prepared data dir (`lmloop data` output: the
-split's token shards are scored as stored and decoded for word and byte counts). It prints a
-markdown summary, and with `--out` writes `report.json` (figures + the whole protocol),
-`report.md` and `meta.json` (schema "lmloop.eval"). The work is in `lmloop.evaluation`: reading
-the text in `inputs`, the scoring in `perplexity`, the report and the comparison in `report`;
-the configs and the result in `config`.
-
-An encoder-decoder (seq2seq) model is evaluated on a paired data dir (`lmloop data
---input-field IN --target-field OUT` output) instead: target-token perplexity and greedy-decode
-chrF, BLEU and ROUGE-L (decoded by the engine), scored by `lmloop.evaluation.seq2seq`. A seq2seq model with text or
-token shards, or a decoder-only model with pairs, is a user error.
-
-`compare` prints a table of reports and every protocol field that differs; it ranks models only
-when the protocols agree (with only the tokenizer differing, it ranks by bits per byte, which
-does not depend on the tokenizer, and says so).
-"""
+The work is in `lmloop.evaluation` (docs/eval.md): reading the text in `inputs`, the scoring in
+`perplexity` (seq2seq pairs in `seq2seq`), the report and the comparison in `report`; the
+configs and the result in `config`. This module picks the path and writes `report.json`,
+`report.md` and `meta.json` (schema "lmloop.eval")."""
 
 from __future__ import annotations
 

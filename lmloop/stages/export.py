@@ -1,21 +1,9 @@
-"""`lmloop export`: a model leaves lmloop as a Hugging Face folder or a GGUF file.
+"""`lmloop export`: a model leaves lmloop as a Hugging Face folder or a GGUF file (docs/export.md).
 
     lmloop export --model runs/tiny --format hf --out exports/tiny-hf
     lmloop export --model smollm2-135m-instruct --format gguf --out smol.gguf
 
-- `hf`: `config.json` + `model.safetensors` + tokenizer files (+ `generation_config.json`,
-  `meta.json`) that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
-  `AutoTokenizer.from_pretrained(DIR)` load with no custom code: the Llama layout for the llama
-  family, the GPT-2 layout for the gpt family (a sinusoidal model's table written as fixed `wpe`
-  weights), the T5 layout (`T5ForConditionalGeneration`, loaded with `AutoModelForSeq2SeqLM`) for
-  the seq2seq family with relative positions. vLLM and other runtimes that read Hugging Face
-  folders serve it as is.
-- `gguf`: one file for llama.cpp (F32 or F16), the llama family only: llama architecture
-  metadata, q/k rows permuted to llama.cpp's rotary layout, the tokenizer as a `gpt2` byte-level
-  BPE vocabulary with merges, token types, special ids and the chat template.
-
-Outputs are written atomically (a temporary sibling renamed into place when complete).
-"""
+The writers are `lmloop.export.hf` and `lmloop.export.gguf`; outputs are written atomically."""
 
 from __future__ import annotations
 

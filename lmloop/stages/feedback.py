@@ -16,6 +16,7 @@ from typing import Any
 from lmloop.feedback.config import FeedbackExportConfig, StatsConfig
 from lmloop.feedback.export import FeedbackExportResult, export_feedback
 from lmloop.feedback.store import FeedbackStore
+from lmloop.log import aligned
 
 __all__ = ["FeedbackExportResult", "FeedbackExportConfig", "StatsConfig", "run_export", "run_stats"]
 
@@ -60,10 +61,7 @@ def run_stats(cfg: StatsConfig) -> list[dict[str, Any]]:
         ]
         for r in rows
     ]  # fmt: skip
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    for row in table:
-        print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
-                        for i, (v, w) in enumerate(zip(row, widths))))  # fmt: skip
+    print("\n".join(aligned(table, right_from=2)))
     print(
         f"total: {totals['conversations']} conversations, {totals['responses']} responses, "
         f"{totals['feedback']} feedback"

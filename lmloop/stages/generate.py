@@ -4,13 +4,10 @@
     lmloop generate --model runs/tiny --prompts prompts.jsonl --out results.jsonl
     lmloop chat --model smollm2-135m-instruct            # /reset, /save PATH, /exit
 
-Both stream through `lmloop.engine` (the same path as the HTTP server), encoder-decoder
-(seq2seq) models included: their prompt is the encoder's input, and a chat's last user turn. Text goes to stdout, statistics and progress to
-stderr. `--json` prints one JSON object instead of streaming. A prompts file holds one JSON
-object per line: `{"prompt": "..."}` or `{"messages": [...]}`, with optional `id` and per-line
-sampling overrides (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`); results
-keep the input order.
-"""
+Both stream through `lmloop.engine`, as the HTTP server does; text goes to stdout, statistics
+and progress to stderr. A prompts file holds one JSON object per line: `{"prompt": "..."}` or
+`{"messages": [...]}`, with optional `id` and per-line sampling overrides (`max_tokens`,
+`temperature`, `top_p`, `top_k`, `seed`, `stop`); results keep the input order."""
 
 from __future__ import annotations
 

@@ -1,42 +1,16 @@
 """`lmloop loop`: one turn of the flywheel, from what users said to the model that serves next.
 
-    check (before anything runs) -> export feedback (sft, dpo, kto; one split by conversation,
-    near-duplicate prompt and shared answer) -> prepare (the base corpus's recipe applied to the
-    feedback: filters, decontamination against base val/test; a replay share of base *train*
-    documents) -> fine-tune: SFT on corrections and liked answers (assistant tokens only), then DPO
-    on pairs (or KTO on unpaired thumbs), LoRA merged at each stage -> evaluate current and
-    candidate -> gate -> register (+ promote) -> a server following `registry:NAME` hot-reloads.
+    check -> export feedback -> judge -> prepare -> sft -> dpo/kto (pairs for seq2seq) -> eval
+    -> gate -> register (+ promote)
 
-Before any training, a judge is learned from the training split of the feedback (pairs,
-corrections, thumbs; `lmloop.loop.judge`); a cycle whose judge cannot beat chance on the held-out
-feedback stops there ("not enough signal"). After training, current and candidate answer the
-held-out prompts as the server would run them (`engine`), and the gate (`lmloop.loop.gate`)
-promotes only when the judge's win-rate interval for the candidate is above 50%, its degenerate
-answers (empty, cut off, looping) do not rise, base-validation perplexity rises by at most
-`gate.max_base_regression`, held-out pairs (when there are enough) favour it by likelihood, and
-an optional `gate.rule` improves. Every figure, interval and count goes to `decision.json` and
-the registry's lineage.
+docs/loop.md describes each step, the held-out split and the gate. Every step writes its
+artifact under `WORK_DIR/cycle-N/` and is recorded in `state.json` as it completes, so a rerun
+resumes at the first unfinished step. The pieces are `lmloop.loop`'s (`cycle`: state and checks;
+`recipe`: export, preparation and the child configs; `gate`: the held-out evidence and the
+decision); this module chains the stages, called as Python with child configs built by
+`dataclasses.replace`.
 
-`recipe=text` keeps the earlier recipe (feedback as plain text mixed into continued
-pretraining), for comparison; the same gate judges it.
-
-An encoder-decoder (seq2seq) model learns from pairs instead: each corrected answer becomes an
-(input, corrected target) pair and each liked answer an (input, answer) pair (the input is the
-last user turn or the completion prompt); they are prepared as a `lmloop.pairs` folder with the
-base pairs corpus's recipe (decontaminated against its val/test pairs) and fine-tune the next
-version through the train stage (task seq2seq). There is no preference stage (DPO/KTO score a
-decoder-only model's likelihood of an answer after its prompt): the gate's held-out evidence is
-the target cross-entropy of held-out pairs, candidate against current, with the same bootstrap
-interval, beside the base pairs' target perplexity and the optional rule.
-
-Every step writes its artifact under `WORK_DIR/cycle-N/` and is recorded in `state.json` as it
-completes; rerunning after an interruption resumes at the first unfinished step. Stages are
-called as Python: child configs are built with `dataclasses.replace` and read back as results.
-The pieces are `lmloop.loop`'s (`cycle`: state and checks; `recipe`: export, preparation and the
-child configs; `gate`: the held-out evidence and the decision); this module chains the stages.
-
-    lmloop loop configs/loop/default.yaml name=assistant db=feedback.db base_data=data/base
-"""
+    lmloop loop configs/loop/default.yaml name=assistant db=feedback.db base_data=data/base"""
 
 from __future__ import annotations
 
@@ -211,7 +185,7 @@ def run(cfg: LoopConfig) -> LoopResult:
     counts, pfiles = prepared["counts"], prepared["files"]
     print(f"loop: training records {json.dumps(counts)}, dropped {prepared['dropped']}", flush=True)
 
-    if seq2seq:  # fine-tuned on the pairs; no preference stage (see the module docstring)
+    if seq2seq:  # fine-tuned on the pairs; no preference stage (docs/seq2seq.md)
         cand = step("sft", lambda: _train(cfg, "seq2seq", pfiles["pairs"], cur_path,
                                           cycle / "seq2seq", cfg.sft_steps))  # fmt: skip
         cand = step("preference", lambda: cand)

@@ -1,25 +1,19 @@
 """`lmloop models list|show|promote|rollback|register`: the model registry from the command line.
 
     lmloop models register tiny runs/ft --parent v1 --lineage lineage.json
-    lmloop models list                 # names, their current version and how many versions
-    lmloop models list tiny            # the versions of one name
-    lmloop models show tiny@v2         # lineage of one version (default: the current one), JSON
     lmloop models show tiny --plot decisions.png   # every version's gate figures: table + PNG
     lmloop models promote tiny v2      # or tiny@v2
     lmloop models rollback tiny        # back to the version that was current before
 
-Every command takes `--registry PATH` (default `$LMLOOP_HOME/registry`, i.e.
-`~/.lmloop/registry`). The registry itself lives in `lmloop/registry/store.py`.
-"""
+The registry itself lives in `lmloop/registry/store.py`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from lmloop.errors import UserError
-from lmloop.loop.report import plot_decisions, table_lines
+from lmloop.log import aligned
 from lmloop.registry import Registry, split_spec
 from lmloop.registry.config import (
     ListConfig,
@@ -28,7 +22,7 @@ from lmloop.registry.config import (
     RollbackConfig,
     ShowConfig,
 )
-from lmloop.registry.decisions import decision_rows
+from lmloop.registry.decisions import decision_rows, plot_decisions, table_lines
 from lmloop.registry.spec import locate
 
 
@@ -37,12 +31,6 @@ def _name_version(name: str, version: str | None) -> tuple[str, str | None]:
     if at is not None and version is not None and at != version:
         raise UserError(f"two versions given: '{name}' and '{version}'")
     return base, at or version
-
-
-def _table(rows: list[list[Any]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def run_list(cfg: ListConfig) -> list[dict]:
@@ -63,19 +51,19 @@ def run_list(cfg: ListConfig) -> list[dict]:
         elif not out:
             print(f"no models registered in {reg.root}")
         else:
-            _table([["name", "current", "versions"]] + [
+            print(*aligned([["name", "current", "versions"]] + [
                 [o["name"], o["current"] or "-", o["versions"]] for o in out
-            ])  # fmt: skip
+            ]), sep="\n")  # fmt: skip
         return out
     versions = reg.versions(cfg.name)
     if cfg.json:
         print(json.dumps(versions, indent=2))
     else:
-        _table([["", "version", "created", "parent", "sha256"]] + [
+        print(*aligned([["", "version", "created", "parent", "sha256"]] + [
             ["*" if v["current"] else "", v["version"], v["created"], v["parent"] or "-",
              v["sha256"][:12]]
             for v in versions
-        ])  # fmt: skip
+        ]), sep="\n")  # fmt: skip
     return versions
 
 

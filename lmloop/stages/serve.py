@@ -3,17 +3,10 @@
     lmloop serve --model smollm2-135m-instruct            # http://127.0.0.1:8000/
     lmloop serve --model registry:assistant --api-key K --host 0.0.0.0
 
-Binds 127.0.0.1 unless told otherwise and refuses a non-loopback address without an API key
-(`--api-key` or `LMLOOP_API_KEY`) unless `--insecure` is given. The model loads after the
-server starts (`GET /health` answers 503 until it is ready); a `registry:NAME` model follows the
-registry's current version. SIGTERM stops accepting connections, lets the requests in flight
-finish (within `--drain-timeout`) and exits 0. Every exchange goes to the feedback database
-(`--db`, default `$LMLOOP_HOME/feedback.db`). The app itself is `lmloop.server.create_app`.
-
-With `--upstream URL` (repeatable: replicas) an OpenAI-compatible server generates instead
-(lmloop.server.upstream): every replica must answer `GET /v1/models` with the model asked for
-before this one binds (docs/scale.md).
-"""
+Refuses a non-loopback address without an API key unless `--insecure`; SIGTERM drains the
+requests in flight (within `--drain-timeout`) and exits 0 (docs/serve.md). The app itself is
+`lmloop.server.create_app`; with `--upstream URL` (repeatable: replicas) OpenAI-compatible
+servers generate (`lmloop.server.upstream`, docs/scale.md)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,14 @@
 """`lmloop tokenizer train`: a byte-level BPE tokenizer trained with the `tokenizers` library.
 
     lmloop tokenizer train --source corpus/ --vocab-size 8192 --out tok/
-    lmloop tokenizer train --source data/mine --vocab-size 4096 --out tok/   # a prepared split
 
-The source is anything `lmloop data` reads, or a prepared data folder (its train split is
-decoded back to text). Documents are cleaned the same way `lmloop data` cleans them (NFC,
-control characters, whitespace). The vocabulary holds the 256 byte symbols, lmloop's special
-tokens (`<|endoftext|>`, `<|pad|>`, `<|im_start|>`, `<|im_end|>`) and the learned merges.
-Output: `tokenizer.json`, `tokenizer_config.json` (loadable by `Tokenizer.load` and Hugging Face
-`AutoTokenizer`) and `meta.json` (schema "lmloop.tokenizer"). The same config on the same inputs
-is reused unless `force=true`.
-"""
+The source is anything `lmloop data` reads, or a prepared data folder (its train split decoded
+back to text), cleaned as `lmloop data` cleans it. The vocabulary holds the 256 byte symbols,
+lmloop's special tokens and the learned merges; the output loads with `Tokenizer.load` and
+Hugging Face's `AutoTokenizer`. The same config on the same inputs is reused unless `force=true`."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +18,8 @@ from lmloop.artifacts import (
     atomic_dir,
     check_output,
     make_meta,
-    peek_schema,
     sha256_json,
+    up_to_date,
     write_meta,
 )
 from lmloop.config import to_dict
@@ -64,12 +58,10 @@ def run(cfg: TokenizerConfig) -> int:
     conf.pop("out")
     conf.pop("force")
     key = sha256_json([FORMAT_VERSION, __version__, conf, inputs])
-    if not cfg.force and peek_schema(out) == SCHEMA:
-        old = json.loads((out / "meta.json").read_text())
-        if old.get("fingerprint") == key:
-            log.info("%s is up to date (same config and inputs); force=true retrains", out)
-            print(f"{out}: up to date: vocab {old['vocab_size']:,}, sha256 {old['sha256'][:12]}")
-            return 0
+    old = None if cfg.force else up_to_date(out, SCHEMA, FORMAT_VERSION, key)
+    if old is not None:
+        print(f"{out}: up to date: vocab {old['vocab_size']:,}, sha256 {old['sha256'][:12]}")
+        return 0
 
     counts = {"documents": 0, "bytes": 0}
 

@@ -1,22 +1,12 @@
 """`lmloop train`: train a Transformer from scratch or fine-tune one, with exact resume.
 
-    lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny
-    lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny --resume
-    lmloop train configs/train/smollm2-finetune.yaml --data chats.jsonl --out runs/ft
-    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R
-    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R --parallel fsdp
+    lmloop train configs/train/tiny-cpu.yaml --data data/tiny --out runs/tiny [--resume]
+    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R [--parallel fsdp]
 
-This module reads the config, calls lmloop/training/ and writes the run's artifacts. The loop is
-one `for` loop in `training/fit.py::fit`: schedule, gradient accumulation (loss normalized by the
-true number of target tokens across every micro-batch and process, the fix Hugging Face shipped
-in late 2024), clipping, step, log, evaluate, save. Everything that decides a step's numbers is
-either saved in the checkpoint (weights, optimizer state, RNG states) or a pure function of the
-step (learning rate, which samples form the batch), which is why a resumed run reproduces an
-uninterrupted one bit for bit on CPU, and why a run may resume under another world size.
-Under `torchrun` the same loop runs with DDP (gloo on CPU, NCCL on CUDA), or with FSDP
-(`parallel=fsdp`: weights, gradients and optimizer state sharded over the processes, for models
-whose training state does not fit one device); rank 0 alone writes, in the same format either way.
-"""
+This module reads the config, calls lmloop/training/ and writes the run's artifacts; the step
+loop is `training/fit.py::fit` (docs/train.md). Everything that decides a step's numbers is
+saved in the checkpoint or a pure function of the step, which is why a resumed run reproduces
+an uninterrupted one bit for bit on CPU, under any world size; rank 0 alone writes."""
 
 from __future__ import annotations
 

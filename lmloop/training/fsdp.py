@@ -1,20 +1,11 @@
 """FSDP (fully sharded data parallel) for `lmloop train --parallel fsdp` under torchrun.
 
-    torchrun --nproc_per_node=2 -m lmloop.cli train CONFIG.yaml --data D --out R --parallel fsdp
-
-PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every parameter along dim 0 into a
-DTensor, one shard per process: each Transformer block is its own unit (gathered just before its
-forward/backward, freed after), the root unit holds the embedding, the final norm and `lm_head`
-(so a tied `lm_head` stays tied). FSDP2 runs on CPU with gloo as well as on CUDA with NCCL, which
-is why there is no FSDP1 fallback here. Its reduce-scatter averages gradients over processes,
-exactly as DDP's all-reduce does, so the loop's loss scaling is the same for both.
-
-Checkpoints stay in the single-process format: `full_model_state` and `full_optimizer_state`
-gather each sharded tensor in turn (a collective every process must call, in the same order) and
-keep the full CPU copy on rank 0 only, which writes it; `shard_optimizer_state` cuts a full
-optimizer state back into this process's shards on resume. A checkpoint therefore resumes under
-any world size, with DDP, FSDP or one process, and `--model RUN_DIR` reads it as any other.
-"""
+PyTorch's FSDP2 (`fully_shard`) shards each Transformer block, then the root (embedding, final
+norm, `lm_head`, so a tied head stays tied), on gloo or NCCL, which is why there is no FSDP1
+fallback (docs/train.md). Checkpoints stay in the single-process format: `full_model_state` and
+`full_optimizer_state` gather each sharded tensor in turn (a collective every process must call,
+in the same order) and keep the full CPU copy on rank 0 only; `shard_optimizer_state` cuts a
+full optimizer state back into this process's shards on resume."""
 
 from __future__ import annotations
 

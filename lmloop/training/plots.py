@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from lmloop.artifacts import atomic_write
+from lmloop.artifacts import pyplot, write_png
 from lmloop.log import read_metrics
 
 
 def plot_curves(run_dir: Path) -> None:
     """RUN_DIR/curves.png: loss, perplexity (log scale) and learning rate by step, train and
     validation."""
-    # matplotlib is imported here, not at the top: it costs about a second, and only the end
-    # of a run with plot=true draws
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recs = read_metrics(run_dir / "metrics.jsonl")
     if not recs:
         return
+    plt = pyplot()
     rewards = [r for r in recs if "rewards/chosen" in r or "rewards/margin" in r]
     fig, axes = plt.subplots(1, 4 if rewards else 3, figsize=(18 if rewards else 14, 3.6))
     a, p, b = axes[:3]
@@ -59,7 +52,4 @@ def plot_curves(run_dir: Path) -> None:
         c.legend(loc="upper left")
         c.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(run_dir / "curves.png", buf.getvalue())
+    write_png(fig, run_dir / "curves.png", dpi=100)
