@@ -17,10 +17,15 @@ is one the shipped model already mostly meets), in one process run:
    the gate's judge learns from the feedback alone. A promoted version is hot-reloaded by the
    running server and the held-out questions are asked again: compliance after, as served.
 
-Controls in the same run, from a fresh v1 and the `ask-back` family's store: the plain-text recipe
-(`recipe=text`) and a coin-flip store (each corrected exchange's answer and rewrite, the preferred
-one chosen by a coin, thumbs to match). The default gate must refuse both, and for what they
-lack (`refused_for`: no signal, no win, no gain), not for a base-perplexity rise alone.
+Controls in the same run, from a fresh v1: from the `ask-back` family's store, the plain-text
+recipe (`recipe=text`) and a coin-flip store (each corrected exchange's answer and rewrite, the
+preferred one chosen by a coin, thumbs to match); from the `one-paragraph` store, its thumbs
+shuffled across its answers (as many up and down, none tied to its answer). The default gate
+must refuse all three, and for what they lack (`refused_for`: no signal, no win, no gain,
+degenerate answers), not for a base-perplexity rise alone.
+
+A correcting family's users hold `--conversations` conversations; a thumbs-only family's twice
+as many (a thumb costs a user less than a rewrite).
 
 The rules are the benchmark's answer key: the gate never sees them. The base corpus that guards
 general ability is the TinyStories sample in ../shared/data, in SmolLM2's tokens.
@@ -114,6 +119,30 @@ def coin_store(src: Path, dst: Path, seed: int = 0) -> int:
     return n
 
 
+def shuffled_thumbs_store(src: Path, dst: Path, seed: int = 0) -> int:
+    """The thumbs-only control: every thumbed answer of `src`, its thumb drawn from the store's
+    own thumbs shuffled (as many up and down as the users gave, none tied to its answer)."""
+    from lmloop.feedback.store import FeedbackStore
+
+    rng = random.Random(seed)
+    with FeedbackStore(src, create=False) as a, FeedbackStore(dst) as b:
+        rated = []
+        for resp in a.responses():
+            thumbs = [f["thumb"] for f in a.feedback_for(resp["id"]) if f["thumb"]]
+            if thumbs:
+                rated.append((resp, thumbs[-1]))
+        labels = [t for _, t in rated]
+        rng.shuffle(labels)
+        for (resp, _), thumb in zip(rated, labels):
+            b.record_exchange(messages=a.thread(resp["prompt_message_id"]),
+                              response_text=a.message_text(resp["message_id"]) or "",
+                              response_id=resp["id"], model_name="assistant",
+                              model_version=resp["model_version"], checkpoint_sha="x", params={},
+                              prompt_tokens=1, completion_tokens=1, latency_ms=1.0)  # fmt: skip
+            b.add_feedback(resp["id"], thumb=thumb)
+    return len(rated)
+
+
 def cycle(name: str, db: Path, base: Path, work: Path, **kw) -> dict:
     """One `lmloop loop` cycle at the shipped defaults (`kw`: the controls' recipe/promote)."""
     from lmloop.errors import UserError
@@ -188,7 +217,11 @@ def family_run(family_name: str, args, base: Path, work: Path, env: dict) -> dic
         before = answer_all(url, name, held, max_tokens=args.answer_tokens)
         out["before"] = sum(family.complies(a) for _, a, _ in before) / len(before)
         t = time.monotonic()
-        topics = (TRAIN_TOPICS * 4)[: args.conversations]
+        # thumbs are cheaper to give than rewrites: a thumbs-only family's users hold twice the
+        # conversations (at 64 its judge had 17 held-out thumbs, too few to vote: AUC 0.76
+        # [0.46, 0.98]; at 128, 35, and it voted: 0.72 [0.52, 0.89])
+        n = args.conversations * (1 if family.correct else 2)
+        topics = (TRAIN_TOPICS * 8)[:n]
         ex = converse(url, name, topics, max_tokens=args.collect_tokens, family=family)
         out["collect"] = {"conversations": len(ex), "complied": sum(e.complied for e in ex),
                           "thumbs_up": sum(e.thumb == "up" for e in ex),
@@ -220,7 +253,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    ap.add_argument("--conversations", type=int, default=64)
+    ap.add_argument(
+        "--conversations",
+        type=int,
+        default=64,
+        help="conversations per correcting family (a thumbs-only family: twice)",
+    )
     ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--collect-tokens", type=int, default=80, help="answer length while collecting")
     ap.add_argument("--answer-tokens", type=int, default=160, help="held-out answers, as the gate")
@@ -270,7 +308,16 @@ def main() -> None:
         figures["coin_pairs"] = coin_store(store, coin)
         figures["coin_control"] = cycle("control", coin, base.out, work / "loop-coin",
                                         promote=False)  # fmt: skip
-        for name in ("text_control", "coin_control"):
+        if "one-paragraph" in figures["families"]:
+            thumbs = work / "coin-thumbs.db"
+            figures["coin_thumbs"] = shuffled_thumbs_store(
+                Path(figures["families"]["one-paragraph"]["db"]), thumbs
+            )
+            figures["thumbs_control"] = cycle("control", thumbs, base.out, work / "loop-thumbs",
+                                              promote=False)  # fmt: skip
+        for name in ("text_control", "coin_control", "thumbs_control"):
+            if name not in figures:
+                continue
             figures[name]["refused_for"] = refused_for(figures[name], gate.min_effect,
                                                        gate.min_heldout)  # fmt: skip
         save()
@@ -297,7 +344,7 @@ def print_table(f: dict) -> None:
         base = f"{c['base_change']:+.1%}" if "base_change" in c else "-"
         rows.append((fam, f"{r['before']:.0%} -> {r['after']:.0%}", str(c["promoted"]),
                      judge or "-", win, deg, base, f"{c['seconds'] / 60:.1f}"))  # fmt: skip
-    for name in ("text_control", "coin_control"):
+    for name in ("text_control", "coin_control", "thumbs_control"):
         c = f.get(name)
         if c:
             rows.append((name, "-", f"{c['promoted']} (passed={c['passed']})", "-", "-", "-",
@@ -306,7 +353,7 @@ def print_table(f: dict) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-    for name in ("text_control", "coin_control"):
+    for name in ("text_control", "coin_control", "thumbs_control"):
         if f.get(name):
             lacked = f[name].get("refused_for")
             verdict = f"refused for {lacked}" if lacked else "NOT refused for what a control lacks"
