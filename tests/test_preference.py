@@ -313,12 +313,20 @@ def train(*args: str) -> int:
     return main(["train", *args])
 
 
-@pytest.mark.parametrize("task,lora", [("dpo", False), ("dpo", True), ("kto", False)])
-def test_preference_run_learns_and_logs_rewards(tmp_path, tok, task, lora):
+@pytest.mark.parametrize(
+    "task,lora,precision",
+    [("dpo", False, "fp32"), ("dpo", True, "fp32"), ("kto", False, "fp32"), ("dpo", True, "bf16"),
+     ("kto", False, "bf16")],
+)  # fmt: skip
+def test_preference_run_learns_and_logs_rewards(tmp_path, tok, task, lora, precision):
+    """Under bf16 the reference is scored in the policy's precision: before the first step the
+    two give the same log-probs, so the rewards start at 0 (the LoRA reference: adapters off;
+    full fine-tuning: a frozen copy)."""
     data = _pref_records(tmp_path / f"{task}.jsonl", task)
     model = _model_dir(tmp_path / "m", tok)
     run = tmp_path / "run"
     extra = ["lora.r=4", "lora.alpha=8", "optim.lr=2e-2"] if lora else ["optim.lr=3e-3"]
+    extra.append(f"precision={precision}")
     rc = train("--data", str(data), "--init-from", str(model), "--out", str(run),
                "--max-steps", "12", "eval.every=6", "log_every=1", "batch.micro_batch=4",
                "batch.global_batch=8", "pref.beta=0.5", "schedule.warmup_steps=1", "batch.seq_len=64", *extra)  # fmt: skip
@@ -470,3 +478,19 @@ def test_bad_preference_inputs_fail_in_one_line(tmp_path, tok, capsys):
         assert train(*args, "--out", str(tmp_path / f"r{i}")) == 2, want
         assert want in _err(capsys), want
         assert not (tmp_path / f"r{i}").exists()
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from lmloop.training import run as tr
+
+    cpu = torch.device("cpu")
+    for flags, bf16 in [("flags : fpu avx2 avx512f avx512_vnni", False),
+                        ("flags : fpu avx2 avx512_bf16", True), ("flags : fpu amx_bf16", True)]:  # fmt: skip
+        monkeypatch.setattr(tr, "cpu_flags", lambda f=flags: f)
+        with tr.autocast("auto", cpu)():
+            assert torch.is_autocast_enabled("cpu") is bf16
+        with tr.autocast("fp32", cpu)():
+            assert not torch.is_autocast_enabled("cpu")
+        with tr.autocast("bf16", cpu)():
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert torch.is_autocast_enabled("cpu")

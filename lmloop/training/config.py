@@ -169,6 +169,11 @@ class TrainConfig:
         "optimizer state sharded over the processes); no effect in one process",
     )
     compile: bool = param(False, "torch.compile the model (falls back to eager if it fails)")
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto",
+        "the forward's autocast (weights and optimizer stay fp32): auto is bf16 on CUDA and on a "
+        "CPU with native bf16 (avx512_bf16 or AMX), fp32 on other CPUs",
+    )
     peak_tflops: float | None = param(
         None, "peak TFLOP/s per process for MFU; None: known GPUs only"
     )

@@ -187,18 +187,28 @@ def _adapters_off(model: torch.nn.Module):
 class Reference:
     """log-probs under the starting model: adapters off (LoRA) or a frozen copy."""
 
-    def __init__(self, policy: nn.Module, frozen: nn.Module | None):
-        self.policy, self.frozen = policy, frozen
+    def __init__(
+        self,
+        policy: nn.Module,
+        frozen: nn.Module | None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        # the policy's autocast: under bf16 the reference scored in fp32 would put the two
+        # apart by the precision's error before any step
+        self.policy, self.frozen, self.autocast = policy, frozen, autocast
 
     @torch.no_grad()
     def logps(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen is not None:
-            return sequence_logps(self.frozen(x), y)
+            with self.autocast():
+                logits = self.frozen(x)
+            return sequence_logps(logits, y)
         was = self.policy.training
         self.policy.eval()  # no LoRA dropout in the reference
         try:
-            with _adapters_off(self.policy):
-                return sequence_logps(self.policy(x), y)
+            with _adapters_off(self.policy), self.autocast():
+                logits = self.policy(x)
+            return sequence_logps(logits, y)
         finally:
             self.policy.train(was)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from lmloop.engine.kernels import cpu_flags
 from lmloop.errors import UserError
 from lmloop.log import MetricsWriter
 from lmloop.models import FAMILIES, build_model, num_params
@@ -350,8 +351,10 @@ def place(r: Run, state: dict | None, frozen_ref: torch.nn.Module | None) -> Non
         log.info("FSDP: weights, gradients and optimizer state sharded over %d processes", d.world)
     r.raw = r.model = raw
     r.opts = build_optimizers(raw, r.cfg.optim)
+    r.autocast = autocast(r.cfg.precision, d.device)
     if r.preference:
-        r.obj.reference = tob.Reference(raw, frozen_ref.to(d.device) if frozen_ref else None)
+        frozen = frozen_ref.to(d.device) if frozen_ref else None
+        r.obj.reference = tob.Reference(raw, frozen, r.autocast)
         visits = r.cfg.max_steps * r.cfg.batch.global_batch
         if isinstance(r.obj, tob.DPOObjective) and visits > len(r.obj.rows):
             log.info("the reference model scores the %d training pairs once", len(r.obj.rows))
@@ -363,9 +366,29 @@ def place(r: Run, state: dict | None, frozen_ref: torch.nn.Module | None) -> Non
     if r.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    r.autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if r.cuda else contextlib.nullcontext
-    )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: CUDA, or a CPU with avx512_bf16 or AMX. On those CPUs bf16
+    autocast ran a SmolLM2-135M LoRA step (4 x 256 tokens, forward and backward) in 2.6 s against
+    4.1 s in fp32 (an AMD EPYC with avx512_bf16, 2 cores, same process); a CPU without them
+    emulates bf16, slower than fp32."""
+    if device.type == "cuda":
+        return True
+    flags = cpu_flags().split()
+    return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def autocast(
+    precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The forward's autocast: bf16 where asked, or (auto) where the hardware has it."""
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+            log.warning("precision=bf16 on a CPU without native bf16: slower than fp32")
+        log.info("bf16 autocast on %s", device.type)
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def write_meta(r: Run, status: str, checkpoints: list[dict[str, Any]]) -> None:
