@@ -32,20 +32,24 @@ from lmloop.server.upstream_checks import insecure_warning
 KEY = "sk-upstream-test-42"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
 
+# The reload command of every proxy here: `python reload.py {path} {version} {url}`. It refuses
+# (exit 3) while a file `fail` or `fail-PORT` exists beside it, else asks the replica at URL to
+# load PATH and appends "PORT VERSION PATH" to `marker`.
 RELOAD = """
 import pathlib, sys, httpx
-path, version = sys.argv[1], sys.argv[2]
+path, version, url = sys.argv[1:4]
+port = url.rsplit(":", 1)[1]
 here = pathlib.Path(__file__).parent
-if (here / "fail").exists():
+if (here / "fail").exists() or (here / f"fail-{port}").exists():
     print("refusing on purpose")
     sys.exit(3)
-r = httpx.post("{url}/admin/reload", json={{"model": path, "name": "up"}},
-               headers={{"authorization": "Bearer {key}"}}, timeout=120)
+r = httpx.post(url + "/admin/reload", json={"model": path, "name": "up"},
+               headers={"authorization": "Bearer KEY"}, timeout=120)
 if r.status_code != 200:
     print(r.text)
     sys.exit(1)
 with open(here / "marker", "a") as f:
-    f.write(version + " " + path + "\\n")
+    f.write(f"{port} {version} {path}\\n")
 """
 
 
@@ -63,14 +67,14 @@ def setup(tmp_path_factory):
     # a random tiny model's near-tied logits can then round (or even pick) differently
     up = Server(tmp / "m1", tmp / "up", "--model-name", "up", "--prefix-cache-mb", "0",
                 api_key=KEY)  # fmt: skip
-    (tmp / "reload.py").write_text(RELOAD.format(url=up.url, key=KEY))
+    (tmp / "reload.py").write_text(RELOAD.replace("KEY", KEY))
     proxy = None
     try:
         up.wait_ready()
         proxy = Server(
             "registry:tiny", tmp / "proxy",
             "--upstream", up.url, "--upstream-key", KEY, "--upstream-model", "up",
-            "--upstream-reload", f"{sys.executable} {tmp / 'reload.py'} {{path}} {{version}}",
+            "--upstream-reload", f"{sys.executable} {tmp / 'reload.py'} {{path}} {{version}} {{url}}",
             "--upstream-format", "hf", "--registry-poll", "0.3",
         )  # fmt: skip
         proxy.wait_ready()
@@ -166,7 +170,7 @@ def test_promotion_reloads_the_upstream_and_relabels(setup):
     reg.promote("tiny", "v2")
     _wait(lambda: _versions(proxy)["serving"] == "v2", "the proxy to serve v2")
     marker = (tmp / "marker").read_text().split()
-    assert marker[0] == "v2" and marker[1].endswith("v2-hf")  # the exported HF folder
+    assert marker[1] == "v2" and marker[2].endswith("v2-hf")  # the exported HF folder
     after = _answers(direct, "up")
     assert after["completion"] != before["completion"]  # the upstream runs the new weights
     assert _answers(via, "tiny") == after
@@ -492,24 +496,6 @@ def test_several_upstreams_are_checked_at_start(named, capsys):
     assert f"the upstream {dead} does not answer" in capsys.readouterr().err
 
 
-RELOAD_EACH = """
-import pathlib, sys, httpx
-path, version, url = sys.argv[1:4]
-port = url.rsplit(":", 1)[1]
-here = pathlib.Path(__file__).parent
-if (here / f"fail-{port}").exists():
-    print("refusing on purpose")
-    sys.exit(3)
-r = httpx.post(url + "/admin/reload", json={"model": path, "name": "up"},
-               headers={"authorization": "Bearer KEY"}, timeout=120)
-if r.status_code != 200:
-    print(r.text)
-    sys.exit(1)
-with open(here / "marker", "a") as f:
-    f.write(port + " " + version + "\\n")
-"""
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Two `lmloop serve` replicas of v1 and a proxy in front of both, reloading each one by
@@ -519,7 +505,7 @@ def pair(tmp_path_factory):
     for seed in (1, 2, 3):
         reg.register("tiny", make_tiny_model(tmp / f"m{seed}", seed=seed))
     reg.promote("tiny", "v1")
-    (tmp / "reload.py").write_text(RELOAD_EACH.replace("KEY", KEY))
+    (tmp / "reload.py").write_text(RELOAD.replace("KEY", KEY))
     ups, proxy = [], None
     try:
         for i in range(2):
@@ -576,8 +562,8 @@ def test_a_promotion_one_replica_fails_keeps_the_old_version_everywhere(pair):
     assert "v1 keeps serving" in prom["error"] and "not on" not in prom["error"]
     # replica 0 took v2 and was restarted on v1 again; replica 1 never moved
     assert [_greedy(d, "up") for d in directs] == [v1, v1]
-    marker = (tmp / "marker").read_text().split("\n")
-    assert marker[:2] == [f"{ups[0].port} v2", f"{ups[0].port} v1"]
+    marker = [line.split()[:2] for line in (tmp / "marker").read_text().splitlines()]
+    assert marker[:2] == [[str(ups[0].port), "v2"], [str(ups[0].port), "v1"]]
     assert _versions(proxy)["serving"] == "v1"
     for _ in range(4):  # both replicas in turn, each labelled with the version it runs
         assert _greedy(via, "tiny") == v1
@@ -589,8 +575,8 @@ def test_a_promotion_one_replica_fails_keeps_the_old_version_everywhere(pair):
     assert prom["state"] == "live", prom
     v3 = _greedy(directs[0], "up")
     assert v3 != v1 and _greedy(directs[1], "up") == v3
-    assert sorted((tmp / "marker").read_text().split("\n")[2:4]) == sorted(
-        [f"{ups[0].port} v3", f"{ups[1].port} v3"])  # fmt: skip
+    marker = [line.split()[:2] for line in (tmp / "marker").read_text().splitlines()]
+    assert sorted(marker[2:4]) == sorted([[str(ups[0].port), "v3"], [str(ups[1].port), "v3"]])
     assert _greedy(via, "tiny") == v3
     resp = via.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
     assert resp.model_version == "v3"
