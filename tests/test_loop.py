@@ -407,7 +407,11 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(
             assert json.dumps(doc)[1:-1] not in f.read_text(), f  # ...and none reached training
     state = json.loads((cycle / "state.json").read_text())
     assert state["results"]["prepare"]["dropped"]["contaminated"] >= len(planted)
-    assert state["results"]["prepare"]["counts"]["replay"] > 0
+    counts = state["results"]["prepare"]["counts"]
+    assert counts["replay"] > 0 and counts["dpo_replay"] > 0 and counts["kto_replay"] > 0
+    # the preference stage trained with its replay term (a document beside each pair)
+    logged = [json.loads(x) for x in (cycle / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["nll/replay"] > 0 for r in logged if "loss" in r)
     # and what the decision says is what the registry's lineage keeps
     assert main(["models", "show", "demo", "v2", "--registry", str(reg_root)]) == 0
     shown = capsys.readouterr().out

@@ -39,12 +39,17 @@ LOOP_TRAIN = TrainConfig(
     schedule=ScheduleSpec(kind="cosine", warmup_steps=3, min_lr_ratio=0.1),
     batch=BatchSpec(seq_len=256, micro_batch=4, global_batch=8),
     eval=EvalSpec(every=0, batches=4, val_fraction=0.1),
-    # Adapters on attention only. On every projection (the MLP's too) the three-points family
-    # (a numbered list of exactly three points) went 0% -> 79% as served where attention alone
-    # reached 33%, but ask-back's DPO stage then raised base perplexity 5.0% (SFT alone: -3.0%;
-    # DPO beta 0.3: +2.7%) and the gate refused it, where attention alone promoted it at 79%
-    # (BENCHMARKS.md, the loop). `train.lora.targets` adds the MLP's for a user who wants it.
-    lora=LoraSpec(r=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    # Adapters on every projection. On attention alone the three-points family (a numbered list
+    # of exactly three points) reached 33% of held-out prompts as served; with the MLP's too,
+    # 94% of the gate's prompts, but ask-back's DPO stage then raised base perplexity 5.0%
+    # (beta 0.5: +2.3%) and the gate refused it. The preference stage's replay term
+    # (`pref.replay_weight`, documents from `replay`) took that to -3.0%, promoted, 100%
+    # (BENCHMARKS.md, the loop).
+    lora=LoraSpec(
+        r=16,
+        alpha=32.0,
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),  # fmt: skip
     sft=SFTSpec(turns="last"),
     # RPO: DPO alone pushes the long rejected answers down faster than it keeps the preferred
     # ones likely, and drifts to degenerate text that games a rule ("What's a penguin?"); the
@@ -122,8 +127,9 @@ class LoopConfig:
         "answers, else kto",
     )
     replay: float = param(
-        0.2, "share of the SFT stage's records that are base-corpus train documents (guards "
-        "general ability; 0: none)"
+        0.2, "share of the SFT stage's records that are base-corpus train documents; the "
+        "preference stage adds other documents' cross-entropy beside its pairs or examples "
+        "(train.pref.replay_*); both guard general ability; 0: neither"
     )  # fmt: skip
     base_weight: float = param(1.0, "text recipe: mixing weight of the base corpus")
     feedback_weight: float = param(4.0, "text recipe: mixing weight of the feedback text")

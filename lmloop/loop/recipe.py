@@ -140,8 +140,9 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     files, counts = {}, {}
     dropped = {"contaminated": 0, "filtered": 0}
+    replayed = 0  # base train documents the SFT records took; the preference files take the next
     for fmt in ("sft", "dpo", "kto"):
-        kept = []
+        kept, extra = [], []
         for line in Path(exported["files"][fmt]["train"]).read_text("utf-8").splitlines():
             rec = json.loads(line)
             if contaminated(rec):
@@ -153,10 +154,19 @@ def prepare(
         if fmt == "sft" and kept and cfg.replay > 0 and cfg.recipe == "preference":
             want = round(len(kept) * cfg.replay / (1 - cfg.replay))
             replay = [{"text": d} for d in _base_docs(cfg.base_data, "train", want)]
-            counts["replay"] = len(replay)
+            counts["replay"] = replayed = len(replay)
             kept = kept + replay
+        elif fmt != "sft" and kept and cfg.replay > 0 and cfg.recipe == "preference":
+            # the preference stage's replay term (`train.pref.replay_*`): a fresh document for
+            # each one the run takes, read as text records by `lmloop train`
+            pref = cfg.train.pref
+            want = -(-cfg.pref_steps * cfg.train.batch.global_batch // pref.replay_every)
+            docs = _base_docs(cfg.base_data, "train", replayed + want)[replayed:]
+            extra = [{"text": d} for d in docs]
+            counts[f"{fmt}_replay"] = len(extra)
         files[fmt] = out_dir / f"{fmt}.jsonl"
-        files[fmt].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in kept + extra]
+        files[fmt].write_text("".join(lines))
         counts[fmt] = len(kept)
     if cfg.recipe == "text":  # the feedback's liked/corrected answers as plain documents
         sft = [json.loads(x) for x in files["sft"].read_text("utf-8").splitlines()]
@@ -178,7 +188,8 @@ def pref_task(cfg: LoopConfig, counts: dict[str, int], prepared: Path) -> str | 
     times and raised base perplexity 3.8%)."""
     pairs, thumbs = counts.get("dpo", 0), counts.get("kto", 0)
     labels = (
-        {json.loads(x)["label"] for x in prepared.read_text("utf-8").splitlines() if x.strip()}
+        {rec["label"] for x in prepared.read_text("utf-8").splitlines()
+         if x.strip() and "label" in (rec := json.loads(x))}
         if thumbs else set()
     )  # fmt: skip
     kto_ok = len(labels) == 2

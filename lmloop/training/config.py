@@ -116,6 +116,15 @@ class PreferenceSpec:
         0.0, "DPO: weight of a cross-entropy term on the chosen answers' tokens (RPO; keeps the "
         "preferred answers likely while their margin grows; TRL: loss_type=[sigmoid, sft])"
     )  # fmt: skip
+    replay_weight: float = param(
+        1.0, "weight of the cross-entropy on the data's {\"text\"} records (replayed base-corpus "
+        "documents) beside the pairs or examples (InstructGPT's pretraining mix: the "
+        "preference is not bought with general text)"
+    )  # fmt: skip
+    replay_every: int = param(
+        4, "one replayed document beside every N pairs or examples (1: one each; a document "
+        "of 256 tokens costs about as much as two 64-token answers with their prompts)"
+    )  # fmt: skip
     desirable_weight: float = param(1.0, "KTO: weight of desirable (thumbs-up) examples")
     undesirable_weight: float = param(1.0, "KTO: weight of undesirable (thumbs-down) examples")
 
@@ -126,6 +135,10 @@ class PreferenceSpec:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.replay_weight < 0:
+            raise ValueError(f"replay_weight must be >= 0, got {self.replay_weight}")
+        if self.replay_every < 1:
+            raise ValueError(f"replay_every must be >= 1, got {self.replay_every}")
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ValueError("desirable_weight and undesirable_weight must be > 0")
 

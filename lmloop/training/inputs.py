@@ -165,6 +165,11 @@ def build_objective(
     kind = tob.DPOObjective if task == "dpo" else tob.KTOObjective
     extra = {"tokenizer": tokenizer, "seq_len": seq} if task == "kto" else {}
     obj = kind(kind.tokenize(tr_recs, tokenizer, seq), pad_id, cfg.seed, cfg.pref, **extra)
+    docs = tob.read_replay(cfg.data)
+    if docs and cfg.pref.replay_weight > 0:
+        rows = td.tokenize_records(docs, tokenizer, seq)
+        if rows:
+            obj.replay = tob.Replay(rows, pad_id, cfg.pref.replay_weight, cfg.pref.replay_every)
     val_rows = kind.tokenize(val_recs, tokenizer, seq)[: cfg.eval.batches * mb]
     val = [obj.collate(val_rows[i : i + mb]) for i in range(0, len(val_rows), mb)]
     if task == "kto":  # a KL estimate needs two examples: fold a lone last one back in

@@ -98,12 +98,24 @@ def _same_kind(prompt: _Prompt, completion: Any, where: str, hint: str) -> None:
         )
 
 
+def _is_text(rec: dict) -> bool:
+    """A {"text"} record: a replayed document, not a preference (see `read_replay`)."""
+    return set(rec) == {"text"} and isinstance(rec["text"], str)
+
+
+def read_replay(path: str | Path) -> list[str]:
+    """The {"text"} records of a preference file: documents for the replay term."""
+    return [rec["text"] for _, rec in read_jsonl(path) if isinstance(rec, dict) and _is_text(rec)]
+
+
 def read_pairs(path: str | Path) -> list[tuple[_Prompt, Any, Any]]:
     """DPO records: (prompt, chosen, rejected)."""
     out = []
     for where, rec in read_jsonl(path):
         if not isinstance(rec, dict):
             raise UserError(f"{where}: a record must be a JSON object", hint=_DPO_HINT)
+        if _is_text(rec):
+            continue
         for key in ("chosen", "rejected"):
             if key not in rec:
                 raise UserError(f"{where}: DPO record without '{key}'", hint=_DPO_HINT)
@@ -122,6 +134,8 @@ def read_unpaired(path: str | Path) -> list[tuple[_Prompt, Any, bool]]:
     for where, rec in read_jsonl(path):
         if not isinstance(rec, dict):
             raise UserError(f"{where}: a record must be a JSON object", hint=_KTO_HINT)
+        if _is_text(rec):
+            continue
         if not isinstance(rec.get("label"), bool):
             raise UserError(f"{where}: KTO record needs a boolean 'label'", hint=_KTO_HINT)
         if "completion" not in rec:
@@ -343,6 +357,30 @@ def keep_eos(ids: list[int], n: int) -> list[int]:
     return ids if len(ids) <= n else ids[: n - 1] + ids[-1:]
 
 
+class Replay:
+    """Replayed documents beside a preference batch (InstructGPT's pretraining mix): the batch's
+    loss gains `weight` x (the documents' mean next-token cross-entropy) per unit, so a
+    preference stage that pushes its rejected answers down is not free to push general text down
+    with them. Every `every`-th sample i of the run brings row (i // every) mod len(rows), so a
+    resumed run sees the same rows, and a micro-batch without one adds nothing."""
+
+    def __init__(self, rows: list[tuple[list, list]], pad_id: int, weight: float, every: int = 1):
+        self.rows, self.pad_id, self.weight, self.every = rows, pad_id, weight, every
+
+    def batch(self, samples: range | list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        picked = [self.rows[(i // self.every) % len(self.rows)] for i in samples
+                  if i % self.every == 0]  # fmt: skip
+        return pad_rows(picked, self.pad_id) if picked else None
+
+    def add(self, st: Step, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast():
+            logits = fwd(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        st.stats["nll/replay"] = float(nll.detach()) * st.units
+        return Step(st.loss_sum + self.weight * st.units * nll, st.units, st.stats)
+
+
 class DPOObjective:
     """Pairs -> rows [chosen_1..k, rejected_1..k]; per-pair loss against the reference."""
 
@@ -355,6 +393,7 @@ class DPOObjective:
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
         self.index = Permuted(len(rows), seed)
         self.ref_logps: torch.Tensor | None = None
+        self.replay: Replay | None = None
 
     @classmethod
     def tokenize(cls, records, tokenizer: Tokenizer, seq_len: int) -> list[tuple[tuple, tuple]]:
@@ -366,15 +405,18 @@ class DPOObjective:
                 out.append((c, r))
         return out
 
-    def collate(self, pairs: list[tuple[tuple, tuple]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)
+    def collate(self, pairs: list[tuple[tuple, tuple]]) -> Any:
+        """(x, y, None, None): rows [chosen_1..k, rejected_1..k], as `batch` gives them."""
+        return (*pad_rows([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id), None, None)
 
     def batch(self, samples: range | list[int]) -> Any:
+        """(x, y, the reference's log-probs if precomputed else None, replay rows or None)."""
         idx = [self.index(i) for i in samples]
-        x, y = self.collate([self.rows[j] for j in idx])
-        if self.ref_logps is None:
-            return x, y
-        return x, y, torch.cat((self.ref_logps[idx, 0], self.ref_logps[idx, 1]))
+        x, y = self.collate([self.rows[j] for j in idx])[:2]
+        ref = None
+        if self.ref_logps is not None:
+            ref = torch.cat((self.ref_logps[idx, 0], self.ref_logps[idx, 1]))
+        return x, y, ref, self.replay.batch(samples) if self.replay else None
 
     def precompute_reference(self, chunk: int = 8) -> None:
         """The reference's log-probs of every training pair, once, in index order (so a resumed
@@ -384,7 +426,7 @@ class DPOObjective:
         out = []
         for i in range(0, len(self.rows), chunk):
             rows = self.rows[i : i + chunk]
-            x, y = (t.to(device) for t in self.collate(rows))
+            x, y = (t.to(device) for t in self.collate(rows)[:2])
             ref, _ = self.reference.logps(x, y)
             out.append(torch.stack((ref[: len(rows)], ref[len(rows) :]), dim=1).cpu())
         self.ref_logps = torch.cat(out)
@@ -398,11 +440,14 @@ class DPOObjective:
         with autocast():
             logits = fwd(x)
         logps, n = sequence_logps(logits, y)
-        if len(batch) > 2:  # precomputed
+        if batch[2] is not None:  # precomputed
             ref = batch[2].to(device)
         else:
             ref, _ = self.reference.logps(x, y)
-        return self.loss(logps, ref, n)
+        st = self.loss(logps, ref, n)
+        if batch[3] is not None:
+            st = self.replay.add(st, fwd, batch[3], device, autocast)
+        return st
 
     def loss(self, logps: torch.Tensor, ref: torch.Tensor, n: torch.Tensor) -> Step:
         k = logps.shape[0] // 2
@@ -439,6 +484,7 @@ class KTOObjective:
         self.rows, self.pad_id, self.spec, self.reference = rows, pad_id, spec, reference
         self.tokenizer, self.seq_len = tokenizer, seq_len
         self.index = Permuted(len(rows), seed)
+        self.replay: Replay | None = None
 
     @classmethod
     def tokenize(
@@ -452,9 +498,10 @@ class KTOObjective:
                 out.append((row, (prompt, completion), label))
         return out
 
-    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Matched rows, then each prompt with the previous item's completion (TRL's KL pairs:
-        TRL rotates the completions by one, x_1 with y_k, x_2 with y_1, ...)."""
+    def collate(self, items: list) -> Any:
+        """(x, y, labels, None): matched rows, then each prompt with the previous item's
+        completion (TRL's KL pairs: TRL rotates the completions by one, x_1 with y_k, x_2 with
+        y_1, ...)."""
         k = len(items)
         matched = [row for row, _, _ in items]
         mismatched = []
@@ -464,24 +511,29 @@ class KTOObjective:
             row = _cut(encode_completion(self.tokenizer, prompt, completion), self.seq_len)
             mismatched.append(row if row is not None else matched[nxt])
         x, y = pad_rows(matched + mismatched, self.pad_id)
-        return x, y, torch.tensor([lab for _, _, lab in items], dtype=torch.bool)
+        return x, y, torch.tensor([lab for _, _, lab in items], dtype=torch.bool), None
 
     def batch(self, samples: range | list[int]) -> Any:
-        return self.collate([self.rows[self.index(i)] for i in samples])
+        """`collate`'s batch with the replay rows (or None) last."""
+        x, y, labels, _ = self.collate([self.rows[self.index(i)] for i in samples])
+        return x, y, labels, self.replay.batch(samples) if self.replay else None
 
     @staticmethod
     def units(batch: Any) -> float:
         return float(batch[2].shape[0])
 
     def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
-        x, y, labels = batch
+        x, y, labels, replay = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         k = labels.shape[0]
         with autocast():
             logits = fwd(x)
         logps, _ = sequence_logps(logits, y)
         ref, _ = self.reference.logps(x, y)
-        return self.loss(logps[:k], ref[:k], logps[k:].detach(), ref[k:], labels.to(x.device))
+        st = self.loss(logps[:k], ref[:k], logps[k:].detach(), ref[k:], labels.to(x.device))
+        if replay is not None:
+            st = self.replay.add(st, fwd, replay, device, autocast)
+        return st
 
     def loss(self, logps, ref, kl_logps, kl_ref, labels) -> Step:
         s = self.spec
@@ -514,6 +566,8 @@ def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
         if nc and nr:
             out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
         out["kl"] = stats["kl"] / units if units else 0.0
+        if "nll/replay" in stats and units:
+            out["nll/replay"] = stats["nll/replay"] / units
         return out
     return {k: v / units for k, v in stats.items()} if units else {}
 
