@@ -76,7 +76,8 @@ def train_config(args, data: Path, out: Path, **over):
     from lmloop.stages.train import TrainConfig
 
     argv = [str(CONFIG), "--data", str(data), "--out", str(out), "plot=false",
-            f"max_steps={args.steps}", f"log_every={max(1, args.steps // 10)}"]  # fmt: skip
+            f"max_steps={args.steps}", f"log_every={max(1, args.steps // 10)}",
+            "precision=fp32"]  # like for like with the fp32 peer (auto may pick bf16 here)  # fmt: skip
     argv += [f"{k}={v}" for k, v in over.items()]
     return parse_args(TrainConfig, argv)
 

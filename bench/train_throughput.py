@@ -88,6 +88,7 @@ def time_lmloop(data: Path, out: Path, steps: int) -> list[float]:
         f"model.intermediate_size={INTER}", f"model.num_layers={LAYERS}",
         f"model.num_heads={HEADS}", f"batch.seq_len={SEQ}", f"batch.micro_batch={BATCH}",
         f"batch.global_batch={BATCH}", "schedule.warmup_steps=2",
+        "precision=fp32",  # like for like: the others run fp32 (auto may pick bf16 on this CPU)
     ])  # fmt: skip
     run(cfg)
     return [r["ms"] / 1000 for r in read_metrics(out / "metrics.jsonl")]
