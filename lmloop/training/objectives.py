@@ -373,10 +373,8 @@ class Replay:
         return pad_rows(picked, self.pad_id) if picked else None
 
     def add(self, st: Step, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        with autocast():
-            logits = fwd(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        lm = LMObjective(None).step(fwd, batch, device, autocast)  # the documents' token sum
+        nll = lm.loss_sum / max(lm.units, 1.0)
         st.stats["nll/replay"] = float(nll.detach()) * st.units
         return Step(st.loss_sum + self.weight * st.units * nll, st.units, st.stats)
 
