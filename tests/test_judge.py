@@ -89,6 +89,23 @@ def test_batched_features_equal_one_at_a_time_and_the_hook_is_gone(model, tok):
         torch.testing.assert_close(model(x), before)
 
 
+def test_the_gates_precision_reaches_the_features(model, tok):
+    """`gate.precision=bf16` runs the feature pass under bf16 autocast (close to fp32's, not equal);
+    fp32 runs none."""
+    import contextlib
+
+    from lmloop.loop.config import GateSpec
+    from lmloop.loop.gate import scoring_autocast
+
+    assert scoring_autocast(GateSpec(precision="fp32")) is contextlib.nullcontext
+    fp32 = answer_features(model, tok, PROMPTS, ANSWERS,
+                           autocast=scoring_autocast(GateSpec(precision="fp32")))  # fmt: skip
+    bf16 = answer_features(model, tok, PROMPTS, ANSWERS,
+                           autocast=scoring_autocast(GateSpec(precision="bf16")))  # fmt: skip
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, atol=0.1, rtol=0.05)
+
+
 # ---- the reward fit, on features whose preference a linear probe can see -------------------
 
 

@@ -9,6 +9,7 @@ each completion, KTO's mismatched KL pairs) must equal TRL's token for token.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -406,6 +407,62 @@ def test_lora_reference_is_the_base_without_a_copy(tok):
     assert not torch.allclose(after, before)
     torch.testing.assert_close(ref.logps(x, y)[0], before.detach())
     assert ref.frozen is None
+
+
+def test_logits_at_the_targets_only_give_the_full_forwards_losses_and_gradients(tok):
+    """SFT rows (prompt and padding without targets) and completion log-probs: the head run only
+    where a target is gives the losses and gradients of logits everywhere."""
+    import torch.nn.functional as F
+
+    from lmloop.training.objectives import LMObjective, sequence_logps, target_logps
+
+    model = _model_dir_model(tok)
+    torch.manual_seed(1)
+    rows = []
+    for n_prompt, n_answer in ((5, 3), (2, 7), (9, 1)):
+        ids = torch.randint(4, tok.vocab_size, (n_prompt + n_answer,)).tolist()
+        rows.append((ids, [IGNORE] * n_prompt + ids[n_prompt:][1:] + [tok.eos_id]))
+    x, y = pad_rows(rows, 0)
+    assert (y == IGNORE).any()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    full = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                           reduction="sum")  # fmt: skip
+    st = LMObjective(None).step(model, (x, y), torch.device("cpu"), contextlib.nullcontext)
+    assert st.units == int((y != IGNORE).sum())
+    torch.testing.assert_close(st.loss_sum, full)
+    for a, b in zip(grads(st.loss_sum), grads(full), strict=True):
+        torch.testing.assert_close(a, b)
+    want, n_want = sequence_logps(model(x), y)
+    got, n_got = target_logps(model, x, y)
+    assert n_got.tolist() == n_want.tolist() == [3, 7, 1]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads(got @ torch.tensor([1.0, -2.0, 3.0])),
+                    grads(want @ torch.tensor([1.0, -2.0, 3.0])), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
+def test_a_bf16_lora_run_saves_full_precision_weights(tmp_path, tok):
+    """One step at a negligible learning rate leaves the merged weights the starting model's, to
+    the last fp32 bit's neighbourhood: a merge into the bf16 cast would round every one."""
+    from lmloop.models.io import load_model
+
+    data = _pref_records(tmp_path / "dpo.jsonl", "dpo", n=8)
+    model = _model_dir(tmp_path / "m", tok)
+    run = tmp_path / "run"
+    rc = train("--data", str(data), "--init-from", str(model), "--out", str(run),
+               "--max-steps", "1", "batch.micro_batch=4", "batch.global_batch=4",
+               "batch.seq_len=64", "lora.r=4", "lora.alpha=8", "optim.lr=1e-20",
+               "precision=bf16", "eval.every=0", "plot=false")  # fmt: skip
+    assert rc == 0
+    start = load_model(str(model)).model.state_dict()
+    saved = load_model(str(run)).model.state_dict()
+    worst = max(float((saved[k] - v).abs().max()) for k, v in start.items())
+    assert worst < 1e-7, worst
 
 
 def test_precomputed_reference_equals_the_live_one(tok):

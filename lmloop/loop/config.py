@@ -79,6 +79,10 @@ class GateSpec:
     bootstrap: int = param(2000, "bootstrap resamples")
     answer_tokens: int = param(160, "most tokens per held-out answer the gate generates")
     temperature: float = param(0.0, "sampling temperature of those answers (0: greedy)")
+    precision: Literal["auto", "fp32", "bf16"] = param(
+        "auto", "autocast of the judge's features and the held-out likelihoods (auto: bf16 where "
+        "the hardware has it, as training); the answers are generated as `engine.precision` says"
+    )  # fmt: skip
     max_degenerate_rise: float = param(
         0.0, "largest allowed rise of the share of held-out answers that are empty, cut off at "
         "answer_tokens or stuck in a loop (0: no more than the current version's)"

@@ -13,8 +13,10 @@ uses each."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ from lmloop.training.batches import IGNORE, encode_chat, pad_id_of
 # ---- features ----------------------------------------------------------------------------
 
 
+class _Captured(Exception):
+    """Raised by the hook on `lm_head` once it holds the hidden states: the forward stops there."""
+
+
 def answer_features(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -39,6 +45,7 @@ def answer_features(
     *,
     seq_len: int = 512,
     batch: int = 8,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> np.ndarray:
     """(n, 2C) float64: per (prompt conversation, answer), concat(mean, last) of the final hidden
     states over the answer's tokens (its text and end-of-turn marker).
@@ -62,6 +69,7 @@ def answer_features(
 
     def grab(_module, args):  # the input of lm_head: the normed final hidden states (B, T, C)
         captured.append(args[0])
+        raise _Captured  # the head's logits are not read: a fifth of a 135M model's compute
 
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
@@ -84,7 +92,8 @@ def answer_features(
                 captured.clear()
                 # Right padding: a causal model's real positions never attend to it; the mask
                 # says so explicitly, so a batch and a lone row take the same attention path.
-                model(x, token_mask=mask)
+                with contextlib.suppress(_Captured), autocast():
+                    model(x, token_mask=mask)
                 hidden = captured[-1].float().cpu().double()
                 for r, k in enumerate(chunk):
                     h = hidden[r, rows[k][1]]  # (answer tokens, C)

@@ -214,6 +214,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T)
         cache: KVCache | None = None,
         token_mask: torch.Tensor | None = None,  # (B, T) False for padding
+        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only there, (N, V)
     ) -> torch.Tensor:  # logits (B, T, V)
         positions, mask = positions_and_mask(
             input_ids, positions, cache, token_mask, self.max_seq_len
@@ -221,4 +222,4 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(input_ids) + self.model.position_table()[positions]
         for block in self.model.layers:
             x = block(x, cache, mask)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x if logits_at is None else x[logits_at]))

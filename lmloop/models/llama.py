@@ -215,6 +215,7 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T) absolute positions (cache slots)
         cache: KVCache | None = None,
         token_mask: torch.Tensor | None = None,  # (B, T) False for padding
+        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits only there, (N, V)
     ) -> torch.Tensor:  # logits (B, T, V)
         positions, mask = positions_and_mask(
             input_ids, positions, cache, token_mask, self.max_seq_len
@@ -223,4 +224,4 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, cache, mask)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x if logits_at is None else x[logits_at]))

@@ -186,6 +186,22 @@ def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     return tok.sum(-1), mask.sum(-1)
 
 
+def target_logps(
+    fwd: ModelFn, x: torch.Tensor, y: torch.Tensor, autocast: Any = contextlib.nullcontext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of `fwd(x)` with logits only where y has a target: the head's matmul and
+    the softmax over the vocabulary skip prompt and padding positions (a SmolLM2-135M LoRA step,
+    4 rows of 130 tokens with targets on half, 1.52 s against 1.70 s, bf16, 2 cores)."""
+    at = y != IGNORE
+    with autocast():
+        logits = fwd(x, logits_at=at)  # (N, V), row-major as `at.nonzero()`
+    tok = torch.log_softmax(logits.float(), dim=-1).gather(-1, y[at].unsqueeze(-1)).squeeze(-1)
+    rows = at.nonzero()[:, 0]
+    return torch.zeros(y.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok), (
+        at.sum(-1)
+    )
+
+
 @contextlib.contextmanager
 def _adapters_off(model: torch.nn.Module):
     layers = [m for _, m in lora_layers(model)]
@@ -214,15 +230,12 @@ class Reference:
     @torch.no_grad()
     def logps(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen is not None:
-            with self.autocast():
-                logits = self.frozen(x)
-            return sequence_logps(logits, y)
+            return target_logps(self.frozen, x, y, self.autocast)
         was = self.policy.training
         self.policy.eval()  # no LoRA dropout in the reference
         try:
-            with _adapters_off(self.policy), self.autocast():
-                logits = self.policy(x)
-            return sequence_logps(logits, y)
+            with _adapters_off(self.policy):
+                return target_logps(self.policy, x, y, self.autocast)
         finally:
             self.policy.train(was)
 
@@ -300,11 +313,14 @@ class LMObjective:
         return float(int((batch[1] != IGNORE).sum()))
 
     def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+        # logits only at the targets where some position has none (SFT's prompts, padding)
+        at = None if bool((batch[1] != IGNORE).all()) else (batch[1] != IGNORE).to(device)
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast():
-            logits = fwd(x)
+            logits = fwd(x, logits_at=at)
+        targets = y.flatten() if at is None else y[at]
         ls = F.cross_entropy(
-            logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+            logits.float().flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum"
         )
         return Step(ls, self.units(batch), {})
 
@@ -435,9 +451,7 @@ class DPOObjective:
 
     def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
         x, y = (t.to(device, non_blocking=True) for t in batch[:2])
-        with autocast():
-            logits = fwd(x)
-        logps, n = sequence_logps(logits, y)
+        logps, n = target_logps(fwd, x, y, autocast)
         if batch[2] is not None:  # precomputed
             ref = batch[2].to(device)
         else:
@@ -524,11 +538,14 @@ class KTOObjective:
         x, y, labels, replay = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         k = labels.shape[0]
-        with autocast():
-            logits = fwd(x)
-        logps, _ = sequence_logps(logits, y)
+        logps, _ = target_logps(fwd, x[:k], y[:k], autocast)
+        # The KL rows only set the reference point (detached, as TRL scores them): without a
+        # graph no backward runs through them; the loop's KTO step took 9.3 s where one forward
+        # of both halves with a graph took 11.1 s (SmolLM2-135M, 8 examples, 2 cores)
+        with torch.no_grad():
+            kl_logps, _ = target_logps(fwd, x[k:], y[k:], autocast)
         ref, _ = self.reference.logps(x, y)
-        st = self.loss(logps[:k], ref[:k], logps[k:].detach(), ref[k:], labels.to(x.device))
+        st = self.loss(logps, ref[:k], kl_logps, ref[k:], labels.to(x.device))
         if replay is not None:
             st = self.replay.add(st, fwd, replay, device, autocast)
         return st
@@ -572,7 +589,12 @@ def summarize(stats: dict[str, float], units: float) -> dict[str, float]:
 
 @torch.no_grad()
 def score_completions(
-    model: torch.nn.Module, tokenizer: Tokenizer, items: list, seq_len: int, batch: int = 16
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    items: list,
+    seq_len: int,
+    batch: int = 16,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[list[float], list[int]]:
     """Summed log-probs and token counts of each (prompt, completion)'s completion."""
     model.eval()
@@ -584,14 +606,19 @@ def score_completions(
             row = _cut(encode_completion(tokenizer, prompt, completion), seq_len)
             rows.append(row if row is not None else ([0], [IGNORE]))
         x, y = pad_rows(rows, 0)
-        logps, n = sequence_logps(model(x), y)
+        logps, n = target_logps(model, x, y, autocast)
         logps_all += logps.tolist()
         counts += n.tolist()
     return logps_all, counts
 
 
 def score_pairs(
-    model: torch.nn.Module, tokenizer: Tokenizer, pairs: list, seq_len: int, batch: int = 8
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    pairs: list,
+    seq_len: int,
+    batch: int = 8,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict:
     """Summed completion log-probs (and token counts) of each pair's chosen and rejected answer."""
     items = [
@@ -599,7 +626,8 @@ def score_pairs(
         for prompt, chosen, rejected in pairs
         for p, c in ((prompt, chosen), (prompt, rejected))
     ]
-    logps, n = score_completions(model, tokenizer, items, seq_len, batch=2 * batch)
+    logps, n = score_completions(model, tokenizer, items, seq_len, batch=2 * batch,
+                                 autocast=autocast)  # fmt: skip
     return {"chosen": logps[0::2], "rejected": logps[1::2],
             "chosen_tokens": n[0::2], "rejected_tokens": n[1::2]}  # fmt: skip
 

@@ -61,15 +61,15 @@ class Forward:
                 log.warning("torch.compile unavailable (%s); running eager", e)
                 self.fn, self.tested = model, True
 
-    def __call__(self, *x: Any) -> Any:  # seq2seq: (inputs, None, mask, labels)
+    def __call__(self, *x: Any, **kw: Any) -> Any:  # seq2seq: (inputs, None, mask, labels)
         if self.tested:
-            return self.fn(*x)
+            return self.fn(*x, **kw)
         try:
-            out = self.fn(*x)
+            out = self.fn(*x, **kw)
         except Exception as e:  # noqa: BLE001 - compilation errors surface at the first call
             log.warning("torch.compile failed (%s); running eager", str(e).splitlines()[0])
             self.fn = self.model
-            out = self.fn(*x)
+            out = self.fn(*x, **kw)
         self.tested = True
         return out
 
