@@ -40,7 +40,7 @@ import pathlib, sys, httpx
 path, version, url = sys.argv[1:4]
 port = url.rsplit(":", 1)[1]
 here = pathlib.Path(__file__).parent
-if (here / "fail").exists() or (here / f"fail-{port}").exists():
+if any((here / f).exists() for f in ("fail", f"fail-{port}", f"fail-{port}-{version}")):
     print("refusing on purpose")
     sys.exit(3)
 r = httpx.post(url + "/admin/reload", json={"model": path, "name": "up"},
@@ -580,6 +580,50 @@ def test_a_promotion_one_replica_fails_keeps_the_old_version_everywhere(pair):
     assert _greedy(via, "tiny") == v3
     resp = via.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
     assert resp.model_version == "v3"
+
+
+def test_a_rollback_that_fails_leaves_that_replica_out_until_a_promotion_reaches_it(pair):
+    """Replica 1 refuses the new version; replica 0 takes it, then refuses the old one again:
+    replica 0 holds weights no version serves, so it leaves rotation (stale) and every answer
+    comes from replica 1, until the next promotion reloads both."""
+    ups, proxy, reg, tmp = pair
+    directs = [_clients(up, proxy)[0] for up in ups]
+    via = _clients(ups[0], proxy)[1]
+    serving = _versions(proxy)["serving"]
+    target = next(v["version"] for v in reg.versions("tiny") if v["version"] != serving)
+    old = _greedy(directs[1], "up")
+    assert _greedy(directs[0], "up") == old
+    fails = [tmp / f"fail-{ups[1].port}", tmp / f"fail-{ups[0].port}-{serving}"]
+    for f in fails:
+        f.write_text("")
+    try:
+        reg.promote("tiny", target)
+        prom = _promotion_of(proxy, target)
+    finally:
+        for f in fails:
+            f.unlink()
+    assert prom["state"] == "failed" and not prom["live"]
+    assert f"not on {ups[0].url}: out of rotation, {serving} not answered" in prom["error"]
+    assert _greedy(directs[0], "up") != old  # replica 0 runs the refused version's weights
+    reps = {r["url"]: r for r in _versions(proxy)["upstream"]["replicas"]}
+    assert not reps[ups[0].url]["up"] and "does not answer" in reps[ups[0].url]["error"]
+    assert reps[ups[1].url]["up"]
+    # one request at a time goes to the replicas in turn: with replica 0 in rotation, every
+    # other answer would be its weights'
+    assert [_greedy(via, "tiny") for _ in range(6)] == [old] * 6
+    resp = via.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+    assert resp.model_version == serving
+    # the registry moves back: the promotion reloads both, replica 0 included, and it rejoins
+    reg.promote("tiny", serving)
+    prom = _promotion_of(proxy, serving)
+    assert prom["state"] == "live", prom
+    assert [_greedy(d, "up") for d in directs] == [old, old]
+    assert all(r["up"] for r in _versions(proxy)["upstream"]["replicas"])
+    served = {r["url"]: r["served"] for r in _versions(proxy)["upstream"]["replicas"]}
+    for _ in range(4):
+        assert _greedy(via, "tiny") == old
+    after = {r["url"]: r["served"] for r in _versions(proxy)["upstream"]["replicas"]}
+    assert all(after[u] > served[u] for u in served)  # both replicas answer again
 
 
 def test_a_replica_dying_mid_run_leaves_the_traffic_to_the_other(pair):

@@ -21,9 +21,10 @@ Anything that fails leaves the old route serving on every replica and says so: t
 false, "error"}`), and `lmloop_upstream_promotions_total{result="failed"}` in `/metrics`. With a
 command, the replicas whose command succeeded are restarted again on the old version (the
 rollback) before the waiting requests go on; a replica that then does not answer the old
-version is marked stale and left out of rotation (lmloop.server.routing) until a later
-promotion reloads it. A failed version is not retried until the registry's current version
-changes again.
+version is marked stale and left out of rotation (lmloop.server.routing) until a promotion
+reloads it: of another version, or of the served one again (the registry rolled back or
+promoted to it), which restarts every replica on it. A failed version is not retried until the
+registry's current version changes again.
 """
 
 from __future__ import annotations
@@ -183,7 +184,13 @@ class Promoter:
                 cur = await asyncio.to_thread(Registry().current, name)
                 route = self.b.route
                 version = None if cur is None else str(cur[0])
-                if version is None or route is None or version in (route.version, self.failed):
+                if version is None or route is None or version == self.failed:
+                    continue
+                # the served version again while a replica is stale (its rollback failed, and
+                # the registry was rolled back to what the others serve): reload every replica
+                # on it, or that replica stays out for good
+                stale = any(r.stale is not None for r in self.b.pool.replicas)
+                if version == route.version and not stale:
                     continue
                 await self.promote(name, version)
             except Exception as e:  # noqa: BLE001 - a bad version must not stop the server
