@@ -226,13 +226,16 @@ class _Fake(BaseHTTPRequestHandler):
         self._json({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
     loaded: dict[str, str] = {}  # adapters: lora_name -> lora_path
+    refuse = False  # answer /v1/load_lora_adapter with a 500
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         if self.path == "/v1/load_lora_adapter":
-            _Fake.loaded[body["lora_name"]] = body["lora_path"]
+            if type(self).refuse:
+                return self._json({"error": {"message": "refusing on purpose"}}, 500)
+            type(self).loaded[body["lora_name"]] = body["lora_path"]
             return self._json({"ok": True})
-        if body.get("model") not in (None, "fake", *_Fake.loaded):
+        if body.get("model") not in (None, "fake", *type(self).loaded):
             return self._json({"error": {"message": f"no model {body['model']}"}}, 404)
         if body.get("max_tokens") == 999:
             return self._json({"error": {"message": "max_tokens is too large", "code": "x"}}, 422)
@@ -346,14 +349,14 @@ def test_a_missing_reload_command_fails_the_promotion():
 # ---- a version as an adapter (what `--upstream-reload lora` hands vLLM) ------------------------
 
 
-def _tuned(base_dir, out):
+def _tuned(base_dir, out, seed: int = 0):
     """`base_dir`'s model after two merged LoRA cycles of rank 1 on q_proj and v_proj."""
     import torch
 
     from lmloop.models.io import load_model, save_model
 
     lm = load_model(base_dir)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for name, mod in lm.model.named_modules():
         if name.endswith(("q_proj", "v_proj")):
             rows, cols = mod.weight.shape
@@ -391,6 +394,50 @@ def test_a_promotion_loads_an_adapter_into_the_upstream(fake, tmp_path):
             assert r.json()["choices"][0]["message"]["content"] == "Hi!"
     finally:
         assert proxy.stop() == 0, proxy.output()[-3000:]
+
+
+def test_an_adapter_reaches_every_replica_or_none_serves_it(tmp_path):
+    """Two vLLM-like replicas: one refuses the adapter, so the route stays on the old version
+    on both; the next version loads on both and only then is served, by both in turn."""
+    replicas = [type(f"_Replica{i}", (_Fake,), {"loaded": {}, "refuse": i == 1}) for i in (0, 1)]
+    servers = [_Quiet(("127.0.0.1", 0), h) for h in replicas]
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    urls = [f"http://127.0.0.1:{srv.server_address[1]}" for srv in servers]
+    reg = Registry(tmp_path / "home" / "registry")
+    reg.register("tiny", make_tiny_model(tmp_path / "m1", seed=7))
+    reg.register("tiny", _tuned(tmp_path / "m1", tmp_path / "m2", seed=0))
+    reg.register("tiny", _tuned(tmp_path / "m1", tmp_path / "m3", seed=1))
+    reg.promote("tiny", "v1")
+    proxy = Server("registry:tiny", tmp_path, "--upstream", urls[0], "--upstream", urls[1],
+                   "--upstream-model", "fake", "--upstream-reload", "lora",
+                   "--registry-poll", "0.3")  # fmt: skip
+
+    def answers(http, n=4):
+        got = [http.post("/v1/chat/completions", json={"messages": MSGS}).json() for _ in range(n)]
+        return {(b["model_version"], b["choices"][0]["message"]["content"]) for b in got}
+
+    try:
+        proxy.wait_ready()
+        with httpx.Client(base_url=proxy.url, timeout=30) as http:
+            assert answers(http) == {("v1", "Hi!")}
+            reg.promote("tiny", "v2")
+            prom = _promotion_of(proxy, "v2")
+            assert prom["state"] == "failed" and "refusing on purpose" in prom["error"], prom
+            assert "tiny-v2" in replicas[0].loaded and "tiny-v2" not in replicas[1].loaded
+            assert answers(http) == {("v1", "Hi!")}  # not the adapter replica 0 holds
+            replicas[1].refuse = False
+            reg.promote("tiny", "v3")
+            prom = _promotion_of(proxy, "v3")
+            assert prom["state"] == "live", prom
+            assert all("tiny-v3" in r.loaded for r in replicas)
+            assert answers(http) == {("v3", "from tiny-v3")}
+            served = [r["served"] for r in _versions(proxy)["upstream"]["replicas"]]
+            assert all(n >= 4 for n in served), served  # both replicas answered, in turn
+    finally:
+        assert proxy.stop() == 0, proxy.output()[-3000:]
+        for srv in servers:
+            srv.shutdown()
 
 
 def test_a_version_as_an_adapter_over_its_base(tmp_path):
