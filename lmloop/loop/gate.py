@@ -9,7 +9,6 @@ on its held-out target cross-entropy instead of answers."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
@@ -40,7 +39,13 @@ from lmloop.loop.judge import (
 )
 from lmloop.models.io import LoadedModel, load_model
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.objectives import read_pairs, read_unpaired, score_completions, score_pairs
+from lmloop.training.objectives import (
+    Autocast,
+    read_pairs,
+    read_unpaired,
+    score_completions,
+    score_pairs,
+)
 from lmloop.training.run import autocast
 
 log = logging.getLogger(__name__)
@@ -363,7 +368,7 @@ def judge_records(files: dict[str, dict[str, str]], side: str) -> dict[str, Any]
     return {"pairs": pairs, "thumbs": thumbs}
 
 
-def scoring_autocast(gate: GateSpec) -> Callable[[], contextlib.AbstractContextManager]:
+def scoring_autocast(gate: GateSpec) -> Autocast:
     """The autocast of the gate's forward passes (`gate.precision`, on the CPU models load to):
     bf16 where native took the judge's features 1.8x faster, its held-out accuracy and AUC
     within 0.02 of fp32's on the benchmark's stores."""
@@ -371,7 +376,7 @@ def scoring_autocast(gate: GateSpec) -> Callable[[], contextlib.AbstractContextM
 
 
 def _features(
-    model: torch.nn.Module, tok: Tokenizer, recs: dict[str, Any], seq_len: int, ac: Any
+    model: torch.nn.Module, tok: Tokenizer, recs: dict[str, Any], seq_len: int, ac: Autocast
 ) -> tuple:
     pairs, thumbs = recs["pairs"], recs["thumbs"]
     pf = None

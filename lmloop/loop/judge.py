@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from lmloop.artifacts import atomic_file
 from lmloop.errors import UserError
 from lmloop.tokenizer import Tokenizer
 from lmloop.training.batches import IGNORE, encode_chat, pad_id_of
+from lmloop.training.objectives import Autocast
 
 # ---- features ----------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ def answer_features(
     *,
     seq_len: int = 512,
     batch: int = 8,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> np.ndarray:
     """(n, 2C) float64: per (prompt conversation, answer), concat(mean, last) of the final hidden
     states over the answer's tokens (its text and end-of-turn marker).

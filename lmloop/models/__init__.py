@@ -3,9 +3,10 @@
 Every model exposes the same surface: `config` (its frozen dataclass), `forward(input_ids,
 positions=None, cache=None, token_mask=None, logits_at=None) -> logits` (with `logits_at`, a
 (B, T) bool mask, the logits of those positions only, (N, V): a loss's targets),
-`new_cache(batch, max_len)` and `max_seq_len`. Training, the engine, evaluation and export rely on nothing else. The
-encoder-decoder family (`seq2seq`, `is_encoder_decoder = True`) has its own surface instead:
-`encode`, `decode` and `forward(input_ids, decoder_input_ids, input_mask)` (see its file).
+`new_cache(batch, max_len)` and `max_seq_len`. Training, the engine, evaluation and export
+rely on nothing else. The encoder-decoder family (`seq2seq`, `is_encoder_decoder = True`) has
+its own surface instead: `encode`, `decode` and `forward(input_ids, decoder_input_ids,
+input_mask)` (see its file).
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ def detect_task(path: str | Path) -> str:
 _Prompt = Any  # a string (plain) or a list of {"role", "content"} messages (conversational)
 # the model's forward: the module itself or training.run.Forward (compiled); logits out
 ModelFn = Callable[..., torch.Tensor]
+# a forward's precision: a context manager factory (bf16 autocast, or contextlib.nullcontext)
+Autocast = Callable[[], contextlib.AbstractContextManager]
 _DPO_HINT = 'one {"prompt", "chosen", "rejected"} per line (TRL preference format)'
 _KTO_HINT = 'one {"prompt", "completion", "label": true|false} per line (TRL unpaired format)'
 
@@ -187,7 +189,7 @@ def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def target_logps(
-    fwd: ModelFn, x: torch.Tensor, y: torch.Tensor, autocast: Any = contextlib.nullcontext
+    fwd: ModelFn, x: torch.Tensor, y: torch.Tensor, autocast: Autocast = contextlib.nullcontext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` of `fwd(x)` with logits only where y has a target: the head's matmul and
     the softmax over the vocabulary skip prompt and padding positions (a SmolLM2-135M LoRA step,
@@ -221,7 +223,7 @@ class Reference:
         self,
         policy: nn.Module,
         frozen: nn.Module | None,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        autocast: Autocast = contextlib.nullcontext,
     ):
         # the policy's autocast: under bf16 the reference scored in fp32 would put the two
         # apart by the precision's error before any step
@@ -312,9 +314,10 @@ class LMObjective:
     def units(batch: Any) -> float:
         return float(int((batch[1] != IGNORE).sum()))
 
-    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Autocast) -> Step:
         # logits only at the targets where some position has none (SFT's prompts, padding)
-        at = None if bool((batch[1] != IGNORE).all()) else (batch[1] != IGNORE).to(device)
+        has = batch[1] != IGNORE
+        at = None if bool(has.all()) else has.to(device)
         x, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast():
             logits = fwd(x, logits_at=at)
@@ -358,7 +361,7 @@ class Seq2SeqObjective:
     def units(batch: Any) -> float:
         return float(int((batch[2] != IGNORE).sum()))
 
-    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Autocast) -> Step:
         x, mask, y = (t.to(device, non_blocking=True) for t in batch)
         with autocast():
             logits = fwd(x, None, mask, y)
@@ -388,7 +391,7 @@ class Replay:
                   if i % self.every == 0]  # fmt: skip
         return pad_rows(picked, self.pad_id) if picked else None
 
-    def add(self, st: Step, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+    def add(self, st: Step, fwd: ModelFn, batch: Any, device: Any, autocast: Autocast) -> Step:
         lm = LMObjective(None).step(fwd, batch, device, autocast)  # the documents' token sum
         nll = lm.loss_sum / max(lm.units, 1.0)
         st.stats["nll/replay"] = float(nll.detach()) * st.units
@@ -449,7 +452,7 @@ class DPOObjective:
     def units(batch: Any) -> float:
         return float(batch[0].shape[0] // 2)
 
-    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Autocast) -> Step:
         x, y = (t.to(device, non_blocking=True) for t in batch[:2])
         logps, n = target_logps(fwd, x, y, autocast)
         if batch[2] is not None:  # precomputed
@@ -534,7 +537,7 @@ class KTOObjective:
     def units(batch: Any) -> float:
         return float(batch[2].shape[0])
 
-    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Any) -> Step:
+    def step(self, fwd: ModelFn, batch: Any, device: Any, autocast: Autocast) -> Step:
         x, y, labels, replay = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         k = labels.shape[0]
@@ -594,7 +597,7 @@ def score_completions(
     items: list,
     seq_len: int,
     batch: int = 16,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> tuple[list[float], list[int]]:
     """Summed log-probs and token counts of each (prompt, completion)'s completion."""
     model.eval()
@@ -618,7 +621,7 @@ def score_pairs(
     pairs: list,
     seq_len: int,
     batch: int = 8,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
 ) -> dict:
     """Summed completion log-probs (and token counts) of each pair's chosen and rejected answer."""
     items = [

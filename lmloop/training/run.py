@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +92,7 @@ class Run:
     params: list[torch.nn.Parameter]  # the trainable parameters (clipped together)
     fsdp: bool
     lora: bool
-    autocast: Callable[[], contextlib.AbstractContextManager] | None
+    autocast: tob.Autocast | None
     fingerprint: dict[str, Any]  # what must not change between a run and its continuation
     inputs: dict[str, str]  # content hashes of the data and the starting model
     base: dict[str, str] | None  # {"spec", "sha256"} of the model a fine-tune started from
@@ -379,9 +378,7 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def autocast(
-    precision: str, device: torch.device
-) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast(precision: str, device: torch.device) -> tob.Autocast:
     """The forward's autocast: bf16 where asked, or (auto) where the hardware has it."""
     if precision == "bf16" or (precision == "auto" and native_bf16(device)):
         if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
