@@ -168,6 +168,7 @@ class Answer:
 @dataclass
 class Tally:
     gaps: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "abused": []})
+    ttft: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "abused": []})
     phase: str = "calm"
     valid_5xx: list[float] = field(default_factory=list)  # when each one was answered
     abuse_5xx: int = 0
@@ -175,6 +176,8 @@ class Tally:
     abusive: int = 0
     answers: list[Answer] = field(default_factory=list)
     rss: tuple[float, float] = (float("nan"), float("nan"))  # MB: after warm-up, at the end
+    rss_trace: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB)
+    components: list[dict[str, float]] = field(default_factory=list)  # MB: after warm-up, end
 
 
 async def good_client(c: httpx.AsyncClient, t: Tally, stop: float, max_tokens: int) -> None:
@@ -194,13 +197,21 @@ async def good_client(c: httpx.AsyncClient, t: Tally, stop: float, max_tokens: i
                 if not line.startswith("data: {"):
                     continue
                 now = time.monotonic()
-                if last is not None:
-                    t.gaps[t.phase].append(now - last)
-                last = now
                 event = json.loads(line[6:])
                 if "error" in event:
                     t.valid_5xx.append(now)
                 rid = event.get("id", rid)
+                # Inter-token gaps are between chunks that carry answer text; the role chunk
+                # (sent before the request reaches the engine) and the finish chunk carry none.
+                # Start to first text is the time to first token, counted apart: it holds the
+                # wait for a free batch row, which is queueing, not a stall of a running stream.
+                if not any(ch.get("delta", {}).get("content") for ch in event.get("choices", [])):
+                    continue
+                if last is None:
+                    t.ttft[t.phase].append(now - start)
+                else:
+                    t.gaps[t.phase].append(now - last)
+                last = now
         if rid:
             f = await c.post("/v1/feedback", json={"response_id": rid, "thumb": "up"})
             t.valid += 1
@@ -242,6 +253,8 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> Tally:
         warm = {"messages": MSGS, "max_tokens": 8}
         await c.post("/v1/chat/completions", json=warm)
         rss0 = rss_mb(pid)
+        t.components.append(await resident_components(c))
+        sampler = asyncio.create_task(sample_rss(t, pid, max(5.0, args.duration / 20)))
         start = time.monotonic()
         half, end = start + args.duration / 2, start + args.duration
         goods = [
@@ -256,7 +269,27 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> Tally:
         ]
         await asyncio.gather(*goods, *bads)
         t.rss = (rss0, rss_mb(pid))
+        sampler.cancel()
+        t.components.append(await resident_components(c))
     return t
+
+
+async def sample_rss(t: Tally, pid: int, every: float) -> None:
+    """The server's resident memory every `every` seconds (a leak climbs; a cache levels off)."""
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        t.rss_trace.append((time.monotonic() - t0, rss_mb(pid)))
+
+
+async def resident_components(c: httpx.AsyncClient) -> dict[str, float]:
+    """MB per component from /metrics' `lmloop_resident_bytes` (weights, KV cache, prefix cache)."""
+    out: dict[str, float] = {}
+    for line in (await c.get("/metrics")).text.splitlines():
+        if line.startswith("lmloop_resident_bytes{"):
+            comp = line.split('component="', 1)[1].split('"', 1)[0]
+            out[comp] = float(line.rsplit(" ", 1)[1]) / 2**20
+    return out
 
 
 def feedback_versions(db: Path) -> dict[str, str]:
@@ -283,13 +316,25 @@ def phase_soak(args: argparse.Namespace, tmp: Path, model: str, env: dict[str, s
     ms = 1000.0
     for phase in ("calm", "abused"):
         g = t.gaps[phase]
+        f = t.ttft[phase]
         print(f"{phase:7s} inter-token: p50 {pct(g, 50) * ms:.1f} ms, p99 {pct(g, 99) * ms:.1f} ms "
-              f"({len(g)} gaps)")  # fmt: skip
+              f"({len(g)} gaps); first token: p50 {pct(f, 50) * ms:.0f} ms, p99 "
+              f"{pct(f, 99) * ms:.0f} ms ({len(f)} streams)")  # fmt: skip
     calm, abused = pct(t.gaps["calm"], 99), pct(t.gaps["abused"], 99)
     print(f"p99 with the abusive clients / without: {abused / calm:.2f}x (target <= 2x)")
     rss0, rss1 = t.rss
     print(f"resident memory: {rss0:.0f} MB after warm-up, {rss1:.0f} MB at the end "
           f"({(rss1 / rss0 - 1) * 100:+.1f}%; target <= +5%)")  # fmt: skip
+    print(
+        "resident memory over the run (s: MB): "
+        + ", ".join(f"{x:.0f}: {mb:.0f}" for x, mb in t.rss_trace)
+    )
+    if len(t.components) == 2:
+        a, b = t.components
+        print(
+            "by component (MB, after warm-up -> end): "
+            + ", ".join(f"{k} {a.get(k, 0):.1f} -> {b.get(k, 0):.1f}" for k in sorted(b))
+        )
     print(f"5xx: {len(t.valid_5xx)} of {t.valid} valid requests (target 0), {t.abuse_5xx} of "
           f"{t.abusive} abusive ones")  # fmt: skip
     acked = [a.feedback for a in t.answers if a.feedback]

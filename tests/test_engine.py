@@ -262,6 +262,94 @@ def test_continuous_batching_keeps_each_sequences_logprobs(models, tok, family):
     assert min(spread) < -1.0 and max(spread) > -3.0  # peaked enough for a slot error to show
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_long_prompt_fills_in_chunks_between_decode_steps_with_its_numbers_unchanged(
+    models, tok, family
+):
+    """A prompt longer than `prefill_chunk` is prefilled a chunk per iteration in the row set
+    apart (the last), while the running rows keep decoding between its chunks; then it joins
+    the running rows (its cache moved down) and decodes on. Its tokens and logprobs equal the
+    whole prompt prefilled at once, alone, to 1e-5; the stream already running gets the same
+    tokens as alone."""
+    lm = models[family][1]
+    model = _peaked(lm.model)
+    long_ids = (tok.encode("The quick brown fox jumps over the lazy dog") * 3)[:50]
+    short = tok.encode("Once upon a time")  # 11 tokens: prefilled at once
+
+    def params(seed, n):
+        return SamplingParams(max_tokens=n, temperature=1.0, seed=seed, logprobs=3, ignore_eos=True)
+
+    with Engine(model, lm.tokenizer, max_batch=3, prefix_cache_mb=0, prefill_chunk=0) as whole:
+        ref = whole.complete(long_ids, params(1, 8))
+        ref_short = whole.complete(short, params(2, 30))
+    with Engine(model, lm.tokenizer, max_batch=3, prefix_cache_mb=0, prefill_chunk=12) as engine:
+        calls: list[tuple] = []
+        runner = engine.runner
+        prefill, decode, move = runner.prefill, runner.decode, runner.move
+        runner.prefill = lambda row, ids, **kw: (
+            calls.append(("prefill", row, len(ids))) or prefill(row, ids, **kw)
+        )
+        runner.decode = lambda t, p: calls.append(("decode", len(t))) or decode(t, p)
+        runner.move = lambda *a: calls.append(("move", *a)) or move(*a)
+        running = engine.submit(short, params(2, 30))
+        while engine.steps < 2:
+            time.sleep(0.001)
+        got = engine.complete(long_ids, params(1, 8))
+        first = running.result()
+    chunks = [i for i, c in enumerate(calls) if c[:2] == ("prefill", 2)]
+    assert [calls[i][2] for i in chunks] == [12, 12, 12, 12, 2]  # 50 tokens, in row 2
+    between = calls[chunks[0] : chunks[-1]]
+    assert sum(c[0] == "decode" for c in between) >= 4  # the running row decoded between chunks
+    assert ("move", 2, 1, 50) in calls  # then it took the next running row, row 1
+    assert first.token_ids == ref_short.token_ids
+    assert got.token_ids == ref.token_ids and len(got.token_ids) == 8
+    for a, b in zip(ref.logprobs, got.logprobs, strict=True):
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-5, abs=1e-5), (a, b)
+        assert [t[1] for t in a.top] == [t[1] for t in b.top]
+    assert min(lp.logprob for lp in ref.logprobs) < -1.0  # peaked: a wrong slot would show
+
+
+def test_a_prompt_mostly_in_the_prefix_cache_is_not_chunked_and_a_chunk_never_joins_a_wave(
+    models, tok
+):
+    """Whether a prompt goes in chunks counts only the tokens left to compute: the same long
+    prompt again, its blocks now in the prefix cache, prefills at once in a running row. And
+    while a prompt fills, an iteration that prefilled new short prompts runs no chunk: its
+    decode step waits for one or the other, not both."""
+    lm = models["llama"][1]
+    long_ids = (tok.encode("The quick brown fox jumps over the lazy dog") * 3)[:50]
+    shorts = [tok.encode(t) for t in ("Once upon a time", "12 apples", "Tiny models")]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with Engine(lm.model, lm.tokenizer, max_batch=4, prefill_chunk=12) as engine:
+        calls: list[tuple] = []
+        runner = engine.runner
+        prefill, decode = runner.prefill, runner.decode
+        runner.prefill = lambda row, ids, **kw: (
+            calls.append(("fill" if row == 3 else "p", len(ids))) or prefill(row, ids, **kw)
+        )
+        runner.decode = lambda t, p: calls.append(("decode", len(t))) or decode(t, p)
+        first = engine.complete(long_ids, greedy)
+        assert [c for c in calls if c[0] == "fill"] == [("fill", 12)] * 4 + [("fill", 2)]
+        calls.clear()
+        again = engine.complete(long_ids, greedy)
+        assert again.token_ids == first.token_ids
+        assert not [c for c in calls if c[0] == "fill"] and ("p", 1) in calls  # 49 cached
+        calls.clear()
+        other = list(reversed(long_ids))  # nothing cached
+        engine.batch_prefill = False  # each short prompt its own `prefill` call
+        running = engine.submit(shorts[0], SamplingParams(max_tokens=40, ignore_eos=True))
+        while engine.steps < 2:
+            time.sleep(0.001)
+        with engine._cv:  # admitted at once: the long one to fill, the short ones to prefill
+            handles = [engine.submit(p, greedy) for p in (other, *shorts[1:])]
+        [h.result() for h in [running, *handles]]
+    waves = [i for i, c in enumerate(calls) if c[0] == "p"]
+    assert len(waves) == 3 and sum(c[0] == "fill" for c in calls) == 5  # the running one too
+    for i in waves:  # up to the next decode step: no chunk
+        nxt = next(j for j in range(i, len(calls)) if calls[j][0] == "decode")
+        assert all(c[0] != "fill" for c in calls[i:nxt]), calls
+
+
 def test_logprobs_match_full_forward(models, tok):
     lm = models["llama"][1]
     ids = _prompts(tok)[0]
@@ -865,3 +953,29 @@ def test_starting_an_engine_releases_the_callers_openmp_team(models):
         engine.stop()
     finally:
         torch.set_num_threads(before)
+
+
+def test_trim_heap_gives_freed_pages_back(tmp_path):
+    """The server's periodic `trim_heap`: 100 MB of 4 KB blocks freed but for one in 64 (which
+    pins the heap, as a live request's buffers do) stay resident until it runs; then they go.
+    A fresh process, so the measurement is its own heap."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from lmloop.engine.memory import trim_heap\n"
+        "def rss():\n"
+        "    for line in Path('/proc/self/status').read_text().splitlines():\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "blocks = [bytes(4096) for _ in range(25_600)]\n"
+        "kept = blocks[::64]\n"
+        "del blocks\n"
+        "before = rss()\n"
+        "assert trim_heap()\n"
+        "print(before - rss())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(out.stdout) > 50  # MB given back of the ~98 freed

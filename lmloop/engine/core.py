@@ -6,10 +6,12 @@
 
 Every caller goes through `submit`, which queues a request and returns a `RequestHandle` to
 iterate (blocking) or `async for` over (asyncio). The worker thread loops: admit waiting requests
-into free cache rows (prefilled together in one forward), then decode all running rows in one
-batched forward and sample every row at once (`lmloop.engine.sampling.pick_batch`); a finished
-or cancelled sequence gives its row back at once (Orca's iteration-level scheduling, Yu et al.,
-OSDI 2022; docs/generate.md)."""
+into free cache rows (short prompts prefilled together in one forward; a long prompt, or one
+scored for its logprobs, `prefill_chunk` tokens per iteration in a row of its own), then decode
+all running rows in one batched forward and sample every row at once
+(`lmloop.engine.sampling.pick_batch`); a finished or cancelled sequence gives its row back at
+once (Orca's iteration-level scheduling, Yu et al., OSDI 2022; chunked prefill as in
+Sarathi-Serve, Agrawal et al., OSDI 2024; docs/generate.md)."""
 
 from __future__ import annotations
 
@@ -54,9 +56,16 @@ STALL_AFTER_S = 120.0  # a worker with work that has not stepped for this long i
 # Keys and values of shared prompt prefixes kept for reuse (`lmloop.engine.prefix`): 256 MB is
 # ~5,600 tokens of SmolLM2-135M (46 KB each), a few long system prompts or chat histories.
 DEFAULT_PREFIX_CACHE_MB = 256.0
-# Prompt scoring (`echo` + logprobs) turns the logits into logprobs this many positions at a
-# time: 256 x 49k fp32 is 50 MB, where the whole prompt's matrix is T x V (1.6 GB at 8k tokens).
+# Prompt scoring (`echo` + logprobs) turns the logits into logprobs at most this many positions
+# at a time: 256 x 49k fp32 is 50 MB, where the whole prompt's matrix is T x V (1.6 GB at 8k).
 SCORE_CHUNK = 256
+# A prompt longer than this many tokens (or one scored for its logprobs) is prefilled this many
+# tokens per iteration, between the running rows' decode steps, so it delays each of their
+# tokens by one chunk's time instead of the whole prompt's: SmolLM2-135M int4 on 2 cores runs
+# a 1,500-token prompt in 2.2 s at once, in chunks of 32 in 3.1 s (67 ms each), a 16-row decode
+# step in 29 ms (bench/soak.py: the well-behaved streams' inter-token p99 under an abusive
+# client, 2.7 s with whole prompts, 0.23 s with chunks of 64).
+DEFAULT_PREFILL_CHUNK = 32  # EngineSpec.prefill_chunk
 # What decodes for the engine: the generic runner, the fast Llama one (fp32/int8/int4), seq2seq.
 Runner = ModelRunner | FastLlamaRunner | seq2seq.Seq2SeqRunner
 
@@ -125,7 +134,7 @@ class RequestHandle:
 class _Seq:
     __slots__ = (
         "handle", "prompt", "params", "sampler", "stream", "stop_ids", "pos", "last", "n_gen",
-        "row", "started", "out_ids",
+        "row", "started", "out_ids", "start", "filled", "plps",
     )  # fmt: skip
 
     def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams):
@@ -136,6 +145,9 @@ class _Seq:
         self.row = -1
         self.started = 0.0
         self.out_ids: list[int] = []  # sampled tokens (the last one not fed yet)
+        self.start = 0  # prompt tokens that came from the prefix cache
+        self.filled = 0  # prompt tokens in the cache so far (a prompt prefilled in chunks)
+        self.plps: list[TokenLogprob | None] | None = None  # its prompt logprobs so far
 
 
 class Engine:
@@ -154,6 +166,7 @@ class Engine:
         threads: int | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         single_thread_rows: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         # The engine keeps no reference to the model: its runner keeps what it reads (the fast
         # runner its own copies), so a caller that drops the model frees its weights.
@@ -204,7 +217,12 @@ class Engine:
         if single_thread_rows is None:
             single_thread_rows = default_single_thread_rows()
         self.single_thread_rows = single_thread_rows
-        self.score_chunk = SCORE_CHUNK  # prompt scoring's rows of logits at a time
+        self.score_chunk = SCORE_CHUNK  # prompt scoring's rows of logits at a time, at most
+        # Long prompts and scored ones go in chunks through one row set apart, the last, and
+        # join the running rows when prefilled (`_fill`); 0 prefills other prompts at once.
+        self.prefill_chunk = prefill_chunk
+        self._filling: _Seq | None = None
+        self._fill_waited = False
         self._threads_now = 0
         # Prefix reuse for runners that can read and write cache slots (not encoder-decoder).
         self.prefix = None
@@ -259,7 +277,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + (self._filling is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -296,6 +314,8 @@ class Engine:
         if prompt_tokens == 0:
             raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
         if self.encoder_decoder:
+            if params.prompt_logprobs is not None:  # its prompt is not predicted
+                raise UserError("prompt logprobs apply to decoder-only models only")
             return seq2seq.check_request(prompt_tokens, params, ctx)
         if prompt_tokens >= ctx + (params.max_tokens == 0):  # scoring only: the whole context
             raise UserError(
@@ -386,21 +406,21 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._waiting or self._running):
+                    while not (self._stopping or self._waiting or self._running or self._filling):
                         self._busy = False
                         self._cv.wait(timeout=1.0)
                         self.last_step_at = time.monotonic()
                     if self._stopping:
                         break
                     self._busy = True
-                    admit = []
-                    while self._waiting and len(self._running) + len(admit) < self.max_batch:
-                        admit.append(self._waiting.popleft())
+                    admit, fill = self._admit()
                 try:
-                    self._iteration(admit)
+                    self._iteration(admit, fill)
                 except Exception as e:  # noqa: BLE001 - a bug must not leave callers hanging
                     log.exception("engine iteration failed")
-                    for seq in admit + list(reversed(self._running)):
+                    self._filling, filling = None, self._filling
+                    lost = admit + [s for s in (fill, filling) if s is not None]
+                    for seq in lost + list(reversed(self._running)):
                         if not seq.handle.finished:
                             self._release(seq)
                             self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
@@ -408,23 +428,68 @@ class Engine:
         # stopping: nobody waits forever
         with self._cv:
             pending = list(self._waiting) + list(self._running)
+            pending += [self._filling] if self._filling else []
             self._waiting.clear()
+            self._filling = None
         for seq in pending:
             if seq.row >= 0:
                 self._release(seq)
             self._finish(seq, "cancelled")
 
-    def _iteration(self, admit: list[_Seq]) -> None:
-        if admit:
+    def _chunked(self, seq: _Seq) -> bool:
+        """Whether a request is prefilled in chunks (`_fill`): a prompt scored for its
+        logprobs (every position's logits, a chunk at a time), or one with more than a chunk
+        to compute beyond what the prefix cache holds. An encoder-decoder model encodes its
+        whole input in one forward."""
+        if self.encoder_decoder:
+            return False
+        if seq.params.prompt_logprobs is not None:
+            return True
+        cached = self.prefix.cached(seq.prompt) if self.prefix is not None else 0
+        return 0 < self.prefill_chunk < len(seq.prompt) - cached
+
+    def _admit(self) -> tuple[list[_Seq], _Seq | None]:
+        """Waiting requests to start now, in order, while rows are free: short ones to prefill
+        in this iteration, and at most one to prefill in chunks (the row it fills is held for
+        it; another long one waits its turn, the short ones behind it do not)."""
+        admit: list[_Seq] = []
+        fill = None
+        room = self.max_batch - self.num_running
+        for seq in list(self._waiting):
+            if room == 0:
+                break
+            if self._chunked(seq):
+                if self._filling is not None or fill is not None:
+                    continue
+                fill = seq
+            else:
+                admit.append(seq)
+            self._waiting.remove(seq)
+            room -= 1
+        return admit, fill
+
+    def _iteration(self, admit: list[_Seq], fill: _Seq | None = None) -> None:
+        if admit or fill or self._filling:
             self._use_threads(self.threads)
         live = []
-        for seq in admit:
+        for seq in admit + ([fill] if fill else []):
             if seq.handle.cancel_requested:
                 self._finish(seq, "cancelled")
+            elif seq is fill:
+                self._start_fill(seq)
             else:
                 live.append(seq)
-        for wave in self._waves(live):
+        waves = self._waves(live)
+        for wave in waves:
             self._prefill(wave)
+        # A chunk waits one iteration when new prompts were just prefilled, so the running
+        # rows' next token waits for one of the two, not both; it never waits twice running.
+        if self._filling is not None:
+            if waves and not self._fill_waited:
+                self._fill_waited = True
+            else:
+                self._fill_waited = False
+                self._fill()
         self._drop_cancelled()
         if self._running:
             few = len(self._running) <= self.single_thread_rows
@@ -433,8 +498,7 @@ class Engine:
 
     def _waves(self, seqs: list[_Seq]) -> list[list[_Seq]]:
         """Requests admitted together, in groups that prefill in one forward each (in order).
-        A request that asks for its prompt's logprobs goes alone (every position's logits);
-        one whose prompt starts with a whole prefix-cache block of another in the group waits
+        One whose prompt starts with a whole prefix-cache block of another in the group waits
         for the next group, so it reuses those keys and values instead of computing them
         again; and a runner without `prefill_batch` takes one at a time."""
         if not self.batch_prefill or not hasattr(self.runner, "prefill_batch"):
@@ -443,17 +507,13 @@ class Engine:
         wave: list[_Seq] = []
         block = self.prefix.block if self.prefix is not None else 0
         for seq in seqs:
-            alone = seq.params.prompt_logprobs is not None
             shares = block and any(
                 seq.prompt[:block] == o.prompt[:block] and len(o.prompt) > block for o in wave
             )
-            if wave and (alone or shares):
+            if wave and shares:
                 waves.append(wave)
                 wave = []
             wave.append(seq)
-            if alone:
-                waves.append(wave)
-                wave = []
         if wave:
             waves.append(wave)
         return waves
@@ -466,42 +526,86 @@ class Engine:
     def _prefill(self, wave: list[_Seq]) -> None:
         """Prefill a group of admitted requests (one forward where the runner batches), then
         sample each one's first token."""
-        ready, starts = [], []
+        ready = []
         for seq in wave:
-            p = seq.params
             seq.row = len(self._running)
             self._running.append(seq)
-            try:
-                seq.sampler = Sampler(p, seq.prompt, self.vocab)
-                if self.encoder_decoder:  # the output is text of its own, special tokens dropped
-                    seq.stream = TextStream(self._decode_output, [], p.stop)
-                else:
-                    seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
-                seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
-                m = 0
-                if p.prompt_logprobs is None and self.prefix is not None:
-                    m = self.prefix.load(self.runner, seq.row, seq.prompt)
-            except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
-                self._prefill_failed(seq, e)
-                continue
-            ready.append(seq)
-            starts.append(m)
-        if not ready:
+            if self._set_up(seq):
+                ready.append(seq)
+        if ready:
+            self._prefilled(ready, self._forward(ready))
+
+    def _set_up(self, seq: _Seq) -> bool:
+        """A request's sampler, text stream and stop tokens, and its prompt's prefix from the
+        prefix cache in its row (`seq.start` tokens); False when that failed (it has ended)."""
+        p = seq.params
+        try:
+            seq.sampler = Sampler(p, seq.prompt, self.vocab)
+            if self.encoder_decoder:  # the output is text of its own, special tokens dropped
+                seq.stream = TextStream(self._decode_output, [], p.stop)
+            else:
+                seq.stream = TextStream(self.decode_ids, seq.prompt, p.stop)
+            seq.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._stop_ids)
+            if p.prompt_logprobs is None and self.prefix is not None:
+                seq.start = self.prefix.load(self.runner, seq.row, seq.prompt)
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+            self._prefill_failed(seq, e)
+            return False
+        return True
+
+    def _start_fill(self, seq: _Seq) -> None:
+        """Set a prompt up in the row set apart for chunks (the last: the running rows stay
+        below it while it fills); `_fill` runs its chunks, one per iteration."""
+        seq.row = self.max_batch - 1
+        if self._set_up(seq):
+            seq.filled = seq.start
+            seq.plps = [None] if seq.params.prompt_logprobs is not None else None
+            self._filling = seq
+
+    def _fill(self) -> None:
+        """Prefill the next chunk of the prompt being filled. Chunks are cut by position alone
+        (never by what else runs), so a prompt's numbers do not depend on the batch. After the
+        last one the sequence takes the next running row and samples its first token."""
+        seq = self._filling
+        assert seq is not None
+        scoring = seq.params.prompt_logprobs is not None
+        n = self.prefill_chunk or len(seq.prompt)
+        if scoring:
+            n = min(n, self.score_chunk)
+        s = seq.filled
+        part = seq.prompt[s : s + n]
+        try:
+            logits = self.runner.prefill(seq.row, part, start=s, every_position=scoring)
+            if scoring:
+                logits = self._score_chunk(seq, s, logits)
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the worker
+            self._filling = None
+            self._prefill_failed(seq, e)
             return
-        results = self._forward(ready, starts)
+        seq.filled = s + len(part)
+        if seq.filled < len(seq.prompt):
+            return
+        self._filling = None
+        row = len(self._running)
+        if row != seq.row:
+            self.runner.move(seq.row, row, len(seq.prompt))
+        seq.row = row
+        self._running.append(seq)
+        self._prefilled([seq], [(seq.plps, logits) if scoring else logits])
+
+    def _prefilled(self, ready: list[_Seq], results: list[Any]) -> None:
+        """After prefill: store each prompt's prefix, end scoring-only requests, sample the
+        others' first tokens. `results`: each one's last logits, (its prompt logprobs, last
+        logits) when scored, or the exception its prefill raised."""
         sampling = []  # (seq, its last prompt position's logits, its prompt logprobs)
-        for seq, start, got in zip(ready, starts, results):
+        for seq, got in zip(ready, results):
             if isinstance(got, Exception):
                 self._prefill_failed(seq, got)
                 continue
             p = seq.params
-            plps = None
-            if p.prompt_logprobs is None:
-                self.prefilled += len(seq.prompt) - start
-                logits = got
-            else:  # scored chunk by chunk while it was prefilled (alone: `_waves`)
-                self.prefilled += len(seq.prompt)
-                plps, logits = got
+            # a scored prompt was scored chunk by chunk while it was prefilled (`_fill`)
+            plps, logits = got if p.prompt_logprobs is not None else (None, got)
+            self.prefilled += len(seq.prompt) - seq.start
             # At once, so requests admitted after this one share it; not for scoring-only
             # requests (lm-eval sends thousands, which would push out the prefixes that recur).
             if self.prefix is not None and p.max_tokens > 0:
@@ -531,23 +635,22 @@ class Engine:
         for seq, error in failed:
             self._finish(seq, "error", error=error)
 
-    def _forward(self, seqs: list[_Seq], starts: list[int]) -> list[Any]:
+    def _forward(self, seqs: list[_Seq]) -> list[Any]:
         """Each sequence's prefill logits, or the exception that its prefill raised: one forward
         for the group where the runner batches; alone when a batched forward fails, so one bad
         request fails by itself."""
         runner = self.runner
         if len(seqs) > 1:
             try:
-                rows = [s.row for s in seqs]
+                rows, starts = [s.row for s in seqs], [s.start for s in seqs]
                 return list(runner.prefill_batch(rows, [s.prompt for s in seqs], starts))
             except Exception:  # noqa: BLE001 - retried one by one below
                 log.exception("batched prefill failed; prefilling one request at a time")
         out: list[Any] = []
-        for seq, m in zip(seqs, starts):
+        for seq in seqs:
+            m = seq.start
             try:
-                if seq.params.prompt_logprobs is not None:  # (logprobs, last logits)
-                    out.append(self._score_prompt(seq.row, seq.prompt, seq.params.prompt_logprobs))
-                elif m:
+                if m:
                     out.append(runner.prefill(seq.row, seq.prompt[m:], start=m))
                 else:
                     out.append(runner.prefill(seq.row, seq.prompt))
@@ -628,31 +731,22 @@ class Engine:
         finished = reason is not None
         return StepOutput(text, [token], lps, finished, reason, len(seq.prompt), seq.n_gen)
 
-    def _score_prompt(
-        self, row: int, ids: list[int], n: int
-    ) -> tuple[list[TokenLogprob | None], torch.Tensor]:
-        """Prefill `row` with the prompt and score it: token t's logprob under the logits at
-        t-1 (+ the top n there), None for token 0; and the last token's logits (V,). The
-        logits come `score_chunk` rows at a time and only these values are kept: the whole
+    def _score_chunk(self, seq: _Seq, pos: int, logits: torch.Tensor) -> torch.Tensor:
+        """Score the prompt tokens that the logits of positions pos.. predict: token t's
+        logprob under the logits at t-1 (+ the top n there), appended to `seq.plps` (None
+        for token 0); the chunk's last logits (V,). Only these values are kept: the whole
         T x V matrix (fp32: 1.6 GB for 8k tokens of a 49k vocabulary) never exists."""
-        d = self.decode_ids
-        out: list[TokenLogprob | None] = [None]
-        pos, last = 0, None
-        for logits in self.runner.prefill_chunks(row, ids, self.score_chunk):
-            k = len(logits)
-            nxt = torch.tensor(ids[pos + 1 : pos + 1 + k], dtype=torch.long)  # the next tokens
-            pos += k
-            last = logits[-1].clone()  # only the prompt's last row samples; the chunk goes
-            if not len(nxt):  # the prompt's last position predicts no prompt token
-                continue
+        assert seq.plps is not None and seq.params.prompt_logprobs is not None
+        n, ids, d = seq.params.prompt_logprobs, seq.prompt, self.decode_ids
+        nxt = torch.tensor(ids[pos + 1 : pos + 1 + len(logits)], dtype=torch.long)
+        if len(nxt):  # the prompt's last position predicts no prompt token
             lp = torch.log_softmax(logits[: len(nxt)].float(), dim=-1)
             chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
             vals, top = torch.topk(lp, n) if n > 0 else (lp[:, :0], lp[:, :0].long())
             for t, c, vs, ts in zip(nxt.tolist(), chosen, vals.tolist(), top.tolist()):
-                out.append(TokenLogprob(d([t]), t, c, [(d([i]), i, v) for i, v in zip(ts, vs)]))
-        if last is None:
-            raise ValueError("an empty prompt has nothing to score")
-        return out, last
+                tops = [(d([i]), i, v) for i, v in zip(ts, vs)]
+                seq.plps.append(TokenLogprob(d([t]), t, c, tops))
+        return logits[-1].clone()  # only the prompt's last row samples; the chunk goes
 
     def _release(self, seq: _Seq) -> None:
         """Take a sequence out of the running rows, moving the last row into its place."""
@@ -682,6 +776,10 @@ class Engine:
         ):
             self._release(s)
             self._finish(s, "cancelled")
+        filling = self._filling
+        if filling is not None and filling.handle.cancel_requested:
+            self._filling = None
+            self._finish(filling, "cancelled")
 
     @staticmethod
     def _finish(seq: _Seq, reason: str, error: str | None = None) -> None:

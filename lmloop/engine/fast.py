@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -624,14 +623,6 @@ class FastLlamaRunner:
         if every_position:  # (T, V): prompt scoring
             return self._prompt_logits(x)
         return self._prompt_logits(x[-1:])[0]
-
-    def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
-        """Prefill `row` with `ids` from position 0, then the logits of every token, at most
-        `chunk` rows at a time (prompt scoring): the hidden states are T x C, the head's
-        output is never more than chunk x V."""
-        x = self._prompts([row], [list(ids)], [0])
-        for s in range(0, len(ids), chunk):
-            yield self._prompt_logits(x[s : s + chunk])
 
     def prefill_batch(
         self, rows: list[int], prompts: list[list[int]], starts: list[int]

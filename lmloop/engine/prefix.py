@@ -76,6 +76,11 @@ class PrefixCache:
             parent = blk.id
         return out
 
+    def cached(self, prompt: list[int]) -> int:
+        """Tokens of `prompt` in stored whole blocks (what `load` reuses, less a partial
+        block); nothing is read or reordered."""
+        return len(self._chain(prompt, (len(prompt) - 1) // self.block)) * self.block
+
     def load(self, runner: SlotRunner, row: int, prompt: list[int]) -> int:
         """Copy the longest stored prefix of `prompt` (at most len - 1 tokens) into `row`'s
         slots 0..m-1; return m (0 when nothing matches)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 
@@ -54,19 +53,6 @@ class ModelRunner:
         with self._pinned():
             logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
         return logits if every_position else logits[-1]
-
-    def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> Iterator[torch.Tensor]:
-        """Prefill `row` with `ids` from position 0, `chunk` tokens at a time (each chunk
-        attends to the ones cached before it); yields each chunk's logits (<= chunk x V), so
-        prompt scoring never holds the whole T x V matrix."""
-        self.cache.valid[row] = False
-        for s in range(0, len(ids), chunk):
-            part = ids[s : s + chunk]
-            x = torch.tensor([part], dtype=torch.long)
-            pos = torch.arange(s, s + len(part))[None]
-            with self._pinned():
-                logits = self.model(x, pos, CacheRows(self.cache, row, row + 1))[0]
-            yield logits
 
     @contextlib.contextmanager
     def _pinned(self):

@@ -118,10 +118,6 @@ class Seq2SeqRunner:
         pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         return self._step(tok, pos, row, row + 1)[0]
 
-    def prefill_chunks(self, row: int, ids: list[int], chunk: int) -> torch.Tensor:
-        """Prompt scoring: not for an encoder-decoder model (its prompt is not predicted)."""
-        raise UserError("prompt logprobs apply to decoder-only models only")
-
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows 0..n-1 at its own decoder position; logits (n, V)."""
         n = len(tokens)

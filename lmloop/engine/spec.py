@@ -79,6 +79,13 @@ class EngineSpec:
         "reused instead of prefilled again; 0 turns the prefix cache off",
     )
 
+    prefill_chunk: int = param(
+        32,
+        "prompt tokens prefilled between two decode steps: a longer prompt (or one scored for "
+        "its logprobs) is run in chunks of this size, so it does not stall the streams already "
+        "running; 0 prefills each prompt at once",
+    )
+
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(
@@ -93,6 +100,8 @@ class EngineSpec:
             raise UserError(f"--threads must be >= 0, got {self.threads}")
         if self.max_len is not None and self.max_len < 1:
             raise UserError(f"--max-len must be >= 1, got {self.max_len}")
+        if self.prefill_chunk < 0:
+            raise UserError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
         if not self.prefix_cache_mb >= 0:
             raise UserError(f"--prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
 
@@ -106,4 +115,5 @@ class EngineSpec:
             "max_waiting": self.max_waiting,
             "max_len": self.max_len,
             "prefix_cache_mb": self.prefix_cache_mb,
+            "prefill_chunk": self.prefill_chunk,
         }
