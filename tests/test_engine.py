@@ -164,8 +164,13 @@ def test_prompts_admitted_together_prefill_together_and_match_each_alone(models,
     assert len({len(p) for p in prompts}) == len(prompts)  # unequal lengths
     runs, calls = {}, []
     for batch_prefill in (False, True):
-        engine = Engine(
-            lm.model, lm.tokenizer, max_batch=8, fast=fast, precision="int8" if int8 else "fp32"
+        engine = Engine(  # a prefill budget that holds all five (42 tokens to compute)
+            lm.model,
+            lm.tokenizer,
+            max_batch=8,
+            fast=fast,
+            precision="int8" if int8 else "fp32",
+            prefill_chunk=64,
         )
         engine.batch_prefill = batch_prefill
         with engine:
@@ -337,8 +342,9 @@ def test_a_prompt_mostly_in_the_prefix_cache_is_not_chunked_and_a_chunk_never_jo
         calls.clear()
         other = list(reversed(long_ids))  # nothing cached
         engine.batch_prefill = False  # each short prompt its own `prefill` call
+        start = engine.steps
         running = engine.submit(shorts[0], SamplingParams(max_tokens=40, ignore_eos=True))
-        while engine.steps < 2:
+        while engine.steps < start + 2:
             time.sleep(0.001)
         with engine._cv:  # admitted at once: the long one to fill, the short ones to prefill
             handles = [engine.submit(p, greedy) for p in (other, *shorts[1:])]
@@ -348,6 +354,34 @@ def test_a_prompt_mostly_in_the_prefix_cache_is_not_chunked_and_a_chunk_never_jo
     for i in waves:  # up to the next decode step: no chunk
         nxt = next(j for j in range(i, len(calls)) if calls[j][0] == "decode")
         assert all(c[0] != "fill" for c in calls[i:nxt]), calls
+
+
+def test_a_burst_of_new_prompts_prefills_a_chunk_of_tokens_per_step(models, tok):
+    """Short prompts that arrive together are prefilled over several iterations, each with at
+    most `prefill_chunk` tokens to compute (at least one prompt), a decode step between; each
+    gets the tokens it gets alone."""
+    lm = models["llama"][1]
+    texts = ("Once upon a time", "12 apples", "Tiny models", "The lazy dog", "apples and pears")
+    prompts = [tok.encode(t) for t in texts]
+    assert all(len(p) <= 12 for p in prompts) and sum(map(len, prompts)) > 24
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    with Engine(lm.model, lm.tokenizer, max_batch=8, prefill_chunk=12, prefix_cache_mb=0) as eng:
+        alone = [eng.complete(p, greedy).token_ids for p in prompts]
+        steps: list[list[int]] = [[]]  # prompt lengths prefilled before each decode step
+        runner = eng.runner
+        batched, single, decode = runner.prefill_batch, runner.prefill, runner.decode
+        runner.prefill_batch = lambda rows, ps, starts: (
+            steps[-1].extend(len(p) - s for p, s in zip(ps, starts)) or batched(rows, ps, starts)
+        )
+        runner.prefill = lambda row, ids, **kw: steps[-1].append(len(ids)) or single(row, ids, **kw)
+        runner.decode = lambda t, p: steps.append([]) or decode(t, p)
+        with eng._cv:  # one admission
+            handles = [eng.submit(p, greedy) for p in prompts]
+        together = [h.result().token_ids for h in handles]
+    waves = [w for w in steps if w]
+    assert sorted(n for w in waves for n in w) == sorted(map(len, prompts))
+    assert len(waves) >= 3 and all(sum(w) <= 12 or len(w) == 1 for w in waves), waves
+    assert together == alone
 
 
 def test_logprobs_match_full_forward(models, tok):

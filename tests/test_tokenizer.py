@@ -95,3 +95,40 @@ def test_separator_is_endoftext_then_eos_else_a_one_line_error():
     assert Tokenizer(raw, specials={"eos_token": "</s>"}).separator_id == 1
     with pytest.raises(UserError, match="no end-of-text token"):
         Tokenizer(raw, specials={}).separator_id  # noqa: B018 - the property raises
+
+
+def test_a_long_text_encodes_to_the_same_ids_and_lets_other_threads_run():
+    """A long prompt (a server tokenizes it on a worker thread) is encoded by the call that
+    releases the GIL: the same ids as the short-text path, specials included, and another
+    Python thread keeps running meanwhile (with the GIL held it gets a few percent)."""
+    import threading
+    import time
+
+    tok = tiny_tokenizer()
+    text = (TEXTS[0] + " <|im_start|>user\nhéllo  wörld<|im_end|>\n 42 ") * 2000
+    ids = tok.encode(text)
+    assert ids == tok.backend.encode(text, add_special_tokens=False).ids and len(ids) > 10_000
+
+    def spins_during(work) -> float:
+        count, stop = [0], [False]
+
+        def spin() -> None:
+            while not stop[0]:
+                count[0] += 1
+
+        th = threading.Thread(target=spin)
+        th.start()
+        time.sleep(0.05)
+        c0, t0 = count[0], time.perf_counter()
+        work()
+        during, dt = count[0] - c0, time.perf_counter() - t0
+        c1 = count[0]
+        time.sleep(dt)
+        alone = count[0] - c1
+        stop[0] = True
+        th.join()
+        return during / max(1, alone)
+
+    held = spins_during(lambda: tok.backend.encode(text, add_special_tokens=False))
+    released = spins_during(lambda: tok.encode(text))
+    assert released > 0.5 and released > 3 * held, (released, held)

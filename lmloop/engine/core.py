@@ -436,34 +436,36 @@ class Engine:
                 self._release(seq)
             self._finish(seq, "cancelled")
 
-    def _chunked(self, seq: _Seq) -> bool:
-        """Whether a request is prefilled in chunks (`_fill`): a prompt scored for its
-        logprobs (every position's logits, a chunk at a time), or one with more than a chunk
-        to compute beyond what the prefix cache holds. An encoder-decoder model encodes its
-        whole input in one forward."""
-        if self.encoder_decoder:
-            return False
-        if seq.params.prompt_logprobs is not None:
-            return True
-        cached = self.prefix.cached(seq.prompt) if self.prefix is not None else 0
-        return 0 < self.prefill_chunk < len(seq.prompt) - cached
+    def _todo(self, seq: _Seq) -> int:
+        """Prompt tokens to compute, beyond what the prefix cache holds."""
+        return len(seq.prompt) - (self.prefix.cached(seq.prompt) if self.prefix else 0)
 
     def _admit(self) -> tuple[list[_Seq], _Seq | None]:
-        """Waiting requests to start now, in order, while rows are free: short ones to prefill
-        in this iteration, and at most one to prefill in chunks (the row it fills is held for
-        it; another long one waits its turn, the short ones behind it do not)."""
+        """Waiting requests to start now, in order, while rows are free. A prompt scored for
+        its logprobs (an encoder-decoder model refuses that in `check`), or one with more than
+        `prefill_chunk` tokens to compute, is prefilled in chunks (`_fill`), one such at a time (the row it fills is held for it; another waits
+        its turn, the short ones behind it do not). Short ones prefill in this iteration, up
+        to `prefill_chunk` tokens to compute in all (at least one), so a burst of new prompts
+        stalls the running rows no longer than a chunk does; the rest wait an iteration. An
+        encoder-decoder model encodes each input whole, and takes what rows allow."""
         admit: list[_Seq] = []
         fill = None
         room = self.max_batch - self.num_running
+        budget = 0 if self.encoder_decoder else self.prefill_chunk
+        spent = 0
         for seq in list(self._waiting):
             if room == 0:
                 break
-            if self._chunked(seq):
+            todo = self._todo(seq) if budget else 0
+            if seq.params.prompt_logprobs is not None or todo > budget > 0:
                 if self._filling is not None or fill is not None:
                     continue
                 fill = seq
+            elif admit and spent + todo > budget > 0:
+                continue
             else:
                 admit.append(seq)
+                spent += todo
             self._waiting.remove(seq)
             room -= 1
         return admit, fill
@@ -482,10 +484,12 @@ class Engine:
         waves = self._waves(live)
         for wave in waves:
             self._prefill(wave)
-        # A chunk waits one iteration when new prompts were just prefilled, so the running
-        # rows' next token waits for one of the two, not both; it never waits twice running.
+        # A chunk waits an iteration while rows are decoding or new prompts were just
+        # prefilled, never twice running: a running stream's tokens wait for a chunk at most
+        # every second step. With nothing else to run (prompt scoring alone, lm-eval's case)
+        # a chunk runs every iteration.
         if self._filling is not None:
-            if waves and not self._fill_waited:
+            if (waves or self._running) and not self._fill_waited:
                 self._fill_waited = True
             else:
                 self._fill_waited = False

@@ -81,9 +81,10 @@ class EngineSpec:
 
     prefill_chunk: int = param(
         32,
-        "prompt tokens prefilled between two decode steps: a longer prompt (or one scored for "
-        "its logprobs) is run in chunks of this size, so it does not stall the streams already "
-        "running; 0 prefills each prompt at once",
+        "prompt tokens computed between two decode steps, so new prompts do not stall the "
+        "streams already running: a longer prompt (or one scored for its logprobs) runs in "
+        "chunks of this size, and short ones arriving together take turns up to this many "
+        "tokens a step; 0 prefills each prompt at once",
     )
 
     def __post_init__(self) -> None:

@@ -69,14 +69,18 @@ async def read_json_body(request: Request, max_bytes: int) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid JSON: {msg[:200]}") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}")
-    try:  # a `\ud800` escape decodes to a lone surrogate: not text any tokenizer can take
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except RecursionError:  # parsed just under the limit, too deep to walk again
-        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
-    except UnicodeEncodeError:
-        raise APIError(
-            400, "the request body holds an invalid \\u escape (lone surrogate)"
-        ) from None
+    # A `\ud800` escape decodes to a lone surrogate: not text any tokenizer can take. Only an
+    # escape makes one (the bytes were strict UTF-8), so a body without `\ud` is not walked
+    # again (a 0.8 MB body: 6 ms of the event loop).
+    if "\\ud" in text or "\\uD" in text:
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except RecursionError:  # parsed just under the limit, too deep to walk again
+            raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+        except UnicodeEncodeError:
+            raise APIError(
+                400, "the request body holds an invalid \\u escape (lone surrogate)"
+            ) from None
     return body
 
 

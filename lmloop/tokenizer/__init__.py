@@ -37,6 +37,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, PAD, IM_START, IM_END]
 SPECIALS = ("bos_token", "eos_token", "pad_token")
+LONG_TEXT = 4096  # characters from which `encode` lets other threads run while it works
 
 # ChatML, as the models lmloop trains are taught it (and as SmolLM2-Instruct already speaks it).
 CHAT_TEMPLATE = (
@@ -199,7 +200,13 @@ class Tokenizer:
 
     # ---- use -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) < LONG_TEXT:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        # The batch call releases the GIL while it works (`encode` holds it): a 30,000-token
+        # prompt takes ~70 ms, in which a server's event loop and engine thread would stand
+        # still (bench/soak.py, an abusive client). The same ids.
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return batch([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
