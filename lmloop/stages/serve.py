@@ -23,6 +23,7 @@ import uvicorn
 
 from lmloop.artifacts import lmloop_home
 from lmloop.engine.check import failed, run_checks
+from lmloop.engine.memory import limit_arenas
 from lmloop.errors import UserError
 from lmloop.server import ServerSettings, create_app
 from lmloop.server.settings import ServeConfig
@@ -69,6 +70,7 @@ def check() -> int:
 def run(cfg: ServeConfig) -> int:
     if cfg.check:
         return check()
+    limit_arenas()  # before the engine's and the server's threads start
     api_key = cfg.api_key or os.environ.get("LMLOOP_API_KEY") or None
     if not is_loopback(cfg.host) and not api_key and not cfg.insecure:
         raise UserError(
