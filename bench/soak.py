@@ -16,9 +16,11 @@ model: it runs a loop cycle per kill point (`--kill-mode chain`: one). `--phases
 finishes; the second half adds abusive clients (one per 10 well-behaved ones, at least one), each
 cycling through: a 0.8 MB body of 60,000 prompts with n=8, echo + logprobs on a long prompt, a
 prompt longer than the context, invalid JSON, and a request with `Host: attacker.example`.
-Printed: p50 and p99 inter-token latency of the well-behaved streams in each half, the server's
-resident memory after warm-up and at the end, 5xx answers to valid and to abusive requests, and
-feedback rows acknowledged and found in the database afterwards.
+Printed: p50 and p99 inter-token latency of the well-behaved streams in each half (gaps between
+chunks that carry text; the time to first token apart, since it holds the wait for a batch row),
+the server's resident memory after warm-up, over the run, at its peak, at the end and at rest
+6 s after the load (a heap trim between), by component from /metrics, 5xx answers to valid and to
+abusive requests, and feedback rows acknowledged and found in the database afterwards.
 
 **promote** (`--promote-duration` seconds, default the smaller of `--duration` and 60): the
 model is registered as `soak` v1 in a fresh registry and served as `--model registry:soak`
@@ -83,6 +85,7 @@ from lmloop.artifacts import cache_dir, sha256_tree  # noqa: E402
 from lmloop.feedback.store import FeedbackStore  # noqa: E402
 
 MSGS = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+REST_S = 6.0  # seconds after the load, for the resident memory at rest (a heap trim between)
 LONG = "The quick brown fox jumps over the lazy dog. " * 150  # ~1,500 tokens
 WORDS = (
     "the a little big red blue fox dog cat bird sun tree ran sat saw found liked home park "
@@ -177,6 +180,7 @@ class Tally:
     answers: list[Answer] = field(default_factory=list)
     rss: tuple[float, float] = (float("nan"), float("nan"))  # MB: after warm-up, at the end
     rss_trace: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB)
+    rss_rest: float = float("nan")  # MB, REST_S after the load stopped
     components: list[dict[str, float]] = field(default_factory=list)  # MB: after warm-up, end
 
 
@@ -271,6 +275,10 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> Tally:
         t.rss = (rss0, rss_mb(pid))
         sampler.cancel()
         t.components.append(await resident_components(c))
+        # Once the load has stopped and the server has given freed pages back (it trims its
+        # heap every 5 s): what it keeps, where the end figure also holds what was in flight.
+        await asyncio.sleep(REST_S)
+        t.rss_rest = rss_mb(pid)
     return t
 
 
@@ -325,6 +333,11 @@ def phase_soak(args: argparse.Namespace, tmp: Path, model: str, env: dict[str, s
     rss0, rss1 = t.rss
     print(f"resident memory: {rss0:.0f} MB after warm-up, {rss1:.0f} MB at the end "
           f"({(rss1 / rss0 - 1) * 100:+.1f}%; target <= +5%)")  # fmt: skip
+    if t.rss_trace:
+        peak = max(mb for _, mb in t.rss_trace)
+        print(f"resident memory: peak {peak:.0f} MB ({(peak / rss0 - 1) * 100:+.1f}%) while "
+              f"loaded; {t.rss_rest:.0f} MB ({(t.rss_rest / rss0 - 1) * 100:+.1f}%) at rest "
+              f"{REST_S:.0f} s after the load stopped")  # fmt: skip
     print(
         "resident memory over the run (s: MB): "
         + ", ".join(f"{x:.0f}: {mb:.0f}" for x, mb in t.rss_trace)

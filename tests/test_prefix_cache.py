@@ -143,21 +143,29 @@ def test_shared_system_prompt_history_and_repeat_reuse_the_cache(models, tok, se
 
 @pytest.mark.parametrize("setup", SETUPS, ids=lambda s: "-".join(map(str, s)))
 def test_concurrent_requests_share_the_first_ones_prefix(models, tok, setup):
-    """Admitted in the same step: the first request's prompt is stored as soon as it is
-    prefilled, so the three next to it reuse it at once."""
+    """Admitted together: the first request's prompt is stored as soon as it is prefilled, so
+    the three next to it reuse it. With every prompt prefilled whole (`prefill_chunk=0`) that
+    is at once, and all four decode side by side; with chunked prefill (the default, 32) the
+    first fills in chunks while the others wait for it, then they compute only their tails."""
     rng = random.Random(2)
     system = _ids(rng, 35)
     prompts = [system + _ids(rng, 4 + i, first=30 + i) for i in range(4)]
-    outs = {}
-    for cache in (False, True):
-        engine = _engine(models, tok, setup, cache=cache)
-        _scramble(engine)
-        handles = [engine.submit(p, GREEDY) for p in prompts]  # queued before the worker starts
-        with engine:
-            outs[cache] = [Out(h.result(), engine.precision == "int8") for h in handles]
-        assert engine.steps == GEN - 1  # all four decoded side by side
-    assert outs[True] == outs[False]
-    assert engine.prefilled == sum(len(p) for p in prompts) - 3 * len(system)
+    for chunk in (0, 32):
+        outs = {}
+        for cache in (False, True):
+            engine = _engine(models, tok, setup, cache=cache, prefill_chunk=chunk)
+            _scramble(engine)
+            handles = [engine.submit(p, GREEDY) for p in prompts]  # queued before the worker
+            with engine:
+                outs[cache] = [Out(h.result(), engine.precision == "int8") for h in handles]
+            if chunk == 0:
+                assert engine.steps == GEN - 1  # all four decoded side by side
+        # With chunks the four join the batch at other steps with the cache than without;
+        # int8 decode quantizes a step's rows over their joint range, so its greedy tokens can
+        # flip with the batch (docs/generate.md): there only the prefill count is compared.
+        if chunk == 0 or engine.precision != "int8":
+            assert outs[True] == outs[False]
+        assert engine.prefilled == sum(len(p) for p in prompts) - 3 * len(system)
 
 
 def test_sampled_outputs_and_logprobs_match_too(models, tok):
