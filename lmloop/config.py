@@ -17,9 +17,8 @@ import functools
 import operator
 import re
 import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -47,10 +46,6 @@ def param(
         value = default
         return dataclasses.field(default_factory=lambda: value, metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _aliases(cls: type) -> dict[str, tuple[str, Any]]:
@@ -196,14 +191,14 @@ def _default(cls: type, name: str) -> Any:
 
 def _inline(cls: type) -> dict[str, type]:
     """Field name -> type of each inline nested spec of `cls`."""
-    hints = _hints(cls)
+    hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")}
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key a config accepts (nested dataclasses expanded)."""
     keys = []
-    hints = _hints(cls)
+    hints = get_type_hints(cls)
     for name in _field_names(cls):
         tp, _ = _unwrap_optional(hints[name])
         if dataclasses.is_dataclass(tp):
@@ -227,11 +222,11 @@ def build(
     `train.lora.alpha=8` keeps the loop's `train.lora.r`, at every depth."""
     top = errors is None
     errors = [] if errors is None else errors
-    hints = _hints(cls)
+    hints = get_type_hints(cls)
     names = _field_names(cls)
     values = dict(values)
     for name, tp in _inline(cls).items():  # its flat keys move under its own name
-        own = set(_hints(tp)) | set(_aliases(tp))
+        own = set(get_type_hints(tp)) | set(_aliases(tp))
         moved = {k: values.pop(k) for k in list(values) if k.replace("-", "_") in own}
         if moved:
             values[name] = {**(values.get(name) or {}), **moved}
@@ -336,10 +331,10 @@ def _field_type(cls: type, dotted: str) -> Any | None:
         tp, _ = _unwrap_optional(tp)
         if not dataclasses.is_dataclass(tp):
             return None
-        hints = {**_hints(tp), **{a: bool for a in _aliases(tp)}}
+        hints = {**get_type_hints(tp), **{a: bool for a in _aliases(tp)}}
         for inner in _inline(tp).values():
-            if part not in hints and part in {**_hints(inner), **_aliases(inner)}:
-                hints = {**_hints(inner), **{a: bool for a in _aliases(inner)}}
+            if part not in hints and part in {**get_type_hints(inner), **_aliases(inner)}:
+                hints = {**get_type_hints(inner), **{a: bool for a in _aliases(inner)}}
         if part not in hints:
             return None
         tp = hints[part]
@@ -460,7 +455,7 @@ def format_help(cls: type, command: str, summary: str) -> str:
     lines.append("options:")
 
     def walk(c: type, prefix: str, base: Any = None) -> None:
-        hints = _hints(c)
+        hints = get_type_hints(c)
         for f in dataclasses.fields(c):
             if not f.init:
                 continue

@@ -44,10 +44,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return _DTYPES[2] if vocab_size <= 1 << 16 else _DTYPES[4]
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.bin"
-
-
 def pack_header(dtype: np.dtype, count: int) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, count).ljust(HEADER_SIZE, b"\0")
 
@@ -96,7 +92,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self._close_current()
-        name = shard_name(self.split, len(self.shards))
+        name = f"{self.split}-{len(self.shards):06d}.bin"
         self._f = open(self.directory / name, "wb")  # noqa: SIM115
         self._f.write(pack_header(self.dtype, 0))  # the real count is written on close
         self.shards.append({"file": name, "tokens": 0})

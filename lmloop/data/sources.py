@@ -127,10 +127,6 @@ def as_spec(source: str | SourceSpec) -> SourceSpec:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def is_url(path: str) -> bool:
-    return bool(_URL.match(path))
-
-
 class RemoteFile(str):
     """A file behind an fsspec URL, with the `name` readers ask a `Path` for."""
 
@@ -183,7 +179,7 @@ def is_hf_disk(p: Path) -> bool:
 def resolve_files(spec: SourceSpec) -> list[Path]:
     """The files a local source covers, sorted (so every run reads them in the same order)."""
     raw = spec.path
-    if is_url(raw):
+    if _URL.match(raw):
         return _resolve_url(spec)
     p = Path(raw).expanduser()
     if any(ch in raw for ch in "*?["):
@@ -226,11 +222,6 @@ def file_kind(spec: SourceSpec, f: Path) -> str:
     return "text"
 
 
-def is_data_dir(p: Path) -> bool:
-    """A folder `lmloop data` prepared (its train split can be read back as text)."""
-    return p.is_dir() and peek_schema(p) == "lmloop.data"
-
-
 def source_kind(spec: SourceSpec) -> str:
     """`hf`, `hf_disk`, `data` or `files` (a local path whose files each get their own kind)."""
     if spec.kind in ("hf", "hf_disk", "data", "synthetic"):
@@ -238,8 +229,8 @@ def source_kind(spec: SourceSpec) -> str:
     p = Path(spec.path).expanduser()
     if spec.kind == "auto" and is_hf_disk(p):
         return "hf_disk"
-    if spec.kind == "auto" and is_data_dir(p):
-        return "data"
+    if spec.kind == "auto" and p.is_dir() and peek_schema(p) == "lmloop.data":
+        return "data"  # a folder `lmloop data` prepared: its train split read back as text
     return "files"
 
 

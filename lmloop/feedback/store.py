@@ -548,12 +548,7 @@ class FeedbackStore:
             sql += f" WHERE model_version IN ({','.join('?' * len(model_versions))})"
             args += list(model_versions)
         rows = self._read().execute(sql + " ORDER BY seq", args).fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["params"] = json.loads(d["params"])
-            out.append(d)
-        return out
+        return [dict(r) | {"params": json.loads(r["params"])} for r in rows]
 
     def all_feedback(self) -> list[dict]:
         """Every feedback row, oldest first."""
@@ -600,7 +595,7 @@ class FeedbackStore:
         for r in rows:
             d = {k: (r[k] if r[k] is not None else 0) for k in r.keys()}
             d["mean_rating"] = round(float(r["mean_rating"]), 4) if r["ratings"] else None
-            d["rating_histogram"] = {}
+            d["rating_histogram"] = {str(k): 0 for k in range(1, 6)}
             out.append(d)
         hist = self._read().execute(
             """SELECT r.model_name, r.model_version, f.rating, COUNT(*) FROM feedback f
@@ -610,10 +605,6 @@ class FeedbackStore:
         index = {(d["model_name"], d["model_version"]): d for d in out}
         for name, version, rating, n in hist:
             index[(name, version)]["rating_histogram"][str(rating)] = n
-        for d in out:
-            d["rating_histogram"] = {
-                str(k): d["rating_histogram"].get(str(k), 0) for k in range(1, 6)
-            }
         return out
 
 

@@ -160,20 +160,10 @@ def _run_batch(
     encoded: list[list[int]],
     params: list[SamplingParams],
 ) -> int:
+    """--prompts: one JSON line per prompt, in input order, to --out or stdout."""
     t0 = time.perf_counter()
     handles = [engine.submit(ids, p) for ids, p in zip(encoded, params)]
     done = [h.result() for h in progress(handles, total=len(rows), desc="generate", unit="prompt")]
-    return _write_results(cfg, loaded, rows, done, t0)
-
-
-def _write_results(
-    cfg: GenerateConfig,
-    loaded: LoadedModel,
-    rows: list[dict[str, Any]],
-    done: list[Completion],
-    t0: float,
-) -> int:
-    """--prompts: one JSON line per prompt, in input order, to --out or stdout."""
     results, new_tokens = [], 0
     for row, c in zip(rows, done):
         new_tokens += c.completion_tokens

@@ -23,14 +23,10 @@ from lmloop.training import checkpoint as ck
 from lmloop.training.config import (
     BatchSpec,
     EvalSpec,
-    LoraSpec,
     ModelSpec,
     OptimSpec,
-    PreferenceSpec,
     ScheduleSpec,
-    SFTSpec,
     TrainConfig,
-    TrainingDiverged,
     TrainResult,
 )
 from lmloop.training.distributed import barrier, close_dist, init_dist
@@ -40,9 +36,8 @@ from lmloop.training.plots import plot_curves
 from lmloop.training.run import Run, setup, summary_writer, write_meta
 
 __all__ = [  # the configuration and result, re-exported for `from lmloop.stages.train import`
-    "BatchSpec", "EvalSpec", "LoraSpec", "ModelSpec", "OptimSpec", "PreferenceSpec",
-    "ScheduleSpec", "SFTSpec", "TrainConfig", "TrainResult", "TrainingDiverged",
-    "memory_estimate", "run",
+    "BatchSpec", "EvalSpec", "ModelSpec", "OptimSpec", "ScheduleSpec", "TrainConfig",
+    "TrainResult", "memory_estimate", "run",
 ]  # fmt: skip
 
 

@@ -33,14 +33,12 @@ IGNORE = -100
 class Permuted:
     """Sample index -> item index through per-epoch permutations of `n` items."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
         self._epoch, self._perm = -1, None
 
     def __call__(self, i: int) -> int:
         epoch, k = divmod(i, self.n)
-        if not self.shuffle:
-            return k
         if epoch != self._epoch:
             self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
             self._epoch = epoch

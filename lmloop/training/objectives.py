@@ -38,7 +38,7 @@ from torch import nn
 
 from lmloop.errors import UserError
 from lmloop.tokenizer import Tokenizer
-from lmloop.training.batches import IGNORE, Permuted, encode_chat, pad_rows, read_jsonl
+from lmloop.training.batches import IGNORE, Permuted, encode_chat, encode_text, pad_rows, read_jsonl
 from lmloop.training.lora import lora_layers
 
 # ---- records ---------------------------------------------------------------------------------
@@ -160,9 +160,7 @@ def encode_completion(tokenizer: Tokenizer, prompt: _Prompt, completion: Any) ->
     """(input ids, labels) of prompt + completion with loss on the completion only, shifted."""
     if isinstance(prompt, str):
         head = tokenizer.encode(prompt)
-        tail = tokenizer.encode(completion)
-        if tokenizer.eos_id is not None:
-            tail = tail + [int(tokenizer.eos_id)]
+        tail, _ = encode_text(tokenizer, completion)  # EOS-terminated
         ids, labels = head + tail, [IGNORE] * len(head) + tail
     else:
         ids, labels = encode_chat(tokenizer, prompt + completion, last_only=True)
