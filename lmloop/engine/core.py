@@ -59,8 +59,9 @@ DEFAULT_PREFIX_CACHE_MB = 256.0
 # Prompt scoring (`echo` + logprobs) turns the logits into logprobs at most this many positions
 # at a time: 256 x 49k fp32 is 50 MB, where the whole prompt's matrix is T x V (1.6 GB at 8k).
 SCORE_CHUNK = 256
-# A prompt longer than this many tokens (or one scored for its logprobs) is prefilled this many
-# tokens per iteration, between the running rows' decode steps, so it delays each of their
+# A prompt with more than this many tokens to compute (or one scored for its logprobs) is
+# prefilled this many tokens per iteration, between the running rows' decode steps, and short
+# prompts arriving together share this budget per step, so new work delays the running rows'
 # tokens by one chunk's time instead of the whole prompt's: SmolLM2-135M int4 on 2 cores runs
 # a 1,500-token prompt in 2.2 s at once, in chunks of 32 in 3.1 s (67 ms each), a 16-row decode
 # step in 29 ms (bench/soak.py: the well-behaved streams' inter-token p99 under an abusive
@@ -443,11 +444,12 @@ class Engine:
     def _admit(self) -> tuple[list[_Seq], _Seq | None]:
         """Waiting requests to start now, in order, while rows are free. A prompt scored for
         its logprobs (an encoder-decoder model refuses that in `check`), or one with more than
-        `prefill_chunk` tokens to compute, is prefilled in chunks (`_fill`), one such at a time (the row it fills is held for it; another waits
-        its turn, the short ones behind it do not). Short ones prefill in this iteration, up
-        to `prefill_chunk` tokens to compute in all (at least one), so a burst of new prompts
-        stalls the running rows no longer than a chunk does; the rest wait an iteration. An
-        encoder-decoder model encodes each input whole, and takes what rows allow."""
+        `prefill_chunk` tokens to compute, is prefilled in chunks (`_fill`), one such at a time
+        (the row it fills is held for it; another waits its turn, the short ones behind it do
+        not). Short ones prefill in this iteration, up to `prefill_chunk` tokens to compute in
+        all (at least one), so a burst of new prompts stalls the running rows no longer than a
+        chunk does; the rest wait an iteration. An encoder-decoder model encodes each input
+        whole, and takes what rows allow."""
         admit: list[_Seq] = []
         fill = None
         room = self.max_batch - self.num_running
