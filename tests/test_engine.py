@@ -630,7 +630,8 @@ MIXED = [
 def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread):
     """`pick_batch` over a batch mixing every setting draws, step after step (penalty state
     growing), exactly the tokens of the one-row reference `Sampler.pick_row` with the same
-    seeds. The flat case puts top-p's nucleus past the 256 likeliest tokens (the full sort)."""
+    seeds. The flat case puts top-p's nucleus past the 256 likeliest tokens: in the 4,096
+    likeliest for some rows, past them (the full sort) for others."""
     g = torch.Generator().manual_seed(0)
     prompt = [1, 5, 7, 9, 11]
     batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]

@@ -175,16 +175,17 @@ def test_the_kernel_layout_round_trips():
 
 
 @pytest.mark.parametrize("D", [8, 64])
-def test_attention_writes_the_slots_and_attends_like_torch(D):
-    """`attend` against torch on the same int8 cache, three rows at their own positions: each
-    new key (rotary applied) and value quantized into its row's slot of the right layer, and
-    softmax attention over that row's slots 0..position of the dequantized cache (grouped
-    queries: 3 query heads per kv head)."""
+@pytest.mark.parametrize("positions", [[33, 0, 17], [33, 0, 17, 5, 39]])
+def test_attention_writes_the_slots_and_attends_like_torch(D, positions):
+    """`attend` against torch on the same int8 cache, rows at their own positions: each new key
+    (rotary applied) and value quantized into its row's slot of the right layer, and softmax
+    attention over that row's slots 0..position of the dequantized cache (grouped queries: 3
+    query heads per kv head; with 5 rows the kernel takes a group's heads in one pass, with 3
+    one head at a time)."""
     from lmloop.engine.fast import quantize_rows
 
     g = torch.Generator().manual_seed(D)
-    H, Hkv, L, B, S, layer = 6, 2, 2, 4, 40, 1
-    positions = [33, 0, 17]
+    H, Hkv, L, B, S, layer = 6, 2, 2, 6, 40, 1
     n = len(positions)
     kv = torch.randint(-127, 128, (L, 2, B, Hkv, S, D), generator=g, dtype=torch.int8)
     scale = torch.rand(L, 2, B, Hkv, S, 1, generator=g) * 0.02 + 0.001
@@ -209,6 +210,28 @@ def test_attention_writes_the_slots_and_attends_like_torch(D):
     assert torch.equal(kv, kv0) and torch.equal(scale, scale0)  # nothing else written
     with pytest.raises(ValueError):
         kernels.attend(h, [40, 0, 0], (H, Hkv, D), cos, sin, kv, scale, layer, y)
+
+
+@pytest.mark.parametrize("D", [8, 64])
+def test_a_rows_attention_is_the_same_bits_alone_or_in_a_batch(D):
+    """Batch invariance of `attend`: five rows in one call (a kv group's query heads in one
+    pass) give each row the bits it gets alone (its heads one at a time)."""
+    g = torch.Generator().manual_seed(7)
+    H, Hkv, L, B, S, layer = 6, 2, 2, 6, 64, 0
+    positions = [60, 3, 17, 41, 9]
+    kv = torch.randint(-127, 128, (L, 2, B, Hkv, S, D), generator=g, dtype=torch.int8)
+    scale = torch.rand(L, 2, B, Hkv, S, 1, generator=g) * 0.02 + 0.001
+    h = torch.randn(len(positions), (H + 2 * Hkv) * D, generator=g)
+    cos, sin = torch.randn(S, D, generator=g), torch.randn(S, D, generator=g)
+    together = torch.empty(len(positions), H * D)
+    kernels.attend(h, positions, (H, Hkv, D), cos, sin, kv.clone(), scale.clone(), layer, together)
+    for r, pos in enumerate(positions):
+        alone_kv, alone_scale = kv.clone(), scale.clone()
+        alone_kv[:, :, 0], alone_scale[:, :, 0] = kv[:, :, r], scale[:, :, r]  # row r in slot 0
+        alone = torch.empty(1, H * D)
+        kernels.attend(h[r : r + 1].contiguous(), [pos], (H, Hkv, D), cos, sin, alone_kv,
+                       alone_scale, layer, alone)  # fmt: skip
+        assert torch.equal(alone[0], together[r]), r
 
 
 def _greedy(runner, ids, steps):
@@ -315,8 +338,9 @@ def test_the_plain_c_and_avx2_paths_agree_with_torch(
     test_the_linear_and_its_fused_inputs_match_torch(1)
     test_the_linear_and_its_fused_inputs_match_torch(3)
     test_a_rows_outputs_are_the_same_bits_at_any_row_count(77)
-    test_attention_writes_the_slots_and_attends_like_torch(8)
-    test_attention_writes_the_slots_and_attends_like_torch(64)
+    for D in (8, 64):
+        test_attention_writes_the_slots_and_attends_like_torch(D, [33, 0, 17, 5, 39])
+        test_a_rows_attention_is_the_same_bits_alone_or_in_a_batch(D)
     for heads in ("d8", "d64"):
         test_the_fused_decode_step_equals_the_op_by_op_one(heads, request, tok, monkeypatch)
 

@@ -22,8 +22,11 @@ from lmloop.engine.params import SamplingParams
 
 # The nucleus almost always lies inside the 256 likeliest tokens: then topk gives the same kept
 # set as a full sort of the vocabulary at a fraction of the cost (a 49k sort per sequence per
-# step halved batched decode); a flatter distribution sorts it all.
+# step halved batched decode). A flatter distribution tries the 4,096 likeliest next (measured
+# on a 49,152-token row, one thread: 0.6 ms against 3.6 ms for the sort, which with the
+# argsort after it took 6-7 ms: a step at 16 rows is ~24 ms) and sorts it all only past that.
 NUCLEUS_TOPK = 256
+NUCLEUS_WIDE = 4096
 
 
 class Sampler:
@@ -91,6 +94,8 @@ class Sampler:
         probs = torch.softmax(x, dim=-1)
         if p.top_p < 1.0:
             sorted_p, idx = torch.topk(probs, min(NUCLEUS_TOPK, probs.numel()))
+            if float(sorted_p.sum()) < p.top_p:
+                sorted_p, idx = torch.topk(probs, min(NUCLEUS_WIDE, probs.numel()))
             if float(sorted_p.sum()) < p.top_p:
                 sorted_p, idx = torch.sort(probs, descending=True)
             # drop a token when the mass before it already reaches top_p (keeps at least one)
@@ -250,19 +255,23 @@ def _nucleus(
 ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Top-p (then min-p) on probs (R, V), row i that of rows[i] by ss[i]: keep the likeliest
     tokens until their mass reaches top_p. Groups of (rows, kept probabilities, their token
-    ids), in vocabulary order. Rows whose `NUCLEUS_TOPK` likeliest hold less than top_p sort
-    it all."""
+    ids), in vocabulary order. Rows whose `NUCLEUS_TOPK` likeliest hold less than top_p try
+    the `NUCLEUS_WIDE` likeliest, and past that sort it all (as `Sampler.pick_row`)."""
     V = probs.shape[1]
     top_p = [s.p.top_p for s in ss]
-    sorted_p, idx = torch.topk(probs, min(NUCLEUS_TOPK, V))
-    mass = sorted_p.sum(-1).tolist()
-    short = [i for i, t in enumerate(top_p) if mass[i] < t]
-    held = [i for i, t in enumerate(top_p) if not mass[i] < t]
     groups = []
-    if held:
-        groups.append((held, _rows(sorted_p, held), _rows(idx, held)))
-    if short:
-        groups.append((short, *torch.sort(probs[short], descending=True)))
+    rest = list(range(len(ss)))
+    for width in (NUCLEUS_TOPK, NUCLEUS_WIDE):
+        sorted_p, idx = torch.topk(_rows(probs, rest), min(width, V))
+        mass = sorted_p.sum(-1).tolist()
+        held = [j for j, i in enumerate(rest) if not mass[j] < top_p[i]]
+        if held:
+            groups.append(([rest[j] for j in held], _rows(sorted_p, held), _rows(idx, held)))
+        rest = [i for j, i in enumerate(rest) if mass[j] < top_p[i]]
+        if not rest:
+            break
+    if rest:
+        groups.append((rest, *torch.sort(probs[rest], descending=True)))
     out = []
     for members, sp, ix in groups:
         tp = _col([top_p[i] for i in members])

@@ -483,65 +483,165 @@ int lm_qlinear8(const int8_t *w, const float *wscale, const int32_t *wsum, int n
     return 0;
 }
 
-/* p[t] = q . k_t for t < n, k rows int8 (D apart). The AVX2 path keeps q in registers for
- * D = 64 and reduces four rows' sums at once: one horizontal sum per slot was most of the
- * attention's time at long spans. */
-static void scores(const float *q, const int8_t *k, int D, int n, float *p) {
+/* Attention over one row's int8 keys and values for a group of query heads that share them
+ * (grouped-query attention: nh <= 3 heads at a time). Each key or value row is loaded and
+ * converted to fp32 once for the group, not once per head. A head's sums run in the same
+ * order whichever heads share the pass, so its numbers do not depend on the grouping. */
+
+/* p[h * ps + t] = q_h . k_t for heads h < nh (q_h = q + h * D), t < n; k rows int8, D apart.
+ * The AVX2 path (D = 64) reduces four keys' sums at once: one horizontal sum per slot was most
+ * of the attention's time at long spans. */
+#ifdef LM_AVX2
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+static inline __m256 load_i8x8(const int8_t *x) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)x)));
+}
+
+static inline __attribute__((always_inline)) int scores64(const float *q, const int nh,
+                                                          const int8_t *k, int n, float *p,
+                                                          size_t ps) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+        __m256 acc[3][4];
+        for (int h = 0; h < nh; h++)
+            for (int j = 0; j < 4; j++) acc[h][j] = _mm256_setzero_ps();
+        for (int c = 0; c < 8; c++)
+            for (int j = 0; j < 4; j++) {
+                __m256 kv = load_i8x8(k + (size_t)(t + j) * 64 + 8 * c);
+                for (int h = 0; h < nh; h++)
+                    acc[h][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * 64 + 8 * c), kv, acc[h][j]);
+            }
+        for (int h = 0; h < nh; h++)
+            _mm_storeu_ps(p + h * ps + t, hsum4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]));
+    }
+    return t;
+}
+#endif
+
+static void scores(const float *q, int nh, const int8_t *k, int D, int n, float *p, size_t ps) {
     int t = 0;
 #ifdef LM_AVX2
-    if (D == 64) {
-        __m256 qv[8];
-        for (int c = 0; c < 8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);
-        for (; t + 4 <= n; t += 4) {
-            __m256 acc[4];
-            for (int j = 0; j < 4; j++) {
-                const int8_t *kt = k + (size_t)(t + j) * D;
-                __m256 a = _mm256_setzero_ps();
-                for (int c = 0; c < 8; c++) {
-                    __m128i raw = _mm_loadl_epi64((const __m128i *)(kt + 8 * c));
-                    a = _mm256_fmadd_ps(qv[c], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), a);
-                }
-                acc[j] = a;
-            }
-            __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-            __m256 h = _mm256_hadd_ps(h01, h23);
-            __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            _mm_storeu_ps(p + t, r);
-        }
+    if (D == 64) { /* constant head counts: the accumulators stay in registers */
+        t = nh == 1 ? scores64(q, 1, k, n, p, ps)
+          : nh == 2 ? scores64(q, 2, k, n, p, ps)
+                    : scores64(q, 3, k, n, p, ps);
     }
 #endif
     for (; t < n; t++) {
         const int8_t *kt = k + (size_t)t * D;
-        float dot = 0.0f;
+        for (int h = 0; h < nh; h++) {
+            const float *qh = q + (size_t)h * D;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; d++) dot += q[d] * (float)kt[d];
-        p[t] = dot;
+            for (int d = 0; d < D; d++) dot += qh[d] * (float)kt[d];
+            p[h * ps + t] = dot;
+        }
     }
 }
 
-/* out (D) = sum over t < n of w[t] * v_t, v rows int8 (D apart). */
-static void mix(const float *w, const int8_t *v, int D, int n, float *out) {
+/* out_h (D) = sum over t < n of w_h[t] * v_t for heads h < nh (w_h = w + h * ws, out_h =
+ * out + h * D), v rows int8 (D apart). */
 #ifdef LM_AVX2
-    if (D == 64) {
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void mix64(const float *w, size_t ws, const int nh,
+                                                       const int8_t *v, int n, float *out) {
+    for (int half = 0; half < 2; half++) { /* 4 x 8 outputs a head at a time: 12 registers */
+        __m256 acc[3][4];
+        for (int h = 0; h < nh; h++)
+            for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
         for (int t = 0; t < n; t++) {
-            const int8_t *vt = v + (size_t)t * D;
-            __m256 wt = _mm256_set1_ps(w[t]);
-            for (int c = 0; c < 8; c++) {
-                __m128i raw = _mm_loadl_epi64((const __m128i *)(vt + 8 * c));
-                acc[c] = _mm256_fmadd_ps(wt, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), acc[c]);
+            const int8_t *vt = v + (size_t)t * 64 + 32 * half;
+            __m256 vv[4];
+            for (int c = 0; c < 4; c++) vv[c] = load_i8x8(vt + 8 * c);
+            for (int h = 0; h < nh; h++) {
+                __m256 wt = _mm256_set1_ps(w[h * ws + t]);
+                for (int c = 0; c < 4; c++) acc[h][c] = _mm256_fmadd_ps(wt, vv[c], acc[h][c]);
             }
         }
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+        for (int h = 0; h < nh; h++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + h * 64 + 32 * half + 8 * c, acc[h][c]);
+    }
+}
+#endif
+
+static void mix(const float *w, size_t ws, int nh, const int8_t *v, int D, int n, float *out) {
+#ifdef LM_AVX2
+    if (D == 64) {
+        if (nh == 1) mix64(w, ws, 1, v, n, out);
+        else if (nh == 2) mix64(w, ws, 2, v, n, out);
+        else mix64(w, ws, 3, v, n, out);
         return;
     }
 #endif
-    for (int d = 0; d < D; d++) out[d] = 0.0f;
-    for (int t = 0; t < n; t++) {
-        const int8_t *vt = v + (size_t)t * D;
-        for (int d = 0; d < D; d++) out[d] += w[t] * (float)vt[d];
+    for (int h = 0; h < nh; h++) {
+        float *o = out + (size_t)h * D;
+        const float *wh = w + h * ws;
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (int t = 0; t < n; t++) {
+            const int8_t *vt = v + (size_t)t * D;
+            for (int d = 0; d < D; d++) o[d] += wh[t] * (float)vt[d];
+        }
     }
+}
+
+#ifdef LM_AVX2
+/* e^x in 8 lanes for x <= 0 (softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2,
+ * e^r by a degree-7 polynomial (Cephes' expf coefficients), times 2^n through the exponent
+ * bits; relative error ~1e-7 against expf. Below -87 (e^x < 2^-125) it gives 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 floor_ = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, floor_, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, floor_);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+#endif
+
+/* p (n scores) -> softmax(p * ks) * vs: a key's scale multiplies its score, a value's its
+ * probability (so `mix` reads the int8 values as they are). */
+static void softmax_scaled(float *p, int n, const float *ks, const float *vs) {
+    int t = 0;
+    float mx = -INFINITY, sum = 0.0f;
+#ifdef LM_AVX2
+    __m256 m8 = _mm256_set1_ps(-INFINITY), s8 = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + t), _mm256_loadu_ps(ks + t));
+        _mm256_storeu_ps(p + t, x);
+        m8 = _mm256_max_ps(m8, x);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m8);
+    for (int i = 0; i < 8; i++) mx = fmaxf(mx, lanes[i]);
+#endif
+    for (int u = t; u < n; u++) mx = fmaxf(mx, p[u] *= ks[u]);
+    t = 0;
+#ifdef LM_AVX2
+    __m256 mxv = _mm256_set1_ps(mx);
+    for (; t + 8 <= n; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), mxv));
+        _mm256_storeu_ps(p + t, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    _mm256_storeu_ps(lanes, s8);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (int u = t; u < n; u++) sum += (p[u] = expf(p[u] - mx));
+    float inv = 1.0f / sum;
+    for (int u = 0; u < n; u++) p[u] *= inv * vs[u];
 }
 
 /* One decode step's attention for cache rows 0..n-1 of layer `layer`, over an int8 KV cache
@@ -586,32 +686,27 @@ int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, cons
         }
         if (pos[r] + 1 > maxn) maxn = pos[r] + 1;
     }
-    int failed = 0;
+    /* A task: a row's kv group, its query heads three at a time (one at a time when there are
+     * too few groups to keep every thread busy: the numbers are the same either way). */
+    int rep = H / Hkv, per = n * Hkv >= 8 ? 3 : 1, chunks = (rep + per - 1) / per, failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) if ((size_t)n * H * maxn * D > 65536)
-    for (int task = 0; task < n * H; task++) {
-        int r = task / H, hq = task % H, g = hq / (H / Hkv), m = pos[r] + 1;
-        const float *qh = q + ((size_t)r * (H + Hkv) + hq) * D;
+    for (int task = 0; task < n * Hkv * chunks; task++) {
+        int r = task / (Hkv * chunks), g = task / chunks % Hkv, h0 = task % chunks * per;
+        int nh = rep - h0 < per ? rep - h0 : per, m = pos[r] + 1;
         size_t rg = (size_t)r * Hkv + g;
         const int8_t *kh = kc + rg * head, *vh = vc + rg * head;
         const float *ksh = ks + rg * S, *vsh = vs + rg * S;
-        float *p = (float *)malloc(sizeof(float) * (size_t)m);
-        float *out = y + ((size_t)r * H + hq) * D;
+        const float *qh = q + ((size_t)r * (H + Hkv) + (size_t)g * rep + h0) * D;
+        float *out = y + ((size_t)r * H + (size_t)g * rep + h0) * D;
+        float *p = (float *)malloc(sizeof(float) * (size_t)nh * m);
         if (p == NULL) {
 #pragma omp atomic write
             failed = 1;
             continue;
         }
-        scores(qh, kh, D, m, p);
-        float mx = -INFINITY;
-        for (int t = 0; t < m; t++) {
-            p[t] *= ksh[t];
-            mx = fmaxf(mx, p[t]);
-        }
-        float sum = 0.0f;
-        for (int t = 0; t < m; t++) sum += (p[t] = expf(p[t] - mx));
-        float inv = 1.0f / sum;
-        for (int t = 0; t < m; t++) p[t] *= inv * vsh[t];
-        mix(p, vh, D, m, out);
+        scores(qh, nh, kh, D, m, p, (size_t)m);
+        for (int h = 0; h < nh; h++) softmax_scaled(p + (size_t)h * m, m, ksh, vsh);
+        mix(p, (size_t)m, nh, vh, D, m, out);
         free(p);
     }
     free(q);
