@@ -274,6 +274,31 @@ static void dot_group(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact,
 #endif
 }
 
+#ifdef LM_AVX2
+/* e^x in 8 lanes (softmax's shifted scores, SwiGLU's sigmoid): x = n ln2 + r with |r| <=
+ * ln2 / 2, e^r by a degree-7 polynomial (Cephes' expf coefficients), times 2^n through the
+ * exponent bits; relative error ~1e-7 against expf. Below -87 (e^x < 2^-125) it gives 0, above
+ * 87 e^87. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 floor_ = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, floor_, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, floor_), _mm256_set1_ps(87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+#endif
+
 /* The input a row feeds to the kernel: x itself, RMSNorm(x) * norm_w, or (swiglu) the row
  * holds gate | up, k each, and the input is silu(gate) * up. Fusing these saves the decode
  * step a dozen small torch ops per layer (~1 us each, more than the 4-bit matmuls' runtime
@@ -281,7 +306,16 @@ static void dot_group(const uint8_t *c, const f16 *p, const blk_a8 *a, int nact,
 static void prep_row(const float *x, int k, const float *norm_w, float eps, int swiglu,
                      float *out) {
     if (swiglu) {
-        for (int j = 0; j < k; j++) out[j] = x[j] / (1.0f + expf(-x[j])) * x[k + j];
+        int j = 0;
+#ifdef LM_AVX2
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; j + 8 <= k; j += 8) { /* the scalar line's operations, e^-x 8 at a time */
+            __m256 g = _mm256_loadu_ps(x + j), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            __m256 v = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(x + k + j));
+            _mm256_storeu_ps(out + j, v);
+        }
+#endif
+        for (; j < k; j++) out[j] = x[j] / (1.0f + expf(-x[j])) * x[k + j];
     } else if (norm_w) {
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
@@ -302,17 +336,19 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
     if (k % QK != 0 || rows <= 0) return -1;
     int nb = k / QK;
     blk_a8 *a = (blk_a8 *)malloc(sizeof(blk_a8) * (size_t)nb * (size_t)rows);
-    float *row = (float *)malloc(sizeof(float) * (size_t)k);
-    if (a == NULL || row == NULL) {
-        free(a), free(row);
+    float *buf = (float *)malloc(sizeof(float) * (size_t)k * (size_t)rows);
+    if (a == NULL || buf == NULL) {
+        free(a), free(buf);
         return -1;
     }
     size_t width = swiglu ? 2 * (size_t)k : (size_t)k;
-    for (int r = 0; r < rows; r++) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int r = 0; r < rows; r++) { /* each row alone, whoever computes it */
+        float *row = buf + (size_t)r * k;
         prep_row(x + (size_t)r * width, k, norm_w, eps, swiglu, row);
         quantize_a8(row, a + (size_t)r * nb, nb);
     }
-    free(row);
+    free(buf);
     /* each group of R weight rows is streamed once; its blocks are unpacked once per MT
      * activation rows */
     int groups = n_out / R, left = n_out % R;
@@ -587,29 +623,6 @@ static void mix(const float *w, size_t ws, int nh, const int8_t *v, int D, int n
     }
 }
 
-#ifdef LM_AVX2
-/* e^x in 8 lanes for x <= 0 (softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2,
- * e^r by a degree-7 polynomial (Cephes' expf coefficients), times 2^n through the exponent
- * bits; relative error ~1e-7 against expf. Below -87 (e^x < 2^-125) it gives 0. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 floor_ = _mm256_set1_ps(-87.0f);
-    __m256 under = _mm256_cmp_ps(x, floor_, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, floor_);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-#endif
 
 /* p (n scores) -> softmax(p * ks) * vs: a key's scale multiplies its score, a value's its
  * probability (so `mix` reads the int8 values as they are). */
