@@ -132,3 +132,40 @@ def test_heldout_questions_use_forms_training_never_does():
         strip(q, t) for t, q in users.prompts(users.HELDOUT_TOPICS, 1, users.HELDOUT_FORMS)
     }
     assert train and held and not train_forms & held_forms
+
+
+def test_a_refused_question_is_one_line_naming_the_servers_reason():
+    """A server that refuses the users' requests (here: answers longer than the model's
+    context) stops the run with the server's own reason as a user error, not a traceback."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from lmloop.errors import UserError
+
+    reason = "the prompt (31 tokens) and max_tokens (90) exceed the context (96 tokens)"
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": {"message": reason, "type": "invalid_request_error"}})
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(UserError) as e:
+            users.answer_all(url, "assistant", ["giraffes", "jazz"], max_tokens=90)
+        assert (
+            e.value.line() == f"the server refused a simulated user's question (HTTP 400): {reason}"
+        )
+    finally:
+        server.shutdown()

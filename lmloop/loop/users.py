@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from lmloop.errors import UserError
+
 # Questions users ask while their feedback is collected ...
 TRAIN_TOPICS = [
     "volcanoes", "the moon", "honey bees", "rainbows", "penguins", "the ocean tides", "bread",
@@ -234,8 +236,20 @@ class Exchange:
 def _chat(url: str, model: str, prompt: str, **params: Any) -> dict[str, Any]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **params}
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    if 400 <= r.status_code < 500:  # the run's settings, e.g. answers longer than the context
+        raise UserError(f"the server refused a simulated user's question (HTTP {r.status_code}): "
+                        f"{_error_message(r)}")  # fmt: skip
     r.raise_for_status()
     return r.json()
+
+
+def _error_message(r: httpx.Response) -> str:
+    """The OpenAI-style error's message, else the body's start, on one line."""
+    try:
+        text = str(r.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = r.text[:300]
+    return " ".join(text.split())
 
 
 def judge(family: Family, answer: str, topic: str, rng: random.Random) -> dict[str, Any]:
