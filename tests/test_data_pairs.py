@@ -86,7 +86,7 @@ def test_pairs_prepare_counts_round_trip_and_report(pairs, tmp_path, capsys):
     assert "up to date" in capsys.readouterr().out
 
 
-def test_pair_decontamination_drops_train_pairs_overlapping_eval(tmp_path):
+def test_pair_decontamination_drops_train_pairs_overlapping_eval(tmp_path, monkeypatch):
     rng = random.Random(5)
     good = [(_sentence(rng, 30), _sentence(rng, 20)) for _ in range(40)]
     f = tmp_path / "pairs.csv"
@@ -106,6 +106,23 @@ def test_pair_decontamination_drops_train_pairs_overlapping_eval(tmp_path):
     assert meta["removed"]["contaminated"] == 1
     kept = _decode(out, "train")
     assert len(kept) == 39 and good[7] not in kept
+
+    # an eval set a teacher writes (`synthetic:`) is checked the same way; here the teacher
+    # (`lmloop.data.synthetic.teacher_documents`, a model run) is replaced by its documents
+    import lmloop.data.pipeline as pipeline
+
+    def teacher(spec):
+        assert spec.kind == "synthetic" and spec.path == "smollm2-135m-instruct"
+        return [good[11][0]]
+
+    monkeypatch.setattr(pipeline, "teacher_documents", teacher)
+    out = tmp_path / "data-synthetic"
+    args[args.index(str(leak))] = "synthetic:smollm2-135m-instruct"
+    assert main([*args[:4], str(out), *args[5:]]) == 0
+    meta = read_pairs_meta(out)
+    assert meta["removed"]["contaminated"] == 1
+    kept = _decode(out, "train")
+    assert len(kept) == 39 and good[11] not in kept
 
 
 def test_pairs_from_parquet_and_named_errors(tmp_path):

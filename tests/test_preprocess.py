@@ -33,9 +33,9 @@ def test_clean_batch_counts_lengths():
 def test_exact_dedup_ignores_case_and_spacing():
     texts = ["Hello  World", "hello world", "other", "Other"]
     seen: set[bytes] = set()
-    kept, dropped = exact_dedup(texts, [doc_key(t) for t in texts], seen)
+    kept, dropped = exact_dedup([doc_key(t) for t in texts], seen)
     assert kept == [0, 2] and dropped == 2
-    kept, dropped = exact_dedup(["HELLO WORLD"], [doc_key("HELLO WORLD")], seen)
+    kept, dropped = exact_dedup([doc_key("HELLO WORLD")], seen)
     assert kept == [] and dropped == 1
 
 

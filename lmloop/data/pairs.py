@@ -22,6 +22,7 @@ import numpy as np
 
 from lmloop.data.config import DataConfig
 from lmloop.data.pii import PII_KINDS, scrub_batch
+from lmloop.data.pipeline import extra_eval_ngrams
 from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
@@ -35,7 +36,7 @@ from lmloop.data.preprocess import (
     train_bpe,
 )
 from lmloop.data.shards import SIDES, SPLITS, ShardWriter, dtype_for_vocab
-from lmloop.data.sources import iter_documents, iter_pairs
+from lmloop.data.sources import iter_pairs
 from lmloop.errors import UserError
 from lmloop.log import progress
 from lmloop.tokenizer import Tokenizer
@@ -150,9 +151,7 @@ def decontaminate(cfg: DataConfig, pairs: list[Pair], stats: PairStats) -> list[
         if p.split != "train"
         for text in (p.input, p.target)
     ]
-    for spec in cfg.decontaminate_with:
-        for text in iter_documents(spec, strict_utf8=cfg.strict_utf8):
-            parts.append(ngram_hashes(normalize_text(text), cfg.ngram, cache))
+    parts += extra_eval_ngrams(cfg, cache)  # a synthetic source's teacher runs there too
     if not parts:
         return pairs
     eval_ngrams = sorted_unique(np.concatenate(parts))

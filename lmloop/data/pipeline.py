@@ -153,7 +153,7 @@ def _collect(cfg: DataConfig, stats: Stats) -> Iterator[list[Doc]]:
             texts = clean(cfg, batch, stats)
             keys = [doc_key(t) for t in texts] if is_keyed else [b""] * len(texts)
             if cfg.dedup:
-                idx, dropped = exact_dedup(texts, keys, seen)
+                idx, dropped = exact_dedup(keys, seen)
                 stats.removed["exact_duplicates"] += dropped
                 texts, keys = [texts[i] for i in idx], [keys[i] for i in idx]
             if near is not None:

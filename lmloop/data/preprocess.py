@@ -82,7 +82,7 @@ def doc_key(text: str) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def exact_dedup(texts: list[str], keys: list[bytes], seen: set[bytes]) -> tuple[list[int], int]:
+def exact_dedup(keys: list[bytes], seen: set[bytes]) -> tuple[list[int], int]:
     """Indices of first occurrences (updating `seen`), and how many duplicates were dropped."""
     kept = []
     for i, k in enumerate(keys):

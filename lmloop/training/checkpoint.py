@@ -139,8 +139,11 @@ def write_run_meta(
         raise _save_failed(run_dir, "meta.json", e) from None
 
 
-def prune(run_dir: Path, checkpoints: list[dict[str, Any]], keep_last: int) -> list[dict]:
-    """Keep the last `keep_last` checkpoints and the best by val loss; delete the others."""
+def prune(
+    checkpoints: list[dict[str, Any]], keep_last: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, dropped): the last `keep_last` checkpoints and the best by val loss are kept
+    (`delete_checkpoints` removes the dropped ones' folders)."""
     scored = [c for c in checkpoints if c.get("val_loss") is not None]
     best = min(scored, key=lambda c: (c["val_loss"], -c["step"]))["name"] if scored else None
     keep_names = {c["name"] for c in checkpoints[-max(1, keep_last) :]} | {best}

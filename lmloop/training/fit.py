@@ -211,7 +211,7 @@ def save(r: Run, step: int, val_loss: float | None) -> None:
         name = ck.save_checkpoint(r.run_dir, step, write_model=write_model, train_state=state)
         checkpoints = [c for c in r.checkpoints if c["name"] != name]
         checkpoints.append({"name": name, "step": step, "val_loss": val_loss})
-        kept, dropped = ck.prune(r.run_dir, checkpoints, r.cfg.keep_last)
+        kept, dropped = ck.prune(checkpoints, r.cfg.keep_last)
         write_meta(r, "running", kept)
         ck.delete_checkpoints(r.run_dir, dropped)
         r.checkpoints = kept
