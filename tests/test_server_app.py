@@ -300,11 +300,22 @@ def test_admission_counts_prompts_times_n_before_building_anything(model, monkey
         finally:
             engine._waiting.clear()
         assert r.status_code == 429 and calls == {"settings": 0, "tokenize": 0}
-        # a prompt longer than the context: 400 after tokenizing it, before the next one
-        long = "The quick brown fox jumps over the lazy dog. " * 400
-        assert len(real_encode(long)) > 2048
+        # more words than the context has tokens (a word is at least a token): 400 before
+        # tokenizing anything, a completion's prompt or a chat's messages
+        long = "The quick brown fox jumps over the lazy dog. " * 400  # 3,600 words
         r = c.post("/v1/completions", json={"prompt": [long, "Hi", "Hi"], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "at least 3600 tokens" in r.json()["error"]["message"]
+        assert calls == {"settings": 0, "tokenize": 0}
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
+        assert r.status_code == 400 and "at least 36" in r.json()["error"]["message"]
+        # fewer words than that but more tokens: 400 after tokenizing it, before the next one
+        dense = "Supercalifragilisticexpialidocious! " * 1000
+        tok = c.app.state.lmloop.slot.current.tokenizer
+        assert tok.min_tokens(dense) == 1000 and len(real_encode(dense)) > 2048
+        r = c.post("/v1/completions", json={"prompt": [dense, "Hi", "Hi"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "However, you requested" in r.json()["error"]["message"]
         assert calls == {"settings": 0, "tokenize": 1}
         r = c.post("/v1/completions", json={"prompt": [[5] * 3000], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

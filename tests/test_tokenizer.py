@@ -132,3 +132,37 @@ def test_a_long_text_encodes_to_the_same_ids_and_lets_other_threads_run():
     held = spins_during(lambda: tok.backend.encode(text, add_special_tokens=False))
     released = spins_during(lambda: tok.encode(text))
     assert released > 0.5 and released > 3 * held, (released, held)
+
+
+def test_min_tokens_is_a_lower_bound_known_without_tokenizing():
+    """`min_tokens` (on which a server refuses a prompt longer than the context before
+    tokenizing it) never exceeds the real count, on texts built to catch it: whitespace of every
+    kind, specials glued to words, digits, apostrophes, long words, and a larger vocabulary whose
+    tokens span whitespace runs. Where a tokenizer may join two runs into one token it is 0."""
+    import random
+
+    from tokenizers import normalizers
+
+    pieces = ["word", "don't", "42", "3.14", "héllo", "日本語", "🙂", "<|im_start|>", "<|im_end|>",
+              "a-b", "x" * 40, "'s", "user"]  # fmt: skip
+    spaces = ["", " ", "  ", "\n", "\t", "\u3000", "\u00a0", "\x1c", "\r\n", " \n   "]
+    rng = random.Random(0)
+    tokenizers = (tiny_tokenizer(), tiny_tokenizer(vocab_size=2000))
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) + rng.choice(spaces) for _ in range(rng.randint(1, 40)))
+        for tok in tokenizers:
+            n, real = tok.min_tokens(text), len(tok.encode(text))
+            assert n == len(text.split()) and n <= real, (text, n, real)
+
+    # an added token holding a space joins two runs into one token: no bound there
+    spaced = tiny_tokenizer()
+    spaced.backend.add_tokens(["hello world"])
+    assert len(spaced.encode("hello world")) == 1 and spaced.min_tokens("hello world") == 0
+    # a normalizer may drop characters, a byte-level pass without its regex may merge across
+    # spaces: no bound either
+    norm = tiny_tokenizer()
+    norm.backend.normalizer = normalizers.Replace(" ", "")
+    assert norm.min_tokens("a b c d") == 0
+    plain = tiny_tokenizer()
+    plain.backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert plain.min_tokens("a b c d") == 0

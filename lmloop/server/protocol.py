@@ -286,6 +286,9 @@ def prompt_ids(
             raise APIError(
                 400, f"the model's chat template rejected the messages: {e}", param="messages"
             ) from None
+        at_least = tok.min_tokens(text)
+        if at_least > served.context_length:  # before tokenizing it
+            raise _too_long(served.context_length, at_least, "messages")
         return [(tok.encode(text), conv)]
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -305,6 +308,9 @@ def prompt_ids(
                 )  # fmt: skip
             out.append((list(p), [{"role": "user", "content": tok.decode(list(p))}]))
             continue
+        at_least = tok.min_tokens(p)
+        if at_least > ctx:  # before tokenizing it
+            raise _too_long(ctx, at_least, "prompt")
         ids = served.engine.encode_prompt(p)  # as `lmloop generate` encodes a plain prompt
         if not ids:
             raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
@@ -336,6 +342,16 @@ def max_tokens_for(
     if n_prompt + asked > ctx:
         raise _context_error(ctx, n_prompt, asked)
     return asked
+
+
+def _too_long(ctx: int, at_least: int, param: str) -> APIError:
+    return APIError(
+        400,
+        f"This model's maximum context length is {ctx} tokens. However, your prompt has at "
+        f"least {at_least} tokens (one per word at the least). Please reduce the prompt.",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def _context_error(
