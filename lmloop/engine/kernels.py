@@ -198,6 +198,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lm_qlinear8.restype = i
     lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
+    lib.lm_decode_layers.argtypes = [i, i, p, p, p, p, p, p, p, p, ctypes.c_float, i, i, i,
+                                     p, p, p, p, i, i, p, p, p, p]  # fmt: skip
+    lib.lm_decode_layers.restype = i
     return lib
 
 
@@ -410,3 +413,54 @@ def attend(
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("attention could not allocate its scores")
+
+
+class LayerStack:
+    """A model's 4-bit layers as `decode_layers` hands them to C: per layer its four linears
+    (qkv, o, gate|up, down; `Q4Linear`s) and its two RMSNorm weights, as arrays of pointers
+    built once. It keeps the layers alive, so the pointers stay valid."""
+
+    def __init__(self, layers: list[tuple[Q4Linear, ...]], norms: list[tuple[torch.Tensor, ...]]):
+        lins = [lin for layer in layers for lin in layer]
+        if len(lins) != 4 * len(layers) or len(norms) != len(layers):
+            raise ValueError("a layer stack needs four linears and two norms a layer")
+        ptrs, ints = ctypes.c_void_p * len(lins), ctypes.c_int * len(lins)
+        self.layers, self.norms, self.n = layers, norms, len(layers)
+        self.codes = ptrs(*[lin._w for lin in lins])
+        self.scales = ptrs(*[lin._s for lin in lins])
+        self.bias = ptrs(*[lin._b for lin in lins])
+        self.n_out = ints(*[lin.out_features for lin in lins])
+        self.k_in = ints(*[lin.in_features for lin in lins])
+        per_layer = ctypes.c_void_p * len(layers)
+        self.norm1 = per_layer(*[n1.data_ptr() for n1, _ in norms])
+        self.norm2 = per_layer(*[n2.data_ptr() for _, n2 in norms])
+
+
+def decode_layers(
+    stack: LayerStack,
+    positions: ctypes.Array,
+    heads: tuple[int, int, int],
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv: torch.Tensor,
+    kv_scale: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Tensor,
+) -> None:
+    """Every layer of a decode step in one C call (the C file's `lm_decode_layers`): the same
+    operations as each layer's five calls (the linears' and `attend`'s), in the same order.
+    x (rows, C) is updated in place; h, y and g are scratch rows sized as those calls' outputs;
+    `positions`: `positions_arg`'s array. Every tensor fp32 (kv int8) and contiguous."""
+    H, Hkv, D = heads
+    _, _, rows, _, slots, _ = kv.shape
+    rc = library().lm_decode_layers(
+        stack.n, len(positions), positions, stack.codes, stack.scales, stack.n_out, stack.k_in,
+        stack.bias, stack.norm1, stack.norm2, eps, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
+        kv.data_ptr(), kv_scale.data_ptr(), rows, slots, x.data_ptr(), h.data_ptr(),
+        y.data_ptr(), g.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("a decode step's layers could not allocate their scratch")
