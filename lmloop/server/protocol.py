@@ -24,6 +24,7 @@ from lmloop.engine.params import SamplingParams
 from lmloop.errors import UserError
 from lmloop.server.errors import APIError, too_large
 from lmloop.server.slot import Served
+from lmloop.tokenizer import Tokenizer
 
 MAX_N = 8  # choices per request: each is a separate sequence in the batch
 
@@ -286,9 +287,7 @@ def prompt_ids(
             raise APIError(
                 400, f"the model's chat template rejected the messages: {e}", param="messages"
             ) from None
-        at_least = tok.min_tokens(text)
-        if at_least > served.context_length:  # before tokenizing it
-            raise _too_long(served.context_length, at_least, "messages")
+        _refuse_longer_than_context(tok, text, served.context_length, "messages")
         return [(tok.encode(text), conv)]
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -308,9 +307,7 @@ def prompt_ids(
                 )  # fmt: skip
             out.append((list(p), [{"role": "user", "content": tok.decode(list(p))}]))
             continue
-        at_least = tok.min_tokens(p)
-        if at_least > ctx:  # before tokenizing it
-            raise _too_long(ctx, at_least, "prompt")
+        _refuse_longer_than_context(tok, p, ctx, "prompt")
         ids = served.engine.encode_prompt(p)  # as `lmloop generate` encodes a plain prompt
         if not ids:
             raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
@@ -344,14 +341,18 @@ def max_tokens_for(
     return asked
 
 
-def _too_long(ctx: int, at_least: int, param: str) -> APIError:
-    return APIError(
-        400,
-        f"This model's maximum context length is {ctx} tokens. However, your prompt has at "
-        f"least {at_least} tokens (one per word at the least). Please reduce the prompt.",
-        param=param,
-        code="context_length_exceeded",
-    )
+def _refuse_longer_than_context(tok: Tokenizer, text: str, ctx: int, param: str) -> None:
+    """400 before tokenizing a text sure to hold more tokens than the context
+    (`Tokenizer.min_tokens`); a text of at most `ctx` characters never does."""
+    at_least = tok.min_tokens(text) if len(text) > ctx else 0
+    if at_least > ctx:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, your prompt has at "
+            f"least {at_least} tokens (one per word at the least). Please reduce the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def _context_error(
