@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
@@ -406,3 +407,55 @@ def test_torch_dynamic_int8_rows_keep_their_own_precision_too(bias):
     want = F.linear(x, want_w, want_b)
     rel = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max()
     assert float(rel) < 0.03
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of the mapping that holds `addr` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+THP = pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="a kernel with transparent huge pages (Linux's)",
+)
+
+
+@THP
+def test_an_arena_asks_for_huge_pages_and_keeps_its_tensors_intact():
+    """The arena's block is advised for transparent huge pages ("hg" in its VmFlags), its
+    copies hold the same values in aligned places, and a tensor past its room comes back as it
+    was (a wrong size estimate costs speed, never a failure)."""
+    from lmloop.engine.memory import HugePageArena, storage_bytes
+
+    arena = HugePageArena(3 << 20)
+    assert "hg" in _vm_flags(arena.block.data_ptr())
+    a, b = torch.randn(100, 7), torch.arange(1000, dtype=torch.int16)
+    ca, cb = arena.take(a), arena.take(b)
+    assert torch.equal(ca, a) and torch.equal(cb, b) and ca.dtype == a.dtype
+    assert ca.data_ptr() % 64 == 0 and cb.data_ptr() % 64 == 0
+    assert ca.untyped_storage().data_ptr() == arena.block.data_ptr()  # in the block, not a copy
+    # 2,800 bytes, then the next at 2,816 (aligned): what the block holds, not its 4 MB
+    assert storage_bytes(ca.untyped_storage()) == arena.used == 2816 + 2000
+    big = torch.zeros(4 << 20, dtype=torch.uint8)
+    assert arena.take(big) is big
+
+
+@THP
+def test_int4_weights_and_head_live_in_arenas(llama):
+    """The 4-bit runner's packed projections and its int8 head are copied onto memory advised
+    for huge pages, with the same numbers as packed alone."""
+    runner = FastLlamaRunner(llama.model, 1, 16, int4=True, kv_int8=True)
+    lins = [lin for layer in runner.layers for lin in layer]
+    for t in [x for lin in lins for x in (lin.codes, lin.scales)] + [runner.lm_head.qweight]:
+        assert "hg" in _vm_flags(t.data_ptr())
+    alone = kernels.Q4Linear(runner.layers[0][2].weight(), None)
+    assert torch.equal(alone.codes, runner.layers[0][2].codes)

@@ -44,7 +44,7 @@ from lmloop.engine.kernels import (
     decode_layers,
     positions_arg,
 )
-from lmloop.engine.memory import release_memory
+from lmloop.engine.memory import ALIGN, HugePageArena, release_memory, storage_bytes
 from lmloop.models.llama import Llama
 
 
@@ -57,6 +57,13 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
         b = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]
         out.bias = nn.Parameter(torch.cat([x.detach() for x in b]), requires_grad=False)
     return out
+
+
+def _q4_bytes(blocks: list[nn.Module]) -> int:
+    """What the blocks' linears take in the 4-bit format (5/8 byte a weight), with room to
+    align each packed tensor (codes and scales: two per fused linear, at most seven)."""
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, nn.Linear)]
+    return sum(m.weight.numel() * 5 // 8 for m in linears) + 2 * ALIGN * len(linears)
 
 
 def _copy(m: nn.Linear, own: bool) -> nn.Linear:
@@ -423,8 +430,12 @@ class FastLlamaRunner:
         if int8 or int4:
             stats = _calibrate(model, calibration_ids, max_len)
             self.layers = []
+            # int4: the layers' codes and scales (5/8 byte a weight) side by side on large pages
+            arena = HugePageArena(_q4_bytes(blocks)) if int4 else None
             for i, b in enumerate(blocks):
-                self.layers.append(self._int4_layer(b) if int4 else self._int8_layer(i, b, stats))
+                self.layers.append(
+                    self._int4_layer(b, arena) if int4 else self._int8_layer(i, b, stats)
+                )
             if int4:
                 self.layers4, self.norms4 = self.layers, self.norms
             release_memory()  # the fp32 temporaries' pages, before the head's
@@ -459,7 +470,7 @@ class FastLlamaRunner:
             if isinstance(o, torch.Tensor):
                 try:
                     st = o.untyped_storage()
-                    storages[st.data_ptr()] = st.nbytes()
+                    storages[st.data_ptr()] = storage_bytes(st)
                 except RuntimeError:  # oneDNN's blocked layout has no plain storage
                     storages[id(o)] = o.numel() * o.element_size()
             elif isinstance(o, Int8Linear):  # fbgemm's packed weight: int8, row scales, bias
@@ -541,11 +552,11 @@ class FastLlamaRunner:
         gu = _fuse([mlp.gate_proj, mlp.up_proj])
         return qkv, _copy(a.o_proj, own), gu, _copy(mlp.down_proj, own)
 
-    def _int4_layer(self, blk: nn.Module) -> tuple[Q4Linear, ...]:
+    def _int4_layer(self, blk: nn.Module, arena: HugePageArena) -> tuple[Q4Linear, ...]:
         """One block's projections in 4-bit blocks (`lmloop.engine.kernels`; 32 weights share
         a scale and an offset and activations are quantized 32 at a time, so they need no
         smoothing). The fused fp32 copies are dropped as soon as they are packed."""
-        return tuple(Q4Linear(m.weight, m.bias) for m in self._fp32_layer(blk, own=False))
+        return tuple(Q4Linear(m.weight, m.bias, arena) for m in self._fp32_layer(blk, own=False))
 
     def _int8_layer(self, idx: int, blk: nn.Module, stats: dict) -> tuple[Int8Linear, ...]:
         """One block's projections as Int8Linears, smoothed (SmoothQuant, Xiao et al. 2023).
@@ -600,7 +611,10 @@ class FastLlamaRunner:
             w, self.final_norm = w * s, self.final_norm / s
         # int4: the C kernel's int8 linear, which quantizes each row on its own and sums in
         # integers (fbgemm's quantizes all rows with one scale: logits would depend on the batch)
-        self.lm_head = Q8Linear(w, None) if self.int4 else Int8Linear(w, None)
+        if self.int4:  # on large pages: one row's step reads all of it
+            self.lm_head = Q8Linear(w, None, HugePageArena(w.numel() + ALIGN))
+        else:
+            self.lm_head = Int8Linear(w, None)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The vocabulary head over the final norm of x (rows, C)."""

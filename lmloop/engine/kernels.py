@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lmloop.artifacts import cache_dir
+from lmloop.engine.memory import HugePageArena
 
 SOURCE = Path(__file__).parent / "csrc" / "qlinear.c"
 QK = 32
@@ -274,13 +275,17 @@ class Q4Linear:
 
     A plain callable, as `Int8Linear` (a decode step makes 120 of these calls)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, arena: HugePageArena | None = None
+    ):
         n, k = weight.shape
         if k % QK:
             raise ValueError(f"input size {k} is not a multiple of {QK}")
         self.lib = library()
         self.out_features, self.in_features = n, k
         self.codes, self.scales = to_kernel_layout(*pack_q4(weight))
+        if arena is not None:  # on large pages (`lmloop.engine.memory.HugePageArena`)
+            self.codes, self.scales = arena.take(self.codes), arena.take(self.scales)
         self.bias = None if bias is None else bias.detach().float().contiguous().clone()
         self._w, self._s = self.codes.data_ptr(), self.scales.data_ptr()
         self._b = None if self.bias is None else self.bias.data_ptr()
@@ -325,7 +330,9 @@ class Q8Linear:
     row count. The 4-bit runner's vocabulary head: fbgemm's dynamic int8 linear quantizes all
     its rows with one scale, which makes a row's logits depend on the rest of the batch."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, arena: HugePageArena | None = None
+    ):
         n, k = weight.shape
         if k % QK or k >= 1 << 17:
             raise ValueError(f"input size {k} is not a multiple of {QK} below 131072")
@@ -339,6 +346,8 @@ class Q8Linear:
         full = n // GROUP * GROUP
         grouped = q[:full].view(-1, GROUP, k // 4, 4).transpose(1, 2)
         self.qweight = torch.cat([grouped.reshape(-1), q[full:].reshape(-1)]).contiguous()
+        if arena is not None:
+            self.qweight = arena.take(self.qweight)
         self.bias = None if bias is None else bias.detach().float().contiguous().clone()
         self._w, self._s = self.qweight.data_ptr(), self.scale.data_ptr()
         self._b = None if self.bias is None else self.bias.data_ptr()

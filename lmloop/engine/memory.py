@@ -1,10 +1,14 @@
-"""Giving memory back to the operating system."""
+"""Giving memory back to the operating system, and asking it for large pages."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import mmap
+import weakref
+
+import torch
 
 
 def trim_heap() -> bool:
@@ -44,3 +48,60 @@ def release_memory() -> None:
     (measured: 470 MB for SmolLM2-135M with --int8) until `malloc_trim` returns them."""
     gc.collect()
     trim_heap()
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+_ARENAS: dict[int, HugePageArena] = {}  # by their block's address, while it lives
+ALIGN = 64  # a cache line: every tensor in an arena starts on one
+
+
+class HugePageArena:
+    """Tensors copied side by side into one block of memory that the kernel may back with 2 MB
+    pages (`madvise(MADV_HUGEPAGE)`: machines that run transparent huge pages in "madvise"
+    mode, this project's among them, otherwise give a process 4 KB pages only).
+
+    For the weights a decode step streams: one row's step reads ~94 MB of SmolLM2-135M's 4-bit
+    layers and int8 head, and on 4 KB pages that is ~23,000 page walks a step, with the cores'
+    prefetchers stopping at every page's end. Measured on this project's 2-core machine (the
+    C kernel's 30 layers alone, medians of 1,000 steps): 2.8-2.9 ms a one-row step on 4 KB
+    pages, 2.2-2.5 ms on 2 MB ones. Not for the KV cache: a 2 MB page is resident as soon as one
+    of its bytes is written, so a cache whose rows hold a few hundred tokens would count in full.
+
+    `nbytes` is what the caller will copy in (plus up to 64 bytes a tensor for alignment);
+    a tensor that no longer fits is returned as it was, so a wrong estimate costs speed, never
+    a failure. Where `madvise` or huge pages are missing, the block is plain memory."""
+
+    def __init__(self, nbytes: int):
+        size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                block.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages: 4 KB pages it is
+                pass
+        with torch.inference_mode(False):  # plain tensors, whichever mode the caller is in
+            # the tensor keeps the mapping alive, and every view of it does too
+            self.block = torch.frombuffer(block, dtype=torch.uint8)
+        self.used = 0
+        ptr = self.block.data_ptr()
+        _ARENAS[ptr] = self
+        weakref.finalize(self.block, _ARENAS.pop, ptr, None)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of t in the arena (t itself when it no longer fits)."""
+        n = t.numel() * t.element_size()
+        at = -(-self.used // ALIGN) * ALIGN
+        if at + n > self.block.numel():
+            return t
+        with torch.inference_mode(False):
+            out = self.block[at : at + n].view(t.dtype).view(t.shape)
+            out.copy_(t)
+        self.used = at + n
+        return out
+
+
+def storage_bytes(storage: torch.UntypedStorage) -> int:
+    """A storage's size as memory use: an arena's block counts what was copied into it (the
+    rest of its pages are never written, so never resident), any other storage all of it."""
+    arena = _ARENAS.get(storage.data_ptr())
+    return arena.used if arena is not None else storage.nbytes()
