@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import torch
 from modelkit import hf_gpt2, hf_llama, save_hf, tiny_tokenizer
 from torch import nn
 
-from lmloop.engine import Engine, QueueFull, SamplingParams
+from lmloop.engine import Engine, QueueFull, SamplingParams, kernels, sampling
 from lmloop.engine.fast import DecodeLinear, FastLlamaRunner
 from lmloop.engine.runner import ModelRunner
 from lmloop.engine.sampling import Sampler, pick_batch, pick_rows
@@ -626,12 +627,20 @@ MIXED = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("topk", ["torch", "kernel"])
 @pytest.mark.parametrize("vocab, spread", [(300, 3.0), (5000, 0.2)])  # peaked; flat: full sort
-def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread):
+def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread, topk):
     """`pick_batch` over a batch mixing every setting draws, step after step (penalty state
     growing), exactly the tokens of the one-row reference `Sampler.pick_row` with the same
     seeds. The flat case puts top-p's nucleus past the 256 likeliest tokens: in the 4,096
-    likeliest for some rows, past them (the full sort) for others."""
+    likeliest for some rows, past them (the full sort) for others. With torch's top-k and with
+    the C kernel's (what an int4 engine samples with)."""
+    if topk == "kernel":
+        if not kernels.available():
+            pytest.skip("no C kernel here")
+        pick_batch = functools.partial(sampling.pick_batch, topk=kernels.topk)
+    else:
+        pick_batch = sampling.pick_batch
     g = torch.Generator().manual_seed(0)
     prompt = [1, 5, 7, 9, 11]
     batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]

@@ -283,6 +283,7 @@ def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
     p = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     with Engine(llama.model, llama.tokenizer, precision="int4") as engine:
         assert engine.kv_int8 and engine.runner.layers4 is not None
+        assert engine.sample.keywords["topk"] is kernels.topk  # top-p's candidates in C too
         with torch.inference_mode():  # the first decode step alone (4-bit) vs the model
             engine.runner.prefill(0, ids[:-1])
             got = engine.runner.decode([ids[-1]], [len(ids) - 1])[0]
@@ -459,3 +460,36 @@ def test_int4_weights_and_head_live_in_arenas(llama):
         assert "hg" in _vm_flags(t.data_ptr())
     alone = kernels.Q4Linear(runner.layers[0][2].weight(), None)
     assert torch.equal(alone.codes, runner.layers[0][2].codes)
+
+
+@pytest.mark.parametrize("k", [1, 7, 256, 1000])
+def test_topk_answers_what_torch_topk_does(k):
+    """The kernel's top-k against torch's on rows with distinct values, negatives and -inf:
+    the same values and indices, largest first; on rows full of ties, the same values, and of
+    equal values the lower column first; NaNs rank first, as torch ranks them."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(5, 1000, generator=g)
+    x[1] = -x[1].abs()
+    x[2, ::3] = float("-inf")
+    vals, idx = kernels.topk(x, k)
+    want_v, want_i = torch.topk(x, k)
+    assert torch.equal(vals, want_v) and torch.equal(torch.gather(x, 1, idx), vals)
+    finite = vals > float("-inf")  # row 2's -inf are ties, whose order torch leaves open
+    assert torch.equal(idx[finite], want_i[finite])
+    assert [sorted(r) for r in idx.tolist()] == [sorted(r) for r in want_i.tolist()]
+    ties = torch.randint(0, 6, (3, 1000), generator=g).float() / 5  # six values, ~170 each
+    vals, idx = kernels.topk(ties, k)
+    assert torch.equal(vals, torch.topk(ties, k).values)
+    assert torch.equal(torch.gather(ties, 1, idx), vals)
+    key = vals * 10_000 - idx  # (value desc, column asc) decreases strictly along a row
+    assert bool((key[:, 1:] < key[:, :-1]).all())
+    nan = x[:1].clone()
+    nan[0, [3, 500, 999]] = float("nan")
+    nan[0, 500] = -nan[0, 500]  # a NaN with its sign bit set ranks first all the same
+    assert int(nan[0, 500:501].view(torch.int32)) < 0
+    vals, idx = kernels.topk(nan, k)
+    want_v, want_i = torch.topk(nan, k)
+    m = min(k, 3)  # torch ranks the three NaNs first too
+    assert bool(want_v[0, :m].isnan().all()) and bool(vals[0, :m].isnan().all())
+    assert set(idx[0, :m].tolist()) <= {3, 500, 999}
+    assert torch.equal(vals[:, m:], want_v[:, m:]) and torch.equal(idx[:, m:], want_i[:, m:])

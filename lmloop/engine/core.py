@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lmloop.engine import seq2seq
+from lmloop.engine import kernels, seq2seq
 from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, fast_runner
 from lmloop.engine.params import (
     Completion,
@@ -245,6 +246,8 @@ class Engine:
         # one-at-a-time ways to measure both in one run.
         self.batch_prefill = True
         self.sample = pick_batch
+        if getattr(self.runner, "int4", False):  # the C kernel is loaded: its top-k too
+            self.sample = functools.partial(pick_batch, topk=kernels.topk)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:

@@ -202,6 +202,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lm_decode_layers.argtypes = [i, i, p, p, p, p, p, p, p, p, ctypes.c_float, i, i, i,
                                      p, p, p, p, i, i, p, p, p, p]  # fmt: skip
     lib.lm_decode_layers.restype = i
+    lib.lm_topk.argtypes = [p, i, i, i, p, p]
+    lib.lm_topk.restype = i
     return lib
 
 
@@ -473,3 +475,19 @@ def decode_layers(
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("a decode step's layers could not allocate their scratch")
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, k)` of a 2-D fp32 tensor along its rows, by the C kernel's `lm_topk`:
+    the same values in the same order (largest first, a NaN above every number); of equal
+    values the lower column first, where torch leaves their order open. (values, indices)."""
+    if x.dim() != 2 or x.dtype != torch.float32:
+        return torch.topk(x, k)
+    x = x.contiguous()
+    rows, n = x.shape
+    if not 0 < k <= n or rows == 0:
+        return torch.topk(x, k)  # torch's answer or its error
+    vals, idx = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
+    if library().lm_topk(x.data_ptr(), rows, n, k, vals.data_ptr(), idx.data_ptr()) != 0:
+        raise MemoryError("top-k could not allocate its heaps")
+    return vals, idx

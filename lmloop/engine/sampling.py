@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -123,12 +124,19 @@ def _col(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)[:, None]
 
 
-def pick_batch(samplers: list[Sampler], logits: torch.Tensor) -> list[int | Exception]:
+TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def pick_batch(
+    samplers: list[Sampler], logits: torch.Tensor, topk: TopK = torch.topk
+) -> list[int | Exception]:
     """Next token of every row of raw logits (B, V), row i by samplers[i]'s settings and
     generator: the tokens `pick_row` gives each row alone. A row that cannot be sampled (its
     probabilities are not finite) gets its exception in place of a token; the others are
     unaffected (every op below works row by row). A stage that only some rows use runs on
-    those rows; when every row uses it, on the whole batch without copies."""
+    those rows; when every row uses it, on the whole batch without copies. `topk`: what
+    finds top-p's candidates (`torch.topk`, or the C kernel's `lmloop.engine.kernels.topk`,
+    which answers the same)."""
     B, V = logits.shape
     out: list[int | Exception] = [0] * B
     x = logits.float()
@@ -166,7 +174,7 @@ def pick_batch(samplers: list[Sampler], logits: torch.Tensor) -> list[int | Exce
     whole = [j for j, s in enumerate(ss) if not s.p.top_p < 1.0]
     draws: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
     if p_rows:
-        draws += _nucleus(_rows(probs, p_rows), p_rows, [ss[j] for j in p_rows])
+        draws += _nucleus(_rows(probs, p_rows), p_rows, [ss[j] for j in p_rows], topk)
     if whole:
         pw = _rows(probs, whole)
         m_rows = [i for i, j in enumerate(whole) if ss[j].p.min_p > 0.0]
@@ -251,7 +259,7 @@ def _penalize(ss: list[Sampler], x: torch.Tensor) -> torch.Tensor:
 
 
 def _nucleus(
-    probs: torch.Tensor, rows: list[int], ss: list[Sampler]
+    probs: torch.Tensor, rows: list[int], ss: list[Sampler], topk: TopK = torch.topk
 ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Top-p (then min-p) on probs (R, V), row i that of rows[i] by ss[i]: keep the likeliest
     tokens until their mass reaches top_p. Groups of (rows, kept probabilities, their token
@@ -262,7 +270,7 @@ def _nucleus(
     groups = []
     rest = list(range(len(ss)))
     for width in (NUCLEUS_TOPK, NUCLEUS_WIDE):
-        sorted_p, idx = torch.topk(_rows(probs, rest), min(width, V))
+        sorted_p, idx = topk(_rows(probs, rest), min(width, V))
         mass = sorted_p.sum(-1).tolist()
         held = [j for j, i in enumerate(rest) if not mass[j] < top_p[i]]
         if held:

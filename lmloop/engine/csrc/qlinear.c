@@ -804,3 +804,78 @@ int lm_decode_layers(int L, int n, const int *pos, const uint8_t *const *codes,
     }
     return 0;
 }
+
+/* The k largest values of each row of x (rows, n), k <= n, largest first: vals (rows, k) and
+ * their column indices idx (rows, k). A NaN ranks above every number (as torch.topk's does),
+ * and of equal values the lower index comes first. What the sampler's top-p asks of
+ * torch.topk, written here because torch's took ~0.2 ms a 49,152-wide row (7% of a 16-row
+ * decode step): one pass keeps the k best in a min-heap, a vector compare against the heap's
+ * least skips 8 values at a time (almost all of a row once the heap holds likely tokens), and
+ * the heap is sorted at the end. Rows are split among the OpenMP team. Returns 0, or -1 on
+ * bad sizes or when memory ran out. */
+static inline uint64_t rank_key(float v, int i) { /* larger key: the better value */
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b = v != v ? 0xFFFFFFFFu : (b & 0x80000000u) ? ~b : (b | 0x80000000u); /* float order */
+    return ((uint64_t)b << 32) | (uint32_t)(0xFFFFFFFFu - (uint32_t)i);
+}
+
+static void sift_down(uint64_t *h, int k, int at) {
+    for (;;) {
+        int l = 2 * at + 1, m = at;
+        if (l < k && h[l] < h[m]) m = l;
+        if (l + 1 < k && h[l + 1] < h[m]) m = l + 1;
+        if (m == at) return;
+        uint64_t t = h[at];
+        h[at] = h[m], h[m] = t, at = m;
+    }
+}
+
+int lm_topk(const float *x, int rows, int n, int k, float *vals, int64_t *idx) {
+    if (k <= 0 || k > n || rows <= 0) return -1;
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * n;
+        uint64_t *h = (uint64_t *)malloc(sizeof(uint64_t) * (size_t)k);
+        if (h == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        for (int i = 0; i < k; i++) h[i] = rank_key(row[i], i);
+        for (int i = k / 2 - 1; i >= 0; i--) sift_down(h, k, i);
+        /* a later column ranks below an equal value already held: only a larger value (or a
+         * NaN) can enter, so the vector test is "not <=" the least held value */
+        int i = k;
+#ifdef LM_AVX2
+        for (; i + 8 <= n; i += 8) {
+            uint32_t lb = (uint32_t)(h[0] >> 32);
+            lb = lb == 0xFFFFFFFFu ? lb : (lb & 0x80000000u) ? (lb & 0x7FFFFFFFu) : ~lb;
+            float least;
+            memcpy(&least, &lb, 4); /* the heap's least value, back from its key */
+            __m256 gt = _mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(least), _CMP_NLE_UQ);
+            int mask = _mm256_movemask_ps(gt);
+            while (mask) {
+                int j = i + __builtin_ctz(mask);
+                mask &= mask - 1;
+                uint64_t key = rank_key(row[j], j);
+                if (key > h[0]) h[0] = key, sift_down(h, k, 0);
+            }
+        }
+#endif
+        for (; i < n; i++) {
+            uint64_t key = rank_key(row[i], i);
+            if (key > h[0]) h[0] = key, sift_down(h, k, 0);
+        }
+        for (int m = k - 1; m >= 0; m--) { /* pop the least into the last free place */
+            int col = (int)(0xFFFFFFFFu - (uint32_t)h[0]);
+            vals[(size_t)r * k + m] = row[col];
+            idx[(size_t)r * k + m] = col;
+            h[0] = h[m];
+            sift_down(h, m, 0);
+        }
+        free(h);
+    }
+    return failed ? -1 : 0;
+}
