@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 
@@ -421,7 +422,7 @@ def _vm_flags(addr: int) -> list[str]:
                 inside = lo <= addr < hi
             elif inside and head == "VmFlags:":
                 return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
+    raise LookupError(f"no mapping holds {addr:#x}")
 
 
 THP = pytest.mark.skipif(
@@ -460,6 +461,16 @@ def test_int4_weights_and_head_live_in_arenas(llama):
         assert "hg" in _vm_flags(t.data_ptr())
     alone = kernels.Q4Linear(runner.layers[0][2].weight(), None)
     assert torch.equal(alone.codes, runner.layers[0][2].codes)
+    # and the arenas go with the runner (a server that reloads a model must not keep the old
+    # weights): once nothing refers to them, no huge-page mapping holds their addresses
+    at = [t.data_ptr() for t in (lins[0].codes, runner.lm_head.qweight)]
+    del runner, lins, alone, t
+    gc.collect()
+    for addr in at:
+        try:
+            assert "hg" not in _vm_flags(addr)
+        except LookupError:  # unmapped: gone
+            pass
 
 
 @pytest.mark.parametrize("k", [1, 7, 256, 1000])

@@ -51,7 +51,7 @@ def release_memory() -> None:
 
 
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
-_ARENAS: dict[int, HugePageArena] = {}  # by their block's address, while it lives
+_USED: dict[int, int] = {}  # arena blocks' bytes in use, by address, while each block lives
 ALIGN = 64  # a cache line: every tensor in an arena starts on one
 
 
@@ -73,19 +73,31 @@ class HugePageArena:
 
     def __init__(self, nbytes: int):
         size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
-        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            block: mmap.mmap | None = mmap.mmap(
+                -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            )
+        except (AttributeError, OSError, ValueError):  # no anonymous mappings here
+            block = None
+        if block is not None and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 block.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # a kernel without transparent huge pages: 4 KB pages it is
                 pass
         with torch.inference_mode(False):  # plain tensors, whichever mode the caller is in
-            # the tensor keeps the mapping alive, and every view of it does too
-            self.block = torch.frombuffer(block, dtype=torch.uint8)
+            # the tensor's storage keeps the mapping alive, and so does every view of it
+            if block is None:
+                self.block = torch.empty(size, dtype=torch.uint8)
+            else:
+                self.block = torch.frombuffer(block, dtype=torch.uint8)
         self.used = 0
-        ptr = self.block.data_ptr()
-        _ARENAS[ptr] = self
-        weakref.finalize(self.block, _ARENAS.pop, ptr, None)
+        # The bytes in use, by the block's address, for as long as the mapping lives: the
+        # storage (not this object, which the packing code drops) decides that.
+        self._ptr = None
+        if block is not None:
+            self._ptr = self.block.data_ptr()
+            _USED[self._ptr] = 0
+            weakref.finalize(block, _USED.pop, self._ptr, None)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of t in the arena (t itself when it no longer fits)."""
@@ -97,11 +109,13 @@ class HugePageArena:
             out = self.block[at : at + n].view(t.dtype).view(t.shape)
             out.copy_(t)
         self.used = at + n
+        if self._ptr is not None:
+            _USED[self._ptr] = self.used
         return out
 
 
 def storage_bytes(storage: torch.UntypedStorage) -> int:
     """A storage's size as memory use: an arena's block counts what was copied into it (the
     rest of its pages are never written, so never resident), any other storage all of it."""
-    arena = _ARENAS.get(storage.data_ptr())
-    return arena.used if arena is not None else storage.nbytes()
+    used = _USED.get(storage.data_ptr())
+    return used if used is not None else storage.nbytes()
