@@ -504,3 +504,43 @@ def test_topk_answers_what_torch_topk_does(k):
     assert bool(want_v[0, :m].isnan().all()) and bool(vals[0, :m].isnan().all())
     assert set(idx[0, :m].tolist()) <= {3, 500, 999}
     assert torch.equal(vals[:, m:], want_v[:, m:]) and torch.equal(idx[:, m:], want_i[:, m:])
+
+
+@pytest.mark.parametrize("heads", ["d8", "d64"])
+def test_a_prompt_prefills_to_the_bits_of_decoding_it_token_by_token(heads, request, tok):
+    """Under int4 every prompt token goes through the decode step's C path at its position in
+    its own cache row, so prefilling a prompt at once, in chunks, beside another prompt, or
+    token by token as decode steps gives the same last logits and the same cache, bit for bit."""
+    model = request.getfixturevalue("llama" if heads == "d8" else "llama64").model
+    ids = tok.encode("Once upon a time there was a fox")
+    other = tok.encode("12 apples and a pear")
+    n = len(ids)
+
+    def runner():
+        return FastLlamaRunner(model, 3, 48, int4=True, kv_int8=True)
+
+    with torch.inference_mode():
+        whole = runner()
+        a = whole.prefill(1, ids)  # row 1: rows are each prompt's own
+        steps = runner()  # decode steps run rows 0..k-1: row 0 here
+        steps.prefill(0, ids[:1])
+        for i in range(1, n):
+            b = steps.decode([ids[i]], [i])[0]
+        chunks = runner()
+        chunks.prefill(2, ids[:3])
+        c = chunks.prefill(2, ids[3:], start=3)
+        both = runner()
+        d = both.prefill_batch([0, 1], [other, ids], [0, 0])[1]
+    for got in (b, c, d):
+        assert torch.equal(got, a)
+    for r, (run, row) in enumerate([(steps, 0), (chunks, 2), (both, 1)]):
+        assert torch.equal(run.kv[:, :, row, :, :n], whole.kv[:, :, 1, :, :n]), r
+        assert torch.equal(run.kv_scale[:, :, row, :, :n], whole.kv_scale[:, :, 1, :, :n]), r
+    # the other prompt of the batch is its own: as prefilled alone
+    alone = runner()
+    with torch.inference_mode():
+        e = alone.prefill(0, other)
+        f = both.decode([5], [len(other)])[0]  # and row 0 decodes on from it as alone
+        g = alone.decode([5], [len(other)])[0]
+    assert torch.equal(both.kv[:, :, 0, :, : len(other)], alone.kv[:, :, 0, :, : len(other)])
+    assert torch.equal(f, g) and e.shape == f.shape

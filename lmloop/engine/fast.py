@@ -43,6 +43,7 @@ from lmloop.engine.kernels import (
     attend,
     decode_layers,
     positions_arg,
+    tokens_arg,
 )
 from lmloop.engine.memory import ALIGN, HugePageArena, release_memory, storage_bytes
 from lmloop.models.llama import Llama
@@ -668,6 +669,8 @@ class FastLlamaRunner:
         for row, ids, start in zip(rows, tails, starts):
             spans.append((row, start, start + len(ids), N))
             N += len(ids)
+        if self.int4 and self.fuse_one and self.kv_scale is not None:
+            return self._prompts_fused(spans, [t for ids in tails for t in ids])
         x = self._embed([t for ids in tails for t in ids])  # (N, C)
         pos = torch.cat([self._slots[s:e] for _, s, e, _ in spans])
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (N, 1, D)
@@ -712,17 +715,22 @@ class FastLlamaRunner:
             x = x + _prompt_linear(down, F.silu(g[:, : self.I]) * g[:, self.I :])
         return x
 
-    def _decode_fused(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """A decode step of rows 0..n-1 over 4-bit weights and the int8 cache: every layer in
-        one C call (`lmloop.engine.kernels.decode_layers`: five kernel functions a layer, no
-        torch op and no return to Python between them; ~150 Python-to-C crossings a step fewer,
-        ~2-3 us each). RMSNorm, SwiGLU and the residual adds are fused into the linears;
-        rotary positions, the cache writes and each row's attention are one function; the
-        head's norm is fused into the head. Each function computes a row's numbers as it would
-        alone, so a row's logits do not depend on the others (the embedding lookup is per row
-        too). Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
+    def _prompts_fused(self, spans: list[tuple[int, int, int, int]], tokens: list[int]):
+        """`_prompts` over 4-bit weights and the int8 cache: every prompt token is a row of one
+        `decode_layers` call, at its position in its own cache row (the C attention writes all
+        the new keys and values before any token attends, so each sees its prompt's earlier
+        tokens). A token's numbers are then those a decode step at its position computes: a
+        prompt gets the same cache and logits prefilled at once, in chunks, after a cached
+        prefix or beside other prompts. One C call in place of ~20 torch ops a layer for each
+        prompt (a short prompt admitted beside 15 decoding rows cost ~10 ms, half a step)."""
+        rows = [row for row, s, e, _ in spans for _ in range(s, e)]
+        at, crow = tokens_arg(rows, [p for _, s, e, _ in spans for p in range(s, e)], self.kv)
+        return self._layers_fused(tokens, at, crow)
+
+    def _layers_fused(self, tokens: list[int], at, crow=None) -> torch.Tensor:
+        """The 4-bit layers over tokens in one C call: the hidden states (n, C) before the final
+        norm. `at`: their positions, `crow`: their cache rows (None: token r is row r's)."""
         n, H, Hkv, D = len(tokens), self.H, self.Hkv, self.D
-        at = positions_arg(positions, self.kv)
         x = self._embed(tokens).contiguous()  # (n, C), the residual stream, updated in place
         h = torch.empty(n, (H + 2 * Hkv) * D)
         y = torch.empty(n, H * D)
@@ -732,8 +740,19 @@ class FastLlamaRunner:
         # qkv(norm1(x)) -> attend -> x += o(y) -> g = gate_up(norm2(x)) -> x += down(swiglu(g)),
         # every layer in one C call
         decode_layers(self.stack, at, (H, Hkv, D), self.eps, self.cos, self.sin, self.kv,
-                      self.kv_scale, x, h, y, g)  # fmt: skip
-        return self._logits(x)
+                      self.kv_scale, x, h, y, g, crow)  # fmt: skip
+        return x
+
+    def _decode_fused(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """A decode step of rows 0..n-1 over 4-bit weights and the int8 cache: every layer in
+        one C call (`lmloop.engine.kernels.decode_layers`: five kernel functions a layer, no
+        torch op and no return to Python between them; ~150 Python-to-C crossings a step fewer,
+        ~2-3 us each). RMSNorm, SwiGLU and the residual adds are fused into the linears;
+        rotary positions, the cache writes and each row's attention are one function; the
+        head's norm is fused into the head. Each function computes a row's numbers as it would
+        alone, so a row's logits do not depend on the others (the embedding lookup is per row
+        too). Measured on SmolLM2-135M, 2 threads: see BENCHMARKS.md."""
+        return self._logits(self._layers_fused(tokens, positions_arg(positions, self.kv)))
 
     def _decode_rows(self, tokens: list[int], positions: list[int], layers, norms) -> torch.Tensor:
         """A decode step of rows 0..n-1 over the int8 cache: rotary positions, the cache writes

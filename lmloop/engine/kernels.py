@@ -197,10 +197,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lm_qlinear.restype = i
     lib.lm_qlinear8.argtypes = [p, p, p, i, i, p, i, p, p, p, ctypes.c_float, i]
     lib.lm_qlinear8.restype = i
-    lib.lm_attend.argtypes = [p, i, p, i, i, i, p, p, p, p, i, i, i, p]
+    lib.lm_attend.argtypes = [p, i, p, p, i, i, i, p, p, p, p, i, i, i, p]
     lib.lm_attend.restype = i
     lib.lm_decode_layers.argtypes = [i, i, p, p, p, p, p, p, p, p, ctypes.c_float, i, i, i,
-                                     p, p, p, p, i, i, p, p, p, p]  # fmt: skip
+                                     p, p, p, p, i, i, p, p, p, p, p]  # fmt: skip
     lib.lm_decode_layers.restype = i
     lib.lm_topk.argtypes = [p, i, i, i, p, p]
     lib.lm_topk.restype = i
@@ -395,6 +395,20 @@ def positions_arg(positions: list[int], kv: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int * len(positions))(*positions)
 
 
+def tokens_arg(
+    rows: list[int], positions: list[int], kv: torch.Tensor
+) -> tuple[ctypes.Array, ctypes.Array]:
+    """Prompt tokens as `decode_layers` takes them: each one's position and cache row, checked
+    against the cache (rows and slots in range). (positions, cache rows) as C arrays."""
+    _, _, nrows, _, slots, _ = kv.shape
+    if len(rows) != len(positions) or not all(0 <= r < nrows for r in rows):
+        raise ValueError(f"cache rows {rows} do not fit a cache of {nrows} rows")
+    if not all(0 <= p < slots for p in positions):
+        raise ValueError(f"positions {positions} do not fit a cache of {slots} slots")
+    ints = ctypes.c_int * len(rows)
+    return ints(*positions), ints(*rows)
+
+
 def attend(
     h: torch.Tensor,
     positions: list[int] | ctypes.Array,
@@ -419,7 +433,7 @@ def attend(
         if not all(t.is_contiguous() for t in (h, cos, sin, kv, kv_scale, y)):
             raise ValueError("attend needs contiguous tensors")
     rc = library().lm_attend(
-        h.data_ptr(), len(positions), positions, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
+        h.data_ptr(), len(positions), positions, None, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
         kv.data_ptr(), kv_scale.data_ptr(), layer, rows, slots, y.data_ptr(),
     )  # fmt: skip
     if rc != 0:
@@ -460,18 +474,21 @@ def decode_layers(
     h: torch.Tensor,
     y: torch.Tensor,
     g: torch.Tensor,
+    cache_rows: ctypes.Array | None = None,
 ) -> None:
     """Every layer of a decode step in one C call (the C file's `lm_decode_layers`): the same
     operations as each layer's five calls (the linears' and `attend`'s), in the same order.
     x (rows, C) is updated in place; h, y and g are scratch rows sized as those calls' outputs;
-    `positions`: `positions_arg`'s array. Every tensor fp32 (kv int8) and contiguous."""
+    `positions`: `positions_arg`'s array. Every tensor fp32 (kv int8) and contiguous.
+    `cache_rows` (`tokens_arg`'s): the cache row of each row of x, where rows are prompt tokens
+    (several to a cache row); None: row r is cache row r."""
     H, Hkv, D = heads
     _, _, rows, _, slots, _ = kv.shape
     rc = library().lm_decode_layers(
         stack.n, len(positions), positions, stack.codes, stack.scales, stack.n_out, stack.k_in,
         stack.bias, stack.norm1, stack.norm2, eps, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
         kv.data_ptr(), kv_scale.data_ptr(), rows, slots, x.data_ptr(), h.data_ptr(),
-        y.data_ptr(), g.data_ptr(),
+        y.data_ptr(), g.data_ptr(), cache_rows,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("a decode step's layers could not allocate their scratch")

@@ -711,10 +711,14 @@ static void softmax_scaled(float *p, int n, const float *ks, const float *vs) {
  * (x * cos + roll(x, D/2) * sin, rows pos[r] of the tables, sin's first half negated) go on q
  * and k; k and v are quantized (absmax / 127 per head, as the runner's quantize_rows) into
  * slot pos[r] of row r; then y (n, H * D) = softmax(q . k * k_scale) over that row's slots
- * 0..pos[r], times v * v_scale. Returns 0, or -1 when memory ran out. */
-int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, const float *cos_tab,
-              const float *sin_tab, int8_t *kv, float *kv_scale, int layer, int B, int S,
-              float *y) {
+ * 0..pos[r], times v * v_scale. With crow, row r of h is a token of cache row crow[r] (a
+ * prompt's tokens: several rows of h to one cache row, at consecutive positions): every new
+ * key and value is written before any row attends, so each token sees its own prompt's earlier
+ * tokens, and its numbers are those it would get as a decode step at its position. crow NULL:
+ * row r is cache row r. Returns 0, or -1 when memory ran out. */
+int lm_attend(const float *h, int n, const int *pos, const int *crow, int H, int Hkv, int D,
+              const float *cos_tab, const float *sin_tab, int8_t *kv, float *kv_scale, int layer,
+              int B, int S, float *y) {
     size_t head = (size_t)S * D, part = (size_t)B * Hkv * head, width = (size_t)(H + 2 * Hkv) * D;
     int8_t *kc = kv + (size_t)layer * 2 * part, *vc = kc + part;
     float *ks = kv_scale + (size_t)layer * 2 * (part / D), *vs = ks + part / D;
@@ -735,9 +739,10 @@ int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, cons
             for (int d = 0; d < half; d++) o[d] = x[d] * cos[d] + x[d + half] * sin[d];
             for (int d = half; d < D; d++) o[d] = x[d] * cos[d] + x[d - half] * sin[d];
         }
-        for (int g = 0; g < Hkv; g++) { /* the new key and value into slot pos[r] of row r */
-            size_t at = ((size_t)r * Hkv + g) * head + (size_t)pos[r] * D;
-            size_t sat = ((size_t)r * Hkv + g) * S + pos[r];
+        size_t cr = crow ? (size_t)crow[r] : (size_t)r;
+        for (int g = 0; g < Hkv; g++) { /* the new key and value into slot pos[r] of its row */
+            size_t at = (cr * Hkv + g) * head + (size_t)pos[r] * D;
+            size_t sat = (cr * Hkv + g) * S + pos[r];
             const float *src[2] = {qr + (size_t)(H + g) * D, hr + (size_t)(H + Hkv + g) * D};
             int8_t *dst[2] = {kc + at, vc + at};
             float *sc[2] = {ks + sat, vs + sat};
@@ -755,7 +760,7 @@ int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, cons
     for (int task = 0; task < n * Hkv * chunks; task++) {
         int r = task / (Hkv * chunks), g = task / chunks % Hkv, h0 = task % chunks * per;
         int nh = rep - h0 < per ? rep - h0 : per, m = pos[r] + 1;
-        size_t rg = (size_t)r * Hkv + g;
+        size_t rg = (crow ? (size_t)crow[r] : (size_t)r) * Hkv + g;
         const int8_t *kh = kc + rg * head, *vh = vc + rg * head;
         const float *ksh = ks + rg * S, *vsh = vs + rg * S;
         const float *qh = q + ((size_t)r * (H + Hkv) + (size_t)g * rep + h0) * D;
@@ -782,18 +787,20 @@ int lm_attend(const float *h, int n, const int *pos, int H, int Hkv, int D, cons
  *   x += o(y); g = gate_up(RMSNorm(x) * norm2[l]); x += down(silu(gate) * up).
  * The same functions in the same order as the five calls: the same numbers, without ~150
  * Python-to-C crossings a step (~2-3 us each). x (n, C) is updated in place; h, y and g are
- * the caller's scratch rows. Returns 0, or -1 when memory ran out. */
+ * the caller's scratch rows; crow as lm_attend's (NULL: row r is cache row r; else a prompt's
+ * tokens, or a mix of prompts' tokens and decoding rows: each row's numbers are its own).
+ * Returns 0, or -1 when memory ran out. */
 int lm_decode_layers(int L, int n, const int *pos, const uint8_t *const *codes,
                      const f16 *const *scales, const int *n_out, const int *k_in,
                      const float *const *bias, const float *const *norm1,
                      const float *const *norm2, float eps, int H, int Hkv, int D,
                      const float *cos_tab, const float *sin_tab, int8_t *kv, float *kv_scale,
-                     int B, int S, float *x, float *h, float *y, float *g) {
+                     int B, int S, float *x, float *h, float *y, float *g, const int *crow) {
     for (int l = 0; l < L; l++) {
         int j = 4 * l;
         if (lm_qlinear(codes[j], scales[j], n_out[j], k_in[j], x, n, h, bias[j], norm1[l], eps,
                        0, 0) ||
-            lm_attend(h, n, pos, H, Hkv, D, cos_tab, sin_tab, kv, kv_scale, l, B, S, y) ||
+            lm_attend(h, n, pos, crow, H, Hkv, D, cos_tab, sin_tab, kv, kv_scale, l, B, S, y) ||
             lm_qlinear(codes[j + 1], scales[j + 1], n_out[j + 1], k_in[j + 1], y, n, x,
                        bias[j + 1], NULL, 0.0f, 0, 1) ||
             lm_qlinear(codes[j + 2], scales[j + 2], n_out[j + 2], k_in[j + 2], x, n, g,
