@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -544,3 +545,35 @@ def test_a_prompt_prefills_to_the_bits_of_decoding_it_token_by_token(heads, requ
         g = alone.decode([5], [len(other)])[0]
     assert torch.equal(both.kv[:, :, 0, :, : len(other)], alone.kv[:, :, 0, :, : len(other)])
     assert torch.equal(f, g) and e.shape == f.shape
+
+
+@pytest.mark.parametrize("heads", ["d8", "d64"])
+def test_prompts_that_join_a_running_step_get_the_numbers_they_get_alone(heads, request, tok):
+    """On an int4 engine a prompt admitted while others decode is prefilled inside their decode
+    step (one forward, `decode_with_prompts`). Every request, the running and the joining,
+    gets the tokens and the logprobs (chosen and top 3) it gets alone, exactly: sampled with
+    its own seed, rows leaving and moving, prompts of unequal lengths."""
+    model = request.getfixturevalue("llama" if heads == "d8" else "llama64").model
+    prompts = [tok.encode(t) for t in ("Once upon a time", "12 apples", "The lazy dog, again",
+                                       "Tiny models", "A fox")]  # fmt: skip
+    lengths = [14, 4, 11, 3, 9]
+
+    def params(i, n):
+        return SamplingParams(max_tokens=n, temperature=1.0, seed=i, logprobs=3, ignore_eos=True)
+
+    with Engine(model, tok, precision="int4", max_batch=3, prefix_cache_mb=0) as engine:
+        assert engine.mix
+        alone = [engine.complete(p, params(i, n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+        assert engine.mixed_steps == 0  # alone: nothing runs beside a new prompt
+        handles = []
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            handles.append(engine.submit(p, params(i, n)))
+            if i == 0:  # the first runs a few steps before the others arrive
+                steps = engine.steps
+                while engine.steps < steps + 2:
+                    time.sleep(0.001)
+        together = [h.result() for h in handles]
+        assert engine.mixed_steps >= 2  # prompts joined running steps
+    for a, b, n in zip(alone, together, lengths):
+        assert a.token_ids == b.token_ids and len(a.token_ids) == n
+        assert [(x.logprob, x.top) for x in a.logprobs] == [(x.logprob, x.top) for x in b.logprobs]

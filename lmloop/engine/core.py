@@ -245,6 +245,9 @@ class Engine:
         # and each step's rows are sampled at once; bench/generate.py swaps these for the
         # one-at-a-time ways to measure both in one run.
         self.batch_prefill = True
+        # New prompts join the running rows' decode step where the runner can (`_mixed`).
+        self.mix = getattr(self.runner, "mixes", False)
+        self.mixed_steps = 0  # decode steps that carried new prompts (tests, metrics)
         self.sample = pick_batch
         if getattr(self.runner, "int4", False):  # the C kernel is loaded: its top-k too
             self.sample = functools.partial(pick_batch, topk=kernels.topk)
@@ -487,6 +490,12 @@ class Engine:
             else:
                 live.append(seq)
         waves = self._waves(live)
+        mix = self.mix and self.batch_prefill and self._filling is None
+        if len(waves) == 1 and self._running and mix:
+            self._drop_cancelled()
+            if self._running:  # new prompts ride along with the running rows' step
+                self._mixed(waves[0])
+                return
         for wave in waves:
             self._prefill(wave)
         # A chunk waits an iteration while rows are decoding or new prompts were just
@@ -672,6 +681,35 @@ class Engine:
         self._release(seq)
         self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
 
+    def _mixed(self, wave: list[_Seq]) -> None:
+        """Admitted prompts prefilled inside the running rows' decode step: one forward (the
+        runner's `decode_with_prompts`) in place of a prefill and a step, each row's numbers
+        its own, so every request gets the tokens it gets apart. The new requests sample their
+        first tokens and decode from the next step on. If the joint forward fails, the prompts
+        prefill apart (where one bad request fails alone) and the rows step as usual."""
+        running = list(self._running)
+        ready = []
+        for seq in wave:
+            seq.row = len(self._running)
+            self._running.append(seq)
+            if self._set_up(seq):
+                ready.append(seq)
+        self._use_threads(self.threads)
+        try:
+            logits, first = self.runner.decode_with_prompts(
+                [s.last for s in running], [s.pos for s in running], [s.row for s in ready],
+                [s.prompt for s in ready], [s.start for s in ready],
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - retried apart below
+            log.exception("a decode step with new prompts failed; running them apart")
+            if ready:
+                self._prefilled(ready, self._forward(ready))
+            self._step()
+            return
+        self.mixed_steps += 1
+        self._prefilled(ready, list(first))
+        self._decoded(running, logits)
+
     def _step(self) -> None:
         running = self._running
         try:
@@ -682,6 +720,11 @@ class Engine:
                 self._release(seq)
                 self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
             return
+        self._decoded(list(running), logits)
+
+    def _decoded(self, running: list[_Seq], logits: torch.Tensor) -> None:
+        """After a decode step of `running` (rows' logits in that order): sample, record,
+        release the finished ones and tell the callers."""
         self.steps += 1
         for s in running:
             s.pos += 1

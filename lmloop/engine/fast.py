@@ -657,6 +657,38 @@ class FastLlamaRunner:
         last = torch.tensor(list(itertools.accumulate(len(p) - s for p, s in zip(prompts, starts))))
         return self._prompt_logits(x[last - 1])
 
+    @property
+    def mixes(self) -> bool:
+        """Whether `decode_with_prompts` runs here: 4-bit weights over the int8 cache."""
+        return self.int4 and self.fuse_one and self.kv_int8
+
+    def decode_with_prompts(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        rows: list[int],
+        prompts: list[list[int]],
+        starts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of rows 0..n-1 and new prompts (prompt i's tokens from starts[i] into
+        `rows[i]`, at positions starts[i]..) in one C call: the decode rows' logits (n, V) and
+        each prompt's last-token logits (m, V). The numbers `decode` and `prefill_batch` give
+        apart, bit for bit (the C path computes every token's row alone); one pass over the
+        weights in place of two. Only where `mixes`."""
+        self.allocate()
+        toks, pos, crow = list(tokens), list(positions), list(range(len(tokens)))
+        last = []
+        for row, ids, start in zip(rows, prompts, starts):
+            tail = ids[start:]
+            toks += tail
+            pos += range(start, start + len(tail))
+            crow += [row] * len(tail)
+            last.append(len(toks) - 1)
+        at, cr = tokens_arg(crow, pos, self.kv)
+        x = self._layers_fused(toks, at, cr)
+        logits = self._logits(x[list(range(len(tokens))) + last])
+        return logits[: len(tokens)], logits[len(tokens) :]
+
     def _prompts(self, rows: list[int], tails: list[list[int]], starts: list[int]):
         """Run prompts' tokens (tails[i] at positions starts[i]..) packed into N rows:
         the projections run once over all of them (one GEMM per weight instead of one per
