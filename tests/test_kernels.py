@@ -577,3 +577,28 @@ def test_prompts_that_join_a_running_step_get_the_numbers_they_get_alone(heads, 
     for a, b, n in zip(alone, together, lengths):
         assert a.token_ids == b.token_ids and len(a.token_ids) == n
         assert [(x.logprob, x.top) for x in a.logprobs] == [(x.logprob, x.top) for x in b.logprobs]
+
+
+def test_a_failed_joint_step_falls_back_to_prefilling_apart(llama, tok, monkeypatch):
+    """When the decode step that carries new prompts raises, the prompts prefill apart and the
+    rows step as usual: every request still gets the tokens it gets alone."""
+    prompts = [tok.encode(t) for t in ("Once upon a time", "12 apples", "A fox")]
+    lengths = [40, 5, 7]  # the first still runs when the others arrive
+    p = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    with Engine(llama.model, tok, precision="int4", max_batch=3, prefix_cache_mb=0) as engine:
+        alone = [engine.complete(x, q) for x, q in zip(prompts, p)]
+        failures = []
+
+        def broken(*a, **kw):
+            failures.append(1)
+            raise RuntimeError("joint step failed")
+
+        monkeypatch.setattr(engine.runner, "decode_with_prompts", broken)
+        first = engine.submit(prompts[0], p[0])
+        steps = engine.steps
+        while engine.steps < steps + 2:
+            time.sleep(0.001)
+        rest = [engine.submit(x, q) for x, q in zip(prompts[1:], p[1:])]
+        together = [h.result() for h in [first, *rest]]
+    assert failures and engine.mixed_steps == 0
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
