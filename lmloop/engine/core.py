@@ -544,14 +544,20 @@ class Engine:
     def _prefill(self, wave: list[_Seq]) -> None:
         """Prefill a group of admitted requests (one forward where the runner batches), then
         sample each one's first token."""
+        ready = self._seat(wave)
+        if ready:
+            self._prefilled(ready, self._forward(ready))
+
+    def _seat(self, wave: list[_Seq]) -> list[_Seq]:
+        """Give each admitted request the next running row and set it up; those ready to
+        prefill (a failed set-up has ended its request)."""
         ready = []
         for seq in wave:
             seq.row = len(self._running)
             self._running.append(seq)
             if self._set_up(seq):
                 ready.append(seq)
-        if ready:
-            self._prefilled(ready, self._forward(ready))
+        return ready
 
     def _set_up(self, seq: _Seq) -> bool:
         """A request's sampler, text stream and stop tokens, and its prompt's prefix from the
@@ -688,12 +694,7 @@ class Engine:
         first tokens and decode from the next step on. If the joint forward fails, the prompts
         prefill apart (where one bad request fails alone) and the rows step as usual."""
         running = list(self._running)
-        ready = []
-        for seq in wave:
-            seq.row = len(self._running)
-            self._running.append(seq)
-            if self._set_up(seq):
-                ready.append(seq)
+        ready = self._seat(wave)
         self._use_threads(self.threads)
         try:
             logits, first = self.runner.decode_with_prompts(
