@@ -122,3 +122,16 @@ def test_a_cycle_stopped_for_want_of_signal_is_printed_not_crashed(capsys):
     print_gate({"promote": False, "reason": reason, "figures": {}})
     out = capsys.readouterr().out
     assert "REJECTED" in out and f"why: {reason}" in out
+
+
+def test_the_served_child_keeps_the_callers_caches(tmp_path, monkeypatch):
+    """The quickstart's server runs with its own registry and feedback store but the caller's
+    caches, so the shipped model the teacher converted is not converted again (~20 s)."""
+    from lmloop.loop.config import QuickstartConfig
+    from lmloop.loop.quickstart import workspace
+
+    monkeypatch.delenv("LMLOOP_CACHE", raising=False)
+    monkeypatch.setenv("LMLOOP_HOME", str(tmp_path / "user"))
+    ws = workspace(QuickstartConfig(out=str(tmp_path / "qs")))
+    assert ws.env["LMLOOP_HOME"] == str(tmp_path / "qs" / "home")
+    assert ws.env["LMLOOP_CACHE"] == str(tmp_path / "user" / "cache")

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import torch
 
+from lmloop.artifacts import cache_dir
 from lmloop.data.config import DataResult
 from lmloop.engine.core import load_engine
 from lmloop.engine.params import SamplingParams
@@ -37,7 +38,8 @@ from lmloop.registry import Registry
 
 @dataclass
 class Workspace:
-    """`out/`, with this run's own registry and feedback store under `out/home`."""
+    """`out/`, with this run's own registry and feedback store under `out/home` (the caches
+    stay the caller's)."""
 
     out: Path
     home: Path
@@ -98,7 +100,9 @@ def workspace(cfg: QuickstartConfig) -> Workspace:
     for name in ("stories", "assistant"):  # every run starts from the shipped model again
         if (home / "registry" / name).exists():
             shutil.rmtree(home / "registry" / name)
-    env = {**os.environ, "LMLOOP_HOME": str(home)}
+    # The child server keeps the caller's caches (the converted GGUF the teacher already loaded,
+    # the built kernel): with `out/home/cache` it converted the shipped model again, ~20 s.
+    env = {**os.environ, "LMLOOP_HOME": str(home), "LMLOOP_CACHE": str(cache_dir())}
     return Workspace(out, home, env, Registry(home / "registry"))
 
 
