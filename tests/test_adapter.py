@@ -123,3 +123,36 @@ def test_gguf_rotary_permutation_is_inverted_by_transformers_reader():
     # transformers' reverse permute (integrations/ggml: reshape(n, hd/2, 2) -> swap -> reshape)
     undone = permuted.reshape(n_head, hd // 2, 2, c).swapaxes(1, 2).reshape(w.shape)
     assert torch.equal(undone, w)
+
+
+def test_a_load_fills_no_meta_weights_and_leaves_nn_init_as_it_was():
+    """A model is built on the meta device and then given the loaded weights. nn.init's fills
+    skip the meta tensors (filling one imports torch._dynamo first: 1.3-2.3 s of every process
+    that loads a model); the loaded model is the one saved, fills of real tensors still fill,
+    and nn.init is itself again afterwards. In a fresh interpreter, where nothing imported
+    torch._dynamo before."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from lmloop.models import build_model
+from lmloop.models.adapter import _meta_fills_skipped, build_loaded
+from lmloop.models.llama import LlamaConfig
+fills = dict(vars(torch.nn.init))
+cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+torch.manual_seed(0)
+src = build_model(cfg).eval()
+dyn_before = "torch._dynamo" in sys.modules
+loaded = build_loaded(cfg, src.state_dict())
+ids = torch.arange(10)[None]
+with torch.no_grad():
+    same = torch.equal(src(ids), loaded(ids))
+with _meta_fills_skipped():
+    real = torch.nn.init.normal_(torch.zeros(1000)).std().item()
+print(dyn_before, "torch._dynamo" in sys.modules, same, real > 0.5,
+      dict(vars(torch.nn.init)) == fills)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True", "True", "True"], out.stdout

@@ -22,6 +22,10 @@ save) and the export stage; `tests/test_adapter.py` checks logits against transf
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -440,12 +444,45 @@ def from_hf_model(hf_model: PreTrainedModel) -> torch.nn.Module:
     return build_loaded(cfg, sd)
 
 
+# `torch.nn.init`'s fills, which module constructors call on their new weights.
+_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+          "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+          "orthogonal_", "sparse_")  # fmt: skip
+_FILLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _meta_fills_skipped() -> Iterator[None]:
+    """While a model is built on the meta device, `torch.nn.init` leaves meta tensors alone (they
+    hold no data to fill). The first fill of a meta tensor imports `torch._dynamo`, 1.3-2.3 s of
+    every process that loads a model (`lmloop serve`, generate, chat, eval; measured). Tensors
+    with data are filled as before, from any thread; the lock keeps two builds from restoring
+    each other's wrappers."""
+    with _FILLS_LOCK:
+        saved = {name: getattr(torch.nn.init, name) for name in _FILLS}
+        for name, fill in saved.items():
+            setattr(torch.nn.init, name, _skip_meta(fill))
+        try:
+            yield
+        finally:
+            for name, fill in saved.items():
+                setattr(torch.nn.init, name, fill)
+
+
+def _skip_meta(fill: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fill)
+    def wrapped(tensor: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        return tensor if tensor.is_meta else fill(tensor, *args, **kw)
+
+    return wrapped
+
+
 def build_loaded(cfg: LlamaConfig | GPTConfig, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
     """An eval-mode fp32 CPU lmloop model holding `sd` (an lmloop state dict), built fast."""
 
     # Built on the meta device: random init of every weight (seconds for 135M params on a busy
     # CPU) would be thrown away by the load below.
-    with torch.device("meta"):
+    with torch.device("meta"), _meta_fills_skipped():
         model = build_model(cfg)
     model = model.to_empty(device="cpu")
     # assign: the loaded tensors become the parameters (no second copy of every weight)
