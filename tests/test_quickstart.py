@@ -56,11 +56,20 @@ def _run(out, capsys) -> str:
 @pytest.mark.slow
 def test_quickstart_promoted_path(out, monkeypatch, capsys):
     from lmloop.artifacts import sha256_tree
+    from lmloop.loop import gate as gate_module
     from lmloop.registry import Registry
     from lmloop.registry.spec import run_checkpoint
 
     monkeypatch.setenv("LMLOOP_HOME", str(out.parent / "home"))  # the teacher's corpus cache
     _force_gate(monkeypatch, True)
+    judged_at, engine_for = [], gate_module.engine_for
+
+    def recording(*args, **kw):  # each version's held-out answers: the precision and why
+        engine = engine_for(*args, **kw)
+        judged_at.append(engine.choice.line())
+        return engine
+
+    monkeypatch.setattr(gate_module, "engine_for", recording)
     printed = _run(out, capsys)
     for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in printed
@@ -95,6 +104,10 @@ def test_quickstart_promoted_path(out, monkeypatch, capsys):
     assert {v for _, _, v in summary["before"]} == {"v1"}
     assert {v for _, _, v in summary["after"]} == {"v2"}
     assert "hot-reloaded: assistant v1 -> v2" in printed
+    # v1 and v2 were served as the gate judged their answers: the same precision, chosen for
+    # the same reason (the server's own settings once served int8 "as asked")
+    served_at = re.findall(r"INFO (precision \w+: .*)", (out / "logs" / "serve.log").read_text())
+    assert served_at == judged_at, (served_at, judged_at)
     assert re.search(r"LMLOOP_HOME=\S+ lmloop serve --model registry:assistant", printed)
 
 

@@ -124,8 +124,10 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # The engine at its defaults (`EngineSpec()`), as the loop's gate generates the held-out
+        # answers, so a candidate is judged as it is then served (it was `--int8` here).
         cmd = [sys.executable, "-m", "lmloop.cli", "serve", "--model", model, "--port", str(port),
-               "--db", str(db), "--int8", "registry_poll=1"]  # fmt: skip
+               "--db", str(db), "registry_poll=1"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**env, "LMLOOP_NO_PROGRESS": "1"})  # fmt: skip
         self.log_path = log_path
