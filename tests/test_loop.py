@@ -336,8 +336,8 @@ def test_learnable_feedback_is_promoted_and_coin_flips_are_not(
     world, capsys, tmp_path, monkeypatch
 ):
     """The real gate (nothing monkeypatched) promotes a learnable preference for its own reasons,
-    and refuses the same pipeline on coin flips for want of signal. `lmloop quickstart`'s test
-    forces its gate (8 conversations teach no judge); this is where a real promotion is tested.
+    and refuses the same pipeline on coin flips for want of signal. test_quickstart.py runs the
+    real gate end to end through served conversations; this one adds the control and a resume.
     The cycles use their own registry, so the module's `demo` stays at v1 for the other tests."""
     from lmloop.registry import Registry
 
