@@ -6,7 +6,7 @@ cycle -> a summary (docs/quickstart.md). Everything runs in `out/` with its own 
 feedback store (`out/home`), so a rerun starts from the shipped model again; the corpus and,
 when nothing it depends on changed, the from-scratch run are reused.
 
-    lmloop quickstart                 # ~9.5 min on 2 CPU cores the first time, ~8 cached
+    lmloop quickstart                 # ~7.5 min on 2 CPU cores the first time
     lmloop quickstart --serve         # then keep serving the assistant (open the chat page)"""
 
 from __future__ import annotations
