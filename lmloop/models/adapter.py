@@ -484,7 +484,9 @@ def build_loaded(cfg: LlamaConfig | GPTConfig, sd: dict[str, torch.Tensor]) -> t
     # CPU) would be thrown away by the load below.
     with torch.device("meta"), _meta_fills_skipped():
         model = build_model(cfg)
-    model = model.to_empty(device="cpu")
+    # Fresh empty CPU tensors of the same shapes (what `to_empty` makes): its `empty_like` of a
+    # meta tensor runs torch's reference ops, which import sympy the first time (0.4-2.7 s).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
     # assign: the loaded tensors become the parameters (no second copy of every weight)
     sd = {k: (v.float() if v.is_floating_point() else v).detach() for k, v in sd.items()}
     load_state(model, sd, assign=True)
