@@ -114,7 +114,7 @@ ASK = ["Would you like to know more about {t}?", "What do you want to learn abou
 
 
 @pytest.fixture(scope="module")
-def chat_assistant(out, tmp_path_factory):
+def chat_assistant(tmp_path_factory):
     """A tiny assistant pretrained from scratch on the quickstart's stories (the gate's base
     corpus) and on 800 chats about the users' topics. 85% of its answers are three statements,
     15% one statement and a question back, the shape the simulated users want: in its repertoire,
