@@ -789,6 +789,42 @@ def test_cancel_and_async_iteration(models, tok):
         assert engine.num_running == 0 and engine.alive
 
 
+def test_a_steps_outputs_wake_their_event_loop_once(models, tok):
+    """Four requests streamed to one event loop (a server's): each decode step wakes the loop
+    once for all its rows, and every stream gets the tokens a blocking consumer gets."""
+    lm = models["llama"][1]
+    prompts = _prompts(tok) + [tok.encode("A small cat")]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    with Engine(lm.model, lm.tokenizer, max_batch=4) as engine:
+        alone = [engine.complete(ids, params).token_ids for ids in prompts]
+
+        async def consume():
+            loop = asyncio.get_running_loop()
+            wakes, plain = [], loop.call_soon_threadsafe
+
+            def counted(*args):
+                wakes.append(threading.get_ident())
+                return plain(*args)
+
+            loop.call_soon_threadsafe = counted
+
+            async def collect(h):
+                return [o async for o in h]
+
+            handles = [engine.submit(ids, params) for ids in prompts]
+            gathered = await asyncio.gather(*(collect(h) for h in handles))
+            return wakes, gathered
+
+        steps = engine.steps
+        wakes, gathered = asyncio.run(consume())
+        steps = engine.steps - steps
+    assert [[t for o in outs for t in o.token_ids] for outs in gathered] == alone
+    # 4 rows x 10 tokens: one wake-up per iteration (one for each admission's first tokens, then
+    # one a step), where one per row's token made 40
+    assert steps >= 9 and len(wakes) <= steps + len(prompts), (len(wakes), steps)
+    assert len(wakes) < 4 * 10
+
+
 def test_queue_full_and_bad_requests(models, tok):
     lm = models["llama"][1]
     engine = Engine(lm.model, lm.tokenizer, max_waiting=2)  # not started: requests wait
