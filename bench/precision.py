@@ -84,7 +84,7 @@ def main() -> int:
         ref, _ = precision.reference_for(model, ids)
         for prec in ("fp32", "int8", "int4"):
             t0 = time.perf_counter()
-            kl, top1 = precision.measure(model, tok, prec, ids, ref)
+            kl, top1 = precision.measure(model, tok, prec, ids, ref, cache=False)
             dt = time.perf_counter() - t0
             print(
                 f"| {prec} | {name} | {len(ids)} | {kl:.4f} | {top1:.1%} | {dt:.1f} |", flush=True
@@ -94,6 +94,7 @@ def main() -> int:
     t0 = time.perf_counter()
     choice = precision.choose("auto", model, tok, source=None)
     dt = time.perf_counter() - t0
+    # a second run on this machine reads the probe's figures back (`precision.measure`'s cache)
     print(f"auto on the same weights as a float checkpoint: {choice.line()} ({dt:.1f} s)")
     choice = precision.choose("auto", model, tok, source=loaded.quant)
     print(f"auto on the GGUF itself: {choice.line()}")

@@ -188,6 +188,39 @@ def test_auto_on_a_float_checkpoint_takes_the_fastest_within_the_bound(
     assert tried == {"int4": ["int4"], "int8": ["int4", "int8"], "fp32": ["int4", "int8"]}[want]
 
 
+def test_the_probes_figures_are_measured_once_per_weights(llama_dir, monkeypatch, tmp_path):
+    """A second load of the same weights reads the probe's figures back (the gate, the server's
+    start and its hot reload each measured them, ~4 s a precision for a 135M model); other
+    weights, or an unreadable entry, are measured afresh."""
+    monkeypatch.setenv("LMLOOP_CACHE", str(tmp_path))
+    measured = []
+    real = precision._measure
+
+    def counting(model, prec, *a):
+        measured.append(prec)
+        return real(model, prec, *a)
+
+    monkeypatch.setattr(precision, "_measure", counting)
+    lm = load_model(str(llama_dir))
+    first = precision.choose("auto", lm.model, lm.tokenizer)
+    assert measured and set(measured) <= {"int4", "int8"}
+    n = len(measured)
+    again = load_model(str(llama_dir))  # another load of the same checkpoint
+    assert precision.choose("auto", again.model, again.tokenizer) == first
+    assert len(measured) == n  # read back, figures and reason alike
+    with torch.no_grad():  # one weight moved: a different model, measured again
+        again.model.model.layers[0].mlp.down_proj.weight[0, 0] += 0.5
+    precision.choose("auto", again.model, again.tokenizer)
+    m = len(measured)
+    assert m > n
+    entries = sorted((tmp_path / "precision-probe").glob("*.json"))
+    assert len(entries) == m  # one entry a measurement
+    for e in entries:
+        e.write_text("{not json")
+    assert precision.choose("auto", lm.model, lm.tokenizer) == first  # measured again
+    assert len(measured) == m + n
+
+
 def test_the_probe_measures_each_precision_against_fp32(llama):
     ref, ids = precision.reference_for(llama.model, list(range(3, 40)))
     kl32, top32 = precision.measure(llama.model, llama.tokenizer, "fp32", ids, ref)

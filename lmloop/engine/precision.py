@@ -12,11 +12,15 @@ against torch (`kernels.self_check`) refuses to serve."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lmloop.artifacts import atomic_write, cache_dir
 from lmloop.engine import kernels
 from lmloop.engine.fast import CALIBRATION_TEXT, MISSING_INT8_OPS, dynamic_linear_op, fast_runner
 from lmloop.engine.fast import supports as fast_supports
@@ -169,11 +173,12 @@ def choose(
     if ref is None:
         return Choice("fp32", "the probe text does not fit this model's context")
     tried = []
+    weights = weights_digest(model)
     for cand in ("int4", "int8"):
         if cand == "int4" and why_not4 is not None:
             tried.append(f"not int4: {why_not4}")
             continue
-        kl, top1 = measure(model, tokenizer, cand, ids, ref, kv_int8=kv_int8)
+        kl, top1 = measure(model, tokenizer, cand, ids, ref, kv_int8=kv_int8, weights=weights)
         figures = f"mean KL {kl:.4f} nats/token, top-1 {top1:.1%} against fp32"
         bound = f"bound: KL <= {BOUND.kl}, top-1 >= {BOUND.top1:.0%}"
         if kl <= BOUND.kl and top1 >= BOUND.top1:
@@ -226,12 +231,80 @@ def measure(
     ref: torch.Tensor,
     *,
     kv_int8: bool | None = None,
+    weights: str | None = None,
+    cache: bool = True,
 ) -> tuple[float, float]:
     """(mean KL(fp32 || `precision`) in nats per token, top-1 agreement) over `ids`, fed one
-    decode step at a time through the runner `precision` is served with (batch 1)."""
+    decode step at a time through the runner `precision` is served with (batch 1). Kept in
+    the cache (`_probe_path`) and read back for the same weights (`weights`: their
+    `weights_digest`, computed here when not given), code, kernel build, torch and threads;
+    `cache=False` measures and keeps nothing (bench/precision.py times the measurement)."""
     kv = precision != "fp32" if kv_int8 is None else kv_int8
     vocab = int(model.config.vocab_size)
-    calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < vocab]
+    calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < vocab]  # int8's smoothing
+    if not cache:
+        return _measure(model, precision, ids, calib, ref, kv)
+    path = _probe_path(precision, ids, calib, kv, weights or weights_digest(model))
+    try:
+        got = json.loads(path.read_text())
+        return float(got["kl"]), float(got["top1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured here yet (or an unreadable entry): measure
+    kl, top1 = _measure(model, precision, ids, calib, ref, kv)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({"kl": kl, "top1": top1, "precision": precision}))
+    except OSError as e:  # a read-only cache costs the next load a measurement, nothing more
+        log.warning("could not keep the precision probe's figures in %s: %s", path, e)
+    return kl, top1
+
+
+# The probe's figures are kept per machine: the same weights, measured by the same code with
+# the same kernel build, torch and thread count, give the same numbers (the measurement is
+# deterministic), and measuring takes ~10 s for a 135M model (a runner's packing and 128
+# decode steps) that every load of a trained version paid again: the gate's engines, the
+# server's start and its hot reload. The key covers the engine's and the models' source, so
+# a change to either measures afresh.
+_PROBE_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "models")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of the model's configuration and every tensor of its state (names, shapes,
+    dtypes and bytes): ~1 s for 135M fp32 parameters."""
+    h = hashlib.blake2b(digest_size=20)
+    cfg = getattr(model, "config", None)
+    if dataclasses.is_dataclass(cfg):  # lmloop's model configs: a repr of every field
+        h.update(repr(cfg).encode())
+    elif cfg is not None:
+        h.update(getattr(cfg, "to_json_string", lambda: type(cfg).__name__)().encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _probe_path(precision: str, ids: list[int], calib: list[int], kv: bool, weights: str) -> Path:
+    h = hashlib.blake2b(digest_size=20)
+    build = kernels.build_info()  # compiler, flags, and the library's key (source, CPU)
+    for part in (weights, precision, repr(kv), repr(ids), repr(calib), torch.__version__,
+                 str(torch.get_num_threads()), json.dumps(build, sort_keys=True)):  # fmt: skip
+        h.update(part.encode() + b"\0")
+    for root in _PROBE_CODE:
+        for f in sorted(root.rglob("*")):
+            if f.suffix in (".py", ".c") and f.is_file():
+                h.update(f.read_bytes())
+    return cache_dir() / "precision-probe" / f"{h.hexdigest()}.json"
+
+
+def _measure(
+    model: torch.nn.Module,
+    precision: str,
+    ids: list[int],
+    calib: list[int],
+    ref: torch.Tensor,
+    kv: bool,
+) -> tuple[float, float]:
     kw = {"int8": precision == "int8", "int4": precision == "int4"}
     runner = fast_runner(model, 1, len(ids) + 1, kv_int8=kv, calibration_ids=calib, **kw)
     if runner is None:
