@@ -4,6 +4,7 @@
     .venv/bin/python bench/serve.py --quick          # smoke test: 4.3 min under load, figures meaningless
     .venv/bin/python bench/serve.py --llama-bin DIR  # llama-server/llama-quantize from DIR
     .venv/bin/python bench/serve.py --upstream       # the proxy's cost (serve --upstream)
+    .venv/bin/python bench/serve.py --rounds 3       # each server 3 times, medians (see Rounds)
 
 Ours is `lmloop serve` with no precision flag (`auto`: the 4-bit GGUF is served 4-bit),
 `--max-batch 16 --max-len 2048`. `--precision`/`--int8`/`--int4` override that for A/B runs.
@@ -49,6 +50,13 @@ the cause found: the exception or HTTP text classified as client timeout, connec
 the server (before or after the answer began), refused connection, slot count / busy (HTTP
 503), or other, and the server log's tail. A failed level has no throughput and no ratio: its
 time is never counted without its tokens.
+
+Rounds (`--rounds N`): every server configuration runs N times, ours and the peers' in turns
+that alternate which side goes first, each run a fresh server process (warmed up again); a
+level's figure is its median round, with every round's printed beside it. On this project's
+2-core VM one run of either server moves 10-25% from minute to minute, and both sides of a
+ratio taken from one round each drift apart; the median of alternating rounds compares them
+under the same conditions. Default 1.
 
 Memory: resident set (VmRSS) of each server's whole process tree, when ready and after every
 level; the comparison uses the figure after the last sampled level, when both servers hold
@@ -469,11 +477,12 @@ def bench_levels(srv: Running, args, greedy: bool) -> list[dict]:
     rss, peak = memory_mb(srv.proc.pid)
     print(f"{srv.name}: ready, resident {rss:.0f} MB, peak {peak:.0f} MB", flush=True)
     rows = []
+    warmed: set[str] = set()
     for scenario, clients, requests in args.levels:
-        # warm-up, once per scenario and server: first-request costs (and the shared prompt's
-        # first prefill, printed as the cold time to first token) out of the figures
-        if (srv.name, scenario) not in args.warmed:
-            args.warmed.add((srv.name, scenario))
+        # warm-up, once per scenario and server process: first-request costs (and the shared
+        # prompt's first prefill, printed as the cold time to first token) out of the figures
+        if scenario not in warmed:
+            warmed.add(scenario)
             cold = asyncio.run(
                 run_level(srv.url, srv.model, 1, 1, args.max_tokens, scenario, SAMPLED)
             )
@@ -713,6 +722,9 @@ def parse_args():
         help="measure `lmloop serve --upstream` in front of llama-server against llama-server "
         "directly (chat, 1 and 16 clients); nothing else runs",
     )
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times, alternating which goes first; "
+                    "each level's figure is the median round")  # fmt: skip
     ap.add_argument("--upstream-rounds", type=int, default=4,
                     help="--upstream: alternating proxied/direct rounds (median of each side)")  # fmt: skip
     args = ap.parse_args()
@@ -729,8 +741,57 @@ def parse_args():
     args.levels = [("chat", c, level_requests(args, c)) for c in args.concurrency if "chat" in scen]
     args.levels += [("shared-prompt", c, level_requests(args, c))
                     for c in args.shared_clients if "shared-prompt" in scen]  # fmt: skip
-    args.warmed = set()
     return args
+
+
+def run_ours(args, tmp: Path) -> list[dict]:
+    if "lmloop" not in args.servers:
+        return []
+    port = free_port()
+    precision = args.precision or ("int8" if args.int8 else "int4" if args.int4 else None)
+    extra = {None: [], "int8": ["--int8"], "int4": ["--int4"]}.get(
+        precision, ["--precision", str(precision)]
+    )
+    if args.prefix_cache_mb is not None:
+        extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+    if args.kv_cache is not None:
+        extra += ["--kv-cache", args.kv_cache]
+    return run_server(
+        "lmloop",
+        [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port",
+         str(port), "--db", str(tmp / "feedback.db"), "--max-batch", str(args.max_batch),
+         "--max-len", str(args.slot_ctx), "--max-waiting", "256", *extra],
+        "/health", port, args, tmp,
+        env={**os.environ, "LMLOOP_HOME": str(tmp / "home"),
+             "LMLOOP_ENGINE_THREADS": str(args.threads)},
+        greedy=True,
+    )  # fmt: skip
+
+
+def run_peers(args, tmp: Path, server_bin: str | None, files: dict[str, Path]) -> list[dict]:
+    """Every llama-server configuration of the grid (`--peer-configs` x `--llama-threads`)."""
+    if "llama-server" not in args.servers:
+        return []
+    if server_bin is None:
+        print("llama-server: not built (run `make bench-setup` or pass --llama-bin); skipped")
+        return []
+    results = []
+    for kind in args.peer_configs:
+        quant, repack = PEER_KINDS[kind]
+        if quant not in files:
+            continue
+        for lt in args.llama_threads:
+            cfg = PeerConfig(quant, repack, lt)
+            port = free_port()
+            rows = run_server(
+                f"llama-server {cfg.label}",
+                llama_cmd(server_bin, files[quant], port, args, cfg),
+                "/health", port, args, tmp,
+            )  # fmt: skip
+            for r in rows:
+                r["peer"] = cfg.label
+            results += rows
+    return results
 
 
 def main() -> int:
@@ -760,56 +821,25 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
 
-    if "lmloop" in args.servers:
-        port = free_port()
-        precision = args.precision or ("int8" if args.int8 else "int4" if args.int4 else None)
-        extra = {None: [], "int8": ["--int8"], "int4": ["--int4"]}.get(
-            precision, ["--precision", str(precision)]
-        )
-        if args.prefix_cache_mb is not None:
-            extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
-        if args.kv_cache is not None:
-            extra += ["--kv-cache", args.kv_cache]
-        results += run_server(
-            "lmloop",
-            [sys.executable, "-m", "lmloop.cli", "serve", "--model", args.model, "--port",
-             str(port), "--db", str(tmp / "feedback.db"), "--max-batch", str(args.max_batch),
-             "--max-len", str(args.slot_ctx), "--max-waiting", "256", *extra],
-            "/health", port, args, tmp,
-            env={**os.environ, "LMLOOP_HOME": str(tmp / "home"),
-                 "LMLOOP_ENGINE_THREADS": str(args.threads)},
-            greedy=True,
-        )  # fmt: skip
-
+    # the Q4_0 file once, before the rounds
     q4_0 = None
-    if "llama-server" in args.servers:
-        if server_bin is None:
-            print("llama-server: not built (run `make bench-setup` or pass --llama-bin); skipped")
+    files = {"Q4_1": gguf}
+    if "llama-server" in args.servers and server_bin is not None and "q4_0" in args.peer_configs:
+        if quantize_bin is None:
+            print("llama-quantize: not built (bench/build_llama_server.sh); no Q4_0")
         else:
-            files = {"Q4_1": gguf}
-            if "q4_0" in args.peer_configs:
-                if quantize_bin is None:
-                    print("llama-quantize: not built (bench/build_llama_server.sh); no Q4_0")
-                else:
-                    try:
-                        files["Q4_0"] = q4_0 = make_q4_0(quantize_bin, gguf, tmp, args.threads)
-                    except RuntimeError as e:
-                        print(e)
-            for kind in args.peer_configs:
-                quant, repack = PEER_KINDS[kind]
-                if quant not in files:
-                    continue
-                for lt in args.llama_threads:
-                    cfg = PeerConfig(quant, repack, lt)
-                    port = free_port()
-                    rows = run_server(
-                        f"llama-server {cfg.label}",
-                        llama_cmd(server_bin, files[quant], port, args, cfg),
-                        "/health", port, args, tmp,
-                    )  # fmt: skip
-                    for r in rows:
-                        r["peer"] = cfg.label
-                    results += rows
+            try:
+                files["Q4_0"] = q4_0 = make_q4_0(quantize_bin, gguf, tmp, args.threads)
+            except RuntimeError as e:
+                print(e)
+    sides = [lambda: run_ours(args, tmp), lambda: run_peers(args, tmp, server_bin, files)]
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+        for side in sides if r % 2 == 0 else sides[::-1]:  # who goes first alternates
+            for row in side():
+                row["round"] = r
+                results.append(row)
 
     if "llama-cpp-py" in args.servers:
         if importlib.util.find_spec("llama_cpp") is None:
@@ -854,7 +884,29 @@ def main() -> int:
     return 0
 
 
+def median_rounds(results: list[dict]) -> list[dict]:
+    """One row per server configuration and level: its median round's (the lower middle of an
+    even count: a round that ran), with every round's tok/s in `rounds_tok_per_s`; a level that
+    failed in any round is reported failed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        key = (r["server"], r.get("peer"), r["scenario"], r["clients"], r["sampling"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rows in groups.values():
+        failed = [r for r in rows if r["failed"]]
+        if failed:
+            out.append(failed[0])
+            continue
+        ranked = sorted(rows, key=lambda r: r["tok_per_s"])
+        med = dict(ranked[(len(ranked) - 1) // 2])
+        med["rounds_tok_per_s"] = [r["tok_per_s"] for r in rows]
+        out.append(med)
+    return out
+
+
 def summarize(results: list[dict], args, qual: dict | None) -> None:
+    results = median_rounds(results)
     ours = {(r["scenario"], r["clients"], r["sampling"]): r for r in results
             if r["server"] == "lmloop"}  # fmt: skip
     peers = [r for r in results if r.get("peer")]
@@ -875,7 +927,11 @@ def summarize(results: list[dict], args, qual: dict | None) -> None:
     def fmt(r: dict | None) -> str:
         if r is None:
             return "not run"
-        return f"FAILED: {r['cause']}" if r["failed"] else f"{r['tok_per_s']:.1f}"
+        if r["failed"]:
+            return f"FAILED: {r['cause']}"
+        rounds = r.get("rounds_tok_per_s") or []
+        each = f" (rounds {' / '.join(f'{x:.0f}' for x in rounds)})" if len(rounds) > 1 else ""
+        return f"{r['tok_per_s']:.1f}{each}"
 
     print("\n| measure | lmloop | llama-server best (config) | ratio | target | met |")
     print("|---|--:|--:|--:|--:|:-:|")
@@ -887,7 +943,7 @@ def summarize(results: list[dict], args, qual: dict | None) -> None:
             ratio = o["tok_per_s"] / p["tok_per_s"]
         print(
             f"| {scenario}, {clients} clients, tok/s | {fmt(o)} | "
-            + (f"{p['tok_per_s']:.1f} ({p['peer']})" if p else "none (all failed or not run)")
+            + (f"{fmt(p)} ({p['peer']})" if p else "none (all failed or not run)")
             + f" | {f'{ratio:.2f}x' if ratio else '-'} | "
             + (f">= {target}x" if target else "-")
             + f" | {('yes' if ratio >= target else 'NO') if target and ratio else '-'} |"
