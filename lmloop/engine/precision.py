@@ -261,9 +261,9 @@ def measure(
 
 # The probe's figures are kept per machine: the same weights, measured by the same code with
 # the same kernel build, torch and thread count, give the same numbers (the measurement is
-# deterministic), and measuring takes ~10 s for a 135M model (a runner's packing and 128
-# decode steps) that every load of a trained version paid again: the gate's engines, the
-# server's start and its hot reload. The key covers the engine's and the models' source, so
+# deterministic), and measuring takes ~4 s a precision for a 135M model (a runner's packing and
+# 128 decode steps; 8.7 s for a version served int8, which tries int4 first) that every load
+# of a trained version paid again: the gate's engines, the server's start and its hot reload. The key covers the engine's and the models' source, so
 # a change to either measures afresh.
 _PROBE_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "models")
 
