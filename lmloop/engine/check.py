@@ -48,10 +48,6 @@ def torch_op(name: str) -> bool:
     return True
 
 
-def cpu_flags() -> set[str]:
-    return set(kernels.cpu_flags().split())
-
-
 def run_checks() -> list[Item]:
     info = kernels.build_info()
     items = [
@@ -80,7 +76,7 @@ def run_checks() -> list[Item]:
             items.append(Item("kernel build", True, done))
     used = "not built" if simd is None else SIMD.get(simd, f"unknown ({simd})")
     items.append(Item("kernel instruction set", simd is not None, used))
-    have = cpu_flags()
+    have = set(kernels.cpu_flags().split())
     shown = ", ".join(f for f in CPU_FLAGS if f in have) or "none of " + ", ".join(CPU_FLAGS)
     items.append(Item("CPU flags (/proc/cpuinfo)", True, shown))
     items.append(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lmloop.engine import kernels, seq2seq
-from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, fast_runner
+from lmloop.engine.fast import CALIBRATION_TEXT, FastLlamaRunner, supports
 from lmloop.engine.params import (
     Completion,
     QueueFull,
@@ -203,7 +203,7 @@ class Engine:
         self.max_waiting = max_waiting
         ctx = int(model.max_seq_len)
         self._ctx = min(ctx, max_len or min(ctx, DEFAULT_MAX_LEN))
-        self.vocab = _vocab_of(model)
+        self.vocab = int(model.config.vocab_size)
         self._stop_ids = set(tokenizer.stop_ids)
         # An encoder-decoder model: the prompt is the encoder's input, the engine decodes the
         # output from decoder position 1 (`lmloop.engine.seq2seq`); its config's EOS stops too.
@@ -346,8 +346,6 @@ class Engine:
         if prompt_tokens == 0:
             raise UserError("the prompt is empty (0 tokens)", hint="give at least one token")
         if self.encoder_decoder:
-            if params.prompt_logprobs is not None:  # its prompt is not predicted
-                raise UserError("prompt logprobs apply to decoder-only models only")
             return seq2seq.check_request(prompt_tokens, params, ctx)
         if prompt_tokens >= ctx + (params.max_tokens == 0):  # scoring only: the whole context
             raise UserError(
@@ -895,11 +893,6 @@ def default_single_thread_rows() -> int:
     return int(env) if env and env.isdigit() else 0
 
 
-def _vocab_of(model: torch.nn.Module) -> int:
-    cfg = model.config
-    return int(cfg.vocab_size)
-
-
 def _make_runner(
     model: torch.nn.Module,
     batch: int,
@@ -911,38 +904,25 @@ def _make_runner(
     tokenizer: Tokenizer,
     int4: bool = False,
 ) -> Runner:
-    if int4:
-        return _int4_runner(model, batch, max_len, kv_int8=kv_int8, tokenizer=tokenizer)
-    if getattr(model, "is_encoder_decoder", False):
+    """`int4`: the fast runner over 4-bit weights (`precision.choose` has checked that the
+    kernel builds, passes its self-check and covers this model's family and widths)."""
+    if getattr(model, "is_encoder_decoder", False) and not int4:
         return seq2seq.Seq2SeqRunner(model, batch, max_len, int8=int8)
-    if fast:
+    if (fast or int4) and supports(model):  # a plain fp32 Llama on the CPU
         calib = None
-        if int8:
+        if int8 or int4:  # int8's smoothing text (with int4, the vocabulary head stays int8)
             with torch.inference_mode():
-                calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
-        runner = fast_runner(
-            model, batch, max_len, int8=int8, kv_int8=kv_int8, calibration_ids=calib
-        )
-        if runner is not None:
-            return runner
-    return ModelRunner(model, batch, max_len, int8=int8)
-
-
-def _int4_runner(
-    model: torch.nn.Module, batch: int, max_len: int, *, kv_int8: bool, tokenizer: Tokenizer
-) -> FastLlamaRunner:
-    """The fast runner over 4-bit weights (`precision.choose` has checked that the kernel
-    builds, passes its self-check and covers this model's family and widths)."""
-    with torch.inference_mode():  # the vocabulary head stays int8 (smoothed by this text)
-        calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < _vocab_of(model)]
-    runner = fast_runner(model, batch, max_len, int4=True, kv_int8=kv_int8, calibration_ids=calib)
-    if runner is None:
+                vocab = int(model.config.vocab_size)
+                calib = [t for t in tokenizer.encode(CALIBRATION_TEXT) if t < vocab]
+        return FastLlamaRunner(model, batch, max_len, int8=int8, int4=int4, kv_int8=kv_int8,
+                               calibration_ids=calib)  # fmt: skip
+    if int4:
         raise UserError(
             f"--precision int4 needs a Llama-family fp32 model on the CPU; this is "
             f"{type(model).__name__}",
             hint="use --precision int8",
         )
-    return runner
+    return ModelRunner(model, batch, max_len, int8=int8)
 
 
 def load_engine(

@@ -167,10 +167,6 @@ def _prompt_linear(lin, x: torch.Tensor) -> torch.Tensor:
     return lin(pin_range(x))[:-1]
 
 
-def _kernel_available() -> bool:
-    return kernels.available()
-
-
 def supports(model: nn.Module) -> bool:
     if not isinstance(model, Llama):
         return False
@@ -193,15 +189,6 @@ CALIBRATION_TEXT = (
     "In 2023, prices rose by 4.5% while wages grew 3%; analysts expect the trend to continue!"
 )
 SMOOTH_ALPHA = 0.4  # migration strength (SmoothQuant's alpha); 0.4-0.5 measured best on SmolLM2
-
-
-def _has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read(200_000)
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 MISSING_INT8_OPS = "this torch lacks fbgemm's quantized.linear_dynamic op (int8 weights)"
@@ -237,7 +224,7 @@ class Int8Linear:
     microsecond each. Without VNNI, fbgemm's u8 x s8 pair sums can saturate int16, so the
     activation range is then reduced to 7 bits, as PyTorch's own dynamic quantization does."""
 
-    reduce_range = not _has_vnni()
+    reduce_range = not any(f in kernels.cpu_flags() for f in ("avx512_vnni", "avx_vnni"))
     _op = dynamic_linear_op()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -427,7 +414,7 @@ class FastLlamaRunner:
         self.stack: LayerStack | None = None
         # Decode steps over an int8 cache attend in one C call a layer (`_decode_rows`) where
         # the kernel builds: ~25 torch ops a layer fewer, and no fp32 copy of the cache.
-        self.c_attention = kv_int8 and _kernel_available()
+        self.c_attention = kv_int8 and kernels.available()
         if int8 or int4:
             stats = _calibrate(model, calibration_ids, max_len)
             self.layers = []
@@ -494,11 +481,9 @@ class FastLlamaRunner:
 
     def allocate(self) -> None:
         """Allocate the KV cache if it is not yet (prefill and `write_kv` call this)."""
-        if self.kv is None:
-            self._alloc_kv(*self._kv_shape)
-
-    def _alloc_kv(self, batch: int, slots: int) -> None:
-        self.kv = self.kv_scale = None
+        if self.kv is not None:
+            return
+        batch, slots = self._kv_shape
         shape = (len(self.layers), 2, batch, self.Hkv, slots, self.D)
         with torch.inference_mode(False):  # a plain tensor, whichever mode the first call is in
             self.kv = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else torch.float32)
@@ -884,22 +869,3 @@ class FastLlamaRunner:
         self.kv[:, :, row, :, start : start + n] = parts[0][:, :, :, :n]
         if self.kv_scale is not None:
             self.kv_scale[:, :, row, :, start : start + n] = parts[1][:, :, :, :n]
-
-
-def fast_runner(
-    model: nn.Module,
-    batch: int,
-    max_len: int,
-    *,
-    int8: bool = False,
-    int4: bool = False,
-    kv_int8: bool = False,
-    calibration_ids: list[int] | None = None,
-) -> FastLlamaRunner | None:
-    """A FastLlamaRunner when the model is a plain fp32 Llama on CPU, else None."""
-    if not supports(model):
-        return None
-    return FastLlamaRunner(
-        model, batch, max_len, int8=int8, int4=int4, kv_int8=kv_int8,
-        calibration_ids=calibration_ids,
-    )  # fmt: skip

@@ -22,7 +22,12 @@ import torch.nn.functional as F
 
 from lmloop.artifacts import atomic_write, cache_dir
 from lmloop.engine import kernels
-from lmloop.engine.fast import CALIBRATION_TEXT, MISSING_INT8_OPS, dynamic_linear_op, fast_runner
+from lmloop.engine.fast import (
+    CALIBRATION_TEXT,
+    MISSING_INT8_OPS,
+    FastLlamaRunner,
+    dynamic_linear_op,
+)
 from lmloop.engine.fast import supports as fast_supports
 from lmloop.engine.memory import release_memory
 from lmloop.engine.runner import ModelRunner
@@ -305,10 +310,14 @@ def _measure(
     ref: torch.Tensor,
     kv: bool,
 ) -> tuple[float, float]:
-    kw = {"int8": precision == "int8", "int4": precision == "int4"}
-    runner = fast_runner(model, 1, len(ids) + 1, kv_int8=kv, calibration_ids=calib, **kw)
-    if runner is None:
-        runner = ModelRunner(model, 1, len(ids) + 1, int8=precision == "int8")
+    int8, int4, n = precision == "int8", precision == "int4", len(ids) + 1
+    runner: FastLlamaRunner | ModelRunner
+    if fast_supports(model):
+        runner = FastLlamaRunner(
+            model, 1, n, int8=int8, int4=int4, kv_int8=kv, calibration_ids=calib
+        )
+    else:
+        runner = ModelRunner(model, 1, n, int8=int8)
     rows = []
     with torch.inference_mode():
         rows.append(runner.prefill(0, ids[:1]))

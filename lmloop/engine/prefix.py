@@ -57,7 +57,6 @@ class PrefixCache:
         self._children: dict[int, set[tuple]] = collections.defaultdict(set)
         self._ids = itertools.count(1)
         self.nbytes = 0
-        self.lookups = 0  # requests that looked
         self.hits = 0  # requests that reused at least one token
         self.tokens_reused = 0
 
@@ -84,7 +83,6 @@ class PrefixCache:
     def load(self, runner: SlotRunner, row: int, prompt: list[int]) -> int:
         """Copy the longest stored prefix of `prompt` (at most len - 1 tokens) into `row`'s
         slots 0..m-1; return m (0 when nothing matches)."""
-        self.lookups += 1
         limit = len(prompt) - 1
         b = self.block
         chain = self._chain(prompt, limit // b)
@@ -163,20 +161,7 @@ class PrefixCache:
             self._children[blk.key[0]].discard(blk.key)
             stack.extend(self._children.pop(blk.id, ()))
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "lookups": self.lookups,
-            "hits": self.hits,
-            "tokens_reused": self.tokens_reused,
-            "blocks": len(self._blocks),
-            "bytes": self.nbytes,
-        }
-
 
 def _common(a: tuple[int, ...], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """The length of the longest common start of `a` and `b`."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -18,10 +18,6 @@ from lmloop.models.seq2seq import Seq2SeqCache
 from lmloop.tokenizer import Tokenizer
 
 
-def is_seq2seq(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "is_encoder_decoder", False))
-
-
 def encoder_input(tokenizer: Tokenizer, text: str) -> list[int]:
     """A plain text's encoder input: its tokens plus EOS, as `lmloop data` ends a pair's input
     (and Hugging Face's T5 tokenizer adds `</s>`). Empty text gives no ids."""

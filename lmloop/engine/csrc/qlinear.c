@@ -62,8 +62,6 @@ static inline float f16_to_f32(f16 h) {
 #endif
 }
 
-int lm_sizeof_a8(void) { return (int)sizeof(blk_a8); }
-
 int lm_simd(void) {
 #if defined(LM_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
     return 2; /* VNNI */
@@ -74,31 +72,12 @@ int lm_simd(void) {
 #endif
 }
 
-
 #ifdef LM_AVX2
-/* 8 sums of 4 (unsigned 8-bit x signed 8-bit) products */
-static inline __m256i dot_us8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
 /* the largest of 8 lanes (no NaN among them) */
 static inline float hmax(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 #endif
 
@@ -446,8 +425,6 @@ int lm_qlinear(const uint8_t *codes, const f16 *scales, int n_out, int k, const 
  * k / 4 chunks of 32 bytes at w + (g * k / 4 + t) * 32, byte 4 * i + e = row i's weight
  * 4t + e; then the rows left over, k bytes each. wsum[n]: the sum of row n's weights. */
 #ifdef LM_AVX2
-/* Lane i: group row i's dot product with activation row a (k values; au: a + 128 as bytes,
- * for VNNI's unsigned operand; wsum then takes the offset back out). */
 /* Lane m * R + i of out: group row i's dot product with activation row m < nact (k values
  * each, k apart; au: the rows + 128 as bytes, for VNNI's unsigned operand, wsum then takes the
  * offset back out). Integer sums: exact, however the chains split them. */
