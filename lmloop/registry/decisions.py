@@ -82,11 +82,8 @@ def decision_row(info: dict[str, Any], history: list[dict[str, Any]]) -> dict[st
 
 def decision_rows(registry: Registry, name: str) -> list[dict[str, Any]]:
     """Every version of `name`, oldest first (a UserError when the name is unknown)."""
-    rows = []
-    for v in registry.versions(name):
-        info = registry.show(name, v["version"])
-        rows.append(decision_row(info, info.get("history") or []))
-    return rows
+    infos = (registry.show(name, v["version"]) for v in registry.versions(name))
+    return [decision_row(info, info.get("history") or []) for info in infos]
 
 
 def decision_cells(row: dict[str, Any]) -> dict[str, str]:

@@ -218,17 +218,12 @@ class Registry:
                     hint="promote a version instead",
                 )
             left = state["stack"].pop()
-            state["current"] = state["stack"][-1]
+            state["current"] = cur = state["stack"][-1]
             state["history"].append(
-                {
-                    "at": utc_now(),
-                    "action": "rollback",
-                    "version": state["current"],
-                    "previous": left,
-                }
+                {"at": utc_now(), "action": "rollback", "version": cur, "previous": left}
             )
             self._write_state(name, state)
-            return state["current"]
+            return cur
 
     # -- reading --
     def names(self) -> list[str]:

@@ -88,14 +88,20 @@ class APIError(Exception):
         await send({"type": "http.response.body", "body": body})
 
 
-def error_response(status: int, message: str, **kw: Any) -> JSONResponse:
-    return APIError(status, message, **kw).response()
-
-
 def too_large(max_bytes: int) -> APIError:
     """413 for a request body over the cap (the body-size middleware and `read_json_body`)."""
     return APIError(
         413, f"request body too large: the limit is {max_bytes} bytes", code="request_too_large"
+    )
+
+
+def unknown_model(name: str, served: str | None) -> APIError:
+    """404 for a model name the server does not answer to; `served`: the name it does."""
+    return APIError(
+        404,
+        f"the model '{name[:200]}' does not exist; this server serves '{served}'",
+        param="model",
+        code="model_not_found",
     )
 
 
@@ -111,16 +117,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(detail, dict) and "error" in detail:
             return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(detail), code=code, headers=exc.headers)
+        return APIError(exc.status_code, str(detail), code=code, headers=exc.headers).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        return error_response(
+        return APIError(
             400, str(first.get("msg", "invalid request")), param=".".join(loc) or None
-        )
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

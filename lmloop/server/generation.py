@@ -20,7 +20,7 @@ from lmloop.engine.core import RequestHandle
 from lmloop.engine.params import QueueFull, SamplingParams, StepOutput
 from lmloop.errors import UserError
 from lmloop.server.errors import APIError, internal_error, request_id
-from lmloop.server.slot import Served, outputs
+from lmloop.server.slot import Served
 from lmloop.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ class Job:
     def __init__(self, state: ServerState, served: Served, request: Request, chat: bool):
         self.state = state
         self.served = served
-        self.request = request
         self.chat = chat
         self.handles: list[RequestHandle] = []
         self.t0 = time.perf_counter()
@@ -87,7 +86,7 @@ class Job:
 
         async def pump(i: int, handle: RequestHandle) -> None:
             try:
-                async for out in outputs(handle):
+                async for out in handle:
                     await queue.put((i, out))
             finally:
                 await queue.put((i, _END))
@@ -131,22 +130,6 @@ class Job:
             ttft=ttft,
             total=time.perf_counter() - self.t0,
         )
-
-    async def record(
-        self,
-        index: int,
-        messages: list[dict],
-        text: str,
-        params: dict,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> None:
-        await record_answer(
-            self.state, self.rid if index == 0 else f"{self.rid}-{index}", messages, text,
-            model=(self.served.model_id, self.served.version,
-                   str(getattr(self.served.loaded, "sha256", ""))),
-            params=params, tokens=(prompt_tokens, completion_tokens), t0=self.t0, chat=self.chat,
-        )  # fmt: skip
 
 
 async def record_answer(

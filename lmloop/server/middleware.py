@@ -65,15 +65,10 @@ class BodyLimitMiddleware:
         if size > self.max_bytes:
             await too_large(self.max_bytes).send(send, close=True)
             return
-        body = b"".join(chunks)
-        replayed = False
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
 

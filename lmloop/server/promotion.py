@@ -264,7 +264,7 @@ class Promoter:
             msg = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             raise PromotionFailed(f"export as {fmt} failed: {msg}") from None
 
-    async def _on_each(self, step: Callable[[Replica], Awaitable[Any]]) -> list[Any]:
+    async def _on_each(self, step: Callable[[Replica], Awaitable[Any]]) -> None:
         """`step` on every replica at once; PromotionFailed naming each replica it failed on."""
         reps = self.b.pool.replicas
         got = await asyncio.gather(*(step(r) for r in reps), return_exceptions=True)
@@ -274,7 +274,6 @@ class Promoter:
                 raise e
         if failed:
             raise PromotionFailed("; ".join(_on(r, e) for r, e in failed))
-        return got
 
     async def _restart(self, rep: Replica, path: Path, version: str, name: str,
                        deadline: float) -> str:  # fmt: skip
@@ -333,7 +332,7 @@ class Promoter:
         raise PromotionFailed(why)
 
     async def _load_adapter(self, rep: Replica, lora_name: str, path: Path,
-                            deadline: float) -> str:  # fmt: skip
+                            deadline: float) -> None:  # fmt: skip
         client = self.b.client
         assert client is not None
         body = {"lora_name": lora_name, "lora_path": str(path)}
@@ -346,7 +345,6 @@ class Promoter:
             raise PromotionFailed(
                 f"POST /v1/load_lora_adapter answered {r.status_code}: {r.text[:300]}"
             )
-        return lora_name
 
     async def _only_model(self, rep: Replica, deadline: float) -> str:
         """After a restart without --upstream-model: the one model the replica lists now."""

@@ -159,6 +159,11 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False  # the answer starts with the prompt (and its logprobs), as vLLM does
 
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: a text, or one list of token ids, is a single prompt."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else p
+
 
 def _parse(cls: type[BaseModel], body: dict[str, Any]) -> Any:
     try:
@@ -240,10 +245,7 @@ def sampling_params(
 
 def choice_count(req: ChatRequest | CompletionRequest) -> int:
     """The sequences a request asks for (prompts x n), counted on the parsed body alone."""
-    prompt = getattr(req, "prompt", None)
-    if prompt is None or isinstance(prompt, str) or isinstance(prompt[0], int):
-        return req.n  # a chat, one text prompt or one prompt of token ids
-    return len(prompt) * req.n
+    return req.n * (len(req.prompts()) if isinstance(req, CompletionRequest) else 1)
 
 
 def prepare(
@@ -276,7 +278,7 @@ def prompt_ids(
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
-        if is_encoder_decoder(served):  # the last user turn is the encoder's input
+        if served.engine.encoder_decoder:  # the last user turn is the encoder's input
             try:
                 return [(served.engine.encode_chat(conv), conv)]
             except UserError as e:
@@ -289,15 +291,12 @@ def prompt_ids(
             ) from None
         _refuse_longer_than_context(tok, text, served.context_length, "messages")
         return [(tok.encode(text), conv)]
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        prompt = [prompt]  # one prompt of token ids
     out = []
     ctx = served.context_length
-    for p in [prompt] if isinstance(prompt, str) else prompt:
+    for p in req.prompts():
         if isinstance(p, list):  # token ids
             if len(p) > ctx:  # before any work on it
-                raise _context_error(ctx, len(p), 0, is_encoder_decoder(served), "prompt")
+                raise _context_error(ctx, len(p), 0, served.engine.encoder_decoder, "prompt")
             vocab = tok.vocab_size
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
@@ -312,13 +311,9 @@ def prompt_ids(
         if not ids:
             raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
         if len(ids) > ctx:  # refused at once, before the next prompt is tokenized
-            raise _context_error(ctx, len(ids), 0, is_encoder_decoder(served), "prompt")
+            raise _context_error(ctx, len(ids), 0, served.engine.encoder_decoder, "prompt")
         out.append((ids, [{"role": "user", "content": p}]))
     return out
-
-
-def is_encoder_decoder(served: Served) -> bool:
-    return bool(getattr(served.engine, "encoder_decoder", False))
 
 
 def max_tokens_for(
@@ -328,7 +323,7 @@ def max_tokens_for(
     capped by the context left; 400 (context_length_exceeded) when they do not fit."""
     ctx = served.context_length
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    if is_encoder_decoder(served):  # input and output each get the whole context
+    if served.engine.encoder_decoder:  # input and output each get the whole context
         if n_prompt > ctx or (asked or 0) > ctx:
             raise _context_error(ctx, n_prompt, asked or 1, encoder_decoder=True)
         return min(default_max_tokens, ctx) if asked is None else asked

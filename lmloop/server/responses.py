@@ -14,7 +14,7 @@ from typing import Any
 
 from lmloop.engine.params import SamplingParams, StepOutput, TokenLogprob
 from lmloop.server.errors import APIError
-from lmloop.server.generation import Job
+from lmloop.server.generation import Job, record_answer
 from lmloop.server.protocol import ChatRequest, CompletionRequest, params_record
 from lmloop.server.slot import Served
 
@@ -106,18 +106,16 @@ class ResponseBuilder:
 
     async def _finalize(self) -> None:
         # Record every choice before the client sees the end, so feedback can follow at once.
-        n = self.req.n
+        job, s, n = self.job, self.served, self.req.n
+        model = (s.model_id, s.version, str(getattr(s.loaded, "sha256", "")))
         for k in range(len(self.texts)):
-            _, conv = self.prompts[k // n]
-            await self.job.record(
-                k,
-                conv,
-                "".join(self.texts[k]),
-                params_record(self.req, self.maxes[k // n]),
-                len(self.prompts[k // n][0]),
-                self.completion_tokens[k],
-            )
-        self.job.observe(self.prompt_tokens, list(self.completion_tokens))
+            ids, conv = self.prompts[k // n]
+            await record_answer(
+                job.state, job.rid if k == 0 else f"{job.rid}-{k}", conv, "".join(self.texts[k]),
+                model=model, params=params_record(self.req, self.maxes[k // n]),
+                tokens=(len(ids), self.completion_tokens[k]), t0=job.t0, chat=job.chat,
+            )  # fmt: skip
+        job.observe(self.prompt_tokens, list(self.completion_tokens))
 
     # ---- whole response ----
     async def collect(self) -> dict[str, Any]:
@@ -128,22 +126,12 @@ class ResponseBuilder:
         for k in range(len(self.texts)):
             text = "".join(self.texts[k])
             if self.job.chat:
-                choice = {
-                    "index": k,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": self._chat_logprobs(self.logprobs[k]),
-                    "finish_reason": self.finish[k],
-                }
+                part = {"message": {"role": "assistant", "content": text}}
+                lps = self._chat_logprobs(self.logprobs[k])
             else:
-                choice = {
-                    "index": k,
-                    "text": self._echo_text(k) + text if self.echo else text,
-                    "logprobs": self._completion_logprobs(
-                        self.logprobs[k], k if self.echo else None
-                    ),
-                    "finish_reason": self.finish[k],
-                }
-            choices.append(choice)
+                part = {"text": self._echo_text(k) + text if self.echo else text}
+                lps = self._completion_logprobs(self.logprobs[k], k if self.echo else None)
+            choices.append({"index": k, **part, "logprobs": lps, "finish_reason": self.finish[k]})
         obj = "chat.completion" if self.job.chat else "text_completion"
         return {"object": obj, **self._common(), "choices": choices, "usage": self._usage()}
 
@@ -152,26 +140,16 @@ class ResponseBuilder:
         obj = "chat.completion.chunk" if self.job.chat else "text_completion"
         common = self._common()
 
-        def sse(choices: list[dict], usage: Any = None, with_usage: bool = False) -> str:
+        def sse(choices: list[dict], usage: Any = None) -> str:
             data = {"object": obj, **common, "choices": choices}
-            if with_usage:
+            if include_usage:
                 data["usage"] = usage
             return sse_data(data)
 
         if self.job.chat:  # the role comes first, as OpenAI sends it
-            yield sse(
-                [
-                    {
-                        "index": k,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for k in range(len(self.texts))
-                ],
-                None,
-                include_usage,
-            )
+            role = {"role": "assistant", "content": ""}
+            yield sse([{"index": k, "delta": role, "logprobs": None, "finish_reason": None}
+                       for k in range(len(self.texts))])  # fmt: skip
         try:
             async for i, out in self.job.events():
                 if self.finish[i] is not None:  # a timeout after this choice had finished
@@ -187,34 +165,26 @@ class ResponseBuilder:
                 if not text and not new_lps and not finished:
                     continue
                 if self.job.chat:
-                    delta = {"content": text} if text or not finished else {}
-                    choice = {
-                        "index": i,
-                        "delta": delta,
-                        "logprobs": self._chat_logprobs(new_lps) if new_lps else None,
-                        "finish_reason": None,
-                    }
+                    part = {"delta": {"content": text} if text or not finished else {}}
+                    lps = self._chat_logprobs(new_lps) if new_lps else None
                 else:
-                    lps = None
+                    part, lps = {"text": text}, None
                     if new_lps or echo is not None:
                         lps = self._completion_logprobs(new_lps, echo)
-                    choice = {"index": i, "text": text, "logprobs": lps, "finish_reason": None}
+                choice = {"index": i, **part, "logprobs": lps, "finish_reason": None}
                 if finished:
                     if text or new_lps or echo is not None:
-                        yield sse([choice], None, include_usage)
-                    if self.job.chat:
-                        choice = {"index": i, "delta": {}, "logprobs": None}
-                    else:
-                        choice = {"index": i, "text": "", "logprobs": None}
-                    choice["finish_reason"] = self.finish[i]
-                yield sse([choice], None, include_usage)
+                        yield sse([choice])
+                    end = {"delta": {}} if self.job.chat else {"text": ""}
+                    choice = {"index": i, **end, "logprobs": None, "finish_reason": self.finish[i]}
+                yield sse([choice])
         except APIError as e:
             # Headers are gone; an error mid-stream is sent as an error event, as OpenAI does.
             yield f"data: {json.dumps(e.body())}\n\n"
             return
         await self._finalize()
         if include_usage:
-            yield sse([], self._usage(), True)
+            yield sse([], self._usage())
         yield "data: [DONE]\n\n"
 
     # ---- logprobs in OpenAI's two formats ----

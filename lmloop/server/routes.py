@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lmloop.errors import UserError
 from lmloop.server.backend import SnapshotRow
-from lmloop.server.errors import APIError
+from lmloop.server.errors import APIError, unknown_model
 from lmloop.server.generation import Job, queue_full
 from lmloop.server.metrics import CONTENT_TYPE, RESIDENT
 from lmloop.server.protocol import (
@@ -187,14 +187,64 @@ class EngineBackend:
     def card(self, model_id: str) -> dict[str, Any]:
         cur = _ready(self.state)
         if not cur.accepts(model_id):
-            raise _unknown_model(model_id, cur)
+            raise unknown_model(model_id, cur.model_id)
         return model_card(cur)
 
     async def generate(
         self, request: Request, body: dict[str, Any], req: ChatRequest | CompletionRequest,
         *, chat: bool,
     ) -> Response:  # fmt: skip
-        return await _serve(self.state, request, req, chat=chat)
+        state = self.state
+        cur = _ready(state)
+        if req.model is not None and not cur.accepts(req.model):
+            raise unknown_model(req.model, cur.model_id)
+        served = state.slot.acquire()
+        if served is None:
+            raise APIError(503, "the model is not loaded", code="model_not_ready")
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.slot.release(served)
+
+        try:
+            # Admission first: the request's sequences (prompts x n) are counted against the queue
+            # before anything is built for them, so a body of 60,000 prompts costs a count.
+            admit(served, choice_count(req))
+            # Tokenizing and the per-choice settings run off the event loop: the streams already
+            # running keep getting their tokens meanwhile.
+            prompts, maxes, params = await asyncio.to_thread(
+                prepare, served, req, state.settings.default_max_tokens
+            )
+            job = Job(state, served, request, chat)
+            # choice k = prompt k // n, sample k % n (OpenAI's order for several prompts)
+            job.submit([p for p, _ in prompts for _ in range(req.n)], params)
+        except BaseException:
+            release()
+            raise
+        ctx = ResponseBuilder(job, req, prompts, maxes, params)
+        headers = {VERSION_HEADER: served.version, "x-lmloop-model": served.model_id}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def chunks() -> AsyncIterator[str]:
+                try:
+                    async for chunk in ctx.stream(include_usage):
+                        yield chunk
+                finally:
+                    release()
+
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
+        try:
+            result = await _until_disconnect(request, ctx.collect(), job)
+        finally:
+            release()
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(result, headers=headers)
 
     def snapshot(self) -> list[SnapshotRow]:
         cur = self.slot.current
@@ -243,70 +293,6 @@ def admit(served: Served, count: int) -> None:
         )
     if count > cap - int(engine.num_waiting):
         raise queue_full()
-
-
-def _unknown_model(name: str, cur: Served) -> APIError:
-    return APIError(
-        404,
-        f"the model '{name[:200]}' does not exist; this server serves '{cur.model_id}'",
-        param="model",
-        code="model_not_found",
-    )
-
-
-async def _serve(
-    state: ServerState, request: Request, req: ChatRequest | CompletionRequest, *, chat: bool
-) -> Response:
-    cur = _ready(state)
-    if req.model is not None and not cur.accepts(req.model):
-        raise _unknown_model(req.model, cur)
-    served = state.slot.acquire()
-    if served is None:
-        raise APIError(503, "the model is not loaded", code="model_not_ready")
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            state.slot.release(served)
-
-    try:
-        # Admission first: the request's sequences (prompts x n) are counted against the queue
-        # before anything is built for them, so a body of 60,000 prompts costs a count.
-        admit(served, choice_count(req))
-        # Tokenizing and the per-choice settings run off the event loop: the streams already
-        # running keep getting their tokens meanwhile.
-        prompts, maxes, params = await asyncio.to_thread(
-            prepare, served, req, state.settings.default_max_tokens
-        )
-        job = Job(state, served, request, chat)
-        # choice k = prompt k // n, sample k % n (OpenAI's order for several prompts)
-        job.submit([p for p, _ in prompts for _ in range(req.n)], params)
-    except BaseException:
-        release()
-        raise
-    ctx = ResponseBuilder(job, req, prompts, maxes, params)
-    headers = {VERSION_HEADER: served.version, "x-lmloop-model": served.model_id}
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for chunk in ctx.stream(include_usage):
-                    yield chunk
-            finally:
-                release()
-
-        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-    try:
-        result = await _until_disconnect(request, ctx.collect(), job)
-    finally:
-        release()
-    if result is None:  # the client left; nobody reads this
-        return Response(status_code=499)
-    return JSONResponse(result, headers=headers)
 
 
 async def _until_disconnect(

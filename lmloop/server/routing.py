@@ -98,9 +98,6 @@ class ReplicaPool:
             log.info("upstream replica %s back in rotation", r.url)
         r.up, r.error, r.failures = True, None, 0
 
-    def up_count(self) -> int:
-        return sum(1 for r in self.replicas if r.up and r.stale is None)
-
     async def watch(self, check: Callable[[Replica], Awaitable[None]], tick: float = 0.25) -> None:
         """Forever: health-check each replica out of rotation when its backoff is over; `check`
         raises when it does not answer."""

@@ -14,12 +14,10 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from lmloop.engine.core import Engine, RequestHandle, load_engine
+from lmloop.engine.core import Engine, load_engine
 from lmloop.engine.memory import release_memory
-from lmloop.engine.params import StepOutput
 from lmloop.engine.spec import EngineSpec
 from lmloop.models.io import LoadedModel
 from lmloop.registry import Registry, split_spec
@@ -64,15 +62,9 @@ class Served:
         }
 
 
-Loader = Callable[[str, EngineSpec], tuple[Engine, LoadedModel, str | None]]
-
-
-def default_loader(spec: str, how: EngineSpec) -> tuple[Engine, LoadedModel, str | None]:
-    """Load `spec` into a started Engine: -> (engine, loaded, version override or None).
-
-    A `registry:NAME` model is labelled with the registry's own version string (the one
-    `lmloop models list` shows) by `lmloop.models.io`, so no override is needed here.
-    """
+def default_loader(spec: str, how: EngineSpec) -> tuple[Engine, LoadedModel]:
+    """Load `spec` into a started Engine. A `registry:NAME` model is labelled with the
+    registry's own version string (the one `lmloop models list` shows) by `lmloop.models.io`."""
     engine, loaded = load_engine(spec, how)
     log.info("%s", engine.choice.line())  # what `--precision` resolved to, and why
     # The server needs the engine, not the model: the engine's runner keeps what it reads, so
@@ -81,7 +73,7 @@ def default_loader(spec: str, how: EngineSpec) -> tuple[Engine, LoadedModel, str
     loaded = dataclasses.replace(loaded, model=None)
     release_memory()
     engine.start()
-    return engine, loaded, None
+    return engine, loaded
 
 
 class ModelSlot:
@@ -91,13 +83,11 @@ class ModelSlot:
         *,
         model_id: str | None = None,
         engine: EngineSpec | None = None,
-        loader: Loader = default_loader,
         drain_timeout: float = 30.0,
     ):
         self.spec = spec
         self.model_id = model_id
         self.engine = engine or EngineSpec()
-        self.loader = loader
         self.drain_timeout = drain_timeout
         self.current: Served | None = None
         self.error: str | None = None  # why the first load failed
@@ -116,14 +106,14 @@ class ModelSlot:
         spec = spec or self.spec
         with self._reload_lock:
             t0 = time.perf_counter()
-            engine, loaded, version = self.loader(spec, self.engine)
+            engine, loaded = default_loader(spec, self.engine)
             reg = split_spec(spec)[0] if spec.startswith(REGISTRY_PREFIX) else None
             mid = model_id or reg or self.model_id or spec
             served = Served(
                 engine=engine,
                 loaded=loaded,
                 model_id=mid,
-                version=str(version or loaded.version),
+                version=str(loaded.version),
                 spec=spec,
             )
             with self._lock:
@@ -222,18 +212,3 @@ def _stop_engine(engine: Engine, timeout: float) -> None:
         engine.stop(timeout=timeout)
     except Exception as e:  # noqa: BLE001 - stopping is best effort
         log.warning("engine stop failed: %s", e)
-
-
-async def outputs(handle: RequestHandle) -> AsyncIterator[StepOutput]:
-    """Iterate a RequestHandle's StepOutputs without blocking the event loop."""
-    if hasattr(handle, "__aiter__"):
-        async for out in handle:
-            yield out
-        return
-    it = iter(handle)
-    sentinel = object()
-    while True:
-        out = await asyncio.to_thread(next, it, sentinel)
-        if out is sentinel:
-            return
-        yield out

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from lmloop.errors import UserError
 from lmloop.registry import Registry, split_spec
 from lmloop.server.backend import SnapshotRow
-from lmloop.server.errors import APIError
+from lmloop.server.errors import APIError, unknown_model
 from lmloop.server.promotion import HEALTH_PROMPT, Promoter, Route
 from lmloop.server.protocol import ChatRequest, CompletionRequest
 from lmloop.server.routing import Replica, ReplicaPool
@@ -66,7 +66,6 @@ class UpstreamBackend:
         self.settings = state.settings
         self.up: UpstreamSpec = state.settings.upstream
         self.spec = state.settings.model or ""
-        self.key = self.up.upstream_key
         self.pool = ReplicaPool(self.up.urls)
         self.client: httpx.AsyncClient | None = None
         self.route: Route | None = None
@@ -84,7 +83,7 @@ class UpstreamBackend:
     async def start(self) -> None:
         timeout = httpx.Timeout(self.settings.request_timeout, connect=10.0)
         self.client = httpx.AsyncClient(
-            headers=auth_headers(self.key),
+            headers=auth_headers(self.up.upstream_key),
             timeout=timeout,
             limits=httpx.Limits(
                 max_connections=512, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S
@@ -244,16 +243,8 @@ class UpstreamBackend:
     def card(self, model_id: str) -> dict[str, Any]:
         route = self._ready()
         if not self._accepts(model_id, route):
-            raise self._unknown(model_id)
+            raise unknown_model(model_id, self.model_id)
         return self.cards()[0]
-
-    def _unknown(self, name: str) -> APIError:
-        return APIError(
-            404,
-            f"the model '{name[:200]}' does not exist; this server serves '{self.model_id}'",
-            param="model",
-            code="model_not_found",
-        )
 
     def snapshot(self) -> list[SnapshotRow]:
         route = self.route
@@ -263,16 +254,11 @@ class UpstreamBackend:
 
     # -- generation --
     def _check_supported(self, req: ChatRequest | CompletionRequest, chat: bool) -> None:
-        asks = []
-        if chat and req.logprobs:
-            asks.append(("chat_logprobs", "logprobs"))
-        if not chat and req.logprobs is not None:
-            asks.append(("logprobs", "logprobs"))
-        if not chat and req.echo:
-            asks.append(("echo", "echo"))
-        for what, param in asks:
-            if what in self.unsupported:
-                raise self.unsupported_error(param)
+        asked_lp = bool(req.logprobs) if chat else req.logprobs is not None
+        if asked_lp and ("chat_logprobs" if chat else "logprobs") in self.unsupported:
+            raise self.unsupported_error("logprobs")
+        if not chat and req.echo and "echo" in self.unsupported:
+            raise self.unsupported_error("echo")
 
     def unsupported_error(self, param: str) -> APIError:
         model = self.route.upstream_model if self.route else "?"
@@ -366,7 +352,7 @@ class UpstreamBackend:
     ) -> Response:  # fmt: skip
         route = self._ready()
         if req.model is not None and not self._accepts(req.model, route):
-            raise self._unknown(req.model)
+            raise unknown_model(req.model, self.model_id)
         self._check_supported(req, chat)
         route = await self._enter()
         ex = Exchange(self, route, req, chat)

@@ -213,12 +213,8 @@ class Exchange:
                 for m in req.messages
             ]
             return [conv]
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            prompt = [prompt]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         return [[{"role": "user", "content": p if isinstance(p, str) else json.dumps(p)}]
-                for p in prompts]  # fmt: skip
+                for p in req.prompts()]  # fmt: skip
 
     async def _record(self, index: int, conv: list[dict], text: str, prompt_tokens: int,
                       completion_tokens: int) -> None:  # fmt: skip

@@ -83,9 +83,8 @@ def run(cfg: GenerateConfig) -> int:
             line_params.append(_params(cfg, **over) if over else base)
         except (UserError, TypeError) as e:
             raise UserError(f"{cfg.prompts}:{row['_line']}: {e}") from None
-    batch = max(
-        1, min(cfg.engine.max_batch, len(rows))
-    )  # cache rows cost memory: no more than used
+    # cache rows cost memory: no more than used
+    batch = max(1, min(cfg.engine.max_batch, len(rows)))
     engine, loaded = load_engine(cfg.model, cfg.engine, max_batch=batch, max_waiting=len(rows) + 1)
     try:
         encoded = []
