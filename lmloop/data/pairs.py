@@ -22,7 +22,7 @@ import numpy as np
 
 from lmloop.data.config import DataConfig
 from lmloop.data.pii import PII_KINDS, scrub_batch
-from lmloop.data.pipeline import extra_eval_ngrams
+from lmloop.data.pipeline import REMOVED, extra_eval_ngrams
 from lmloop.data.preprocess import (
     NearDedup,
     WordHashes,
@@ -42,8 +42,6 @@ from lmloop.log import progress
 from lmloop.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-REMOVED = ("empty", "too_short", "too_long", "exact_duplicates", "near_duplicates")
 
 
 @dataclass
@@ -181,10 +179,7 @@ def write_shards(
         st = stats.splits[split]
         for start in range(0, len(chosen), 1024):
             batch = chosen[start : start + 1024]
-            encoded = {
-                "input": tok.encode_batch([p.input for p in batch]),
-                "target": tok.encode_batch([p.target for p in batch]),
-            }
+            encoded = {side: tok.encode_batch([getattr(p, side) for p in batch]) for side in SIDES}
             flat: dict[str, list[int]] = {side: [] for side in SIDES}
             for i, p in enumerate(batch):
                 for side in SIDES:

@@ -59,23 +59,16 @@ class Doc:
     source: int
 
 
+# what the filters remove, counted per reason (pairs use these; documents add two)
+REMOVED = ("empty", "too_short", "too_long", "exact_duplicates", "near_duplicates")
+
+
 @dataclass
 class Stats:
     """The counts meta.json and the report hold; every engine fills the same ones."""
 
     removed: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            [
-                "empty",
-                "too_short",
-                "too_long",
-                "exact_duplicates",
-                "near_duplicates",
-                "contaminated",
-                "sampled_out",
-            ],
-            0,
-        )
+        default_factory=lambda: dict.fromkeys([*REMOVED, "contaminated", "sampled_out"], 0)
     )
     replaced: dict[str, int] = field(default_factory=lambda: {"invalid_utf8": 0})
     pii: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PII_KINDS, 0))
@@ -267,13 +260,8 @@ class Packer:
 
 def encoder_input(docs: list[Doc]) -> tuple[list[str], list[int]]:
     """The texts to encode (long documents in `pieces`) and how many pieces each document has."""
-    texts: list[str] = []
-    counts: list[int] = []
-    for d in docs:
-        ps = pieces(d.text)
-        texts.extend(ps)
-        counts.append(len(ps))
-    return texts, counts
+    split = [pieces(d.text) for d in docs]
+    return [p for ps in split for p in ps], [len(ps) for ps in split]
 
 
 def pack_ids(

@@ -12,10 +12,11 @@ This module never imports torch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer as Backend
@@ -281,15 +282,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
         show_progress=False,
     )
 
-    def batches() -> Iterator[list[str]]:
-        batch: list[str] = []
-        for t in texts:
-            batch.append(t)
-            if len(batch) >= 256:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    backend.train_from_iterator(batches(), trainer=trainer)
+    it = iter(texts)  # streamed in lists of up to 256 texts
+    backend.train_from_iterator(iter(lambda: list(itertools.islice(it, 256)), []), trainer=trainer)
     return backend

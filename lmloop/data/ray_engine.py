@@ -542,19 +542,9 @@ def _run(
     # 6. decontaminate, tokenize; shards written here, in unit order
     packer = Packer(tok, tok.separator_id, tmp, cfg, stats)
     backend = ray.put(tok.backend)
+    common = (backend, packer.eos, packer.dtype, probe)
     encoded = [
-        _encode.remote(
-            cfg,
-            si,
-            payloads[uid],
-            tables[uid],
-            eval_ref,
-            flags[uid],
-            backend,
-            packer.eos,
-            packer.dtype,
-            probe,
-        )  # fmt: skip
+        _encode.remote(cfg, si, payloads[uid], tables[uid], eval_ref, flags[uid], *common)
         for uid, (si, _, _) in enumerate(units)
     ]
     rate = _Rate("tokenize", sum(size for *_, size in units) if sized else None)

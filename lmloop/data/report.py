@@ -6,7 +6,6 @@ text (`text_report`) and for input/target pairs (`pairs_report`).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ def text_report(meta: dict[str, Any], out_name: str) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v:,}" for k, v in meta["removed"].items()]
     lines += [f"- invalid UTF-8 sequences replaced: {meta['replaced']['invalid_utf8']:,}"]
     if meta["config"]["scrub_pii"]:
-        pii = meta["pii"]
-        found = ", ".join(f"{n} {k}" for k, n in pii.items() if n) or "none"
+        found = ", ".join(f"{n} {k}" for k, n in meta["pii"].items() if n) or "none"
         lines += [f"- PII replaced: {found}"]
     lines += ["", "| source | weight | read | kept | train tokens |", "|---|---:|---:|---:|---:|"]
     for s in meta["sources"]:
@@ -120,8 +118,7 @@ def print_text_summary(meta: dict[str, Any], out: Path, *, reused: bool) -> None
     parts = [f"{s} {sp[s]['documents']:,} docs / {sp[s]['tokens']:,} tokens" for s in SPLITS]
     removed = ", ".join(f"{k} {v:,}" for k, v in meta["removed"].items() if v) or "nothing"
     state = "up to date" if reused else "prepared"
-    print(f"{out}: {state}: {'; '.join(parts)}; removed {removed}")
-    sys.stdout.flush()
+    print(f"{out}: {state}: {'; '.join(parts)}; removed {removed}", flush=True)
 
 
 def print_pairs_summary(meta: dict[str, Any], out: Path, *, reused: bool) -> None:

@@ -81,12 +81,10 @@ class SourceSpec:
             object.__setattr__(self, "kind", "hf")
             if not self.hf_config:
                 object.__setattr__(self, "hf_config", self.path[3:].partition("/")[2])
-        elif self.path.startswith("synthetic:") and self.kind == "auto":
-            object.__setattr__(self, "path", self.path[len("synthetic:") :])
-            object.__setattr__(self, "kind", "synthetic")
-        elif self.path.startswith("feedback:") and self.kind == "auto":
-            object.__setattr__(self, "path", self.path[len("feedback:") :])
-            object.__setattr__(self, "kind", "feedback")
+        elif self.kind == "auto" and self.path.startswith(("synthetic:", "feedback:")):
+            kind, _, path = self.path.partition(":")
+            object.__setattr__(self, "path", path)
+            object.__setattr__(self, "kind", kind)
         if not (self.weight >= 0):
             raise UserError(f"source weight must be >= 0, got {self.weight} for {self.path}")
         if self.split == "regex":
@@ -282,9 +280,10 @@ def _open_binary(f: Path) -> BinaryIO:
         raise UserError(f"cannot read source file {f}: {e.strerror or e}") from None
 
 
-def decode_bytes(
-    data: bytes, *, where: str, offset: int = 0, strict: bool, stats: dict[str, int] | None
-) -> str:
+Counts = dict[str, int] | None  # replaced invalid-UTF-8 bytes, when the caller counts
+
+
+def decode_bytes(data: bytes, *, where: str, offset: int = 0, strict: bool, stats: Counts) -> str:
     """UTF-8 decode; invalid bytes become U+FFFD (counted) or, when strict, a UserError."""
     try:
         return data.decode("utf-8")
@@ -305,7 +304,7 @@ def decode_bytes(
 BLOCK_BYTES = 1 << 20
 
 
-def _iter_blocks(f: Path, *, strict: bool, stats: dict[str, int] | None) -> Iterator[str]:
+def _iter_blocks(f: Path, *, strict: bool, stats: Counts) -> Iterator[str]:
     """The file decoded in ~1 MB blocks, each ending at a newline: streamed, flat memory."""
     offset, carry = 0, b""
     with _open_binary(f) as fh:
@@ -325,7 +324,7 @@ def _iter_blocks(f: Path, *, strict: bool, stats: dict[str, int] | None) -> Iter
         yield decode_bytes(carry, where=str(f), offset=offset, strict=strict, stats=stats)
 
 
-def _iter_lines(f: Path, *, strict: bool, stats: dict[str, int] | None) -> Iterator[str]:
+def _iter_lines(f: Path, *, strict: bool, stats: Counts) -> Iterator[str]:
     """Lines with their \\n (only \\n ends a line: JSON strings may hold U+2028), streamed."""
     for block in _iter_blocks(f, strict=strict, stats=stats):
         lines = block.split("\n")
@@ -339,7 +338,7 @@ _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 _LEADING_BLANK = re.compile(r"\A(?:[ \t]*\n)+")  # blank lines a block boundary cut off
 
 
-def _read_all(f: Path, *, strict: bool, stats: dict[str, int] | None) -> str:
+def _read_all(f: Path, *, strict: bool, stats: Counts) -> str:
     with _open_binary(f) as fh:
         try:
             data = fh.read()
@@ -349,9 +348,7 @@ def _read_all(f: Path, *, strict: bool, stats: dict[str, int] | None) -> str:
 
 
 # ---- readers (one per kind) ------------------------------------------------------------------
-def _text_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _text_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     if spec.split == "file":
         yield _read_all(f, strict=strict, stats=stats)
     elif spec.split == "regex":
@@ -410,7 +407,7 @@ def _field_text(record: Any, field: str, where: str) -> str | None:
 
 
 def _jsonl_records(
-    f: Path, strict: bool, stats: dict[str, int] | None, lines: Iterable[str] | None = None
+    f: Path, strict: bool, stats: Counts, lines: Iterable[str] | None = None
 ) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) for each non-blank line of a JSONL file (or of its `lines`,
     when the caller has read it already)."""
@@ -426,9 +423,7 @@ def _jsonl_records(
             ) from None
 
 
-def _jsonl_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _jsonl_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     for lineno, record in _jsonl_records(f, strict, stats):
         if (
             spec.kind == "auto"
@@ -444,9 +439,7 @@ def _jsonl_docs(
             yield text
 
 
-def _json_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _json_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     text = _read_all(f, strict=strict, stats=stats)
     try:
         data = json.loads(text)
@@ -484,7 +477,7 @@ def _require_columns(where: Any, names: list[str], columns: list[str]) -> None:
             )
 
 
-def _csv_reader(f: Path, strict: bool, stats: dict[str, int] | None) -> csv.DictReader:
+def _csv_reader(f: Path, strict: bool, stats: Counts) -> csv.DictReader:
     csv.field_size_limit(1 << 30)  # documents are long; the default 128 KB limit is for tables
     text = _read_all(f, strict=strict, stats=stats)
     delimiter = "\t" if _base_suffix(f) == ".tsv" else ","
@@ -500,20 +493,13 @@ def _parquet_file(f: Path) -> Any:
         raise UserError(f"cannot read parquet file {f}: {e}") from None
 
 
-def _csv_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _csv_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     reader = _csv_reader(f, strict, stats)
     _require_columns(f, [spec.field], reader.fieldnames or [])
-    for row in reader:
-        value = row.get(spec.field)
-        if value:
-            yield value
+    yield from filter(None, (row.get(spec.field) for row in reader))
 
 
-def _parquet_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _parquet_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     pf = _parquet_file(f)
     _require_columns(f, [spec.field], pf.schema_arrow.names)
     for batch in pf.iter_batches(batch_size=1024, columns=[spec.field]):
@@ -563,18 +549,12 @@ def feedback_text(record: Any, where: str) -> str | None:
     )
 
 
-def _feedback_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
-    for lineno, record in _jsonl_records(f, strict, stats):
-        text = feedback_text(record, f"{f}:{lineno}")
-        if text:
-            yield text
+def _feedback_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
+    records = _jsonl_records(f, strict, stats)
+    yield from filter(None, (feedback_text(r, f"{f}:{n}") for n, r in records))
 
 
-def _wikitext_docs(
-    f: Path, spec: SourceSpec, strict: bool, stats: dict[str, int] | None
-) -> Iterator[str]:
+def _wikitext_docs(f: Path, spec: SourceSpec, strict: bool, stats: Counts) -> Iterator[str]:
     yield from wikitext_articles(_iter_lines(f, strict=strict, stats=stats))
 
 
@@ -669,7 +649,7 @@ def iter_documents(
     source: str | SourceSpec,
     *,
     strict_utf8: bool = False,
-    stats: dict[str, int] | None = None,
+    stats: Counts = None,
     files: list[Path] | None = None,
     teacher: Callable[[SourceSpec], Iterable[str]] | None = None,
 ) -> Iterator[str]:
@@ -699,7 +679,7 @@ def iter_documents(
 
 
 # ---- input/target pairs (sequence-to-sequence data) ------------------------------------------
-def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: dict[str, int] | None):
+def _pair_records(spec: SourceSpec, f: Path, strict: bool, stats: Counts):
     """(where, record as a dict) from one JSONL/JSON/CSV/TSV/parquet file."""
     kind = file_kind(spec, f)
     if kind in ("jsonl", "json"):
@@ -733,7 +713,7 @@ def iter_pairs(
     target_field: str,
     *,
     strict_utf8: bool = False,
-    stats: dict[str, int] | None = None,
+    stats: Counts = None,
 ) -> Iterator[tuple[str, str] | None]:
     """(input, target) per record of a source, in a fixed order; None for a record with a side
     missing (null or empty), so the caller counts it. A field absent from a record is an error

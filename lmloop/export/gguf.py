@@ -77,10 +77,8 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
         raise UserError(
             f"GGUF export needs a byte-level BPE tokenizer; this one is {model.get('type')}"
         )
-    vocab: dict[str, int] = dict(model["vocab"])
     added = {a["content"]: a for a in backend.get("added_tokens", [])}
-    for content, a in added.items():
-        vocab[content] = a["id"]
+    vocab: dict[str, int] = model["vocab"] | {c: a["id"] for c, a in added.items()}
     if max(vocab.values()) >= vocab_size:
         raise UserError(
             f"tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is "

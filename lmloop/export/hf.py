@@ -5,7 +5,6 @@ fixed `wpe` weights), T5's for the seq2seq family."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
-from lmloop.artifacts import atomic_dir, make_meta, umask, write_json, write_meta
+from lmloop.artifacts import atomic_dir, make_meta, umask, write_meta
 from lmloop.models.adapter import hf_config_object, to_hf
 from lmloop.models.io import LoadedModel, model_state
 
@@ -48,7 +47,6 @@ def export_hf(lm: LoadedModel, out: Path, *, dtype: str = "float32", config: obj
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o666 & ~umask())  # safetensors writes it 0600
         tok.save(tmp)
-        _portable_tokenizer_config(tmp / "tokenizer_config.json")
         meta = make_meta(
             "lmloop.export",
             1,
@@ -57,12 +55,3 @@ def export_hf(lm: LoadedModel, out: Path, *, dtype: str = "float32", config: obj
             export={"format": "hf", "family": lm.model.config.family, "source": lm.path},
         )
         write_meta(tmp, meta)
-
-
-def _portable_tokenizer_config(path: Path) -> None:
-    """Name the tokenizer class every transformers version knows (no custom code)."""
-    if not path.exists():
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"
-    write_json(path, data)

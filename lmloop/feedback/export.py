@@ -488,10 +488,7 @@ def export_for_loop(
         for s, lines in sides.items():
             atomic_write(files[fmt][s], "".join(x + "\n" for x in lines))
         counts[fmt] = {s: len(v) for s, v in sides.items()}
-    thumbs = {
-        "up": sum(a.thumb == "up" for a in answers),
-        "down": sum(a.thumb == "down" for a in answers),
-    }
+    thumbs = {t: sum(a.thumb == t for a in answers) for t in ("up", "down")}
     fixed = [a for a in answers if a.correction is not None]
     corrections = {
         "total": len(fixed),

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -216,13 +216,8 @@ def _content_text(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, list):
-        parts = []
-        for p in content:
-            if isinstance(p, dict) and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            elif isinstance(p, str):
-                parts.append(p)
-        return "".join(parts)
+        parts = (p.get("text") if isinstance(p, dict) else p for p in content)
+        return "".join(p for p in parts if isinstance(p, str))
     raise InvalidFeedback(f"{where}.content must be a string, got {type(content).__name__}")
 
 
@@ -325,19 +320,14 @@ class FeedbackStore:
                 db.execute("ROLLBACK")
                 raise
 
-    def _read(self) -> sqlite3.Connection:
-        return self._conn()
-
     def close(self) -> None:
         """Close every thread's connection; the store is unusable afterwards."""
         self._closed = True
         with self._conns_guard:
             conns, self._conns = self._conns, []
         for db in conns:
-            try:
+            with suppress(sqlite3.Error):
                 db.close()
-            except sqlite3.Error:
-                pass
 
     def __enter__(self) -> FeedbackStore:
         return self
@@ -347,7 +337,7 @@ class FeedbackStore:
 
     @property
     def version(self) -> int:
-        return schema_version(self._read())
+        return schema_version(self._conn())
 
     # -- writing --
     def record_exchange(
@@ -506,7 +496,7 @@ class FeedbackStore:
     # -- reading --
     def get_response(self, response_id: str) -> dict | None:
         """The stored response with its conversation (`messages`) and answer text, or None."""
-        db = self._read()
+        db = self._conn()
         row = db.execute("SELECT * FROM responses WHERE id = ?", (response_id,)).fetchone()
         if row is None:
             return None
@@ -519,7 +509,7 @@ class FeedbackStore:
 
     def thread(self, message_id: str | None) -> list[dict[str, str]]:
         """The messages from the root down to `message_id` (inclusive), as role/content."""
-        db = self._read()
+        db = self._conn()
         out: list[dict[str, str]] = []
         mid = message_id
         while mid is not None:
@@ -535,7 +525,7 @@ class FeedbackStore:
 
     def feedback_for(self, response_id: str) -> list[dict]:
         """Feedback rows on one response, oldest first."""
-        rows = self._read().execute(
+        rows = self._conn().execute(
             "SELECT * FROM feedback WHERE response_id = ? ORDER BY seq", (response_id,)
         )
         return [_feedback_dict(r) for r in rows]
@@ -547,26 +537,23 @@ class FeedbackStore:
         if model_versions:
             sql += f" WHERE model_version IN ({','.join('?' * len(model_versions))})"
             args += list(model_versions)
-        rows = self._read().execute(sql + " ORDER BY seq", args).fetchall()
+        rows = self._conn().execute(sql + " ORDER BY seq", args).fetchall()
         return [dict(r) | {"params": json.loads(r["params"])} for r in rows]
 
     def all_feedback(self) -> list[dict]:
         """Every feedback row, oldest first."""
         return [
-            _feedback_dict(r) for r in self._read().execute("SELECT * FROM feedback ORDER BY seq")
+            _feedback_dict(r) for r in self._conn().execute("SELECT * FROM feedback ORDER BY seq")
         ]
 
     def message_text(self, message_id: str) -> str | None:
-        row = (
-            self._read()
-            .execute("SELECT content FROM messages WHERE id = ?", (message_id,))
-            .fetchone()
-        )
+        db = self._conn()
+        row = db.execute("SELECT content FROM messages WHERE id = ?", (message_id,)).fetchone()
         return None if row is None else row[0]
 
     def counts(self) -> dict[str, int]:
         """Rows per table (what a health check or a test compares)."""
-        db = self._read()
+        db = self._conn()
         return {
             t: int(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
             for t in ("conversations", "messages", "responses", "feedback")
@@ -574,10 +561,9 @@ class FeedbackStore:
 
     def stats_by_version(self) -> list[dict[str, Any]]:
         """Per (model name, model version): responses, feedback counts and the mean rating."""
-        rows = (
-            self._read()
-            .execute(
-                """SELECT r.model_name, r.model_version,
+        db = self._conn()
+        rows = db.execute(
+            """SELECT r.model_name, r.model_version,
                       COUNT(DISTINCT r.id) AS responses,
                       MIN(r.created_at) AS first_seen, MAX(r.created_at) AS last_seen,
                       COUNT(f.id) AS feedback,
@@ -588,16 +574,14 @@ class FeedbackStore:
                FROM responses r LEFT JOIN feedback f ON f.response_id = r.id
                GROUP BY r.model_name, r.model_version
                ORDER BY MIN(r.seq)"""
-            )
-            .fetchall()
-        )
+        ).fetchall()
         out = []
         for r in rows:
             d = {k: (r[k] if r[k] is not None else 0) for k in r.keys()}
             d["mean_rating"] = round(float(r["mean_rating"]), 4) if r["ratings"] else None
             d["rating_histogram"] = {str(k): 0 for k in range(1, 6)}
             out.append(d)
-        hist = self._read().execute(
+        hist = db.execute(
             """SELECT r.model_name, r.model_version, f.rating, COUNT(*) FROM feedback f
                JOIN responses r ON r.id = f.response_id WHERE f.rating IS NOT NULL
                GROUP BY r.model_name, r.model_version, f.rating"""

@@ -89,11 +89,8 @@ def _validate(cfg: DataConfig) -> None:
 
 # ---- reuse and meta.json ---------------------------------------------------------------------
 def _fingerprint(cfg: DataConfig, tok: Tokenizer | None) -> tuple[str, dict[str, str]]:
-    inputs = {}
-    for i, spec in enumerate(cfg.source):
-        inputs[f"source{i}:{spec.path}"] = fingerprint(spec)
-    for i, spec in enumerate(cfg.decontaminate_with):
-        inputs[f"eval{i}:{spec.path}"] = fingerprint(spec)
+    inputs = {f"source{i}:{s.path}": fingerprint(s) for i, s in enumerate(cfg.source)}
+    inputs |= {f"eval{i}:{s.path}": fingerprint(s) for i, s in enumerate(cfg.decontaminate_with)}
     inputs["tokenizer"] = tok.sha256 if tok is not None else f"train-bpe-{cfg.vocab_size}"
     conf = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
     return sha256_json([FORMAT_VERSION, __version__, conf, inputs]), inputs

@@ -54,9 +54,7 @@ def _check(cfg: TokenizerConfig) -> Path:
 def run(cfg: TokenizerConfig) -> int:
     out = _check(cfg)
     inputs = {f"source{i}:{s.path}": fingerprint(s) for i, s in enumerate(cfg.source)}
-    conf = to_dict(cfg)
-    conf.pop("out")
-    conf.pop("force")
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "force")}
     key = sha256_json([FORMAT_VERSION, __version__, conf, inputs])
     old = None if cfg.force else up_to_date(out, SCHEMA, FORMAT_VERSION, key)
     if old is not None:

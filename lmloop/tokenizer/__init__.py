@@ -188,11 +188,7 @@ class Tokenizer:
     @property
     def stop_ids(self) -> set[int]:
         """Tokens that end a generation: EOS and the chat end-of-turn marker."""
-        ids = {self.eos_id} if self.eos_id is not None else set()
-        im_end = self.backend.token_to_id(IM_END)
-        if im_end is not None:
-            ids.add(im_end)
-        return ids
+        return {i for i in (self.eos_id, self.backend.token_to_id(IM_END)) if i is not None}
 
     @property
     def sha256(self) -> str:
