@@ -40,11 +40,11 @@ def param(
     nested spec's fields are set without its name (`--temperature`, not `--sampling.temperature`)."""
     meta = {"help": help, "inline": inline}
     if isinstance(default, (list, dict, set)):
-        value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata=meta, **kw
+        )
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        value = default
-        return dataclasses.field(default_factory=lambda: value, metadata=meta, **kw)
+        return dataclasses.field(default_factory=lambda: default, metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
@@ -124,11 +124,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         (inner,) = get_args(tp)[:1]
         items = value if isinstance(value, (list, tuple)) else [value]
-        return (
-            tuple(coerce(v, inner, key) for v in items)
-            if origin is tuple
-            else [coerce(v, inner, key) for v in items]
-        )
+        out = [coerce(v, inner, key) for v in items]
+        return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: got '{value}', expected a mapping")
@@ -145,10 +142,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         s = str(value).strip().lower()
-        if s in _TRUE:
-            return True
-        if s in _FALSE:
-            return False
+        if s in _TRUE | _FALSE:
+            return s in _TRUE
         raise ValueError(f"{key}: got '{value}', expected true or false")
     if tp is int:
         if isinstance(value, bool):
@@ -310,15 +305,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, append: bool) -> None:
-    parts = key.split(".")
+    *path, last = key.split(".")
     node = tree
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    last = parts[-1]
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
     if append and isinstance(node.get(last), list):
         node[last].append(value)
     else:

@@ -84,9 +84,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def progress(
-    it: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it", **kw: Any
-) -> Iterator[T]:
-    """A progress bar with rate and ETA; disabled under LMLOOP_NO_PROGRESS=1."""
+    it: Iterable[T], *, total: int | None = None, desc: str = "", unit: str = "it",
+    show: bool = True, **kw: Any,
+) -> Iterator[T]:  # fmt: skip
+    """A progress bar with rate and ETA; disabled under LMLOOP_NO_PROGRESS=1 (none: show=False)."""
+    if not show:
+        return iter(it)
     return iter(progress_bar(iterable=it, total=total, desc=desc, unit=unit, **kw))
 
 

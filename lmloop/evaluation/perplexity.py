@@ -284,11 +284,7 @@ def score_windows(
     loglik = [0.0] * n_docs
     counts = [0] * n_docs
     batches = _batches(windows, batch_tokens, batch_size)
-    it = (
-        progress(batches, total=len(batches), desc="eval", unit="batch")
-        if show_progress
-        else batches
-    )
+    it = progress(batches, total=len(batches), desc="eval", unit="batch", show=show_progress)
     with _packed_linears(model), _HeadTap(model) as tap:
         for batch in it:
             rows = [windows[i] for i in batch]

@@ -62,7 +62,7 @@ def target_loglik(
     order = sorted(range(len(rows)), key=lambda i: -max(len(rows[i][0]), len(rows[i][1])))
     lengths = [min(window, max(len(rows[i][0]), len(rows[i][1]))) for i in order]
     groups = batch_groups(lengths, batch_tokens(model), batch_size)
-    it = progress(groups, total=len(groups), desc="eval", unit="batch") if show_progress else groups
+    it = progress(groups, total=len(groups), desc="eval", unit="batch", show=show_progress)
     nll, tokens = 0.0, 0
     for g in it:
         batch = obj.collate([rows[order[i]] for i in g])
@@ -125,11 +125,7 @@ def greedy_decode(
     outs: list[list[int]] = []
     with engine:
         handles = [engine.submit(list(x), params) for x in inputs]
-        it = (
-            progress(handles, total=len(handles), desc="decode", unit="pair")
-            if show_progress
-            else handles
-        )
+        it = progress(handles, total=len(handles), desc="decode", unit="pair", show=show_progress)
         for h in it:
             ids: list[int] = []
             for step in h:

@@ -327,7 +327,6 @@ def generate_answers(
     engine: EngineSpec,
     max_tokens: int,
     temperature: float = 0.0,
-    seed: int = 0,
 ) -> list[tuple[str, str]]:
     """(text, finish reason) of one model's answers to chat prompts, run as `engine` says and
     batched by it: what a user of `lmloop serve` with those settings would read."""
@@ -339,10 +338,9 @@ def generate_answers(
             ids = eng.encode_chat(p)[-(eng.context_length - 1) :]  # a small model's context
             room = eng.context_length - (0 if eng.encoder_decoder else len(ids))
             params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens, room),
-                                    seed=seed + i)  # fmt: skip
+                                    seed=i)  # fmt: skip
             handles.append(eng.submit(ids, params))
-        done = [h.result() for h in handles]
-        return [(c.text, c.finish_reason) for c in done]
+        return [(c.text, c.finish_reason) for c in (h.result() for h in handles)]
     finally:
         eng.stop()
 
@@ -471,10 +469,8 @@ def rule_figures(gate: GateSpec, answers: dict[str, list[str]]) -> dict[str, Any
     if not gate.rule:
         return {}
     rule = compile_rule(gate.rule)
-    scores: dict[str, list[float]] = {}
     try:
-        for who, texts in answers.items():
-            scores[who] = [rule(t) for t in texts]
+        scores = {who: [rule(t) for t in texts] for who, texts in answers.items()}
     except Exception as e:  # noqa: BLE001 - a user's function: its failure is a figure
         return {"what": "held-out prompts", "n": len(answers["current"]), "rule": gate.rule,
                 "error": f"{type(e).__name__}: {e}", "current": math.nan,

@@ -403,9 +403,7 @@ def degenerate(text: str, finish_reason: str) -> str | None:
     sentences = [tuple(_WORD.findall(s.lower())) for s in _SENTENCE_END.split(text)]
     if any(c >= 2 for s, c in Counter(s for s in sentences if len(s) >= 3).items()):
         return "loop"
-    if finish_reason == "length":
-        return "cut off"
-    return None
+    return "cut off" if finish_reason == "length" else None
 
 
 def degeneration(texts: list[str], finish_reasons: list[str]) -> dict[str, Any]:

@@ -133,10 +133,8 @@ class ServeProcess:
         self.log_path = log_path
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        start = time.monotonic()
-        deadline = start + timeout
-        said = start
-        while time.monotonic() < deadline:
+        start = said = time.monotonic()
+        while time.monotonic() < start + timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-600:]
                 raise UserError(f"lmloop serve exited with {self.proc.returncode}: {tail.strip()}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -84,12 +85,8 @@ def collect_feedback(cfg: LoopConfig, cycle: Path, seq2seq: bool = False) -> dic
 
 
 def _base_docs(base_data: str, split: str, limit: int | None = None) -> list[str]:
-    out = []
-    for doc in iter_documents(SourceSpec(path=base_data, hf_split=split)):
-        out.append(doc)
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    docs = iter_documents(SourceSpec(path=base_data, hf_split=split))
+    return list(islice(docs, None if limit is None else max(limit, 1)))  # 0 still takes one
 
 
 def _texts_of(rec: dict[str, Any]) -> list[str]:
@@ -123,11 +120,8 @@ def prepare(
     grams = sorted_unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
 
     def contaminated(rec: dict[str, Any]) -> bool:
-        for t in _texts_of(rec):
-            t = normalize_text(t)
-            if doc_key(t) in keys or is_contaminated(t, grams, n, cache):
-                return True
-        return False
+        texts = map(normalize_text, _texts_of(rec))
+        return any(doc_key(t) in keys or is_contaminated(t, grams, n, cache) for t in texts)
 
     def answer_ok(rec: dict[str, Any]) -> bool:
         for key in ("messages", "chosen", "completion"):

@@ -76,17 +76,9 @@ _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
 
 def sentences(text: str) -> list[str]:
     """Sentences of an answer: split after ., ! or ? followed by a space or the end."""
-    out, start = [], 0
     text = " ".join(text.split())
-    for m in _SENTENCE_END.finditer(text):
-        piece = text[start : m.end()].strip()
-        if piece:
-            out.append(piece)
-        start = m.end()
-    tail = text[start:].strip()
-    if tail:
-        out.append(tail)
-    return out
+    cuts = [0, *(m.end() for m in _SENTENCE_END.finditer(text)), len(text)]
+    return [p for a, b in zip(cuts, cuts[1:]) if (p := text[a:b].strip())]
 
 
 def _clip(sentence: str, words: int) -> str:
@@ -152,13 +144,10 @@ _POINT = re.compile(r"^\s*([1-9])[.)]\s+(\S.*)$")
 def is_three_points(text: str) -> bool:
     """three-points: exactly three non-empty lines numbered 1, 2, 3, each of >= 3 words."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    if len(lines) != 3:
-        return False
-    for want, line in enumerate(lines, 1):
-        m = _POINT.match(line)
-        if not m or int(m.group(1)) != want or len(m.group(2).split()) < 3:
-            return False
-    return True
+    return len(lines) == 3 and all(
+        (m := _POINT.match(line)) and int(m.group(1)) == want and len(m.group(2).split()) >= 3
+        for want, line in enumerate(lines, 1)
+    )
 
 
 def three_points(answer: str, topic: str, rng: random.Random) -> str:

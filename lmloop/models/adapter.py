@@ -194,6 +194,17 @@ def gpt_config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
     }
 
 
+# a layer's tensors besides q/k/v: (ours under model.layers.i., GPT-2's under h.i., whether the
+# weight is a Conv1D, stored transposed)
+_GPT2_LAYER = (
+    ("self_attn.o_proj", "attn.c_proj", True),
+    ("mlp.up_proj", "mlp.c_fc", True),
+    ("mlp.down_proj", "mlp.c_proj", True),
+    ("input_layernorm", "ln_1", False),
+    ("post_attention_layernorm", "ln_2", False),
+)
+
+
 def gpt_state_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     def get(name: str) -> torch.Tensor:
         for key in (name, f"transformer.{name}"):  # bare GPT2Model checkpoints lack the prefix
@@ -211,15 +222,10 @@ def gpt_state_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, 
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             out[o + f"self_attn.{name}.weight"] = w[:, j * C : (j + 1) * C].t().contiguous()
             out[o + f"self_attn.{name}.bias"] = b[j * C : (j + 1) * C].clone()
-        out[o + "self_attn.o_proj.weight"] = get(h + "attn.c_proj.weight").t().contiguous()
-        out[o + "self_attn.o_proj.bias"] = get(h + "attn.c_proj.bias")
-        out[o + "mlp.up_proj.weight"] = get(h + "mlp.c_fc.weight").t().contiguous()
-        out[o + "mlp.up_proj.bias"] = get(h + "mlp.c_fc.bias")
-        out[o + "mlp.down_proj.weight"] = get(h + "mlp.c_proj.weight").t().contiguous()
-        out[o + "mlp.down_proj.bias"] = get(h + "mlp.c_proj.bias")
-        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            out[o + f"{ours}.weight"] = get(h + f"{theirs}.weight")
-            out[o + f"{ours}.bias"] = get(h + f"{theirs}.bias")
+        for ours, theirs, conv in _GPT2_LAYER:
+            w = get(f"{h}{theirs}.weight")
+            out[f"{o}{ours}.weight"] = w.t().contiguous() if conv else w
+            out[f"{o}{ours}.bias"] = get(f"{h}{theirs}.bias")
     out["model.norm.weight"] = get("ln_f.weight")
     out["model.norm.bias"] = get("ln_f.bias")
     if not cfg.tie_word_embeddings:
@@ -239,15 +245,10 @@ def gpt_state_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, to
         qkv = [sd[o + f"self_attn.{n}_proj.weight"] for n in "qkv"]
         out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()
         out[h + "attn.c_attn.bias"] = torch.cat([sd[o + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-        out[h + "attn.c_proj.weight"] = sd[o + "self_attn.o_proj.weight"].t().contiguous()
-        out[h + "attn.c_proj.bias"] = sd[o + "self_attn.o_proj.bias"]
-        out[h + "mlp.c_fc.weight"] = sd[o + "mlp.up_proj.weight"].t().contiguous()
-        out[h + "mlp.c_fc.bias"] = sd[o + "mlp.up_proj.bias"]
-        out[h + "mlp.c_proj.weight"] = sd[o + "mlp.down_proj.weight"].t().contiguous()
-        out[h + "mlp.c_proj.bias"] = sd[o + "mlp.down_proj.bias"]
-        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            out[h + f"{theirs}.weight"] = sd[o + f"{ours}.weight"]
-            out[h + f"{theirs}.bias"] = sd[o + f"{ours}.bias"]
+        for ours, theirs, conv in _GPT2_LAYER:
+            w = sd[f"{o}{ours}.weight"]
+            out[f"{h}{theirs}.weight"] = w.t().contiguous() if conv else w
+            out[f"{h}{theirs}.bias"] = sd[f"{o}{ours}.bias"]
     out[t + "ln_f.weight"] = sd["model.norm.weight"]
     out[t + "ln_f.bias"] = sd["model.norm.bias"]
     if not cfg.tie_word_embeddings:

@@ -168,9 +168,7 @@ def _read_weights(path: Path, read: Any) -> dict[str, torch.Tensor]:
 def _hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of an HF folder (safetensors, sharded or not; else pytorch_model.bin)."""
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        files = sorted(path.glob("pytorch_model*.bin"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise UserError(f"Hugging Face folder {path} has no *.safetensors or pytorch_model.bin")
     sd: dict[str, torch.Tensor] = {}

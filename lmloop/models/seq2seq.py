@@ -505,11 +505,7 @@ def generate(
     start = int(model.config.decoder_start_token_id)
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     groups = batch_groups([len(inputs[i]) for i in order], batch_tokens(model), batch_size)
-    it = (
-        progress(groups, total=len(groups), desc="decode", unit="batch")
-        if show_progress
-        else groups
-    )
+    it = progress(groups, total=len(groups), desc="decode", unit="batch", show=show_progress)
     outs: list[list[int]] = [[] for _ in inputs]
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     for g in it:

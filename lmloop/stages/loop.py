@@ -104,10 +104,9 @@ def base_perplexity(cfg: LoopConfig, model: str, out: Path, split: str) -> float
     not measured again (86 s a cycle for SmolLM2-135M on 2 cores)."""
     if (out / "report.json").exists():
         return float(json.loads((out / "report.json").read_text())["token_perplexity"])
-    window = cfg.eval_window
-    ctx = context_length(model)
-    if window and ctx and window > ctx:  # a small model's context bounds the window
-        window = ctx
+    window, ctx = cfg.eval_window, context_length(model)
+    if window and ctx:  # a small model's context bounds the window
+        window = min(window, ctx)
     key = {"model": sha256_tree(model), "data": sha256_tree(cfg.base_data), "split": split,
            "window": window, "documents": cfg.max_eval_documents, "each_document": True,
            "lmloop": __version__}  # fmt: skip

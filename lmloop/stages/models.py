@@ -36,16 +36,11 @@ def _name_version(name: str, version: str | None) -> tuple[str, str | None]:
 def run_list(cfg: ListConfig) -> list[dict]:
     reg = Registry(cfg.registry)
     if cfg.name is None:
-        out = []
-        for name in reg.names():
-            cur = reg.current(name)
-            out.append(
-                {
-                    "name": name,
-                    "current": cur[0] if cur else None,
-                    "versions": len(reg.versions(name)),
-                }
-            )
+        out = [
+            {"name": n, "current": cur[0] if (cur := reg.current(n)) else None,
+             "versions": len(reg.versions(n))}
+            for n in reg.names()
+        ]  # fmt: skip
         if cfg.json:
             print(json.dumps(out, indent=2))
         elif not out:

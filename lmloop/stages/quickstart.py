@@ -86,9 +86,7 @@ def write_corpus(cfg: QuickstartConfig, ws: Workspace) -> Corpus:
 # ---- 2. train -----------------------------------------------------------------------------------
 
 
-def _fit_or_reuse(
-    cfg: QuickstartConfig, data_dir: Path, run_dir: Path
-) -> train_stage.TrainResult | None:
+def _fit_or_reuse(cfg: QuickstartConfig, data_dir: Path, run_dir: Path) -> None:
     """The seed's GPT from scratch; reuses a finished run of the same config on the same data."""
     tc = train_stage.TrainConfig(
         data=str(data_dir), out=str(run_dir), max_steps=cfg.train_steps,
@@ -109,12 +107,11 @@ def _fit_or_reuse(
     if meta and meta.get("status") == "done" and stamp_file.is_file():
         if stamp_file.read_text() == stamp:
             print(f"   reusing {run_dir} (same config, same data)", flush=True)
-            return None
+            return
     if run_dir.exists():  # a run from an earlier quickstart (perhaps on other data): start over
         shutil.rmtree(run_dir)
-    result = train_stage.run(tc)
+    train_stage.run(tc)
     stamp_file.write_text(stamp)
-    return result
 
 
 def train_from_scratch(cfg: QuickstartConfig, ws: Workspace, corpus: Corpus) -> Student:
@@ -174,8 +171,7 @@ def deploy_and_collect_feedback(
             val_fraction=0.1, test_fraction=0.1,
         ))  # fmt: skip
     db = ws.home / "feedback.db"
-    if db.exists():
-        db.unlink()
+    db.unlink(missing_ok=True)
     port = cfg.port if cfg.serve else free_port()
     server = ServeProcess("registry:assistant", port, db, ws.out / "logs" / "serve.log", ws.env)
     try:
@@ -184,9 +180,7 @@ def deploy_and_collect_feedback(
         print(f"   the users' preference: {users.PREFERENCE}")
         held = users.HELDOUT_TOPICS[: cfg.heldout]
         before = users.answer_all(server.url, "assistant", held, max_tokens=cfg.answer_tokens)
-        topics = (users.TRAIN_TOPICS * (1 + cfg.conversations // len(users.TRAIN_TOPICS)))[
-            : cfg.conversations
-        ]
+        topics = [users.TRAIN_TOPICS[i % len(users.TRAIN_TOPICS)] for i in range(cfg.conversations)]
         rated = progress_printer(len(topics))
         exchanges = users.converse(server.url, "assistant", topics, max_tokens=cfg.answer_tokens,
                                    users=cfg.users, progress=rated)  # fmt: skip

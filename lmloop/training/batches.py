@@ -60,25 +60,16 @@ class PretrainData:
         self.index = Permuted(self.n_windows, seed)
 
     def batch(self, samples: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for i in samples:
-            start = self.index(i) * self.seq_len
-            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        starts = [self.index(i) * self.seq_len for i in samples]
+        rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
         chunk = torch.from_numpy(np.stack(rows))
         return chunk[:, :-1], chunk[:, 1:]
 
 
 def val_windows(tokens: Any, seq_len: int, max_windows: int) -> list[np.ndarray]:
     """Consecutive, non-overlapping validation windows (the last may be shorter)."""
-    n = len(tokens)
-    out = []
-    for start in range(0, max(0, n - 1), seq_len):
-        if len(out) >= max_windows:
-            break
-        w = np.asarray(tokens[start : min(n, start + seq_len + 1)], dtype=np.int64)
-        if len(w) >= 2:
-            out.append(w)
-    return out
+    starts = range(0, len(tokens) - 1, seq_len)[: max(0, max_windows)]  # each window >= 2 tokens
+    return [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts]
 
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int):
@@ -207,10 +198,7 @@ class SFTData:
 
 
 def pad_id_of(tokenizer: Tokenizer) -> int:
-    for t in (tokenizer.pad_id, tokenizer.eos_id):
-        if t is not None:
-            return int(t)
-    return 0
+    return int(next((t for t in (tokenizer.pad_id, tokenizer.eos_id) if t is not None), 0))
 
 
 def tokenize_records(

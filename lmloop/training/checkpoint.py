@@ -147,10 +147,8 @@ def prune(
     scored = [c for c in checkpoints if c.get("val_loss") is not None]
     best = min(scored, key=lambda c: (c["val_loss"], -c["step"]))["name"] if scored else None
     keep_names = {c["name"] for c in checkpoints[-max(1, keep_last) :]} | {best}
-    kept, dropped = [], []
-    for c in checkpoints:
-        (kept if c["name"] in keep_names else dropped).append(c)
-    return kept, dropped
+    kept = [c for c in checkpoints if c["name"] in keep_names]
+    return kept, [c for c in checkpoints if c["name"] not in keep_names]
 
 
 def delete_checkpoints(run_dir: Path, dropped: list[dict[str, Any]]) -> None:
@@ -176,14 +174,13 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, list[dict[str, Any]]] | None
         if (path / STATE_FILE).is_file():
             return path, list(meta.get("checkpoints") or [])
     # meta.json lost or behind: fall back to the highest complete step folder.
-    found = []
-    for d in (run_dir / "checkpoints").glob("step-*"):
-        m = _STEP_DIR.match(d.name)
-        if m and (d / STATE_FILE).is_file():
-            found.append((int(m.group(1)), d))
+    found = sorted(
+        (int(m.group(1)), d)
+        for d in (run_dir / "checkpoints").glob("step-*")
+        if (m := _STEP_DIR.match(d.name)) and (d / STATE_FILE).is_file()
+    )
     if not found:
         return None
-    found.sort()
     return found[-1][1], [{"name": d.name, "step": s, "val_loss": None} for s, d in found]
 
 

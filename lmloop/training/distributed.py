@@ -31,9 +31,7 @@ def init_dist(device: str) -> Dist:
     group when `torchrun` started more than one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    want = device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
+    want = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but no CUDA device is available")
     if want == "cuda":

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ def fit(r: Run, on_step: Callable[[int], None] | None) -> Fitted:
         total = float(all_sum(n_units, d)[0])
         scale = d.world / total  # DDP and FSDP average gradients over ranks: undo, divide by units
         loss_sum = torch.zeros((), dtype=torch.float64)
-        stats: dict[str, float] = {}
+        stats: Counter[str] = Counter()  # summed over the micro-batches
         for k, b in enumerate(micro):
             sync = contextlib.nullcontext()
             # FSDP reduce-scatters every micro-batch's gradients into the shards (the sum is the
@@ -78,8 +79,7 @@ def fit(r: Run, on_step: Callable[[int], None] | None) -> Fitted:
                 st = obj.step(r.fwd, b, d.device, r.autocast)
                 (st.loss_sum * scale).backward()
             loss_sum += st.loss_sum.detach().double().cpu()
-            for key, v in st.stats.items():
-                stats[key] = stats.get(key, 0.0) + v
+            stats.update(st.stats)
         loss = float(all_sum(loss_sum.reshape(1), d)[0]) / total
         gnorm = torch.nn.utils.clip_grad_norm_(r.params, cfg.optim.grad_clip or math.inf)
         gnorm = float(gnorm.full_tensor() if r.fsdp else gnorm)  # FSDP: a DTensor of the shards'
@@ -148,7 +148,7 @@ def evaluate(r: Run) -> dict[str, float] | None:
     d, val = r.d, r.val
     r.raw.eval()
     tot = torch.zeros(2, dtype=torch.float64)
-    stats: dict[str, float] = {}
+    stats: Counter[str] = Counter()
     with torch.no_grad():
         # Rank r scores batches r, r + world, ... Under FSDP each forward is a collective, so
         # every rank runs as many forwards as the busiest one: a rank out of batches repeats its
@@ -160,8 +160,7 @@ def evaluate(r: Run) -> dict[str, float] | None:
             if i >= len(val):
                 continue
             tot += torch.tensor([float(st.loss_sum), st.units], dtype=torch.float64)
-            for k, v in st.stats.items():
-                stats[k] = stats.get(k, 0.0) + v
+            stats.update(st.stats)
     r.raw.train()
     tot = all_sum(tot, d)
     loss = float(tot[0] / tot[1])

@@ -40,16 +40,13 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none"
     )
     model = peft.inject_adapter_in_model(config, model)
-    wrapped = sum(1 for _ in lora_layers(model))
-    return model, wrapped
+    return model, sum(1 for _ in lora_layers(model))
 
 
 def lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer  # lazy: see the note at the top
 
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLayer):
-            yield name, m
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,15 +64,10 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 def merged_state_dict(model: nn.Module) -> dict[str, Any]:
     """The plain model's state dict with every adapter folded into its base weight."""
     deltas = {f"{name}.weight": m.get_delta_weight("default") for name, m in lora_layers(model)}
-    out = {}
-    for k, v in model.state_dict().items():
-        if "lora_" in k:
-            continue
-        plain = k.replace(".base_layer.", ".")
-        if plain in deltas:
-            v = v + deltas[plain].to(v.dtype)
-        out[plain] = v
-    return out
+    sd = {
+        k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k
+    }
+    return {k: v + deltas[k].to(v.dtype) if k in deltas else v for k, v in sd.items()}
 
 
 def merged_model(model: nn.Module) -> nn.Module:

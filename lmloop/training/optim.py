@@ -113,9 +113,7 @@ def lr_factor(step: int, schedule: Any, max_steps: int) -> float:
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
     """Apply `factor` to every group's base LR; return the first group's LR (for logging)."""
-    first = None
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-            first = g["lr"] if first is None else first
-    return float(first or 0.0)
+    groups = [g for opt in optimizers for g in opt.param_groups]
+    for g in groups:
+        g["lr"] = g["base_lr"] * factor
+    return float(groups[0]["lr"] if groups else 0.0)
