@@ -5,13 +5,17 @@
 
 Each commit is checked out into a detached git worktree under a temporary folder, and each bench
 runs from its own tree (that tree's script, that tree's `lmloop` on PYTHONPATH), old then new
-then old then new again (ABAB), so a drift of the machine's speed hits both alike:
+then new then old (ABBA), so a drift of the machine's speed, or a cost of going second, hits
+both alike:
 
 - `train_throughput`: the `lmloop train` loop's ms/step (fp32, the bench's tiny Llama: vocab
   8,192, hidden 256, 4 layers, seq 256, batch 8), and its three peers' (the script runs them all;
   their figures show whether the machine held still between the two commits);
 - `generate`: the engine's decode tok/s on the SmolLM2-135M GGUF in fp32 and int8 (what both
-  commits have), one sequence, and 16 together; no transformers.
+  commits have), one sequence, and 16 together; no transformers;
+- `serve`: `lmloop serve --int8` on loopback, streaming chat at 1 and 16 clients (32 requests of
+  64 tokens a level), aggregate tok/s. The workload is the OLD tree's `bench/serve.py` for both
+  commits (only `lmloop` on PYTHONPATH differs), since the script's own flags changed since.
 
 Prints, per figure, old, new and new/old for each pass and the median of the passes. Run it on
 an idle machine: a pass takes about 1 minute per bench. Decode figures on a shared 2-core VM
@@ -36,6 +40,7 @@ BENCHES = {
     # from the --json file when the script writes one)
     "train_throughput": ["--steps", "8", "--rounds", "1"],
     "generate": ["--skip-hf", "--batches", "1,16", "--rounds", "2"],
+    "serve": "--servers lmloop --scenario chat --concurrency 1 16 --requests 32 --int8".split(),
 }
 
 
@@ -49,6 +54,9 @@ def figures(bench: str, out: dict) -> dict[str, tuple[float, bool]]:
     """name -> (value, higher is better)."""
     if bench == "train_throughput":
         return {f"{k} ms/step": (v["ms"], False) for k, v in out.items() if isinstance(v, dict)}
+    if bench == "serve":
+        return {f"int8 chat tok/s, {r['clients']} clients": (r["tok_per_s"], True)
+                for r in out["rows"]}  # fmt: skip
     got = {}
     for m in ("fp32", "int8"):
         got[f"{m} decode tok/s, one request"] = (out[f"lmloop_{m}"]["decode_tok_s"], True)
@@ -57,15 +65,27 @@ def figures(bench: str, out: dict) -> dict[str, tuple[float, bool]]:
     return got
 
 
-def run(tree: Path, bench: str, args: list[str]) -> dict:
+def run(tree: Path, bench: str, args: list[str], script_tree: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = tree / f"{bench}.json"
-    extra = ["--json", str(out)] if bench == "train_throughput" else []
-    p = subprocess.run([sys.executable, str(tree / "bench" / f"{bench}.py"), *args, *extra],
+    extra = ["--json", str(out)] if bench in ("train_throughput", "serve") else []
+    script = script_tree / "bench" / f"{bench}.py"
+    if bench == "serve" and "--no-quality" in script.read_text():  # no Q4_0 KL step (newer)
+        extra.append("--no-quality")
+    p = subprocess.run([sys.executable, str(script), *args, *extra],
                        cwd=tree, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
     if p.returncode != 0:
         raise SystemExit(f"{bench} at {tree.name} failed:\n{p.stderr[-2000:]}")
-    return json.loads(out.read_text()) if extra else last_json(p.stdout)
+    if not extra:
+        return last_json(p.stdout)
+    got = json.loads(out.read_text())
+    if bench == "serve":
+        got = got["levels"] if isinstance(got, dict) else got  # today's script / fc353da's
+        failed = sum(r["failed_requests"] for r in got)
+        if failed or not got:
+            raise SystemExit(f"serve at {tree.name}: {failed} failed requests\n{p.stdout[-2000:]}")
+        return {"rows": got}
+    return got
 
 
 def main() -> None:
@@ -73,7 +93,9 @@ def main() -> None:
     ap.add_argument("--old", default="fc353da", help="the commit before the change")
     ap.add_argument("--new", default="HEAD")
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
-    ap.add_argument("--passes", type=int, default=2, help="ABAB passes")
+    ap.add_argument(
+        "--passes", type=int, default=2, help="passes, alternating which commit goes first"
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmloop-regress-"))
@@ -89,8 +111,11 @@ def main() -> None:
         for bench in args.only:
             passes = []
             for p in range(args.passes):
-                got = {side: figures(bench, run(trees[side], bench, BENCHES[bench]))
-                       for side in ("old", "new")}  # fmt: skip
+                script = trees["old"] if bench == "serve" else None
+                order = ("old", "new") if p % 2 == 0 else ("new", "old")  # ABBA: no side
+                got = {side: figures(bench, run(trees[side], bench, BENCHES[bench],  # always 2nd
+                                                script or trees[side]))
+                       for side in order}  # fmt: skip
                 passes.append(got)
                 for name, (new, _) in got["new"].items():
                     old = got["old"].get(name, (float("nan"), True))[0]
@@ -106,7 +131,7 @@ def main() -> None:
                     rows[name] = {"new_over_old": r, "speed_new_vs_old": speed}
             results["benches"][bench] = {"passes": passes, "summary": rows}
         print(f"\n== {trees['new'].name} against {trees['old'].name} (median of {args.passes} "
-              "ABAB passes; speed > 1: the new commit is faster)")  # fmt: skip
+              "ABBA passes; speed > 1: the new commit is faster)")  # fmt: skip
         for bench, r in results["benches"].items():
             for name, row in r["summary"].items():
                 print(f"{bench:17s} {name:32s} speed {row['speed_new_vs_old']:.3f}x")
