@@ -23,6 +23,7 @@ import pytest
 
 from lmloop.cli import main
 from lmloop.feedback.store import FeedbackStore
+from lmloop.loop import recipe
 from lmloop.loop.config import GateSpec
 from lmloop.loop.gate import bootstrap_interval, decide
 
@@ -50,6 +51,15 @@ def _figures(*, base=(100.0, 101.0), n=30, gain=(0.5, 0.2, 0.8), rule=None, judg
                               "candidate": {"share": degenerate[1]}}}  # fmt: skip
     return {"current_base_ppl": base[0], "candidate_base_ppl": base[1], "pairs": pairs,
             "judge": judge, "answers": answers, "rule": rule or {}}  # fmt: skip
+
+
+def test_replay_reads_as_many_base_documents_as_it_wants_none_for_zero(tmp_path):
+    # a one-record cycle at replay 0.2 wants round(0.25) = 0 documents: it took one before
+    base = tmp_path / "base.jsonl"
+    base.write_text("".join(json.dumps({"text": f"Document {i}."}) + "\n" for i in range(3)))
+    assert recipe._base_docs(str(base), "train", 0) == []
+    assert recipe._base_docs(str(base), "train", 2) == ["Document 0.", "Document 1."]
+    assert len(recipe._base_docs(str(base), "train")) == 3
 
 
 def test_gate_promotes_a_clear_gain_at_the_defaults():

@@ -85,8 +85,8 @@ def collect_feedback(cfg: LoopConfig, cycle: Path, seq2seq: bool = False) -> dic
 
 
 def _base_docs(base_data: str, split: str, limit: int | None = None) -> list[str]:
-    docs = iter_documents(SourceSpec(path=base_data, hf_split=split))
-    return list(islice(docs, None if limit is None else max(limit, 1)))  # 0 still takes one
+    """The first `limit` documents of a split of the base corpus (all of them when None)."""
+    return list(islice(iter_documents(SourceSpec(path=base_data, hf_split=split)), limit))
 
 
 def _texts_of(rec: dict[str, Any]) -> list[str]:
