@@ -661,6 +661,49 @@ def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread, topk
     assert pick_batch(batched[3:4], logits[3:4]) == [alone[3].pick_row(logits[3])]
 
 
+@pytest.mark.parametrize("vocab, spread", [(300, 3.0), (5000, 0.2), (49152, 3.0)])
+def test_the_c_sampler_draws_what_the_tensor_sampler_draws(vocab, spread):
+    """`pick_batch` with the C kernel's `sample` (what an int4 engine samples with) over the
+    mixed batch, step after step, draws the tokens the tensor ops draw with the same seeds:
+    temperature, top-p (nucleus past the 256 and the 4,096 likeliest in the flat case), min-p,
+    the whole vocabulary, penalties before it; a row alone draws what it draws in the batch;
+    a row whose logits hold a NaN fails alone."""
+    if not kernels.available():
+        pytest.skip("no C kernel here")  # CI builds it (gcc)
+    calls = []
+
+    def c_sample(x, *settings):
+        calls.append(x.shape[0])
+        return kernels.sample(x, *settings)
+
+    fused = functools.partial(sampling.pick_batch, topk=kernels.topk, fused=c_sample)
+    g = torch.Generator().manual_seed(0)
+    prompt = [1, 5, 7, 9, 11]
+    tensor_ops = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    alone = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    distinct = set()
+    for _ in range(40):
+        logits = torch.randn(len(MIXED), vocab, generator=g) * spread
+        got = fused(batched, logits)
+        assert got == sampling.pick_batch(tensor_ops, logits)
+        assert got == [fused([s], row[None])[0] for s, row in zip(alone, logits)]
+        for t, *rows in zip(got, tensor_ops, batched, alone):
+            for s in rows:
+                s.observe(t)
+        distinct |= set(got)
+    assert len(distinct) > 100
+    # the C kernel drew every sampled row without a top-k (the batch's 7, and each alone)
+    sampled = [kw for kw in MIXED if kw["temperature"] > 0 and "top_k" not in kw]
+    assert calls == ([len(sampled)] + [1] * len(sampled)) * 40 and len(sampled) == 7
+    logits[4, 7] = float("nan")
+    got = fused(batched, logits)
+    assert isinstance(got[4], ValueError) and "nan" in str(got[4])
+    assert [t for i, t in enumerate(got) if i != 4] == [
+        t for i, t in enumerate(sampling.pick_batch(tensor_ops, logits)) if i != 4
+    ]
+
+
 def test_engine_tokens_and_logprobs_are_the_same_with_either_sampler(models, tok):
     """The engine's batched sampling gives each request of a mixed batch the tokens and
     logprobs that sampling its rows one at a time (`pick_rows`) gives."""

@@ -286,6 +286,7 @@ def test_an_int4_engine_stays_close_to_fp32_alone_and_batched(llama, tok):
     with Engine(llama.model, llama.tokenizer, precision="int4") as engine:
         assert engine.kv_int8 and engine.runner.layers4 is not None
         assert engine.sample.keywords["topk"] is kernels.topk  # top-p's candidates in C too
+        assert engine.sample.keywords["fused"] is kernels.sample  # and the whole draw
         with torch.inference_mode():  # the first decode step alone (4-bit) vs the model
             engine.runner.prefill(0, ids[:-1])
             got = engine.runner.decode([ids[-1]], [len(ids) - 1])[0]

@@ -274,8 +274,8 @@ class Engine:
         self.mix = getattr(self.runner, "mixes", False)
         self.mixed_steps = 0  # decode steps that carried new prompts (tests, metrics)
         self.sample = pick_batch
-        if getattr(self.runner, "int4", False):  # the C kernel is loaded: its top-k too
-            self.sample = functools.partial(pick_batch, topk=kernels.topk)
+        if getattr(self.runner, "int4", False):  # the C kernel is loaded: its sampler too
+            self.sample = functools.partial(pick_batch, topk=kernels.topk, fused=kernels.sample)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:

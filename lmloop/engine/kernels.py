@@ -204,6 +204,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lm_decode_layers.restype = i
     lib.lm_topk.argtypes = [p, i, i, i, p, p]
     lib.lm_topk.restype = i
+    lib.lm_sample.argtypes = [p, i, i, p, p, p, p, p, p]
+    lib.lm_sample.restype = i
     return lib
 
 
@@ -508,3 +510,26 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if library().lm_topk(x.data_ptr(), rows, n, k, vals.data_ptr(), idx.data_ptr()) != 0:
         raise MemoryError("top-k could not allocate its heaps")
     return vals, idx
+
+
+def sample(
+    x: torch.Tensor,
+    temperature: list[float],
+    top_p: list[float],
+    min_p: list[float],
+    u: list[float],
+) -> tuple[list[int], list[float]]:
+    """A token for each row of logits x (rows, V) by the C kernel's `lm_sample`: temperature,
+    then top-p (or every token where top_p is 1) and min-p, then the inversion at the row's
+    uniform u in (0, 1] (`lmloop.engine.sampling.draw`'s rule, over the kept tokens in
+    vocabulary order). (tokens, kept masses); token -1 where the row cannot be sampled, its
+    mass then the sum that was not finite or positive."""
+    x = x.float().contiguous()
+    rows, n = x.shape
+    cols = [torch.tensor(v, dtype=torch.float32) for v in (temperature, top_p, min_p, u)]
+    tokens, total = torch.empty(rows, dtype=torch.long), torch.empty(rows)
+    rc = library().lm_sample(x.data_ptr(), rows, n, *(c.data_ptr() for c in cols),
+                             tokens.data_ptr(), total.data_ptr())  # fmt: skip
+    if rc != 0:
+        raise MemoryError("sampling could not allocate its scratch")
+    return tokens.tolist(), total.tolist()

@@ -125,10 +125,16 @@ def _col(values: list[float]) -> torch.Tensor:
 
 
 TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (logits rows, temperatures, top-ps, min-ps, uniforms) -> (tokens, kept masses), token -1 for
+# a row that cannot be sampled: `lmloop.engine.kernels.sample`
+Fused = Callable[..., tuple[list[int], list[float]]]
 
 
 def pick_batch(
-    samplers: list[Sampler], logits: torch.Tensor, topk: TopK = torch.topk
+    samplers: list[Sampler],
+    logits: torch.Tensor,
+    topk: TopK = torch.topk,
+    fused: Fused | None = None,
 ) -> list[int | Exception]:
     """Next token of every row of raw logits (B, V), row i by samplers[i]'s settings and
     generator: the tokens `pick_row` gives each row alone. A row that cannot be sampled (its
@@ -136,7 +142,10 @@ def pick_batch(
     unaffected (every op below works row by row). A stage that only some rows use runs on
     those rows; when every row uses it, on the whole batch without copies. `topk`: what
     finds top-p's candidates (`torch.topk`, or the C kernel's `lmloop.engine.kernels.topk`,
-    which answers the same)."""
+    which answers the same). `fused`: the C kernel's `lmloop.engine.kernels.sample`, which
+    takes the rows without a top-k from the temperature on, a row per call of one C function
+    in place of the tensor ops below (its exp rounds unlike torch's in the last bit, so a
+    draw within that of a boundary can differ from theirs; each row is still its own)."""
     B, V = logits.shape
     out: list[int | Exception] = [0] * B
     x = logits.float()
@@ -156,6 +165,22 @@ def pick_batch(
         for j, t in zip(greedy, best):
             out[rest[j]] = t
     live = [j for j, s in enumerate(ss) if not s.p.greedy]
+    if fused is not None and live:
+        mine = [j for j in live if not (ss[j].p.top_k and ss[j].p.top_k < V)]
+        if mine:
+            ps = [ss[j].p for j in mine]
+            tokens, totals = fused(
+                _rows(x, mine),
+                [p.temperature for p in ps],
+                [p.top_p for p in ps],
+                [p.min_p for p in ps],
+                [ss[j].uniform() for j in mine],
+            )
+            for j, t, total in zip(mine, tokens, totals):
+                out[rest[j]] = (
+                    t if t >= 0 else ValueError(f"cannot sample: the probabilities sum to {total}")
+                )
+            live = [j for j in live if ss[j].p.top_k and ss[j].p.top_k < V]
     if not live:
         return out
     ss = [ss[j] for j in live]
