@@ -868,6 +868,55 @@ def test_a_steps_outputs_wake_their_event_loop_once(models, tok):
     assert len(wakes) < 4 * 10
 
 
+def test_the_engine_wakes_an_event_loop_right_before_its_next_forward(models, tok):
+    """A step's outputs wait in the engine's outbox until its next forward is about to run
+    (or it is about to wait for work): the loop's wake-up is the last thing before a forward,
+    so the loop streams while the forward runs and not while the engine's Python between
+    steps (admission, sampling's bookkeeping) needs the GIL. Every token still arrives, in
+    order, the last ones before the engine idles."""
+    lm = models["llama"][1]
+    prompts = _prompts(tok)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    events: list[str] = []
+    with Engine(lm.model, lm.tokenizer, max_batch=4) as engine:
+        alone = [engine.complete(ids, params).token_ids for ids in prompts]
+        runner = engine.runner
+        for name in ("decode", "prefill", "prefill_batch", "decode_with_prompts"):
+            if hasattr(runner, name):
+                plain_fn = getattr(runner, name)
+                setattr(runner, name, functools.partial(_recorded, events, "forward", plain_fn))
+        engine._admit = functools.partial(_recorded, events, "admit", engine._admit)
+
+        async def consume():
+            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe = functools.partial(
+                _recorded, events, "wake", loop.call_soon_threadsafe
+            )
+
+            async def collect(h):
+                return [o async for o in h]
+
+            handles = [engine.submit(ids, params) for ids in prompts]
+            # bounded: outputs left in the outbox would leave the streams waiting forever
+            return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 60)
+
+        gathered = asyncio.run(consume())
+    assert [[t for o in outs for t in o.token_ids] for outs in gathered] == alone
+    assert all(outs[-1].finished for outs in gathered)
+    last = max(i for i, e in enumerate(events) if e == "forward")
+    woken = [i for i, e in enumerate(events) if e == "wake"]
+    assert len([i for i in woken if i < last]) >= 7  # a wake-up a step
+    # before the last forward, every wake-up comes right before a forward; after it, the
+    # last tokens' wake-up comes before the engine waits (not at the next admission)
+    assert all(events[i + 1] == "forward" for i in woken if i < last)
+    assert [e for e in events[last + 1 :] if e != "admit"] == ["wake"]
+
+
+def _recorded(events: list[str], name: str, fn, *args, **kw):
+    events.append(name)
+    return fn(*args, **kw)
+
+
 def test_queue_full_and_bad_requests(models, tok):
     lm = models["llama"][1]
     engine = Engine(lm.model, lm.tokenizer, max_waiting=2)  # not started: requests wait
