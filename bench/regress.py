@@ -15,7 +15,8 @@ both alike:
   commits have), one sequence, and 16 together; no transformers;
 - `serve`: `lmloop serve --int8` on loopback, streaming chat at 1 and 16 clients (32 requests of
   64 tokens a level), aggregate tok/s. The workload is the OLD tree's `bench/serve.py` for both
-  commits (only `lmloop` on PYTHONPATH differs), since the script's own flags changed since.
+  commits (only `lmloop` on PYTHONPATH differs), since the script's own flags changed since;
+- `serve_default`: the same with no precision flag (what a user gets: int4 for the GGUF).
 
 Prints, per figure, old, new and new/old for each pass and the median of the passes. Run it on
 an idle machine: a pass takes about 1 minute per bench. Decode figures on a shared 2-core VM
@@ -41,6 +42,8 @@ BENCHES = {
     "train_throughput": ["--steps", "8", "--rounds", "1"],
     "generate": ["--skip-hf", "--batches", "1,16", "--rounds", "2"],
     "serve": "--servers lmloop --scenario chat --concurrency 1 16 --requests 32 --int8".split(),
+    # the same at the server's defaults (int4 for the GGUF: commits from 801e04c on)
+    "serve_default": "--servers lmloop --scenario chat --concurrency 1 16 --requests 32".split(),
 }
 
 
@@ -54,8 +57,9 @@ def figures(bench: str, out: dict) -> dict[str, tuple[float, bool]]:
     """name -> (value, higher is better)."""
     if bench == "train_throughput":
         return {f"{k} ms/step": (v["ms"], False) for k, v in out.items() if isinstance(v, dict)}
-    if bench == "serve":
-        return {f"int8 chat tok/s, {r['clients']} clients": (r["tok_per_s"], True)
+    if bench.startswith("serve"):
+        what = "int8" if bench == "serve" else "default"
+        return {f"{what} chat tok/s, {r['clients']} clients": (r["tok_per_s"], True)
                 for r in out["rows"]}  # fmt: skip
     got = {}
     for m in ("fp32", "int8"):
@@ -68,9 +72,10 @@ def figures(bench: str, out: dict) -> dict[str, tuple[float, bool]]:
 def run(tree: Path, bench: str, args: list[str], script_tree: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = tree / f"{bench}.json"
-    extra = ["--json", str(out)] if bench in ("train_throughput", "serve") else []
-    script = script_tree / "bench" / f"{bench}.py"
-    if bench == "serve" and "--no-quality" in script.read_text():  # no Q4_0 KL step (newer)
+    serve = bench.startswith("serve")
+    extra = ["--json", str(out)] if bench == "train_throughput" or serve else []
+    script = script_tree / "bench" / f"{'serve' if serve else bench}.py"
+    if serve and "--no-quality" in script.read_text():  # no Q4_0 KL step (newer)
         extra.append("--no-quality")
     p = subprocess.run([sys.executable, str(script), *args, *extra],
                        cwd=tree, env=env, capture_output=True, text=True, timeout=1800)  # fmt: skip
@@ -79,7 +84,7 @@ def run(tree: Path, bench: str, args: list[str], script_tree: Path) -> dict:
     if not extra:
         return last_json(p.stdout)
     got = json.loads(out.read_text())
-    if bench == "serve":
+    if serve:
         got = got["levels"] if isinstance(got, dict) else got  # today's script / fc353da's
         failed = sum(r["failed_requests"] for r in got)
         if failed or not got:
@@ -111,7 +116,7 @@ def main() -> None:
         for bench in args.only:
             passes = []
             for p in range(args.passes):
-                script = trees["old"] if bench == "serve" else None
+                script = trees["old"] if bench.startswith("serve") else None
                 order = ("old", "new") if p % 2 == 0 else ("new", "old")  # ABBA: no side
                 got = {side: figures(bench, run(trees[side], bench, BENCHES[bench],  # always 2nd
                                                 script or trees[side]))
