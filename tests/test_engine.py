@@ -627,6 +627,11 @@ MIXED = [
 ]  # fmt: skip
 
 
+def _mixed_samplers(vocab: int) -> list[Sampler]:
+    """A fresh sampler for each of MIXED's settings (their own seeds), after the same prompt."""
+    return [Sampler(SamplingParams(**kw), [1, 5, 7, 9, 11], vocab) for kw in MIXED]
+
+
 @pytest.mark.parametrize("topk", ["torch", "kernel"])
 @pytest.mark.parametrize("vocab, spread", [(300, 3.0), (5000, 0.2)])  # peaked; flat: full sort
 def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread, topk):
@@ -643,9 +648,7 @@ def test_the_batched_sampler_picks_what_each_row_alone_picks(vocab, spread, topk
     else:
         pick_batch = sampling.pick_batch
     g = torch.Generator().manual_seed(0)
-    prompt = [1, 5, 7, 9, 11]
-    batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
-    alone = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    batched, alone = _mixed_samplers(vocab), _mixed_samplers(vocab)
     distinct = set()
     for _ in range(40):
         logits = torch.randn(len(MIXED), vocab, generator=g) * spread
@@ -678,10 +681,7 @@ def test_the_c_sampler_draws_what_the_tensor_sampler_draws(vocab, spread):
 
     fused = functools.partial(sampling.pick_batch, topk=kernels.topk, fused=c_sample)
     g = torch.Generator().manual_seed(0)
-    prompt = [1, 5, 7, 9, 11]
-    tensor_ops = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
-    batched = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
-    alone = [Sampler(SamplingParams(**kw), prompt, vocab) for kw in MIXED]
+    tensor_ops, batched, alone = (_mixed_samplers(vocab) for _ in range(3))
     distinct = set()
     for _ in range(40):
         logits = torch.randn(len(MIXED), vocab, generator=g) * spread
